@@ -1,0 +1,147 @@
+use super::*;
+use proptest::prelude::*;
+
+fn record(key: Option<&str>, value: Option<&str>, ts: i64) -> Record {
+    Record {
+        offset: 0,
+        timestamp_ms: ts,
+        key: key.map(|k| Bytes::copy_from_slice(k.as_bytes())),
+        value: value.map(|v| Bytes::copy_from_slice(v.as_bytes())),
+        headers: vec![Header {
+            key: "h".into(),
+            value: Some(Bytes::from_static(b"v")),
+        }],
+    }
+}
+
+#[test]
+fn round_trip_keeps_every_field() {
+    let records = vec![
+        record(Some("k1"), Some("v1"), 1000),
+        record(None, Some("v2"), 990),
+        record(Some("k3"), None, 1500),
+    ];
+    let mut batch = encode(&records, BatchOptions::default()).to_vec();
+    set_base_offset(&mut batch, 42);
+    set_leader_epoch(&mut batch, 7);
+    let header = validate(&batch).expect("valid");
+    assert_eq!(header.base_offset, 42);
+    assert_eq!(header.leader_epoch, 7);
+    assert_eq!(header.last_offset(), 44);
+    assert_eq!(header.max_timestamp_ms, 1500);
+    assert_eq!(header.record_count, 3);
+    let decoded = decode_records(&batch).expect("decodes");
+    for (i, (got, want)) in decoded.iter().zip(&records).enumerate() {
+        assert_eq!(got.offset, 42 + i as i64);
+        assert_eq!(got.timestamp_ms, want.timestamp_ms);
+        assert_eq!(got.key, want.key);
+        assert_eq!(got.value, want.value);
+        assert_eq!(got.headers, want.headers);
+    }
+}
+
+#[test]
+fn lz4_round_trip() {
+    let records: Vec<Record> = (0..100)
+        .map(|i| record(Some("key"), Some(&format!("value-{i}")), i))
+        .collect();
+    let options = BatchOptions {
+        compression: Compression::Lz4,
+        ..BatchOptions::default()
+    };
+    let batch = encode(&records, options);
+    assert!(batch.len() < encode(&records, BatchOptions::default()).len());
+    let header = validate(&batch).expect("valid");
+    assert_eq!(header.compression(), Ok(Compression::Lz4));
+    let decoded = decode_records(&batch).expect("decodes");
+    assert_eq!(decoded.len(), 100);
+    assert_eq!(decoded[99].value.as_deref(), Some(&b"value-99"[..]));
+}
+
+#[test]
+fn log_append_time_rewrites_timestamps_and_crc() {
+    let mut batch = encode(&[record(None, Some("v"), 5)], BatchOptions::default()).to_vec();
+    set_log_append_time(&mut batch, 777);
+    let header = validate(&batch).expect("crc recomputed");
+    assert_eq!(header.timestamp_type(), TimestampType::LogAppendTime);
+    assert_eq!(decode_records(&batch).expect("decodes")[0].timestamp_ms, 777);
+}
+
+#[test]
+fn flipped_byte_fails_crc() {
+    let mut batch = encode(&[record(Some("k"), Some("v"), 5)], BatchOptions::default()).to_vec();
+    let last = batch.len() - 1;
+    batch[last] ^= 0xff;
+    assert!(matches!(validate(&batch), Err(BatchError::CrcMismatch { .. })));
+}
+
+#[test]
+fn short_and_bogus_buffers_are_errors() {
+    let batch = encode(&[record(Some("k"), Some("v"), 5)], BatchOptions::default());
+    for cut in 0..batch.len() {
+        assert!(validate(&batch[..cut]).is_err(), "cut at {cut}");
+    }
+    let mut bad_len = batch.to_vec();
+    bad_len[8..12].copy_from_slice(&(-5i32).to_be_bytes());
+    assert!(matches!(validate(&bad_len), Err(BatchError::InvalidLength { .. })));
+    let mut bad_magic = batch.to_vec();
+    bad_magic[16] = 1;
+    assert_eq!(
+        validate(&bad_magic),
+        Err(BatchError::UnsupportedMagic { magic: 1 })
+    );
+}
+
+#[test]
+fn batches_iterates_consecutive_batches() {
+    let mut buf = Vec::new();
+    for base in [0i64, 1, 2] {
+        let mut b = encode(&[record(None, Some("v"), 1)], BatchOptions::default()).to_vec();
+        set_base_offset(&mut b, base);
+        buf.extend_from_slice(&b);
+    }
+    let offsets: Vec<i64> = batches(&buf)
+        .map(|b| b.expect("valid").0.base_offset)
+        .collect();
+    assert_eq!(offsets, vec![0, 1, 2]);
+}
+
+proptest! {
+    #[test]
+    fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+        let _ = validate(&bytes);
+        let _ = decode_records(&bytes);
+    }
+
+    #[test]
+    fn decoding_a_mutated_batch_never_panics(pos in 0usize..200, byte in any::<u8>()) {
+        let mut batch = encode(&[record(Some("key"), Some("value"), 9), record(None, None, 10)],
+            BatchOptions::default()).to_vec();
+        let pos = pos % batch.len();
+        batch[pos] = byte;
+        let _ = decode_records(&batch);
+    }
+
+    #[test]
+    fn round_trip_any_records(values in proptest::collection::vec(
+        (proptest::option::of(proptest::collection::vec(any::<u8>(), 0..20)),
+         proptest::option::of(proptest::collection::vec(any::<u8>(), 0..50)),
+         any::<i32>()), 1..20)) {
+        let records: Vec<Record> = values.iter().map(|(k, v, ts)| Record {
+            offset: 0,
+            timestamp_ms: i64::from(*ts),
+            key: k.clone().map(Bytes::from),
+            value: v.clone().map(Bytes::from),
+            headers: vec![],
+        }).collect();
+        let batch = encode(&records, BatchOptions::default());
+        let decoded = decode_records(&batch).expect("decodes");
+        prop_assert_eq!(decoded.len(), records.len());
+        for (i, (got, want)) in decoded.iter().zip(&records).enumerate() {
+            prop_assert_eq!(got.offset, i as i64);
+            prop_assert_eq!(&got.key, &want.key);
+            prop_assert_eq!(&got.value, &want.value);
+            prop_assert_eq!(got.timestamp_ms, want.timestamp_ms);
+        }
+    }
+}

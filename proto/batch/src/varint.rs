@@ -1,0 +1,88 @@
+//! Zig-zag varints as Kafka writes them in records, and a bounds-checked reader.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+pub(crate) fn put_varint(out: &mut BytesMut, value: i32) {
+    put_unsigned(out, ((value << 1) ^ (value >> 31)) as u32 as u64);
+}
+
+pub(crate) fn put_varlong(out: &mut BytesMut, value: i64) {
+    put_unsigned(out, ((value << 1) ^ (value >> 63)) as u64);
+}
+
+fn put_unsigned(out: &mut BytesMut, mut value: u64) {
+    while value >= 0x80 {
+        out.put_u8((value as u8 & 0x7f) | 0x80);
+        value >>= 7;
+    }
+    out.put_u8(value as u8);
+}
+
+pub(crate) fn put_nullable_bytes(out: &mut BytesMut, bytes: Option<&[u8]>) {
+    match bytes {
+        None => put_varint(out, -1),
+        Some(bytes) => {
+            put_varint(out, bytes.len() as i32);
+            out.extend_from_slice(bytes);
+        }
+    }
+}
+
+/// Reads from a borrowed buffer; every read is checked against what is left.
+pub(crate) struct Cursor<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Cursor<'a> {
+    pub(crate) fn new(buf: &'a [u8]) -> Self {
+        Cursor { buf }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if n > self.buf.len() {
+            return Err(format!(
+                "needs {n} more bytes but only {} remain",
+                self.buf.len()
+            ));
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+
+    fn read_unsigned(&mut self, max_bytes: usize) -> Result<u64, String> {
+        let mut value = 0u64;
+        for i in 0..max_bytes {
+            let byte = *self.take(1)?.first().ok_or("empty varint")?;
+            value |= u64::from(byte & 0x7f) << (7 * i);
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err("varint is too long".to_string())
+    }
+
+    pub(crate) fn read_varint(&mut self) -> Result<i32, String> {
+        let raw = self.read_unsigned(5)?;
+        let raw = u32::try_from(raw).map_err(|_| "varint overflows 32 bits".to_string())?;
+        Ok(((raw >> 1) as i32) ^ -((raw & 1) as i32))
+    }
+
+    pub(crate) fn read_varlong(&mut self) -> Result<i64, String> {
+        let raw = self.read_unsigned(10)?;
+        Ok(((raw >> 1) as i64) ^ -((raw & 1) as i64))
+    }
+
+    pub(crate) fn read_nullable_bytes(&mut self) -> Result<Option<Bytes>, String> {
+        let len = self.read_varint()?;
+        if len == -1 {
+            return Ok(None);
+        }
+        let len = usize::try_from(len).map_err(|_| format!("invalid length {len}"))?;
+        Ok(Some(Bytes::copy_from_slice(self.take(len)?)))
+    }
+}
