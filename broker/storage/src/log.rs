@@ -1,0 +1,523 @@
+//! A partition's log: the ordered set of segments and the operations on it.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use runnel_batch::{TimestampType, set_base_offset, set_leader_epoch, set_log_append_time, validate};
+
+use crate::checkpoint;
+use crate::epoch::{EpochEntry, LeaderEpochCache};
+use crate::segment::{OpenMode, Segment, TruncatedTail};
+use crate::{AppendError, FlushPolicy, LogConfig, ReadError, StorageError};
+
+const LOG_START_FILE: &str = "log-start-offset";
+const RECOVERY_POINT_FILE: &str = "recovery-point";
+
+/// Where an appended batch landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendInfo {
+    pub base_offset: i64,
+    pub last_offset: i64,
+    /// The broker's timestamp, when the topic uses `LogAppendTime`.
+    pub log_append_time_ms: Option<i64>,
+    pub record_count: u32,
+}
+
+/// Sizes and offsets of a log at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogSnapshot {
+    pub log_start_offset: i64,
+    pub log_end_offset: i64,
+    pub size_bytes: u64,
+    pub segment_count: usize,
+}
+
+/// One partition's log. Not thread-safe: the owner serialises access. Dropping a `Log`
+/// without [`Log::close`] is exactly what a process crash looks like to the next open.
+#[derive(Debug)]
+pub struct Log {
+    pub(crate) dir: PathBuf,
+    pub(crate) config: LogConfig,
+    pub(crate) segments: BTreeMap<i64, Segment>,
+    log_start_offset: i64,
+    recovery_point: i64,
+    epochs: LeaderEpochCache,
+    unflushed_records: u64,
+    last_flush_ms: i64,
+    recovered_tails: Vec<TruncatedTail>,
+}
+
+impl Log {
+    /// Opens (or creates) the log in `dir`, recovering from a crash if needed.
+    ///
+    /// # Errors
+    /// I/O errors, and [`StorageError::Corrupt`] when damage cannot be repaired by
+    /// truncating a torn tail.
+    pub fn open(dir: &Path, config: LogConfig, now_ms: i64) -> Result<Self, StorageError> {
+        fs::create_dir_all(dir).map_err(|source| StorageError::io(dir, source))?;
+        let mut bases = Vec::new();
+        for entry in fs::read_dir(dir).map_err(|source| StorageError::io(dir, source))? {
+            let entry = entry.map_err(|source| StorageError::io(dir, source))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.ends_with(".tmp") || name.ends_with(".cleaned") {
+                let path = entry.path();
+                fs::remove_file(&path).map_err(|source| StorageError::io(&path, source))?;
+            } else if let Some(stem) = name.strip_suffix(".log")
+                && stem.len() == 20
+                && let Ok(base) = stem.parse::<i64>()
+            {
+                bases.push(base);
+            }
+        }
+        bases.sort_unstable();
+        let recovery_point = checkpoint::read_i64(&dir.join(RECOVERY_POINT_FILE)).unwrap_or(0);
+        let interval = config.index_interval_bytes;
+        let mut segments = BTreeMap::new();
+        let mut recovered_tails = Vec::new();
+        if let Some((&last, rest)) = bases.split_last() {
+            for &base in rest {
+                let (segment, _) = Segment::open(dir, base, interval, OpenMode::Trusted)?;
+                segments.insert(base, segment);
+            }
+            let clean = match Segment::open(dir, last, interval, OpenMode::Trusted) {
+                Ok((segment, _)) if segment.next_offset() == recovery_point => Some(segment),
+                _ => None,
+            };
+            let segment = match clean {
+                Some(segment) => segment,
+                None => {
+                    let (segment, truncated) =
+                        Segment::open(dir, last, interval, OpenMode::Recover { recovery_point })?;
+                    recovered_tails.extend(truncated);
+                    segment
+                }
+            };
+            segments.insert(last, segment);
+        }
+        let saved_start = checkpoint::read_i64(&dir.join(LOG_START_FILE));
+        if segments.is_empty() {
+            let base = saved_start.unwrap_or(0).max(0);
+            let segment =
+                Segment::create(dir, base, interval).map_err(|source| StorageError::io(dir, source))?;
+            segments.insert(base, segment);
+        }
+        let epochs = LeaderEpochCache::load(dir).map_err(|source| StorageError::io(dir, source))?;
+        let mut log = Log {
+            dir: dir.to_path_buf(),
+            config,
+            segments,
+            log_start_offset: 0,
+            recovery_point: recovery_point.max(0),
+            epochs,
+            unflushed_records: 0,
+            last_flush_ms: now_ms,
+            recovered_tails,
+        };
+        let first_base = log.first_segment().base_offset;
+        log.log_start_offset = saved_start.unwrap_or(first_base).max(first_base).min(log.log_end_offset());
+        let end = log.log_end_offset();
+        log.epochs
+            .truncate_from_end(end)
+            .map_err(|source| StorageError::io(dir, source))?;
+        Ok(log)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn config(&self) -> &LogConfig {
+        &self.config
+    }
+
+    /// Replaces the settings; they apply to the next append, roll, retention or compaction.
+    pub fn set_config(&mut self, config: LogConfig) {
+        self.config = config;
+    }
+
+    pub fn log_start_offset(&self) -> i64 {
+        self.log_start_offset
+    }
+
+    /// The offset the next appended record will get.
+    pub fn log_end_offset(&self) -> i64 {
+        self.active().next_offset()
+    }
+
+    pub fn snapshot(&self) -> LogSnapshot {
+        LogSnapshot {
+            log_start_offset: self.log_start_offset,
+            log_end_offset: self.log_end_offset(),
+            size_bytes: self.segments.values().map(Segment::size_bytes).sum(),
+            segment_count: self.segments.len(),
+        }
+    }
+
+    /// What crash recovery truncated when this log was opened.
+    pub fn recovered_tails(&self) -> &[TruncatedTail] {
+        &self.recovered_tails
+    }
+
+    pub fn leader_epochs(&self) -> &[EpochEntry] {
+        self.epochs.entries()
+    }
+
+    /// The largest known epoch `<= epoch` and the offset where it ended.
+    pub fn end_offset_for_epoch(&self, epoch: i32) -> Option<(i32, i64)> {
+        self.epochs.end_offset_for(epoch, self.log_end_offset())
+    }
+
+    fn first_segment(&self) -> &Segment {
+        self.segments.values().next().expect("a log always has a segment")
+    }
+
+    fn active(&self) -> &Segment {
+        self.segments.values().next_back().expect("a log always has a segment")
+    }
+
+    fn active_mut(&mut self) -> &mut Segment {
+        self.segments.values_mut().next_back().expect("a log always has a segment")
+    }
+
+    /// Validates a producer's batch, stamps its base offset, leader epoch and (for
+    /// `LogAppendTime` topics) timestamp, and appends it. The bytes are not re-encoded.
+    ///
+    /// # Errors
+    /// An invalid, empty or oversized batch (nothing is written), or an I/O error.
+    pub fn append(&mut self, batch: &mut [u8], leader_epoch: i32, now_ms: i64) -> Result<AppendInfo, AppendError> {
+        if batch.len() > self.config.max_message_bytes {
+            return Err(AppendError::RecordTooLarge {
+                size_bytes: batch.len(),
+                size_bytes_max: self.config.max_message_bytes,
+            });
+        }
+        let header = validate(batch)?;
+        if header.size_bytes() != batch.len() {
+            return Err(AppendError::InconsistentBatch {
+                reason: format!(
+                    "batch length field says {} bytes but {} were sent",
+                    header.size_bytes(),
+                    batch.len()
+                ),
+            });
+        }
+        if header.record_count == 0 {
+            return Err(AppendError::EmptyBatch);
+        }
+        if i64::from(header.last_offset_delta) + 1 != i64::from(header.record_count) {
+            return Err(AppendError::InconsistentBatch {
+                reason: format!(
+                    "{} records but last offset delta {}",
+                    header.record_count, header.last_offset_delta
+                ),
+            });
+        }
+        let base_offset = self.log_end_offset();
+        set_base_offset(batch, base_offset);
+        set_leader_epoch(batch, leader_epoch);
+        let log_append_time_ms = match self.config.timestamp_type {
+            TimestampType::LogAppendTime => {
+                set_log_append_time(batch, now_ms);
+                Some(now_ms)
+            }
+            TimestampType::CreateTime => None,
+        };
+        let header = runnel_batch::parse_header(batch)?;
+        self.maybe_roll(batch.len() as u64, now_ms)?;
+        if leader_epoch >= 0 {
+            self.epochs
+                .assign(leader_epoch, base_offset)
+                .map_err(|source| StorageError::io(&self.dir, source))?;
+        }
+        self.active_mut().append(batch, &header)?;
+        self.unflushed_records += u64::from(header.record_count);
+        Ok(AppendInfo {
+            base_offset,
+            last_offset: header.last_offset(),
+            log_append_time_ms,
+            record_count: header.record_count,
+        })
+    }
+
+    fn maybe_roll(&mut self, incoming_bytes: u64, now_ms: i64) -> Result<(), StorageError> {
+        let active = self.active();
+        if active.size_bytes() == 0 {
+            return Ok(());
+        }
+        let full = active.size_bytes() + incoming_bytes > self.config.segment_bytes;
+        let old = active
+            .first_timestamp_ms()
+            .is_some_and(|first| now_ms.saturating_sub(first) >= self.config.segment_ms);
+        if full || old { self.roll() } else { Ok(()) }
+    }
+
+    /// Seals the active segment and starts a new one at the log end offset.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn roll(&mut self) -> Result<(), StorageError> {
+        let next = self.log_end_offset();
+        if self.active().base_offset == next {
+            return Ok(());
+        }
+        self.active_mut().seal()?;
+        self.set_recovery_point(next)?;
+        let segment = Segment::create(&self.dir, next, self.config.index_interval_bytes)
+            .map_err(|source| StorageError::io(&self.dir, source))?;
+        checkpoint::sync_dir(&self.dir).map_err(|source| StorageError::io(&self.dir, source))?;
+        self.segments.insert(next, segment);
+        Ok(())
+    }
+
+    fn set_recovery_point(&mut self, offset: i64) -> Result<(), StorageError> {
+        let path = self.dir.join(RECOVERY_POINT_FILE);
+        checkpoint::write_i64(&path, offset).map_err(|source| StorageError::io(&path, source))?;
+        self.recovery_point = offset;
+        Ok(())
+    }
+
+    fn set_log_start_offset(&mut self, offset: i64) -> Result<(), StorageError> {
+        let path = self.dir.join(LOG_START_FILE);
+        checkpoint::write_i64(&path, offset).map_err(|source| StorageError::io(&path, source))?;
+        self.log_start_offset = offset;
+        self.epochs
+            .truncate_from_start(offset)
+            .map_err(|source| StorageError::io(&self.dir, source))
+    }
+
+    /// Records appended since the last fsync.
+    pub fn unflushed_records(&self) -> u64 {
+        self.unflushed_records
+    }
+
+    /// Fsyncs the active segment.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn flush(&mut self) -> Result<(), StorageError> {
+        self.active_mut().flush()?;
+        self.unflushed_records = 0;
+        Ok(())
+    }
+
+    /// Flushes if the [`FlushPolicy`] says it is time. Returns whether it flushed.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn maybe_flush(&mut self, now_ms: i64) -> Result<bool, StorageError> {
+        if self.unflushed_records == 0 {
+            return Ok(false);
+        }
+        let due = match self.config.flush {
+            FlushPolicy::EveryAppend => true,
+            FlushPolicy::Interval { messages, ms } => {
+                self.unflushed_records >= messages || now_ms.saturating_sub(self.last_flush_ms) >= ms
+            }
+        };
+        if due {
+            self.flush()?;
+            self.last_flush_ms = now_ms;
+        }
+        Ok(due)
+    }
+
+    fn check_range(&self, offset: i64) -> Result<(), ReadError> {
+        let end = self.log_end_offset();
+        if offset < self.log_start_offset || offset > end {
+            return Err(ReadError::OffsetOutOfRange {
+                offset,
+                log_start_offset: self.log_start_offset,
+                log_end_offset: end,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whole batches from the one holding `offset`, at most `max_bytes` (at least one
+    /// batch), none starting at or above `upper_bound` (the high watermark). The first
+    /// batch may hold records below `offset`; consumers skip them. Empty at the log end.
+    ///
+    /// # Errors
+    /// `offset` outside `[log start, log end]`, I/O errors, corrupt data.
+    pub fn read(&self, offset: i64, max_bytes: usize, upper_bound: i64) -> Result<Vec<u8>, ReadError> {
+        self.check_range(offset)?;
+        for segment in self.segments_from(offset) {
+            let bytes = segment.read(offset, max_bytes, upper_bound)?;
+            if !bytes.is_empty() {
+                return Ok(bytes);
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    /// The segment that may hold `offset` and every one after it.
+    fn segments_from(&self, offset: i64) -> impl Iterator<Item = &Segment> {
+        let floor = self
+            .segments
+            .range(..=offset)
+            .next_back()
+            .map_or(i64::MIN, |(base, _)| *base);
+        self.segments.range(floor..).map(|(_, s)| s)
+    }
+
+    /// The first offset whose record timestamp is `>= timestamp_ms`, or `None` if no record
+    /// is that recent (a consumer then starts at the log end).
+    ///
+    /// # Errors
+    /// I/O errors, corrupt data.
+    pub fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<i64>, StorageError> {
+        for segment in self.segments.values() {
+            if let Some(offset) = segment.offset_for_timestamp(timestamp_ms)? {
+                return Ok(Some(offset.max(self.log_start_offset)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Moves the log start offset forward to `offset` (Kafka's delete-records) and deletes
+    /// segments that now lie wholly below it. Returns the new log start offset.
+    ///
+    /// # Errors
+    /// `offset` beyond the log end, I/O errors.
+    pub fn delete_records(&mut self, offset: i64) -> Result<i64, ReadError> {
+        let end = self.log_end_offset();
+        if offset > end || offset < 0 {
+            return Err(ReadError::OffsetOutOfRange {
+                offset,
+                log_start_offset: self.log_start_offset,
+                log_end_offset: end,
+            });
+        }
+        if offset > self.log_start_offset {
+            self.set_log_start_offset(offset)?;
+            self.delete_segments_below_start()?;
+        }
+        Ok(self.log_start_offset)
+    }
+
+    fn delete_segments_below_start(&mut self) -> Result<usize, StorageError> {
+        let mut deleted = 0;
+        while self.segments.len() > 1 {
+            let mut bases = self.segments.keys();
+            let (Some(&first), Some(&second)) = (bases.next(), bases.next()) else {
+                break;
+            };
+            if second > self.log_start_offset {
+                break;
+            }
+            self.delete_segment(first)?;
+            deleted += 1;
+        }
+        Ok(deleted)
+    }
+
+    fn delete_segment(&mut self, base: i64) -> Result<(), StorageError> {
+        if let Some(segment) = self.segments.remove(&base) {
+            let path = segment.log_path();
+            segment.delete().map_err(|source| StorageError::io(&path, source))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes old segments by `retention.ms` and `retention.bytes` when the cleanup
+    /// policy includes `delete`. The active segment is never deleted. Returns how many
+    /// segments were deleted.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn enforce_retention(&mut self, now_ms: i64) -> Result<usize, StorageError> {
+        if !self.config.cleanup_policy.delete {
+            return Ok(0);
+        }
+        let mut total: u64 = self.segments.values().map(Segment::size_bytes).sum();
+        let mut deleted = 0;
+        while self.segments.len() > 1 {
+            let Some(first) = self.segments.values().next() else {
+                break;
+            };
+            let expired_by_time = self.config.retention_ms >= 0
+                && now_ms.saturating_sub(first.max_timestamp_ms()) > self.config.retention_ms;
+            let expired_by_size = self.config.retention_bytes >= 0
+                && total - first.size_bytes() >= self.config.retention_bytes as u64;
+            if !(expired_by_time || expired_by_size) {
+                break;
+            }
+            total -= first.size_bytes();
+            let base = first.base_offset;
+            self.delete_segment(base)?;
+            deleted += 1;
+        }
+        if deleted > 0 {
+            let first_base = self.first_segment().base_offset;
+            if first_base > self.log_start_offset {
+                self.set_log_start_offset(first_base)?;
+            }
+        }
+        Ok(deleted + self.delete_segments_below_start()?)
+    }
+
+    /// Removes every record at or after `offset` (whole batches: the end offset becomes
+    /// the base offset of the batch holding `offset`, or `offset` at a batch boundary).
+    /// Replicas use this when they follow a new leader.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn truncate_to(&mut self, offset: i64) -> Result<(), StorageError> {
+        if offset >= self.log_end_offset() {
+            return Ok(());
+        }
+        if offset <= self.log_start_offset {
+            self.reset_to(offset)?;
+        } else {
+            let doomed: Vec<i64> = self.segments.range(offset..).map(|(b, _)| *b).collect();
+            for base in doomed {
+                self.delete_segment(base)?;
+            }
+            self.active_mut().truncate_to(offset)?;
+            // The batch holding `offset` may have started below the log start.
+            if self.log_end_offset() < self.log_start_offset {
+                self.reset_to(self.log_start_offset)?;
+            }
+        }
+        checkpoint::sync_dir(&self.dir).map_err(|source| StorageError::io(&self.dir, source))?;
+        let end = self.log_end_offset();
+        if self.recovery_point > end {
+            self.set_recovery_point(end)?;
+        }
+        self.epochs
+            .truncate_from_end(end)
+            .map_err(|source| StorageError::io(&self.dir, source))
+    }
+
+    /// Deletes every segment and starts empty at `offset`.
+    fn reset_to(&mut self, offset: i64) -> Result<(), StorageError> {
+        let bases: Vec<i64> = self.segments.keys().copied().collect();
+        for base in bases {
+            self.delete_segment(base)?;
+        }
+        let segment = Segment::create(&self.dir, offset, self.config.index_interval_bytes)
+            .map_err(|source| StorageError::io(&self.dir, source))?;
+        self.segments.insert(offset, segment);
+        self.set_log_start_offset(offset)
+    }
+
+    /// Flushes everything and records a clean shutdown, so the next open trusts the log.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn close(mut self) -> Result<(), StorageError> {
+        self.active_mut().seal()?;
+        let end = self.log_end_offset();
+        self.set_recovery_point(end)
+    }
+
+    pub(crate) fn replace_segment(&mut self, segment: Segment) {
+        self.segments.insert(segment.base_offset, segment);
+    }
+
+    pub(crate) fn remove_segment(&mut self, base: i64) -> Result<(), StorageError> {
+        self.delete_segment(base)
+    }
+}

@@ -1,0 +1,622 @@
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+
+use bytes::Bytes;
+use proptest::prelude::*;
+use runnel_batch::{BatchOptions, Record, TimestampType, batches, decode_records, encode};
+
+use crate::*;
+
+fn rec(key: Option<&str>, value: Option<&str>, ts: i64) -> Record {
+    Record {
+        offset: 0,
+        timestamp_ms: ts,
+        key: key.map(|k| Bytes::copy_from_slice(k.as_bytes())),
+        value: value.map(|v| Bytes::copy_from_slice(v.as_bytes())),
+        headers: vec![],
+    }
+}
+
+fn batch_of(records: &[Record]) -> Vec<u8> {
+    encode(records, BatchOptions::default()).to_vec()
+}
+
+fn append(log: &mut Log, records: &[Record], now_ms: i64) -> AppendInfo {
+    log.append(&mut batch_of(records), 0, now_ms).expect("append")
+}
+
+/// Every record from the log start to the end, read batch by batch.
+fn read_all(log: &Log) -> Vec<Record> {
+    let mut out = Vec::new();
+    let mut offset = log.log_start_offset();
+    let end = log.log_end_offset();
+    while offset < end {
+        let bytes = log.read(offset, 1 << 20, end).expect("read");
+        if bytes.is_empty() {
+            break;
+        }
+        for batch in batches(&bytes) {
+            let (header, raw) = batch.expect("valid batch");
+            for record in decode_records(raw).expect("decode") {
+                if record.offset >= offset {
+                    out.push(record);
+                }
+            }
+            offset = header.next_offset();
+        }
+    }
+    out
+}
+
+fn small_config() -> LogConfig {
+    LogConfig {
+        segment_bytes: 400,
+        index_interval_bytes: 100,
+        retention_ms: -1,
+        ..LogConfig::default()
+    }
+}
+
+fn values(records: &[Record]) -> Vec<String> {
+    records
+        .iter()
+        .map(|r| String::from_utf8_lossy(r.value.as_deref().unwrap_or(b"<null>")).into_owned())
+        .collect()
+}
+
+fn active_log_file(dir: &Path) -> std::path::PathBuf {
+    let mut logs: Vec<_> = fs::read_dir(dir)
+        .expect("dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    logs.sort();
+    logs.pop().expect("a log file")
+}
+
+#[test]
+fn appends_get_dense_offsets_and_read_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(dir.path(), small_config(), 0).expect("open");
+    let first = append(&mut log, &[rec(Some("a"), Some("1"), 10), rec(None, Some("2"), 11)], 0);
+    let second = append(&mut log, &[rec(Some("b"), Some("3"), 12)], 0);
+    assert_eq!((first.base_offset, first.last_offset), (0, 1));
+    assert_eq!((second.base_offset, second.last_offset), (2, 2));
+    assert_eq!(log.log_end_offset(), 3);
+    let all = read_all(&log);
+    assert_eq!(values(&all), ["1", "2", "3"]);
+    assert_eq!(all.iter().map(|r| r.offset).collect::<Vec<_>>(), [0, 1, 2]);
+    // A read from the middle of a batch returns that batch.
+    let bytes = log.read(1, 1 << 20, 3).expect("read");
+    assert_eq!(batches(&bytes).next().expect("batch").expect("ok").0.base_offset, 0);
+    // The upper bound (high watermark) hides later batches.
+    let bytes = log.read(0, 1 << 20, 2).expect("read");
+    assert_eq!(batches(&bytes).count(), 1);
+    assert!(log.read(3, 1 << 20, 3).expect("at end").is_empty());
+    assert!(matches!(log.read(4, 100, 3), Err(ReadError::OffsetOutOfRange { .. })));
+}
+
+#[test]
+fn bad_batches_are_refused_and_nothing_is_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = LogConfig {
+        max_message_bytes: 200,
+        ..small_config()
+    };
+    let mut log = Log::open(dir.path(), config, 0).expect("open");
+    let big = "x".repeat(300);
+    let err = log.append(&mut batch_of(&[rec(None, Some(&big), 1)]), 0, 0).unwrap_err();
+    assert!(matches!(err, AppendError::RecordTooLarge { size_bytes_max: 200, .. }), "{err}");
+    let mut corrupt = batch_of(&[rec(None, Some("v"), 1)]);
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 1;
+    assert!(matches!(log.append(&mut corrupt, 0, 0), Err(AppendError::InvalidBatch(_))));
+    let mut empty = batch_of(&[]);
+    assert!(matches!(log.append(&mut empty, 0, 0), Err(AppendError::EmptyBatch)));
+    let mut two = batch_of(&[rec(None, Some("v"), 1)]);
+    two.extend(batch_of(&[rec(None, Some("w"), 1)]));
+    assert!(matches!(log.append(&mut two, 0, 0), Err(AppendError::InconsistentBatch { .. })));
+    assert_eq!(log.log_end_offset(), 0);
+    assert_eq!(log.snapshot().size_bytes, 0);
+}
+
+#[test]
+fn segments_roll_by_size_and_age_and_lookups_span_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = LogConfig {
+        segment_ms: 1000,
+        ..small_config()
+    };
+    let mut log = Log::open(dir.path(), config, 0).expect("open");
+    for i in 0..40 {
+        append(&mut log, &[rec(None, Some(&format!("value-{i:03}")), i * 10)], i * 10);
+    }
+    let by_size = log.snapshot().segment_count;
+    assert!(by_size > 3, "segments: {by_size}");
+    for target in [0, 7, 19, 33, 39] {
+        let bytes = log.read(target, 1, 40).expect("read");
+        let (header, _) = batches(&bytes).next().expect("one").expect("ok");
+        assert_eq!(header.base_offset, target);
+    }
+    // Age: the active segment's first batch has timestamp 390; at 5000 it is old.
+    let before = log.snapshot().segment_count;
+    append(&mut log, &[rec(None, Some("late"), 5000)], 5000);
+    assert_eq!(log.snapshot().segment_count, before + 1);
+}
+
+#[test]
+fn timestamp_lookup_finds_first_record_at_or_after() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(dir.path(), small_config(), 0).expect("open");
+    for i in 0..30 {
+        append(&mut log, &[rec(None, Some("a"), 1000 + i * 100), rec(None, Some("b"), 1050 + i * 100)], 0);
+    }
+    assert_eq!(log.offset_for_timestamp(0).expect("lookup"), Some(0));
+    assert_eq!(log.offset_for_timestamp(1050).expect("lookup"), Some(1));
+    assert_eq!(log.offset_for_timestamp(1051).expect("lookup"), Some(2));
+    assert_eq!(log.offset_for_timestamp(2500).expect("lookup"), Some(30));
+    assert_eq!(log.offset_for_timestamp(99_999).expect("lookup"), None);
+}
+
+#[test]
+fn retention_by_time_and_size_deletes_whole_old_segments() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = LogConfig {
+        retention_ms: 1000,
+        ..small_config()
+    };
+    let mut log = Log::open(dir.path(), config.clone(), 0).expect("open");
+    for i in 0..30 {
+        append(&mut log, &[rec(None, Some("0123456789"), i * 100)], i * 100);
+    }
+    let segments = log.snapshot().segment_count;
+    let deleted = log.enforce_retention(2500).expect("retention");
+    assert!(deleted > 0 && deleted < segments);
+    let start = log.log_start_offset();
+    assert!(start > 0);
+    assert!(matches!(log.read(0, 100, 30), Err(ReadError::OffsetOutOfRange { .. })));
+    // Everything that is left is younger than the cut or in the segment straddling it.
+    assert_eq!(read_all(&log).first().map(|r| r.offset), Some(start));
+    // Everything expired: the active segment stays.
+    log.enforce_retention(1_000_000).expect("retention");
+    assert_eq!(log.snapshot().segment_count, 1);
+    assert_eq!(log.log_end_offset(), 30);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = LogConfig {
+        retention_bytes: 800,
+        ..small_config()
+    };
+    let mut log = Log::open(dir.path(), config, 0).expect("open");
+    for i in 0..30 {
+        append(&mut log, &[rec(None, Some("0123456789"), i)], i);
+    }
+    log.enforce_retention(0).expect("retention");
+    let size = log.snapshot().size_bytes;
+    assert!(size <= 800 + 400, "size {size}");
+    assert!(size >= 800 - 400, "size {size}");
+}
+
+#[test]
+fn delete_records_moves_log_start_and_survives_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(dir.path(), small_config(), 0).expect("open");
+    for i in 0..20 {
+        append(&mut log, &[rec(None, Some(&format!("{i}")), i)], i);
+    }
+    assert_eq!(log.delete_records(12).expect("trim"), 12);
+    assert!(matches!(log.read(11, 100, 20), Err(ReadError::OffsetOutOfRange { .. })));
+    assert_eq!(read_all(&log).first().map(|r| r.offset), Some(12));
+    assert!(matches!(log.delete_records(21), Err(ReadError::OffsetOutOfRange { .. })));
+    log.close().expect("close");
+    let log = Log::open(dir.path(), small_config(), 0).expect("reopen");
+    assert_eq!(log.log_start_offset(), 12);
+    assert_eq!(read_all(&log).len(), 8);
+}
+
+#[test]
+fn compaction_keeps_latest_per_key_and_expires_tombstones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = LogConfig {
+        cleanup_policy: CleanupPolicy {
+            delete: false,
+            compact: true,
+        },
+        delete_retention_ms: 1000,
+        ..small_config()
+    };
+    let mut log = Log::open(dir.path(), config, 0).expect("open");
+    for i in 0..30 {
+        let key = format!("k{}", i % 3);
+        append(&mut log, &[rec(Some(&key), Some(&format!("v{i}")), i)], i);
+    }
+    append(&mut log, &[rec(Some("k0"), None, 30)], 30);
+    for i in 31..45 {
+        append(&mut log, &[rec(Some("other"), Some(&format!("v{i}")), i)], i);
+    }
+    let stats = log.compact(100).expect("compact");
+    assert!(stats.records_removed > 0);
+    let all = read_all(&log);
+    let last_for = |key: &str| all.iter().rev().find(|r| r.key.as_deref() == Some(key.as_bytes())).cloned();
+    assert_eq!(last_for("k1").and_then(|r| r.value), Some(Bytes::from("v28")));
+    assert_eq!(last_for("k2").and_then(|r| r.value), Some(Bytes::from("v29")));
+    assert_eq!(last_for("k0").map(|r| r.value), Some(None), "tombstone kept while young");
+    assert_eq!(all.iter().filter(|r| r.key.as_deref() == Some(b"k1")).count(), 1);
+    // Offsets are preserved and strictly increasing.
+    assert!(all.windows(2).all(|w| w[0].offset < w[1].offset));
+    assert_eq!(all.iter().find(|r| r.value.as_deref() == Some(b"v28")).map(|r| r.offset), Some(28));
+    assert_eq!(log.log_end_offset(), 45);
+    // Later, the tombstone and every k0 record are gone.
+    for i in 45..60 {
+        append(&mut log, &[rec(Some("other"), Some(&format!("v{i}")), 5000)], 5000);
+    }
+    log.compact(10_000).expect("compact");
+    let all = read_all(&log);
+    assert!(all.iter().all(|r| r.key.as_deref() != Some(b"k0")));
+    log.close().expect("close");
+    let reopened = Log::open(dir.path(), LogConfig::default(), 0).expect("reopen");
+    assert_eq!(values(&read_all(&reopened)), values(&all));
+}
+
+#[test]
+fn truncation_cuts_at_batch_boundaries_and_trims_epochs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(dir.path(), small_config(), 0).expect("open");
+    for i in 0..10 {
+        let epoch = if i < 5 { 1 } else { 2 };
+        let mut batch = batch_of(&[rec(None, Some("a"), i), rec(None, Some("b"), i)]);
+        log.append(&mut batch, epoch, 0).expect("append");
+    }
+    assert_eq!(log.end_offset_for_epoch(1), Some((1, 10)));
+    log.truncate_to(13).expect("truncate");
+    assert_eq!(log.log_end_offset(), 12, "offset 13 sits in the batch 12..=13");
+    log.truncate_to(8).expect("truncate");
+    assert_eq!(log.log_end_offset(), 8);
+    assert_eq!(log.leader_epochs().len(), 1);
+    assert_eq!(log.end_offset_for_epoch(2), Some((1, 8)));
+    let info = append(&mut log, &[rec(None, Some("c"), 0)], 0);
+    assert_eq!(info.base_offset, 8);
+    drop(log);
+    let log = Log::open(dir.path(), small_config(), 0).expect("reopen");
+    assert_eq!(log.log_end_offset(), 9);
+    assert_eq!(read_all(&log).len(), 9);
+}
+
+#[test]
+fn log_append_time_stamps_the_broker_clock() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = LogConfig {
+        timestamp_type: TimestampType::LogAppendTime,
+        ..small_config()
+    };
+    let mut log = Log::open(dir.path(), config, 0).expect("open");
+    let info = log.append(&mut batch_of(&[rec(None, Some("v"), 5)]), 0, 12345).expect("append");
+    assert_eq!(info.log_append_time_ms, Some(12345));
+    assert_eq!(read_all(&log)[0].timestamp_ms, 12345);
+}
+
+/// Writes 3 segments' worth of batches, then simulates a crash (drop without close).
+fn crashed_log(dir: &Path) -> Vec<Record> {
+    let mut log = Log::open(dir, small_config(), 0).expect("open");
+    for i in 0..25 {
+        append(&mut log, &[rec(Some("k"), Some(&format!("value-{i:02}")), i)], i);
+    }
+    let all = read_all(&log);
+    drop(log);
+    all
+}
+
+fn lookups(log: &Log) -> Vec<(i64, Option<i64>)> {
+    (0..log.log_end_offset())
+        .map(|o| {
+            let bytes = log.read(o, 1, log.log_end_offset()).expect("read");
+            let base = batches(&bytes).next().map(|b| b.expect("valid").0.base_offset);
+            (o, base)
+        })
+        .chain((0..30).map(|ts| (-ts, log.offset_for_timestamp(ts).expect("ts"))))
+        .collect()
+}
+
+#[test]
+fn crash_recovery_truncates_torn_tails_to_the_last_valid_batch() {
+    type Damage = fn(&Path, u64);
+    let cases: [(&str, Damage); 4] = [
+        ("cut mid-batch", |file, len| {
+            OpenOptions::new().write(true).open(file).expect("open").set_len(len - 5).expect("cut");
+        }),
+        ("garbage appended", |file, _| {
+            let mut f = OpenOptions::new().append(true).open(file).expect("open");
+            f.write_all(&[0xAB; 37]).expect("garbage");
+        }),
+        ("byte flipped in last batch", |file, len| {
+            let mut bytes = fs::read(file).expect("read");
+            bytes[len as usize - 3] ^= 0x40;
+            fs::write(file, bytes).expect("write");
+        }),
+        ("length field of last batch damaged", |file, len| {
+            let mut bytes = fs::read(file).expect("read");
+            let last_start = batches(&bytes).map(|b| b.expect("ok").1.len()).fold(0usize, |acc, n| acc + n)
+                - batches(&bytes).last().expect("one").expect("ok").1.len();
+            assert!(last_start < len as usize);
+            bytes[last_start + 9] = 0x7f;
+            fs::write(file, bytes).expect("write");
+        }),
+    ];
+    for (name, damage) in cases {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let written = crashed_log(dir.path());
+        let file = active_log_file(dir.path());
+        let len = fs::metadata(&file).expect("meta").len();
+        let garbage_only = name == "garbage appended";
+        damage(&file, len);
+        let log = Log::open(dir.path(), small_config(), 0).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let expected = if garbage_only { &written[..] } else { &written[..written.len() - 1] };
+        assert_eq!(values(&read_all(&log)), values(expected), "{name}");
+        assert_eq!(log.recovered_tails().len(), 1, "{name}");
+        // A fresh log with the same records answers lookups the same way.
+        let twin_dir = tempfile::tempdir().expect("tempdir");
+        let mut twin = Log::open(twin_dir.path(), small_config(), 0).expect("open");
+        for (i, r) in expected.iter().enumerate() {
+            append(&mut twin, std::slice::from_ref(r), i as i64);
+        }
+        assert_eq!(lookups(&log), lookups(&twin), "{name}");
+    }
+}
+
+#[test]
+fn damaged_or_missing_indexes_are_rebuilt() {
+    for damage in ["delete", "garbage", "shorten"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut log = Log::open(dir.path(), small_config(), 0).expect("open");
+        for i in 0..60 {
+            append(&mut log, &[rec(None, Some(&format!("v{i}")), i)], i);
+        }
+        let before = lookups(&log);
+        log.close().expect("close");
+        for entry in fs::read_dir(dir.path()).expect("dir") {
+            let path = entry.expect("entry").path();
+            let ext = path.extension().and_then(|x| x.to_str()).unwrap_or("");
+            if ext == "index" || ext == "timeindex" {
+                match damage {
+                    "delete" => fs::remove_file(&path).expect("rm"),
+                    "garbage" => fs::write(&path, [0x5a; 24]).expect("write"),
+                    _ => {
+                        let len = fs::metadata(&path).expect("meta").len();
+                        OpenOptions::new().write(true).open(&path).expect("open").set_len(len / 2).expect("cut");
+                    }
+                }
+            }
+        }
+        let log = Log::open(dir.path(), small_config(), 0).expect("reopen");
+        assert_eq!(lookups(&log), before, "{damage}");
+    }
+}
+
+#[test]
+fn interior_damage_fails_closed_naming_file_and_position() {
+    // After a crash: the open notices a valid batch after the damaged one.
+    let dir = tempfile::tempdir().expect("tempdir");
+    crashed_log(dir.path());
+    let file = active_log_file(dir.path());
+    let mut bytes = fs::read(&file).expect("read");
+    let first_len = batches(&bytes).next().expect("one").expect("ok").1.len();
+    bytes[first_len - 2] ^= 0x01;
+    fs::write(&file, &bytes).expect("write");
+    let err = Log::open(dir.path(), small_config(), 0).expect_err("must fail closed");
+    let msg = err.to_string();
+    assert!(matches!(err, StorageError::Corrupt { position: 0, .. }), "{msg}");
+    assert!(msg.contains(&file.display().to_string()), "{msg}");
+    // After a clean close: the open trusts the log, the read catches it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(dir.path(), small_config(), 0).expect("open");
+    for i in 0..25 {
+        append(&mut log, &[rec(None, Some(&format!("value-{i:02}")), i)], i);
+    }
+    log.close().expect("close");
+    let first_segment = {
+        let mut logs: Vec<_> = fs::read_dir(dir.path())
+            .expect("dir")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        logs.sort();
+        logs.remove(0)
+    };
+    let mut bytes = fs::read(&first_segment).expect("read");
+    let first_len = batches(&bytes).next().expect("one").expect("ok").1.len();
+    bytes[first_len + 30] ^= 0x01;
+    fs::write(&first_segment, &bytes).expect("write");
+    let log = Log::open(dir.path(), small_config(), 0).expect("trusted open");
+    let err = log.read(1, 1 << 20, 25).expect_err("must fail closed");
+    let msg = err.to_string();
+    assert!(msg.contains("corrupt") && msg.contains(&first_segment.display().to_string()), "{msg}");
+    assert!(msg.contains(&format!("byte {first_len}")), "{msg}");
+    // Undamaged batches are still served.
+    assert!(log.read(0, 1, 25).is_ok());
+}
+
+#[test]
+fn flush_policy_decides_when_to_fsync() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = LogConfig {
+        flush: FlushPolicy::Interval { messages: 3, ms: 1000 },
+        ..small_config()
+    };
+    let mut log = Log::open(dir.path(), config, 0).expect("open");
+    append(&mut log, &[rec(None, Some("a"), 0)], 0);
+    assert!(!log.maybe_flush(10).expect("flush"));
+    append(&mut log, &[rec(None, Some("b"), 0), rec(None, Some("c"), 0)], 0);
+    assert!(log.maybe_flush(20).expect("flush"));
+    append(&mut log, &[rec(None, Some("d"), 0)], 0);
+    assert!(log.maybe_flush(2000).expect("flush by time"));
+    let every_dir = tempfile::tempdir().expect("tmp");
+    let mut every = Log::open(every_dir.path(), small_config(), 0).expect("open");
+    append(&mut every, &[rec(None, Some("a"), 0)], 0);
+    assert!(every.maybe_flush(0).expect("flush"));
+    assert!(!every.maybe_flush(0).expect("nothing left"));
+}
+
+// ---------------------------------------------------------------------------------------
+// Model-based property test.
+
+#[derive(Debug, Clone)]
+enum Op {
+    Append(Vec<(Option<u8>, Option<u8>)>),
+    Read(u16),
+    Roll,
+    Truncate(u16),
+    Retention,
+    DeleteRecords(u16),
+    Compact,
+    Reopen { clean: bool },
+    Flush,
+    Tick(u16),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => proptest::collection::vec((proptest::option::of(0u8..6), proptest::option::weighted(0.9, any::<u8>())), 1..6).prop_map(Op::Append),
+        2 => any::<u16>().prop_map(Op::Read),
+        1 => Just(Op::Roll),
+        1 => any::<u16>().prop_map(Op::Truncate),
+        1 => Just(Op::Retention),
+        1 => any::<u16>().prop_map(Op::DeleteRecords),
+        1 => Just(Op::Compact),
+        1 => any::<bool>().prop_map(|clean| Op::Reopen { clean }),
+        1 => Just(Op::Flush),
+        2 => any::<u16>().prop_map(Op::Tick),
+    ]
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct ModelRecord {
+    offset: i64,
+    batch_last: i64,
+    key: Option<Bytes>,
+    value: Option<Bytes>,
+    timestamp_ms: i64,
+}
+
+fn pick(frac: u16, lo: i64, hi: i64) -> i64 {
+    if hi <= lo { lo } else { lo + i64::from(frac) % (hi - lo + 1) }
+}
+
+fn check_same(log: &Log, model: &[ModelRecord]) -> Result<(), TestCaseError> {
+    let got: Vec<(i64, Option<Bytes>, Option<Bytes>, i64)> = read_all(log)
+        .into_iter()
+        .map(|r| (r.offset, r.key, r.value, r.timestamp_ms))
+        .collect();
+    let want: Vec<(i64, Option<Bytes>, Option<Bytes>, i64)> = model
+        .iter()
+        .filter(|r| r.offset >= log.log_start_offset())
+        .map(|r| (r.offset, r.key.clone(), r.value.clone(), r.timestamp_ms))
+        .collect();
+    prop_assert_eq!(got, want);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn log_agrees_with_a_model(ops in proptest::collection::vec(op(), 1..60), compact in any::<bool>()) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = LogConfig {
+            segment_bytes: 300,
+            index_interval_bytes: 64,
+            retention_ms: 2000,
+            cleanup_policy: CleanupPolicy { delete: true, compact },
+            delete_retention_ms: 500,
+            ..LogConfig::default()
+        };
+        let mut log = Some(Log::open(dir.path(), config.clone(), 0).expect("open"));
+        let mut model: Vec<ModelRecord> = Vec::new();
+        let mut now = 0i64;
+        for op in ops {
+            let l = log.as_mut().expect("open log");
+            match op {
+                Op::Append(items) => {
+                    let records: Vec<Record> = items.iter().map(|(k, v)| Record {
+                        offset: 0,
+                        timestamp_ms: now,
+                        key: k.map(|k| Bytes::from(vec![b'k', k])),
+                        value: v.map(|v| Bytes::from(vec![v; 3])),
+                        headers: vec![],
+                    }).collect();
+                    let info = append(l, &records, now);
+                    for (i, r) in records.into_iter().enumerate() {
+                        model.push(ModelRecord { offset: info.base_offset + i as i64, batch_last: info.last_offset,
+                            key: r.key, value: r.value, timestamp_ms: now });
+                    }
+                }
+                Op::Read(frac) => {
+                    let (start, end) = (l.log_start_offset(), l.log_end_offset());
+                    let offset = pick(frac, start, end);
+                    let bytes = l.read(offset, 200, end).expect("read in range");
+                    if let Some(first) = batches(&bytes).next() {
+                        let (header, _) = first.expect("valid");
+                        prop_assert!(header.last_offset() >= offset);
+                        let expected = model.iter().find(|r| r.batch_last >= offset).map(|r| r.batch_last);
+                        prop_assert_eq!(Some(header.last_offset()), expected);
+                    } else {
+                        prop_assert!(model.iter().all(|r| r.batch_last < offset));
+                    }
+                    prop_assert!(l.read(end + 1, 10, end + 1).is_err());
+                }
+                Op::Roll => l.roll().expect("roll"),
+                Op::Truncate(frac) => {
+                    let target = pick(frac, l.log_start_offset() + 1, l.log_end_offset());
+                    l.truncate_to(target).expect("truncate");
+                    prop_assert!(l.log_end_offset() <= target);
+                    model.retain(|r| r.batch_last < target);
+                    // Compaction can leave a gap before the cut, so the end may lie past the
+                    // last surviving batch, but never before it.
+                    if let Some(last) = model.last() {
+                        prop_assert!(l.log_end_offset() > last.batch_last);
+                    }
+                }
+                Op::Retention => {
+                    let start_before = l.log_start_offset();
+                    l.enforce_retention(now).expect("retention");
+                    prop_assert!(l.log_start_offset() >= start_before);
+                }
+                Op::DeleteRecords(frac) => {
+                    let target = pick(frac, l.log_start_offset(), l.log_end_offset());
+                    prop_assert_eq!(l.delete_records(target).expect("trim"), target.max(l.log_start_offset()));
+                }
+                Op::Compact => {
+                    l.compact(now).expect("compact");
+                    let after = read_all(l);
+                    let start = l.log_start_offset();
+                    // Nothing invented, every key's latest live record kept.
+                    for r in &after {
+                        let m = model.iter().find(|m| m.offset == r.offset).expect("record in model");
+                        prop_assert_eq!(&m.key, &r.key);
+                        prop_assert_eq!(&m.value, &r.value);
+                    }
+                    for m in model.iter().filter(|m| m.offset >= start) {
+                        let latest = m.key.is_none() || model.iter().rev().find(|x| x.key == m.key).map(|x| x.offset) == Some(m.offset);
+                        if latest && m.value.is_some() {
+                            prop_assert!(after.iter().any(|r| r.offset == m.offset), "latest record {} dropped", m.offset);
+                        }
+                    }
+                    model.retain(|m| m.offset < start || after.iter().any(|r| r.offset == m.offset));
+                }
+                Op::Reopen { clean } => {
+                    let l = log.take().expect("log");
+                    if clean { l.close().expect("close") } else { drop(l) }
+                    let reopened = Log::open(dir.path(), config.clone(), now).expect("reopen");
+                    prop_assert!(reopened.recovered_tails().is_empty());
+                    log = Some(reopened);
+                }
+                Op::Flush => { l.flush().expect("flush"); }
+                Op::Tick(ms) => now += i64::from(ms % 1500),
+            }
+            let l = log.as_ref().expect("log");
+            model.retain(|r| r.offset >= l.log_start_offset());
+            check_same(l, &model)?;
+        }
+    }
+}
+
