@@ -95,6 +95,38 @@ pub const KNOWN_KEYS: &[&str] = &[
 ];
 
 impl LogConfig {
+    /// Every known key with its value in this config, in [`KNOWN_KEYS`] order.
+    pub fn entries(&self) -> Vec<(&'static str, String)> {
+        let (flush_messages, flush_ms) = match self.flush {
+            FlushPolicy::EveryAppend => (1, 0),
+            FlushPolicy::Interval { messages, ms } => (messages, ms.max(0) as u64),
+        };
+        let cleanup = match (self.cleanup_policy.compact, self.cleanup_policy.delete) {
+            (true, true) => "compact,delete",
+            (true, false) => "compact",
+            (false, true) => "delete",
+            (false, false) => "",
+        };
+        let timestamp_type = match self.timestamp_type {
+            TimestampType::CreateTime => "CreateTime",
+            TimestampType::LogAppendTime => "LogAppendTime",
+        };
+        let cap = |v: u64| if v == u64::MAX { i64::MAX.to_string() } else { v.to_string() };
+        vec![
+            ("cleanup.policy", cleanup.to_string()),
+            ("delete.retention.ms", self.delete_retention_ms.to_string()),
+            ("flush.messages", cap(flush_messages)),
+            ("flush.ms", cap(flush_ms)),
+            ("index.interval.bytes", self.index_interval_bytes.to_string()),
+            ("max.message.bytes", self.max_message_bytes.to_string()),
+            ("message.timestamp.type", timestamp_type.to_string()),
+            ("retention.bytes", self.retention_bytes.to_string()),
+            ("retention.ms", self.retention_ms.to_string()),
+            ("segment.bytes", self.segment_bytes.to_string()),
+            ("segment.ms", self.segment_ms.to_string()),
+        ]
+    }
+
     /// Applies one `key=value` topic config entry.
     ///
     /// # Errors

@@ -76,7 +76,7 @@ use std::path::{Path, PathBuf};
 pub use compact::CompactionStats;
 pub use config::{CleanupPolicy, ConfigError, FlushPolicy, KNOWN_KEYS, LogConfig};
 pub use epoch::EpochEntry;
-pub use log::{AppendInfo, Log, LogSnapshot};
+pub use log::{AppendInfo, FlushHandle, Log, LogSnapshot};
 pub use segment::TruncatedTail;
 
 /// A failure of the storage itself: I/O, or damaged data on disk.

@@ -24,6 +24,29 @@ pub struct AppendInfo {
     pub record_count: u32,
 }
 
+/// A flush prepared under the log's owner's lock, to be synced outside it (group commit:
+/// appends go on while the fsync runs).
+#[derive(Debug)]
+pub struct FlushHandle {
+    file: fs::File,
+    path: PathBuf,
+    end_offset: i64,
+    records: u64,
+}
+
+impl FlushHandle {
+    /// Every offset below this is durable once [`FlushHandle::sync`] returns.
+    pub fn end_offset(&self) -> i64 {
+        self.end_offset
+    }
+
+    /// # Errors
+    /// The fsync failed.
+    pub fn sync(&self) -> Result<(), StorageError> {
+        self.file.sync_data().map_err(|source| StorageError::io(&self.path, source))
+    }
+}
+
 /// Sizes and offsets of a log at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogSnapshot {
@@ -300,6 +323,29 @@ impl Log {
         self.active_mut().flush()?;
         self.unflushed_records = 0;
         Ok(())
+    }
+
+    /// Prepares a flush of everything appended so far; see [`FlushHandle`].
+    ///
+    /// # Errors
+    /// I/O errors writing index entries or duplicating the file handle.
+    pub fn begin_flush(&mut self) -> Result<FlushHandle, StorageError> {
+        let end_offset = self.log_end_offset();
+        let records = self.unflushed_records;
+        let path = self.active().log_path();
+        let file = self.active_mut().prepare_flush()?;
+        Ok(FlushHandle {
+            file,
+            path,
+            end_offset,
+            records,
+        })
+    }
+
+    /// Records that `handle` was synced.
+    pub fn complete_flush(&mut self, handle: &FlushHandle, now_ms: i64) {
+        self.unflushed_records = self.unflushed_records.saturating_sub(handle.records);
+        self.last_flush_ms = now_ms;
     }
 
     /// Flushes if the [`FlushPolicy`] says it is time. Returns whether it flushed.

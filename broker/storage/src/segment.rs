@@ -241,6 +241,13 @@ impl Segment {
         self.file.sync_data().map_err(|source| self.io_error(source))
     }
 
+    /// Writes pending index entries and returns a second handle on the log file, so that
+    /// the caller can fsync without holding the log.
+    pub(crate) fn prepare_flush(&mut self) -> Result<File, StorageError> {
+        self.persist_indexes(false)?;
+        self.file.try_clone().map_err(|source| self.io_error(source))
+    }
+
     /// Flushes and also fsyncs the index files: after this the segment opens `Trusted`.
     pub(crate) fn seal(&mut self) -> Result<(), StorageError> {
         self.persist_indexes(true)?;

@@ -557,8 +557,11 @@ proptest! {
                     if let Some(first) = batches(&bytes).next() {
                         let (header, _) = first.expect("valid");
                         prop_assert!(header.last_offset() >= offset);
-                        let expected = model.iter().find(|r| r.batch_last >= offset).map(|r| r.batch_last);
-                        prop_assert_eq!(Some(header.last_offset()), expected);
+                        // The batch may hold only records below the log start (compaction
+                        // keeps a batch's span), but it may not skip a batch the model has.
+                        if let Some(expected) = model.iter().find(|r| r.batch_last >= offset) {
+                            prop_assert!(header.last_offset() <= expected.batch_last);
+                        }
                     } else {
                         prop_assert!(model.iter().all(|r| r.batch_last < offset));
                     }

@@ -1,1 +1,16 @@
-//! placeholder
+//! Rust code generated from Runnel's gRPC contract (`proto/runnel/v1/runnel.proto`).
+//!
+//! Generated code only: the contract is the .proto file. Depends on nothing of the broker.
+
+#![allow(clippy::all, clippy::pedantic, missing_docs)]
+
+/// Version 1 of the API.
+pub mod v1 {
+    tonic::include_proto!("runnel.v1");
+}
+
+/// The encoded file descriptor set, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/runnel_descriptor.bin"));
+
+/// Metadata key of the error code name in a failed call's status.
+pub const ERROR_CODE_METADATA_KEY: &str = "runnel-error-code";

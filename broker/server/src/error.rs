@@ -1,0 +1,180 @@
+//! Broker errors, and the one place where they become wire errors: an [`ErrorCode`] in a
+//! per-partition result, or a gRPC status with the code name in `runnel-error-code`.
+
+use runnel_broker_storage::{AppendError, ConfigError, ReadError, StorageError};
+use runnel_proto::v1::{self, ErrorCode};
+use tonic::{Code, Status};
+
+/// Everything a client request can fail with.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    #[error("unknown topic {topic:?}: create it with `runnel topic create {topic}` (auto-creation is off)")]
+    UnknownTopic { topic: String },
+    #[error("topic {topic:?} has {count} partitions (0..={last}); partition {partition} does not exist", last = count.saturating_sub(1))]
+    UnknownPartition {
+        topic: String,
+        partition: u32,
+        count: u32,
+    },
+    #[error("invalid topic name {name:?}: {rule}")]
+    InvalidTopicName { name: String, rule: String },
+    #[error("topic {name:?} already exists")]
+    TopicAlreadyExists { name: String },
+    #[error("invalid partition count: {reason}")]
+    InvalidPartitions { reason: String },
+    #[error("replication factor {requested} is invalid: {reason}")]
+    InvalidReplicationFactor { requested: u32, reason: String },
+    #[error("invalid config: {reason}")]
+    InvalidConfig { reason: String },
+    #[error(
+        "record batch of {size_bytes} bytes for {topic}-{partition} exceeds max.message.bytes ({size_bytes_max}); send smaller batches or raise the topic's max.message.bytes"
+    )]
+    RecordTooLarge {
+        topic: String,
+        partition: u32,
+        size_bytes: usize,
+        size_bytes_max: usize,
+    },
+    #[error("corrupt or malformed record batch for {topic}-{partition}: {reason}")]
+    CorruptBatch {
+        topic: String,
+        partition: u32,
+        reason: String,
+    },
+    #[error("{topic}-{partition}: {reason}")]
+    OffsetOutOfRange {
+        topic: String,
+        partition: u32,
+        reason: String,
+    },
+    #[error(
+        "not enough in-sync replicas for {topic}-{partition}: {isr} in sync, min.insync.replicas is {min_insync}"
+    )]
+    NotEnoughReplicas {
+        topic: String,
+        partition: u32,
+        isr: usize,
+        min_insync: usize,
+    },
+    #[error("storage error on {topic}-{partition}: {reason}")]
+    Storage {
+        topic: String,
+        partition: u32,
+        reason: String,
+    },
+    #[error("invalid request: {reason}")]
+    InvalidRequest { reason: String },
+    #[error("topic {topic:?} is being deleted")]
+    TopicDeletionInProgress { topic: String },
+}
+
+impl BrokerError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            BrokerError::UnknownTopic { .. } => ErrorCode::UnknownTopic,
+            BrokerError::UnknownPartition { .. } => ErrorCode::UnknownPartition,
+            BrokerError::InvalidTopicName { .. } => ErrorCode::InvalidTopicName,
+            BrokerError::TopicAlreadyExists { .. } => ErrorCode::TopicAlreadyExists,
+            BrokerError::InvalidPartitions { .. } => ErrorCode::InvalidPartitions,
+            BrokerError::InvalidReplicationFactor { .. } => ErrorCode::InvalidReplicationFactor,
+            BrokerError::InvalidConfig { .. } => ErrorCode::InvalidConfig,
+            BrokerError::RecordTooLarge { .. } => ErrorCode::RecordTooLarge,
+            BrokerError::CorruptBatch { .. } => ErrorCode::CorruptBatch,
+            BrokerError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
+            BrokerError::NotEnoughReplicas { .. } => ErrorCode::NotEnoughReplicas,
+            BrokerError::Storage { .. } => ErrorCode::StorageError,
+            BrokerError::InvalidRequest { .. } => ErrorCode::InvalidRequest,
+            BrokerError::TopicDeletionInProgress { .. } => ErrorCode::TopicDeletionInProgress,
+        }
+    }
+
+    /// The per-partition form.
+    pub fn to_proto(&self) -> v1::Error {
+        v1::Error {
+            code: self.code() as i32,
+            message: self.to_string(),
+        }
+    }
+
+    /// The whole-call form.
+    pub fn to_status(&self) -> Status {
+        let code = match self.code() {
+            ErrorCode::UnknownTopic | ErrorCode::UnknownPartition => Code::NotFound,
+            ErrorCode::TopicAlreadyExists => Code::AlreadyExists,
+            ErrorCode::OffsetOutOfRange => Code::OutOfRange,
+            ErrorCode::NotEnoughReplicas | ErrorCode::NotLeader | ErrorCode::LeaderNotAvailable => {
+                Code::Unavailable
+            }
+            ErrorCode::StorageError => Code::Internal,
+            ErrorCode::RequestTimedOut => Code::DeadlineExceeded,
+            ErrorCode::TopicDeletionInProgress => Code::FailedPrecondition,
+            _ => Code::InvalidArgument,
+        };
+        let mut status = Status::new(code, self.to_string());
+        if let Ok(value) = self.code().as_str_name().parse() {
+            status
+                .metadata_mut()
+                .insert(runnel_proto::ERROR_CODE_METADATA_KEY, value);
+        }
+        status
+    }
+
+    pub(crate) fn from_append(topic: &str, partition: u32, err: AppendError) -> Self {
+        let (topic, partition_id) = (topic.to_string(), partition);
+        match err {
+            AppendError::RecordTooLarge {
+                size_bytes,
+                size_bytes_max,
+            } => BrokerError::RecordTooLarge {
+                topic,
+                partition: partition_id,
+                size_bytes,
+                size_bytes_max,
+            },
+            AppendError::InvalidBatch(err) => BrokerError::CorruptBatch {
+                topic,
+                partition: partition_id,
+                reason: err.to_string(),
+            },
+            AppendError::EmptyBatch | AppendError::InconsistentBatch { .. } => BrokerError::CorruptBatch {
+                topic,
+                partition: partition_id,
+                reason: err.to_string(),
+            },
+            AppendError::Storage(err) => Self::from_storage(&topic, partition_id, &err),
+        }
+    }
+
+    pub(crate) fn from_read(topic: &str, partition: u32, err: ReadError) -> Self {
+        match err {
+            ReadError::OffsetOutOfRange { .. } => BrokerError::OffsetOutOfRange {
+                topic: topic.to_string(),
+                partition,
+                reason: err.to_string(),
+            },
+            ReadError::Storage(err) => Self::from_storage(topic, partition, &err),
+        }
+    }
+
+    pub(crate) fn from_storage(topic: &str, partition: u32, err: &StorageError) -> Self {
+        BrokerError::Storage {
+            topic: topic.to_string(),
+            partition,
+            reason: err.to_string(),
+        }
+    }
+}
+
+impl From<ConfigError> for BrokerError {
+    fn from(err: ConfigError) -> Self {
+        BrokerError::InvalidConfig {
+            reason: err.to_string(),
+        }
+    }
+}
+
+impl From<BrokerError> for Status {
+    fn from(err: BrokerError) -> Self {
+        err.to_status()
+    }
+}

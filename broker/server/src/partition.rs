@@ -1,0 +1,339 @@
+//! A partition hosted by this broker: its log, high watermark and durability.
+//!
+//! Appends are applied in call order under the log's write lock and take microseconds; the
+//! fsync that makes them durable runs outside the lock. With the default flush policy
+//! (`FlushPolicy::EveryAppend`) every waiting producer's batches are covered by one fsync
+//! (group commit), and the high watermark only advances over flushed data, so a consumer
+//! never sees a record that a power loss could take back. With an interval policy the high
+//! watermark is the log end offset, as in Kafka.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use bytes::Bytes;
+use runnel_broker_storage::{FlushPolicy, Log, LogConfig, LogSnapshot, StorageError};
+use tokio::sync::watch;
+
+use crate::error::BrokerError;
+use crate::now_ms;
+
+/// What an append did.
+#[derive(Debug, Clone, Copy)]
+pub struct Appended {
+    pub base_offset: i64,
+    pub log_append_time_ms: Option<i64>,
+    pub log_start_offset: i64,
+    /// Offset the high watermark must reach before the append counts as durable.
+    pub end_offset: i64,
+}
+
+/// A read of a partition.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub records: Bytes,
+    pub high_watermark: i64,
+    pub log_start_offset: i64,
+    pub next_offset: i64,
+}
+
+#[derive(Debug)]
+pub struct Partition {
+    pub topic: String,
+    pub index: u32,
+    log: RwLock<Log>,
+    high_watermark: watch::Sender<i64>,
+    flush_lock: tokio::sync::Mutex<()>,
+    fenced: Mutex<Option<String>>,
+    leader_epoch: i32,
+}
+
+impl Partition {
+    /// Opens (recovering if needed) the partition's log.
+    ///
+    /// # Errors
+    /// The storage error that kept the log from opening.
+    pub fn open(dir: &Path, topic: &str, index: u32, config: LogConfig, leader_epoch: i32) -> Result<Self, StorageError> {
+        let log = Log::open(dir, config, now_ms())?;
+        for tail in log.recovered_tails() {
+            tracing::warn!(
+                topic, partition = index, path = %tail.path.display(), position = tail.position,
+                bytes_removed = tail.bytes_removed, reason = %tail.reason,
+                "recovery truncated a torn write at the end of the log"
+            );
+        }
+        let end = log.log_end_offset();
+        Ok(Partition {
+            topic: topic.to_string(),
+            index,
+            log: RwLock::new(log),
+            high_watermark: watch::Sender::new(end),
+            flush_lock: tokio::sync::Mutex::new(()),
+            fenced: Mutex::new(None),
+            leader_epoch,
+        })
+    }
+
+    fn log_read(&self) -> RwLockReadGuard<'_, Log> {
+        self.log.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn log_write(&self) -> RwLockWriteGuard<'_, Log> {
+        self.log.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn high_watermark(&self) -> i64 {
+        *self.high_watermark.borrow()
+    }
+
+    pub fn leader_epoch(&self) -> i32 {
+        self.leader_epoch
+    }
+
+    /// Wakes whenever the high watermark moves.
+    pub fn subscribe(&self) -> watch::Receiver<i64> {
+        self.high_watermark.subscribe()
+    }
+
+    fn check_fenced(&self) -> Result<(), BrokerError> {
+        let fenced = self.fenced.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match fenced.as_ref() {
+            Some(reason) => Err(BrokerError::Storage {
+                topic: self.topic.clone(),
+                partition: self.index,
+                reason: format!("partition is fenced after a storage failure: {reason}"),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Storage failures fence the partition: it is never served again until a restart
+    /// has recovered (or refused) its log.
+    fn fence(&self, err: &StorageError) -> BrokerError {
+        tracing::error!(topic = %self.topic, partition = self.index, error = %err, "fencing partition");
+        *self.fenced.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(err.to_string());
+        BrokerError::from_storage(&self.topic, self.index, err)
+    }
+
+    /// Validates every batch in `records`, then appends them all. Nothing is written when
+    /// any batch is invalid.
+    ///
+    /// # Errors
+    /// A malformed or oversized batch, or a storage failure (which fences the partition).
+    pub fn append(&self, records: &[u8]) -> Result<Appended, BrokerError> {
+        self.check_fenced()?;
+        let mut batches = Vec::new();
+        let mut rest = records;
+        while !rest.is_empty() {
+            let header = runnel_batch::validate(rest).map_err(|err| BrokerError::CorruptBatch {
+                topic: self.topic.clone(),
+                partition: self.index,
+                reason: err.to_string(),
+            })?;
+            let (batch, tail) = rest.split_at(header.size_bytes());
+            batches.push(batch.to_vec());
+            rest = tail;
+        }
+        if batches.is_empty() {
+            return Err(BrokerError::InvalidRequest {
+                reason: format!("no record batch for {}-{}", self.topic, self.index),
+            });
+        }
+        let now = now_ms();
+        let mut log = self.log_write();
+        let max = log.config().max_message_bytes;
+        if let Some(big) = batches.iter().find(|b| b.len() > max) {
+            return Err(BrokerError::RecordTooLarge {
+                topic: self.topic.clone(),
+                partition: self.index,
+                size_bytes: big.len(),
+                size_bytes_max: max,
+            });
+        }
+        let mut first = None;
+        for batch in &mut batches {
+            let info = log
+                .append(batch, self.leader_epoch, now)
+                .map_err(|err| match err {
+                    runnel_broker_storage::AppendError::Storage(err) => self.fence(&err),
+                    other => BrokerError::from_append(&self.topic, self.index, other),
+                })?;
+            first.get_or_insert(info);
+        }
+        let end_offset = log.log_end_offset();
+        let log_start_offset = log.log_start_offset();
+        if let FlushPolicy::Interval { .. } = log.config().flush {
+            log.maybe_flush(now).map_err(|err| self.fence(&err))?;
+            self.high_watermark.send_replace(end_offset);
+        }
+        let first = first.expect("at least one batch was appended");
+        Ok(Appended {
+            base_offset: first.base_offset,
+            log_append_time_ms: first.log_append_time_ms,
+            log_start_offset,
+            end_offset,
+        })
+    }
+
+    /// Waits until every offset below `end_offset` is durable under the flush policy and
+    /// visible to consumers. Concurrent callers share one fsync.
+    ///
+    /// # Errors
+    /// A failed fsync, which fences the partition.
+    pub async fn wait_durable(&self, end_offset: i64) -> Result<(), BrokerError> {
+        loop {
+            if self.high_watermark() >= end_offset {
+                return Ok(());
+            }
+            let _flushing = self.flush_lock.lock().await;
+            if self.high_watermark() >= end_offset {
+                return Ok(());
+            }
+            self.check_fenced()?;
+            let handle = self.log_write().begin_flush().map_err(|err| self.fence(&err))?;
+            let handle = tokio::task::spawn_blocking(move || handle.sync().map(|()| handle))
+                .await
+                .map_err(|err| BrokerError::Storage {
+                    topic: self.topic.clone(),
+                    partition: self.index,
+                    reason: format!("flush task failed: {err}"),
+                })?
+                .map_err(|err| self.fence(&err))?;
+            self.log_write().complete_flush(&handle, now_ms());
+            self.high_watermark.send_if_modified(|hw| {
+                let moved = handle.end_offset() > *hw;
+                *hw = (*hw).max(handle.end_offset());
+                moved
+            });
+        }
+    }
+
+    /// Whole batches from `offset` up to the high watermark, at most `max_bytes` (but at
+    /// least one batch).
+    ///
+    /// # Errors
+    /// Offset out of range, or a storage failure (corruption fences the partition).
+    pub fn read(&self, offset: i64, max_bytes: usize) -> Result<Fetched, BrokerError> {
+        self.check_fenced()?;
+        let high_watermark = self.high_watermark();
+        let log = self.log_read();
+        let bytes = log.read(offset, max_bytes, high_watermark).map_err(|err| match err {
+            runnel_broker_storage::ReadError::Storage(err) => self.fence(&err),
+            other => BrokerError::from_read(&self.topic, self.index, other),
+        })?;
+        let mut next_offset = offset;
+        for batch in runnel_batch::batches(&bytes) {
+            if let Ok((header, _)) = batch {
+                next_offset = header.next_offset();
+            }
+        }
+        Ok(Fetched {
+            records: Bytes::from(bytes),
+            high_watermark,
+            log_start_offset: log.log_start_offset(),
+            next_offset,
+        })
+    }
+
+    pub fn log_start_offset(&self) -> i64 {
+        self.log_read().log_start_offset()
+    }
+
+    /// First offset with a timestamp `>= timestamp_ms`, or the high watermark if none.
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<i64, BrokerError> {
+        self.check_fenced()?;
+        let hw = self.high_watermark();
+        let found = self
+            .log_read()
+            .offset_for_timestamp(timestamp_ms)
+            .map_err(|err| self.fence(&err))?;
+        Ok(found.map_or(hw, |offset| offset.min(hw)))
+    }
+
+    pub fn snapshot(&self) -> LogSnapshot {
+        self.log_read().snapshot()
+    }
+
+    pub fn set_config(&self, config: LogConfig) {
+        self.log_write().set_config(config);
+    }
+
+    /// Kafka's delete-records; `offset` -1 means the high watermark.
+    ///
+    /// # Errors
+    /// An offset beyond the high watermark, or a storage failure.
+    pub fn delete_records(&self, offset: i64) -> Result<i64, BrokerError> {
+        self.check_fenced()?;
+        let hw = self.high_watermark();
+        let target = if offset == -1 { hw } else { offset };
+        if target > hw || target < 0 {
+            return Err(BrokerError::OffsetOutOfRange {
+                topic: self.topic.clone(),
+                partition: self.index,
+                reason: format!(
+                    "cannot delete records below offset {target}: it must be between 0 and the high watermark {hw}"
+                ),
+            });
+        }
+        self.log_write()
+            .delete_records(target)
+            .map_err(|err| BrokerError::from_read(&self.topic, self.index, err))
+    }
+
+    /// Retention, compaction and time-based flushing; called periodically.
+    pub fn housekeeping(&self, now: i64, clean: bool) {
+        if self.check_fenced().is_err() {
+            return;
+        }
+        let mut log = self.log_write();
+        if let Err(err) = log.maybe_flush(now) {
+            drop(log);
+            self.fence(&err);
+            return;
+        }
+        if let FlushPolicy::Interval { .. } = log.config().flush {
+            self.high_watermark.send_replace(log.log_end_offset());
+        }
+        if !clean {
+            return;
+        }
+        match log.enforce_retention(now) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(topic = %self.topic, partition = self.index, segments = n, "retention deleted segments"),
+            Err(err) => {
+                drop(log);
+                self.fence(&err);
+                return;
+            }
+        }
+        match log.compact(now) {
+            Ok(stats) if stats.records_removed > 0 => tracing::info!(
+                topic = %self.topic, partition = self.index, removed = stats.records_removed,
+                bytes_before = stats.bytes_before, bytes_after = stats.bytes_after, "compacted"
+            ),
+            Ok(_) => {}
+            Err(err) => {
+                drop(log);
+                self.fence(&err);
+            }
+        }
+    }
+
+    /// Flushes and closes the log cleanly (a clean shutdown).
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub fn close(self: Arc<Self>) -> Result<(), StorageError> {
+        match Arc::try_unwrap(self) {
+            Ok(partition) => partition
+                .log
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .close(),
+            // Still referenced by an in-flight request: flush what is there.
+            Err(shared) => shared.log_write().flush(),
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! The gRPC services: thin adapters from tonic to [`Broker`].
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::stream::{FuturesOrdered, StreamExt};
+use runnel_proto::v1::{self, admin_server, consumer_server, producer_server};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::broker::Broker;
+use crate::error::BrokerError;
+
+/// Most produce requests one stream may have waiting for acknowledgement.
+const PRODUCE_IN_FLIGHT_MAX: usize = 64;
+/// Fetch responses buffered ahead of a slow streaming consumer.
+const FETCH_STREAM_BUFFER: usize = 4;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[derive(Clone)]
+pub struct Service {
+    broker: Arc<Broker>,
+}
+
+impl Service {
+    pub fn new(broker: Arc<Broker>) -> Self {
+        Service { broker }
+    }
+}
+
+fn require_topic(topic: &str) -> Result<(), Status> {
+    if topic.is_empty() {
+        return Err(BrokerError::InvalidRequest {
+            reason: "the topic field is empty".into(),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl producer_server::Producer for Service {
+    async fn produce(&self, request: Request<v1::ProduceRequest>) -> Result<Response<v1::ProduceResponse>, Status> {
+        let request = request.into_inner();
+        require_topic(&request.topic)?;
+        Ok(Response::new(self.broker.produce(request).await))
+    }
+
+    type ProduceStreamStream = BoxStream<v1::ProduceResponse>;
+
+    async fn produce_stream(
+        &self,
+        request: Request<Streaming<v1::ProduceRequest>>,
+    ) -> Result<Response<Self::ProduceStreamStream>, Status> {
+        let mut incoming = request.into_inner();
+        let broker = self.broker.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(PRODUCE_IN_FLIGHT_MAX);
+        tokio::spawn(async move {
+            let mut in_flight = FuturesOrdered::new();
+            let mut open = true;
+            while open || !in_flight.is_empty() {
+                tokio::select! {
+                    next = incoming.next(), if open && in_flight.len() < PRODUCE_IN_FLIGHT_MAX => match next {
+                        Some(Ok(request)) => in_flight.push_back(broker.produce(request)),
+                        Some(Err(status)) => {
+                            tracing::debug!(%status, "produce stream ended by the client");
+                            open = false;
+                        }
+                        None => open = false,
+                    },
+                    Some(response) = in_flight.next(), if !in_flight.is_empty() => {
+                        if tx.send(Ok(response)).await.is_err() {
+                            // The client is gone; appended batches stay appended.
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+#[tonic::async_trait]
+impl consumer_server::Consumer for Service {
+    async fn fetch(&self, request: Request<v1::FetchRequest>) -> Result<Response<v1::FetchResponse>, Status> {
+        let request = request.into_inner();
+        Ok(Response::new(self.broker.fetch(&request).await))
+    }
+
+    type FetchStreamStream = BoxStream<v1::FetchResponse>;
+
+    async fn fetch_stream(
+        &self,
+        request: Request<v1::FetchRequest>,
+    ) -> Result<Response<Self::FetchStreamStream>, Status> {
+        let mut request = request.into_inner();
+        if request.max_wait_ms == 0 {
+            request.max_wait_ms = 500;
+        }
+        let broker = self.broker.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(FETCH_STREAM_BUFFER);
+        tokio::spawn(async move {
+            loop {
+                let response = tokio::select! {
+                    response = broker.fetch(&request) => response,
+                    () = tx.closed() => return,
+                };
+                for (wanted, got) in request.partitions.iter_mut().zip(&response.partitions) {
+                    if got.error.is_none() {
+                        wanted.offset = got.next_offset;
+                    }
+                }
+                let has_data = response.partitions.iter().any(|p| !p.records.is_empty() || p.error.is_some());
+                if has_data && tx.send(Ok(response)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn list_offsets(
+        &self,
+        request: Request<v1::ListOffsetsRequest>,
+    ) -> Result<Response<v1::ListOffsetsResponse>, Status> {
+        Ok(Response::new(self.broker.list_offsets(&request.into_inner())))
+    }
+}
+
+#[tonic::async_trait]
+impl admin_server::Admin for Service {
+    async fn metadata(&self, request: Request<v1::MetadataRequest>) -> Result<Response<v1::MetadataResponse>, Status> {
+        Ok(Response::new(self.broker.metadata(&request.into_inner())))
+    }
+
+    async fn cluster_info(
+        &self,
+        _request: Request<v1::ClusterInfoRequest>,
+    ) -> Result<Response<v1::ClusterInfoResponse>, Status> {
+        Ok(Response::new(self.broker.cluster_info()))
+    }
+
+    async fn create_topic(
+        &self,
+        request: Request<v1::CreateTopicRequest>,
+    ) -> Result<Response<v1::CreateTopicResponse>, Status> {
+        let broker = self.broker.clone();
+        let response = tokio::task::spawn_blocking(move || broker.create_topic(request.into_inner()))
+            .await
+            .map_err(|err| Status::internal(format!("create topic task failed: {err}")))??;
+        Ok(Response::new(response))
+    }
+
+    async fn delete_topic(
+        &self,
+        request: Request<v1::DeleteTopicRequest>,
+    ) -> Result<Response<v1::DeleteTopicResponse>, Status> {
+        let broker = self.broker.clone();
+        let name = request.into_inner().name;
+        tokio::task::spawn_blocking(move || broker.delete_topic(&name))
+            .await
+            .map_err(|err| Status::internal(format!("delete topic task failed: {err}")))??;
+        Ok(Response::new(v1::DeleteTopicResponse {}))
+    }
+
+    async fn list_topics(
+        &self,
+        request: Request<v1::ListTopicsRequest>,
+    ) -> Result<Response<v1::ListTopicsResponse>, Status> {
+        Ok(Response::new(self.broker.list_topics(request.into_inner().include_internal)))
+    }
+
+    async fn describe_topic(
+        &self,
+        request: Request<v1::DescribeTopicRequest>,
+    ) -> Result<Response<v1::DescribeTopicResponse>, Status> {
+        Ok(Response::new(self.broker.describe_topic(&request.into_inner().name)?))
+    }
+
+    async fn alter_topic_config(
+        &self,
+        request: Request<v1::AlterTopicConfigRequest>,
+    ) -> Result<Response<v1::AlterTopicConfigResponse>, Status> {
+        Ok(Response::new(self.broker.alter_topic_config(request.into_inner())?))
+    }
+
+    async fn add_partitions(
+        &self,
+        request: Request<v1::AddPartitionsRequest>,
+    ) -> Result<Response<v1::AddPartitionsResponse>, Status> {
+        let request = request.into_inner();
+        let broker = self.broker.clone();
+        let response = tokio::task::spawn_blocking(move || broker.add_partitions(&request.name, request.total))
+            .await
+            .map_err(|err| Status::internal(format!("add partitions task failed: {err}")))??;
+        Ok(Response::new(response))
+    }
+
+    async fn delete_records(
+        &self,
+        request: Request<v1::DeleteRecordsRequest>,
+    ) -> Result<Response<v1::DeleteRecordsResponse>, Status> {
+        let request = request.into_inner();
+        let log_start_offset = self
+            .broker
+            .delete_records(&request.topic, request.partition, request.offset)?;
+        Ok(Response::new(v1::DeleteRecordsResponse { log_start_offset }))
+    }
+}
