@@ -1,1 +1,120 @@
-fn main() {}
+//! `runnel`: every command a Runnel user types.
+//!
+//! Server commands (`dev`, `broker start`) run the broker in this process; every other
+//! command talks to a running cluster through `runnel-client` only.
+
+mod bench;
+mod consume;
+mod produce;
+mod server;
+mod topic;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use runnel_client::{Admin, Client, DEFAULT_BROKERS};
+
+#[derive(Parser)]
+#[command(name = "runnel", version, about = "Runnel: a WebAssembly-extensible stream processing platform")]
+struct Cli {
+    /// Brokers to connect to, HOST:PORT[,HOST:PORT...].
+    #[arg(long, global = true, env = "RUNNEL_BROKERS", default_value = DEFAULT_BROKERS, value_delimiter = ',')]
+    brokers: Vec<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a single-node Runnel (controller and broker in one process) for development.
+    Dev(server::DevArgs),
+    /// Run a broker for a real deployment.
+    #[command(subcommand)]
+    Broker(server::BrokerCommand),
+    /// Create, list, describe, alter and delete topics.
+    #[command(subcommand)]
+    Topic(topic::TopicCommand),
+    /// Produce one record per line of standard input.
+    Produce(produce::ProduceArgs),
+    /// Print records of a topic, one per line.
+    Consume(consume::ConsumeArgs),
+    /// Cluster information.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Load generators: producer and consumer throughput and latency.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Brokers, controller and topic count.
+    Info,
+}
+
+fn init_tracing(default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUNNEL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+async fn connect(brokers: &[String]) -> anyhow::Result<Client> {
+    Ok(Client::connect(brokers).await?)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Dev(args) => server::dev(args).await,
+        Command::Broker(command) => server::broker(command).await,
+        Command::Topic(command) => topic::run(connect(&cli.brokers).await?, command).await,
+        Command::Produce(args) => produce::run(connect(&cli.brokers).await?, args).await,
+        Command::Consume(args) => consume::run(connect(&cli.brokers).await?, args).await,
+        Command::Cluster(ClusterCommand::Info) => {
+            let info = Admin::new(connect(&cli.brokers).await?).cluster_info().await?;
+            println!("Cluster id:  {}", info.cluster_id);
+            println!("Version:     {}", info.version);
+            println!("Controller:  {}", info.controller_id);
+            println!("Brokers:");
+            for broker in &info.brokers {
+                let role = if broker.id == info.controller_id { " (controller)" } else { "" };
+                println!("  {}  {}{role}", broker.id, broker.address);
+            }
+            println!("Topics:      {}", info.topic_count);
+            println!("Partitions:  {}", info.partition_count);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(command) => bench::run(connect(&cli.brokers).await?, command).await,
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let server = matches!(cli.command, Command::Dev(_) | Command::Broker(_));
+    init_tracing(if server { "info" } else { "warn" });
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Parses `key=value`.
+fn parse_key_value(input: &str) -> Result<(String, String), String> {
+    match input.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => Ok((key.trim().to_string(), value.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {input:?}")),
+    }
+}

@@ -1,1 +1,32 @@
-//! placeholder
+//! The Rust client for Runnel: [`Admin`], [`Producer`] and [`Consumer`].
+//!
+//! Depends only on the public contracts (`runnel-proto`, `runnel-batch`), never on the
+//! broker. The `runnel` CLI talks to servers only through this crate.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), runnel_client::ClientError> {
+//! use runnel_client::{Client, Producer, ProducerConfig, ProducerRecord};
+//! let client = Client::connect(&["127.0.0.1:7070".to_string()]).await?;
+//! let producer = Producer::new(client, ProducerConfig::default());
+//! let delivery = producer.send(ProducerRecord::new("events").key("user-1").value("clicked")).await?;
+//! let metadata = delivery.await?;
+//! println!("written at {}-{}@{}", metadata.topic, metadata.partition, metadata.offset);
+//! # Ok(()) }
+//! ```
+
+mod admin;
+mod client;
+mod consumer;
+mod error;
+mod partitioner;
+mod producer;
+
+pub use admin::Admin;
+pub use client::{Client, DEFAULT_BROKERS};
+pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, StartFrom};
+pub use error::ClientError;
+pub use partitioner::{murmur2, partition_for_key};
+pub use producer::{Acks, Delivery, Producer, ProducerConfig, ProducerRecord, RecordMetadata};
+pub use runnel_batch::{Compression, Header};
+pub use runnel_proto::v1;
+pub use runnel_proto::v1::ErrorCode;

@@ -1,0 +1,100 @@
+//! `runnel produce`: kafka-console-producer.sh.
+
+use std::process::ExitCode;
+
+use clap::Args;
+use runnel_client::{Acks, Client, Delivery, Producer, ProducerConfig, ProducerRecord};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::parse_key_value;
+
+#[derive(Args)]
+pub struct ProduceArgs {
+    topic: String,
+    /// Split each line at the first SEP: the text before is the key, after is the value.
+    #[arg(long)]
+    key_separator: Option<String>,
+    /// 0 (no wait), 1 (the leader has it, durable under its flush policy) or all.
+    #[arg(long, default_value = "1", value_parser = parse_acks)]
+    acks: Acks,
+    /// Send every record to this partition instead of choosing by key.
+    #[arg(long)]
+    partition: Option<u32>,
+    /// Header KEY=VALUE added to every record; repeatable.
+    #[arg(long = "header", value_parser = parse_key_value)]
+    headers: Vec<(String, String)>,
+}
+
+pub fn parse_acks(input: &str) -> Result<Acks, String> {
+    match input {
+        "0" => Ok(Acks::None),
+        "1" => Ok(Acks::Leader),
+        "all" | "-1" => Ok(Acks::All),
+        other => Err(format!("acks must be 0, 1 or all, not {other:?}")),
+    }
+}
+
+pub async fn run(client: Client, args: ProduceArgs) -> anyhow::Result<ExitCode> {
+    // Fail fast on an unknown topic or partition, before reading any input.
+    let partitions = client.partition_count(&args.topic).await?;
+    if let Some(p) = args.partition.filter(|p| *p >= partitions) {
+        anyhow::bail!(
+            "topic {:?} has {partitions} partitions (0..={}); partition {p} does not exist",
+            args.topic,
+            partitions - 1
+        );
+    }
+    let producer = Producer::new(
+        client,
+        ProducerConfig {
+            acks: args.acks,
+            ..ProducerConfig::default()
+        },
+    );
+    let (deliveries_tx, mut deliveries_rx) = tokio::sync::mpsc::channel::<(usize, Delivery)>(65_536);
+    let reporter = tokio::spawn(async move {
+        let mut failed = 0usize;
+        while let Some((line, delivery)) = deliveries_rx.recv().await {
+            if let Err(err) = delivery.await {
+                eprintln!("error: line {line} was not written: {err}");
+                failed += 1;
+            }
+        }
+        failed
+    });
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut number = 0usize;
+    let mut input_error = None;
+    while let Some(line) = lines.next_line().await? {
+        number += 1;
+        let mut record = ProducerRecord::new(&args.topic);
+        match &args.key_separator {
+            Some(sep) => match line.split_once(sep.as_str()) {
+                Some((key, value)) => record = record.key(key.to_string()).value(value.to_string()),
+                None => {
+                    input_error = Some(format!(
+                        "line {number} has no key separator {sep:?}; every line must be KEY{sep}VALUE"
+                    ));
+                    break;
+                }
+            },
+            None => record = record.value(line),
+        }
+        if let Some(p) = args.partition {
+            record = record.partition(p);
+        }
+        for (key, value) in &args.headers {
+            record = record.header(key.clone(), value.clone());
+        }
+        let delivery = producer.send(record).await?;
+        deliveries_tx.send((number, delivery)).await?;
+    }
+    producer.flush().await?;
+    drop(deliveries_tx);
+    let failed = reporter.await?;
+    if let Some(err) = input_error {
+        eprintln!("error: {err} (the lines before it were sent)");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

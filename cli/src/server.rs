@@ -1,0 +1,106 @@
+//! `runnel dev` and `runnel broker start`: run a broker in this process.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use runnel_broker::{BrokerConfig, config::DEFAULT_LISTEN};
+
+#[derive(Args)]
+pub struct DevArgs {
+    /// Where the data lives.
+    #[arg(long, default_value = "runnel-data")]
+    data_dir: PathBuf,
+    /// Address to listen on (port 0 picks a free one).
+    #[arg(long, default_value = DEFAULT_LISTEN)]
+    listen: SocketAddr,
+}
+
+#[derive(Subcommand)]
+pub enum BrokerCommand {
+    /// Start a broker from a config file and flags (flags win).
+    Start(StartArgs),
+}
+
+#[derive(Args)]
+pub struct StartArgs {
+    /// TOML config file (see the README for every key).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    #[arg(long)]
+    node_id: Option<u32>,
+    /// Address clients should use to reach this broker.
+    #[arg(long)]
+    advertised_address: Option<String>,
+    /// Create unknown topics on first produce.
+    #[arg(long)]
+    auto_create_topics: bool,
+}
+
+pub async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
+    let mut config = BrokerConfig::new(&args.data_dir);
+    config.listen = args.listen;
+    serve(config, "Runnel dev").await
+}
+
+pub async fn broker(command: BrokerCommand) -> anyhow::Result<ExitCode> {
+    let BrokerCommand::Start(args) = command;
+    let mut config = match (&args.config, &args.data_dir) {
+        (Some(path), _) => BrokerConfig::from_file(path)?,
+        (None, Some(dir)) => BrokerConfig::new(dir),
+        (None, None) => anyhow::bail!("give a config file (--config FILE) or at least --data-dir DIR"),
+    };
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(id) = args.node_id {
+        config.node_id = id;
+    }
+    if args.advertised_address.is_some() {
+        config.advertised_address = args.advertised_address;
+    }
+    config.auto_create_topics |= args.auto_create_topics;
+    serve(config, "Runnel broker").await
+}
+
+async fn serve(config: BrokerConfig, what: &str) -> anyhow::Result<ExitCode> {
+    let data_dir = config.data_dir.clone();
+    let mut running = runnel_broker::start(config).await?;
+    let data_dir = std::fs::canonicalize(&data_dir).unwrap_or(data_dir);
+    println!(
+        "{what} listening on {} (data in {})",
+        running.local_addr,
+        data_dir.display()
+    );
+    println!("Try: runnel --brokers {} topic create hello", running.local_addr);
+    println!("Stop with Ctrl-C.");
+    let stop = shutdown_signal();
+    tokio::select! {
+        result = running.wait() => {
+            result.context("the server stopped")?;
+            return Ok(ExitCode::FAILURE);
+        }
+        signal = stop => signal?,
+    }
+    tracing::info!("shutting down");
+    running.shutdown().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

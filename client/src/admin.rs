@@ -1,0 +1,152 @@
+//! Topic and cluster administration.
+
+use std::collections::HashMap;
+
+use runnel_proto::v1;
+
+use crate::client::Client;
+use crate::error::ClientError;
+
+/// The admin API: topics, configs, offsets and cluster information.
+#[derive(Clone)]
+pub struct Admin {
+    client: Client,
+}
+
+impl Admin {
+    pub fn new(client: Client) -> Self {
+        Admin { client }
+    }
+
+    /// # Errors
+    /// The broker's refusal (invalid name, existing topic, bad config, ...).
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        replication_factor: u32,
+        configs: HashMap<String, String>,
+    ) -> Result<v1::TopicMetadata, ClientError> {
+        let response = self
+            .client
+            .admin_rpc()
+            .create_topic(v1::CreateTopicRequest {
+                name: name.to_string(),
+                partitions,
+                replication_factor,
+                configs,
+                validate_only: false,
+            })
+            .await?
+            .into_inner();
+        response
+            .topic
+            .ok_or_else(|| ClientError::Corrupt("create topic response without a topic".into()))
+    }
+
+    /// # Errors
+    /// Unknown topic.
+    pub async fn delete_topic(&self, name: &str) -> Result<(), ClientError> {
+        self.client
+            .admin_rpc()
+            .delete_topic(v1::DeleteTopicRequest { name: name.to_string() })
+            .await?;
+        Ok(())
+    }
+
+    /// # Errors
+    /// The broker cannot be reached.
+    pub async fn list_topics(&self, include_internal: bool) -> Result<Vec<v1::TopicSummary>, ClientError> {
+        Ok(self
+            .client
+            .admin_rpc()
+            .list_topics(v1::ListTopicsRequest { include_internal })
+            .await?
+            .into_inner()
+            .topics)
+    }
+
+    /// # Errors
+    /// Unknown topic.
+    pub async fn describe_topic(&self, name: &str) -> Result<v1::DescribeTopicResponse, ClientError> {
+        Ok(self
+            .client
+            .admin_rpc()
+            .describe_topic(v1::DescribeTopicRequest { name: name.to_string() })
+            .await?
+            .into_inner())
+    }
+
+    /// Sets config overrides and resets `delete` keys to the broker default.
+    ///
+    /// # Errors
+    /// Unknown topic, key or invalid value (nothing changes then).
+    pub async fn alter_topic_config(
+        &self,
+        name: &str,
+        set: HashMap<String, String>,
+        delete: Vec<String>,
+    ) -> Result<Vec<v1::ConfigEntry>, ClientError> {
+        Ok(self
+            .client
+            .admin_rpc()
+            .alter_topic_config(v1::AlterTopicConfigRequest {
+                name: name.to_string(),
+                set,
+                delete,
+            })
+            .await?
+            .into_inner()
+            .configs)
+    }
+
+    /// Grows the topic to `total` partitions.
+    ///
+    /// # Errors
+    /// Unknown topic, or a total not larger than today's.
+    pub async fn add_partitions(&self, name: &str, total: u32) -> Result<v1::TopicMetadata, ClientError> {
+        let response = self
+            .client
+            .admin_rpc()
+            .add_partitions(v1::AddPartitionsRequest {
+                name: name.to_string(),
+                total,
+            })
+            .await?
+            .into_inner();
+        self.client.refresh_topic(name).await?;
+        response
+            .topic
+            .ok_or_else(|| ClientError::Corrupt("add partitions response without a topic".into()))
+    }
+
+    /// Deletes records below `offset` (-1: up to the high watermark); returns the new log
+    /// start offset.
+    ///
+    /// # Errors
+    /// Unknown topic or partition, or an offset beyond the high watermark.
+    pub async fn delete_records(&self, topic: &str, partition: u32, offset: i64) -> Result<i64, ClientError> {
+        Ok(self
+            .client
+            .admin_rpc()
+            .delete_records(v1::DeleteRecordsRequest {
+                topic: topic.to_string(),
+                partition,
+                offset,
+            })
+            .await?
+            .into_inner()
+            .log_start_offset)
+    }
+
+    /// # Errors
+    /// The broker cannot be reached.
+    pub async fn cluster_info(&self) -> Result<v1::ClusterInfoResponse, ClientError> {
+        Ok(self
+            .client
+            .admin_rpc()
+            .cluster_info(v1::ClusterInfoRequest {})
+            .await?
+            .into_inner())
+    }
+}

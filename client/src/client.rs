@@ -1,0 +1,204 @@
+//! Connections to brokers and the cached cluster metadata.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use runnel_proto::v1::{self, admin_client::AdminClient, consumer_client::ConsumerClient, producer_client::ProducerClient};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{ClientError, check};
+
+/// Where the client looks when no broker list is given (`runnel dev`'s default address).
+pub const DEFAULT_BROKERS: &str = "127.0.0.1:7070";
+/// Largest gRPC message the client sends or accepts.
+const GRPC_MESSAGE_BYTES_MAX: usize = 80 * 1024 * 1024;
+
+/// A handle on the cluster, cheap to clone. Routes requests to partition leaders using
+/// cached metadata, refreshed when a broker says it is not the leader.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    bootstrap: Channel,
+    channels: Mutex<HashMap<u32, Channel>>,
+    topics: Mutex<HashMap<String, Arc<TopicInfo>>>,
+    brokers: Mutex<HashMap<u32, String>>,
+}
+
+/// What the client knows of a topic.
+#[derive(Debug, Clone)]
+pub(crate) struct TopicInfo {
+    pub(crate) leaders: Vec<u32>,
+}
+
+fn endpoint(address: &str) -> Result<Endpoint, ClientError> {
+    let uri = if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    };
+    Endpoint::from_shared(uri)
+        .map(|e| {
+            e.connect_timeout(Duration::from_secs(5))
+                .tcp_nodelay(true)
+                .http2_adaptive_window(true)
+        })
+        .map_err(|err| ClientError::InvalidArgument(format!("broker address {address:?} is invalid: {err}")))
+}
+
+impl Client {
+    /// Connects to the first reachable broker of `brokers` (`host:port` each).
+    ///
+    /// # Errors
+    /// No broker could be reached, or an address is malformed.
+    pub async fn connect(brokers: &[String]) -> Result<Self, ClientError> {
+        let list = brokers.join(",");
+        let mut last_error = "no broker address given".to_string();
+        for address in brokers.iter().map(|b| b.trim()).filter(|b| !b.is_empty()) {
+            match endpoint(address)?.connect().await {
+                Ok(channel) => {
+                    return Ok(Client {
+                        inner: Arc::new(Inner {
+                            bootstrap: channel,
+                            channels: Mutex::new(HashMap::new()),
+                            topics: Mutex::new(HashMap::new()),
+                            brokers: Mutex::new(HashMap::new()),
+                        }),
+                    });
+                }
+                Err(err) => last_error = format!("{address}: {err}"),
+            }
+        }
+        Err(ClientError::Connect {
+            brokers: list,
+            reason: last_error,
+        })
+    }
+
+    pub(crate) fn admin_rpc(&self) -> AdminClient<Channel> {
+        AdminClient::new(self.inner.bootstrap.clone())
+    }
+
+    pub(crate) fn producer_rpc(&self, channel: Channel) -> ProducerClient<Channel> {
+        ProducerClient::new(channel)
+            .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+    }
+
+    pub(crate) fn consumer_rpc(&self, channel: Channel) -> ConsumerClient<Channel> {
+        ConsumerClient::new(channel)
+            .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+    }
+
+    /// Fetches metadata for `topic` from the cluster and caches it.
+    ///
+    /// # Errors
+    /// Unknown topic, or the broker cannot be reached.
+    pub(crate) async fn refresh_topic(&self, topic: &str) -> Result<Arc<TopicInfo>, ClientError> {
+        let response = self
+            .admin_rpc()
+            .metadata(v1::MetadataRequest {
+                topics: vec![topic.to_string()],
+            })
+            .await?
+            .into_inner();
+        {
+            let mut brokers = self.inner.brokers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for broker in &response.brokers {
+                brokers.insert(broker.id, broker.address.clone());
+            }
+        }
+        let meta = response
+            .topics
+            .into_iter()
+            .find(|t| t.name == topic)
+            .ok_or_else(|| ClientError::Corrupt(format!("metadata response lacks topic {topic:?}")))?;
+        check(meta.error.as_ref())?;
+        let info = Arc::new(TopicInfo {
+            leaders: meta.partitions.iter().map(|p| p.leader).collect(),
+        });
+        self.inner
+            .topics
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(topic.to_string(), info.clone());
+        Ok(info)
+    }
+
+    /// Cached metadata for `topic`, fetched on first use.
+    pub(crate) async fn topic(&self, topic: &str) -> Result<Arc<TopicInfo>, ClientError> {
+        let cached = self
+            .inner
+            .topics
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(topic)
+            .cloned();
+        match cached {
+            Some(info) => Ok(info),
+            None => self.refresh_topic(topic).await,
+        }
+    }
+
+    /// Number of partitions of `topic`.
+    ///
+    /// # Errors
+    /// Unknown topic, or the broker cannot be reached.
+    pub async fn partition_count(&self, topic: &str) -> Result<u32, ClientError> {
+        Ok(self.topic(topic).await?.leaders.len() as u32)
+    }
+
+    /// A channel to broker `id`, or to the bootstrap broker when its address is unknown.
+    pub(crate) fn channel_to(&self, id: u32) -> Result<Channel, ClientError> {
+        if let Some(channel) = self
+            .inner
+            .channels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&id)
+        {
+            return Ok(channel.clone());
+        }
+        let address = self
+            .inner
+            .brokers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&id)
+            .cloned();
+        let channel = match address {
+            Some(address) => endpoint(&address)?.connect_lazy(),
+            None => self.inner.bootstrap.clone(),
+        };
+        self.inner
+            .channels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id, channel.clone());
+        Ok(channel)
+    }
+
+    /// The channel to the leader of `topic`-`partition`.
+    pub(crate) async fn leader_channel(&self, topic: &str, partition: u32) -> Result<Channel, ClientError> {
+        let info = self.topic(topic).await?;
+        let leader = match info.leaders.get(partition as usize) {
+            Some(leader) => *leader,
+            None => {
+                // The topic may have grown since the metadata was cached.
+                let info = self.refresh_topic(topic).await?;
+                *info.leaders.get(partition as usize).ok_or_else(|| ClientError::Broker {
+                    code: v1::ErrorCode::UnknownPartition,
+                    message: format!(
+                        "topic {topic:?} has {} partitions; partition {partition} does not exist",
+                        info.leaders.len()
+                    ),
+                })?
+            }
+        };
+        self.channel_to(leader)
+    }
+}
