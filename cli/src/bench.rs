@@ -8,7 +8,10 @@ use bytes::Bytes;
 use clap::{Args, Subcommand};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
-use runnel_client::{Acks, Admin, Client, Consumer, ConsumerConfig, Delivery, ErrorCode, Producer, ProducerConfig, ProducerRecord, StartFrom};
+use runnel_client::{
+    Acks, Admin, Client, Consumer, ConsumerConfig, Delivery, ErrorCode, Producer, ProducerConfig,
+    ProducerRecord, StartFrom,
+};
 
 use crate::produce::parse_acks;
 
@@ -72,7 +75,10 @@ fn progress(total: u64) -> ProgressBar {
 
 async fn produce(client: Client, args: ProduceBench) -> anyhow::Result<ExitCode> {
     let admin = Admin::new(client.clone());
-    match admin.create_topic(&args.topic, args.partitions, 1, HashMap::new()).await {
+    match admin
+        .create_topic(&args.topic, args.partitions, 1, HashMap::new())
+        .await
+    {
         Ok(_) => {}
         Err(err) if err.code() == Some(ErrorCode::TopicAlreadyExists) => {}
         Err(err) => return Err(err.into()),
@@ -91,7 +97,8 @@ async fn produce(client: Client, args: ProduceBench) -> anyhow::Result<ExitCode>
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Instant, Delivery)>(1 << 16);
     let collector_bar = bar.clone();
     let collector = tokio::spawn(async move {
-        let mut latencies = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
+        let mut latencies =
+            Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
         let mut failures = 0u64;
         let mut first_error = None;
         while let Some((sent, delivery)) = rx.recv().await {
@@ -148,13 +155,18 @@ async fn produce(client: Client, args: ProduceBench) -> anyhow::Result<ExitCode>
 
 async fn consume(client: Client, args: ConsumeBench) -> anyhow::Result<ExitCode> {
     let mut consumer = Consumer::new(client, ConsumerConfig::default());
-    consumer.assign(&args.topic, None, StartFrom::Earliest).await?;
+    consumer
+        .assign(&args.topic, None, StartFrom::Earliest)
+        .await?;
     let ends = consumer.end_offsets().await?;
     let mut starts = HashMap::new();
     for (topic, partition) in consumer.assignment() {
         starts.insert(partition, consumer.position(&topic, partition).unwrap_or(0));
     }
-    let available: i64 = ends.iter().map(|((_, p), end)| end - starts.get(p).copied().unwrap_or(0)).sum();
+    let available: i64 = ends
+        .iter()
+        .map(|((_, p), end)| end - starts.get(p).copied().unwrap_or(0))
+        .sum();
     let target = args.records.unwrap_or(available.max(0) as u64);
     let bar = progress(target);
     let started = Instant::now();
@@ -172,7 +184,10 @@ async fn consume(client: Client, args: ConsumeBench) -> anyhow::Result<ExitCode>
         }
         idle_since = Instant::now();
         count += records.len() as u64;
-        bytes += records.iter().map(|r| r.value.as_ref().map_or(0, Bytes::len) as u64).sum::<u64>();
+        bytes += records
+            .iter()
+            .map(|r| r.value.as_ref().map_or(0, Bytes::len) as u64)
+            .sum::<u64>();
         bar.set_position(count.min(target));
     }
     let elapsed = started.elapsed().as_secs_f64();

@@ -84,7 +84,11 @@ pub async fn run(client: Client, args: ConsumeArgs) -> anyhow::Result<ExitCode> 
                 break;
             }
             if args.print_offset {
-                write!(out, "Partition:{}\tOffset:{}{}", record.partition, record.offset, args.key_separator)?;
+                write!(
+                    out,
+                    "Partition:{}\tOffset:{}{}",
+                    record.partition, record.offset, args.key_separator
+                )?;
             }
             if args.print_key {
                 write!(out, "{}{}", render(&record.key), args.key_separator)?;

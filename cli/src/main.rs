@@ -15,7 +15,11 @@ use clap::{Parser, Subcommand};
 use runnel_client::{Admin, Client, DEFAULT_BROKERS};
 
 #[derive(Parser)]
-#[command(name = "runnel", version, about = "Runnel: a WebAssembly-extensible stream processing platform")]
+#[command(
+    name = "runnel",
+    version,
+    about = "Runnel: a WebAssembly-extensible stream processing platform"
+)]
 struct Cli {
     /// Brokers to connect to, HOST:PORT[,HOST:PORT...].
     #[arg(long, global = true, env = "RUNNEL_BROKERS", default_value = DEFAULT_BROKERS, value_delimiter = ',')]
@@ -74,13 +78,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Produce(args) => produce::run(connect(&cli.brokers).await?, args).await,
         Command::Consume(args) => consume::run(connect(&cli.brokers).await?, args).await,
         Command::Cluster(ClusterCommand::Info) => {
-            let info = Admin::new(connect(&cli.brokers).await?).cluster_info().await?;
+            let info = Admin::new(connect(&cli.brokers).await?)
+                .cluster_info()
+                .await?;
             println!("Cluster id:  {}", info.cluster_id);
             println!("Version:     {}", info.version);
             println!("Controller:  {}", info.controller_id);
             println!("Brokers:");
             for broker in &info.brokers {
-                let role = if broker.id == info.controller_id { " (controller)" } else { "" };
+                let role = if broker.id == info.controller_id {
+                    " (controller)"
+                } else {
+                    ""
+                };
                 println!("  {}  {}{role}", broker.id, broker.address);
             }
             println!("Topics:      {}", info.topic_count);
@@ -95,7 +105,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let server = matches!(cli.command, Command::Dev(_) | Command::Broker(_));
     init_tracing(if server { "info" } else { "warn" });
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");
@@ -114,7 +127,9 @@ fn main() -> ExitCode {
 /// Parses `key=value`.
 fn parse_key_value(input: &str) -> Result<(String, String), String> {
     match input.split_once('=') {
-        Some((key, value)) if !key.trim().is_empty() => Ok((key.trim().to_string(), value.to_string())),
+        Some((key, value)) if !key.trim().is_empty() => {
+            Ok((key.trim().to_string(), value.to_string()))
+        }
         _ => Err(format!("expected KEY=VALUE, got {input:?}")),
     }
 }

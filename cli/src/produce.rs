@@ -51,7 +51,8 @@ pub async fn run(client: Client, args: ProduceArgs) -> anyhow::Result<ExitCode> 
             ..ProducerConfig::default()
         },
     );
-    let (deliveries_tx, mut deliveries_rx) = tokio::sync::mpsc::channel::<(usize, Delivery)>(65_536);
+    let (deliveries_tx, mut deliveries_rx) =
+        tokio::sync::mpsc::channel::<(usize, Delivery)>(65_536);
     let reporter = tokio::spawn(async move {
         let mut failed = 0usize;
         while let Some((line, delivery)) = deliveries_rx.recv().await {
@@ -96,5 +97,9 @@ pub async fn run(client: Client, args: ProduceArgs) -> anyhow::Result<ExitCode> 
         eprintln!("error: {err} (the lines before it were sent)");
         return Ok(ExitCode::FAILURE);
     }
-    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -54,7 +54,9 @@ pub async fn broker(command: BrokerCommand) -> anyhow::Result<ExitCode> {
     let mut config = match (&args.config, &args.data_dir) {
         (Some(path), _) => BrokerConfig::from_file(path)?,
         (None, Some(dir)) => BrokerConfig::new(dir),
-        (None, None) => anyhow::bail!("give a config file (--config FILE) or at least --data-dir DIR"),
+        (None, None) => {
+            anyhow::bail!("give a config file (--config FILE) or at least --data-dir DIR")
+        }
     };
     if let Some(dir) = args.data_dir {
         config.data_dir = dir;
@@ -81,7 +83,10 @@ async fn serve(config: BrokerConfig, what: &str) -> anyhow::Result<ExitCode> {
         running.local_addr,
         data_dir.display()
     );
-    println!("Try: runnel --brokers {} topic create hello", running.local_addr);
+    println!(
+        "Try: runnel --brokers {} topic create hello",
+        running.local_addr
+    );
     println!("Stop with Ctrl-C.");
     let stop = shutdown_signal();
     tokio::select! {

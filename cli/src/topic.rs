@@ -70,7 +70,12 @@ pub async fn run(client: Client, command: TopicCommand) -> anyhow::Result<ExitCo
             configs,
         } => {
             let topic = admin
-                .create_topic(&name, partitions, replication_factor, configs.into_iter().collect())
+                .create_topic(
+                    &name,
+                    partitions,
+                    replication_factor,
+                    configs.into_iter().collect(),
+                )
                 .await?;
             println!(
                 "Created topic {name} with {} partition{}.",
@@ -98,10 +103,25 @@ pub async fn run(client: Client, command: TopicCommand) -> anyhow::Result<ExitCo
                 .filter(|c| c.is_override)
                 .map(|c| format!("{}={}", c.key, c.value))
                 .collect();
-            println!("Configs (overrides): {}", if overrides.is_empty() { "none".into() } else { overrides.join(",") });
+            println!(
+                "Configs (overrides): {}",
+                if overrides.is_empty() {
+                    "none".into()
+                } else {
+                    overrides.join(",")
+                }
+            );
             println!(
                 "{:<10} {:>6} {:>6} {:<10} {:<10} {:>14} {:>14} {:>14} {:>12}",
-                "PARTITION", "LEADER", "EPOCH", "REPLICAS", "ISR", "LOG-START", "LOG-END", "HIGH-WATERMARK", "SIZE-BYTES"
+                "PARTITION",
+                "LEADER",
+                "EPOCH",
+                "REPLICAS",
+                "ISR",
+                "LOG-START",
+                "LOG-END",
+                "HIGH-WATERMARK",
+                "SIZE-BYTES"
             );
             for p in &d.partitions {
                 println!(
@@ -119,10 +139,23 @@ pub async fn run(client: Client, command: TopicCommand) -> anyhow::Result<ExitCo
             }
             println!("Configs (effective):");
             for c in &d.configs {
-                println!("  {}={}{}", c.key, c.value, if c.is_override { "  (topic override)" } else { "" });
+                println!(
+                    "  {}={}{}",
+                    c.key,
+                    c.value,
+                    if c.is_override {
+                        "  (topic override)"
+                    } else {
+                        ""
+                    }
+                );
             }
         }
-        TopicCommand::AlterConfig { name, configs, delete } => {
+        TopicCommand::AlterConfig {
+            name,
+            configs,
+            delete,
+        } => {
             if configs.is_empty() && delete.is_empty() {
                 anyhow::bail!("nothing to change: give --config KEY=VALUE or --delete-config KEY");
             }
@@ -135,13 +168,20 @@ pub async fn run(client: Client, command: TopicCommand) -> anyhow::Result<ExitCo
         }
         TopicCommand::AddPartitions { name, total } => {
             let topic = admin.add_partitions(&name, total).await?;
-            println!("Topic {name} now has {} partitions.", topic.partitions.len());
+            println!(
+                "Topic {name} now has {} partitions.",
+                topic.partitions.len()
+            );
         }
         TopicCommand::Delete { name } => {
             admin.delete_topic(&name).await?;
             println!("Deleted topic {name}.");
         }
-        TopicCommand::Trim { name, partition, offset } => {
+        TopicCommand::Trim {
+            name,
+            partition,
+            offset,
+        } => {
             let start = admin.delete_records(&name, partition, offset).await?;
             println!("Partition {name}-{partition} now starts at offset {start}.");
         }

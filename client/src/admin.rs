@@ -49,14 +49,19 @@ impl Admin {
     pub async fn delete_topic(&self, name: &str) -> Result<(), ClientError> {
         self.client
             .admin_rpc()
-            .delete_topic(v1::DeleteTopicRequest { name: name.to_string() })
+            .delete_topic(v1::DeleteTopicRequest {
+                name: name.to_string(),
+            })
             .await?;
         Ok(())
     }
 
     /// # Errors
     /// The broker cannot be reached.
-    pub async fn list_topics(&self, include_internal: bool) -> Result<Vec<v1::TopicSummary>, ClientError> {
+    pub async fn list_topics(
+        &self,
+        include_internal: bool,
+    ) -> Result<Vec<v1::TopicSummary>, ClientError> {
         Ok(self
             .client
             .admin_rpc()
@@ -68,11 +73,16 @@ impl Admin {
 
     /// # Errors
     /// Unknown topic.
-    pub async fn describe_topic(&self, name: &str) -> Result<v1::DescribeTopicResponse, ClientError> {
+    pub async fn describe_topic(
+        &self,
+        name: &str,
+    ) -> Result<v1::DescribeTopicResponse, ClientError> {
         Ok(self
             .client
             .admin_rpc()
-            .describe_topic(v1::DescribeTopicRequest { name: name.to_string() })
+            .describe_topic(v1::DescribeTopicRequest {
+                name: name.to_string(),
+            })
             .await?
             .into_inner())
     }
@@ -104,7 +114,11 @@ impl Admin {
     ///
     /// # Errors
     /// Unknown topic, or a total not larger than today's.
-    pub async fn add_partitions(&self, name: &str, total: u32) -> Result<v1::TopicMetadata, ClientError> {
+    pub async fn add_partitions(
+        &self,
+        name: &str,
+        total: u32,
+    ) -> Result<v1::TopicMetadata, ClientError> {
         let response = self
             .client
             .admin_rpc()
@@ -125,7 +139,12 @@ impl Admin {
     ///
     /// # Errors
     /// Unknown topic or partition, or an offset beyond the high watermark.
-    pub async fn delete_records(&self, topic: &str, partition: u32, offset: i64) -> Result<i64, ClientError> {
+    pub async fn delete_records(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+    ) -> Result<i64, ClientError> {
         Ok(self
             .client
             .admin_rpc()

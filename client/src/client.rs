@@ -4,7 +4,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use runnel_proto::v1::{self, admin_client::AdminClient, consumer_client::ConsumerClient, producer_client::ProducerClient};
+use runnel_proto::v1::{
+    self, admin_client::AdminClient, consumer_client::ConsumerClient,
+    producer_client::ProducerClient,
+};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{ClientError, check};
@@ -46,7 +49,9 @@ fn endpoint(address: &str) -> Result<Endpoint, ClientError> {
                 .tcp_nodelay(true)
                 .http2_adaptive_window(true)
         })
-        .map_err(|err| ClientError::InvalidArgument(format!("broker address {address:?} is invalid: {err}")))
+        .map_err(|err| {
+            ClientError::InvalidArgument(format!("broker address {address:?} is invalid: {err}"))
+        })
 }
 
 impl Client {
@@ -107,7 +112,11 @@ impl Client {
             .await?
             .into_inner();
         {
-            let mut brokers = self.inner.brokers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut brokers = self
+                .inner
+                .brokers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             for broker in &response.brokers {
                 brokers.insert(broker.id, broker.address.clone());
             }
@@ -116,7 +125,9 @@ impl Client {
             .topics
             .into_iter()
             .find(|t| t.name == topic)
-            .ok_or_else(|| ClientError::Corrupt(format!("metadata response lacks topic {topic:?}")))?;
+            .ok_or_else(|| {
+                ClientError::Corrupt(format!("metadata response lacks topic {topic:?}"))
+            })?;
         check(meta.error.as_ref())?;
         let info = Arc::new(TopicInfo {
             leaders: meta.partitions.iter().map(|p| p.leader).collect(),
@@ -183,7 +194,11 @@ impl Client {
     }
 
     /// The channel to the leader of `topic`-`partition`.
-    pub(crate) async fn leader_channel(&self, topic: &str, partition: u32) -> Result<Channel, ClientError> {
+    pub(crate) async fn leader_channel(
+        &self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<Channel, ClientError> {
         let info = self.topic(topic).await?;
         let leader = match info.leaders.get(partition as usize) {
             Some(leader) => *leader,

@@ -78,7 +78,12 @@ impl Consumer {
     ///
     /// # Errors
     /// Unknown topic or partition, or an offset lookup failure.
-    pub async fn assign(&mut self, topic: &str, partitions: Option<Vec<u32>>, start: StartFrom) -> Result<(), ClientError> {
+    pub async fn assign(
+        &mut self,
+        topic: &str,
+        partitions: Option<Vec<u32>>,
+        start: StartFrom,
+    ) -> Result<(), ClientError> {
         let count = self.client.refresh_topic(topic).await?.leaders.len() as u32;
         let partitions = partitions.unwrap_or_else(|| (0..count).collect());
         if let Some(bad) = partitions.iter().find(|p| **p >= count) {
@@ -100,16 +105,27 @@ impl Consumer {
     ///
     /// # Errors
     /// The offset lookup failed.
-    pub async fn seek(&mut self, topic: &str, partition: u32, start: StartFrom) -> Result<(), ClientError> {
+    pub async fn seek(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        start: StartFrom,
+    ) -> Result<(), ClientError> {
         let offset = match start {
             StartFrom::Offset(offset) => offset,
             other => self.lookup(topic, partition, other).await?,
         };
-        self.positions.insert((topic.to_string(), partition), offset);
+        self.positions
+            .insert((topic.to_string(), partition), offset);
         Ok(())
     }
 
-    async fn lookup(&self, topic: &str, partition: u32, start: StartFrom) -> Result<i64, ClientError> {
+    async fn lookup(
+        &self,
+        topic: &str,
+        partition: u32,
+        start: StartFrom,
+    ) -> Result<i64, ClientError> {
         let spec = match start {
             StartFrom::Earliest => v1::offset_query::Spec::Earliest(true),
             StartFrom::Latest => v1::offset_query::Spec::Latest(true),
@@ -167,18 +183,23 @@ impl Consumer {
     /// `None`.
     pub async fn poll(&mut self) -> Result<Vec<ConsumerRecord>, ClientError> {
         if self.positions.is_empty() {
-            return Err(ClientError::InvalidArgument("the consumer has no assigned partitions".into()));
+            return Err(ClientError::InvalidArgument(
+                "the consumer has no assigned partitions".into(),
+            ));
         }
         let mut by_leader: BTreeMap<u32, Vec<v1::FetchPartition>> = BTreeMap::new();
         for ((topic, partition), offset) in &self.positions {
             let info = self.client.topic(topic).await?;
             let leader = info.leaders.get(*partition as usize).copied().unwrap_or(0);
-            by_leader.entry(leader).or_default().push(v1::FetchPartition {
-                topic: topic.clone(),
-                partition: *partition,
-                offset: *offset,
-                max_bytes: self.config.partition_max_bytes,
-            });
+            by_leader
+                .entry(leader)
+                .or_default()
+                .push(v1::FetchPartition {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    offset: *offset,
+                    max_bytes: self.config.partition_max_bytes,
+                });
         }
         let mut records = Vec::new();
         for (leader, partitions) in by_leader {
@@ -201,12 +222,18 @@ impl Consumer {
         Ok(records)
     }
 
-    async fn take(&mut self, fetched: v1::FetchedPartition, out: &mut Vec<ConsumerRecord>) -> Result<(), ClientError> {
+    async fn take(
+        &mut self,
+        fetched: v1::FetchedPartition,
+        out: &mut Vec<ConsumerRecord>,
+    ) -> Result<(), ClientError> {
         let key = (fetched.topic.clone(), fetched.partition);
         if let Err(err) = check(fetched.error.as_ref()) {
             match (err.code(), self.config.auto_offset_reset) {
                 (Some(ErrorCode::OffsetOutOfRange), Some(reset)) => {
-                    let offset = self.lookup(&fetched.topic, fetched.partition, reset).await?;
+                    let offset = self
+                        .lookup(&fetched.topic, fetched.partition, reset)
+                        .await?;
                     self.positions.insert(key, offset);
                     return Ok(());
                 }
@@ -226,7 +253,9 @@ impl Consumer {
                 *position = (*position).max(header.next_offset());
                 continue;
             }
-            for record in decode_records(raw).map_err(|err| ClientError::Corrupt(err.to_string()))? {
+            for record in
+                decode_records(raw).map_err(|err| ClientError::Corrupt(err.to_string()))?
+            {
                 if record.offset < *position {
                     continue;
                 }

@@ -4,7 +4,9 @@ use runnel_proto::v1::{self, ErrorCode};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot connect to any broker in {brokers}: {reason}; is Runnel running (`runnel dev`) and is --brokers / RUNNEL_BROKERS right?")]
+    #[error(
+        "cannot connect to any broker in {brokers}: {reason}; is Runnel running (`runnel dev`) and is --brokers / RUNNEL_BROKERS right?"
+    )]
     Connect { brokers: String, reason: String },
     /// The broker refused the request; `code` says why, `message` says what to do.
     #[error("{message}")]
@@ -39,7 +41,10 @@ impl ClientError {
                     | ErrorCode::NotEnoughReplicas
             ),
             ClientError::Transport { code, .. } => {
-                matches!(code, tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled)
+                matches!(
+                    code,
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                )
             }
             ClientError::Connect { .. } => true,
             _ => false,

@@ -49,17 +49,28 @@ mod tests {
             (b"foobar", -790_332_482),
             (b"a-little-bit-long-string", -985_981_536),
             (b"a-little-bit-longer-string", -1_486_304_829),
-            (b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58_897_971),
+            (
+                b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58_897_971,
+            ),
             (b"abc", 479_470_107),
         ];
         for (input, expected) in cases {
-            assert_eq!(murmur2(input), expected, "{}", String::from_utf8_lossy(input));
+            assert_eq!(
+                murmur2(input),
+                expected,
+                "{}",
+                String::from_utf8_lossy(input)
+            );
         }
     }
 
     #[test]
     fn same_key_same_partition() {
-        assert_eq!(partition_for_key(b"user-1", 6), partition_for_key(b"user-1", 6));
+        assert_eq!(
+            partition_for_key(b"user-1", 6),
+            partition_for_key(b"user-1", 6)
+        );
         assert!(partition_for_key(b"user-1", 6) < 6);
     }
 }

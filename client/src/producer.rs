@@ -137,7 +137,11 @@ impl ProducerRecord {
     fn size_bytes(&self) -> usize {
         24 + self.key.as_ref().map_or(0, Bytes::len)
             + self.value.as_ref().map_or(0, Bytes::len)
-            + self.headers.iter().map(|h| h.key.len() + h.value.as_ref().map_or(0, Bytes::len) + 4).sum::<usize>()
+            + self
+                .headers
+                .iter()
+                .map(|h| h.key.len() + h.value.as_ref().map_or(0, Bytes::len) + 4)
+                .sum::<usize>()
     }
 }
 
@@ -207,7 +211,9 @@ impl Producer {
     /// An empty topic name, or a closed producer.
     pub async fn send(&self, record: ProducerRecord) -> Result<Delivery, ClientError> {
         if record.topic.is_empty() {
-            return Err(ClientError::InvalidArgument("the record has no topic".into()));
+            return Err(ClientError::InvalidArgument(
+                "the record has no topic".into(),
+            ));
         }
         let (tx, rx) = oneshot::channel();
         self.commands
@@ -286,9 +292,16 @@ impl Task {
     async fn run(mut self) {
         let mut commands_open = true;
         loop {
-            let linger_deadline = self.open.values().map(|b| b.started + self.config.linger).min();
+            let linger_deadline = self
+                .open
+                .values()
+                .map(|b| b.started + self.config.linger)
+                .min();
             let retry_deadline = self.retries.front().map(|(at, _)| *at);
-            let wake = [linger_deadline, retry_deadline].into_iter().flatten().min();
+            let wake = [linger_deadline, retry_deadline]
+                .into_iter()
+                .flatten()
+                .min();
             let accepting = commands_open && self.pending_bytes < self.config.buffer_bytes;
             tokio::select! {
                 command = self.commands.recv(), if accepting => match command {
@@ -329,7 +342,12 @@ impl Task {
             (Some(p), _) if p < count => Ok(p),
             (Some(p), _) => {
                 // The topic may have grown; ask again before refusing.
-                let count = self.client.refresh_topic(&record.topic).await?.leaders.len() as u32;
+                let count = self
+                    .client
+                    .refresh_topic(&record.topic)
+                    .await?
+                    .leaders
+                    .len() as u32;
                 if p < count {
                     Ok(p)
                 } else {
@@ -346,7 +364,10 @@ impl Task {
             (None, Some(key)) => Ok(partition_for_key(key, count)),
             (None, None) => {
                 let next = self.next_sticky;
-                let p = *self.sticky.entry(record.topic.clone()).or_insert(next % count.max(1));
+                let p = *self
+                    .sticky
+                    .entry(record.topic.clone())
+                    .or_insert(next % count.max(1));
                 Ok(p % count.max(1))
             }
         }
@@ -473,10 +494,13 @@ impl Task {
         partition: u32,
     ) -> Result<(u32, mpsc::Sender<v1::ProduceRequest>), ClientError> {
         let info = self.client.topic(topic).await?;
-        let leader = *info.leaders.get(partition as usize).ok_or_else(|| ClientError::Broker {
-            code: v1::ErrorCode::UnknownPartition,
-            message: format!("partition {partition} of {topic:?} is unknown"),
-        })?;
+        let leader = *info
+            .leaders
+            .get(partition as usize)
+            .ok_or_else(|| ClientError::Broker {
+                code: v1::ErrorCode::UnknownPartition,
+                message: format!("partition {partition} of {topic:?} is unknown"),
+            })?;
         if let Some(stream) = self.streams.get(&leader) {
             return Ok((leader, stream.clone()));
         }
@@ -525,8 +549,11 @@ impl Task {
                         .partitions
                         .iter()
                         .find(|p| p.partition == sent.partition)
-                        .ok_or_else(|| ClientError::Corrupt("produce response lacks the partition".into()))?;
-                    check(result.error.as_ref()).map(|()| (result.base_offset, result.log_append_time_ms))
+                        .ok_or_else(|| {
+                            ClientError::Corrupt("produce response lacks the partition".into())
+                        })?;
+                    check(result.error.as_ref())
+                        .map(|()| (result.base_offset, result.log_append_time_ms))
                 });
                 match outcome {
                     Ok((base_offset, append_time)) => self.complete(sent, base_offset, append_time),
@@ -563,7 +590,11 @@ impl Task {
                 topic: sent.topic.clone(),
                 partition: sent.partition,
                 offset: base_offset + i as i64,
-                timestamp_ms: if log_append_time_ms >= 0 { log_append_time_ms } else { waiter.timestamp_ms },
+                timestamp_ms: if log_append_time_ms >= 0 {
+                    log_append_time_ms
+                } else {
+                    waiter.timestamp_ms
+                },
             }));
         }
     }
@@ -572,7 +603,8 @@ impl Task {
         if err.is_retriable() && sent.attempts < self.config.retries {
             sent.attempts += 1;
             tracing::debug!(topic = %sent.topic, partition = sent.partition, attempt = sent.attempts, error = %err, "retrying batch");
-            self.retries.push_back((Instant::now() + self.config.retry_backoff, sent));
+            self.retries
+                .push_back((Instant::now() + self.config.retry_backoff, sent));
             return;
         }
         self.pending_bytes = self.pending_bytes.saturating_sub(sent.size_bytes);

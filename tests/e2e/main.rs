@@ -1,1 +1,549 @@
-fn main(){}
+//! End-to-end tests: real `runnel` processes on loopback, driven through the CLI and the
+//! public Rust client.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use runnel_client::{
+    Client, ErrorCode, Producer, ProducerConfig, ProducerRecord, partition_for_key,
+};
+use support::Dev;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Parses `consume --print-offset --print-key --key-separator '|'` output lines into
+/// (partition, offset, key, value).
+fn parse_consumed(output: &str) -> Vec<(u32, i64, String, String)> {
+    output
+        .lines()
+        .map(|line| {
+            let fields: Vec<&str> = line.split('|').collect();
+            assert_eq!(fields.len(), 3, "line {line:?}");
+            let (partition, offset) = fields[0]
+                .strip_prefix("Partition:")
+                .and_then(|rest| rest.split_once("\tOffset:"))
+                .unwrap_or_else(|| panic!("line {line:?}"));
+            (
+                partition.parse().expect("partition"),
+                offset.parse().expect("offset"),
+                fields[1].to_string(),
+                fields[2].to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn keyed_lines_round_trip_to_stable_partitions_and_survive_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dev = Dev::start(dir.path());
+    let out = dev.ok(&["topic", "create", "orders", "--partitions", "3"], "");
+    assert!(
+        out.contains("Created topic orders with 3 partitions"),
+        "{out}"
+    );
+    let mut input = String::new();
+    for i in 0..60 {
+        input.push_str(&format!("user-{}:order-{i}\n", i % 7));
+    }
+    dev.ok(&["produce", "orders", "--key-separator", ":"], &input);
+    let consume = [
+        "consume",
+        "orders",
+        "--from-beginning",
+        "--print-key",
+        "--print-offset",
+        "--key-separator",
+        "|",
+        "--max-messages",
+        "60",
+        "--timeout-ms",
+        "10000",
+    ];
+    let records = parse_consumed(&dev.ok(&consume, ""));
+    assert_eq!(records.len(), 60);
+    let mut partition_of_key: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
+    for (partition, _, key, _) in &records {
+        partition_of_key
+            .entry(key.clone())
+            .or_default()
+            .insert(*partition);
+    }
+    for (key, partitions) in &partition_of_key {
+        assert_eq!(partitions.len(), 1, "key {key} spread over {partitions:?}");
+        let expected = partition_for_key(key.as_bytes(), 3);
+        assert!(
+            partitions.contains(&expected),
+            "key {key} not on Kafka's partition {expected}"
+        );
+    }
+    // Per key, values come back in the order they were produced.
+    for key in partition_of_key.keys() {
+        let values: Vec<&str> = records
+            .iter()
+            .filter(|r| &r.2 == key)
+            .map(|r| r.3.as_str())
+            .collect();
+        let mut sorted = values.clone();
+        sorted.sort_by_key(|v| {
+            v.trim_start_matches("order-")
+                .parse::<u32>()
+                .expect("number")
+        });
+        assert_eq!(values, sorted, "order of {key}");
+    }
+    dev.stop();
+    let dev = Dev::start(dir.path());
+    let again = parse_consumed(&dev.ok(&consume, ""));
+    let sorted = |mut v: Vec<(u32, i64, String, String)>| {
+        v.sort();
+        v
+    };
+    assert_eq!(sorted(again), sorted(records));
+    let describe = dev.ok(&["topic", "describe", "orders"], "");
+    assert!(describe.contains("PartitionCount: 3"), "{describe}");
+    // The restart elected this broker again: the leader epoch moved to 1.
+    assert!(
+        describe
+            .lines()
+            .any(|l| l.starts_with("0 ") && l.split_whitespace().nth(2) == Some("1")),
+        "{describe}"
+    );
+}
+
+#[test]
+fn kill_9_during_production_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dev = Dev::start(dir.path());
+    dev.ok(&["topic", "create", "events", "--partitions", "2"], "");
+    let rt = runtime();
+    let addr = dev.addr.clone();
+    let acknowledged: Vec<(u32, i64, String)> = rt.block_on(async move {
+        let client = Client::connect(&[addr]).await.expect("connect");
+        let producer = Producer::new(
+            client,
+            ProducerConfig {
+                retries: 0,
+                linger: Duration::from_millis(1),
+                ..ProducerConfig::default()
+            },
+        );
+        let (tx, mut rx) = tokio::sync::mpsc::channel(100_000);
+        let sender = tokio::spawn(async move {
+            for i in 0.. {
+                let value = format!("event-{i}");
+                let record = ProducerRecord::new("events")
+                    .key(format!("k{}", i % 13))
+                    .value(value.clone());
+                match producer.send(record).await {
+                    Ok(delivery) => {
+                        if tx.send((value, delivery)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+                if i % 500 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        });
+        let mut acked = Vec::new();
+        let mut failures = 0;
+        let mut killer = Some(dev);
+        while let Some((value, delivery)) = rx.recv().await {
+            match delivery.await {
+                Ok(meta) => acked.push((meta.partition, meta.offset, value)),
+                Err(_) => failures += 1,
+            }
+            if acked.len() == 3000
+                && let Some(dev) = killer.take()
+            {
+                dev.kill9();
+            }
+            if failures >= 100 {
+                break;
+            }
+        }
+        sender.abort();
+        assert!(failures > 0, "the broker was killed, some sends must fail");
+        acked
+    });
+    assert!(acknowledged.len() >= 3000);
+    let dev = Dev::start(dir.path());
+    let output = dev.ok(
+        &[
+            "consume",
+            "events",
+            "--from-beginning",
+            "--print-key",
+            "--print-offset",
+            "--key-separator",
+            "|",
+            "--timeout-ms",
+            "3000",
+        ],
+        "",
+    );
+    let stored: BTreeSet<(u32, i64, String)> = parse_consumed(&output)
+        .into_iter()
+        .map(|(p, o, _, v)| (p, o, v))
+        .collect();
+    for record in &acknowledged {
+        assert!(
+            stored.contains(record),
+            "acknowledged record {record:?} was lost"
+        );
+    }
+}
+
+#[test]
+fn bad_input_gets_clear_errors_and_the_broker_keeps_serving() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dev = Dev::start(dir.path());
+    let name_rules = [
+        ("", "may not be empty"),
+        ("..", "may not be \".\" or \"..\""),
+        ("has space", "not allowed"),
+        ("__private", "reserved for internal topics"),
+    ];
+    for (name, rule) in name_rules {
+        let err = dev.fails(&["topic", "create", name], "");
+        assert!(err.contains(rule), "{name:?}: {err}");
+    }
+    let long = "x".repeat(250);
+    assert!(
+        dev.fails(&["topic", "create", &long], "")
+            .contains("at most 249")
+    );
+    dev.ok(&["topic", "create", "my.topic"], "");
+    assert!(
+        dev.fails(&["topic", "create", "my_topic"], "")
+            .contains("collides with existing topic \"my.topic\"")
+    );
+    assert!(
+        dev.fails(&["topic", "create", "my.topic"], "")
+            .contains("already exists")
+    );
+    let err = dev.fails(&["topic", "create", "rf", "--replication-factor", "3"], "");
+    assert!(err.contains("number of brokers (1)"), "{err}");
+    let err = dev.fails(
+        &["topic", "create", "cfg", "--config", "retention.mss=5"],
+        "",
+    );
+    assert!(
+        err.contains("unknown config key \"retention.mss\""),
+        "{err}"
+    );
+    let err = dev.fails(
+        &["topic", "create", "cfg", "--config", "retention.ms=soon"],
+        "",
+    );
+    assert!(
+        err.contains("invalid value \"soon\" for retention.ms"),
+        "{err}"
+    );
+    let err = dev.fails(
+        &[
+            "topic",
+            "create",
+            "cfg",
+            "--config",
+            "message.timestamp.type=Now",
+        ],
+        "",
+    );
+    assert!(err.contains("CreateTime or LogAppendTime"), "{err}");
+    let err = dev.fails(&["topic", "add-partitions", "my.topic", "--total", "1"], "");
+    assert!(err.contains("never removed"), "{err}");
+    let err = dev.fails(&["produce", "missing"], "x\n");
+    assert!(err.contains("unknown topic \"missing\""), "{err}");
+    let err = dev.fails(&["consume", "missing", "--max-messages", "1"], "");
+    assert!(err.contains("unknown topic \"missing\""), "{err}");
+    let err = dev.fails(&["topic", "describe", "missing"], "");
+    assert!(err.contains("unknown topic"), "{err}");
+    // Oversized records: the error names the size and the limit.
+    dev.ok(
+        &[
+            "topic",
+            "create",
+            "small",
+            "--config",
+            "max.message.bytes=1000",
+        ],
+        "",
+    );
+    let big = format!("{}\n", "y".repeat(2000));
+    let err = dev.fails(&["produce", "small"], &big);
+    assert!(err.contains("exceeds max.message.bytes (1000)"), "{err}");
+    let err = dev.fails(
+        &["produce", "small", "--key-separator", ":"],
+        "k:v\nno separator here\n",
+    );
+    assert!(err.contains("line 2 has no key separator"), "{err}");
+    let err = dev.fails(&["produce", "small", "--partition", "7"], "v\n");
+    assert!(err.contains("partition 7 does not exist"), "{err}");
+    // A malformed batch sent straight over gRPC is refused; nothing is written.
+    let rt = runtime();
+    rt.block_on(async {
+        let mut producer = runnel_client::v1::producer_client::ProducerClient::connect(format!(
+            "http://{}",
+            dev.addr
+        ))
+        .await
+        .expect("connect");
+        let response = producer
+            .produce(runnel_client::v1::ProduceRequest {
+                request_id: 7,
+                topic: "small".into(),
+                partitions: vec![runnel_client::v1::PartitionRecords {
+                    partition: 0,
+                    records: bytes::Bytes::from_static(b"definitely not a record batch"),
+                }],
+                acks: 0,
+                timeout_ms: 0,
+            })
+            .await
+            .expect("a response")
+            .into_inner();
+        let error = response.partitions[0].error.clone().expect("an error");
+        assert_eq!(error.code, ErrorCode::CorruptBatch as i32, "{error:?}");
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", dev.addr))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "runnel.v1.Producer".into(),
+            })
+            .await
+            .expect("health answers")
+            .into_inner();
+        assert_eq!(
+            status.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        );
+    });
+    // Still serving, and only the valid record is there.
+    dev.ok(&["produce", "small"], "fine\n");
+    let out = dev.ok(
+        &[
+            "consume",
+            "small",
+            "--from-beginning",
+            "--max-messages",
+            "2",
+            "--timeout-ms",
+            "2000",
+        ],
+        "",
+    );
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["v", "fine"]);
+}
+
+#[test]
+fn topic_administration_as_kafka_users_know_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dev = Dev::start(dir.path());
+    dev.ok(
+        &[
+            "topic",
+            "create",
+            "logs",
+            "--partitions",
+            "2",
+            "--config",
+            "retention.ms=86400000",
+        ],
+        "",
+    );
+    dev.ok(&["topic", "create", "other"], "");
+    assert_eq!(
+        dev.ok(&["topic", "list"], "").lines().collect::<Vec<_>>(),
+        ["logs", "other"]
+    );
+    let describe = dev.ok(&["topic", "describe", "logs"], "");
+    assert!(
+        describe.contains("Configs (overrides): retention.ms=86400000"),
+        "{describe}"
+    );
+    dev.ok(
+        &[
+            "topic",
+            "alter-config",
+            "logs",
+            "--config",
+            "cleanup.policy=compact",
+            "--delete-config",
+            "retention.ms",
+        ],
+        "",
+    );
+    let describe = dev.ok(&["topic", "describe", "logs"], "");
+    assert!(
+        describe.contains("Configs (overrides): cleanup.policy=compact"),
+        "{describe}"
+    );
+    assert!(describe.contains("retention.ms=604800000"), "{describe}");
+    dev.ok(&["topic", "add-partitions", "logs", "--total", "4"], "");
+    assert!(
+        dev.ok(&["topic", "describe", "logs"], "")
+            .contains("PartitionCount: 4")
+    );
+    // Partition 3 is new and usable.
+    dev.ok(&["produce", "logs", "--partition", "3"], "a\nb\nc\nd\n");
+    let out = dev.ok(
+        &["topic", "trim", "logs", "--partition", "3", "--offset", "2"],
+        "",
+    );
+    assert!(out.contains("now starts at offset 2"), "{out}");
+    let out = dev.ok(
+        &[
+            "consume",
+            "logs",
+            "--partition",
+            "3",
+            "--from-beginning",
+            "--max-messages",
+            "2",
+            "--timeout-ms",
+            "3000",
+        ],
+        "",
+    );
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["c", "d"]);
+    let out = dev.ok(
+        &[
+            "consume",
+            "logs",
+            "--partition",
+            "3",
+            "--offset",
+            "3",
+            "--max-messages",
+            "1",
+            "--timeout-ms",
+            "3000",
+        ],
+        "",
+    );
+    assert_eq!(out.trim(), "d");
+    let err = dev.fails(
+        &["topic", "trim", "logs", "--partition", "3", "--offset", "9"],
+        "",
+    );
+    assert!(err.contains("high watermark 4"), "{err}");
+    // Timestamps: everything produced after `since` is found by --from-timestamp.
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis()
+        .to_string();
+    std::thread::sleep(Duration::from_millis(20));
+    dev.ok(&["produce", "logs", "--partition", "3"], "late\n");
+    let out = dev.ok(
+        &[
+            "consume",
+            "logs",
+            "--partition",
+            "3",
+            "--from-timestamp",
+            &since,
+            "--max-messages",
+            "1",
+            "--timeout-ms",
+            "3000",
+        ],
+        "",
+    );
+    assert_eq!(out.trim(), "late");
+    let info = dev.ok(&["cluster", "info"], "");
+    assert!(info.contains("Topics:      2"), "{info}");
+    dev.ok(&["topic", "delete", "other"], "");
+    assert_eq!(dev.ok(&["topic", "list"], "").trim(), "logs");
+    assert!(
+        dev.fails(&["topic", "delete", "other"], "")
+            .contains("unknown topic")
+    );
+    // Headers and acks flags are accepted end to end.
+    dev.ok(
+        &[
+            "produce",
+            "logs",
+            "--partition",
+            "0",
+            "--acks",
+            "all",
+            "--header",
+            "source=test",
+        ],
+        "h\n",
+    );
+    let err = dev.fails(&["produce", "logs", "--acks", "2"], "");
+    assert!(err.contains("acks must be 0, 1 or all"), "{err}");
+}
+
+#[test]
+fn min_insync_replicas_above_the_isr_refuses_acks_all() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dev = Dev::start(dir.path());
+    dev.ok(
+        &[
+            "topic",
+            "create",
+            "safe",
+            "--config",
+            "min.insync.replicas=2",
+        ],
+        "",
+    );
+    let err = dev.fails(&["produce", "safe", "--acks", "all"], "x\n");
+    assert!(err.contains("not enough in-sync replicas"), "{err}");
+    dev.ok(&["produce", "safe", "--acks", "1"], "y\n");
+}
+
+#[test]
+fn consume_follows_the_log_like_tail_f() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dev = Dev::start(dir.path());
+    dev.ok(&["topic", "create", "live"], "");
+    let addr = dev.addr.clone();
+    let follower = std::thread::spawn(move || {
+        support::runnel_at(
+            &addr,
+            &[
+                "consume",
+                "live",
+                "--max-messages",
+                "3",
+                "--timeout-ms",
+                "15000",
+            ],
+            "",
+        )
+    });
+    // The follower starts at the end; records produced after it subscribed reach it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !follower.is_finished() && std::time::Instant::now() < deadline {
+        dev.ok(&["produce", "live"], "tick\n");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let output = follower.join().expect("follower");
+    assert!(output.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .collect::<Vec<_>>(),
+        ["tick"; 3]
+    );
+}

@@ -49,8 +49,14 @@ impl Broker {
             let mut partitions = Vec::new();
             for (index, record) in topic.partitions.iter().enumerate() {
                 let dir = partition_dir(&config.data_dir, name, index as u32);
-                let partition = Partition::open(&dir, name, index as u32, log_config.clone(), record.leader_epoch)
-                    .map_err(|err| anyhow::anyhow!("opening {name}-{index}: {err}"))?;
+                let partition = Partition::open(
+                    &dir,
+                    name,
+                    index as u32,
+                    log_config.clone(),
+                    record.leader_epoch,
+                )
+                .map_err(|err| anyhow::anyhow!("opening {name}-{index}: {err}"))?;
                 partitions.push(Arc::new(partition));
             }
             topics.insert(name.clone(), partitions);
@@ -64,7 +70,9 @@ impl Broker {
     }
 
     fn controller(&self) -> MutexGuard<'_, Controller> {
-        self.controller.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.controller
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn partitions_of(&self, topic: &str) -> Option<Vec<Arc<Partition>>> {
@@ -76,9 +84,11 @@ impl Broker {
     }
 
     fn partition(&self, topic: &str, partition: u32) -> Result<Arc<Partition>, BrokerError> {
-        let partitions = self.partitions_of(topic).ok_or_else(|| BrokerError::UnknownTopic {
-            topic: topic.to_string(),
-        })?;
+        let partitions = self
+            .partitions_of(topic)
+            .ok_or_else(|| BrokerError::UnknownTopic {
+                topic: topic.to_string(),
+            })?;
         partitions
             .get(partition as usize)
             .cloned()
@@ -106,7 +116,10 @@ impl Broker {
     /// Appends the request's batches now, in call order, and returns a future that
     /// resolves to the response once the requested acks are satisfied. Calling this for
     /// requests in order and awaiting the futures in any order keeps per-partition order.
-    pub fn produce(self: &Arc<Self>, request: v1::ProduceRequest) -> BoxFuture<'static, v1::ProduceResponse> {
+    pub fn produce(
+        self: &Arc<Self>,
+        request: v1::ProduceRequest,
+    ) -> BoxFuture<'static, v1::ProduceResponse> {
         let request_id = request.request_id;
         let whole_failure = |err: BrokerError| {
             let response = v1::ProduceResponse {
@@ -146,7 +159,9 @@ impl Broker {
                             min_insync,
                         });
                     }
-                    partition.append(&data.records).map(|appended| (partition, appended))
+                    partition
+                        .append(&data.records)
+                        .map(|appended| (partition, appended))
                 });
             pending.push((data.partition, result));
         }
@@ -212,9 +227,10 @@ impl Broker {
             Ok(_) | Err(BrokerError::TopicAlreadyExists { .. }) => {}
             Err(err) => return Err(err),
         }
-        self.partitions_of(topic).ok_or_else(|| BrokerError::UnknownTopic {
-            topic: topic.to_string(),
-        })
+        self.partitions_of(topic)
+            .ok_or_else(|| BrokerError::UnknownTopic {
+                topic: topic.to_string(),
+            })
     }
 
     fn min_insync_replicas(&self, topic: &str) -> Result<usize, BrokerError> {
@@ -242,7 +258,11 @@ impl Broker {
             let response = self.fetch_once(request, &mut watchers);
             let bytes: usize = response.partitions.iter().map(|p| p.records.len()).sum();
             let errors = response.partitions.iter().any(|p| p.error.is_some());
-            if bytes >= min_bytes || errors || watchers.is_empty() || tokio::time::Instant::now() >= deadline {
+            if bytes >= min_bytes
+                || errors
+                || watchers.is_empty()
+                || tokio::time::Instant::now() >= deadline
+            {
                 return response;
             }
             let changed = futures::future::select_all(
@@ -275,24 +295,26 @@ impl Broker {
                 log_start_offset: -1,
                 ..Default::default()
             };
-            let result = self.partition(&wanted.topic, wanted.partition).and_then(|partition| {
-                let watcher = partition.subscribe();
-                let max = match wanted.max_bytes {
-                    0 => budget,
-                    n => (n as usize).min(budget),
-                };
-                let fetched = if budget == 0 {
-                    partition.read(wanted.offset, 0).map(|mut f| {
-                        f.records = bytes::Bytes::new();
-                        f.next_offset = wanted.offset;
-                        f
-                    })
-                } else {
-                    partition.read(wanted.offset, max.max(1))
-                }?;
-                watchers.push(watcher);
-                Ok(fetched)
-            });
+            let result = self
+                .partition(&wanted.topic, wanted.partition)
+                .and_then(|partition| {
+                    let watcher = partition.subscribe();
+                    let max = match wanted.max_bytes {
+                        0 => budget,
+                        n => (n as usize).min(budget),
+                    };
+                    let fetched = if budget == 0 {
+                        partition.read(wanted.offset, 0).map(|mut f| {
+                            f.records = bytes::Bytes::new();
+                            f.next_offset = wanted.offset;
+                            f
+                        })
+                    } else {
+                        partition.read(wanted.offset, max.max(1))
+                    }?;
+                    watchers.push(watcher);
+                    Ok(fetched)
+                });
             match result {
                 Ok(fetched) => {
                     budget = budget.saturating_sub(fetched.records.len());
@@ -313,11 +335,17 @@ impl Broker {
             .queries
             .iter()
             .map(|query| {
-                let result = self.partition(&query.topic, query.partition).and_then(|p| match &query.spec {
-                    Some(v1::offset_query::Spec::Earliest(_)) => Ok(p.log_start_offset()),
-                    Some(v1::offset_query::Spec::Latest(_)) | None => Ok(p.high_watermark()),
-                    Some(v1::offset_query::Spec::TimestampMs(ts)) => p.offset_for_timestamp(*ts),
-                });
+                let result =
+                    self.partition(&query.topic, query.partition)
+                        .and_then(|p| match &query.spec {
+                            Some(v1::offset_query::Spec::Earliest(_)) => Ok(p.log_start_offset()),
+                            Some(v1::offset_query::Spec::Latest(_)) | None => {
+                                Ok(p.high_watermark())
+                            }
+                            Some(v1::offset_query::Spec::TimestampMs(ts)) => {
+                                p.offset_for_timestamp(*ts)
+                            }
+                        });
                 match result {
                     Ok(offset) => v1::OffsetAnswer {
                         topic: query.topic.clone(),
@@ -356,7 +384,12 @@ impl Broker {
                     Some(topic) => topic_metadata(name, topic),
                     None => v1::TopicMetadata {
                         name: name.clone(),
-                        error: Some(BrokerError::UnknownTopic { topic: name.clone() }.to_proto()),
+                        error: Some(
+                            BrokerError::UnknownTopic {
+                                topic: name.clone(),
+                            }
+                            .to_proto(),
+                        ),
                         ..Default::default()
                     },
                 })
@@ -378,14 +411,21 @@ impl Broker {
             controller_id: meta.controller_id,
             brokers: brokers(&meta.brokers),
             topic_count: meta.topics.len() as u32,
-            partition_count: meta.topics.values().map(|t| t.partitions.len() as u32).sum(),
+            partition_count: meta
+                .topics
+                .values()
+                .map(|t| t.partitions.len() as u32)
+                .sum(),
             version: env!("CARGO_PKG_VERSION").to_string(),
         }
     }
 
     /// # Errors
     /// The rule the request broke.
-    pub fn create_topic(&self, request: v1::CreateTopicRequest) -> Result<v1::CreateTopicResponse, BrokerError> {
+    pub fn create_topic(
+        &self,
+        request: v1::CreateTopicRequest,
+    ) -> Result<v1::CreateTopicResponse, BrokerError> {
         let configs: BTreeMap<String, String> = request.configs.into_iter().collect();
         let log_config = topic_log_config(&self.log_defaults, &configs)?;
         let partitions = if request.partitions == 0 {
@@ -400,7 +440,8 @@ impl Broker {
         };
         let mut controller = self.controller();
         let name = request.name.clone();
-        let checked = controller.create_topic(&name, partitions, rf, configs.clone(), false, true)?;
+        let checked =
+            controller.create_topic(&name, partitions, rf, configs.clone(), false, true)?;
         if request.validate_only {
             return Ok(v1::CreateTopicResponse {
                 topic: Some(topic_metadata(&name, &checked)),
@@ -420,7 +461,8 @@ impl Broker {
             Ok(topic) => topic,
             Err(err) => {
                 for index in 0..opened.len() as u32 {
-                    let _ = std::fs::remove_dir_all(partition_dir(&self.config.data_dir, &name, index));
+                    let _ =
+                        std::fs::remove_dir_all(partition_dir(&self.config.data_dir, &name, index));
                 }
                 return Err(err);
             }
@@ -523,7 +565,8 @@ impl Broker {
     }
 
     fn config_entries(&self, overrides: &BTreeMap<String, String>) -> Vec<v1::ConfigEntry> {
-        let effective = topic_log_config(&self.log_defaults, overrides).unwrap_or_else(|_| self.log_defaults.clone());
+        let effective = topic_log_config(&self.log_defaults, overrides)
+            .unwrap_or_else(|_| self.log_defaults.clone());
         let mut entries: Vec<v1::ConfigEntry> = effective
             .entries()
             .into_iter()
@@ -558,7 +601,10 @@ impl Broker {
         for key in &request.delete {
             if !KNOWN_KEYS.contains(&key.as_str()) && !BROKER_TOPIC_KEYS.contains(&key.as_str()) {
                 return Err(BrokerError::InvalidConfig {
-                    reason: format!("unknown config key {key:?}; known keys: {}", known_keys().join(", ")),
+                    reason: format!(
+                        "unknown config key {key:?}; known keys: {}",
+                        known_keys().join(", ")
+                    ),
                 });
             }
             configs.remove(key);
@@ -577,7 +623,11 @@ impl Broker {
 
     /// # Errors
     /// Unknown topic, a total not larger than today's, or a storage error.
-    pub fn add_partitions(&self, name: &str, total: u32) -> Result<v1::AddPartitionsResponse, BrokerError> {
+    pub fn add_partitions(
+        &self,
+        name: &str,
+        total: u32,
+    ) -> Result<v1::AddPartitionsResponse, BrokerError> {
         let mut controller = self.controller();
         let topic = controller.topic(name)?.clone();
         let current = topic.partitions.len() as u32;
@@ -606,7 +656,12 @@ impl Broker {
 
     /// # Errors
     /// Unknown topic or partition, or an offset beyond the high watermark.
-    pub fn delete_records(&self, topic: &str, partition: u32, offset: i64) -> Result<i64, BrokerError> {
+    pub fn delete_records(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+    ) -> Result<i64, BrokerError> {
         self.partition(topic, partition)?.delete_records(offset)
     }
 
@@ -638,26 +693,44 @@ impl Broker {
 }
 
 fn known_keys() -> Vec<&'static str> {
-    let mut keys: Vec<&str> = KNOWN_KEYS.iter().chain(BROKER_TOPIC_KEYS).copied().collect();
+    let mut keys: Vec<&str> = KNOWN_KEYS
+        .iter()
+        .chain(BROKER_TOPIC_KEYS)
+        .copied()
+        .collect();
     keys.sort_unstable();
     keys
 }
 
 /// The log settings of a topic: broker defaults with the topic's overrides applied.
-fn topic_log_config(defaults: &LogConfig, overrides: &BTreeMap<String, String>) -> Result<LogConfig, BrokerError> {
+fn topic_log_config(
+    defaults: &LogConfig,
+    overrides: &BTreeMap<String, String>,
+) -> Result<LogConfig, BrokerError> {
     let mut config = defaults.clone();
     for (key, value) in overrides {
         if key == "min.insync.replicas" {
-            if value.trim().parse::<u32>().ok().filter(|v| *v >= 1).is_none() {
+            if value
+                .trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|v| *v >= 1)
+                .is_none()
+            {
                 return Err(BrokerError::InvalidConfig {
-                    reason: format!("invalid value {value:?} for min.insync.replicas: a positive integer"),
+                    reason: format!(
+                        "invalid value {value:?} for min.insync.replicas: a positive integer"
+                    ),
                 });
             }
             continue;
         }
         config.apply(key, value).map_err(|err| match err {
             runnel_broker_storage::ConfigError::UnknownKey { key } => BrokerError::InvalidConfig {
-                reason: format!("unknown config key {key:?}; known keys: {}", known_keys().join(", ")),
+                reason: format!(
+                    "unknown config key {key:?}; known keys: {}",
+                    known_keys().join(", ")
+                ),
             },
             other => other.into(),
         })?;

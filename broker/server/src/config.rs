@@ -55,7 +55,9 @@ fn default_node_id() -> u32 {
 }
 
 fn default_listen() -> SocketAddr {
-    DEFAULT_LISTEN.parse().expect("the default listen address parses")
+    DEFAULT_LISTEN
+        .parse()
+        .expect("the default listen address parses")
 }
 
 fn one() -> u32 {
@@ -88,8 +90,8 @@ impl BrokerConfig {
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading broker config {}", path.display()))?;
-        let config: BrokerConfig =
-            toml::from_str(&text).with_context(|| format!("invalid broker config {}", path.display()))?;
+        let config: BrokerConfig = toml::from_str(&text)
+            .with_context(|| format!("invalid broker config {}", path.display()))?;
         config
             .log_defaults()
             .with_context(|| format!("invalid [topic_defaults] in {}", path.display()))?;

@@ -8,7 +8,9 @@ use tonic::{Code, Status};
 /// Everything a client request can fail with.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
-    #[error("unknown topic {topic:?}: create it with `runnel topic create {topic}` (auto-creation is off)")]
+    #[error(
+        "unknown topic {topic:?}: create it with `runnel topic create {topic}` (auto-creation is off)"
+    )]
     UnknownTopic { topic: String },
     #[error("topic {topic:?} has {count} partitions (0..={last}); partition {partition} does not exist", last = count.saturating_sub(1))]
     UnknownPartition {
@@ -136,11 +138,13 @@ impl BrokerError {
                 partition: partition_id,
                 reason: err.to_string(),
             },
-            AppendError::EmptyBatch | AppendError::InconsistentBatch { .. } => BrokerError::CorruptBatch {
-                topic,
-                partition: partition_id,
-                reason: err.to_string(),
-            },
+            AppendError::EmptyBatch | AppendError::InconsistentBatch { .. } => {
+                BrokerError::CorruptBatch {
+                    topic,
+                    partition: partition_id,
+                    reason: err.to_string(),
+                }
+            }
             AppendError::Storage(err) => Self::from_storage(&topic, partition_id, &err),
         }
     }

@@ -19,7 +19,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use runnel_proto::v1::{admin_server::AdminServer, consumer_server::ConsumerServer, producer_server::ProducerServer};
+use runnel_proto::v1::{
+    admin_server::AdminServer, consumer_server::ConsumerServer, producer_server::ProducerServer,
+};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -69,9 +71,15 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<RunningBroker> {
 
     let service = service::Service::new(broker.clone());
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<ProducerServer<service::Service>>().await;
-    health_reporter.set_serving::<ConsumerServer<service::Service>>().await;
-    health_reporter.set_serving::<AdminServer<service::Service>>().await;
+    health_reporter
+        .set_serving::<ProducerServer<service::Service>>()
+        .await;
+    health_reporter
+        .set_serving::<ConsumerServer<service::Service>>()
+        .await;
+    health_reporter
+        .set_serving::<AdminServer<service::Service>>()
+        .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(runnel_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -115,7 +123,10 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<RunningBroker> {
                 since_clean_ms = 0;
             }
             let keeper = keeper.clone();
-            if tokio::task::spawn_blocking(move || keeper.housekeeping(clean)).await.is_err() {
+            if tokio::task::spawn_blocking(move || keeper.housekeeping(clean))
+                .await
+                .is_err()
+            {
                 tracing::error!("housekeeping task panicked");
             }
         }

@@ -222,10 +222,16 @@ impl Controller {
                 name: name.to_string(),
             });
         }
-        validate_topic_name(name, self.metadata.topics.keys().map(String::as_str), internal)?;
+        validate_topic_name(
+            name,
+            self.metadata.topics.keys().map(String::as_str),
+            internal,
+        )?;
         if partitions == 0 || partitions > PARTITIONS_MAX {
             return Err(BrokerError::InvalidPartitions {
-                reason: format!("{partitions} requested; a topic needs between 1 and {PARTITIONS_MAX} partitions"),
+                reason: format!(
+                    "{partitions} requested; a topic needs between 1 and {PARTITIONS_MAX} partitions"
+                ),
             });
         }
         let brokers = self.metadata.brokers.len() as u32;
@@ -240,7 +246,9 @@ impl Controller {
         }
         let topic = TopicRecord {
             replication_factor,
-            partitions: (0..partitions).map(|p| self.assign(p, replication_factor)).collect(),
+            partitions: (0..partitions)
+                .map(|p| self.assign(p, replication_factor))
+                .collect(),
             configs,
             internal,
         };
@@ -269,14 +277,18 @@ impl Controller {
     ///
     /// # Errors
     /// Unknown topic, or a storage error.
-    pub fn set_configs(&mut self, name: &str, configs: BTreeMap<String, String>) -> Result<(), BrokerError> {
-        let topic = self
-            .metadata
-            .topics
-            .get_mut(name)
-            .ok_or_else(|| BrokerError::UnknownTopic {
-                topic: name.to_string(),
-            })?;
+    pub fn set_configs(
+        &mut self,
+        name: &str,
+        configs: BTreeMap<String, String>,
+    ) -> Result<(), BrokerError> {
+        let topic =
+            self.metadata
+                .topics
+                .get_mut(name)
+                .ok_or_else(|| BrokerError::UnknownTopic {
+                    topic: name.to_string(),
+                })?;
         topic.configs = configs;
         self.persist_or_fail()
     }
@@ -302,13 +314,13 @@ impl Controller {
         }
         let rf = topic.replication_factor;
         let added: Vec<PartitionRecord> = (current..total).map(|p| self.assign(p, rf)).collect();
-        let topic = self
-            .metadata
-            .topics
-            .get_mut(name)
-            .ok_or_else(|| BrokerError::UnknownTopic {
-                topic: name.to_string(),
-            })?;
+        let topic =
+            self.metadata
+                .topics
+                .get_mut(name)
+                .ok_or_else(|| BrokerError::UnknownTopic {
+                    topic: name.to_string(),
+                })?;
         topic.partitions.extend(added);
         let topic = topic.clone();
         self.persist_or_fail()?;
@@ -346,9 +358,17 @@ mod tests {
         let long = "a".repeat(250);
         assert!(validate_topic_name(&long, none.clone(), false).is_err());
         assert!(validate_topic_name(&"a".repeat(249), none.clone(), false).is_ok());
-        assert!(validate_topic_name("prd.marketing-team.sms_platform.json", none.clone(), false).is_ok());
-        let err = validate_topic_name("my_topic", ["my.topic"].into_iter(), false).expect_err("collision");
-        assert!(err.to_string().contains("collides with existing topic \"my.topic\""), "{err}");
+        assert!(
+            validate_topic_name("prd.marketing-team.sms_platform.json", none.clone(), false)
+                .is_ok()
+        );
+        let err = validate_topic_name("my_topic", ["my.topic"].into_iter(), false)
+            .expect_err("collision");
+        assert!(
+            err.to_string()
+                .contains("collides with existing topic \"my.topic\""),
+            "{err}"
+        );
         assert!(validate_topic_name("__consumer_offsets", none, true).is_ok());
     }
 
@@ -364,7 +384,11 @@ mod tests {
             .create_topic("t", 3, 2, BTreeMap::new(), false, false)
             .expect_err("rf > brokers");
         assert!(err.to_string().contains("number of brokers (1)"), "{err}");
-        assert!(controller.create_topic("t", 0, 1, BTreeMap::new(), false, false).is_err());
+        assert!(
+            controller
+                .create_topic("t", 0, 1, BTreeMap::new(), false, false)
+                .is_err()
+        );
         controller
             .create_topic("t", 3, 1, BTreeMap::new(), false, true)
             .expect("validate only");
@@ -383,6 +407,11 @@ mod tests {
         let controller = Controller::open(dir.path(), broker).expect("reopen");
         let topic = controller.topic("t").expect("topic");
         assert_eq!(topic.partitions.len(), 5);
-        assert!(topic.partitions.iter().all(|p| p.leader_epoch == 1 && p.leader == 1));
+        assert!(
+            topic
+                .partitions
+                .iter()
+                .all(|p| p.leader_epoch == 1 && p.leader == 1)
+        );
     }
 }

@@ -52,7 +52,13 @@ impl Partition {
     ///
     /// # Errors
     /// The storage error that kept the log from opening.
-    pub fn open(dir: &Path, topic: &str, index: u32, config: LogConfig, leader_epoch: i32) -> Result<Self, StorageError> {
+    pub fn open(
+        dir: &Path,
+        topic: &str,
+        index: u32,
+        config: LogConfig,
+        leader_epoch: i32,
+    ) -> Result<Self, StorageError> {
         let log = Log::open(dir, config, now_ms())?;
         for tail in log.recovered_tails() {
             tracing::warn!(
@@ -74,11 +80,15 @@ impl Partition {
     }
 
     fn log_read(&self) -> RwLockReadGuard<'_, Log> {
-        self.log.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.log
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn log_write(&self) -> RwLockWriteGuard<'_, Log> {
-        self.log.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.log
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub fn high_watermark(&self) -> i64 {
@@ -95,7 +105,10 @@ impl Partition {
     }
 
     fn check_fenced(&self) -> Result<(), BrokerError> {
-        let fenced = self.fenced.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let fenced = self
+            .fenced
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match fenced.as_ref() {
             Some(reason) => Err(BrokerError::Storage {
                 topic: self.topic.clone(),
@@ -110,7 +123,10 @@ impl Partition {
     /// has recovered (or refused) its log.
     fn fence(&self, err: &StorageError) -> BrokerError {
         tracing::error!(topic = %self.topic, partition = self.index, error = %err, "fencing partition");
-        *self.fenced.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(err.to_string());
+        *self
+            .fenced
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(err.to_string());
         BrokerError::from_storage(&self.topic, self.index, err)
     }
 
@@ -189,7 +205,10 @@ impl Partition {
                 return Ok(());
             }
             self.check_fenced()?;
-            let handle = self.log_write().begin_flush().map_err(|err| self.fence(&err))?;
+            let handle = self
+                .log_write()
+                .begin_flush()
+                .map_err(|err| self.fence(&err))?;
             let handle = tokio::task::spawn_blocking(move || handle.sync().map(|()| handle))
                 .await
                 .map_err(|err| BrokerError::Storage {
@@ -216,15 +235,15 @@ impl Partition {
         self.check_fenced()?;
         let high_watermark = self.high_watermark();
         let log = self.log_read();
-        let bytes = log.read(offset, max_bytes, high_watermark).map_err(|err| match err {
-            runnel_broker_storage::ReadError::Storage(err) => self.fence(&err),
-            other => BrokerError::from_read(&self.topic, self.index, other),
-        })?;
+        let bytes = log
+            .read(offset, max_bytes, high_watermark)
+            .map_err(|err| match err {
+                runnel_broker_storage::ReadError::Storage(err) => self.fence(&err),
+                other => BrokerError::from_read(&self.topic, self.index, other),
+            })?;
         let mut next_offset = offset;
-        for batch in runnel_batch::batches(&bytes) {
-            if let Ok((header, _)) = batch {
-                next_offset = header.next_offset();
-            }
+        for (header, _) in runnel_batch::batches(&bytes).flatten() {
+            next_offset = header.next_offset();
         }
         Ok(Fetched {
             records: Bytes::from(bytes),
@@ -301,7 +320,9 @@ impl Partition {
         }
         match log.enforce_retention(now) {
             Ok(0) => {}
-            Ok(n) => tracing::info!(topic = %self.topic, partition = self.index, segments = n, "retention deleted segments"),
+            Ok(n) => {
+                tracing::info!(topic = %self.topic, partition = self.index, segments = n, "retention deleted segments")
+            }
             Err(err) => {
                 drop(log);
                 self.fence(&err);

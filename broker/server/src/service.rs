@@ -41,7 +41,10 @@ fn require_topic(topic: &str) -> Result<(), Status> {
 
 #[tonic::async_trait]
 impl producer_server::Producer for Service {
-    async fn produce(&self, request: Request<v1::ProduceRequest>) -> Result<Response<v1::ProduceResponse>, Status> {
+    async fn produce(
+        &self,
+        request: Request<v1::ProduceRequest>,
+    ) -> Result<Response<v1::ProduceResponse>, Status> {
         let request = request.into_inner();
         require_topic(&request.topic)?;
         Ok(Response::new(self.broker.produce(request).await))
@@ -78,13 +81,18 @@ impl producer_server::Producer for Service {
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
 
 #[tonic::async_trait]
 impl consumer_server::Consumer for Service {
-    async fn fetch(&self, request: Request<v1::FetchRequest>) -> Result<Response<v1::FetchResponse>, Status> {
+    async fn fetch(
+        &self,
+        request: Request<v1::FetchRequest>,
+    ) -> Result<Response<v1::FetchResponse>, Status> {
         let request = request.into_inner();
         Ok(Response::new(self.broker.fetch(&request).await))
     }
@@ -112,26 +120,36 @@ impl consumer_server::Consumer for Service {
                         wanted.offset = got.next_offset;
                     }
                 }
-                let has_data = response.partitions.iter().any(|p| !p.records.is_empty() || p.error.is_some());
+                let has_data = response
+                    .partitions
+                    .iter()
+                    .any(|p| !p.records.is_empty() || p.error.is_some());
                 if has_data && tx.send(Ok(response)).await.is_err() {
                     return;
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn list_offsets(
         &self,
         request: Request<v1::ListOffsetsRequest>,
     ) -> Result<Response<v1::ListOffsetsResponse>, Status> {
-        Ok(Response::new(self.broker.list_offsets(&request.into_inner())))
+        Ok(Response::new(
+            self.broker.list_offsets(&request.into_inner()),
+        ))
     }
 }
 
 #[tonic::async_trait]
 impl admin_server::Admin for Service {
-    async fn metadata(&self, request: Request<v1::MetadataRequest>) -> Result<Response<v1::MetadataResponse>, Status> {
+    async fn metadata(
+        &self,
+        request: Request<v1::MetadataRequest>,
+    ) -> Result<Response<v1::MetadataResponse>, Status> {
         Ok(Response::new(self.broker.metadata(&request.into_inner())))
     }
 
@@ -147,9 +165,10 @@ impl admin_server::Admin for Service {
         request: Request<v1::CreateTopicRequest>,
     ) -> Result<Response<v1::CreateTopicResponse>, Status> {
         let broker = self.broker.clone();
-        let response = tokio::task::spawn_blocking(move || broker.create_topic(request.into_inner()))
-            .await
-            .map_err(|err| Status::internal(format!("create topic task failed: {err}")))??;
+        let response =
+            tokio::task::spawn_blocking(move || broker.create_topic(request.into_inner()))
+                .await
+                .map_err(|err| Status::internal(format!("create topic task failed: {err}")))??;
         Ok(Response::new(response))
     }
 
@@ -169,21 +188,28 @@ impl admin_server::Admin for Service {
         &self,
         request: Request<v1::ListTopicsRequest>,
     ) -> Result<Response<v1::ListTopicsResponse>, Status> {
-        Ok(Response::new(self.broker.list_topics(request.into_inner().include_internal)))
+        Ok(Response::new(
+            self.broker
+                .list_topics(request.into_inner().include_internal),
+        ))
     }
 
     async fn describe_topic(
         &self,
         request: Request<v1::DescribeTopicRequest>,
     ) -> Result<Response<v1::DescribeTopicResponse>, Status> {
-        Ok(Response::new(self.broker.describe_topic(&request.into_inner().name)?))
+        Ok(Response::new(
+            self.broker.describe_topic(&request.into_inner().name)?,
+        ))
     }
 
     async fn alter_topic_config(
         &self,
         request: Request<v1::AlterTopicConfigRequest>,
     ) -> Result<Response<v1::AlterTopicConfigResponse>, Status> {
-        Ok(Response::new(self.broker.alter_topic_config(request.into_inner())?))
+        Ok(Response::new(
+            self.broker.alter_topic_config(request.into_inner())?,
+        ))
     }
 
     async fn add_partitions(
@@ -192,9 +218,11 @@ impl admin_server::Admin for Service {
     ) -> Result<Response<v1::AddPartitionsResponse>, Status> {
         let request = request.into_inner();
         let broker = self.broker.clone();
-        let response = tokio::task::spawn_blocking(move || broker.add_partitions(&request.name, request.total))
-            .await
-            .map_err(|err| Status::internal(format!("add partitions task failed: {err}")))??;
+        let response = tokio::task::spawn_blocking(move || {
+            broker.add_partitions(&request.name, request.total)
+        })
+        .await
+        .map_err(|err| Status::internal(format!("add partitions task failed: {err}")))??;
         Ok(Response::new(response))
     }
 
@@ -203,9 +231,11 @@ impl admin_server::Admin for Service {
         request: Request<v1::DeleteRecordsRequest>,
     ) -> Result<Response<v1::DeleteRecordsResponse>, Status> {
         let request = request.into_inner();
-        let log_start_offset = self
-            .broker
-            .delete_records(&request.topic, request.partition, request.offset)?;
-        Ok(Response::new(v1::DeleteRecordsResponse { log_start_offset }))
+        let log_start_offset =
+            self.broker
+                .delete_records(&request.topic, request.partition, request.offset)?;
+        Ok(Response::new(v1::DeleteRecordsResponse {
+            log_start_offset,
+        }))
     }
 }

@@ -113,7 +113,12 @@ impl Log {
             }
         }
         fs::rename(&log_cleaned, &log).map_err(io(&log))?;
-        let (segment, _) = Segment::open(&self.dir, base, self.config.index_interval_bytes, OpenMode::Trusted)?;
+        let (segment, _) = Segment::open(
+            &self.dir,
+            base,
+            self.config.index_interval_bytes,
+            OpenMode::Trusted,
+        )?;
         self.replace_segment(segment);
         Ok(())
     }
@@ -145,7 +150,8 @@ fn rewrite(
             .filter(|record| match &record.key {
                 None => true,
                 Some(key) => {
-                    latest.get(key) == Some(&record.offset) && !(drop_tombstones && record.value.is_none())
+                    latest.get(key) == Some(&record.offset)
+                        && !(drop_tombstones && record.value.is_none())
                 }
             })
             .collect();

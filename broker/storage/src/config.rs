@@ -111,13 +111,22 @@ impl LogConfig {
             TimestampType::CreateTime => "CreateTime",
             TimestampType::LogAppendTime => "LogAppendTime",
         };
-        let cap = |v: u64| if v == u64::MAX { i64::MAX.to_string() } else { v.to_string() };
+        let cap = |v: u64| {
+            if v == u64::MAX {
+                i64::MAX.to_string()
+            } else {
+                v.to_string()
+            }
+        };
         vec![
             ("cleanup.policy", cleanup.to_string()),
             ("delete.retention.ms", self.delete_retention_ms.to_string()),
             ("flush.messages", cap(flush_messages)),
             ("flush.ms", cap(flush_ms)),
-            ("index.interval.bytes", self.index_interval_bytes.to_string()),
+            (
+                "index.interval.bytes",
+                self.index_interval_bytes.to_string(),
+            ),
             ("max.message.bytes", self.max_message_bytes.to_string()),
             ("message.timestamp.type", timestamp_type.to_string()),
             ("retention.bytes", self.retention_bytes.to_string()),
@@ -147,13 +156,19 @@ impl LogConfig {
         };
         match key {
             "segment.bytes" => {
-                self.segment_bytes =
-                    int(14, "an integer between 14 and 2147483647")?.min(i64::from(i32::MAX)) as u64;
+                self.segment_bytes = int(14, "an integer between 14 and 2147483647")?
+                    .min(i64::from(i32::MAX)) as u64;
             }
             "segment.ms" => self.segment_ms = int(1, "a positive integer")?,
-            "index.interval.bytes" => self.index_interval_bytes = int(0, "a non-negative integer")? as u64,
-            "retention.ms" => self.retention_ms = int(-1, "-1 (forever) or a non-negative integer")?,
-            "retention.bytes" => self.retention_bytes = int(-1, "-1 (no limit) or a non-negative integer")?,
+            "index.interval.bytes" => {
+                self.index_interval_bytes = int(0, "a non-negative integer")? as u64
+            }
+            "retention.ms" => {
+                self.retention_ms = int(-1, "-1 (forever) or a non-negative integer")?
+            }
+            "retention.bytes" => {
+                self.retention_bytes = int(-1, "-1 (no limit) or a non-negative integer")?
+            }
             "delete.retention.ms" => self.delete_retention_ms = int(0, "a non-negative integer")?,
             "max.message.bytes" => {
                 let max = runnel_batch::BATCH_SIZE_BYTES_MAX as i64;
@@ -198,7 +213,9 @@ impl LogConfig {
             "flush.ms" => {
                 let ms = int(0, "a non-negative integer")?;
                 self.flush = match self.flush {
-                    FlushPolicy::Interval { messages, .. } => FlushPolicy::Interval { messages, ms },
+                    FlushPolicy::Interval { messages, .. } => {
+                        FlushPolicy::Interval { messages, ms }
+                    }
                     FlushPolicy::EveryAppend if ms == 0 => FlushPolicy::EveryAppend,
                     FlushPolicy::EveryAppend => FlushPolicy::Interval {
                         messages: u64::MAX,
@@ -225,7 +242,9 @@ mod tests {
         let mut config = LogConfig::default();
         config.apply("retention.ms", "-1").expect("forever");
         assert_eq!(config.retention_ms, -1);
-        config.apply("cleanup.policy", "compact,delete").expect("both");
+        config
+            .apply("cleanup.policy", "compact,delete")
+            .expect("both");
         assert!(config.cleanup_policy.compact && config.cleanup_policy.delete);
         config.apply("flush.ms", "1000").expect("interval");
         assert_eq!(

@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use runnel_batch::{TimestampType, set_base_offset, set_leader_epoch, set_log_append_time, validate};
+use runnel_batch::{
+    TimestampType, set_base_offset, set_leader_epoch, set_log_append_time, validate,
+};
 
 use crate::checkpoint;
 use crate::epoch::{EpochEntry, LeaderEpochCache};
@@ -43,7 +45,9 @@ impl FlushHandle {
     /// # Errors
     /// The fsync failed.
     pub fn sync(&self) -> Result<(), StorageError> {
-        self.file.sync_data().map_err(|source| StorageError::io(&self.path, source))
+        self.file
+            .sync_data()
+            .map_err(|source| StorageError::io(&self.path, source))
     }
 }
 
@@ -122,8 +126,8 @@ impl Log {
         let saved_start = checkpoint::read_i64(&dir.join(LOG_START_FILE));
         if segments.is_empty() {
             let base = saved_start.unwrap_or(0).max(0);
-            let segment =
-                Segment::create(dir, base, interval).map_err(|source| StorageError::io(dir, source))?;
+            let segment = Segment::create(dir, base, interval)
+                .map_err(|source| StorageError::io(dir, source))?;
             segments.insert(base, segment);
         }
         let epochs = LeaderEpochCache::load(dir).map_err(|source| StorageError::io(dir, source))?;
@@ -139,7 +143,10 @@ impl Log {
             recovered_tails,
         };
         let first_base = log.first_segment().base_offset;
-        log.log_start_offset = saved_start.unwrap_or(first_base).max(first_base).min(log.log_end_offset());
+        log.log_start_offset = saved_start
+            .unwrap_or(first_base)
+            .max(first_base)
+            .min(log.log_end_offset());
         let end = log.log_end_offset();
         log.epochs
             .truncate_from_end(end)
@@ -193,15 +200,24 @@ impl Log {
     }
 
     fn first_segment(&self) -> &Segment {
-        self.segments.values().next().expect("a log always has a segment")
+        self.segments
+            .values()
+            .next()
+            .expect("a log always has a segment")
     }
 
     fn active(&self) -> &Segment {
-        self.segments.values().next_back().expect("a log always has a segment")
+        self.segments
+            .values()
+            .next_back()
+            .expect("a log always has a segment")
     }
 
     fn active_mut(&mut self) -> &mut Segment {
-        self.segments.values_mut().next_back().expect("a log always has a segment")
+        self.segments
+            .values_mut()
+            .next_back()
+            .expect("a log always has a segment")
     }
 
     /// Validates a producer's batch, stamps its base offset, leader epoch and (for
@@ -209,7 +225,12 @@ impl Log {
     ///
     /// # Errors
     /// An invalid, empty or oversized batch (nothing is written), or an I/O error.
-    pub fn append(&mut self, batch: &mut [u8], leader_epoch: i32, now_ms: i64) -> Result<AppendInfo, AppendError> {
+    pub fn append(
+        &mut self,
+        batch: &mut [u8],
+        leader_epoch: i32,
+        now_ms: i64,
+    ) -> Result<AppendInfo, AppendError> {
         if batch.len() > self.config.max_message_bytes {
             return Err(AppendError::RecordTooLarge {
                 size_bytes: batch.len(),
@@ -359,7 +380,8 @@ impl Log {
         let due = match self.config.flush {
             FlushPolicy::EveryAppend => true,
             FlushPolicy::Interval { messages, ms } => {
-                self.unflushed_records >= messages || now_ms.saturating_sub(self.last_flush_ms) >= ms
+                self.unflushed_records >= messages
+                    || now_ms.saturating_sub(self.last_flush_ms) >= ms
             }
         };
         if due {
@@ -387,7 +409,12 @@ impl Log {
     ///
     /// # Errors
     /// `offset` outside `[log start, log end]`, I/O errors, corrupt data.
-    pub fn read(&self, offset: i64, max_bytes: usize, upper_bound: i64) -> Result<Vec<u8>, ReadError> {
+    pub fn read(
+        &self,
+        offset: i64,
+        max_bytes: usize,
+        upper_bound: i64,
+    ) -> Result<Vec<u8>, ReadError> {
         self.check_range(offset)?;
         for segment in self.segments_from(offset) {
             let bytes = segment.read(offset, max_bytes, upper_bound)?;
@@ -462,7 +489,9 @@ impl Log {
     fn delete_segment(&mut self, base: i64) -> Result<(), StorageError> {
         if let Some(segment) = self.segments.remove(&base) {
             let path = segment.log_path();
-            segment.delete().map_err(|source| StorageError::io(&path, source))?;
+            segment
+                .delete()
+                .map_err(|source| StorageError::io(&path, source))?;
         }
         Ok(())
     }

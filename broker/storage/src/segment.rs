@@ -96,13 +96,20 @@ pub(crate) struct Segment {
 }
 
 impl Segment {
-    pub(crate) fn create(dir: &Path, base_offset: i64, index_interval_bytes: u64) -> io::Result<Self> {
+    pub(crate) fn create(
+        dir: &Path,
+        base_offset: i64,
+        index_interval_bytes: u64,
+    ) -> io::Result<Self> {
         let file = OpenOptions::new()
             .read(true)
             .append(true)
             .create_new(true)
             .open(log_path(dir, base_offset))?;
-        for path in [offset_index_path(dir, base_offset), time_index_path(dir, base_offset)] {
+        for path in [
+            offset_index_path(dir, base_offset),
+            time_index_path(dir, base_offset),
+        ] {
             File::create(path)?;
         }
         Ok(Self::empty(dir, base_offset, file, index_interval_bytes))
@@ -202,7 +209,11 @@ impl Segment {
     }
 
     /// Appends a validated, stamped batch.
-    pub(crate) fn append(&mut self, batch: &[u8], header: &BatchHeader) -> Result<(), StorageError> {
+    pub(crate) fn append(
+        &mut self,
+        batch: &[u8],
+        header: &BatchHeader,
+    ) -> Result<(), StorageError> {
         let position = self.size_bytes;
         (&self.file)
             .write_all(batch)
@@ -215,7 +226,8 @@ impl Segment {
     /// Updates in-memory state and index entries for a batch at `position`.
     fn note_batch(&mut self, position: u64, header: &BatchHeader) {
         let relative_offset = (header.base_offset - self.base_offset) as u32;
-        self.first_timestamp_ms.get_or_insert(header.max_timestamp_ms);
+        self.first_timestamp_ms
+            .get_or_insert(header.max_timestamp_ms);
         self.max_timestamp_ms = self.max_timestamp_ms.max(header.max_timestamp_ms);
         if self.offsets.is_empty() || self.bytes_since_index >= self.index_interval_bytes {
             self.offsets.push(OffsetEntry {
@@ -238,14 +250,18 @@ impl Segment {
     /// Writes index entries not yet on disk and fsyncs the log file.
     pub(crate) fn flush(&mut self) -> Result<(), StorageError> {
         self.persist_indexes(false)?;
-        self.file.sync_data().map_err(|source| self.io_error(source))
+        self.file
+            .sync_data()
+            .map_err(|source| self.io_error(source))
     }
 
     /// Writes pending index entries and returns a second handle on the log file, so that
     /// the caller can fsync without holding the log.
     pub(crate) fn prepare_flush(&mut self) -> Result<File, StorageError> {
         self.persist_indexes(false)?;
-        self.file.try_clone().map_err(|source| self.io_error(source))
+        self.file
+            .try_clone()
+            .map_err(|source| self.io_error(source))
     }
 
     /// Flushes and also fsyncs the index files: after this the segment opens `Trusted`.
@@ -306,7 +322,8 @@ impl Segment {
                     },
                     None => 0,
                 };
-                let from = u64::from(offsets.last().map_or(0, |e| e.position)).min(last_time_position);
+                let from =
+                    u64::from(offsets.last().map_or(0, |e| e.position)).min(last_time_position);
                 self.offsets = offsets;
                 self.times = times;
                 self.offsets_persisted = self.offsets.len();
@@ -314,7 +331,11 @@ impl Segment {
                 self.first_timestamp_ms = self.read_header_at(0).ok().map(|h| h.max_timestamp_ms);
                 self.max_timestamp_ms = self.times.last().map_or(-1, |t| t.timestamp_ms);
                 // Re-scan from `from`: entries already present are kept, later ones added.
-                let keep_offsets = self.offsets.iter().filter(|e| u64::from(e.position) < from).count();
+                let keep_offsets = self
+                    .offsets
+                    .iter()
+                    .filter(|e| u64::from(e.position) < from)
+                    .count();
                 if keep_offsets < self.offsets.len() {
                     self.offsets.truncate(keep_offsets);
                     self.offsets_persisted = 0;
@@ -376,7 +397,10 @@ impl Segment {
     }
 
     fn read_header_at(&self, position: u64) -> Result<BatchHeader, StorageError> {
-        let available = self.size_bytes.saturating_sub(position).min(BATCH_HEADER_BYTES as u64);
+        let available = self
+            .size_bytes
+            .saturating_sub(position)
+            .min(BATCH_HEADER_BYTES as u64);
         let mut buf = vec![0u8; available as usize];
         self.file
             .read_exact_at(&mut buf, position)
@@ -428,7 +452,8 @@ impl Segment {
                 relative_offset: u32::from_be_bytes([chunk[8], chunk[9], chunk[10], chunk[11]]),
             };
             let increasing = entries.last().is_none_or(|prev| {
-                prev.timestamp_ms < entry.timestamp_ms && prev.relative_offset < entry.relative_offset
+                prev.timestamp_ms < entry.timestamp_ms
+                    && prev.relative_offset < entry.relative_offset
             });
             if !increasing {
                 return None;
@@ -439,9 +464,15 @@ impl Segment {
     }
 
     /// Position of the batch starting exactly at `relative_offset`, found through `index`.
-    fn lookup(&self, index: &[OffsetEntry], relative_offset: u32) -> Result<Option<u64>, StorageError> {
+    fn lookup(
+        &self,
+        index: &[OffsetEntry],
+        relative_offset: u32,
+    ) -> Result<Option<u64>, StorageError> {
         let floor = index.partition_point(|e| e.relative_offset <= relative_offset);
-        let mut position = floor.checked_sub(1).map_or(0, |i| u64::from(index[i].position));
+        let mut position = floor
+            .checked_sub(1)
+            .map_or(0, |i| u64::from(index[i].position));
         let target = self.base_offset + i64::from(relative_offset);
         while position < self.size_bytes {
             let header = self.read_header_at(position)?;
@@ -460,12 +491,18 @@ impl Segment {
     /// invalid tail when that is safe (see [`OpenMode::Recover`]).
     fn recover(&mut self, recovery_point: i64) -> Result<Option<TruncatedTail>, StorageError> {
         self.reset_indexes();
-        let file = self.file.try_clone().map_err(|source| self.io_error(source))?;
+        let file = self
+            .file
+            .try_clone()
+            .map_err(|source| self.io_error(source))?;
         let mut reader = ChunkReader::new(&file, self.size_bytes);
         let mut position = 0u64;
         let mut failure = None;
         while position < self.size_bytes {
-            match reader.batch_at(position).map_err(|source| self.io_error(source))? {
+            match reader
+                .batch_at(position)
+                .map_err(|source| self.io_error(source))?
+            {
                 Ok(bytes) => match validate(bytes) {
                     Ok(header) if header.base_offset >= self.next_offset => {
                         let size = header.size_bytes() as u64;
@@ -501,7 +538,9 @@ impl Segment {
             return Err(StorageError::Corrupt {
                 path: self.log_path(),
                 position,
-                reason: format!("{reason}; a valid batch follows at position {valid_at}, so this is not a torn write"),
+                reason: format!(
+                    "{reason}; a valid batch follows at position {valid_at}, so this is not a torn write"
+                ),
             });
         }
         let bytes_removed = self.size_bytes - position;
@@ -545,8 +584,12 @@ impl Segment {
     /// Position of the first batch whose last offset is `>= offset`, if any.
     pub(crate) fn find(&self, offset: i64) -> Result<Option<(u64, BatchHeader)>, StorageError> {
         let relative = (offset - self.base_offset).clamp(0, i64::from(u32::MAX)) as u32;
-        let floor = self.offsets.partition_point(|e| e.relative_offset <= relative);
-        let mut position = floor.checked_sub(1).map_or(0, |i| u64::from(self.offsets[i].position));
+        let floor = self
+            .offsets
+            .partition_point(|e| e.relative_offset <= relative);
+        let mut position = floor
+            .checked_sub(1)
+            .map_or(0, |i| u64::from(self.offsets[i].position));
         while position < self.size_bytes {
             let header = self.read_header_at(position)?;
             if header.last_offset() >= offset {
@@ -560,7 +603,12 @@ impl Segment {
     /// Whole batches starting with the one that holds `offset` (or the first after it),
     /// up to `max_bytes` (but always at least one batch) and only batches whose base offset
     /// is below `upper_bound`. Every batch returned has had its CRC verified.
-    pub(crate) fn read(&self, offset: i64, max_bytes: usize, upper_bound: i64) -> Result<Vec<u8>, StorageError> {
+    pub(crate) fn read(
+        &self,
+        offset: i64,
+        max_bytes: usize,
+        upper_bound: i64,
+    ) -> Result<Vec<u8>, StorageError> {
         let Some((start, first)) = self.find(offset)? else {
             return Ok(Vec::new());
         };
@@ -580,7 +628,8 @@ impl Segment {
             if end + size > buf.len() || base_offset >= upper_bound {
                 break;
             }
-            validate(&buf[end..end + size]).map_err(|source| self.corrupt(start + end as u64, source))?;
+            validate(&buf[end..end + size])
+                .map_err(|source| self.corrupt(start + end as u64, source))?;
             end += size;
         }
         buf.truncate(end);
@@ -588,14 +637,19 @@ impl Segment {
     }
 
     /// First offset in this segment whose record timestamp is `>= timestamp_ms`.
-    pub(crate) fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<i64>, StorageError> {
+    pub(crate) fn offset_for_timestamp(
+        &self,
+        timestamp_ms: i64,
+    ) -> Result<Option<i64>, StorageError> {
         if self.max_timestamp_ms < timestamp_ms {
             return Ok(None);
         }
-        let below = self.times.partition_point(|t| t.timestamp_ms < timestamp_ms);
-        let from = below
-            .checked_sub(1)
-            .map_or(self.base_offset, |i| self.base_offset + i64::from(self.times[i].relative_offset));
+        let below = self
+            .times
+            .partition_point(|t| t.timestamp_ms < timestamp_ms);
+        let from = below.checked_sub(1).map_or(self.base_offset, |i| {
+            self.base_offset + i64::from(self.times[i].relative_offset)
+        });
         let mut position = match self.find(from)? {
             Some((position, _)) => position,
             None => return Ok(None),
@@ -607,8 +661,8 @@ impl Segment {
                 self.file
                     .read_exact_at(&mut buf, position)
                     .map_err(|source| self.io_error(source))?;
-                let records =
-                    runnel_batch::decode_records(&buf).map_err(|source| self.corrupt(position, source))?;
+                let records = runnel_batch::decode_records(&buf)
+                    .map_err(|source| self.corrupt(position, source))?;
                 let found = records.iter().find(|r| r.timestamp_ms >= timestamp_ms);
                 return Ok(Some(found.map_or(header.base_offset, |r| r.offset)));
             }
@@ -654,7 +708,11 @@ impl Segment {
     pub(crate) fn delete(self) -> io::Result<()> {
         let (dir, base) = (self.dir.clone(), self.base_offset);
         drop(self);
-        for path in [log_path(&dir, base), offset_index_path(&dir, base), time_index_path(&dir, base)] {
+        for path in [
+            log_path(&dir, base),
+            offset_index_path(&dir, base),
+            time_index_path(&dir, base),
+        ] {
             match fs::remove_file(&path) {
                 Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
                 _ => {}

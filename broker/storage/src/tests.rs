@@ -23,7 +23,8 @@ fn batch_of(records: &[Record]) -> Vec<u8> {
 }
 
 fn append(log: &mut Log, records: &[Record], now_ms: i64) -> AppendInfo {
-    log.append(&mut batch_of(records), 0, now_ms).expect("append")
+    log.append(&mut batch_of(records), 0, now_ms)
+        .expect("append")
 }
 
 /// Every record from the log start to the end, read batch by batch.
@@ -79,7 +80,11 @@ fn active_log_file(dir: &Path) -> std::path::PathBuf {
 fn appends_get_dense_offsets_and_read_back() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut log = Log::open(dir.path(), small_config(), 0).expect("open");
-    let first = append(&mut log, &[rec(Some("a"), Some("1"), 10), rec(None, Some("2"), 11)], 0);
+    let first = append(
+        &mut log,
+        &[rec(Some("a"), Some("1"), 10), rec(None, Some("2"), 11)],
+        0,
+    );
     let second = append(&mut log, &[rec(Some("b"), Some("3"), 12)], 0);
     assert_eq!((first.base_offset, first.last_offset), (0, 1));
     assert_eq!((second.base_offset, second.last_offset), (2, 2));
@@ -89,12 +94,23 @@ fn appends_get_dense_offsets_and_read_back() {
     assert_eq!(all.iter().map(|r| r.offset).collect::<Vec<_>>(), [0, 1, 2]);
     // A read from the middle of a batch returns that batch.
     let bytes = log.read(1, 1 << 20, 3).expect("read");
-    assert_eq!(batches(&bytes).next().expect("batch").expect("ok").0.base_offset, 0);
+    assert_eq!(
+        batches(&bytes)
+            .next()
+            .expect("batch")
+            .expect("ok")
+            .0
+            .base_offset,
+        0
+    );
     // The upper bound (high watermark) hides later batches.
     let bytes = log.read(0, 1 << 20, 2).expect("read");
     assert_eq!(batches(&bytes).count(), 1);
     assert!(log.read(3, 1 << 20, 3).expect("at end").is_empty());
-    assert!(matches!(log.read(4, 100, 3), Err(ReadError::OffsetOutOfRange { .. })));
+    assert!(matches!(
+        log.read(4, 100, 3),
+        Err(ReadError::OffsetOutOfRange { .. })
+    ));
 }
 
 #[test]
@@ -106,17 +122,37 @@ fn bad_batches_are_refused_and_nothing_is_written() {
     };
     let mut log = Log::open(dir.path(), config, 0).expect("open");
     let big = "x".repeat(300);
-    let err = log.append(&mut batch_of(&[rec(None, Some(&big), 1)]), 0, 0).unwrap_err();
-    assert!(matches!(err, AppendError::RecordTooLarge { size_bytes_max: 200, .. }), "{err}");
+    let err = log
+        .append(&mut batch_of(&[rec(None, Some(&big), 1)]), 0, 0)
+        .expect_err("too large");
+    assert!(
+        matches!(
+            err,
+            AppendError::RecordTooLarge {
+                size_bytes_max: 200,
+                ..
+            }
+        ),
+        "{err}"
+    );
     let mut corrupt = batch_of(&[rec(None, Some("v"), 1)]);
     let last = corrupt.len() - 1;
     corrupt[last] ^= 1;
-    assert!(matches!(log.append(&mut corrupt, 0, 0), Err(AppendError::InvalidBatch(_))));
+    assert!(matches!(
+        log.append(&mut corrupt, 0, 0),
+        Err(AppendError::InvalidBatch(_))
+    ));
     let mut empty = batch_of(&[]);
-    assert!(matches!(log.append(&mut empty, 0, 0), Err(AppendError::EmptyBatch)));
+    assert!(matches!(
+        log.append(&mut empty, 0, 0),
+        Err(AppendError::EmptyBatch)
+    ));
     let mut two = batch_of(&[rec(None, Some("v"), 1)]);
     two.extend(batch_of(&[rec(None, Some("w"), 1)]));
-    assert!(matches!(log.append(&mut two, 0, 0), Err(AppendError::InconsistentBatch { .. })));
+    assert!(matches!(
+        log.append(&mut two, 0, 0),
+        Err(AppendError::InconsistentBatch { .. })
+    ));
     assert_eq!(log.log_end_offset(), 0);
     assert_eq!(log.snapshot().size_bytes, 0);
 }
@@ -130,7 +166,11 @@ fn segments_roll_by_size_and_age_and_lookups_span_them() {
     };
     let mut log = Log::open(dir.path(), config, 0).expect("open");
     for i in 0..40 {
-        append(&mut log, &[rec(None, Some(&format!("value-{i:03}")), i * 10)], i * 10);
+        append(
+            &mut log,
+            &[rec(None, Some(&format!("value-{i:03}")), i * 10)],
+            i * 10,
+        );
     }
     let by_size = log.snapshot().segment_count;
     assert!(by_size > 3, "segments: {by_size}");
@@ -150,7 +190,14 @@ fn timestamp_lookup_finds_first_record_at_or_after() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut log = Log::open(dir.path(), small_config(), 0).expect("open");
     for i in 0..30 {
-        append(&mut log, &[rec(None, Some("a"), 1000 + i * 100), rec(None, Some("b"), 1050 + i * 100)], 0);
+        append(
+            &mut log,
+            &[
+                rec(None, Some("a"), 1000 + i * 100),
+                rec(None, Some("b"), 1050 + i * 100),
+            ],
+            0,
+        );
     }
     assert_eq!(log.offset_for_timestamp(0).expect("lookup"), Some(0));
     assert_eq!(log.offset_for_timestamp(1050).expect("lookup"), Some(1));
@@ -175,7 +222,10 @@ fn retention_by_time_and_size_deletes_whole_old_segments() {
     assert!(deleted > 0 && deleted < segments);
     let start = log.log_start_offset();
     assert!(start > 0);
-    assert!(matches!(log.read(0, 100, 30), Err(ReadError::OffsetOutOfRange { .. })));
+    assert!(matches!(
+        log.read(0, 100, 30),
+        Err(ReadError::OffsetOutOfRange { .. })
+    ));
     // Everything that is left is younger than the cut or in the segment straddling it.
     assert_eq!(read_all(&log).first().map(|r| r.offset), Some(start));
     // Everything expired: the active segment stays.
@@ -206,9 +256,15 @@ fn delete_records_moves_log_start_and_survives_reopen() {
         append(&mut log, &[rec(None, Some(&format!("{i}")), i)], i);
     }
     assert_eq!(log.delete_records(12).expect("trim"), 12);
-    assert!(matches!(log.read(11, 100, 20), Err(ReadError::OffsetOutOfRange { .. })));
+    assert!(matches!(
+        log.read(11, 100, 20),
+        Err(ReadError::OffsetOutOfRange { .. })
+    ));
     assert_eq!(read_all(&log).first().map(|r| r.offset), Some(12));
-    assert!(matches!(log.delete_records(21), Err(ReadError::OffsetOutOfRange { .. })));
+    assert!(matches!(
+        log.delete_records(21),
+        Err(ReadError::OffsetOutOfRange { .. })
+    ));
     log.close().expect("close");
     let log = Log::open(dir.path(), small_config(), 0).expect("reopen");
     assert_eq!(log.log_start_offset(), 12);
@@ -233,23 +289,56 @@ fn compaction_keeps_latest_per_key_and_expires_tombstones() {
     }
     append(&mut log, &[rec(Some("k0"), None, 30)], 30);
     for i in 31..45 {
-        append(&mut log, &[rec(Some("other"), Some(&format!("v{i}")), i)], i);
+        append(
+            &mut log,
+            &[rec(Some("other"), Some(&format!("v{i}")), i)],
+            i,
+        );
     }
     let stats = log.compact(100).expect("compact");
     assert!(stats.records_removed > 0);
     let all = read_all(&log);
-    let last_for = |key: &str| all.iter().rev().find(|r| r.key.as_deref() == Some(key.as_bytes())).cloned();
-    assert_eq!(last_for("k1").and_then(|r| r.value), Some(Bytes::from("v28")));
-    assert_eq!(last_for("k2").and_then(|r| r.value), Some(Bytes::from("v29")));
-    assert_eq!(last_for("k0").map(|r| r.value), Some(None), "tombstone kept while young");
-    assert_eq!(all.iter().filter(|r| r.key.as_deref() == Some(b"k1")).count(), 1);
+    let last_for = |key: &str| {
+        all.iter()
+            .rev()
+            .find(|r| r.key.as_deref() == Some(key.as_bytes()))
+            .cloned()
+    };
+    assert_eq!(
+        last_for("k1").and_then(|r| r.value),
+        Some(Bytes::from("v28"))
+    );
+    assert_eq!(
+        last_for("k2").and_then(|r| r.value),
+        Some(Bytes::from("v29"))
+    );
+    assert_eq!(
+        last_for("k0").map(|r| r.value),
+        Some(None),
+        "tombstone kept while young"
+    );
+    assert_eq!(
+        all.iter()
+            .filter(|r| r.key.as_deref() == Some(b"k1"))
+            .count(),
+        1
+    );
     // Offsets are preserved and strictly increasing.
     assert!(all.windows(2).all(|w| w[0].offset < w[1].offset));
-    assert_eq!(all.iter().find(|r| r.value.as_deref() == Some(b"v28")).map(|r| r.offset), Some(28));
+    assert_eq!(
+        all.iter()
+            .find(|r| r.value.as_deref() == Some(b"v28"))
+            .map(|r| r.offset),
+        Some(28)
+    );
     assert_eq!(log.log_end_offset(), 45);
     // Later, the tombstone and every k0 record are gone.
     for i in 45..60 {
-        append(&mut log, &[rec(Some("other"), Some(&format!("v{i}")), 5000)], 5000);
+        append(
+            &mut log,
+            &[rec(Some("other"), Some(&format!("v{i}")), 5000)],
+            5000,
+        );
     }
     log.compact(10_000).expect("compact");
     let all = read_all(&log);
@@ -270,7 +359,11 @@ fn truncation_cuts_at_batch_boundaries_and_trims_epochs() {
     }
     assert_eq!(log.end_offset_for_epoch(1), Some((1, 10)));
     log.truncate_to(13).expect("truncate");
-    assert_eq!(log.log_end_offset(), 12, "offset 13 sits in the batch 12..=13");
+    assert_eq!(
+        log.log_end_offset(),
+        12,
+        "offset 13 sits in the batch 12..=13"
+    );
     log.truncate_to(8).expect("truncate");
     assert_eq!(log.log_end_offset(), 8);
     assert_eq!(log.leader_epochs().len(), 1);
@@ -291,7 +384,9 @@ fn log_append_time_stamps_the_broker_clock() {
         ..small_config()
     };
     let mut log = Log::open(dir.path(), config, 0).expect("open");
-    let info = log.append(&mut batch_of(&[rec(None, Some("v"), 5)]), 0, 12345).expect("append");
+    let info = log
+        .append(&mut batch_of(&[rec(None, Some("v"), 5)]), 0, 12345)
+        .expect("append");
     assert_eq!(info.log_append_time_ms, Some(12345));
     assert_eq!(read_all(&log)[0].timestamp_ms, 12345);
 }
@@ -300,7 +395,11 @@ fn log_append_time_stamps_the_broker_clock() {
 fn crashed_log(dir: &Path) -> Vec<Record> {
     let mut log = Log::open(dir, small_config(), 0).expect("open");
     for i in 0..25 {
-        append(&mut log, &[rec(Some("k"), Some(&format!("value-{i:02}")), i)], i);
+        append(
+            &mut log,
+            &[rec(Some("k"), Some(&format!("value-{i:02}")), i)],
+            i,
+        );
     }
     let all = read_all(&log);
     drop(log);
@@ -311,7 +410,9 @@ fn lookups(log: &Log) -> Vec<(i64, Option<i64>)> {
     (0..log.log_end_offset())
         .map(|o| {
             let bytes = log.read(o, 1, log.log_end_offset()).expect("read");
-            let base = batches(&bytes).next().map(|b| b.expect("valid").0.base_offset);
+            let base = batches(&bytes)
+                .next()
+                .map(|b| b.expect("valid").0.base_offset);
             (o, base)
         })
         .chain((0..30).map(|ts| (-ts, log.offset_for_timestamp(ts).expect("ts"))))
@@ -323,7 +424,12 @@ fn crash_recovery_truncates_torn_tails_to_the_last_valid_batch() {
     type Damage = fn(&Path, u64);
     let cases: [(&str, Damage); 4] = [
         ("cut mid-batch", |file, len| {
-            OpenOptions::new().write(true).open(file).expect("open").set_len(len - 5).expect("cut");
+            OpenOptions::new()
+                .write(true)
+                .open(file)
+                .expect("open")
+                .set_len(len - 5)
+                .expect("cut");
         }),
         ("garbage appended", |file, _| {
             let mut f = OpenOptions::new().append(true).open(file).expect("open");
@@ -336,7 +442,9 @@ fn crash_recovery_truncates_torn_tails_to_the_last_valid_batch() {
         }),
         ("length field of last batch damaged", |file, len| {
             let mut bytes = fs::read(file).expect("read");
-            let last_start = batches(&bytes).map(|b| b.expect("ok").1.len()).fold(0usize, |acc, n| acc + n)
+            let last_start = batches(&bytes)
+                .map(|b| b.expect("ok").1.len())
+                .sum::<usize>()
                 - batches(&bytes).last().expect("one").expect("ok").1.len();
             assert!(last_start < len as usize);
             bytes[last_start + 9] = 0x7f;
@@ -350,8 +458,13 @@ fn crash_recovery_truncates_torn_tails_to_the_last_valid_batch() {
         let len = fs::metadata(&file).expect("meta").len();
         let garbage_only = name == "garbage appended";
         damage(&file, len);
-        let log = Log::open(dir.path(), small_config(), 0).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let expected = if garbage_only { &written[..] } else { &written[..written.len() - 1] };
+        let log =
+            Log::open(dir.path(), small_config(), 0).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let expected = if garbage_only {
+            &written[..]
+        } else {
+            &written[..written.len() - 1]
+        };
         assert_eq!(values(&read_all(&log)), values(expected), "{name}");
         assert_eq!(log.recovered_tails().len(), 1, "{name}");
         // A fresh log with the same records answers lookups the same way.
@@ -383,7 +496,12 @@ fn damaged_or_missing_indexes_are_rebuilt() {
                     "garbage" => fs::write(&path, [0x5a; 24]).expect("write"),
                     _ => {
                         let len = fs::metadata(&path).expect("meta").len();
-                        OpenOptions::new().write(true).open(&path).expect("open").set_len(len / 2).expect("cut");
+                        OpenOptions::new()
+                            .write(true)
+                            .open(&path)
+                            .expect("open")
+                            .set_len(len / 2)
+                            .expect("cut");
                     }
                 }
             }
@@ -405,7 +523,10 @@ fn interior_damage_fails_closed_naming_file_and_position() {
     fs::write(&file, &bytes).expect("write");
     let err = Log::open(dir.path(), small_config(), 0).expect_err("must fail closed");
     let msg = err.to_string();
-    assert!(matches!(err, StorageError::Corrupt { position: 0, .. }), "{msg}");
+    assert!(
+        matches!(err, StorageError::Corrupt { position: 0, .. }),
+        "{msg}"
+    );
     assert!(msg.contains(&file.display().to_string()), "{msg}");
     // After a clean close: the open trusts the log, the read catches it.
     let dir = tempfile::tempdir().expect("tempdir");
@@ -430,7 +551,10 @@ fn interior_damage_fails_closed_naming_file_and_position() {
     let log = Log::open(dir.path(), small_config(), 0).expect("trusted open");
     let err = log.read(1, 1 << 20, 25).expect_err("must fail closed");
     let msg = err.to_string();
-    assert!(msg.contains("corrupt") && msg.contains(&first_segment.display().to_string()), "{msg}");
+    assert!(
+        msg.contains("corrupt") && msg.contains(&first_segment.display().to_string()),
+        "{msg}"
+    );
     assert!(msg.contains(&format!("byte {first_len}")), "{msg}");
     // Undamaged batches are still served.
     assert!(log.read(0, 1, 25).is_ok());
@@ -440,13 +564,20 @@ fn interior_damage_fails_closed_naming_file_and_position() {
 fn flush_policy_decides_when_to_fsync() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = LogConfig {
-        flush: FlushPolicy::Interval { messages: 3, ms: 1000 },
+        flush: FlushPolicy::Interval {
+            messages: 3,
+            ms: 1000,
+        },
         ..small_config()
     };
     let mut log = Log::open(dir.path(), config, 0).expect("open");
     append(&mut log, &[rec(None, Some("a"), 0)], 0);
     assert!(!log.maybe_flush(10).expect("flush"));
-    append(&mut log, &[rec(None, Some("b"), 0), rec(None, Some("c"), 0)], 0);
+    append(
+        &mut log,
+        &[rec(None, Some("b"), 0), rec(None, Some("c"), 0)],
+        0,
+    );
     assert!(log.maybe_flush(20).expect("flush"));
     append(&mut log, &[rec(None, Some("d"), 0)], 0);
     assert!(log.maybe_flush(2000).expect("flush by time"));
@@ -499,7 +630,11 @@ struct ModelRecord {
 }
 
 fn pick(frac: u16, lo: i64, hi: i64) -> i64 {
-    if hi <= lo { lo } else { lo + i64::from(frac) % (hi - lo + 1) }
+    if hi <= lo {
+        lo
+    } else {
+        lo + i64::from(frac) % (hi - lo + 1)
+    }
 }
 
 fn check_same(log: &Log, model: &[ModelRecord]) -> Result<(), TestCaseError> {
@@ -622,4 +757,3 @@ proptest! {
         }
     }
 }
-

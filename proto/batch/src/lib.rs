@@ -380,8 +380,7 @@ pub fn set_leader_epoch(batch: &mut [u8], leader_epoch: i32) {
 pub fn set_log_append_time(batch: &mut [u8], append_time_ms: i64) {
     let attributes = read_i16(batch, ATTRIBUTES_POS) | TIMESTAMP_TYPE_BIT;
     batch[ATTRIBUTES_POS..ATTRIBUTES_POS + 2].copy_from_slice(&attributes.to_be_bytes());
-    batch[MAX_TIMESTAMP_POS..MAX_TIMESTAMP_POS + 8]
-        .copy_from_slice(&append_time_ms.to_be_bytes());
+    batch[MAX_TIMESTAMP_POS..MAX_TIMESTAMP_POS + 8].copy_from_slice(&append_time_ms.to_be_bytes());
     let crc = crc32c::crc32c(&batch[ATTRIBUTES_POS..]);
     batch[CRC_POS..CRC_POS + 4].copy_from_slice(&crc.to_be_bytes());
 }

@@ -64,7 +64,10 @@ fn log_append_time_rewrites_timestamps_and_crc() {
     set_log_append_time(&mut batch, 777);
     let header = validate(&batch).expect("crc recomputed");
     assert_eq!(header.timestamp_type(), TimestampType::LogAppendTime);
-    assert_eq!(decode_records(&batch).expect("decodes")[0].timestamp_ms, 777);
+    assert_eq!(
+        decode_records(&batch).expect("decodes")[0].timestamp_ms,
+        777
+    );
 }
 
 #[test]
@@ -72,7 +75,10 @@ fn flipped_byte_fails_crc() {
     let mut batch = encode(&[record(Some("k"), Some("v"), 5)], BatchOptions::default()).to_vec();
     let last = batch.len() - 1;
     batch[last] ^= 0xff;
-    assert!(matches!(validate(&batch), Err(BatchError::CrcMismatch { .. })));
+    assert!(matches!(
+        validate(&batch),
+        Err(BatchError::CrcMismatch { .. })
+    ));
 }
 
 #[test]
@@ -83,7 +89,10 @@ fn short_and_bogus_buffers_are_errors() {
     }
     let mut bad_len = batch.to_vec();
     bad_len[8..12].copy_from_slice(&(-5i32).to_be_bytes());
-    assert!(matches!(validate(&bad_len), Err(BatchError::InvalidLength { .. })));
+    assert!(matches!(
+        validate(&bad_len),
+        Err(BatchError::InvalidLength { .. })
+    ));
     let mut bad_magic = batch.to_vec();
     bad_magic[16] = 1;
     assert_eq!(

@@ -10,7 +10,8 @@ pub mod v1 {
 }
 
 /// The encoded file descriptor set, for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/runnel_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/runnel_descriptor.bin"));
 
 /// Metadata key of the error code name in a failed call's status.
 pub const ERROR_CODE_METADATA_KEY: &str = "runnel-error-code";

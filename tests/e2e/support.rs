@@ -1,0 +1,129 @@
+//! Starting real `runnel` processes and running CLI commands against them.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const RUNNEL: &str = env!("CARGO_BIN_EXE_runnel");
+
+/// A `runnel dev` process on a free loopback port, killed when dropped.
+pub struct Dev {
+    child: Child,
+    pub addr: String,
+}
+
+impl Dev {
+    pub fn start(data_dir: &Path) -> Dev {
+        Self::start_on(data_dir, "127.0.0.1:0")
+    }
+
+    /// Starts on `listen`, waiting until the process says where it listens.
+    pub fn start_on(data_dir: &Path, listen: &str) -> Dev {
+        let mut child = Command::new(RUNNEL)
+            .args(["dev", "--data-dir"])
+            .arg(data_dir)
+            .args(["--listen", listen])
+            .env("RUNNEL_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("runnel dev starts");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut lines = BufReader::new(stdout).lines();
+        let first = lines
+            .next()
+            .expect("runnel dev prints its address")
+            .expect("readable stdout");
+        let addr = first
+            .split("listening on ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+            .to_string();
+        // Keep draining stdout so the process never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Dev { child, addr }
+    }
+
+    /// Runs `runnel --brokers ADDR args...` with `stdin` as input.
+    pub fn run(&self, args: &[&str], stdin: &str) -> Output {
+        runnel_at(&self.addr, args, stdin)
+    }
+
+    /// Like [`Dev::run`], but fails the test unless the command succeeds; returns stdout.
+    pub fn ok(&self, args: &[&str], stdin: &str) -> String {
+        let output = self.run(args, stdin);
+        assert!(
+            output.status.success(),
+            "runnel {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            String::from_utf8_lossy(&output.stdout)
+        );
+        String::from_utf8(output.stdout).expect("UTF-8 output")
+    }
+
+    /// Runs a command that must fail; returns its stderr.
+    pub fn fails(&self, args: &[&str], stdin: &str) -> String {
+        let output = self.run(args, stdin);
+        assert!(
+            !output.status.success(),
+            "runnel {args:?} should have failed but printed {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        String::from_utf8(output.stderr).expect("UTF-8 output")
+    }
+
+    /// Stops with SIGTERM (a clean shutdown) and waits.
+    pub fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        wait_exit(&mut self.child, Duration::from_secs(20));
+    }
+
+    /// Kills with SIGKILL: a crash.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("runnel did not stop within {timeout:?}");
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn runnel_at(addr: &str, args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(RUNNEL)
+        .args(["--brokers", addr])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("runnel runs");
+    let mut input = child.stdin.take().expect("stdin is piped");
+    let data = stdin.to_string();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(data.as_bytes());
+    });
+    let output = child.wait_with_output().expect("runnel finishes");
+    let _ = writer.join();
+    output
+}
