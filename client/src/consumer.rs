@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use runnel_batch::{Header, batches, decode_records};
+use runnel_batch::{Header, batches, decode_records_shared};
 use runnel_proto::v1::{self, ErrorCode};
 
 use crate::client::Client;
@@ -247,14 +247,17 @@ impl Consumer {
         let Some(position) = self.positions.get_mut(&key) else {
             return Ok(());
         };
+        let mut at = 0usize;
         for batch in batches(&fetched.records) {
             let (header, raw) = batch.map_err(|err| ClientError::Corrupt(err.to_string()))?;
+            let shared = fetched.records.slice(at..at + raw.len());
+            at += raw.len();
             if header.is_control() {
                 *position = (*position).max(header.next_offset());
                 continue;
             }
-            for record in
-                decode_records(raw).map_err(|err| ClientError::Corrupt(err.to_string()))?
+            for record in decode_records_shared(&shared)
+                .map_err(|err| ClientError::Corrupt(err.to_string()))?
             {
                 if record.offset < *position {
                     continue;

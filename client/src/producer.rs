@@ -13,13 +13,14 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use runnel_batch::{BatchBuilder, BatchOptions, Compression, Header, Record};
 use runnel_proto::v1;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_stream::StreamExt;
 
@@ -148,7 +149,7 @@ impl ProducerRecord {
 /// Where an acknowledged record was written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordMetadata {
-    pub topic: String,
+    pub topic: Arc<str>,
     pub partition: u32,
     pub offset: i64,
     pub timestamp_ms: i64,
@@ -169,58 +170,209 @@ impl Future for Delivery {
     }
 }
 
-enum Command {
-    Send(ProducerRecord, oneshot::Sender<DeliveryResult>),
-    Flush(oneshot::Sender<()>),
+/// Sends records in batches; share it behind an `Arc` to send from several tasks.
+/// Dropping it sends what is buffered and then stops the background task.
+pub struct Producer {
+    shared: Arc<Shared>,
 }
 
-/// Sends records in batches; cheap to share behind an `Arc`.
-pub struct Producer {
-    commands: mpsc::Sender<Command>,
+/// What `send` and the background sender share: the record accumulator.
+struct Shared {
+    client: Client,
+    config: ProducerConfig,
+    state: Mutex<Accumulator>,
+    /// Wakes the sender: a batch is full, a new batch started its linger, a flush, a close.
+    wake: Notify,
+    /// Wakes senders waiting for buffer space.
+    space: Notify,
+}
+
+#[derive(Default)]
+struct Accumulator {
+    open: HashMap<String, HashMap<u32, OpenBatch>>,
+    ready: Vec<(String, u32, OpenBatch)>,
+    partition_counts: HashMap<String, u32>,
+    sticky: HashMap<String, u32>,
+    next_sticky: u32,
+    pending_bytes: usize,
+    flush_waiters: Vec<oneshot::Sender<()>>,
+    closed: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Accumulator> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+enum Placement {
+    Done(Delivery),
+    NeedPartitionCount,
+    NeedSpace,
+    Failed(ClientError),
 }
 
 impl Producer {
-    /// Starts the producer's background task on the current tokio runtime.
+    /// Starts the producer's background sender on the current tokio runtime.
     pub fn new(client: Client, config: ProducerConfig) -> Self {
-        let (commands, rx) = mpsc::channel(8192);
-        let (events_tx, events) = mpsc::channel(1024);
-        let task = Task {
+        let shared = Arc::new(Shared {
             client,
             config,
-            commands: rx,
+            state: Mutex::new(Accumulator::default()),
+            wake: Notify::new(),
+            space: Notify::new(),
+        });
+        let (events_tx, events) = mpsc::channel(1024);
+        let task = Task {
+            shared: shared.clone(),
             events_tx,
             events,
-            open: HashMap::new(),
-            sticky: HashMap::new(),
-            next_sticky: 0,
             in_flight: HashMap::new(),
             streams: HashMap::new(),
             retries: VecDeque::new(),
-            flush_waiters: Vec::new(),
             next_request_id: 0,
-            pending_bytes: 0,
         };
         tokio::spawn(task.run());
-        Producer { commands }
+        Producer { shared }
     }
 
-    /// Queues a record. Waits only when the producer's buffer is full. The returned
-    /// [`Delivery`] resolves when the broker acknowledged the record.
+    /// Adds a record to its partition's batch. Waits only when the producer's buffer is
+    /// full or the topic's partition count must be looked up. The returned [`Delivery`]
+    /// resolves when the broker acknowledged the record.
     ///
     /// # Errors
-    /// An empty topic name, or a closed producer.
+    /// An empty topic name, an unknown topic or partition, or a closed producer.
     pub async fn send(&self, record: ProducerRecord) -> Result<Delivery, ClientError> {
         if record.topic.is_empty() {
             return Err(ClientError::InvalidArgument(
                 "the record has no topic".into(),
             ));
         }
+        let mut record = Some(record);
+        let mut refreshed = false;
+        loop {
+            let placement = self.place(&mut record, refreshed);
+            match placement {
+                Placement::Done(delivery) => return Ok(delivery),
+                Placement::Failed(err) => return Err(err),
+                Placement::NeedSpace => {
+                    // Completions notify; the timeout covers a notification that raced us.
+                    let _ = tokio::time::timeout(
+                        Duration::from_millis(10),
+                        self.shared.space.notified(),
+                    )
+                    .await;
+                }
+                Placement::NeedPartitionCount => {
+                    let topic = record.as_ref().map(|r| r.topic.clone()).unwrap_or_default();
+                    let count = self
+                        .shared
+                        .client
+                        .refresh_topic(&topic)
+                        .await?
+                        .leaders
+                        .len() as u32;
+                    self.shared.lock().partition_counts.insert(topic, count);
+                    refreshed = true;
+                }
+            }
+        }
+    }
+
+    /// Puts the record into its batch, or says what must happen first. `refreshed`: the
+    /// topic's partition count was just fetched from the cluster.
+    fn place(&self, slot: &mut Option<ProducerRecord>, refreshed: bool) -> Placement {
+        let Some(record) = slot.as_ref() else {
+            return Placement::Failed(ClientError::ProducerClosed);
+        };
+        let config = &self.shared.config;
+        let mut acc = self.shared.lock();
+        if acc.closed {
+            return Placement::Failed(ClientError::ProducerClosed);
+        }
+        if acc.pending_bytes >= config.buffer_bytes {
+            return Placement::NeedSpace;
+        }
+        let Some(&count) = acc.partition_counts.get(&record.topic) else {
+            return Placement::NeedPartitionCount;
+        };
+        let partition = match (record.partition, &record.key) {
+            (Some(p), _) if p < count => p,
+            (Some(p), _) => {
+                // Ask the cluster once more: the topic may have grown since it was cached.
+                if !refreshed {
+                    return Placement::NeedPartitionCount;
+                }
+                return Placement::Failed(ClientError::Broker {
+                    code: v1::ErrorCode::UnknownPartition,
+                    message: format!(
+                        "topic {:?} has {count} partitions (0..={}); partition {p} does not exist",
+                        record.topic,
+                        count.saturating_sub(1)
+                    ),
+                });
+            }
+            (None, Some(key)) => partition_for_key(key, count),
+            (None, None) => {
+                let next = acc.next_sticky;
+                match acc.sticky.get(&record.topic) {
+                    Some(p) => *p % count.max(1),
+                    None => {
+                        let p = next % count.max(1);
+                        acc.sticky.insert(record.topic.clone(), p);
+                        p
+                    }
+                }
+            }
+        };
+        let Some(record) = slot.take() else {
+            return Placement::Failed(ClientError::ProducerClosed);
+        };
+        let timestamp_ms = record.timestamp_ms.unwrap_or_else(now_ms);
+        let size = record.size_bytes();
+        acc.pending_bytes += size;
+        let compression = config.compression;
+        let by_partition = match acc.open.get_mut(record.topic.as_str()) {
+            Some(by_partition) => by_partition,
+            None => acc.open.entry(record.topic.clone()).or_default(),
+        };
+        let mut started = false;
+        let batch = by_partition.entry(partition).or_insert_with(|| {
+            started = true;
+            OpenBatch {
+                builder: BatchBuilder::new(BatchOptions {
+                    compression,
+                    ..BatchOptions::default()
+                }),
+                waiters: Vec::new(),
+                started: Instant::now(),
+                size_bytes: 0,
+            }
+        });
         let (tx, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Send(record, tx))
-            .await
-            .map_err(|_| ClientError::ProducerClosed)?;
-        Ok(Delivery(rx))
+        batch.builder.push(&Record {
+            offset: 0,
+            timestamp_ms,
+            key: record.key,
+            value: record.value,
+            headers: record.headers,
+        });
+        batch.waiters.push(Waiter { tx, timestamp_ms });
+        batch.size_bytes += size;
+        let full = batch.builder.size_bytes() >= config.batch_size_bytes;
+        if full {
+            if let Some(batch) = by_partition.remove(&partition) {
+                acc.ready.push((record.topic.clone(), partition, batch));
+            }
+            acc.retire_sticky(&record.topic, partition);
+        }
+        drop(acc);
+        if full || started {
+            self.shared.wake.notify_one();
+        }
+        Placement::Done(Delivery(rx))
     }
 
     /// Sends everything buffered now and waits until every record sent so far is
@@ -230,11 +382,65 @@ impl Producer {
     /// A closed producer.
     pub async fn flush(&self) -> Result<(), ClientError> {
         let (tx, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Flush(tx))
-            .await
-            .map_err(|_| ClientError::ProducerClosed)?;
+        self.shared.lock().flush_waiters.push(tx);
+        self.shared.wake.notify_one();
         rx.await.map_err(|_| ClientError::ProducerClosed)
+    }
+}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.wake.notify_one();
+    }
+}
+
+impl Accumulator {
+    /// Sticky partitioning: once a keyless batch of `topic` leaves, the next keyless
+    /// records of that topic go to another partition.
+    fn retire_sticky(&mut self, topic: &str, partition: u32) {
+        if self.sticky.get(topic) == Some(&partition) {
+            self.sticky.remove(topic);
+            self.next_sticky = self.next_sticky.wrapping_add(1);
+        }
+    }
+
+    /// Moves batches that must go now to `ready` and returns them, with the time the
+    /// next open batch's linger ends.
+    fn take_sendable(
+        &mut self,
+        linger: Duration,
+        everything: bool,
+    ) -> (Vec<(String, u32, OpenBatch)>, Option<Instant>) {
+        let now = Instant::now();
+        let mut due = Vec::new();
+        let mut next_deadline: Option<Instant> = None;
+        for (topic, by_partition) in &mut self.open {
+            let expired: Vec<u32> = by_partition
+                .iter()
+                .filter_map(|(p, b)| {
+                    let deadline = b.started + linger;
+                    if everything || deadline <= now {
+                        Some(*p)
+                    } else {
+                        next_deadline = Some(next_deadline.map_or(deadline, |d| d.min(deadline)));
+                        None
+                    }
+                })
+                .collect();
+            for partition in expired {
+                if let Some(batch) = by_partition.remove(&partition) {
+                    due.push((topic.clone(), partition, batch));
+                }
+            }
+        }
+        for (topic, partition, _) in &due {
+            self.retire_sticky(topic, *partition);
+        }
+        self.open.retain(|_, by_partition| !by_partition.is_empty());
+        let mut batches = std::mem::take(&mut self.ready);
+        batches.extend(due);
+        (batches, next_deadline)
     }
 }
 
@@ -251,7 +457,7 @@ struct OpenBatch {
 }
 
 struct Sent {
-    topic: String,
+    topic: Arc<str>,
     partition: u32,
     records: Bytes,
     waiters: Vec<Waiter>,
@@ -265,21 +471,15 @@ enum Event {
     StreamFailed(u32, ClientError),
 }
 
+/// The background sender: ships ready batches, matches responses, retries.
 struct Task {
-    client: Client,
-    config: ProducerConfig,
-    commands: mpsc::Receiver<Command>,
+    shared: Arc<Shared>,
     events_tx: mpsc::Sender<Event>,
     events: mpsc::Receiver<Event>,
-    open: HashMap<(String, u32), OpenBatch>,
-    sticky: HashMap<String, u32>,
-    next_sticky: u32,
     in_flight: HashMap<u64, Sent>,
     streams: HashMap<u32, mpsc::Sender<v1::ProduceRequest>>,
     retries: VecDeque<(Instant, Sent)>,
-    flush_waiters: Vec<oneshot::Sender<()>>,
     next_request_id: u64,
-    pending_bytes: usize,
 }
 
 fn now_ms() -> i64 {
@@ -290,165 +490,48 @@ fn now_ms() -> i64 {
 
 impl Task {
     async fn run(mut self) {
-        let mut commands_open = true;
         loop {
-            let linger_deadline = self
-                .open
-                .values()
-                .map(|b| b.started + self.config.linger)
-                .min();
+            let (batches, linger_deadline, closing) = {
+                let mut acc = self.shared.lock();
+                let everything = acc.closed || !acc.flush_waiters.is_empty();
+                let (batches, deadline) = acc.take_sendable(self.shared.config.linger, everything);
+                (batches, deadline, acc.closed)
+            };
+            for (topic, partition, batch) in batches {
+                self.dispatch(Sent {
+                    topic: Arc::from(topic),
+                    partition,
+                    records: batch.builder.build(),
+                    waiters: batch.waiters,
+                    leader: 0,
+                    attempts: 0,
+                    size_bytes: batch.size_bytes,
+                })
+                .await;
+            }
+            self.send_due_retries().await;
+            if self.in_flight.is_empty() && self.retries.is_empty() {
+                let mut acc = self.shared.lock();
+                if acc.open.is_empty() && acc.ready.is_empty() {
+                    for waiter in acc.flush_waiters.drain(..) {
+                        let _ = waiter.send(());
+                    }
+                    if closing {
+                        return;
+                    }
+                }
+            }
             let retry_deadline = self.retries.front().map(|(at, _)| *at);
             let wake = [linger_deadline, retry_deadline]
                 .into_iter()
                 .flatten()
                 .min();
-            let accepting = commands_open && self.pending_bytes < self.config.buffer_bytes;
             tokio::select! {
-                command = self.commands.recv(), if accepting => match command {
-                    Some(Command::Send(record, tx)) => self.accept(record, tx).await,
-                    Some(Command::Flush(tx)) => {
-                        self.flush_waiters.push(tx);
-                        self.send_all_open().await;
-                    }
-                    None => {
-                        commands_open = false;
-                        self.send_all_open().await;
-                    }
-                },
+                () = self.shared.wake.notified() => {}
                 Some(event) = self.events.recv() => self.handle(event).await,
-                () = sleep_until(wake), if wake.is_some() => {
-                    self.send_expired().await;
-                    self.send_due_retries().await;
-                }
-            }
-            if !self.flush_waiters.is_empty() && !self.open.is_empty() {
-                self.send_all_open().await;
-            }
-            let idle = self.open.is_empty() && self.in_flight.is_empty() && self.retries.is_empty();
-            if idle {
-                for waiter in self.flush_waiters.drain(..) {
-                    let _ = waiter.send(());
-                }
-                if !commands_open {
-                    return;
-                }
+                () = sleep_until(wake), if wake.is_some() => {}
             }
         }
-    }
-
-    async fn choose_partition(&mut self, record: &ProducerRecord) -> Result<u32, ClientError> {
-        let count = self.client.partition_count(&record.topic).await?;
-        match (record.partition, &record.key) {
-            (Some(p), _) if p < count => Ok(p),
-            (Some(p), _) => {
-                // The topic may have grown; ask again before refusing.
-                let count = self
-                    .client
-                    .refresh_topic(&record.topic)
-                    .await?
-                    .leaders
-                    .len() as u32;
-                if p < count {
-                    Ok(p)
-                } else {
-                    Err(ClientError::Broker {
-                        code: v1::ErrorCode::UnknownPartition,
-                        message: format!(
-                            "topic {:?} has {count} partitions (0..={}); partition {p} does not exist",
-                            record.topic,
-                            count.saturating_sub(1)
-                        ),
-                    })
-                }
-            }
-            (None, Some(key)) => Ok(partition_for_key(key, count)),
-            (None, None) => {
-                let next = self.next_sticky;
-                let p = *self
-                    .sticky
-                    .entry(record.topic.clone())
-                    .or_insert(next % count.max(1));
-                Ok(p % count.max(1))
-            }
-        }
-    }
-
-    async fn accept(&mut self, record: ProducerRecord, tx: oneshot::Sender<DeliveryResult>) {
-        let partition = match self.choose_partition(&record).await {
-            Ok(p) => p,
-            Err(err) => {
-                let _ = tx.send(Err(err));
-                return;
-            }
-        };
-        let timestamp_ms = record.timestamp_ms.unwrap_or_else(now_ms);
-        let size = record.size_bytes();
-        let options = BatchOptions {
-            compression: self.config.compression,
-            ..BatchOptions::default()
-        };
-        let key = (record.topic.clone(), partition);
-        let batch = self.open.entry(key.clone()).or_insert_with(|| OpenBatch {
-            builder: BatchBuilder::new(options),
-            waiters: Vec::new(),
-            started: Instant::now(),
-            size_bytes: 0,
-        });
-        batch.builder.push(&Record {
-            offset: 0,
-            timestamp_ms,
-            key: record.key,
-            value: record.value,
-            headers: record.headers,
-        });
-        batch.waiters.push(Waiter { tx, timestamp_ms });
-        batch.size_bytes += size;
-        self.pending_bytes += size;
-        if batch.builder.size_bytes() >= self.config.batch_size_bytes {
-            self.send_batch(key).await;
-        }
-    }
-
-    async fn send_expired(&mut self) {
-        let now = Instant::now();
-        let expired: Vec<(String, u32)> = self
-            .open
-            .iter()
-            .filter(|(_, b)| b.started + self.config.linger <= now)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in expired {
-            self.send_batch(key).await;
-        }
-    }
-
-    async fn send_all_open(&mut self) {
-        let keys: Vec<(String, u32)> = self.open.keys().cloned().collect();
-        for key in keys {
-            self.send_batch(key).await;
-        }
-    }
-
-    async fn send_batch(&mut self, key: (String, u32)) {
-        let Some(batch) = self.open.remove(&key) else {
-            return;
-        };
-        let (topic, partition) = key;
-        if self.sticky.get(&topic) == Some(&partition) {
-            // Sticky partitioning: the next keyless batch of this topic goes elsewhere.
-            self.next_sticky = self.next_sticky.wrapping_add(1);
-            self.sticky.remove(&topic);
-        }
-        let sent = Sent {
-            topic,
-            partition,
-            records: batch.builder.build(),
-            waiters: batch.waiters,
-            leader: 0,
-            attempts: 0,
-            size_bytes: batch.size_bytes,
-        };
-        self.dispatch(sent).await;
     }
 
     /// Sends (or resends) a batch on its leader's stream.
@@ -464,17 +547,17 @@ impl Task {
         self.next_request_id += 1;
         let request = v1::ProduceRequest {
             request_id,
-            topic: sent.topic.clone(),
+            topic: sent.topic.to_string(),
             partitions: vec![v1::PartitionRecords {
                 partition: sent.partition,
                 records: sent.records.clone(),
             }],
-            acks: self.config.acks.to_proto() as i32,
+            acks: self.shared.config.acks.to_proto() as i32,
             timeout_ms: 0,
         };
+        let leader = sent.leader;
         self.in_flight.insert(request_id, sent);
         if stream.send(request).await.is_err() {
-            let leader = self.in_flight.get(&request_id).map_or(0, |s| s.leader);
             self.streams.remove(&leader);
             if let Some(sent) = self.in_flight.remove(&request_id) {
                 self.fail_or_retry(
@@ -493,7 +576,8 @@ impl Task {
         topic: &str,
         partition: u32,
     ) -> Result<(u32, mpsc::Sender<v1::ProduceRequest>), ClientError> {
-        let info = self.client.topic(topic).await?;
+        let client = &self.shared.client;
+        let info = client.topic(topic).await?;
         let leader = *info
             .leaders
             .get(partition as usize)
@@ -504,10 +588,9 @@ impl Task {
         if let Some(stream) = self.streams.get(&leader) {
             return Ok((leader, stream.clone()));
         }
-        let channel = self.client.channel_to(leader)?;
-        let (tx, rx) = mpsc::channel(self.config.max_in_flight.max(1));
-        let mut responses = self
-            .client
+        let channel = client.channel_to(leader)?;
+        let (tx, rx) = mpsc::channel(self.shared.config.max_in_flight.max(1));
+        let mut responses = client
             .producer_rpc(channel)
             .produce_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await?
@@ -559,7 +642,7 @@ impl Task {
                     Ok((base_offset, append_time)) => self.complete(sent, base_offset, append_time),
                     Err(err) => {
                         if err.is_retriable() {
-                            let _ = self.client.refresh_topic(&sent.topic).await;
+                            let _ = self.shared.client.refresh_topic(&sent.topic).await;
                             self.streams.remove(&sent.leader);
                         }
                         self.fail_or_retry(sent, err);
@@ -583,8 +666,15 @@ impl Task {
         }
     }
 
+    fn release(&self, size_bytes: usize) {
+        let mut acc = self.shared.lock();
+        acc.pending_bytes = acc.pending_bytes.saturating_sub(size_bytes);
+        drop(acc);
+        self.shared.space.notify_waiters();
+    }
+
     fn complete(&mut self, sent: Sent, base_offset: i64, log_append_time_ms: i64) {
-        self.pending_bytes = self.pending_bytes.saturating_sub(sent.size_bytes);
+        self.release(sent.size_bytes);
         for (i, waiter) in sent.waiters.into_iter().enumerate() {
             let _ = waiter.tx.send(Ok(RecordMetadata {
                 topic: sent.topic.clone(),
@@ -600,14 +690,14 @@ impl Task {
     }
 
     fn fail_or_retry(&mut self, mut sent: Sent, err: ClientError) {
-        if err.is_retriable() && sent.attempts < self.config.retries {
+        if err.is_retriable() && sent.attempts < self.shared.config.retries {
             sent.attempts += 1;
             tracing::debug!(topic = %sent.topic, partition = sent.partition, attempt = sent.attempts, error = %err, "retrying batch");
             self.retries
-                .push_back((Instant::now() + self.config.retry_backoff, sent));
+                .push_back((Instant::now() + self.shared.config.retry_backoff, sent));
             return;
         }
-        self.pending_bytes = self.pending_bytes.saturating_sub(sent.size_bytes);
+        self.release(sent.size_bytes);
         for waiter in sent.waiters {
             let _ = waiter.tx.send(Err(err.clone()));
         }

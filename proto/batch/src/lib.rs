@@ -387,11 +387,24 @@ pub fn set_log_append_time(batch: &mut [u8], append_time_ms: i64) {
 
 /// Decodes the records of one validated batch (`batch` holds exactly that batch).
 /// Offsets and timestamps in the result are absolute; with `LogAppendTime` every record
-/// carries the batch's max timestamp.
+/// carries the batch's max timestamp. Keys, values and headers are copied out.
 ///
 /// # Errors
 /// A malformed header or record, or an unsupported compression codec.
 pub fn decode_records(batch: &[u8]) -> Result<Vec<Record>, BatchError> {
+    decode_with(batch, None)
+}
+
+/// Like [`decode_records`], but keys, values and header values are slices of `batch`
+/// (or of one decompressed buffer): no copy and no allocation per field.
+///
+/// # Errors
+/// A malformed header or record, or an unsupported compression codec.
+pub fn decode_records_shared(batch: &Bytes) -> Result<Vec<Record>, BatchError> {
+    decode_with(batch, Some(batch))
+}
+
+fn decode_with(batch: &[u8], shared: Option<&Bytes>) -> Result<Vec<Record>, BatchError> {
     let header = parse_header(batch)?;
     let body = batch
         .get(BATCH_HEADER_BYTES..header.size_bytes())
@@ -400,18 +413,22 @@ pub fn decode_records(batch: &[u8]) -> Result<Vec<Record>, BatchError> {
             available_bytes: batch.len(),
         })?;
     let decompressed;
-    let body = match header.compression()? {
-        Compression::None => body,
+    let (body, owner) = match header.compression()? {
+        Compression::None => (body, shared.cloned()),
         Compression::Lz4 => {
-            decompressed = lz4_decompress(body)?;
-            &decompressed[..]
+            decompressed = Bytes::from(lz4_decompress(body)?);
+            (&decompressed[..], shared.map(|_| decompressed.clone()))
         }
+    };
+    let to_bytes = |slice: &[u8]| match &owner {
+        Some(owner) => owner.slice_ref(slice),
+        None => Bytes::copy_from_slice(slice),
     };
     let count = header.record_count as usize;
     let mut records = Vec::with_capacity(count);
     let mut cursor = varint::Cursor::new(body);
     for index in 0..count {
-        let record = decode_record(&mut cursor, &header)
+        let record = decode_record(&mut cursor, &header, &to_bytes)
             .map_err(|reason| BatchError::InvalidRecord { index, reason })?;
         records.push(record);
     }
@@ -423,7 +440,11 @@ pub fn decode_records(batch: &[u8]) -> Result<Vec<Record>, BatchError> {
     Ok(records)
 }
 
-fn decode_record(cursor: &mut varint::Cursor<'_>, header: &BatchHeader) -> Result<Record, String> {
+fn decode_record(
+    cursor: &mut varint::Cursor<'_>,
+    header: &BatchHeader,
+    to_bytes: &impl Fn(&[u8]) -> Bytes,
+) -> Result<Record, String> {
     let length = cursor.read_varint()?;
     let length = usize::try_from(length).map_err(|_| "negative record length".to_string())?;
     let mut rec = varint::Cursor::new(cursor.take(length)?);
@@ -436,8 +457,8 @@ fn decode_record(cursor: &mut varint::Cursor<'_>, header: &BatchHeader) -> Resul
             header.last_offset_delta
         ));
     }
-    let key = rec.read_nullable_bytes()?;
-    let value = rec.read_nullable_bytes()?;
+    let key = rec.read_nullable_bytes()?.map(to_bytes);
+    let value = rec.read_nullable_bytes()?.map(to_bytes);
     let header_count = rec.read_varint()?;
     let header_count = usize::try_from(header_count)
         .ok()
@@ -448,8 +469,10 @@ fn decode_record(cursor: &mut varint::Cursor<'_>, header: &BatchHeader) -> Resul
         let key = rec
             .read_nullable_bytes()?
             .ok_or_else(|| "header key is null".to_string())?;
-        let key = String::from_utf8(key.to_vec()).map_err(|_| "header key is not UTF-8")?;
-        let value = rec.read_nullable_bytes()?;
+        let key = std::str::from_utf8(key)
+            .map_err(|_| "header key is not UTF-8")?
+            .to_string();
+        let value = rec.read_nullable_bytes()?.map(to_bytes);
         headers.push(Header { key, value });
     }
     if !rec.is_empty() {

@@ -31,6 +31,10 @@ fn round_trip_keeps_every_field() {
     assert_eq!(header.max_timestamp_ms, 1500);
     assert_eq!(header.record_count, 3);
     let decoded = decode_records(&batch).expect("decodes");
+    assert_eq!(
+        decode_records_shared(&Bytes::from(batch.clone())).expect("shared"),
+        decoded
+    );
     for (i, (got, want)) in decoded.iter().zip(&records).enumerate() {
         assert_eq!(got.offset, 42 + i as i64);
         assert_eq!(got.timestamp_ms, want.timestamp_ms);
@@ -55,6 +59,7 @@ fn lz4_round_trip() {
     assert_eq!(header.compression(), Ok(Compression::Lz4));
     let decoded = decode_records(&batch).expect("decodes");
     assert_eq!(decoded.len(), 100);
+    assert_eq!(decode_records_shared(&batch).expect("decodes"), decoded);
     assert_eq!(decoded[99].value.as_deref(), Some(&b"value-99"[..]));
 }
 

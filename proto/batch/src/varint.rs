@@ -1,6 +1,6 @@
 //! Zig-zag varints as Kafka writes them in records, and a bounds-checked reader.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 
 pub(crate) fn put_varint(out: &mut BytesMut, value: i32) {
     put_unsigned(out, ((value << 1) ^ (value >> 31)) as u32 as u64);
@@ -77,12 +77,12 @@ impl<'a> Cursor<'a> {
         Ok(((raw >> 1) as i64) ^ -((raw & 1) as i64))
     }
 
-    pub(crate) fn read_nullable_bytes(&mut self) -> Result<Option<Bytes>, String> {
+    pub(crate) fn read_nullable_bytes(&mut self) -> Result<Option<&'a [u8]>, String> {
         let len = self.read_varint()?;
         if len == -1 {
             return Ok(None);
         }
         let len = usize::try_from(len).map_err(|_| format!("invalid length {len}"))?;
-        Ok(Some(Bytes::copy_from_slice(self.take(len)?)))
+        Ok(Some(self.take(len)?))
     }
 }
