@@ -14,6 +14,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use runnel_client::{Admin, Client, DEFAULT_BROKERS};
 
+/// mimalloc keeps freed memory for reuse: with the system allocator every large fetch or
+/// produce buffer was fresh pages, and page faults cost the consumer a third of its time.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "runnel",

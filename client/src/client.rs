@@ -45,9 +45,12 @@ fn endpoint(address: &str) -> Result<Endpoint, ClientError> {
     };
     Endpoint::from_shared(uri)
         .map(|e| {
+            // Large HTTP/2 windows: with the 64 KiB default every large batch or fetch
+            // response waits for window updates.
             e.connect_timeout(Duration::from_secs(5))
                 .tcp_nodelay(true)
-                .http2_adaptive_window(true)
+                .initial_stream_window_size(16 * 1024 * 1024)
+                .initial_connection_window_size(64 * 1024 * 1024)
         })
         .map_err(|err| {
             ClientError::InvalidArgument(format!("broker address {address:?} is invalid: {err}"))

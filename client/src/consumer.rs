@@ -58,11 +58,65 @@ pub struct ConsumerRecord {
     pub headers: Vec<Header>,
 }
 
-/// Reads assigned partitions from positions it keeps itself.
+type Positions = BTreeMap<(String, u32), i64>;
+type Prefetch = (
+    Positions,
+    tokio::task::JoinHandle<Result<Vec<v1::FetchResponse>, ClientError>>,
+);
+
+/// Reads assigned partitions from positions it keeps itself. While the caller handles one
+/// poll's records, the next fetch is already on its way (it is discarded on a seek).
 pub struct Consumer {
     client: Client,
     config: ConsumerConfig,
-    positions: BTreeMap<(String, u32), i64>,
+    positions: Positions,
+    prefetch: Option<Prefetch>,
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        if let Some((_, handle)) = self.prefetch.take() {
+            handle.abort();
+        }
+    }
+}
+
+/// One fetch of every partition in `positions`, a request per leader.
+async fn fetch_at(
+    client: Client,
+    config: ConsumerConfig,
+    positions: Positions,
+) -> Result<Vec<v1::FetchResponse>, ClientError> {
+    let mut by_leader: BTreeMap<u32, Vec<v1::FetchPartition>> = BTreeMap::new();
+    for ((topic, partition), offset) in &positions {
+        let info = client.topic(topic).await?;
+        let leader = info.leaders.get(*partition as usize).copied().unwrap_or(0);
+        by_leader
+            .entry(leader)
+            .or_default()
+            .push(v1::FetchPartition {
+                topic: topic.clone(),
+                partition: *partition,
+                offset: *offset,
+                max_bytes: config.partition_max_bytes,
+            });
+    }
+    let mut responses = Vec::with_capacity(by_leader.len());
+    for (leader, partitions) in by_leader {
+        let channel = client.channel_to(leader)?;
+        let response = client
+            .consumer_rpc(channel)
+            .fetch(v1::FetchRequest {
+                partitions,
+                max_wait_ms: config.max_wait.as_millis() as u32,
+                min_bytes: 1,
+                max_bytes: config.max_bytes,
+            })
+            .await?
+            .into_inner();
+        responses.push(response);
+    }
+    Ok(responses)
 }
 
 impl Consumer {
@@ -71,6 +125,7 @@ impl Consumer {
             client,
             config,
             positions: BTreeMap::new(),
+            prefetch: None,
         }
     }
 
@@ -187,34 +242,53 @@ impl Consumer {
                 "the consumer has no assigned partitions".into(),
             ));
         }
-        let mut by_leader: BTreeMap<u32, Vec<v1::FetchPartition>> = BTreeMap::new();
-        for ((topic, partition), offset) in &self.positions {
-            let info = self.client.topic(topic).await?;
-            let leader = info.leaders.get(*partition as usize).copied().unwrap_or(0);
-            by_leader
-                .entry(leader)
-                .or_default()
-                .push(v1::FetchPartition {
-                    topic: topic.clone(),
-                    partition: *partition,
-                    offset: *offset,
-                    max_bytes: self.config.partition_max_bytes,
-                });
+        let responses = match self.prefetch.take() {
+            Some((positions, handle)) if positions == self.positions => handle
+                .await
+                .map_err(|err| ClientError::Corrupt(format!("prefetch task failed: {err}")))??,
+            Some((_, handle)) => {
+                handle.abort();
+                fetch_at(
+                    self.client.clone(),
+                    self.config.clone(),
+                    self.positions.clone(),
+                )
+                .await?
+            }
+            None => {
+                fetch_at(
+                    self.client.clone(),
+                    self.config.clone(),
+                    self.positions.clone(),
+                )
+                .await?
+            }
+        };
+        // Start the next fetch from where these responses end, unless something went wrong.
+        let clean = responses
+            .iter()
+            .flat_map(|r| &r.partitions)
+            .all(|p| p.error.is_none());
+        let got_data = responses
+            .iter()
+            .flat_map(|r| &r.partitions)
+            .any(|p| !p.records.is_empty());
+        if clean && got_data {
+            let mut next = self.positions.clone();
+            for fetched in responses.iter().flat_map(|r| &r.partitions) {
+                if let Some(position) = next.get_mut(&(fetched.topic.clone(), fetched.partition)) {
+                    *position = (*position).max(fetched.next_offset);
+                }
+            }
+            let handle = tokio::spawn(fetch_at(
+                self.client.clone(),
+                self.config.clone(),
+                next.clone(),
+            ));
+            self.prefetch = Some((next, handle));
         }
         let mut records = Vec::new();
-        for (leader, partitions) in by_leader {
-            let channel = self.client.channel_to(leader)?;
-            let response = self
-                .client
-                .consumer_rpc(channel)
-                .fetch(v1::FetchRequest {
-                    partitions,
-                    max_wait_ms: self.config.max_wait.as_millis() as u32,
-                    min_bytes: 1,
-                    max_bytes: self.config.max_bytes,
-                })
-                .await?
-                .into_inner();
+        for response in responses {
             for fetched in response.partitions {
                 self.take(fetched, &mut records).await?;
             }

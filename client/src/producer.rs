@@ -13,8 +13,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -157,16 +157,93 @@ pub struct RecordMetadata {
 
 type DeliveryResult = Result<RecordMetadata, ClientError>;
 
+/// Room reserved up front in a new batch's buffer, so that it rarely reallocates.
+const BATCH_BUFFER_RESERVE_BYTES: usize = 64 * 1024;
+
+/// What became of one batch; shared by the deliveries of its records, so that a record
+/// costs a reference count instead of a channel.
+#[derive(Default)]
+struct Outcome {
+    result: OnceLock<Result<BatchAck, ClientError>>,
+    wakers: Mutex<Vec<Waker>>,
+}
+
+#[derive(Clone)]
+struct BatchAck {
+    topic: Arc<str>,
+    partition: u32,
+    base_offset: i64,
+    log_append_time_ms: i64,
+}
+
+impl Outcome {
+    fn settle(&self, result: Result<BatchAck, ClientError>) {
+        let _ = self.result.set(result);
+        let wakers = std::mem::take(
+            &mut *self
+                .wakers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for waker in wakers {
+            waker.wake();
+        }
+    }
+}
+
+/// Owned by a batch until it is acknowledged or fails; a batch dropped unsettled (the
+/// producer's task ended) fails its deliveries instead of leaving them waiting.
+struct Settle(Arc<Outcome>);
+
+impl Drop for Settle {
+    fn drop(&mut self) {
+        if self.0.result.get().is_none() {
+            self.0.settle(Err(ClientError::ProducerClosed));
+        }
+    }
+}
+
 /// Resolves when the record is acknowledged or has failed for good.
-pub struct Delivery(oneshot::Receiver<DeliveryResult>);
+pub struct Delivery {
+    outcome: Arc<Outcome>,
+    index: u32,
+    timestamp_ms: i64,
+}
+
+impl Delivery {
+    fn resolve(&self, result: &Result<BatchAck, ClientError>) -> DeliveryResult {
+        let ack = result.as_ref().map_err(Clone::clone)?;
+        Ok(RecordMetadata {
+            topic: ack.topic.clone(),
+            partition: ack.partition,
+            offset: ack.base_offset + i64::from(self.index),
+            timestamp_ms: if ack.log_append_time_ms >= 0 {
+                ack.log_append_time_ms
+            } else {
+                self.timestamp_ms
+            },
+        })
+    }
+}
 
 impl Future for Delivery {
     type Output = DeliveryResult;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.0)
-            .poll(cx)
-            .map(|r| r.unwrap_or(Err(ClientError::ProducerClosed)))
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Some(result) = self.outcome.result.get() {
+            return Poll::Ready(self.resolve(result));
+        }
+        let mut wakers = self
+            .outcome
+            .wakers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(result) = self.outcome.result.get() {
+            drop(wakers);
+            return Poll::Ready(self.resolve(result));
+        }
+        wakers.push(cx.waker().clone());
+        Poll::Pending
     }
 }
 
@@ -339,19 +416,29 @@ impl Producer {
             None => acc.open.entry(record.topic.clone()).or_default(),
         };
         let mut started = false;
+        let capacity = config.batch_size_bytes.min(BATCH_BUFFER_RESERVE_BYTES);
         let batch = by_partition.entry(partition).or_insert_with(|| {
             started = true;
             OpenBatch {
-                builder: BatchBuilder::new(BatchOptions {
-                    compression,
-                    ..BatchOptions::default()
-                }),
-                waiters: Vec::new(),
+                builder: BatchBuilder::with_capacity(
+                    BatchOptions {
+                        compression,
+                        ..BatchOptions::default()
+                    },
+                    capacity,
+                ),
+                settle: Settle(Arc::new(Outcome::default())),
+                count: 0,
                 started: Instant::now(),
                 size_bytes: 0,
             }
         });
-        let (tx, rx) = oneshot::channel();
+        let delivery = Delivery {
+            outcome: batch.settle.0.clone(),
+            index: batch.count,
+            timestamp_ms,
+        };
+        batch.count += 1;
         batch.builder.push(&Record {
             offset: 0,
             timestamp_ms,
@@ -359,7 +446,6 @@ impl Producer {
             value: record.value,
             headers: record.headers,
         });
-        batch.waiters.push(Waiter { tx, timestamp_ms });
         batch.size_bytes += size;
         let full = batch.builder.size_bytes() >= config.batch_size_bytes;
         if full {
@@ -372,7 +458,7 @@ impl Producer {
         if full || started {
             self.shared.wake.notify_one();
         }
-        Placement::Done(Delivery(rx))
+        Placement::Done(delivery)
     }
 
     /// Sends everything buffered now and waits until every record sent so far is
@@ -444,14 +530,10 @@ impl Accumulator {
     }
 }
 
-struct Waiter {
-    tx: oneshot::Sender<DeliveryResult>,
-    timestamp_ms: i64,
-}
-
 struct OpenBatch {
     builder: BatchBuilder,
-    waiters: Vec<Waiter>,
+    settle: Settle,
+    count: u32,
     started: Instant,
     size_bytes: usize,
 }
@@ -460,7 +542,7 @@ struct Sent {
     topic: Arc<str>,
     partition: u32,
     records: Bytes,
-    waiters: Vec<Waiter>,
+    settle: Settle,
     leader: u32,
     attempts: u32,
     size_bytes: usize,
@@ -502,7 +584,7 @@ impl Task {
                     topic: Arc::from(topic),
                     partition,
                     records: batch.builder.build(),
-                    waiters: batch.waiters,
+                    settle: batch.settle,
                     leader: 0,
                     attempts: 0,
                     size_bytes: batch.size_bytes,
@@ -675,18 +757,12 @@ impl Task {
 
     fn complete(&mut self, sent: Sent, base_offset: i64, log_append_time_ms: i64) {
         self.release(sent.size_bytes);
-        for (i, waiter) in sent.waiters.into_iter().enumerate() {
-            let _ = waiter.tx.send(Ok(RecordMetadata {
-                topic: sent.topic.clone(),
-                partition: sent.partition,
-                offset: base_offset + i as i64,
-                timestamp_ms: if log_append_time_ms >= 0 {
-                    log_append_time_ms
-                } else {
-                    waiter.timestamp_ms
-                },
-            }));
-        }
+        sent.settle.0.settle(Ok(BatchAck {
+            topic: sent.topic.clone(),
+            partition: sent.partition,
+            base_offset,
+            log_append_time_ms,
+        }));
     }
 
     fn fail_or_retry(&mut self, mut sent: Sent, err: ClientError) {
@@ -698,9 +774,7 @@ impl Task {
             return;
         }
         self.release(sent.size_bytes);
-        for waiter in sent.waiters {
-            let _ = waiter.tx.send(Err(err.clone()));
-        }
+        sent.settle.0.settle(Err(err));
     }
 
     async fn send_due_retries(&mut self) {

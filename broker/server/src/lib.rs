@@ -31,6 +31,9 @@ pub use error::BrokerError;
 
 /// Largest gRPC message accepted or sent (a produce request or a fetch response).
 pub const GRPC_MESSAGE_BYTES_MAX: usize = 80 * 1024 * 1024;
+/// HTTP/2 flow-control windows (per stream and per connection).
+pub const HTTP2_STREAM_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
+pub const HTTP2_CONNECTION_WINDOW_BYTES: u32 = 64 * 1024 * 1024;
 /// How often interval flush policies are checked, whatever the housekeeping interval.
 const FLUSH_TICK_MS: u64 = 100;
 
@@ -92,6 +95,10 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<RunningBroker> {
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        // HTTP/2's default 64 KiB windows would stall every large batch for window
+        // updates; these let many batches be in flight on one stream.
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW_BYTES)
         .add_service(
             ProducerServer::new(service.clone())
                 .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)

@@ -566,6 +566,13 @@ impl BatchBuilder {
         }
     }
 
+    /// A builder whose record buffer starts with room for `capacity_bytes`.
+    pub fn with_capacity(options: BatchOptions, capacity_bytes: usize) -> Self {
+        let mut builder = Self::new(options);
+        builder.records.reserve(capacity_bytes);
+        builder
+    }
+
     pub fn is_empty(&self) -> bool {
         self.count == 0
     }
