@@ -1,5 +1,6 @@
 //! `runnel dev` and `runnel broker start`: run a broker in this process.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -78,16 +79,16 @@ async fn serve(config: BrokerConfig, what: &str) -> anyhow::Result<ExitCode> {
     let data_dir = config.data_dir.clone();
     let mut running = runnel_broker::start(config).await?;
     let data_dir = std::fs::canonicalize(&data_dir).unwrap_or(data_dir);
-    println!(
-        "{what} listening on {} (data in {})",
+    // A closed stdout (the launcher stopped reading) must not take the server down.
+    let mut out = std::io::stdout();
+    let _ = writeln!(
+        out,
+        "{what} listening on {} (data in {})\nTry: runnel --brokers {} topic create hello\nStop with Ctrl-C.",
         running.local_addr,
-        data_dir.display()
-    );
-    println!(
-        "Try: runnel --brokers {} topic create hello",
+        data_dir.display(),
         running.local_addr
     );
-    println!("Stop with Ctrl-C.");
+    let _ = out.flush();
     let stop = shutdown_signal();
     tokio::select! {
         result = running.wait() => {

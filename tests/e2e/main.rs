@@ -547,3 +547,141 @@ fn consume_follows_the_log_like_tail_f() {
         ["tick"; 3]
     );
 }
+
+#[test]
+fn broker_start_reads_its_config_file_and_refuses_a_broken_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "data_dir = \"x\"\nlisten = \"127.0.0.1:0\"\nretention = 5\n",
+    )
+    .expect("write");
+    let output = std::process::Command::new(support::RUNNEL)
+        .args(["broker", "start", "--config"])
+        .arg(&bad)
+        .output()
+        .expect("runs");
+    assert!(!output.status.success());
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        err.contains("bad.toml") && err.contains("unknown field `retention`"),
+        "{err}"
+    );
+    let bad_default = dir.path().join("bad-default.toml");
+    std::fs::write(
+        &bad_default,
+        "data_dir = \"x\"\n[topic_defaults]\n\"retention.ms\" = \"forever\"\n",
+    )
+    .expect("write");
+    let output = std::process::Command::new(support::RUNNEL)
+        .args(["broker", "start", "--config"])
+        .arg(&bad_default)
+        .output()
+        .expect("runs");
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && err.contains("invalid value \"forever\" for retention.ms"),
+        "{err}"
+    );
+
+    let config = dir.path().join("runnel.toml");
+    let data = dir.path().join("data");
+    std::fs::write(
+        &config,
+        format!(
+            "node_id = 7\ndata_dir = {:?}\nlisten = \"127.0.0.1:0\"\nauto_create_topics = true\ndefault_partitions = 4\n[topic_defaults]\n\"retention.ms\" = \"3600000\"\n",
+            data.display().to_string()
+        ),
+    )
+    .expect("write");
+    let mut child = std::process::Command::new(support::RUNNEL)
+        .args(["broker", "start", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let first = std::io::BufRead::lines(std::io::BufReader::new(stdout))
+        .next()
+        .expect("a line")
+        .expect("readable");
+    let addr = first
+        .split("listening on ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("address");
+    // Auto-creation with the configured defaults, on the configured node id.
+    let out = support::runnel_at(addr, &["produce", "auto"], "one\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let describe = support::runnel_at(addr, &["topic", "describe", "auto"], "");
+    let describe = String::from_utf8_lossy(&describe.stdout);
+    assert!(describe.contains("PartitionCount: 4"), "{describe}");
+    assert!(describe.contains("retention.ms=3600000"), "{describe}");
+    let info = String::from_utf8_lossy(&support::runnel_at(addr, &["cluster", "info"], "").stdout)
+        .to_string();
+    assert!(info.contains("Controller:  7"), "{info}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn streaming_fetch_pushes_records_as_they_arrive() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dev = Dev::start(dir.path());
+    dev.ok(&["topic", "create", "stream"], "");
+    dev.ok(&["produce", "stream"], "first\n");
+    let rt = runtime();
+    let addr = dev.addr.clone();
+    let values = rt.block_on(async move {
+        use tokio_stream::StreamExt;
+        let mut consumer =
+            runnel_client::v1::consumer_client::ConsumerClient::connect(format!("http://{addr}"))
+                .await
+                .expect("connect");
+        let mut stream = consumer
+            .fetch_stream(runnel_client::v1::FetchRequest {
+                partitions: vec![runnel_client::v1::FetchPartition {
+                    topic: "stream".into(),
+                    partition: 0,
+                    offset: 0,
+                    max_bytes: 0,
+                }],
+                max_wait_ms: 200,
+                min_bytes: 1,
+                max_bytes: 0,
+            })
+            .await
+            .expect("stream opens")
+            .into_inner();
+        let mut values = Vec::new();
+        let producer_addr = addr.clone();
+        let later = tokio::task::spawn_blocking(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            support::runnel_at(&producer_addr, &["produce", "stream"], "second\n")
+        });
+        while values.len() < 2 {
+            let response = tokio::time::timeout(Duration::from_secs(10), stream.next())
+                .await
+                .expect("a response in time")
+                .expect("stream open")
+                .expect("ok");
+            for part in response.partitions {
+                for (_, raw) in runnel_batch::batches(&part.records).map(|b| b.expect("valid")) {
+                    for record in runnel_batch::decode_records(raw).expect("decode") {
+                        values.push(
+                            String::from_utf8_lossy(&record.value.expect("value")).to_string(),
+                        );
+                    }
+                }
+            }
+        }
+        later.await.expect("producer");
+        values
+    });
+    assert_eq!(values, ["first", "second"]);
+}

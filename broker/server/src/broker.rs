@@ -368,7 +368,16 @@ impl Broker {
     // ---------------------------------------------------------------------------------
     // Metadata and administration
 
+    /// Metadata of the requested topics (all when none are named). As in Kafka, naming a
+    /// missing topic creates it when the broker auto-creates topics.
     pub fn metadata(&self, request: &v1::MetadataRequest) -> v1::MetadataResponse {
+        if self.config.auto_create_topics {
+            for name in &request.topics {
+                if let Err(err) = self.partitions_for_produce(name) {
+                    tracing::debug!(topic = %name, error = %err, "auto-creation refused");
+                }
+            }
+        }
         let controller = self.controller();
         let meta = controller.metadata();
         let topics = if request.topics.is_empty() {
