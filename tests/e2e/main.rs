@@ -595,22 +595,9 @@ fn broker_start_reads_its_config_file_and_refuses_a_broken_one() {
         ),
     )
     .expect("write");
-    let mut child = std::process::Command::new(support::RUNNEL)
-        .args(["broker", "start", "--config"])
-        .arg(&config)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let first = std::io::BufRead::lines(std::io::BufReader::new(stdout))
-        .next()
-        .expect("a line")
-        .expect("readable");
-    let addr = first
-        .split("listening on ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .expect("address");
+    let config = config.to_string_lossy();
+    let (mut child, addr) = support::spawn_listening(&["broker", "start", "--config", &config]);
+    let addr = addr.as_str();
     // Auto-creation with the configured defaults, on the configured node id.
     let out = support::runnel_at(addr, &["produce", "auto"], "one\n");
     assert!(

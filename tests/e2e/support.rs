@@ -20,30 +20,8 @@ impl Dev {
 
     /// Starts on `listen`, waiting until the process says where it listens.
     pub fn start_on(data_dir: &Path, listen: &str) -> Dev {
-        let mut child = Command::new(RUNNEL)
-            .args(["dev", "--data-dir"])
-            .arg(data_dir)
-            .args(["--listen", listen])
-            .env("RUNNEL_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("runnel dev starts");
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let mut lines = BufReader::new(stdout).lines();
-        let first = lines
-            .next()
-            .expect("runnel dev prints its address")
-            .expect("readable stdout");
-        let addr = first
-            .split("listening on ")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
-            .to_string();
-        // Keep draining stdout so the process never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        let data_dir = data_dir.to_string_lossy();
+        let (child, addr) = spawn_listening(&["dev", "--data-dir", &data_dir, "--listen", listen]);
         Dev { child, addr }
     }
 
@@ -107,6 +85,33 @@ impl Drop for Dev {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts a `runnel` server command and returns it with the address it prints.
+pub fn spawn_listening(args: &[&str]) -> (Child, String) {
+    let mut child = Command::new(RUNNEL)
+        .args(args)
+        .env("RUNNEL_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("runnel starts");
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut lines = BufReader::new(stdout).lines();
+    let first = lines
+        .next()
+        .expect("the server prints its address")
+        .expect("readable stdout");
+    let addr = first
+        .split("listening on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+        .to_string();
+    // Keep draining stdout so the process never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, addr)
 }
 
 pub fn runnel_at(addr: &str, args: &[&str], stdin: &str) -> Output {
