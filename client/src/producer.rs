@@ -26,7 +26,7 @@ use tokio_stream::StreamExt;
 
 use crate::client::Client;
 use crate::error::{ClientError, check};
-use crate::partitioner::partition_for_key;
+use runnel_batch::partition_for_key;
 
 /// What the producer waits for before a record counts as written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

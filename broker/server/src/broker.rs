@@ -25,6 +25,8 @@ pub struct Broker {
     log_defaults: LogConfig,
     controller: Mutex<Controller>,
     topics: RwLock<HashMap<String, Vec<Arc<Partition>>>>,
+    pub(crate) coordinator: Mutex<crate::group::Coordinator>,
+    pub(crate) offsets: Mutex<crate::offsets::OffsetStore>,
 }
 
 fn partition_dir(data_dir: &std::path::Path, topic: &str, partition: u32) -> PathBuf {
@@ -61,12 +63,89 @@ impl Broker {
             }
             topics.insert(name.clone(), partitions);
         }
-        Ok(Broker {
+        let broker = Broker {
             config,
             log_defaults,
             controller: Mutex::new(controller),
             topics: RwLock::new(topics),
-        })
+            coordinator: Mutex::new(crate::group::Coordinator::default()),
+            offsets: Mutex::new(crate::offsets::OffsetStore::default()),
+        };
+        broker.ensure_offsets_topic()?;
+        broker.load_offsets()?;
+        Ok(broker)
+    }
+
+    /// Creates `__consumer_offsets` (compacted, internal) on first start.
+    fn ensure_offsets_topic(&self) -> anyhow::Result<()> {
+        use crate::offsets::{OFFSETS_TOPIC, OFFSETS_TOPIC_PARTITIONS};
+        if self.partitions_of(OFFSETS_TOPIC).is_some() {
+            return Ok(());
+        }
+        let configs: BTreeMap<String, String> = [
+            ("cleanup.policy", "compact"),
+            ("segment.bytes", "104857600"),
+            ("retention.ms", "-1"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let log_config = topic_log_config(&self.log_defaults, &configs)?;
+        let mut opened = Vec::new();
+        for index in 0..OFFSETS_TOPIC_PARTITIONS {
+            let dir = partition_dir(&self.config.data_dir, OFFSETS_TOPIC, index);
+            let partition = Partition::open(&dir, OFFSETS_TOPIC, index, log_config.clone(), 0)
+                .map_err(|err| anyhow::anyhow!("opening {OFFSETS_TOPIC}-{index}: {err}"))?;
+            opened.push(Arc::new(partition));
+        }
+        self.controller().create_topic(
+            OFFSETS_TOPIC,
+            OFFSETS_TOPIC_PARTITIONS,
+            1,
+            configs,
+            true,
+            false,
+        )?;
+        self.topics
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(OFFSETS_TOPIC.to_string(), opened);
+        Ok(())
+    }
+
+    /// Replays `__consumer_offsets` into memory.
+    fn load_offsets(&self) -> anyhow::Result<()> {
+        let partitions = self
+            .partitions_of(crate::offsets::OFFSETS_TOPIC)
+            .unwrap_or_default();
+        let mut store = self
+            .offsets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for partition in partitions {
+            let mut offset = partition.log_start_offset();
+            let end = partition.high_watermark();
+            while offset < end {
+                let fetched = partition.read(offset, 4 * 1024 * 1024)?;
+                if fetched.records.is_empty() {
+                    break;
+                }
+                for batch in runnel_batch::batches(&fetched.records) {
+                    let (_, raw) = batch?;
+                    for record in runnel_batch::decode_records(raw)? {
+                        if record.offset >= offset {
+                            store.apply_record(record.key.as_deref(), record.value.as_deref());
+                        }
+                    }
+                }
+                offset = fetched.next_offset;
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn partition_count(&self, topic: &str) -> Option<u32> {
+        self.partitions_of(topic).map(|p| p.len() as u32)
     }
 
     fn controller(&self) -> MutexGuard<'_, Controller> {
@@ -83,7 +162,11 @@ impl Broker {
             .cloned()
     }
 
-    fn partition(&self, topic: &str, partition: u32) -> Result<Arc<Partition>, BrokerError> {
+    pub(crate) fn partition(
+        &self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<Arc<Partition>, BrokerError> {
         let partitions = self
             .partitions_of(topic)
             .ok_or_else(|| BrokerError::UnknownTopic {
@@ -212,6 +295,11 @@ impl Broker {
     }
 
     fn partitions_for_produce(&self, topic: &str) -> Result<Vec<Arc<Partition>>, BrokerError> {
+        if topic.starts_with("__") && self.partitions_of(topic).is_some() {
+            return Err(BrokerError::InvalidRequest {
+                reason: format!("topic {topic:?} is internal: only the broker writes to it"),
+            });
+        }
         if let Some(partitions) = self.partitions_of(topic) {
             return Ok(partitions);
         }
@@ -674,9 +762,11 @@ impl Broker {
         self.partition(topic, partition)?.delete_records(offset)
     }
 
-    /// Runs retention, compaction and interval flushing on every partition.
+    /// Runs retention, compaction and interval flushing on every partition, and removes
+    /// group members whose session expired.
     pub fn housekeeping(&self, clean: bool) {
         let now = now_ms();
+        self.expire_members(now);
         for partition in self.all_partitions() {
             partition.housekeeping(now, clean);
         }

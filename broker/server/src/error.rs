@@ -68,6 +68,25 @@ pub enum BrokerError {
     InvalidRequest { reason: String },
     #[error("topic {topic:?} is being deleted")]
     TopicDeletionInProgress { topic: String },
+    #[error(
+        "member {member:?} is not in group {group:?}: its session timed out or it left, and its partitions may have moved; rejoin the group"
+    )]
+    UnknownMemberId { group: String, member: String },
+    #[error(
+        "member {member:?} of group {group:?} no longer owns {topic}-{partition}: it was reassigned, so this commit is fenced"
+    )]
+    FencedMember {
+        group: String,
+        member: String,
+        topic: String,
+        partition: u32,
+    },
+    #[error("group {group:?} has live members ({}); stop them first", members.join(", "))]
+    GroupNotEmpty { group: String, members: Vec<String> },
+    #[error("unknown group {group:?}: it has no members and no committed offsets")]
+    UnknownGroup { group: String },
+    #[error("invalid group id: {reason}")]
+    InvalidGroupId { reason: String },
 }
 
 impl BrokerError {
@@ -87,6 +106,11 @@ impl BrokerError {
             BrokerError::Storage { .. } => ErrorCode::StorageError,
             BrokerError::InvalidRequest { .. } => ErrorCode::InvalidRequest,
             BrokerError::TopicDeletionInProgress { .. } => ErrorCode::TopicDeletionInProgress,
+            BrokerError::UnknownMemberId { .. } => ErrorCode::UnknownMemberId,
+            BrokerError::FencedMember { .. } => ErrorCode::FencedMember,
+            BrokerError::GroupNotEmpty { .. } => ErrorCode::GroupNotEmpty,
+            BrokerError::UnknownGroup { .. } => ErrorCode::UnknownGroup,
+            BrokerError::InvalidGroupId { .. } => ErrorCode::InvalidGroupId,
         }
     }
 
@@ -101,7 +125,12 @@ impl BrokerError {
     /// The whole-call form.
     pub fn to_status(&self) -> Status {
         let code = match self.code() {
-            ErrorCode::UnknownTopic | ErrorCode::UnknownPartition => Code::NotFound,
+            ErrorCode::UnknownTopic | ErrorCode::UnknownPartition | ErrorCode::UnknownGroup => {
+                Code::NotFound
+            }
+            ErrorCode::UnknownMemberId | ErrorCode::FencedMember | ErrorCode::GroupNotEmpty => {
+                Code::FailedPrecondition
+            }
             ErrorCode::TopicAlreadyExists => Code::AlreadyExists,
             ErrorCode::OffsetOutOfRange => Code::OutOfRange,
             ErrorCode::NotEnoughReplicas | ErrorCode::NotLeader | ErrorCode::LeaderNotAvailable => {

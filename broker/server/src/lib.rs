@@ -10,7 +10,10 @@
 pub mod broker;
 pub mod config;
 pub mod error;
+pub mod group;
+mod group_ops;
 pub mod metadata;
+pub mod offsets;
 pub mod partition;
 mod service;
 
@@ -20,7 +23,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use runnel_proto::v1::{
-    admin_server::AdminServer, consumer_server::ConsumerServer, producer_server::ProducerServer,
+    admin_server::AdminServer, consumer_server::ConsumerServer, groups_server::GroupsServer,
+    producer_server::ProducerServer,
 };
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -83,6 +87,9 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<RunningBroker> {
     health_reporter
         .set_serving::<AdminServer<service::Service>>()
         .await;
+    health_reporter
+        .set_serving::<GroupsServer<service::Service>>()
+        .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(runnel_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -109,7 +116,8 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<RunningBroker> {
                 .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX),
         )
-        .add_service(AdminServer::new(service))
+        .add_service(AdminServer::new(service.clone()))
+        .add_service(GroupsServer::new(service))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);

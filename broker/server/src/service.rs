@@ -4,7 +4,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::stream::{FuturesOrdered, StreamExt};
-use runnel_proto::v1::{self, admin_server, consumer_server, producer_server};
+use runnel_proto::v1::{self, admin_server, consumer_server, groups_server, producer_server};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -237,5 +237,73 @@ impl admin_server::Admin for Service {
         Ok(Response::new(v1::DeleteRecordsResponse {
             log_start_offset,
         }))
+    }
+}
+
+#[tonic::async_trait]
+impl groups_server::Groups for Service {
+    async fn heartbeat(
+        &self,
+        request: Request<v1::HeartbeatRequest>,
+    ) -> Result<Response<v1::HeartbeatResponse>, Status> {
+        let host = request
+            .remote_addr()
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default();
+        Ok(Response::new(
+            self.broker.group_heartbeat(request.into_inner(), host)?,
+        ))
+    }
+
+    async fn commit_offsets(
+        &self,
+        request: Request<v1::CommitOffsetsRequest>,
+    ) -> Result<Response<v1::CommitOffsetsResponse>, Status> {
+        self.broker.commit_offsets(request.into_inner()).await?;
+        Ok(Response::new(v1::CommitOffsetsResponse {}))
+    }
+
+    async fn fetch_offsets(
+        &self,
+        request: Request<v1::FetchOffsetsRequest>,
+    ) -> Result<Response<v1::FetchOffsetsResponse>, Status> {
+        Ok(Response::new(
+            self.broker.fetch_offsets(&request.into_inner()),
+        ))
+    }
+
+    async fn list_groups(
+        &self,
+        _request: Request<v1::ListGroupsRequest>,
+    ) -> Result<Response<v1::ListGroupsResponse>, Status> {
+        Ok(Response::new(self.broker.list_groups()))
+    }
+
+    async fn describe_group(
+        &self,
+        request: Request<v1::DescribeGroupRequest>,
+    ) -> Result<Response<v1::DescribeGroupResponse>, Status> {
+        Ok(Response::new(
+            self.broker.describe_group(&request.into_inner().group_id)?,
+        ))
+    }
+
+    async fn reset_offsets(
+        &self,
+        request: Request<v1::ResetOffsetsRequest>,
+    ) -> Result<Response<v1::ResetOffsetsResponse>, Status> {
+        Ok(Response::new(
+            self.broker.reset_offsets(request.into_inner()).await?,
+        ))
+    }
+
+    async fn delete_group(
+        &self,
+        request: Request<v1::DeleteGroupRequest>,
+    ) -> Result<Response<v1::DeleteGroupResponse>, Status> {
+        self.broker
+            .delete_group(&request.into_inner().group_id)
+            .await?;
+        Ok(Response::new(v1::DeleteGroupResponse {}))
     }
 }

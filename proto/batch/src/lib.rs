@@ -48,7 +48,10 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+mod partitioner;
 mod varint;
+
+pub use partitioner::{murmur2, partition_for_key};
 
 /// Size of the fixed batch header, up to and including the record count.
 pub const BATCH_HEADER_BYTES: usize = 61;
