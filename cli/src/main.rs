@@ -5,6 +5,7 @@
 
 mod bench;
 mod consume;
+mod group;
 mod produce;
 mod server;
 mod topic;
@@ -47,6 +48,9 @@ enum Command {
     Produce(produce::ProduceArgs),
     /// Print records of a topic, one per line.
     Consume(consume::ConsumeArgs),
+    /// Consumer groups: list, describe with lag, reset offsets, delete.
+    #[command(subcommand)]
+    Group(group::GroupCommand),
     /// Cluster information.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -82,6 +86,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Topic(command) => topic::run(connect(&cli.brokers).await?, command).await,
         Command::Produce(args) => produce::run(connect(&cli.brokers).await?, args).await,
         Command::Consume(args) => consume::run(connect(&cli.brokers).await?, args).await,
+        Command::Group(command) => group::run(connect(&cli.brokers).await?, command).await,
         Command::Cluster(ClusterCommand::Info) => {
             let info = Admin::new(connect(&cli.brokers).await?)
                 .cluster_info()

@@ -168,4 +168,70 @@ impl Admin {
             .await?
             .into_inner())
     }
+
+    /// # Errors
+    /// The broker cannot be reached.
+    pub async fn list_groups(&self) -> Result<Vec<v1::GroupSummary>, ClientError> {
+        Ok(self
+            .client
+            .groups_rpc()
+            .list_groups(v1::ListGroupsRequest {})
+            .await?
+            .into_inner()
+            .groups)
+    }
+
+    /// # Errors
+    /// An unknown group.
+    pub async fn describe_group(
+        &self,
+        group: &str,
+    ) -> Result<v1::DescribeGroupResponse, ClientError> {
+        Ok(self
+            .client
+            .groups_rpc()
+            .describe_group(v1::DescribeGroupRequest {
+                group_id: group.to_string(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Resets a group's offsets on every partition of `topic`; with `dry_run` only says
+    /// what they would be.
+    ///
+    /// # Errors
+    /// Live members, an unknown group or topic.
+    pub async fn reset_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+        to: v1::reset_offsets_request::To,
+        dry_run: bool,
+    ) -> Result<Vec<v1::CommittedOffset>, ClientError> {
+        Ok(self
+            .client
+            .groups_rpc()
+            .reset_offsets(v1::ResetOffsetsRequest {
+                group_id: group.to_string(),
+                topic: topic.to_string(),
+                to: Some(to),
+                dry_run,
+            })
+            .await?
+            .into_inner()
+            .offsets)
+    }
+
+    /// # Errors
+    /// Live members or an unknown group.
+    pub async fn delete_group(&self, group: &str) -> Result<(), ClientError> {
+        self.client
+            .groups_rpc()
+            .delete_group(v1::DeleteGroupRequest {
+                group_id: group.to_string(),
+            })
+            .await?;
+        Ok(())
+    }
 }

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use runnel_proto::v1::{
-    self, admin_client::AdminClient, consumer_client::ConsumerClient,
+    self, admin_client::AdminClient, consumer_client::ConsumerClient, groups_client::GroupsClient,
     producer_client::ProducerClient,
 };
 use tonic::transport::{Channel, Endpoint};
@@ -88,6 +88,11 @@ impl Client {
 
     pub(crate) fn admin_rpc(&self) -> AdminClient<Channel> {
         AdminClient::new(self.inner.bootstrap.clone())
+    }
+
+    /// The group coordinator (the bootstrap broker in a cluster of one).
+    pub(crate) fn groups_rpc(&self) -> GroupsClient<Channel> {
+        GroupsClient::new(self.inner.bootstrap.clone())
     }
 
     pub(crate) fn producer_rpc(&self, channel: Channel) -> ProducerClient<Channel> {

@@ -208,6 +208,11 @@ impl Consumer {
         Ok(answer.offset)
     }
 
+    /// Stops reading a partition.
+    pub fn unassign(&mut self, topic: &str, partition: u32) {
+        self.positions.remove(&(topic.to_string(), partition));
+    }
+
     /// The next offset this consumer will read from a partition.
     pub fn position(&self, topic: &str, partition: u32) -> Option<i64> {
         self.positions.get(&(topic.to_string(), partition)).copied()

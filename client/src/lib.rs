@@ -18,12 +18,14 @@ mod admin;
 mod client;
 mod consumer;
 mod error;
+mod group;
 mod producer;
 
 pub use admin::Admin;
 pub use client::{Client, DEFAULT_BROKERS};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, StartFrom};
 pub use error::ClientError;
+pub use group::{GroupConfig, GroupConsumer};
 pub use producer::{Acks, Delivery, Producer, ProducerConfig, ProducerRecord, RecordMetadata};
 pub use runnel_batch::{Compression, Header};
 pub use runnel_batch::{murmur2, partition_for_key};
