@@ -507,10 +507,12 @@ impl Broker {
             cluster_id: meta.cluster_id.clone(),
             controller_id: meta.controller_id,
             brokers: brokers(&meta.brokers),
-            topic_count: meta.topics.len() as u32,
+            // Like `topic list`, counts user topics only.
+            topic_count: meta.topics.values().filter(|t| !t.internal).count() as u32,
             partition_count: meta
                 .topics
                 .values()
+                .filter(|t| !t.internal)
                 .map(|t| t.partitions.len() as u32)
                 .sum(),
             version: env!("CARGO_PKG_VERSION").to_string(),
