@@ -9,6 +9,7 @@ mod group;
 mod produce;
 mod server;
 mod topic;
+mod transform;
 
 use std::process::ExitCode;
 
@@ -51,6 +52,9 @@ enum Command {
     /// Consumer groups: list, describe with lag, reset offsets, delete.
     #[command(subcommand)]
     Group(group::GroupCommand),
+    /// Deploy and manage Wasm transforms; test one on sample records.
+    #[command(subcommand)]
+    Transform(transform::TransformCommand),
     /// Cluster information.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -87,6 +91,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Produce(args) => produce::run(connect(&cli.brokers).await?, args).await,
         Command::Consume(args) => consume::run(connect(&cli.brokers).await?, args).await,
         Command::Group(command) => group::run(connect(&cli.brokers).await?, command).await,
+        Command::Transform(command) => transform::run(&cli.brokers, command).await,
         Command::Cluster(ClusterCommand::Info) => {
             let info = Admin::new(connect(&cli.brokers).await?)
                 .cluster_info()

@@ -77,7 +77,17 @@ pub async fn broker(command: BrokerCommand) -> anyhow::Result<ExitCode> {
 
 async fn serve(config: BrokerConfig, what: &str) -> anyhow::Result<ExitCode> {
     let data_dir = config.data_dir.clone();
-    let mut running = runnel_broker::start(config).await?;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    // The streams runtime lives in the broker process and reaches the broker as a client.
+    let runtime = runnel_streams::Runtime::new(&data_dir)?;
+    let service_runtime = runtime.clone();
+    let mut running = runnel_broker::start_with(config, move |addr, routes| {
+        service_runtime.connect_to(vec![addr.to_string()]);
+        routes.add_service(runnel_streams::Service::server(service_runtime))
+    })
+    .await?;
+    runtime.resume_saved().await?;
     let data_dir = std::fs::canonicalize(&data_dir).unwrap_or(data_dir);
     // A closed stdout (the launcher stopped reading) must not take the server down.
     let mut out = std::io::stdout();

@@ -234,4 +234,91 @@ impl Admin {
             .await?;
         Ok(())
     }
+
+    /// Deploys (or redeploys) a transform with its compiled component.
+    ///
+    /// # Errors
+    /// An invalid spec, unknown topics, or a component that does not load.
+    pub async fn deploy_transform(
+        &self,
+        spec: v1::TransformSpec,
+        wasm: Vec<u8>,
+    ) -> Result<v1::TransformStatus, ClientError> {
+        let response = self
+            .client
+            .transforms_rpc()
+            .deploy(v1::DeployTransformRequest {
+                spec: Some(spec),
+                wasm: wasm.into(),
+            })
+            .await?
+            .into_inner();
+        response
+            .status
+            .ok_or_else(|| ClientError::Corrupt("deploy response without a status".into()))
+    }
+
+    /// # Errors
+    /// The broker cannot be reached.
+    pub async fn list_transforms(&self) -> Result<Vec<v1::TransformStatus>, ClientError> {
+        Ok(self
+            .client
+            .transforms_rpc()
+            .list_transforms(v1::ListTransformsRequest {})
+            .await?
+            .into_inner()
+            .transforms)
+    }
+
+    /// # Errors
+    /// Unknown transform.
+    pub async fn describe_transform(&self, name: &str) -> Result<v1::TransformStatus, ClientError> {
+        Ok(self
+            .client
+            .transforms_rpc()
+            .describe_transform(v1::TransformName { name: name.into() })
+            .await?
+            .into_inner())
+    }
+
+    /// Pauses (`true`) or resumes a transform.
+    ///
+    /// # Errors
+    /// Unknown transform.
+    pub async fn pause_transform(
+        &self,
+        name: &str,
+        paused: bool,
+    ) -> Result<v1::TransformStatus, ClientError> {
+        let mut rpc = self.client.transforms_rpc();
+        let request = v1::TransformName { name: name.into() };
+        let response = if paused {
+            rpc.pause(request).await?
+        } else {
+            rpc.resume(request).await?
+        };
+        Ok(response.into_inner())
+    }
+
+    /// # Errors
+    /// Unknown transform.
+    pub async fn remove_transform(&self, name: &str) -> Result<(), ClientError> {
+        self.client
+            .transforms_rpc()
+            .remove(v1::TransformName { name: name.into() })
+            .await?;
+        Ok(())
+    }
+
+    /// # Errors
+    /// Unknown transform.
+    pub async fn transform_logs(&self, name: &str) -> Result<Vec<String>, ClientError> {
+        Ok(self
+            .client
+            .transforms_rpc()
+            .logs(v1::TransformName { name: name.into() })
+            .await?
+            .into_inner()
+            .lines)
+    }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use runnel_proto::v1::{
     self, admin_client::AdminClient, consumer_client::ConsumerClient, groups_client::GroupsClient,
-    producer_client::ProducerClient,
+    producer_client::ProducerClient, transforms_client::TransformsClient,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -93,6 +93,12 @@ impl Client {
     /// The group coordinator (the bootstrap broker in a cluster of one).
     pub(crate) fn groups_rpc(&self) -> GroupsClient<Channel> {
         GroupsClient::new(self.inner.bootstrap.clone())
+    }
+
+    /// The streams runtime's service (hosted by the broker process).
+    pub(crate) fn transforms_rpc(&self) -> TransformsClient<Channel> {
+        TransformsClient::new(self.inner.bootstrap.clone())
+            .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX)
     }
 
     pub(crate) fn producer_rpc(&self, channel: Channel) -> ProducerClient<Channel> {

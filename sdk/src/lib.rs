@@ -71,7 +71,10 @@ impl Config {
 
     /// A config value given at deploy time (`--config key=value`).
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.entries.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.entries
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// # Errors
@@ -128,7 +131,9 @@ impl<'a> Record<'a> {
 
     /// The first header named `name`.
     pub fn header(&self, name: &str) -> Option<&'a [u8]> {
-        self.headers().find(|(k, _)| *k == name).and_then(|(_, v)| v)
+        self.headers()
+            .find(|(k, _)| *k == name)
+            .and_then(|(_, v)| v)
     }
 
     pub fn headers(&self) -> impl Iterator<Item = (&'a str, Option<&'a [u8]>)> {
@@ -181,16 +186,35 @@ impl Output {
 
     /// Emits a record with this key and value to the first output topic.
     pub fn emit(&mut self, key: Option<&[u8]>, value: Option<&[u8]>) {
-        self.write(0, &Emit { key, value, ..Emit::default() });
+        self.write(
+            0,
+            &Emit {
+                key,
+                value,
+                ..Emit::default()
+            },
+        );
     }
 
     /// Emits a record with this key and value to `topic`, one of the declared outputs.
     ///
     /// # Errors
     /// `topic` is not one of the deployment's output topics.
-    pub fn emit_to(&mut self, topic: &str, key: Option<&[u8]>, value: Option<&[u8]>) -> Result<(), String> {
+    pub fn emit_to(
+        &mut self,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+    ) -> Result<(), String> {
         let index = self.index_of(topic)?;
-        self.write(index, &Emit { key, value, ..Emit::default() });
+        self.write(
+            index,
+            &Emit {
+                key,
+                value,
+                ..Emit::default()
+            },
+        );
         Ok(())
     }
 
@@ -210,7 +234,13 @@ impl Output {
     /// Passes the input record on unchanged (key, value, headers, timestamp) to the first
     /// output topic.
     pub fn forward(&mut self, record: &Record<'_>) {
-        self.write_flat(0, record.inner.timestamp_ms, record.inner.key, record.inner.value, record.inner.headers);
+        self.write_flat(
+            0,
+            record.inner.timestamp_ms,
+            record.inner.key,
+            record.inner.value,
+            record.inner.headers,
+        );
     }
 
     /// Passes the input record on unchanged to `topic`.
@@ -219,7 +249,13 @@ impl Output {
     /// `topic` is not one of the deployment's output topics.
     pub fn forward_to(&mut self, topic: &str, record: &Record<'_>) -> Result<(), String> {
         let index = self.index_of(topic)?;
-        self.write_flat(index, record.inner.timestamp_ms, record.inner.key, record.inner.value, record.inner.headers);
+        self.write_flat(
+            index,
+            record.inner.timestamp_ms,
+            record.inner.key,
+            record.inner.value,
+            record.inner.headers,
+        );
         Ok(())
     }
 
@@ -232,7 +268,14 @@ impl Output {
         self.scratch = scratch;
     }
 
-    fn write_flat(&mut self, output_index: u32, timestamp_ms: i64, key: Option<&[u8]>, value: Option<&[u8]>, headers: &[u8]) {
+    fn write_flat(
+        &mut self,
+        output_index: u32,
+        timestamp_ms: i64,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[u8],
+    ) {
         runnel_flat::write_output(
             &mut self.buf,
             &FlatOutput {
@@ -308,7 +351,10 @@ thread_local! {
 pub mod __runtime {
     use super::*;
 
-    pub fn init<T: Transform>(config: Vec<(String, String)>, outputs: Vec<String>) -> Result<(), String> {
+    pub fn init<T: Transform>(
+        config: Vec<(String, String)>,
+        outputs: Vec<String>,
+    ) -> Result<(), String> {
         let config = Config::new(config, outputs);
         let transform = T::init(&config)?;
         INSTANCE.with(|slot| {

@@ -61,6 +61,18 @@ pub struct RunningBroker {
 /// # Errors
 /// The address cannot be bound, the config is invalid, or a partition cannot be opened.
 pub async fn start(config: BrokerConfig) -> anyhow::Result<RunningBroker> {
+    start_with(config, |_, routes| routes).await
+}
+
+/// Like [`start`], and `extend` may add services (the streams runtime's) to the server;
+/// it gets the bound address so that those services can reach the broker as clients.
+///
+/// # Errors
+/// As [`start`].
+pub async fn start_with(
+    config: BrokerConfig,
+    extend: impl FnOnce(SocketAddr, tonic::service::Routes) -> tonic::service::Routes,
+) -> anyhow::Result<RunningBroker> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
@@ -100,27 +112,29 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<RunningBroker> {
         .build_v1alpha()?;
 
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    let routes = tonic::service::Routes::new(
+        ProducerServer::new(service.clone())
+            .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX),
+    )
+    .add_service(
+        ConsumerServer::new(service.clone())
+            .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX),
+    )
+    .add_service(AdminServer::new(service.clone()))
+    .add_service(GroupsServer::new(service))
+    .add_service(health_service)
+    .add_service(reflection_v1)
+    .add_service(reflection_v1alpha);
+    let routes = extend(local_addr, routes);
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         // HTTP/2's default 64 KiB windows would stall every large batch for window
         // updates; these let many batches be in flight on one stream.
         .initial_stream_window_size(HTTP2_STREAM_WINDOW_BYTES)
         .initial_connection_window_size(HTTP2_CONNECTION_WINDOW_BYTES)
-        .add_service(
-            ProducerServer::new(service.clone())
-                .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
-                .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX),
-        )
-        .add_service(
-            ConsumerServer::new(service.clone())
-                .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
-                .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX),
-        )
-        .add_service(AdminServer::new(service.clone()))
-        .add_service(GroupsServer::new(service))
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha);
+        .add_routes(routes);
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = shutdown_rx.await;

@@ -166,7 +166,10 @@ fn put_nullable(out: &mut Vec<u8>, bytes: Option<&[u8]>) {
 }
 
 /// Appends an encoded headers block built from `(key, value)` pairs.
-pub fn write_headers<'a>(out: &mut Vec<u8>, headers: impl ExactSizeIterator<Item = (&'a str, Option<&'a [u8]>)>) {
+pub fn write_headers<'a>(
+    out: &mut Vec<u8>,
+    headers: impl ExactSizeIterator<Item = (&'a str, Option<&'a [u8]>)>,
+) {
     out.extend_from_slice(&(headers.len() as u32).to_le_bytes());
     for (key, value) in headers {
         out.extend_from_slice(&(key.len() as u32).to_le_bytes());
@@ -205,7 +208,10 @@ mod tests {
     #[test]
     fn inputs_and_outputs_round_trip() {
         let mut headers = Vec::new();
-        write_headers(&mut headers, [("h", Some(&b"v"[..])), ("n", None)].into_iter());
+        write_headers(
+            &mut headers,
+            [("h", Some(&b"v"[..])), ("n", None)].into_iter(),
+        );
         let record = FlatRecord {
             partition: 3,
             offset: 42,
@@ -216,11 +222,21 @@ mod tests {
         };
         let mut buf = Vec::new();
         write_input(&mut buf, &record);
-        write_input(&mut buf, &FlatRecord { key: Some(b""), headers: NO_HEADERS, ..record });
+        write_input(
+            &mut buf,
+            &FlatRecord {
+                key: Some(b""),
+                headers: NO_HEADERS,
+                ..record
+            },
+        );
         let read: Vec<_> = read_inputs(&buf).collect::<Result<_, _>>().expect("valid");
         assert_eq!(read[0], record);
         assert_eq!(read[1].key, Some(&b""[..]));
-        assert_eq!(headers_of(&read[0]), vec![("h", Some(&b"v"[..])), ("n", None)]);
+        assert_eq!(
+            headers_of(&read[0]),
+            vec![("h", Some(&b"v"[..])), ("n", None)]
+        );
         let output = FlatOutput {
             input_index: 1,
             output_index: 0,

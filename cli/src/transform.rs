@@ -1,0 +1,243 @@
+//! `runnel transform ...`: deploy and manage Wasm transforms, or test one offline.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use runnel_client::{Admin, Client, v1};
+use runnel_streams::spec;
+
+use crate::parse_key_value;
+
+#[derive(Subcommand)]
+pub enum TransformCommand {
+    /// Deploy a transform from a YAML file or from flags; deploying an existing name
+    /// replaces it, continuing from its committed position.
+    Deploy(DeployArgs),
+    /// Deployments with their state, lag, records in and out, and errors.
+    List,
+    /// One deployment in detail.
+    Describe {
+        name: String,
+    },
+    /// Stop reading until resumed (the position is kept).
+    Pause {
+        name: String,
+    },
+    Resume {
+        name: String,
+    },
+    /// Stop and remove a deployment (its committed position stays with its group).
+    Remove {
+        name: String,
+    },
+    /// The deployment's recent log: the guest's own lines and the runtime's.
+    Logs {
+        name: String,
+    },
+    /// Run a component on sample records, without a broker.
+    Test(TestArgs),
+}
+
+#[derive(Args)]
+pub struct DeployArgs {
+    /// A deployment file (YAML); flags below are then not needed.
+    file: Option<PathBuf>,
+    #[arg(long, required_unless_present = "file")]
+    name: Option<String>,
+    #[arg(long, required_unless_present = "file")]
+    input: Option<String>,
+    /// Output topic; repeatable. The first is the default output.
+    #[arg(long = "output", required_unless_present = "file")]
+    outputs: Vec<String>,
+    /// The compiled component (`cargo build --target wasm32-wasip2`).
+    #[arg(long, required_unless_present = "file")]
+    wasm: Option<PathBuf>,
+    /// Config value passed to the transform's init, KEY=VALUE; repeatable.
+    #[arg(long = "config", value_parser = parse_key_value)]
+    configs: Vec<(String, String)>,
+    /// fail, skip or dead-letter.
+    #[arg(long, default_value = "fail")]
+    error_policy: String,
+    #[arg(long)]
+    dead_letter_topic: Option<String>,
+    /// earliest, latest, offset:N or timestamp:MS (for a new deployment).
+    #[arg(long, default_value = "earliest")]
+    start: String,
+    #[arg(long)]
+    memory_limit_mb: Option<u64>,
+    #[arg(long)]
+    cpu_limit_ms: Option<u32>,
+}
+
+#[derive(Args)]
+pub struct TestArgs {
+    /// The compiled component.
+    #[arg(long)]
+    wasm: PathBuf,
+    /// JSON lines: {"key": .., "value": .., "headers": {..}, "timestamp": ..}.
+    #[arg(long)]
+    input: PathBuf,
+    /// Config value, KEY=VALUE; repeatable.
+    #[arg(long = "config", value_parser = parse_key_value)]
+    configs: Vec<(String, String)>,
+    /// Output topic names the transform may emit to; repeatable.
+    #[arg(long = "output", default_value = "output")]
+    outputs: Vec<String>,
+}
+
+fn read_wasm(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| {
+        format!(
+            "reading the component {}; build it with `cargo build --release --target wasm32-wasip2`",
+            path.display()
+        )
+    })
+}
+
+fn test(args: TestArgs) -> anyhow::Result<ExitCode> {
+    let wasm = read_wasm(&args.wasm)?;
+    let input = std::fs::read_to_string(&args.input)
+        .with_context(|| format!("reading {}", args.input.display()))?;
+    for line in runnel_streams::harness::run(&wasm, &input, &args.configs, &args.outputs)? {
+        println!("{line}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_status(s: &v1::TransformStatus) {
+    let spec = s.spec.clone().unwrap_or_default();
+    println!("Transform:   {} (version {})", spec.name, s.version);
+    println!(
+        "State:       {}{}",
+        s.state,
+        if s.error.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", s.error)
+        }
+    );
+    println!("Input:       {}", spec.input_topic);
+    println!("Outputs:     {}", spec.output_topics.join(", "));
+    let policy = v1::ErrorPolicy::try_from(spec.error_policy).unwrap_or(v1::ErrorPolicy::Fail);
+    let dlq = if spec.dead_letter_topic.is_empty() {
+        String::new()
+    } else {
+        format!(" -> {}", spec.dead_letter_topic)
+    };
+    println!("Errors:      {}{dlq}", spec::policy_name(policy));
+    println!("Start:       {}", spec.start);
+    let mut config: Vec<String> = spec
+        .config
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    config.sort();
+    println!(
+        "Config:      {}",
+        if config.is_empty() {
+            "none".into()
+        } else {
+            config.join(",")
+        }
+    );
+    println!(
+        "Records:     {} in, {} out, {} errors",
+        s.records_in, s.records_out, s.record_errors
+    );
+    println!(
+        "Lag:         {}",
+        if s.lag < 0 {
+            "-".into()
+        } else {
+            s.lag.to_string()
+        }
+    );
+    println!("Component:   sha256 {}", s.wasm_sha256);
+}
+
+/// Runs a transform command; only `test` works without a broker.
+pub async fn run(brokers: &[String], command: TransformCommand) -> anyhow::Result<ExitCode> {
+    if let TransformCommand::Test(args) = command {
+        return test(args);
+    }
+    let admin = Admin::new(Client::connect(brokers).await?);
+    match command {
+        TransformCommand::Deploy(args) => {
+            let (spec, wasm_path) = match &args.file {
+                Some(file) => spec::TransformFile::load(file)?,
+                None => {
+                    let policy = spec::parse_policy(&args.error_policy)?;
+                    let spec = v1::TransformSpec {
+                        name: args.name.unwrap_or_default(),
+                        input_topic: args.input.unwrap_or_default(),
+                        output_topics: args.outputs,
+                        config: args.configs.into_iter().collect(),
+                        error_policy: policy as i32,
+                        dead_letter_topic: args.dead_letter_topic.unwrap_or_default(),
+                        start: args.start,
+                        memory_limit_bytes: args.memory_limit_mb.unwrap_or(0) * 1024 * 1024,
+                        cpu_limit_ms: args.cpu_limit_ms.unwrap_or(0),
+                    };
+                    spec::validate(&spec)?;
+                    (spec, args.wasm.unwrap_or_default())
+                }
+            };
+            let wasm = read_wasm(&wasm_path)?;
+            let status = admin.deploy_transform(spec, wasm).await?;
+            println!(
+                "Deployed transform {} (version {}).",
+                status.spec.as_ref().map_or("", |s| s.name.as_str()),
+                status.version
+            );
+        }
+        TransformCommand::List => {
+            println!(
+                "{:<20} {:<8} {:>7} {:<16} {:<24} {:>8} {:>10} {:>10} {:>7}",
+                "NAME", "STATE", "VERSION", "INPUT", "OUTPUTS", "LAG", "IN", "OUT", "ERRORS"
+            );
+            for s in admin.list_transforms().await? {
+                let spec = s.spec.clone().unwrap_or_default();
+                println!(
+                    "{:<20} {:<8} {:>7} {:<16} {:<24} {:>8} {:>10} {:>10} {:>7}",
+                    spec.name,
+                    s.state,
+                    s.version,
+                    spec.input_topic,
+                    spec.output_topics.join(","),
+                    if s.lag < 0 {
+                        "-".into()
+                    } else {
+                        s.lag.to_string()
+                    },
+                    s.records_in,
+                    s.records_out,
+                    s.record_errors
+                );
+            }
+        }
+        TransformCommand::Describe { name } => {
+            print_status(&admin.describe_transform(&name).await?)
+        }
+        TransformCommand::Pause { name } => {
+            admin.pause_transform(&name, true).await?;
+            println!("Paused transform {name}.");
+        }
+        TransformCommand::Resume { name } => {
+            admin.pause_transform(&name, false).await?;
+            println!("Resumed transform {name}.");
+        }
+        TransformCommand::Remove { name } => {
+            admin.remove_transform(&name).await?;
+            println!("Removed transform {name}.");
+        }
+        TransformCommand::Logs { name } => {
+            for line in admin.transform_logs(&name).await? {
+                println!("{line}");
+            }
+        }
+        TransformCommand::Test(args) => return test(args),
+    }
+    Ok(ExitCode::SUCCESS)
+}

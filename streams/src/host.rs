@@ -1,0 +1,318 @@
+//! The Wasm host: the only module that touches wasmtime.
+//!
+//! One [`Engine`] per runtime with epoch interruption on; a ticker thread advances the
+//! epoch every [`EPOCH_TICK_MS`], and each call gets a deadline of `cpu_limit_ms`, so a
+//! guest that loops is stopped with a trap instead of holding a core. Memory is capped per
+//! instance by a [`StoreLimits`]. Compiled components are cached by the SHA-256 of their
+//! bytes, and pre-instantiated once; an instance lives across batches until it traps
+//! (a trapped instance is never called again).
+//!
+//! Guests get WASI with nothing granted: no files, no sockets, no environment, and clocks
+//! that read zero.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+wasmtime::component::bindgen!({
+    world: "transformer",
+    path: "../proto/wit",
+});
+
+use runnel::transform::host::Level;
+
+/// How often the epoch advances; the granularity of the CPU limit.
+pub const EPOCH_TICK_MS: u64 = 5;
+pub const MEMORY_LIMIT_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
+pub const CPU_LIMIT_MS_DEFAULT: u32 = 2_000;
+/// Lines of guest and runtime log kept per deployment.
+pub const LOG_LINES_MAX: usize = 1_000;
+
+/// A deployment's log: guest lines and runtime events, newest last.
+#[derive(Debug, Clone, Default)]
+pub struct LogBuffer(Arc<Mutex<std::collections::VecDeque<String>>>);
+
+impl LogBuffer {
+    pub fn push(&self, line: String) {
+        let mut lines = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if lines.len() == LOG_LINES_MAX {
+            lines.pop_front();
+        }
+        lines.push_back(line);
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+/// A guest instance's host-side state.
+pub struct GuestState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+    name: String,
+    log: LogBuffer,
+}
+
+impl WasiView for GuestState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl runnel::transform::host::Host for GuestState {
+    fn log(&mut self, level: Level, message: String) {
+        let name = &self.name;
+        match level {
+            Level::Trace | Level::Debug => tracing::debug!(transform = %name, "{message}"),
+            Level::Info => tracing::info!(transform = %name, "{message}"),
+            Level::Warn => tracing::warn!(transform = %name, "{message}"),
+            Level::Error => tracing::error!(transform = %name, "{message}"),
+        }
+        // A guest cannot flood the runtime's memory: lines are bounded in length and count.
+        let mut message = message;
+        message.truncate(4096);
+        self.log.push(format!("[guest {level:?}] {message}"));
+    }
+}
+
+impl runnel::transform::types::Host for GuestState {}
+
+/// Clocks that always read zero: a guest sees no time unless a deployment grants it.
+struct FrozenClock;
+
+impl wasmtime_wasi::HostWallClock for FrozenClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+
+    fn now(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+impl wasmtime_wasi::HostMonotonicClock for FrozenClock {
+    fn resolution(&self) -> u64 {
+        1_000_000_000
+    }
+
+    fn now(&self) -> u64 {
+        0
+    }
+}
+
+/// The result of one batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchResult {
+    /// Emitted records in the flat output format.
+    pub records: Vec<u8>,
+    /// (input index, message) for each refused input record.
+    pub errors: Vec<(u32, String)>,
+}
+
+/// The guest failed as a whole: trapped, ran out of CPU time or memory, or was broken.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct GuestFailure(pub String);
+
+/// Limits of one instance.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub memory_bytes: u64,
+    pub cpu_ms: u32,
+}
+
+/// Compiles, caches and instantiates transform components.
+pub struct WasmHost {
+    engine: Engine,
+    linker: Linker<GuestState>,
+    cache: Mutex<HashMap<String, Arc<TransformerPre<GuestState>>>>,
+}
+
+fn ticker(engine: Engine) {
+    static STARTED: OnceLock<()> = OnceLock::new();
+    STARTED.get_or_init(|| {
+        std::thread::Builder::new()
+            .name("runnel-wasm-epoch".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(Duration::from_millis(EPOCH_TICK_MS));
+                    engine.increment_epoch();
+                }
+            })
+            .map(|_| ())
+            .unwrap_or_else(|err| tracing::error!("cannot start the Wasm epoch ticker: {err}"));
+    });
+}
+
+impl WasmHost {
+    /// # Errors
+    /// The engine or linker cannot be set up.
+    pub fn new() -> anyhow::Result<Self> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        config.wasm_component_model(true);
+        // wasmtime has its own error type; keep its whole chain in the message.
+        let wt = |err: wasmtime::Error| anyhow::anyhow!("{err:#}");
+        let engine = Engine::new(&config).map_err(wt)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(wt)?;
+        Transformer::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state).map_err(wt)?;
+        ticker(engine.clone());
+        Ok(WasmHost {
+            engine,
+            linker,
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Compiles `wasm` (or takes it from the cache by `sha256`).
+    ///
+    /// # Errors
+    /// The bytes are not a component, or it does not match the transformer world.
+    pub fn prepare(
+        &self,
+        sha256: &str,
+        wasm: &[u8],
+    ) -> Result<Arc<TransformerPre<GuestState>>, GuestFailure> {
+        if let Some(pre) = self
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(sha256)
+        {
+            return Ok(pre.clone());
+        }
+        let component = Component::new(&self.engine, wasm)
+            .map_err(|err| GuestFailure(format!("not a valid Wasm component: {err:#}")))?;
+        let pre = self.linker.instantiate_pre(&component).map_err(|err| {
+            GuestFailure(format!(
+                "the component does not fit the runnel:transform world: {err:#}"
+            ))
+        })?;
+        let pre = Arc::new(TransformerPre::new(pre).map_err(|err| {
+            GuestFailure(format!(
+                "the component does not export init and process: {err:#}"
+            ))
+        })?);
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(sha256.to_string(), pre.clone());
+        Ok(pre)
+    }
+
+    /// A fresh, initialised instance.
+    ///
+    /// # Errors
+    /// Instantiation failed, or the guest's `init` refused the config.
+    pub fn instantiate(
+        &self,
+        pre: &TransformerPre<GuestState>,
+        name: &str,
+        config: &[(String, String)],
+        outputs: &[String],
+        limits: Limits,
+        log: LogBuffer,
+    ) -> Result<Instance, GuestFailure> {
+        let wasi = WasiCtx::builder()
+            .wall_clock(FrozenClock)
+            .monotonic_clock(FrozenClock)
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let state = GuestState {
+            wasi,
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX))
+                .instances(16)
+                .trap_on_grow_failure(true)
+                .build(),
+            name: name.to_string(),
+            log,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limits);
+        store.set_epoch_deadline(deadline_ticks(limits.cpu_ms));
+        let bindings = pre
+            .instantiate(&mut store)
+            .map_err(|err| GuestFailure(format!("instantiation failed: {err:#}")))?;
+        store.set_epoch_deadline(deadline_ticks(limits.cpu_ms));
+        bindings
+            .call_init(&mut store, config, outputs)
+            .map_err(|err| GuestFailure(format!("init trapped: {err:#}")))?
+            .map_err(|message| GuestFailure(format!("init refused the config: {message}")))?;
+        Ok(Instance {
+            store,
+            bindings,
+            cpu_ms: limits.cpu_ms,
+        })
+    }
+}
+
+fn deadline_ticks(cpu_ms: u32) -> u64 {
+    (u64::from(cpu_ms) / EPOCH_TICK_MS).max(1)
+}
+
+/// A live transform instance.
+pub struct Instance {
+    store: Store<GuestState>,
+    bindings: Transformer,
+    cpu_ms: u32,
+}
+
+impl Instance {
+    /// Runs one batch (flat input format).
+    ///
+    /// # Errors
+    /// A trap, CPU or memory limit breach: the instance must not be used again.
+    pub fn process(&mut self, input: &[u8]) -> Result<BatchResult, GuestFailure> {
+        self.store.set_epoch_deadline(deadline_ticks(self.cpu_ms));
+        let output = self
+            .bindings
+            .call_process(&mut self.store, input)
+            .map_err(|err| {
+                let text = format!("{err:#}");
+                let reason = if err.downcast_ref::<wasmtime::Trap>()
+                    == Some(&wasmtime::Trap::Interrupt)
+                {
+                    format!(
+                        "exceeded its CPU limit of {} ms and was stopped",
+                        self.cpu_ms
+                    )
+                } else if text.contains("memory") && text.contains("limit") || text.contains("grow")
+                {
+                    format!("exceeded its memory limit: {text}")
+                } else {
+                    format!("trapped: {text}")
+                };
+                GuestFailure(reason)
+            })?;
+        Ok(BatchResult {
+            records: output.records,
+            errors: output
+                .errors
+                .into_iter()
+                .map(|e| (e.index, e.message))
+                .collect(),
+        })
+    }
+}

@@ -1,0 +1,820 @@
+//! Deployments: each a task that reads its input topic as consumer group
+//! `transform-NAME`, runs the guest once per batch, produces what it emits, and commits
+//! the input offsets only after every emitted record was acknowledged (at-least-once).
+//!
+//! A guest error value for a record, or a trap isolated to one record, goes to the error
+//! policy: `fail` stops the deployment without committing the batch, `skip` logs and
+//! drops the record, `dead-letter` writes the input record with the error in headers to
+//! the dead-letter topic. The loop is written so that exactly-once (output, state and
+//! offsets in one transaction) can replace the produce-then-commit step.
+//!
+//! Deployments are saved under `<data dir>/__transforms/` (spec as JSON, component by
+//! SHA-256) and restarted with the broker.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use runnel_client::{
+    Acks, Admin, Client, ConsumerConfig, ConsumerRecord, Delivery, GroupConfig, GroupConsumer,
+    Header, Producer, ProducerConfig, ProducerRecord, StartFrom, v1,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::host::{
+    BatchResult, CPU_LIMIT_MS_DEFAULT, GuestFailure, Instance, Limits, LogBuffer,
+    MEMORY_LIMIT_BYTES_DEFAULT, WasmHost,
+};
+use crate::spec::{self, Start};
+
+/// Why a deploy or an operation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("unknown transform {0:?}")]
+    Unknown(String),
+    #[error("{0:#}")]
+    Internal(#[from] anyhow::Error),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Control {
+    Run,
+    Pause,
+    Stop,
+}
+
+#[derive(Debug, Default)]
+struct Stats {
+    records_in: AtomicU64,
+    records_out: AtomicU64,
+    record_errors: AtomicU64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    Running,
+    Paused,
+    Failed(String),
+}
+
+/// What is saved of a deployment.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Saved {
+    name: String,
+    input_topic: String,
+    output_topics: Vec<String>,
+    config: BTreeMap<String, String>,
+    error_policy: i32,
+    dead_letter_topic: String,
+    start: String,
+    memory_limit_bytes: u64,
+    cpu_limit_ms: u32,
+    sha256: String,
+    version: u32,
+    paused: bool,
+}
+
+impl Saved {
+    fn spec(&self) -> v1::TransformSpec {
+        v1::TransformSpec {
+            name: self.name.clone(),
+            input_topic: self.input_topic.clone(),
+            output_topics: self.output_topics.clone(),
+            config: self.config.clone().into_iter().collect(),
+            error_policy: self.error_policy,
+            dead_letter_topic: self.dead_letter_topic.clone(),
+            start: self.start.clone(),
+            memory_limit_bytes: self.memory_limit_bytes,
+            cpu_limit_ms: self.cpu_limit_ms,
+        }
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            memory_bytes: if self.memory_limit_bytes == 0 {
+                MEMORY_LIMIT_BYTES_DEFAULT
+            } else {
+                self.memory_limit_bytes
+            },
+            cpu_ms: if self.cpu_limit_ms == 0 {
+                CPU_LIMIT_MS_DEFAULT
+            } else {
+                self.cpu_limit_ms
+            },
+        }
+    }
+}
+
+struct Deployment {
+    saved: Saved,
+    stats: Arc<Stats>,
+    state: Arc<Mutex<State>>,
+    control: watch::Sender<Control>,
+    log: LogBuffer,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The streams runtime: hosts deployments inside a broker process.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    host: WasmHost,
+    dir: PathBuf,
+    brokers: std::sync::OnceLock<Vec<String>>,
+    client: tokio::sync::OnceCell<Client>,
+    deployments: Mutex<BTreeMap<String, Deployment>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Runtime {
+    /// Creates the runtime. Tell it where the broker is with [`Runtime::connect_to`]; saved
+    /// deployments start with [`Runtime::resume_saved`] once the broker serves.
+    ///
+    /// # Errors
+    /// The Wasm engine or the state directory cannot be set up.
+    pub fn new(data_dir: &std::path::Path) -> anyhow::Result<Self> {
+        let dir = data_dir.join("__transforms");
+        std::fs::create_dir_all(dir.join("wasm"))
+            .with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Runtime {
+            inner: Arc::new(Inner {
+                host: WasmHost::new()?,
+                dir,
+                brokers: std::sync::OnceLock::new(),
+                client: tokio::sync::OnceCell::new(),
+                deployments: Mutex::new(BTreeMap::new()),
+            }),
+        })
+    }
+
+    /// Where the runtime reaches the broker (as a client).
+    pub fn connect_to(&self, brokers: Vec<String>) {
+        let _ = self.inner.brokers.set(brokers);
+    }
+
+    async fn client(&self) -> anyhow::Result<Client> {
+        let brokers = self
+            .inner
+            .brokers
+            .get()
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("the runtime does not know where the broker is"))?;
+        let client = self
+            .inner
+            .client
+            .get_or_try_init(|| async move { Client::connect(&brokers).await })
+            .await?;
+        Ok(client.clone())
+    }
+
+    /// Restarts every saved deployment.
+    ///
+    /// # Errors
+    /// A saved deployment cannot be read.
+    pub async fn resume_saved(&self) -> anyhow::Result<()> {
+        for entry in std::fs::read_dir(&self.inner.dir)? {
+            let path = entry?.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let saved: Saved = serde_json::from_slice(&std::fs::read(&path)?)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let wasm_path = self
+                .inner
+                .dir
+                .join("wasm")
+                .join(format!("{}.wasm", saved.sha256));
+            let wasm = std::fs::read(&wasm_path)
+                .with_context(|| format!("reading {}", wasm_path.display()))?;
+            if let Err(err) = self.start(saved.clone(), &wasm) {
+                tracing::error!(transform = %saved.name, error = %err, "cannot restart saved transform");
+            }
+        }
+        Ok(())
+    }
+
+    /// Deploys (or redeploys) a transform.
+    ///
+    /// # Errors
+    /// An invalid spec, unknown topics, a component that does not compile or whose
+    /// `init` refuses the config.
+    pub async fn deploy(
+        &self,
+        spec: v1::TransformSpec,
+        wasm: &[u8],
+    ) -> Result<v1::TransformStatus, DeployError> {
+        spec::validate(&spec).map_err(|err| DeployError::Invalid(format!("{err:#}")))?;
+        let client = self.client().await?;
+        let admin = Admin::new(client);
+        let mut topics: Vec<&String> = spec
+            .output_topics
+            .iter()
+            .chain([&spec.input_topic])
+            .collect();
+        if !spec.dead_letter_topic.is_empty() {
+            topics.push(&spec.dead_letter_topic);
+        }
+        for topic in topics {
+            if let Err(err) = admin.describe_topic(topic).await {
+                return Err(DeployError::Invalid(format!("topic {topic:?}: {err}")));
+            }
+        }
+        let sha256 = hex(&Sha256::digest(wasm));
+        let version = lock(&self.inner.deployments)
+            .get(&spec.name)
+            .map_or(1, |d| d.saved.version + 1);
+        let saved = Saved {
+            name: spec.name.clone(),
+            input_topic: spec.input_topic.clone(),
+            output_topics: spec.output_topics.clone(),
+            config: spec.config.clone().into_iter().collect(),
+            error_policy: spec.error_policy,
+            dead_letter_topic: spec.dead_letter_topic.clone(),
+            start: spec.start.clone(),
+            memory_limit_bytes: spec.memory_limit_bytes,
+            cpu_limit_ms: spec.cpu_limit_ms,
+            sha256: sha256.clone(),
+            version,
+            paused: false,
+        };
+        // Compile and initialise once now, so a broken component or config is refused here.
+        let pre = self
+            .inner
+            .host
+            .prepare(&sha256, wasm)
+            .map_err(|e| DeployError::Invalid(e.0))?;
+        let config: Vec<(String, String)> = saved.config.clone().into_iter().collect();
+        self.inner
+            .host
+            .instantiate(
+                &pre,
+                &saved.name,
+                &config,
+                &saved.output_topics,
+                saved.limits(),
+                LogBuffer::default(),
+            )
+            .map_err(|e| DeployError::Invalid(e.0))?;
+        let old = lock(&self.inner.deployments).remove(&spec.name);
+        if let Some(old) = old {
+            old.control.send_replace(Control::Stop);
+            // The old task commits what it finished, then leaves the group.
+            let task = old.task;
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+        std::fs::write(
+            self.inner.dir.join("wasm").join(format!("{sha256}.wasm")),
+            wasm,
+        )
+        .map_err(anyhow::Error::from)?;
+        self.save(&saved)?;
+        self.start(saved, wasm)?;
+        self.status(&spec.name).await
+    }
+
+    fn save(&self, saved: &Saved) -> anyhow::Result<()> {
+        let path = self.inner.dir.join(format!("{}.json", saved.name));
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(saved)?)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    fn start(&self, saved: Saved, wasm: &[u8]) -> anyhow::Result<()> {
+        let pre = self
+            .inner
+            .host
+            .prepare(&saved.sha256, wasm)
+            .map_err(|e| anyhow::anyhow!(e.0))?;
+        let stats = Arc::new(Stats::default());
+        let initial = if saved.paused {
+            Control::Pause
+        } else {
+            Control::Run
+        };
+        let state = Arc::new(Mutex::new(if saved.paused {
+            State::Paused
+        } else {
+            State::Running
+        }));
+        let (control, control_rx) = watch::channel(initial);
+        let log = LogBuffer::default();
+        log.push(format!(
+            "[runtime] version {} started (component sha256 {})",
+            saved.version, saved.sha256
+        ));
+        let task = tokio::spawn(run(
+            self.clone(),
+            Task {
+                saved: saved.clone(),
+                pre,
+                stats: stats.clone(),
+                state: state.clone(),
+                control: control_rx,
+                log: log.clone(),
+            },
+        ));
+        lock(&self.inner.deployments).insert(
+            saved.name.clone(),
+            Deployment {
+                saved,
+                stats,
+                state,
+                control,
+                log,
+                task,
+            },
+        );
+        Ok(())
+    }
+
+    /// # Errors
+    /// Unknown transform.
+    pub async fn status(&self, name: &str) -> Result<v1::TransformStatus, DeployError> {
+        let (mut status, input) = {
+            let deployments = lock(&self.inner.deployments);
+            let d = deployments
+                .get(name)
+                .ok_or_else(|| DeployError::Unknown(name.to_string()))?;
+            let state = lock(&d.state).clone();
+            let (state, error) = match state {
+                State::Running => ("Running", String::new()),
+                State::Paused => ("Paused", String::new()),
+                State::Failed(reason) => ("Failed", reason),
+            };
+            (
+                v1::TransformStatus {
+                    spec: Some(d.saved.spec()),
+                    state: state.into(),
+                    error,
+                    records_in: d.stats.records_in.load(Ordering::Relaxed),
+                    records_out: d.stats.records_out.load(Ordering::Relaxed),
+                    record_errors: d.stats.record_errors.load(Ordering::Relaxed),
+                    lag: -1,
+                    version: d.saved.version,
+                    wasm_sha256: d.saved.sha256.clone(),
+                },
+                d.saved.input_topic.clone(),
+            )
+        };
+        status.lag = self.lag(name, &input).await.unwrap_or(-1);
+        Ok(status)
+    }
+
+    async fn lag(&self, name: &str, input: &str) -> anyhow::Result<i64> {
+        let admin = Admin::new(self.client().await?);
+        let group = admin.describe_group(&group_name(name)).await;
+        let topic = admin.describe_topic(input).await?;
+        let committed: BTreeMap<u32, i64> = match group {
+            Ok(group) => group
+                .partitions
+                .iter()
+                .filter(|p| p.topic == input && p.current_offset >= 0)
+                .map(|p| (p.partition, p.current_offset))
+                .collect(),
+            Err(_) => BTreeMap::new(),
+        };
+        Ok(topic
+            .partitions
+            .iter()
+            .map(|p| {
+                let start = committed
+                    .get(&p.partition)
+                    .copied()
+                    .unwrap_or(p.log_start_offset);
+                (p.high_watermark - start).max(0)
+            })
+            .sum())
+    }
+
+    pub async fn list(&self) -> Vec<v1::TransformStatus> {
+        let names: Vec<String> = lock(&self.inner.deployments).keys().cloned().collect();
+        let mut out = Vec::new();
+        for name in names {
+            if let Ok(status) = self.status(&name).await {
+                out.push(status);
+            }
+        }
+        out
+    }
+
+    /// # Errors
+    /// Unknown transform.
+    pub async fn set_paused(
+        &self,
+        name: &str,
+        paused: bool,
+    ) -> Result<v1::TransformStatus, DeployError> {
+        let saved = {
+            let mut deployments = lock(&self.inner.deployments);
+            let d = deployments
+                .get_mut(name)
+                .ok_or_else(|| DeployError::Unknown(name.to_string()))?;
+            d.saved.paused = paused;
+            d.control
+                .send_replace(if paused { Control::Pause } else { Control::Run });
+            let mut state = lock(&d.state);
+            if !matches!(*state, State::Failed(_)) {
+                *state = if paused {
+                    State::Paused
+                } else {
+                    State::Running
+                };
+            }
+            d.log.push(format!(
+                "[runtime] {}",
+                if paused { "paused" } else { "resumed" }
+            ));
+            d.saved.clone()
+        };
+        self.save(&saved)?;
+        self.status(name).await
+    }
+
+    /// Stops a deployment and forgets it; its consumer group's offsets stay.
+    ///
+    /// # Errors
+    /// Unknown transform.
+    pub async fn remove(&self, name: &str) -> Result<(), DeployError> {
+        let deployment = lock(&self.inner.deployments)
+            .remove(name)
+            .ok_or_else(|| DeployError::Unknown(name.to_string()))?;
+        deployment.control.send_replace(Control::Stop);
+        let _ = tokio::time::timeout(Duration::from_secs(10), deployment.task).await;
+        let _ = std::fs::remove_file(self.inner.dir.join(format!("{name}.json")));
+        Ok(())
+    }
+
+    /// # Errors
+    /// Unknown transform.
+    pub fn logs(&self, name: &str) -> Result<Vec<String>, DeployError> {
+        lock(&self.inner.deployments)
+            .get(name)
+            .map(|d| d.log.lines())
+            .ok_or_else(|| DeployError::Unknown(name.to_string()))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn group_name(transform: &str) -> String {
+    format!("transform-{transform}")
+}
+
+struct Task {
+    saved: Saved,
+    pre: Arc<crate::host::TransformerPre<crate::host::GuestState>>,
+    stats: Arc<Stats>,
+    state: Arc<Mutex<State>>,
+    control: watch::Receiver<Control>,
+    log: LogBuffer,
+}
+
+async fn run(runtime: Runtime, mut task: Task) {
+    let name = task.saved.name.clone();
+    match run_inner(&runtime, &mut task).await {
+        Ok(()) => {}
+        Err(err) => {
+            let reason = format!("{err:#}");
+            tracing::error!(transform = %name, error = %reason, "transform stopped");
+            task.log.push(format!("[runtime] stopped: {reason}"));
+            *lock(&task.state) = State::Failed(reason);
+        }
+    }
+}
+
+/// The outcome of a batch after isolating traps: what to emit, and the bad records.
+struct Processed {
+    outputs: Vec<(u32, ProducerRecord)>,
+    failures: Vec<(usize, String)>,
+}
+
+async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
+    let client = loop {
+        match runtime.client().await {
+            Ok(client) => break client,
+            Err(err) => {
+                tracing::debug!(error = %err, "waiting for the broker");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let start = match spec::parse_start(&task.saved.start)? {
+        Start::Earliest => StartFrom::Earliest,
+        Start::Latest => StartFrom::Latest,
+        Start::Offset(o) => StartFrom::Offset(o),
+        Start::Timestamp(t) => StartFrom::Timestamp(t),
+    };
+    let mut member = GroupConsumer::join(
+        client.clone(),
+        &group_name(&task.saved.name),
+        std::slice::from_ref(&task.saved.input_topic),
+        GroupConfig {
+            client_id: format!("transform-{}", task.saved.name),
+            session_timeout: Duration::from_secs(10),
+            auto_commit_interval: None,
+            auto_offset_reset: start,
+            consumer: ConsumerConfig {
+                max_wait: Duration::from_millis(200),
+                auto_offset_reset: Some(start),
+                ..ConsumerConfig::default()
+            },
+        },
+    )
+    .await?;
+    let producer = Producer::new(
+        client,
+        ProducerConfig {
+            acks: Acks::Leader,
+            linger: Duration::from_millis(1),
+            ..ProducerConfig::default()
+        },
+    );
+    let policy =
+        v1::ErrorPolicy::try_from(task.saved.error_policy).unwrap_or(v1::ErrorPolicy::Fail);
+    let config: Vec<(String, String)> = task.saved.config.clone().into_iter().collect();
+    let mut instance: Option<Instance> = None;
+    loop {
+        let control = *task.control.borrow_and_update();
+        match control {
+            Control::Stop => {
+                member.leave().await;
+                return Ok(());
+            }
+            Control::Pause => {
+                // Keep the membership (the heartbeat runs on) but read nothing.
+                if task.control.changed().await.is_err() {
+                    return Ok(());
+                }
+                continue;
+            }
+            Control::Run => {}
+        }
+        let records = tokio::select! {
+            records = member.poll() => records?,
+            _ = task.control.changed() => continue,
+        };
+        if records.is_empty() {
+            continue;
+        }
+        task.stats
+            .records_in
+            .fetch_add(records.len() as u64, Ordering::Relaxed);
+        let processed = {
+            let runtime = runtime.clone();
+            let pre = task.pre.clone();
+            let saved = task.saved.clone();
+            let config = config.clone();
+            let log = task.log.clone();
+            let mut current = instance.take();
+            let records = records.clone();
+            let (current, processed) = tokio::task::spawn_blocking(move || {
+                let processed = process(
+                    &runtime,
+                    &pre,
+                    &saved,
+                    &config,
+                    &log,
+                    &mut current,
+                    &records,
+                );
+                (current, processed)
+            })
+            .await?;
+            instance = current;
+            processed?
+        };
+        let emitted = processed.outputs.len() as u64;
+        let mut deliveries: Vec<Delivery> = Vec::with_capacity(processed.outputs.len());
+        for (_, record) in processed.outputs {
+            deliveries.push(producer.send(record).await?);
+        }
+        for (index, reason) in &processed.failures {
+            let record = &records[*index];
+            task.stats.record_errors.fetch_add(1, Ordering::Relaxed);
+            let where_ = format!("{}-{}@{}", record.topic, record.partition, record.offset);
+            match policy {
+                v1::ErrorPolicy::Fail => {
+                    member.leave().await;
+                    anyhow::bail!(
+                        "transform {:?} failed on input {where_}: {reason}",
+                        task.saved.name
+                    );
+                }
+                v1::ErrorPolicy::Skip => {
+                    task.log
+                        .push(format!("[runtime] skipped input {where_}: {reason}"));
+                }
+                v1::ErrorPolicy::DeadLetter => {
+                    task.log.push(format!(
+                        "[runtime] dead-lettered input {where_} to {}: {reason}",
+                        task.saved.dead_letter_topic
+                    ));
+                    deliveries.push(
+                        producer
+                            .send(dead_letter(&task.saved, record, reason))
+                            .await?,
+                    );
+                }
+            }
+        }
+        for delivery in deliveries {
+            delivery.await.context("producing the transform's output")?;
+        }
+        task.stats.records_out.fetch_add(emitted, Ordering::Relaxed);
+        member.commit().await.context("committing input offsets")?;
+    }
+}
+
+fn dead_letter(saved: &Saved, record: &ConsumerRecord, reason: &str) -> ProducerRecord {
+    let mut out = ProducerRecord::new(saved.dead_letter_topic.clone());
+    out.key = record.key.clone();
+    out.value = record.value.clone();
+    out.timestamp_ms = Some(record.timestamp_ms);
+    out.headers = record.headers.clone();
+    for (key, value) in [
+        ("runnel.error", reason.to_string()),
+        ("runnel.transform", saved.name.clone()),
+        ("runnel.source.topic", record.topic.clone()),
+        ("runnel.source.partition", record.partition.to_string()),
+        ("runnel.source.offset", record.offset.to_string()),
+    ] {
+        out.headers.push(Header {
+            key: key.into(),
+            value: Some(Bytes::from(value)),
+        });
+    }
+    out
+}
+
+/// Encodes records in the flat input format.
+pub fn flat_input<'a>(records: impl Iterator<Item = &'a ConsumerRecord>) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut headers = Vec::new();
+    for r in records {
+        headers.clear();
+        runnel_flat::write_headers(
+            &mut headers,
+            r.headers
+                .iter()
+                .map(|h| (h.key.as_str(), h.value.as_deref())),
+        );
+        runnel_flat::write_input(
+            &mut buf,
+            &runnel_flat::FlatRecord {
+                partition: r.partition,
+                offset: r.offset,
+                timestamp_ms: r.timestamp_ms,
+                key: r.key.as_deref(),
+                value: r.value.as_deref(),
+                headers: &headers,
+            },
+        );
+    }
+    buf
+}
+
+/// Runs the guest over `records`; on a trap, runs them one by one in fresh instances to
+/// find the records that trap.
+fn process(
+    runtime: &Runtime,
+    pre: &crate::host::TransformerPre<crate::host::GuestState>,
+    saved: &Saved,
+    config: &[(String, String)],
+    log: &LogBuffer,
+    instance: &mut Option<Instance>,
+    records: &[ConsumerRecord],
+) -> anyhow::Result<Processed> {
+    let run = |instance: &mut Option<Instance>,
+               input: &[u8]|
+     -> anyhow::Result<Result<BatchResult, GuestFailure>> {
+        if instance.is_none() {
+            let fresh = runtime
+                .inner
+                .host
+                .instantiate(
+                    pre,
+                    &saved.name,
+                    config,
+                    &saved.output_topics,
+                    saved.limits(),
+                    log.clone(),
+                )
+                .map_err(|e| anyhow::anyhow!(e.0))?;
+            *instance = Some(fresh);
+        }
+        let Some(live) = instance.as_mut() else {
+            anyhow::bail!("no instance");
+        };
+        let result = live.process(input);
+        if result.is_err() {
+            // A trapped instance is never called again.
+            *instance = None;
+        }
+        Ok(result)
+    };
+    let mut processed = Processed {
+        outputs: Vec::new(),
+        failures: Vec::new(),
+    };
+    match run(instance, &flat_input(records.iter()))? {
+        Ok(result) => collect(saved, result, 0, records.len(), &mut processed),
+        Err(failure) => {
+            log.push(format!(
+                "[runtime] guest {}; isolating the record",
+                failure.0
+            ));
+            for (index, record) in records.iter().enumerate() {
+                match run(instance, &flat_input(std::iter::once(record)))? {
+                    Ok(result) => collect(saved, result, index, 1, &mut processed),
+                    Err(failure) => processed
+                        .failures
+                        .push((index, format!("guest {}", failure.0))),
+                }
+            }
+        }
+    }
+    Ok(processed)
+}
+
+/// Turns a batch result for `count` inputs starting at `base` into output records and
+/// failures.
+fn collect(
+    saved: &Saved,
+    result: BatchResult,
+    base: usize,
+    count: usize,
+    processed: &mut Processed,
+) {
+    let mut refused: BTreeMap<usize, String> = BTreeMap::new();
+    for (index, message) in result.errors {
+        if index as usize >= count {
+            refused.insert(base, format!("guest reported a malformed batch: {message}"));
+        } else {
+            refused.insert(base + index as usize, message);
+        }
+    }
+    let records = Bytes::from(result.records);
+    let mut emitted: Vec<(usize, ProducerRecord)> = Vec::new();
+    for output in runnel_flat::read_outputs(&records) {
+        let output = match output {
+            Ok(output) => output,
+            Err(err) => {
+                refused
+                    .entry(base)
+                    .or_insert_with(|| format!("guest wrote {err}"));
+                break;
+            }
+        };
+        let input = base + output.input_index as usize;
+        if output.input_index as usize >= count {
+            refused
+                .entry(base)
+                .or_insert_with(|| "guest emitted for an input that does not exist".into());
+            continue;
+        }
+        let Some(topic) = saved.output_topics.get(output.output_index as usize) else {
+            refused.entry(input).or_insert_with(|| {
+                format!(
+                    "emitted to undeclared output #{}; declared: {:?}",
+                    output.output_index, saved.output_topics
+                )
+            });
+            continue;
+        };
+        let mut record = ProducerRecord::new(topic.clone());
+        record.key = output.key.map(|k| records.slice_ref(k));
+        record.value = output.value.map(|v| records.slice_ref(v));
+        record.timestamp_ms = Some(output.timestamp_ms);
+        record.headers = runnel_flat::headers(output.headers)
+            .map(|(k, v)| Header {
+                key: k.to_string(),
+                value: v.map(|v| records.slice_ref(v)),
+            })
+            .collect();
+        emitted.push((input, record));
+    }
+    processed.outputs.extend(
+        emitted
+            .into_iter()
+            .filter(|(i, _)| !refused.contains_key(i))
+            .map(|(i, r)| (i as u32, r)),
+    );
+    processed.failures.extend(refused);
+}

@@ -1,0 +1,128 @@
+//! The `runnel.v1.Transforms` gRPC service, served by the broker process.
+
+use runnel_proto::v1::{self, transforms_server};
+use tonic::{Code, Request, Response, Status};
+
+use crate::runtime::{DeployError, Runtime};
+
+pub struct Service {
+    runtime: Runtime,
+}
+
+impl Service {
+    pub fn new(runtime: Runtime) -> Self {
+        Service { runtime }
+    }
+
+    /// The service ready to mount on a tonic server.
+    pub fn server(runtime: Runtime) -> transforms_server::TransformsServer<Service> {
+        transforms_server::TransformsServer::new(Service::new(runtime))
+            .max_decoding_message_size(crate::WASM_BYTES_MAX + 1024 * 1024)
+    }
+}
+
+fn status(err: DeployError) -> Status {
+    match err {
+        DeployError::Invalid(message) => Status::new(Code::InvalidArgument, message),
+        DeployError::Unknown(name) => Status::new(
+            Code::NotFound,
+            format!("unknown transform {name:?}; `runnel transform list` shows the deployed ones"),
+        ),
+        DeployError::Internal(err) => Status::new(Code::Internal, format!("{err:#}")),
+    }
+}
+
+#[tonic::async_trait]
+impl transforms_server::Transforms for Service {
+    async fn deploy(
+        &self,
+        request: Request<v1::DeployTransformRequest>,
+    ) -> Result<Response<v1::DeployTransformResponse>, Status> {
+        let request = request.into_inner();
+        let spec = request
+            .spec
+            .ok_or_else(|| Status::invalid_argument("the deploy request has no spec"))?;
+        if request.wasm.len() > crate::WASM_BYTES_MAX {
+            return Err(Status::invalid_argument(format!(
+                "the component has {} bytes; at most {}",
+                request.wasm.len(),
+                crate::WASM_BYTES_MAX
+            )));
+        }
+        let status = self
+            .runtime
+            .deploy(spec, &request.wasm)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(v1::DeployTransformResponse {
+            status: Some(status),
+        }))
+    }
+
+    async fn list_transforms(
+        &self,
+        _request: Request<v1::ListTransformsRequest>,
+    ) -> Result<Response<v1::ListTransformsResponse>, Status> {
+        Ok(Response::new(v1::ListTransformsResponse {
+            transforms: self.runtime.list().await,
+        }))
+    }
+
+    async fn describe_transform(
+        &self,
+        request: Request<v1::TransformName>,
+    ) -> Result<Response<v1::TransformStatus>, Status> {
+        Ok(Response::new(
+            self.runtime
+                .status(&request.into_inner().name)
+                .await
+                .map_err(status)?,
+        ))
+    }
+
+    async fn pause(
+        &self,
+        request: Request<v1::TransformName>,
+    ) -> Result<Response<v1::TransformStatus>, Status> {
+        Ok(Response::new(
+            self.runtime
+                .set_paused(&request.into_inner().name, true)
+                .await
+                .map_err(status)?,
+        ))
+    }
+
+    async fn resume(
+        &self,
+        request: Request<v1::TransformName>,
+    ) -> Result<Response<v1::TransformStatus>, Status> {
+        Ok(Response::new(
+            self.runtime
+                .set_paused(&request.into_inner().name, false)
+                .await
+                .map_err(status)?,
+        ))
+    }
+
+    async fn remove(
+        &self,
+        request: Request<v1::TransformName>,
+    ) -> Result<Response<v1::RemoveTransformResponse>, Status> {
+        self.runtime
+            .remove(&request.into_inner().name)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(v1::RemoveTransformResponse {}))
+    }
+
+    async fn logs(
+        &self,
+        request: Request<v1::TransformName>,
+    ) -> Result<Response<v1::TransformLogs>, Status> {
+        let lines = self
+            .runtime
+            .logs(&request.into_inner().name)
+            .map_err(status)?;
+        Ok(Response::new(v1::TransformLogs { lines }))
+    }
+}
