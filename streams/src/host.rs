@@ -65,7 +65,12 @@ pub struct GuestState {
     limits: StoreLimits,
     name: String,
     log: LogBuffer,
+    /// What the guest writes to stderr (Rust panic messages), bounded.
+    stderr: wasmtime_wasi::p2::pipe::MemoryOutputPipe,
 }
+
+/// Bytes of guest stderr kept per instance.
+const STDERR_BYTES_MAX: usize = 64 * 1024;
 
 impl WasiView for GuestState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
@@ -88,7 +93,14 @@ impl runnel::transform::host::Host for GuestState {
         // A guest cannot flood the runtime's memory: lines are bounded in length and count.
         let mut message = message;
         message.truncate(4096);
-        self.log.push(format!("[guest {level:?}] {message}"));
+        let level = match level {
+            Level::Trace => "trace",
+            Level::Debug => "debug",
+            Level::Info => "info",
+            Level::Warn => "warn",
+            Level::Error => "error",
+        };
+        self.log.push(format!("[guest {level}] {message}"));
     }
 }
 
@@ -231,7 +243,9 @@ impl WasmHost {
         limits: Limits,
         log: LogBuffer,
     ) -> Result<Instance, GuestFailure> {
+        let stderr = wasmtime_wasi::p2::pipe::MemoryOutputPipe::new(STDERR_BYTES_MAX);
         let wasi = WasiCtx::builder()
+            .stderr(stderr.clone())
             .wall_clock(FrozenClock)
             .monotonic_clock(FrozenClock)
             .allow_tcp(false)
@@ -248,6 +262,7 @@ impl WasmHost {
                 .build(),
             name: name.to_string(),
             log,
+            stderr,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limits);
@@ -268,6 +283,14 @@ impl WasmHost {
     }
 }
 
+/// The last Rust panic message the guest printed, if any.
+fn panic_message(stderr: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(stderr);
+    let start = text.rfind("panicked at")?;
+    let message: Vec<&str> = text[start..].lines().take(2).collect();
+    Some(message.join(" ").trim().to_string())
+}
+
 fn deadline_ticks(cpu_ms: u32) -> u64 {
     (u64::from(cpu_ms) / EPOCH_TICK_MS).max(1)
 }
@@ -286,26 +309,27 @@ impl Instance {
     /// A trap, CPU or memory limit breach: the instance must not be used again.
     pub fn process(&mut self, input: &[u8]) -> Result<BatchResult, GuestFailure> {
         self.store.set_epoch_deadline(deadline_ticks(self.cpu_ms));
-        let output = self
-            .bindings
-            .call_process(&mut self.store, input)
-            .map_err(|err| {
-                let text = format!("{err:#}");
-                let reason = if err.downcast_ref::<wasmtime::Trap>()
-                    == Some(&wasmtime::Trap::Interrupt)
-                {
-                    format!(
-                        "exceeded its CPU limit of {} ms and was stopped",
-                        self.cpu_ms
-                    )
-                } else if text.contains("memory") && text.contains("limit") || text.contains("grow")
-                {
-                    format!("exceeded its memory limit: {text}")
-                } else {
-                    format!("trapped: {text}")
-                };
-                GuestFailure(reason)
-            })?;
+        let output = match self.bindings.call_process(&mut self.store, input) {
+            Ok(output) => output,
+            Err(err) => {
+                let cause = err.root_cause().to_string();
+                let reason =
+                    if err.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt) {
+                        format!(
+                            "exceeded its CPU limit of {} ms and was stopped",
+                            self.cpu_ms
+                        )
+                    } else if cause.contains("growing memory") {
+                        format!("exceeded its memory limit ({cause})")
+                    } else {
+                        match panic_message(&self.store.data().stderr.contents()) {
+                            Some(panic) => format!("trapped: {cause}: {panic}"),
+                            None => format!("trapped: {cause}"),
+                        }
+                    };
+                return Err(GuestFailure(reason));
+            }
+        };
         Ok(BatchResult {
             records: output.records,
             errors: output

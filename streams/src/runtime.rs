@@ -486,15 +486,36 @@ struct Task {
     log: LogBuffer,
 }
 
+/// A record that the `fail` policy stops on: the deployment stays stopped.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct PolicyFailure(String);
+
 async fn run(runtime: Runtime, mut task: Task) {
     let name = task.saved.name.clone();
-    match run_inner(&runtime, &mut task).await {
-        Ok(()) => {}
-        Err(err) => {
-            let reason = format!("{err:#}");
-            tracing::error!(transform = %name, error = %reason, "transform stopped");
-            task.log.push(format!("[runtime] stopped: {reason}"));
-            *lock(&task.state) = State::Failed(reason);
+    loop {
+        match run_inner(&runtime, &mut task).await {
+            Ok(()) => return,
+            Err(err) if err.downcast_ref::<PolicyFailure>().is_some() => {
+                let reason = format!("{err:#}");
+                tracing::error!(transform = %name, error = %reason, "transform stopped");
+                task.log.push(format!("[runtime] stopped: {reason}"));
+                *lock(&task.state) = State::Failed(reason);
+                return;
+            }
+            Err(err) => {
+                // The broker went away or a request failed: nothing was committed for the
+                // batch in hand, so starting over re-reads it (at-least-once).
+                let reason = format!("{err:#}");
+                tracing::warn!(transform = %name, error = %reason, "transform interrupted; restarting");
+                task.log.push(format!(
+                    "[runtime] interrupted, restarting in 1 s: {reason}"
+                ));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if *task.control.borrow() == Control::Stop {
+                    return;
+                }
+            }
         }
     }
 }
@@ -600,6 +621,19 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
             instance = current;
             processed?
         };
+        if policy == v1::ErrorPolicy::Fail
+            && let Some((index, reason)) = processed.failures.first()
+        {
+            // Emit nothing of this batch and commit nothing: the next version starts at it.
+            let record = &records[*index];
+            task.stats.record_errors.fetch_add(1, Ordering::Relaxed);
+            member.leave().await;
+            return Err(PolicyFailure(format!(
+                "transform {:?} failed on input {}-{}@{}: {reason}",
+                task.saved.name, record.topic, record.partition, record.offset
+            ))
+            .into());
+        }
         let emitted = processed.outputs.len() as u64;
         let mut deliveries: Vec<Delivery> = Vec::with_capacity(processed.outputs.len());
         for (_, record) in processed.outputs {
@@ -609,29 +643,19 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
             let record = &records[*index];
             task.stats.record_errors.fetch_add(1, Ordering::Relaxed);
             let where_ = format!("{}-{}@{}", record.topic, record.partition, record.offset);
-            match policy {
-                v1::ErrorPolicy::Fail => {
-                    member.leave().await;
-                    anyhow::bail!(
-                        "transform {:?} failed on input {where_}: {reason}",
-                        task.saved.name
-                    );
-                }
-                v1::ErrorPolicy::Skip => {
-                    task.log
-                        .push(format!("[runtime] skipped input {where_}: {reason}"));
-                }
-                v1::ErrorPolicy::DeadLetter => {
-                    task.log.push(format!(
-                        "[runtime] dead-lettered input {where_} to {}: {reason}",
-                        task.saved.dead_letter_topic
-                    ));
-                    deliveries.push(
-                        producer
-                            .send(dead_letter(&task.saved, record, reason))
-                            .await?,
-                    );
-                }
+            if policy == v1::ErrorPolicy::DeadLetter {
+                task.log.push(format!(
+                    "[runtime] dead-lettered input {where_} to {}: {reason}",
+                    task.saved.dead_letter_topic
+                ));
+                deliveries.push(
+                    producer
+                        .send(dead_letter(&task.saved, record, reason))
+                        .await?,
+                );
+            } else {
+                task.log
+                    .push(format!("[runtime] skipped input {where_}: {reason}"));
             }
         }
         for delivery in deliveries {

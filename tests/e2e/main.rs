@@ -3,6 +3,7 @@
 
 mod groups;
 mod support;
+mod transforms;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;

@@ -1,0 +1,596 @@
+//! Wasm transforms end to end: the example components built from `examples/transforms`,
+//! deployed into a running Runnel with the CLI.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::support::Dev;
+
+/// Builds the example components once per test run and returns their directory.
+pub fn components() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable");
+        // <target>/debug/deps/e2e-HASH
+        let target = exe
+            .ancestors()
+            .nth(3)
+            .expect("target directory")
+            .join("wasm-examples");
+        let manifest =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/transforms/Cargo.toml");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip2",
+                "--manifest-path",
+            ])
+            .arg(&manifest)
+            .env("CARGO_TARGET_DIR", &target)
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building the example transforms failed");
+        target.join("wasm32-wasip2/release")
+    })
+    .clone()
+}
+
+fn wasm(name: &str) -> String {
+    components()
+        .join(format!("{name}.wasm"))
+        .display()
+        .to_string()
+}
+
+fn wait_for_lines(dev: &Dev, topic: &str, count: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = dev.ok(
+            &["consume", topic, "--from-beginning", "--timeout-ms", "700"],
+            "",
+        );
+        let lines: Vec<String> = out.lines().map(str::to_string).collect();
+        if lines.len() >= count || Instant::now() > deadline {
+            return lines;
+        }
+    }
+}
+
+fn describe_field(dev: &Dev, name: &str, field: &str) -> String {
+    dev.ok(&["transform", "describe", name], "")
+        .lines()
+        .find_map(|l| l.strip_prefix(field).map(|v| v.trim().to_string()))
+        .unwrap_or_default()
+}
+
+#[test]
+fn example_transforms_filter_enrich_split_and_route() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dev = Dev::start(dir.path());
+    for topic in [
+        "orders",
+        "big-orders",
+        "enriched",
+        "lines",
+        "words",
+        "logs",
+        "errors",
+        "rest",
+    ] {
+        dev.ok(&["topic", "create", topic], "");
+    }
+    dev.ok(
+        &[
+            "transform",
+            "deploy",
+            "--name",
+            "big",
+            "--input",
+            "orders",
+            "--output",
+            "big-orders",
+            "--wasm",
+            &wasm("filter"),
+            "--config",
+            "min=100",
+        ],
+        "",
+    );
+    dev.ok(
+        &[
+            "transform",
+            "deploy",
+            "--name",
+            "enrich",
+            "--input",
+            "big-orders",
+            "--output",
+            "enriched",
+            "--wasm",
+            &wasm("enrich"),
+            "--config",
+            "set.region=eu",
+        ],
+        "",
+    );
+    dev.ok(
+        &[
+            "transform",
+            "deploy",
+            "--name",
+            "words",
+            "--input",
+            "lines",
+            "--output",
+            "words",
+            "--wasm",
+            &wasm("split_words"),
+        ],
+        "",
+    );
+    dev.ok(
+        &[
+            "transform",
+            "deploy",
+            "--name",
+            "route",
+            "--input",
+            "logs",
+            "--output",
+            "errors",
+            "--output",
+            "rest",
+            "--wasm",
+            &wasm("router"),
+        ],
+        "",
+    );
+    dev.ok(
+        &["produce", "orders"],
+        "{\"id\":1,\"amount\":50}\n{\"id\":2,\"amount\":150}\n{\"id\":3,\"amount\":100}\n",
+    );
+    dev.ok(&["produce", "lines"], "The quick brown\nfox  jumps\n");
+    dev.ok(&["produce", "logs"], "{\"level\":\"error\",\"m\":1}\n{\"level\":\"info\",\"m\":2}\n{\"level\":\"error\",\"m\":3}\n");
+    assert_eq!(
+        wait_for_lines(&dev, "big-orders", 2),
+        ["{\"id\":2,\"amount\":150}", "{\"id\":3,\"amount\":100}"]
+    );
+    assert_eq!(
+        wait_for_lines(&dev, "enriched", 2),
+        [
+            "{\"amount\":150,\"id\":2,\"region\":\"eu\",\"source_offset\":0}",
+            "{\"amount\":100,\"id\":3,\"region\":\"eu\",\"source_offset\":1}"
+        ]
+    );
+    assert_eq!(
+        wait_for_lines(&dev, "words", 5),
+        ["the", "quick", "brown", "fox", "jumps"]
+    );
+    assert_eq!(
+        wait_for_lines(&dev, "errors", 2),
+        [
+            "{\"level\":\"error\",\"m\":1}",
+            "{\"level\":\"error\",\"m\":3}"
+        ]
+    );
+    assert_eq!(
+        wait_for_lines(&dev, "rest", 1),
+        ["{\"level\":\"info\",\"m\":2}"]
+    );
+    let list = dev.ok(&["transform", "list"], "");
+    for name in ["big", "enrich", "words", "route"] {
+        assert!(
+            list.lines()
+                .any(|l| l.starts_with(name) && l.contains("Running")),
+            "{list}"
+        );
+    }
+    assert_eq!(
+        describe_field(&dev, "big", "Records:"),
+        "3 in, 2 out, 0 errors"
+    );
+    // The transform's position is a consumer group like any other.
+    let group = dev.ok(&["group", "describe", "transform-big"], "");
+    assert!(group.contains("orders"), "{group}");
+}
+
+#[test]
+fn error_policies_and_runaway_guests() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dev = Dev::start(dir.path());
+    for topic in [
+        "in-skip", "out-skip", "in-dlq", "out-dlq", "dlq", "in-fail", "out-fail", "calm-in",
+        "calm-out",
+    ] {
+        dev.ok(&["topic", "create", topic], "");
+    }
+    let faulty = wasm("faulty");
+    dev.ok(
+        &[
+            "transform",
+            "deploy",
+            "--name",
+            "skipper",
+            "--input",
+            "in-skip",
+            "--output",
+            "out-skip",
+            "--wasm",
+            &faulty,
+            "--error-policy",
+            "skip",
+            "--cpu-limit-ms",
+            "200",
+        ],
+        "",
+    );
+    dev.ok(
+        &[
+            "transform",
+            "deploy",
+            "--name",
+            "dead",
+            "--input",
+            "in-dlq",
+            "--output",
+            "out-dlq",
+            "--wasm",
+            &faulty,
+            "--error-policy",
+            "dead-letter",
+            "--dead-letter-topic",
+            "dlq",
+            "--cpu-limit-ms",
+            "200",
+            "--memory-limit-mb",
+            "32",
+        ],
+        "",
+    );
+    dev.ok(
+        &[
+            "transform",
+            "deploy",
+            "--name",
+            "strict",
+            "--input",
+            "in-fail",
+            "--output",
+            "out-fail",
+            "--wasm",
+            &faulty,
+        ],
+        "",
+    );
+    dev.ok(
+        &[
+            "transform",
+            "deploy",
+            "--name",
+            "calm",
+            "--input",
+            "calm-in",
+            "--output",
+            "calm-out",
+            "--wasm",
+            &wasm("identity"),
+        ],
+        "",
+    );
+    // An infinite loop in one transform does not stop another.
+    dev.ok(&["produce", "in-skip"], "a\nloop\nb\ntrap\nbad\nc\n");
+    dev.ok(&["produce", "calm-in"], "1\n2\n3\n");
+    assert_eq!(wait_for_lines(&dev, "calm-out", 3), ["1", "2", "3"]);
+    assert_eq!(wait_for_lines(&dev, "out-skip", 3), ["a", "b", "c"]);
+    let logs = dev.ok(&["transform", "logs", "skipper"], "");
+    assert!(
+        logs.contains("skipped input in-skip-0@1") && logs.contains("CPU limit of 200 ms"),
+        "{logs}"
+    );
+    assert!(logs.contains("asked to trap at offset 3"), "{logs}");
+    assert!(logs.contains("record at offset 4 is bad"), "{logs}");
+    assert!(
+        logs.contains("[guest info] faulty transform ready"),
+        "{logs}"
+    );
+    // Dead-letter: the bad inputs, unchanged, with the error in headers.
+    dev.ok(&["produce", "in-dlq"], "x\ngrow\nundeclared\ny\n");
+    assert_eq!(wait_for_lines(&dev, "out-dlq", 2), ["x", "y"]);
+    assert_eq!(wait_for_lines(&dev, "dlq", 2), ["grow", "undeclared"]);
+    let logs = dev.ok(&["transform", "logs", "dead"], "");
+    assert!(
+        logs.contains("memory limit") && logs.contains("undeclared topic \"nowhere\""),
+        "{logs}"
+    );
+    // Fail: the deployment stops, naming the transform, the input offset and the message.
+    dev.ok(&["produce", "in-fail"], "ok\nbad\nlater\n");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while describe_field(&dev, "strict", "State:").starts_with("Running")
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let state = describe_field(&dev, "strict", "State:");
+    assert!(
+        state.starts_with("Failed")
+            && state.contains("\"strict\"")
+            && state.contains("in-fail-0@1"),
+        "{state}"
+    );
+    assert!(state.contains("record at offset 1 is bad"), "{state}");
+    // Nothing after the failing record was emitted.
+    let out = dev.ok(
+        &[
+            "consume",
+            "out-fail",
+            "--from-beginning",
+            "--timeout-ms",
+            "700",
+        ],
+        "",
+    );
+    assert!(!out.contains("later"), "{out}");
+    // The broker kept serving throughout.
+    dev.ok(&["produce", "calm-in"], "4\n");
+    assert_eq!(wait_for_lines(&dev, "calm-out", 4).len(), 4);
+}
+
+#[test]
+fn redeploys_and_restarts_continue_from_the_committed_position() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let dev = Dev::start(&data);
+    dev.ok(&["topic", "create", "src"], "");
+    dev.ok(&["topic", "create", "dst"], "");
+    dev.ok(
+        &[
+            "transform",
+            "deploy",
+            "--name",
+            "pass",
+            "--input",
+            "src",
+            "--output",
+            "dst",
+            "--wasm",
+            &wasm("identity"),
+        ],
+        "",
+    );
+    let first: String = (0..10).map(|i| format!("v1-{i}\n")).collect();
+    dev.ok(&["produce", "src"], &first);
+    assert_eq!(wait_for_lines(&dev, "dst", 10).len(), 10);
+    // A new version (the words splitter) continues where the old one stopped.
+    let out = dev.ok(
+        &[
+            "transform",
+            "deploy",
+            "--name",
+            "pass",
+            "--input",
+            "src",
+            "--output",
+            "dst",
+            "--wasm",
+            &wasm("split_words"),
+        ],
+        "",
+    );
+    assert!(out.contains("version 2"), "{out}");
+    dev.ok(&["produce", "src"], "Second Version\n");
+    let lines = wait_for_lines(&dev, "dst", 12);
+    assert_eq!(lines.len(), 12, "no committed record re-emitted: {lines:?}");
+    assert_eq!(&lines[10..], ["second", "version"]);
+    // Paused: nothing flows; resumed: it does.
+    dev.ok(&["transform", "pause", "pass"], "");
+    dev.ok(&["produce", "src"], "while paused\n");
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(
+        dev.ok(
+            &["consume", "dst", "--from-beginning", "--timeout-ms", "500"],
+            ""
+        )
+        .lines()
+        .count(),
+        12
+    );
+    dev.ok(&["transform", "resume", "pass"], "");
+    assert_eq!(wait_for_lines(&dev, "dst", 14).len(), 14);
+    // A broker restart brings the deployment back, still version 2, at its position.
+    dev.stop();
+    let dev = Dev::start(&data);
+    dev.ok(&["produce", "src"], "after restart\n");
+    let lines = wait_for_lines(&dev, "dst", 16);
+    assert_eq!(lines.len(), 16, "{lines:?}");
+    assert!(
+        dev.ok(&["transform", "describe", "pass"], "")
+            .contains("version 2")
+    );
+    dev.ok(&["transform", "remove", "pass"], "");
+    assert!(
+        dev.fails(&["transform", "describe", "pass"], "")
+            .contains("unknown transform \"pass\"")
+    );
+}
+
+#[test]
+fn bad_deploys_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dev = Dev::start(dir.path());
+    dev.ok(&["topic", "create", "a"], "");
+    dev.ok(&["topic", "create", "b"], "");
+    let err = dev.fails(
+        &[
+            "transform",
+            "deploy",
+            "--name",
+            "x",
+            "--input",
+            "nope",
+            "--output",
+            "b",
+            "--wasm",
+            &wasm("identity"),
+        ],
+        "",
+    );
+    assert!(err.contains("unknown topic \"nope\""), "{err}");
+    let err = dev.fails(
+        &[
+            "transform",
+            "deploy",
+            "--name",
+            "x",
+            "--input",
+            "a",
+            "--output",
+            "b",
+            "--wasm",
+            &wasm("filter"),
+        ],
+        "",
+    );
+    assert!(err.contains("missing config value \"min\""), "{err}");
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"not wasm at all").expect("write");
+    let err = dev.fails(
+        &[
+            "transform",
+            "deploy",
+            "--name",
+            "x",
+            "--input",
+            "a",
+            "--output",
+            "b",
+            "--wasm",
+            &junk.display().to_string(),
+        ],
+        "",
+    );
+    assert!(err.contains("not a valid Wasm component"), "{err}");
+    let err = dev.fails(
+        &[
+            "transform",
+            "deploy",
+            "--name",
+            "bad name",
+            "--input",
+            "a",
+            "--output",
+            "b",
+            "--wasm",
+            &wasm("identity"),
+        ],
+        "",
+    );
+    assert!(err.contains("invalid transform name"), "{err}");
+    let err = dev.fails(
+        &[
+            "transform",
+            "deploy",
+            "--name",
+            "x",
+            "--input",
+            "a",
+            "--output",
+            "a",
+            "--wasm",
+            &wasm("identity"),
+        ],
+        "",
+    );
+    assert!(err.contains("both input and output"), "{err}");
+    let err = dev.fails(
+        &[
+            "transform",
+            "deploy",
+            "--name",
+            "x",
+            "--input",
+            "a",
+            "--output",
+            "b",
+            "--wasm",
+            &wasm("router"),
+        ],
+        "",
+    );
+    assert!(err.contains("exactly two output topics"), "{err}");
+    let file = dir.path().join("t.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "name: from-file\ninput: a\noutputs: [b]\nwasm: {}\ncolour: blue\n",
+            wasm("identity")
+        ),
+    )
+    .expect("write");
+    let err = dev.fails(&["transform", "deploy", &file.display().to_string()], "");
+    assert!(err.contains("t.yaml") && err.contains("colour"), "{err}");
+    std::fs::write(
+        &file,
+        format!(
+            "name: from-file\ninput: a\noutputs: [b]\nwasm: {}\n",
+            wasm("identity")
+        ),
+    )
+    .expect("write");
+    dev.ok(&["transform", "deploy", &file.display().to_string()], "");
+    dev.ok(&["produce", "a"], "via file\n");
+    assert_eq!(wait_for_lines(&dev, "b", 1), ["via file"]);
+}
+
+#[test]
+fn transform_test_runs_a_component_without_a_broker() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("records.jsonl");
+    std::fs::write(
+        &input,
+        "{\"value\": \"Hello wasm World\"}\n{\"key\": \"k\", \"value\": \"again\"}\n",
+    )
+    .expect("write");
+    let output = Command::new(crate::support::RUNNEL)
+        .args([
+            "transform",
+            "test",
+            "--wasm",
+            &wasm("split_words"),
+            "--input",
+        ])
+        .arg(&input)
+        .output()
+        .expect("runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let values: Vec<String> = stdout
+        .lines()
+        .filter_map(|l| {
+            l.split("\"value\":\"")
+                .nth(1)
+                .and_then(|v| v.split('"').next())
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(values, ["hello", "wasm", "world", "again"], "{stdout}");
+    std::fs::write(&input, "{\"value\": \"bad\"}\n{\"value\": 5}\n").expect("write");
+    let output = Command::new(crate::support::RUNNEL)
+        .args(["transform", "test", "--wasm", &wasm("faulty"), "--input"])
+        .arg(&input)
+        .output()
+        .expect("runs");
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && err.contains("input line 2 is not a record"),
+        "{err}"
+    );
+}
