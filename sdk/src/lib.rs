@@ -1,7 +1,7 @@
 //! Runnel's guest SDK: write a transform in a few lines of Rust, compile it to a Wasm
 //! component, deploy it with `runnel transform deploy`.
 //!
-//! ```ignore
+//! ```no_run
 //! use runnel_sdk::{Config, Output, Record, Transform};
 //!
 //! struct Shout;

@@ -1,0 +1,101 @@
+//! Transform throughput inside the runtime: flat batches of 100-byte JSON records through
+//! the identity and filter example components, and the cost of one host-to-guest call.
+//!
+//! Run with `cargo bench -p runnel-streams`; it builds the example components first.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use runnel_flat::{FlatRecord, NO_HEADERS};
+use runnel_streams::host::{Limits, LogBuffer, WasmHost};
+
+const BATCH_RECORDS: usize = 10_000;
+
+fn components() -> PathBuf {
+    let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm-examples");
+    let manifest =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/transforms/Cargo.toml");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "--manifest-path",
+        ])
+        .arg(&manifest)
+        .env("CARGO_TARGET_DIR", &target)
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building the example transforms failed");
+    target.join("wasm32-wasip2/release")
+}
+
+fn batch() -> Vec<u8> {
+    let mut buf = Vec::new();
+    for i in 0..BATCH_RECORDS {
+        // Half of the records pass the filter (amount >= 100).
+        let mut value = format!(
+            "{{\"id\":{i},\"amount\":{},\"note\":\"",
+            if i % 2 == 0 { 150 } else { 50 }
+        );
+        while value.len() < 98 {
+            value.push('x');
+        }
+        value.push_str("\"}");
+        runnel_flat::write_input(
+            &mut buf,
+            &FlatRecord {
+                partition: 0,
+                offset: i as i64,
+                timestamp_ms: 1_700_000_000_000,
+                key: None,
+                value: Some(value.as_bytes()),
+                headers: NO_HEADERS,
+            },
+        );
+    }
+    buf
+}
+
+fn transforms(c: &mut Criterion) {
+    let dir = components();
+    let host = WasmHost::new().expect("host");
+    let limits = Limits {
+        memory_bytes: 256 * 1024 * 1024,
+        cpu_ms: 10_000,
+    };
+    let input = batch();
+    let mut group = c.benchmark_group("transform");
+    group.sample_size(20);
+    for (name, config) in [
+        ("identity", vec![]),
+        ("filter", vec![("min".to_string(), "100".to_string())]),
+    ] {
+        let wasm = std::fs::read(dir.join(format!("{name}.wasm"))).expect("component");
+        let pre = host.prepare(name, &wasm).expect("compiles");
+        let mut instance = host
+            .instantiate(
+                &pre,
+                name,
+                &config,
+                &["out".to_string()],
+                limits,
+                LogBuffer::default(),
+            )
+            .expect("instantiates");
+        group.throughput(Throughput::Elements(BATCH_RECORDS as u64));
+        group.bench_function(format!("{name}/100B x {BATCH_RECORDS}"), |b| {
+            b.iter(|| instance.process(&input).expect("runs"));
+        });
+        group.throughput(Throughput::Elements(1));
+        group.bench_function(format!("{name}/empty batch (call cost)"), |b| {
+            b.iter(|| instance.process(&[]).expect("runs"));
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, transforms);
+criterion_main!(benches);
