@@ -25,6 +25,8 @@ fn components() -> PathBuf {
             "--manifest-path",
         ])
         .arg(&manifest)
+        // The examples' .cargo/config.toml (wasm SIMD) applies from their directory.
+        .current_dir(manifest.parent().expect("examples directory"))
         .env("CARGO_TARGET_DIR", &target)
         .status()
         .expect("cargo runs");

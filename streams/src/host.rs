@@ -7,8 +7,9 @@
 //! bytes, and pre-instantiated once; an instance lives across batches until it traps
 //! (a trapped instance is never called again).
 //!
-//! Guests get WASI with nothing granted: no files, no sockets, no environment, and clocks
-//! that read zero.
+//! Guests get WASI with nothing granted: no files, no sockets, no environment, clocks
+//! that read zero, and randomness from a fixed seed (so a guest cannot observe the host,
+//! and its output depends only on its input and config).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -248,6 +249,9 @@ impl WasmHost {
             .stderr(stderr.clone())
             .wall_clock(FrozenClock)
             .monotonic_clock(FrozenClock)
+            .secure_random(<rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0))
+            .insecure_random(<rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1))
+            .insecure_random_seed(0)
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
