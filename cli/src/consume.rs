@@ -86,6 +86,7 @@ pub async fn run(client: Client, args: ConsumeArgs) -> anyhow::Result<ExitCode> 
                 session_timeout: Duration::from_millis(args.session_timeout_ms),
                 // The CLI commits exactly what it printed, below.
                 auto_commit_interval: None,
+                commit_on_revoke: true,
                 auto_offset_reset: start,
                 consumer: ConsumerConfig {
                     auto_offset_reset: Some(start),

@@ -29,6 +29,9 @@ pub struct GroupConfig {
     pub session_timeout: Duration,
     /// `None` turns automatic commits off (then call [`GroupConsumer::commit`]).
     pub auto_commit_interval: Option<Duration>,
+    /// Commit a revoked partition's position before giving it up. Off for callers that
+    /// commit only what they finished themselves (the new owner then re-reads the rest).
+    pub commit_on_revoke: bool,
     /// Where a partition starts when the group has no committed offset for it.
     pub auto_offset_reset: StartFrom,
     pub consumer: ConsumerConfig,
@@ -40,6 +43,7 @@ impl Default for GroupConfig {
             client_id: "runnel-client".into(),
             session_timeout: Duration::from_secs(10),
             auto_commit_interval: Some(Duration::from_secs(5)),
+            commit_on_revoke: true,
             auto_offset_reset: StartFrom::Latest,
             consumer: ConsumerConfig::default(),
         }
@@ -221,7 +225,7 @@ impl GroupConsumer {
         }
         let revoked: BTreeSet<TopicPartition> =
             self.owned.difference(&assignment).cloned().collect();
-        if !revoked.is_empty() {
+        if !revoked.is_empty() && self.config.commit_on_revoke {
             let offsets = self.positions(&revoked);
             match self.commit_offsets(offsets).await {
                 Ok(()) => {}
@@ -235,10 +239,10 @@ impl GroupConsumer {
                 }
                 Err(err) => return Err(err),
             }
-            for (topic, partition) in &revoked {
-                self.consumer.unassign(topic, *partition);
-                self.owned.remove(&(topic.clone(), *partition));
-            }
+        }
+        for (topic, partition) in &revoked {
+            self.consumer.unassign(topic, *partition);
+            self.owned.remove(&(topic.clone(), *partition));
         }
         let added: BTreeSet<TopicPartition> = assignment.difference(&self.owned).cloned().collect();
         if !added.is_empty() {

@@ -526,6 +526,47 @@ struct Processed {
     failures: Vec<(usize, String)>,
 }
 
+/// A batch whose output was sent but not yet acknowledged: its input offsets are
+/// committed once every delivery is.
+struct Pending {
+    deliveries: Vec<Delivery>,
+    offsets: BTreeMap<(String, u32), i64>,
+    emitted: u64,
+}
+
+impl Pending {
+    async fn finish(self, member: &mut GroupConsumer, stats: &Stats) -> anyhow::Result<()> {
+        for delivery in self.deliveries {
+            delivery.await.context("producing the transform's output")?;
+        }
+        stats.records_out.fetch_add(self.emitted, Ordering::Relaxed);
+        // A partition revoked meanwhile is re-read by its new owner instead.
+        let owned: std::collections::BTreeSet<(String, u32)> =
+            member.assignment().into_iter().collect();
+        let offsets = self
+            .offsets
+            .into_iter()
+            .filter(|(tp, _)| owned.contains(tp))
+            .collect();
+        member
+            .commit_offsets(offsets)
+            .await
+            .context("committing input offsets")
+    }
+}
+
+/// The offset after each partition's last record in `records`.
+fn next_offsets(records: &[ConsumerRecord]) -> BTreeMap<(String, u32), i64> {
+    let mut offsets = BTreeMap::new();
+    for r in records {
+        let next = offsets
+            .entry((r.topic.clone(), r.partition))
+            .or_insert(r.offset + 1);
+        *next = (*next).max(r.offset + 1);
+    }
+    offsets
+}
+
 async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
     let client = loop {
         match runtime.client().await {
@@ -550,6 +591,9 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
             client_id: format!("transform-{}", task.saved.name),
             session_timeout: Duration::from_secs(10),
             auto_commit_interval: None,
+            // Only acknowledged work is committed, by this loop; on a revocation the new
+            // owner re-reads what was not (at-least-once).
+            commit_on_revoke: false,
             auto_offset_reset: start,
             consumer: ConsumerConfig {
                 max_wait: Duration::from_millis(200),
@@ -571,8 +615,15 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
         v1::ErrorPolicy::try_from(task.saved.error_policy).unwrap_or(v1::ErrorPolicy::Fail);
     let config: Vec<(String, String)> = task.saved.config.clone().into_iter().collect();
     let mut instance: Option<Instance> = None;
+    // Batch k's output is acknowledged while batch k+1 is read and processed.
+    let mut pending: Option<Pending> = None;
     loop {
         let control = *task.control.borrow_and_update();
+        if control != Control::Run
+            && let Some(done) = pending.take()
+        {
+            done.finish(&mut member, &task.stats).await?;
+        }
         match control {
             Control::Stop => {
                 member.leave().await;
@@ -592,20 +643,22 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
             _ = task.control.changed() => continue,
         };
         if records.is_empty() {
+            if let Some(done) = pending.take() {
+                done.finish(&mut member, &task.stats).await?;
+            }
             continue;
         }
         task.stats
             .records_in
             .fetch_add(records.len() as u64, Ordering::Relaxed);
-        let processed = {
+        let (records, processed) = {
             let runtime = runtime.clone();
             let pre = task.pre.clone();
             let saved = task.saved.clone();
             let config = config.clone();
             let log = task.log.clone();
             let mut current = instance.take();
-            let records = records.clone();
-            let (current, processed) = tokio::task::spawn_blocking(move || {
+            let (current, records, processed) = tokio::task::spawn_blocking(move || {
                 let processed = process(
                     &runtime,
                     &pre,
@@ -615,11 +668,11 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
                     &mut current,
                     &records,
                 );
-                (current, processed)
+                (current, records, processed)
             })
             .await?;
             instance = current;
-            processed?
+            (records, processed?)
         };
         if policy == v1::ErrorPolicy::Fail
             && let Some((index, reason)) = processed.failures.first()
@@ -627,6 +680,9 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
             // Emit nothing of this batch and commit nothing: the next version starts at it.
             let record = &records[*index];
             task.stats.record_errors.fetch_add(1, Ordering::Relaxed);
+            if let Some(done) = pending.take() {
+                done.finish(&mut member, &task.stats).await?;
+            }
             member.leave().await;
             return Err(PolicyFailure(format!(
                 "transform {:?} failed on input {}-{}@{}: {reason}",
@@ -658,11 +714,14 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
                     .push(format!("[runtime] skipped input {where_}: {reason}"));
             }
         }
-        for delivery in deliveries {
-            delivery.await.context("producing the transform's output")?;
+        if let Some(done) = pending.take() {
+            done.finish(&mut member, &task.stats).await?;
         }
-        task.stats.records_out.fetch_add(emitted, Ordering::Relaxed);
-        member.commit().await.context("committing input offsets")?;
+        pending = Some(Pending {
+            deliveries,
+            offsets: next_offsets(&records),
+            emitted,
+        });
     }
 }
 
