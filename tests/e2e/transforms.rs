@@ -63,6 +63,30 @@ fn wait_for_lines(dev: &Dev, topic: &str, count: usize) -> Vec<String> {
     }
 }
 
+/// `transform deploy --name N --input I --output O --wasm W [extra...]`.
+fn deploy<'a>(
+    name: &'a str,
+    input: &'a str,
+    output: &'a str,
+    wasm: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "transform",
+        "deploy",
+        "--name",
+        name,
+        "--input",
+        input,
+        "--output",
+        output,
+        "--wasm",
+        wasm,
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 fn describe_field(dev: &Dev, name: &str, field: &str) -> String {
     dev.ok(&["transform", "describe", name], "")
         .lines()
@@ -426,104 +450,44 @@ fn bad_deploys_are_refused_with_the_reason() {
     let dev = Dev::start(dir.path());
     dev.ok(&["topic", "create", "a"], "");
     dev.ok(&["topic", "create", "b"], "");
-    let err = dev.fails(
-        &[
-            "transform",
-            "deploy",
-            "--name",
-            "x",
-            "--input",
-            "nope",
-            "--output",
-            "b",
-            "--wasm",
-            &wasm("identity"),
-        ],
-        "",
-    );
-    assert!(err.contains("unknown topic \"nope\""), "{err}");
-    let err = dev.fails(
-        &[
-            "transform",
-            "deploy",
-            "--name",
-            "x",
-            "--input",
-            "a",
-            "--output",
-            "b",
-            "--wasm",
-            &wasm("filter"),
-        ],
-        "",
-    );
-    assert!(err.contains("missing config value \"min\""), "{err}");
+    let (identity, filter, router) = (wasm("identity"), wasm("filter"), wasm("router"));
     let junk = dir.path().join("junk.wasm");
     std::fs::write(&junk, b"not wasm at all").expect("write");
-    let err = dev.fails(
-        &[
-            "transform",
-            "deploy",
-            "--name",
-            "x",
-            "--input",
-            "a",
-            "--output",
-            "b",
-            "--wasm",
-            &junk.display().to_string(),
-        ],
-        "",
-    );
-    assert!(err.contains("not a valid Wasm component"), "{err}");
-    let err = dev.fails(
-        &[
-            "transform",
-            "deploy",
-            "--name",
-            "bad name",
-            "--input",
-            "a",
-            "--output",
-            "b",
-            "--wasm",
-            &wasm("identity"),
-        ],
-        "",
-    );
-    assert!(err.contains("invalid transform name"), "{err}");
-    let err = dev.fails(
-        &[
-            "transform",
-            "deploy",
-            "--name",
-            "x",
-            "--input",
-            "a",
-            "--output",
-            "a",
-            "--wasm",
-            &wasm("identity"),
-        ],
-        "",
-    );
-    assert!(err.contains("both input and output"), "{err}");
-    let err = dev.fails(
-        &[
-            "transform",
-            "deploy",
-            "--name",
-            "x",
-            "--input",
-            "a",
-            "--output",
-            "b",
-            "--wasm",
-            &wasm("router"),
-        ],
-        "",
-    );
-    assert!(err.contains("exactly two output topics"), "{err}");
+    let junk = junk.display().to_string();
+    let cases = [
+        (
+            deploy("x", "nope", "b", &identity, &[]),
+            "unknown topic \"nope\"",
+        ),
+        (
+            deploy("x", "a", "b", &filter, &[]),
+            "missing config value \"min\"",
+        ),
+        (
+            deploy("x", "a", "b", &junk, &[]),
+            "not a valid Wasm component",
+        ),
+        (
+            deploy("bad name", "a", "b", &identity, &[]),
+            "invalid transform name",
+        ),
+        (
+            deploy("x", "a", "a", &identity, &[]),
+            "both input and output",
+        ),
+        (
+            deploy("x", "a", "b", &router, &[]),
+            "exactly two output topics",
+        ),
+        (
+            deploy("x", "a", "b", &identity, &["--error-policy", "dead-letter"]),
+            "needs a dead-letter topic",
+        ),
+    ];
+    for (args, expected) in cases {
+        let err = dev.fails(&args, "");
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
     let file = dir.path().join("t.yaml");
     std::fs::write(
         &file,

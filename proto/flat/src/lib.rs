@@ -93,49 +93,48 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Iterates over the records of an input buffer.
-pub fn read_inputs(buf: &[u8]) -> impl Iterator<Item = Result<FlatRecord<'_>, FlatError>> {
+/// Parses `buf` as consecutive items; stops after the first error.
+fn read_all<'a, T>(
+    buf: &'a [u8],
+    parse: impl Fn(&mut Reader<'a>) -> Result<T, FlatError>,
+) -> impl Iterator<Item = Result<T, FlatError>> {
     let mut reader = Reader { buf };
     let mut failed = false;
     std::iter::from_fn(move || {
         if failed || reader.buf.is_empty() {
             return None;
         }
-        let record = (|| {
-            Ok(FlatRecord {
-                partition: reader.u32()?,
-                offset: reader.i64()?,
-                timestamp_ms: reader.i64()?,
-                key: reader.nullable()?,
-                value: reader.nullable()?,
-                headers: reader.headers()?,
-            })
-        })();
-        failed = record.is_err();
-        Some(record)
+        let item = parse(&mut reader);
+        failed = item.is_err();
+        Some(item)
+    })
+}
+
+/// Iterates over the records of an input buffer.
+pub fn read_inputs(buf: &[u8]) -> impl Iterator<Item = Result<FlatRecord<'_>, FlatError>> {
+    read_all(buf, |r| {
+        Ok(FlatRecord {
+            partition: r.u32()?,
+            offset: r.i64()?,
+            timestamp_ms: r.i64()?,
+            key: r.nullable()?,
+            value: r.nullable()?,
+            headers: r.headers()?,
+        })
     })
 }
 
 /// Iterates over the records of an output buffer.
 pub fn read_outputs(buf: &[u8]) -> impl Iterator<Item = Result<FlatOutput<'_>, FlatError>> {
-    let mut reader = Reader { buf };
-    let mut failed = false;
-    std::iter::from_fn(move || {
-        if failed || reader.buf.is_empty() {
-            return None;
-        }
-        let record = (|| {
-            Ok(FlatOutput {
-                input_index: reader.u32()?,
-                output_index: reader.u32()?,
-                timestamp_ms: reader.i64()?,
-                key: reader.nullable()?,
-                value: reader.nullable()?,
-                headers: reader.headers()?,
-            })
-        })();
-        failed = record.is_err();
-        Some(record)
+    read_all(buf, |r| {
+        Ok(FlatOutput {
+            input_index: r.u32()?,
+            output_index: r.u32()?,
+            timestamp_ms: r.i64()?,
+            key: r.nullable()?,
+            value: r.nullable()?,
+            headers: r.headers()?,
+        })
     })
 }
 
