@@ -174,6 +174,9 @@ impl Coordinator {
             {
                 let subscribed = group.subscribed.clone();
                 group.recompute(subscribed);
+                if group.members.is_empty() {
+                    self.groups.remove(&hb.group_id);
+                }
             }
             return Ok(HeartbeatOutcome::Left);
         }

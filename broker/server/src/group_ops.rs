@@ -232,7 +232,9 @@ impl Broker {
     /// An unknown group.
     pub fn describe_group(&self, group_id: &str) -> Result<v1::DescribeGroupResponse, BrokerError> {
         let coordinator = self.coordinator();
-        let group = coordinator.group(group_id);
+        let group = coordinator
+            .group(group_id)
+            .filter(|g| !g.members.is_empty());
         let committed = self
             .offset_store()
             .group(group_id)

@@ -146,7 +146,7 @@ impl Partition {
                 reason: err.to_string(),
             })?;
             let (batch, tail) = rest.split_at(header.size_bytes());
-            batches.push(batch.to_vec());
+            batches.push(batch);
             rest = tail;
         }
         if batches.is_empty() {
@@ -166,7 +166,7 @@ impl Partition {
             });
         }
         let mut first = None;
-        for batch in &mut batches {
+        for batch in &batches {
             let info = log
                 .append(batch, self.leader_epoch, now)
                 .map_err(|err| match err {

@@ -42,9 +42,9 @@ fn append(c: &mut Criterion) {
                             let log = Log::open(dir.path(), LogConfig::default(), 0).expect("open");
                             (dir, log, template.clone())
                         },
-                        |(dir, mut log, mut buf)| {
+                        |(dir, mut log, buf)| {
                             for _ in 0..batches_per_iter {
-                                log.append(&mut buf, 0, 0).expect("append");
+                                log.append(&buf, 0, 0).expect("append");
                             }
                             (dir, log)
                         },
@@ -64,10 +64,10 @@ fn read(c: &mut Criterion) {
         for per_batch in [1usize, 100, 1000] {
             let dir = tempfile::tempdir().expect("tempdir");
             let mut log = Log::open(dir.path(), LogConfig::default(), 0).expect("open");
-            let mut template = batch(per_batch, value_bytes);
+            let template = batch(per_batch, value_bytes);
             let batches_per_iter = RECORDS_PER_ITERATION / per_batch;
             for _ in 0..batches_per_iter {
-                log.append(&mut template, 0, 0).expect("append");
+                log.append(&template, 0, 0).expect("append");
             }
             let end = log.log_end_offset();
             group.throughput(Throughput::Elements(end as u64));

@@ -4,9 +4,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use runnel_batch::{
-    TimestampType, set_base_offset, set_leader_epoch, set_log_append_time, validate,
-};
+use runnel_batch::{BATCH_HEADER_BYTES, TimestampType, stamp_header, validate};
 
 use crate::checkpoint;
 use crate::epoch::{EpochEntry, LeaderEpochCache};
@@ -221,13 +219,14 @@ impl Log {
     }
 
     /// Validates a producer's batch, stamps its base offset, leader epoch and (for
-    /// `LogAppendTime` topics) timestamp, and appends it. The bytes are not re-encoded.
+    /// `LogAppendTime` topics) timestamp, and appends it. The records are neither
+    /// re-encoded nor copied: a stamped copy of the header is written before them.
     ///
     /// # Errors
     /// An invalid, empty or oversized batch (nothing is written), or an I/O error.
     pub fn append(
         &mut self,
-        batch: &mut [u8],
+        batch: &[u8],
         leader_epoch: i32,
         now_ms: i64,
     ) -> Result<AppendInfo, AppendError> {
@@ -259,23 +258,20 @@ impl Log {
             });
         }
         let base_offset = self.log_end_offset();
-        set_base_offset(batch, base_offset);
-        set_leader_epoch(batch, leader_epoch);
         let log_append_time_ms = match self.config.timestamp_type {
-            TimestampType::LogAppendTime => {
-                set_log_append_time(batch, now_ms);
-                Some(now_ms)
-            }
+            TimestampType::LogAppendTime => Some(now_ms),
             TimestampType::CreateTime => None,
         };
-        let header = runnel_batch::parse_header(batch)?;
+        let stamped = stamp_header(batch, base_offset, leader_epoch, log_append_time_ms);
+        let header = runnel_batch::parse_header(&stamped)?;
+        let records = batch.get(BATCH_HEADER_BYTES..).unwrap_or_default();
         self.maybe_roll(batch.len() as u64, now_ms)?;
         if leader_epoch >= 0 {
             self.epochs
                 .assign(leader_epoch, base_offset)
                 .map_err(|source| StorageError::io(&self.dir, source))?;
         }
-        self.active_mut().append(batch, &header)?;
+        self.active_mut().append(&stamped, records, &header)?;
         self.unflushed_records += u64::from(header.record_count);
         Ok(AppendInfo {
             base_offset,

@@ -208,17 +208,30 @@ impl Segment {
         StorageError::io(&self.log_path(), source)
     }
 
-    /// Appends a validated, stamped batch.
+    /// Appends a validated batch given as its stamped header and its records, in one
+    /// vectored write when the kernel takes it all (a short write is completed).
     pub(crate) fn append(
         &mut self,
-        batch: &[u8],
+        header_bytes: &[u8],
+        records: &[u8],
         header: &BatchHeader,
     ) -> Result<(), StorageError> {
         let position = self.size_bytes;
-        (&self.file)
-            .write_all(batch)
+        let total = header_bytes.len() + records.len();
+        let written = (&self.file)
+            .write_vectored(&[io::IoSlice::new(header_bytes), io::IoSlice::new(records)])
             .map_err(|source| self.io_error(source))?;
-        self.size_bytes += batch.len() as u64;
+        if written < total {
+            let rest_header = header_bytes.get(written..).unwrap_or_default();
+            let rest_records = records
+                .get(written.saturating_sub(header_bytes.len())..)
+                .unwrap_or_default();
+            (&self.file)
+                .write_all(rest_header)
+                .and_then(|()| (&self.file).write_all(rest_records))
+                .map_err(|source| self.io_error(source))?;
+        }
+        self.size_bytes += total as u64;
         self.note_batch(position, header);
         Ok(())
     }

@@ -23,8 +23,7 @@ fn batch_of(records: &[Record]) -> Vec<u8> {
 }
 
 fn append(log: &mut Log, records: &[Record], now_ms: i64) -> AppendInfo {
-    log.append(&mut batch_of(records), 0, now_ms)
-        .expect("append")
+    log.append(&batch_of(records), 0, now_ms).expect("append")
 }
 
 /// Every record from the log start to the end, read batch by batch.
@@ -123,7 +122,7 @@ fn bad_batches_are_refused_and_nothing_is_written() {
     let mut log = Log::open(dir.path(), config, 0).expect("open");
     let big = "x".repeat(300);
     let err = log
-        .append(&mut batch_of(&[rec(None, Some(&big), 1)]), 0, 0)
+        .append(&batch_of(&[rec(None, Some(&big), 1)]), 0, 0)
         .expect_err("too large");
     assert!(
         matches!(
@@ -139,18 +138,18 @@ fn bad_batches_are_refused_and_nothing_is_written() {
     let last = corrupt.len() - 1;
     corrupt[last] ^= 1;
     assert!(matches!(
-        log.append(&mut corrupt, 0, 0),
+        log.append(&corrupt, 0, 0),
         Err(AppendError::InvalidBatch(_))
     ));
-    let mut empty = batch_of(&[]);
+    let empty = batch_of(&[]);
     assert!(matches!(
-        log.append(&mut empty, 0, 0),
+        log.append(&empty, 0, 0),
         Err(AppendError::EmptyBatch)
     ));
     let mut two = batch_of(&[rec(None, Some("v"), 1)]);
     two.extend(batch_of(&[rec(None, Some("w"), 1)]));
     assert!(matches!(
-        log.append(&mut two, 0, 0),
+        log.append(&two, 0, 0),
         Err(AppendError::InconsistentBatch { .. })
     ));
     assert_eq!(log.log_end_offset(), 0);
@@ -354,8 +353,8 @@ fn truncation_cuts_at_batch_boundaries_and_trims_epochs() {
     let mut log = Log::open(dir.path(), small_config(), 0).expect("open");
     for i in 0..10 {
         let epoch = if i < 5 { 1 } else { 2 };
-        let mut batch = batch_of(&[rec(None, Some("a"), i), rec(None, Some("b"), i)]);
-        log.append(&mut batch, epoch, 0).expect("append");
+        let batch = batch_of(&[rec(None, Some("a"), i), rec(None, Some("b"), i)]);
+        log.append(&batch, epoch, 0).expect("append");
     }
     assert_eq!(log.end_offset_for_epoch(1), Some((1, 10)));
     log.truncate_to(13).expect("truncate");
@@ -385,7 +384,7 @@ fn log_append_time_stamps_the_broker_clock() {
     };
     let mut log = Log::open(dir.path(), config, 0).expect("open");
     let info = log
-        .append(&mut batch_of(&[rec(None, Some("v"), 5)]), 0, 12345)
+        .append(&batch_of(&[rec(None, Some("v"), 5)]), 0, 12345)
         .expect("append");
     assert_eq!(info.log_append_time_ms, Some(12345));
     assert_eq!(read_all(&log)[0].timestamp_ms, 12345);

@@ -388,6 +388,37 @@ pub fn set_log_append_time(batch: &mut [u8], append_time_ms: i64) {
     batch[CRC_POS..CRC_POS + 4].copy_from_slice(&crc.to_be_bytes());
 }
 
+/// A copy of the batch's fixed header with the base offset and leader epoch stamped, and
+/// for `LogAppendTime` the append time and a CRC recomputed over the new header fields
+/// and the unchanged records. Writing this header followed by `batch[BATCH_HEADER_BYTES..]`
+/// stores the stamped batch without copying its records.
+///
+/// # Panics
+/// If `batch` is shorter than its header says: callers validate first.
+pub fn stamp_header(
+    batch: &[u8],
+    base_offset: i64,
+    leader_epoch: i32,
+    log_append_time_ms: Option<i64>,
+) -> [u8; BATCH_HEADER_BYTES] {
+    let mut header = [0u8; BATCH_HEADER_BYTES];
+    header.copy_from_slice(&batch[..BATCH_HEADER_BYTES]);
+    header[OFFSET_BASE_POS..OFFSET_BASE_POS + 8].copy_from_slice(&base_offset.to_be_bytes());
+    header[EPOCH_POS..EPOCH_POS + 4].copy_from_slice(&leader_epoch.to_be_bytes());
+    if let Some(append_time_ms) = log_append_time_ms {
+        let attributes = read_i16(&header, ATTRIBUTES_POS) | TIMESTAMP_TYPE_BIT;
+        header[ATTRIBUTES_POS..ATTRIBUTES_POS + 2].copy_from_slice(&attributes.to_be_bytes());
+        header[MAX_TIMESTAMP_POS..MAX_TIMESTAMP_POS + 8]
+            .copy_from_slice(&append_time_ms.to_be_bytes());
+        let crc = crc32c::crc32c_append(
+            crc32c::crc32c(&header[ATTRIBUTES_POS..]),
+            &batch[BATCH_HEADER_BYTES..],
+        );
+        header[CRC_POS..CRC_POS + 4].copy_from_slice(&crc.to_be_bytes());
+    }
+    header
+}
+
 /// Decodes the records of one validated batch (`batch` holds exactly that batch).
 /// Offsets and timestamps in the result are absolute; with `LogAppendTime` every record
 /// carries the batch's max timestamp. Keys, values and headers are copied out.

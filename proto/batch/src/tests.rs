@@ -76,6 +76,27 @@ fn log_append_time_rewrites_timestamps_and_crc() {
 }
 
 #[test]
+fn stamped_header_matches_stamping_in_place() {
+    let batch = encode(
+        &[record(Some("k"), Some("v"), 5), record(None, Some("w"), 6)],
+        BatchOptions::default(),
+    )
+    .to_vec();
+    for append_time in [None, Some(999)] {
+        let mut in_place = batch.clone();
+        set_base_offset(&mut in_place, 77);
+        set_leader_epoch(&mut in_place, 3);
+        if let Some(ts) = append_time {
+            set_log_append_time(&mut in_place, ts);
+        }
+        let mut stamped = stamp_header(&batch, 77, 3, append_time).to_vec();
+        stamped.extend_from_slice(&batch[BATCH_HEADER_BYTES..]);
+        assert_eq!(stamped, in_place);
+        assert!(validate(&stamped).is_ok());
+    }
+}
+
+#[test]
 fn flipped_byte_fails_crc() {
     let mut batch = encode(&[record(Some("k"), Some("v"), 5)], BatchOptions::default()).to_vec();
     let last = batch.len() - 1;
