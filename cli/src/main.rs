@@ -4,6 +4,7 @@
 //! command talks to a running cluster through `runnel-client` only.
 
 mod bench;
+mod connect;
 mod consume;
 mod group;
 mod produce;
@@ -55,6 +56,12 @@ enum Command {
     /// Deploy and manage Wasm transforms; test one on sample records.
     #[command(subcommand)]
     Transform(transform::TransformCommand),
+    /// Run connectors from YAML files in this process (a standalone connect worker).
+    #[command(subcommand)]
+    Connect(connect::ConnectCommand),
+    /// Create and manage connectors hosted by the broker (`runnel dev` included).
+    #[command(subcommand)]
+    Connector(connect::ConnectorCommand),
     /// Cluster information.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -92,6 +99,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Consume(args) => consume::run(connect(&cli.brokers).await?, args).await,
         Command::Group(command) => group::run(connect(&cli.brokers).await?, command).await,
         Command::Transform(command) => transform::run(&cli.brokers, command).await,
+        Command::Connect(command) => connect::run(&cli.brokers, command).await,
+        Command::Connector(connect::ConnectorCommand::Builtins) => connect::connector_builtins(),
+        Command::Connector(command) => {
+            connect::connector(connect(&cli.brokers).await?, command).await
+        }
         Command::Cluster(ClusterCommand::Info) => {
             let info = Admin::new(connect(&cli.brokers).await?)
                 .cluster_info()
@@ -118,7 +130,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let server = matches!(cli.command, Command::Dev(_) | Command::Broker(_));
+    let server = matches!(
+        cli.command,
+        Command::Dev(_) | Command::Broker(_) | Command::Connect(_)
+    );
     init_tracing(if server { "info" } else { "warn" });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -81,13 +81,20 @@ async fn serve(config: BrokerConfig, what: &str) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("creating {}", data_dir.display()))?;
     // The streams runtime lives in the broker process and reaches the broker as a client.
     let runtime = runnel_streams::Runtime::new(&data_dir)?;
+    // So is the connect runtime, for connectors created with `runnel connector create`.
+    let worker = runnel_connect::Worker::new(Some(&data_dir))?;
     let service_runtime = runtime.clone();
+    let service_worker = worker.clone();
     let mut running = runnel_broker::start_with(config, move |addr, routes| {
         service_runtime.connect_to(vec![addr.to_string()]);
-        routes.add_service(runnel_streams::Service::server(service_runtime))
+        service_worker.connect_to(vec![addr.to_string()]);
+        routes
+            .add_service(runnel_streams::Service::server(service_runtime))
+            .add_service(runnel_connect::service::Service::server(service_worker))
     })
     .await?;
     runtime.resume_saved().await?;
+    worker.resume_saved().await?;
     let data_dir = std::fs::canonicalize(&data_dir).unwrap_or(data_dir);
     // A closed stdout (the launcher stopped reading) must not take the server down.
     let mut out = std::io::stdout();
@@ -108,11 +115,12 @@ async fn serve(config: BrokerConfig, what: &str) -> anyhow::Result<ExitCode> {
         signal = stop => signal?,
     }
     tracing::info!("shutting down");
+    worker.shutdown().await;
     running.shutdown().await?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn shutdown_signal() -> anyhow::Result<()> {
+pub async fn shutdown_signal() -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         result = tokio::signal::ctrl_c() => result?,

@@ -321,4 +321,73 @@ impl Admin {
             .into_inner()
             .lines)
     }
+
+    /// Creates a connector from its YAML file's text, with the components it names.
+    ///
+    /// # Errors
+    /// An invalid file, an existing name, unknown topics, a component that does not load.
+    pub async fn create_connector(
+        &self,
+        file_name: &str,
+        yaml: &str,
+        components: std::collections::BTreeMap<String, Vec<u8>>,
+    ) -> Result<v1::ConnectorStatus, ClientError> {
+        Ok(self
+            .client
+            .connectors_rpc()
+            .create(v1::CreateConnectorRequest {
+                file_name: file_name.into(),
+                yaml: yaml.into(),
+                components: components.into_iter().map(|(k, v)| (k, v.into())).collect(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// # Errors
+    /// The broker cannot be reached.
+    pub async fn list_connectors(&self) -> Result<Vec<v1::ConnectorStatus>, ClientError> {
+        Ok(self
+            .client
+            .connectors_rpc()
+            .list_connectors(v1::ListConnectorsRequest {})
+            .await?
+            .into_inner()
+            .connectors)
+    }
+
+    /// What a connector does: `status`, `pause`, `resume`, `restart`.
+    ///
+    /// # Errors
+    /// Unknown connector or action.
+    pub async fn connector_action(
+        &self,
+        action: &str,
+        name: &str,
+    ) -> Result<v1::ConnectorStatus, ClientError> {
+        let mut rpc = self.client.connectors_rpc();
+        let request = v1::ConnectorName { name: name.into() };
+        let response = match action {
+            "status" => rpc.status(request).await?,
+            "pause" => rpc.pause(request).await?,
+            "resume" => rpc.resume(request).await?,
+            "restart" => rpc.restart(request).await?,
+            other => {
+                return Err(ClientError::InvalidArgument(format!(
+                    "unknown connector action {other:?}"
+                )));
+            }
+        };
+        Ok(response.into_inner())
+    }
+
+    /// # Errors
+    /// Unknown connector.
+    pub async fn delete_connector(&self, name: &str) -> Result<(), ClientError> {
+        self.client
+            .connectors_rpc()
+            .delete(v1::ConnectorName { name: name.into() })
+            .await?;
+        Ok(())
+    }
 }

@@ -95,6 +95,14 @@ impl Client {
         GroupsClient::new(self.inner.bootstrap.clone())
     }
 
+    /// The connect runtime's service (hosted by the broker process).
+    pub(crate) fn connectors_rpc(
+        &self,
+    ) -> runnel_proto::v1::connectors_client::ConnectorsClient<Channel> {
+        runnel_proto::v1::connectors_client::ConnectorsClient::new(self.inner.bootstrap.clone())
+            .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+    }
+
     /// The streams runtime's service (hosted by the broker process).
     pub(crate) fn transforms_rpc(&self) -> TransformsClient<Channel> {
         TransformsClient::new(self.inner.bootstrap.clone())

@@ -43,6 +43,8 @@ use runnel_flat::{FlatOutput, FlatRecord};
 #[doc(hidden)]
 pub use wit_bindgen as __wit_bindgen;
 
+pub mod connect;
+
 #[doc(hidden)]
 pub mod __bindings {
     wit_bindgen::generate!({
@@ -81,7 +83,7 @@ impl Config {
     /// The key was not given; the message says which key is missing.
     pub fn require(&self, key: &str) -> Result<&str, String> {
         self.get(key)
-            .ok_or_else(|| format!("missing config value {key:?}: deploy with --config {key}=..."))
+            .ok_or_else(|| format!("missing config value {key:?}: set {key} in the config"))
     }
 
     /// The output topics declared by the deployment, the first being the default.
@@ -153,7 +155,7 @@ pub struct Emit<'a> {
 
 /// Where a transform writes what it emits for the current input record.
 pub struct Output {
-    buf: Vec<u8>,
+    pub(crate) buf: Vec<u8>,
     outputs: Vec<String>,
     input_index: u32,
     input_timestamp_ms: i64,

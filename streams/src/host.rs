@@ -59,6 +59,11 @@ impl LogBuffer {
     }
 }
 
+/// The deadline in epoch ticks for a call limited to `ms` milliseconds.
+pub fn deadline_ticks(ms: u32) -> u64 {
+    (u64::from(ms) / EPOCH_TICK_MS).max(1)
+}
+
 /// A guest instance's host-side state.
 pub struct GuestState {
     wasi: WasiCtx,
@@ -158,20 +163,38 @@ pub struct WasmHost {
     cache: Mutex<HashMap<String, Arc<TransformerPre<GuestState>>>>,
 }
 
-fn ticker(engine: Engine) {
-    static STARTED: OnceLock<()> = OnceLock::new();
-    STARTED.get_or_init(|| {
-        std::thread::Builder::new()
-            .name("runnel-wasm-epoch".into())
-            .spawn(move || {
-                loop {
-                    std::thread::sleep(Duration::from_millis(EPOCH_TICK_MS));
+/// Advances the epoch of every engine created in this process (the streams runtime's and
+/// the connect runtime's) from one thread.
+pub fn tick_epochs_of(engine: Engine) {
+    static ENGINES: OnceLock<Mutex<Vec<Engine>>> = OnceLock::new();
+    let mut started = false;
+    let engines = ENGINES.get_or_init(|| {
+        started = true;
+        Mutex::new(Vec::new())
+    });
+    engines
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(engine);
+    if !started {
+        return;
+    }
+    std::thread::Builder::new()
+        .name("runnel-wasm-epoch".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_millis(EPOCH_TICK_MS));
+                for engine in engines
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .iter()
+                {
                     engine.increment_epoch();
                 }
-            })
-            .map(|_| ())
-            .unwrap_or_else(|err| tracing::error!("cannot start the Wasm epoch ticker: {err}"));
-    });
+            }
+        })
+        .map(|_| ())
+        .unwrap_or_else(|err| tracing::error!("cannot start the Wasm epoch ticker: {err}"));
 }
 
 impl WasmHost {
@@ -187,7 +210,7 @@ impl WasmHost {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(wt)?;
         Transformer::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state).map_err(wt)?;
-        ticker(engine.clone());
+        tick_epochs_of(engine.clone());
         Ok(WasmHost {
             engine,
             linker,
@@ -288,15 +311,11 @@ impl WasmHost {
 }
 
 /// The last Rust panic message the guest printed, if any.
-fn panic_message(stderr: &[u8]) -> Option<String> {
+pub fn panic_message(stderr: &[u8]) -> Option<String> {
     let text = String::from_utf8_lossy(stderr);
     let start = text.rfind("panicked at")?;
     let message: Vec<&str> = text[start..].lines().take(2).collect();
     Some(message.join(" ").trim().to_string())
-}
-
-fn deadline_ticks(cpu_ms: u32) -> u64 {
-    (u64::from(cpu_ms) / EPOCH_TICK_MS).max(1)
 }
 
 /// A live transform instance.

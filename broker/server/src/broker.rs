@@ -76,10 +76,19 @@ impl Broker {
         Ok(broker)
     }
 
-    /// Creates `__consumer_offsets` (compacted, internal) on first start.
+    /// Creates the compacted internal topics on first start: `__consumer_offsets` (written
+    /// by the broker) and `__connect_offsets` (written by connect workers).
     fn ensure_offsets_topic(&self) -> anyhow::Result<()> {
-        use crate::offsets::{OFFSETS_TOPIC, OFFSETS_TOPIC_PARTITIONS};
-        if self.partitions_of(OFFSETS_TOPIC).is_some() {
+        use crate::offsets::{
+            CONNECT_OFFSETS_TOPIC, CONNECT_OFFSETS_TOPIC_PARTITIONS, OFFSETS_TOPIC,
+            OFFSETS_TOPIC_PARTITIONS,
+        };
+        self.ensure_internal_topic(OFFSETS_TOPIC, OFFSETS_TOPIC_PARTITIONS)?;
+        self.ensure_internal_topic(CONNECT_OFFSETS_TOPIC, CONNECT_OFFSETS_TOPIC_PARTITIONS)
+    }
+
+    fn ensure_internal_topic(&self, name: &str, partitions: u32) -> anyhow::Result<()> {
+        if self.partitions_of(name).is_some() {
             return Ok(());
         }
         let configs: BTreeMap<String, String> = [
@@ -92,24 +101,18 @@ impl Broker {
         .collect();
         let log_config = topic_log_config(&self.log_defaults, &configs)?;
         let mut opened = Vec::new();
-        for index in 0..OFFSETS_TOPIC_PARTITIONS {
-            let dir = partition_dir(&self.config.data_dir, OFFSETS_TOPIC, index);
-            let partition = Partition::open(&dir, OFFSETS_TOPIC, index, log_config.clone(), 0)
-                .map_err(|err| anyhow::anyhow!("opening {OFFSETS_TOPIC}-{index}: {err}"))?;
+        for index in 0..partitions {
+            let dir = partition_dir(&self.config.data_dir, name, index);
+            let partition = Partition::open(&dir, name, index, log_config.clone(), 0)
+                .map_err(|err| anyhow::anyhow!("opening {name}-{index}: {err}"))?;
             opened.push(Arc::new(partition));
         }
-        self.controller().create_topic(
-            OFFSETS_TOPIC,
-            OFFSETS_TOPIC_PARTITIONS,
-            1,
-            configs,
-            true,
-            false,
-        )?;
+        self.controller()
+            .create_topic(name, partitions, 1, configs, true, false)?;
         self.topics
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(OFFSETS_TOPIC.to_string(), opened);
+            .insert(name.to_string(), opened);
         Ok(())
     }
 
@@ -295,7 +298,10 @@ impl Broker {
     }
 
     fn partitions_for_produce(&self, topic: &str) -> Result<Vec<Arc<Partition>>, BrokerError> {
-        if topic.starts_with("__") && self.partitions_of(topic).is_some() {
+        if topic.starts_with("__")
+            && topic != crate::offsets::CONNECT_OFFSETS_TOPIC
+            && self.partitions_of(topic).is_some()
+        {
             return Err(BrokerError::InvalidRequest {
                 reason: format!("topic {topic:?} is internal: only the broker writes to it"),
             });

@@ -15,6 +15,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
 pub const OFFSETS_TOPIC_PARTITIONS: u32 = 8;
+/// Where connect workers commit source positions (key: connector name). The one internal
+/// topic clients write to.
+pub const CONNECT_OFFSETS_TOPIC: &str = "__connect_offsets";
+pub const CONNECT_OFFSETS_TOPIC_PARTITIONS: u32 = 1;
 /// Longest metadata string stored with a commit (Kafka's `offset.metadata.max.bytes`).
 pub const METADATA_BYTES_MAX: usize = 4096;
 const VERSION: u16 = 1;
