@@ -5,7 +5,13 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const CONNECTORS: &[&str] = &["file-source", "file-sink"];
+const CONNECTORS: &[&str] = &[
+    "file-source",
+    "file-sink",
+    "http-source",
+    "http-sink",
+    "postgres-sink",
+];
 
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));

@@ -42,6 +42,9 @@ pub struct ConsumeArgs {
     /// Print partition and offset before each record.
     #[arg(long)]
     print_offset: bool,
+    /// Print each record's headers (`name=value,...`) before its key and value.
+    #[arg(long)]
+    print_headers: bool,
     /// Exit after this many records.
     #[arg(long)]
     max_messages: Option<u64>,
@@ -151,6 +154,14 @@ pub async fn run(client: Client, args: ConsumeArgs) -> anyhow::Result<ExitCode> 
                     "Partition:{}\tOffset:{}{}",
                     record.partition, record.offset, args.key_separator
                 )?;
+            }
+            if args.print_headers {
+                let headers: Vec<String> = record
+                    .headers
+                    .iter()
+                    .map(|h| format!("{}={}", h.key, render(&h.value)))
+                    .collect();
+                write!(out, "{}{}", headers.join(","), args.key_separator)?;
             }
             if args.print_key {
                 write!(out, "{}{}", render(&record.key), args.key_separator)?;

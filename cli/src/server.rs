@@ -115,7 +115,9 @@ async fn serve(config: BrokerConfig, what: &str) -> anyhow::Result<ExitCode> {
         signal = stop => signal?,
     }
     tracing::info!("shutting down");
+    // Connectors and transforms commit what was acknowledged while the broker still serves.
     worker.shutdown().await;
+    runtime.shutdown().await;
     running.shutdown().await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -599,6 +599,9 @@ struct Rec {
     origin: usize,
 }
 
+/// What comes out of the transform chain, and the records it refused (index, reason).
+type Chained = (Vec<Rec>, Vec<(usize, String)>);
+
 /// How a task ended.
 enum Stop {
     /// Stopped on request.
@@ -1006,7 +1009,7 @@ impl Task {
         &self,
         steps: &mut Vec<Step>,
         records: Vec<Rec>,
-    ) -> Result<(Vec<Rec>, Vec<(usize, String)>), Stop> {
+    ) -> Result<Chained, Stop> {
         if steps.is_empty() {
             return Ok((records, Vec::new()));
         }
@@ -1065,6 +1068,11 @@ impl Task {
             Err(m) => return Ok(Stop::Failed(m)),
         };
         let mut instance: Option<SinkInstance> = None;
+        // Open now, so a bad config or a missing capability shows before any record.
+        if let Err(stop) = self.open_sink(&mut instance, &component, &config).await {
+            member.leave().await;
+            return Ok(stop);
+        }
         let result = loop {
             if !self.keep_going().await {
                 break Ok(Stop::Done);
@@ -1147,6 +1155,51 @@ impl Task {
         };
         member.leave().await;
         result
+    }
+
+    /// Opens the sink, retrying transient failures.
+    async fn open_sink(
+        &mut self,
+        instance: &mut Option<SinkInstance>,
+        component: &Arc<Component>,
+        config: &[(String, String)],
+    ) -> Result<(), Stop> {
+        let mut attempt = 0u32;
+        let mut since = None;
+        loop {
+            let worker = self.worker.clone();
+            let sandbox = self.sandbox();
+            let config = config.to_vec();
+            let name = self.spec.name.clone();
+            let log = self.log.clone();
+            let redact = self.redactor();
+            let component = component.clone();
+            let opened = tokio::task::spawn_blocking(move || {
+                worker
+                    .inner
+                    .host
+                    .open_sink(&component, &name, &sandbox, &config, log, redact)
+            })
+            .await
+            .map_err(|err| Stop::Failed(format!("connector task failed: {err}")))?;
+            match opened {
+                Ok(live) => {
+                    *instance = Some(live);
+                    if attempt > 0 {
+                        self.set_state(State::Running);
+                    }
+                    return Ok(());
+                }
+                Err(CallError::Fatal(reason)) => return Err(Stop::Failed(reason)),
+                Err(CallError::Retry(reason)) => {
+                    match self.backoff(&mut attempt, &mut since, &reason).await {
+                        Ok(true) => {}
+                        Ok(false) => return Err(Stop::Done),
+                        Err(stop) => return Err(stop),
+                    }
+                }
+            }
+        }
     }
 
     /// Writes `outputs` (from `topic`) with retries; the records the sink rejected, as
@@ -1295,7 +1348,7 @@ fn chain_blocking(
     log: &LogBuffer,
     steps: &mut [Step],
     mut records: Vec<Rec>,
-) -> Result<(Vec<Rec>, Vec<(usize, String)>), Stop> {
+) -> Result<Chained, Stop> {
     let mut refused: Vec<(usize, String)> = Vec::new();
     for (i, step) in steps.iter_mut().enumerate() {
         let mut run = |input: &[Rec]| -> Result<Result<runnel_streams::host::BatchResult, GuestFailure>, Stop> {

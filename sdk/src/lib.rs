@@ -86,6 +86,11 @@ impl Config {
             .ok_or_else(|| format!("missing config value {key:?}: set {key} in the config"))
     }
 
+    /// Every config value, in the order given.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.entries.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
     /// The output topics declared by the deployment, the first being the default.
     pub fn outputs(&self) -> &[String] {
         &self.outputs

@@ -459,6 +459,20 @@ impl Runtime {
         Ok(())
     }
 
+    /// Stops every deployment, letting each commit what was acknowledged; they start
+    /// again from the saved specs on the next start.
+    pub async fn shutdown(&self) {
+        let deployments: Vec<Deployment> = std::mem::take(&mut *lock(&self.inner.deployments))
+            .into_values()
+            .collect();
+        for deployment in &deployments {
+            deployment.control.send_replace(Control::Stop);
+        }
+        for deployment in deployments {
+            let _ = tokio::time::timeout(Duration::from_secs(10), deployment.task).await;
+        }
+    }
+
     /// # Errors
     /// Unknown transform.
     pub fn logs(&self, name: &str) -> Result<Vec<String>, DeployError> {
