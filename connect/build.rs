@@ -28,6 +28,7 @@ fn main() {
         .ancestors()
         .find(|dir| dir.join("CACHEDIR.TAG").exists())
         .map_or_else(|| out_dir.join("wasm"), |dir| dir.join("wasm-connectors"));
+    ensure_wasm_target();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut command = Command::new(cargo);
     command
@@ -89,6 +90,30 @@ fn main() {
     }
     table.push_str("];\n");
     std::fs::write(out_dir.join("builtin.rs"), table).expect("writing builtin.rs");
+}
+
+/// Installs the wasm32-wasip2 standard library with rustup when it is missing, so that a
+/// plain `cargo build` works on a fresh machine.
+fn ensure_wasm_target() {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let sysroot = Command::new(rustc)
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string());
+    let installed = sysroot
+        .as_ref()
+        .is_some_and(|root| Path::new(root).join("lib/rustlib/wasm32-wasip2").exists());
+    if installed {
+        return;
+    }
+    println!(
+        "cargo:warning=installing the wasm32-wasip2 target with rustup (the connectors compile to Wasm)"
+    );
+    let _ = Command::new("rustup")
+        .args(["target", "add", "wasm32-wasip2"])
+        .env_remove("RUSTC")
+        .status();
 }
 
 fn path_str(path: &Path) -> String {

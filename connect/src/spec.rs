@@ -78,6 +78,7 @@ enum OneOrMany {
 struct SecretFile {
     env: Option<String>,
     file: Option<String>,
+    key: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -156,7 +157,10 @@ pub enum Component {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SecretSource {
     Env(String),
+    /// The whole file (a trailing newline removed).
     File(PathBuf),
+    /// The `KEY=VALUE` line named KEY of a file holding several secrets.
+    FileKey(PathBuf, String),
 }
 
 /// A directory the connector may use.
@@ -360,15 +364,19 @@ pub fn parse(file: &str, text: &str) -> Result<ConnectorSpec, SpecError> {
     }
     let mut secrets = BTreeMap::new();
     for (name, secret) in &parsed.secrets {
-        let source = match (&secret.value.env, &secret.value.file) {
-            (Some(var), None) => SecretSource::Env(var.clone()),
-            (None, Some(path)) => SecretSource::File(resolve_path(&base, path)),
+        let source = match (&secret.value.env, &secret.value.file, &secret.value.key) {
+            (Some(var), None, None) => SecretSource::Env(var.clone()),
+            (None, Some(path), None) => SecretSource::File(resolve_path(&base, path)),
+            (None, Some(path), Some(key)) => {
+                SecretSource::FileKey(resolve_path(&base, path), key.clone())
+            }
             _ => {
                 return Err(at(
                     file,
                     secret,
                     &format!("secrets.{name}"),
-                    "give exactly one of `env: VARIABLE` or `file: PATH`",
+                    "give `env: VARIABLE`, `file: PATH` (the whole file), or `file: PATH` with \
+                     `key: KEY` (a line KEY=VALUE of the file)",
                 ));
             }
         };
@@ -555,11 +563,18 @@ pub fn read_secrets(spec: &ConnectorSpec) -> Result<Secrets, SpecError> {
                     spec.name
                 ))
             })?,
-            SecretSource::File(path) => std::fs::read_to_string(path)
-                .map(|v| v.trim_end_matches(['\n', '\r']).to_string())
-                .map_err(|err| {
+            SecretSource::File(path) => read_secret_file(spec, name, path)?
+                .trim_end_matches(['\n', '\r'])
+                .to_string(),
+            SecretSource::FileKey(path, key) => read_secret_file(spec, name, path)?
+                .lines()
+                .find_map(|line| {
+                    let (k, v) = line.split_once('=')?;
+                    (k.trim() == key).then(|| v.trim().to_string())
+                })
+                .ok_or_else(|| {
                     SpecError(format!(
-                        "connector {:?}: secret {name}: cannot read {}: {err}",
+                        "connector {:?}: secret {name}: {} has no line {key}=...",
                         spec.name,
                         path.display()
                     ))
@@ -568,6 +583,16 @@ pub fn read_secrets(spec: &ConnectorSpec) -> Result<Secrets, SpecError> {
         values.insert(name.clone(), value);
     }
     Ok(Secrets(values))
+}
+
+fn read_secret_file(spec: &ConnectorSpec, name: &str, path: &Path) -> Result<String, SpecError> {
+    std::fs::read_to_string(path).map_err(|err| {
+        SpecError(format!(
+            "connector {:?}: secret {name}: cannot read {}: {err}",
+            spec.name,
+            path.display()
+        ))
+    })
 }
 
 /// Fills `${secrets.NAME}` in config values.

@@ -1005,11 +1005,7 @@ impl Task {
 
     /// Runs records through the transform chain: what comes out (with the index of the
     /// record it came from) and the records a transform refused.
-    async fn run_chain(
-        &self,
-        steps: &mut Vec<Step>,
-        records: Vec<Rec>,
-    ) -> Result<Chained, Stop> {
+    async fn run_chain(&self, steps: &mut Vec<Step>, records: Vec<Rec>) -> Result<Chained, Stop> {
         if steps.is_empty() {
             return Ok((records, Vec::new()));
         }

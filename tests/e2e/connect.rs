@@ -199,6 +199,15 @@ fn file_to_topic_to_transform_to_topic_to_file_is_byte_exact() {
         std::fs::read_to_string(&copy).unwrap_or_default() == expected
     });
 
+    // Truncated in place (copytruncate): read again from the start.
+    std::fs::write(root.join("in/app.log"), "").expect("truncate");
+    std::thread::sleep(Duration::from_millis(500));
+    write(&root.join("in/app.log"), "after truncation\n");
+    let expected = format!("{expected}after truncation\n");
+    wait_until("the line after truncation", Duration::from_secs(30), || {
+        std::fs::read_to_string(&copy).unwrap_or_default() == expected
+    });
+
     // Created connectors survive a restart of the broker process, and resume at their
     // committed positions: nothing is read twice.
     dev.stop();
@@ -897,4 +906,71 @@ fn postgres_sink_with_a_wrong_password_fails_clearly() {
     assert!(err.contains("password authentication failed"), "{err}");
     // The secret's value never shows.
     assert!(!err.contains("wrong-pw"), "{err}");
+}
+
+#[test]
+fn a_directory_source_with_a_transform_chain_and_dead_letters() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    let dev = Dev::start(&root.join("data"));
+    dev.ok(&["topic", "create", "words"], "");
+    dev.ok(&["topic", "create", "words-dlq"], "");
+    let logs = root.join("logs");
+    std::fs::create_dir_all(&logs).expect("mkdir");
+    write(
+        &logs.join("a.log"),
+        "hello big world\ntrap\nbad\nsecond line\n",
+    );
+    write(&logs.join("b.log"), "from b\n");
+    // The directory comes from a secrets file, to show `file:` with `key:`.
+    write(
+        &root.join("secrets.env"),
+        &format!("OTHER=x\nLOGDIR={}\n", logs.display()),
+    );
+    let file = root.join("words.yaml");
+    write(
+        &file,
+        &format!(
+            "name: words\nkind: source\nconnector: file-source\ntopic: words\nconfig:\n  path: ${{secrets.LOGDIR}}\nsecrets:\n  LOGDIR: {{ file: secrets.env, key: LOGDIR }}\ncapabilities:\n  dirs: [{{ path: {logs}, mode: read }}]\ntransforms:\n  - wasm: {faulty}\n  - wasm: {split}\nerrors:\n  policy: dead-letter\n  dead-letter-topic: words-dlq\n",
+            logs = logs.display(),
+            faulty = components().join("faulty.wasm").display(),
+            split = components().join("split_words.wasm").display(),
+        ),
+    );
+    let _worker = ConnectWorker::start(&dev, &[&file]);
+    let mut words = Vec::new();
+    wait_until("the words", Duration::from_secs(30), || {
+        words = consume_all(&dev, "words");
+        words.len() >= 7
+    });
+    assert_eq!(
+        words,
+        ["hello", "big", "world", "second", "line", "from", "b"]
+    );
+    let dlq = dev.ok(
+        &[
+            "consume",
+            "words-dlq",
+            "--from-beginning",
+            "--timeout-ms",
+            "700",
+            "--print-headers",
+        ],
+        "",
+    );
+    let dlq: Vec<&str> = dlq.lines().collect();
+    assert_eq!(dlq.len(), 2, "{dlq:?}");
+    assert!(
+        dlq[0].contains("transforms[0]") && dlq[0].ends_with("\ttrap"),
+        "{dlq:?}"
+    );
+    assert!(
+        dlq[1].contains("is bad") && dlq[1].ends_with("\tbad"),
+        "{dlq:?}"
+    );
+    // A new file in the directory is picked up.
+    write(&logs.join("c.log"), "new file\n");
+    wait_until("the new file", Duration::from_secs(30), || {
+        consume_all(&dev, "words").len() >= 9
+    });
 }
