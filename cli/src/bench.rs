@@ -22,6 +22,9 @@ pub enum BenchCommand {
     Produce(ProduceBench),
     /// Read a topic from the beginning; report throughput.
     Consume(ConsumeBench),
+    /// File source -> topic and topic -> file sink throughput, through a connect worker
+    /// in this process.
+    Connect(crate::bench_connect::ConnectBench),
 }
 
 #[derive(Args)]
@@ -58,8 +61,13 @@ pub struct ConsumeBench {
     records: Option<u64>,
 }
 
-pub async fn run(client: Client, command: BenchCommand) -> anyhow::Result<ExitCode> {
+pub async fn run(
+    brokers: &[String],
+    client: Client,
+    command: BenchCommand,
+) -> anyhow::Result<ExitCode> {
     match command {
+        BenchCommand::Connect(args) => crate::bench_connect::run(brokers, client, args).await,
         BenchCommand::Produce(args) => produce(client, args).await,
         BenchCommand::Consume(args) => consume(client, args).await,
     }

@@ -4,6 +4,7 @@
 //! command talks to a running cluster through `runnel-client` only.
 
 mod bench;
+mod bench_connect;
 mod connect;
 mod consume;
 mod group;
@@ -124,7 +125,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("Partitions:  {}", info.partition_count);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench(command) => bench::run(connect(&cli.brokers).await?, command).await,
+        Command::Bench(command) => {
+            bench::run(&cli.brokers, connect(&cli.brokers).await?, command).await
+        }
     }
 }
 

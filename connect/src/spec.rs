@@ -645,6 +645,16 @@ mod tests {
     }
 
     #[test]
+    fn every_shipped_connector_has_a_ready_file_that_parses() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("connectors");
+        for name in builtin_names() {
+            let file = root.join(name).join(format!("{name}.yaml"));
+            let spec = load(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            assert_eq!(spec.component, Component::Builtin(name.to_string()));
+        }
+    }
+
+    #[test]
     fn errors_name_the_line_and_field() {
         let base = "name: a\nkind: sink\nconnector: file-sink\ntopic: t\n";
         assert!(

@@ -2,9 +2,9 @@
 //!
 //! A source task opens its connector at the position last committed to
 //! `__connect_offsets`, polls batches, runs them through the transform chain, produces
-//! them (acks=all), and only then commits the position the batch ended at. After a crash
-//! the batch whose position was not committed is produced again: at least once, and at
-//! most that batch twice.
+//! them (acks=all), and only then commits the position the batch ended at. Batch k is
+//! read and sent while batch k-1 is acknowledged and its position committed, so after a
+//! crash at most those two batches are produced again: at least once, never lost.
 //!
 //! A sink task reads its topics as consumer group `connect-NAME`, runs each batch through
 //! the chain, hands it to the connector's `write`, and commits the group's offsets only
@@ -602,6 +602,25 @@ struct Rec {
 /// What comes out of the transform chain, and the records it refused (index, reason).
 type Chained = (Vec<Rec>, Vec<(usize, String)>);
 
+/// A source batch sent to the broker and not yet acknowledged.
+struct InFlight {
+    deliveries: Vec<(usize, Delivery)>,
+    /// Records a transform refused (index into `records`, reason).
+    failures: Vec<(usize, String)>,
+    /// The records as the connector returned them, for the dead-letter topic.
+    records: Vec<Rec>,
+    position: Option<Vec<u8>>,
+    count: u64,
+}
+
+/// A source's position commits: the last durable one and the one in flight.
+struct Commits {
+    /// Records produced up to the last position sent.
+    total: u64,
+    committed: Option<(Vec<u8>, u64)>,
+    pending: Option<(Delivery, Vec<u8>, u64)>,
+}
+
 /// How a task ended.
 enum Stop {
     /// Stopped on request.
@@ -784,7 +803,7 @@ impl Task {
         }
         let client = self.worker.client().await?;
         let topic = self.spec.topics[0].clone();
-        let mut position = read_position(&client, &self.spec.name).await?;
+        let position = read_position(&client, &self.spec.name).await?;
         if let Some((p, records)) = &position {
             *lock(&self.stats.position) = String::from_utf8_lossy(p).into_owned();
             self.log.push(format!(
@@ -809,10 +828,25 @@ impl Task {
             Err(m) => return Ok(Stop::Failed(m)),
         };
         let mut instance: Option<SourceInstance> = None;
-        let mut total = position.as_ref().map_or(0, |(_, n)| *n);
+        let mut commits = Commits {
+            total: position.as_ref().map_or(0, |(_, n)| *n),
+            committed: position,
+            pending: None,
+        };
         let mut attempt = 0u32;
         let mut since = None;
+        let mut inflight: Option<InFlight> = None;
         loop {
+            if *self.control.borrow() != Control::Run {
+                // Finish what is in flight before pausing or stopping.
+                if let Some(stop) = self
+                    .settle(&producer, inflight.take(), &mut commits)
+                    .await?
+                {
+                    return Ok(stop);
+                }
+                self.drain(&mut commits).await?;
+            }
             if !self.keep_going().await {
                 return Ok(Stop::Done);
             }
@@ -821,7 +855,7 @@ impl Task {
             let worker = self.worker.clone();
             let sandbox = self.sandbox();
             let config = config.clone();
-            let start_at = position.as_ref().map(|(p, _)| p.clone());
+            let start_at = commits.committed.as_ref().map(|(p, _)| p.clone());
             let name = self.spec.name.clone();
             let log = self.log.clone();
             let redact = self.redactor();
@@ -847,7 +881,7 @@ impl Task {
                 (Some(current), polled)
             })
             .await?;
-            let polled = match polled {
+            let mut polled = match polled {
                 Ok(polled) => {
                     instance = current;
                     polled
@@ -868,17 +902,24 @@ impl Task {
                 since = None;
                 self.set_state(State::Running);
             }
-            let records = match decode_source_batch(&polled.records) {
+            let records = match decode_source_batch(std::mem::take(&mut polled.records)) {
                 Ok(records) => records,
                 Err(reason) => return Ok(Stop::Failed(reason)),
             };
             if records.is_empty() {
-                if let Some(new) = polled.position
-                    && position.as_ref().map(|(p, _)| p) != Some(&new)
+                if let Some(stop) = self
+                    .settle(&producer, inflight.take(), &mut commits)
+                    .await?
                 {
-                    commit_position(&producer, &self.spec.name, &new, total).await?;
-                    *lock(&self.stats.position) = String::from_utf8_lossy(&new).into_owned();
-                    position = Some((new, total));
+                    return Ok(stop);
+                }
+                if let Some(new) = polled.position
+                    && commits.committed.as_ref().map(|(p, _)| p) != Some(&new)
+                {
+                    let delivery =
+                        send_position(&producer, &self.spec.name, &new, commits.total).await?;
+                    commits.pending = Some((delivery, new, commits.total));
+                    self.drain(&mut commits).await?;
                 }
                 if !self
                     .sleep(Duration::from_millis(u64::from(polled.idle_ms.max(1))))
@@ -888,7 +929,7 @@ impl Task {
                 }
                 continue;
             }
-            let count = records.len();
+            let count = records.len() as u64;
             let (outputs, failures) = match self.run_chain(&mut steps, records.clone()).await {
                 Ok(done) => done,
                 Err(stop) => return Ok(stop),
@@ -898,34 +939,75 @@ impl Task {
                 let origin = rec.origin;
                 deliveries.push((origin, producer.send(to_producer(&topic, rec)).await?));
             }
-            let mut refused: Vec<(usize, String)> = failures;
-            for (origin, delivery) in deliveries {
-                if let Err(err) = delivery.await {
-                    if err.is_retriable() {
-                        return Err(anyhow::Error::from(err).context("producing to the topic"));
-                    }
-                    refused.push((origin, format!("the broker refused the record: {err}")));
-                }
-            }
-            if let Some(stop) = self
-                .handle_refused(&producer, &refused, |i| {
-                    let r = &records[i];
-                    (r.key.clone(), r.value.clone(), r.headers.clone(), None)
-                })
-                .await?
-            {
+            // The previous batch is acknowledged, and its position committed, while this
+            // one is on its way.
+            let previous = inflight.replace(InFlight {
+                deliveries,
+                failures,
+                records,
+                position: polled.position,
+                count,
+            });
+            if let Some(stop) = self.settle(&producer, previous, &mut commits).await? {
                 return Ok(stop);
             }
-            total += count as u64;
-            self.stats
-                .records
-                .fetch_add(count as u64, Ordering::Relaxed);
-            if let Some(new) = polled.position {
-                commit_position(&producer, &self.spec.name, &new, total).await?;
-                *lock(&self.stats.position) = String::from_utf8_lossy(&new).into_owned();
-                position = Some((new, total));
+        }
+    }
+
+    /// Waits for a batch's acknowledgements, applies the error policy to what was
+    /// refused, then sends the commit of the batch's position. The commit is awaited by
+    /// the next call (or [`Task::drain`]), so it does not queue behind the next batch.
+    /// `Some` when the connector must stop.
+    async fn settle(
+        &self,
+        producer: &Producer,
+        flight: Option<InFlight>,
+        commits: &mut Commits,
+    ) -> Result<Option<Stop>, Interrupted> {
+        self.drain(commits).await?;
+        let Some(flight) = flight else {
+            return Ok(None);
+        };
+        let mut refused = flight.failures;
+        for (origin, delivery) in flight.deliveries {
+            if let Err(err) = delivery.await {
+                if err.is_retriable() {
+                    return Err(anyhow::Error::from(err).context("producing to the topic"));
+                }
+                refused.push((origin, format!("the broker refused the record: {err}")));
             }
         }
+        let records = &flight.records;
+        if let Some(stop) = self
+            .handle_refused(producer, &refused, |i| {
+                let r = &records[i];
+                (r.key.clone(), r.value.clone(), r.headers.clone(), None)
+            })
+            .await?
+        {
+            return Ok(Some(stop));
+        }
+        commits.total += flight.count;
+        self.stats
+            .records
+            .fetch_add(flight.count, Ordering::Relaxed);
+        if let Some(new) = flight.position {
+            let delivery = send_position(producer, &self.spec.name, &new, commits.total).await?;
+            commits.pending = Some((delivery, new, commits.total));
+        }
+        Ok(None)
+    }
+
+    /// Waits for the position commit in flight, if any.
+    async fn drain(&self, commits: &mut Commits) -> Result<(), Interrupted> {
+        if let Some((delivery, position, total)) = commits.pending.take() {
+            delivery.await.map_err(|err| {
+                anyhow::anyhow!("committing the position to {OFFSETS_TOPIC}: {err}")
+            })?;
+            *lock(&self.stats.position) = String::from_utf8_lossy(&position).into_owned();
+            commits.committed = Some((position, total));
+        }
+        Ok(())
     }
 
     /// Applies the error policy to refused records; `Some` when the connector must stop.
@@ -1305,8 +1387,8 @@ fn sink_input(records: &[ConsumerRecord], outputs: &[Rec]) -> Vec<u8> {
 }
 
 /// Decodes a source's batch (flat output format).
-fn decode_source_batch(buf: &[u8]) -> Result<Vec<Rec>, String> {
-    let bytes = Bytes::copy_from_slice(buf);
+fn decode_source_batch(buf: Vec<u8>) -> Result<Vec<Rec>, String> {
+    let bytes = Bytes::from(buf);
     let mut records = Vec::new();
     for (i, output) in runnel_flat::read_outputs(&bytes).enumerate() {
         let output = output.map_err(|err| format!("the connector returned {err}"))?;
@@ -1500,12 +1582,13 @@ struct Committed {
     records: u64,
 }
 
-async fn commit_position(
+/// Sends a source's position to `__connect_offsets`; the delivery says when it is durable.
+async fn send_position(
     producer: &Producer,
     name: &str,
     position: &[u8],
     records: u64,
-) -> Result<(), Interrupted> {
+) -> Result<Delivery, Interrupted> {
     let committed = match std::str::from_utf8(position) {
         Ok(text) => Committed {
             position: text.to_string(),
@@ -1521,12 +1604,7 @@ async fn commit_position(
     let record = ProducerRecord::new(OFFSETS_TOPIC)
         .key(name.to_string())
         .value(serde_json::to_vec(&committed)?);
-    producer
-        .send(record)
-        .await?
-        .await
-        .map_err(|err| anyhow::anyhow!("committing the position to {OFFSETS_TOPIC}: {err}"))?;
-    Ok(())
+    Ok(producer.send(record).await?)
 }
 
 fn unhex(text: &str) -> Option<Vec<u8>> {

@@ -324,9 +324,10 @@ fn killing_the_worker_mid_stream_loses_no_line() {
             "record {i} was lost"
         );
     }
-    // At most the batch in flight at the kill is produced twice.
+    // At most the batches whose position was not yet committed at the kill (the one in
+    // flight and the one before it) are produced twice.
     assert!(
-        lines.len() - unique.len() <= 1000,
+        lines.len() - unique.len() <= 2 * 1000,
         "{} duplicates",
         lines.len() - unique.len()
     );
