@@ -212,16 +212,23 @@ impl ConnectorHost {
     /// Not a component, or it does not fit.
     pub fn check(&self, wasm: &[u8], kind: crate::spec::Kind) -> Result<(), String> {
         let component = self.compile(wasm)?;
-        let (linker, world) = match kind {
-            crate::spec::Kind::Source => (&self.source_linker, "source-connector"),
-            crate::spec::Kind::Sink => (&self.sink_linker, "sink-connector"),
+        let misfit = |world: &str, err: wasmtime::Error| {
+            format!("the component does not fit the runnel:connect/{world} world: {err:#}")
         };
-        linker
-            .instantiate_pre(&component)
-            .map(|_| ())
-            .map_err(|err| {
-                format!("the component does not fit the runnel:connect/{world} world: {err:#}")
-            })
+        match kind {
+            crate::spec::Kind::Source => self
+                .source_linker
+                .instantiate_pre(&component)
+                .and_then(source::SourceConnectorPre::new)
+                .map(|_| ())
+                .map_err(|err| misfit("source-connector", err)),
+            crate::spec::Kind::Sink => self
+                .sink_linker
+                .instantiate_pre(&component)
+                .and_then(sink::SinkConnectorPre::new)
+                .map(|_| ())
+                .map_err(|err| misfit("sink-connector", err)),
+        }
     }
 
     fn store(

@@ -975,3 +975,91 @@ fn a_directory_source_with_a_transform_chain_and_dead_letters() {
         consume_all(&dev, "words").len() >= 9
     });
 }
+
+fn example_connectors() -> std::path::PathBuf {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| crate::support::build_components("examples/connectors"))
+        .clone()
+}
+
+#[test]
+fn a_connector_that_traps_or_loops_fails_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    let dev = Dev::start(&root.join("data"));
+    for topic in ["numbers", "bad-input", "refused", "refused-dlq"] {
+        dev.ok(&["topic", "create", topic], "");
+    }
+    let wasm = example_connectors();
+    let counter = root.join("counter.yaml");
+    write(
+        &counter,
+        &format!(
+            "name: counter\nkind: source\nconnector: {}\ntopic: numbers\nconfig:\n  count: 1000\n",
+            wasm.join("counter_source.wasm").display()
+        ),
+    );
+    let faulty = root.join("faulty.yaml");
+    write(
+        &faulty,
+        &format!(
+            "name: faulty\nkind: sink\nconnector: {}\ntopic: bad-input\ncall-timeout-ms: 500\n",
+            wasm.join("faulty_sink.wasm").display()
+        ),
+    );
+    let refusing = root.join("refusing.yaml");
+    write(
+        &refusing,
+        &format!(
+            "name: refusing\nkind: sink\nconnector: {}\ntopic: refused\nerrors:\n  policy: dead-letter\n  dead-letter-topic: refused-dlq\n",
+            wasm.join("faulty_sink.wasm").display()
+        ),
+    );
+    for file in [&counter, &faulty, &refusing] {
+        dev.ok(&["connector", "create", &file.display().to_string()], "");
+    }
+    // A connector that loops is stopped by its call timeout; the others keep going.
+    dev.ok(&["produce", "bad-input"], "fine\nloop\n");
+    wait_until("the faulty sink to fail", Duration::from_secs(30), || {
+        dev.ok(&["connector", "status", "faulty"], "")
+            .contains("State:      Failed")
+    });
+    let status = dev.ok(&["connector", "status", "faulty"], "");
+    assert!(status.contains("call timeout of 500 ms"), "{status}");
+    dev.ok(&["produce", "refused"], "a\nrefuse\nb\n");
+    wait_until(
+        "the refused record in the dead-letter topic",
+        Duration::from_secs(30),
+        || consume_all(&dev, "refused-dlq") == ["refuse"],
+    );
+    let status = dev.ok(&["connector", "status", "refusing"], "");
+    assert!(
+        status.contains("accepted \"a\"") && status.contains("accepted \"b\""),
+        "{status}"
+    );
+    wait_until("a thousand numbers", Duration::from_secs(30), || {
+        consume_all(&dev, "numbers").len() == 1000
+    });
+    // A trap: the message of the guest's panic, and a restart gives it another go.
+    dev.ok(&["produce", "refused"], "trap\n");
+    wait_until("the trap", Duration::from_secs(30), || {
+        let status = dev.ok(&["connector", "status", "refusing"], "");
+        status.contains("State:      Failed") && status.contains("asked to trap")
+    });
+    let list = dev.ok(&["connector", "list"], "");
+    assert!(
+        list.contains("counter") && list.contains("Running"),
+        "{list}"
+    );
+    // A component of the wrong world is refused at create.
+    let wrong = root.join("wrong.yaml");
+    write(
+        &wrong,
+        &format!(
+            "name: wrong\nkind: source\nconnector: {}\ntopic: numbers\n",
+            wasm.join("faulty_sink.wasm").display()
+        ),
+    );
+    let err = dev.fails(&["connector", "create", &wrong.display().to_string()], "");
+    assert!(err.contains("source-connector"), "{err}");
+}

@@ -132,3 +132,36 @@ pub fn runnel_at(addr: &str, args: &[&str], stdin: &str) -> Output {
     let _ = writer.join();
     output
 }
+
+/// Builds a workspace of Wasm components (`examples/transforms`, say) for
+/// `wasm32-wasip2` and returns the directory of the `.wasm` files.
+pub fn build_components(workspace: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    // <target>/debug/deps/e2e-HASH; every example workspace shares one target directory.
+    let target = exe
+        .ancestors()
+        .nth(3)
+        .expect("target directory")
+        .join("wasm-examples");
+    let manifest = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(workspace)
+        .join("Cargo.toml");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "--manifest-path",
+        ])
+        .arg(&manifest)
+        // A workspace's .cargo/config.toml (wasm SIMD) applies from its directory.
+        .current_dir(manifest.parent().expect("workspace directory"))
+        .env("CARGO_TARGET_DIR", &target)
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building {workspace} failed");
+    target.join("wasm32-wasip2/release")
+}

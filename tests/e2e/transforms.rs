@@ -8,38 +8,11 @@ use std::time::{Duration, Instant};
 
 use crate::support::Dev;
 
-/// Builds the example components once per test run and returns their directory.
+/// Builds the example transforms once per test run and returns their directory.
 pub fn components() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let exe = std::env::current_exe().expect("test executable");
-        // <target>/debug/deps/e2e-HASH
-        let target = exe
-            .ancestors()
-            .nth(3)
-            .expect("target directory")
-            .join("wasm-examples");
-        let manifest =
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/transforms/Cargo.toml");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args([
-                "build",
-                "--release",
-                "--target",
-                "wasm32-wasip2",
-                "--manifest-path",
-            ])
-            .arg(&manifest)
-            // The examples' .cargo/config.toml (wasm SIMD) applies from their directory.
-            .current_dir(manifest.parent().expect("examples directory"))
-            .env("CARGO_TARGET_DIR", &target)
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building the example transforms failed");
-        target.join("wasm32-wasip2/release")
-    })
-    .clone()
+    DIR.get_or_init(|| crate::support::build_components("examples/transforms"))
+        .clone()
 }
 
 fn wasm(name: &str) -> String {
