@@ -5,6 +5,9 @@
 //! `worker` runs connectors (in `runnel connect run`, or inside the broker process behind
 //! the `runnel.v1.Connectors` service in `service`). The guest ABI is
 //! `proto/wit/connect/connect.wit`.
+//!
+//! It reaches the broker only through `runnel-client`, never the broker crates; only
+//! `host` (and the transform host it borrows from `runnel-streams`) touches wasmtime.
 
 pub mod builtin;
 pub mod host;

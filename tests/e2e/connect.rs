@@ -1063,3 +1063,60 @@ fn a_connector_that_traps_or_loops_fails_alone() {
     let err = dev.fails(&["connector", "create", &wrong.display().to_string()], "");
     assert!(err.contains("source-connector"), "{err}");
 }
+
+#[test]
+fn postgres_sink_waits_for_a_database_that_is_down() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    let pg = Postgres::start(&root.join("postgres"), "pw");
+    pg.psql("CREATE TABLE kv (key text PRIMARY KEY, value text)");
+    let out = pg
+        .command("pg_ctl")
+        .args(["-D"])
+        .arg(&pg.data)
+        .args(["-w", "-m", "fast", "stop"])
+        .output()
+        .expect("pg_ctl runs");
+    assert!(out.status.success());
+    let dev = Dev::start(&root.join("data"));
+    dev.ok(&["topic", "create", "kv"], "");
+    let file = root.join("pg.yaml");
+    write(
+        &file,
+        &format!(
+            "name: kv-db\nkind: sink\nconnector: postgres-sink\ntopic: kv\nconfig:\n  port: {port}\n  password: ${{secrets.PW}}\n  table: kv\nsecrets:\n  PW: {{ env: RUNNEL_TEST_PW }}\ncapabilities:\n  network: [\"127.0.0.1:{port}\"]\nerrors:\n  retry: {{ initial-backoff-ms: 50, max-backoff-ms: 300 }}\n",
+            port = pg.port
+        ),
+    );
+    let mut worker = ConnectWorker::start_with_env(&dev, &[&file], &[("RUNNEL_TEST_PW", "pw")]);
+    dev.ok(
+        &["produce", "kv", "--key-separator", "="],
+        "a=1\nb=2\na=3\n",
+    );
+    wait_until("the retrying state", Duration::from_secs(30), || {
+        worker.stderr().contains("kv-db: Retrying")
+    });
+    let out = pg
+        .command("pg_ctl")
+        .args(["-D"])
+        .arg(&pg.data)
+        .args(["-w", "-l"])
+        .arg(pg.data.join("log"))
+        .arg("-o")
+        .arg(format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            pg.port,
+            pg.data.display()
+        ))
+        .arg("start")
+        .output()
+        .expect("pg_ctl runs");
+    assert!(out.status.success());
+    wait_until("the rows", Duration::from_secs(30), || {
+        pg.psql("SELECT key, value FROM kv ORDER BY key") == "a|3\nb|2\n"
+    });
+    wait_until("the running state", Duration::from_secs(10), || {
+        worker.stderr().ends_with("kv-db: Running\n")
+    });
+    worker.kill9();
+}
