@@ -10,9 +10,12 @@
 //! `host` (and the transform host it borrows from `runnel-streams`) touches wasmtime.
 
 pub mod builtin;
+mod chain;
 pub mod host;
+mod positions;
 pub mod service;
 pub mod spec;
+mod task;
 pub mod worker;
 
 pub use worker::Worker;

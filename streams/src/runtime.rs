@@ -763,28 +763,46 @@ fn dead_letter(saved: &Saved, record: &ConsumerRecord, reason: &str) -> Producer
 /// Encodes records in the flat input format.
 pub fn flat_input<'a>(records: impl Iterator<Item = &'a ConsumerRecord>) -> Vec<u8> {
     let mut buf = Vec::new();
-    let mut headers = Vec::new();
+    let mut scratch = Vec::new();
     for r in records {
-        headers.clear();
-        runnel_flat::write_headers(
-            &mut headers,
-            r.headers
-                .iter()
-                .map(|h| (h.key.as_str(), h.value.as_deref())),
-        );
-        runnel_flat::write_input(
+        write_flat_input(
             &mut buf,
-            &runnel_flat::FlatRecord {
-                partition: r.partition,
-                offset: r.offset,
-                timestamp_ms: r.timestamp_ms,
-                key: r.key.as_deref(),
-                value: r.value.as_deref(),
-                headers: &headers,
-            },
+            &mut scratch,
+            (r.partition, r.offset, r.timestamp_ms),
+            r.key.as_deref(),
+            r.value.as_deref(),
+            &r.headers,
         );
     }
     buf
+}
+
+/// Appends one record in the flat input format: `at` is (partition, offset,
+/// timestamp); `scratch` is reused to encode the headers.
+pub fn write_flat_input(
+    buf: &mut Vec<u8>,
+    scratch: &mut Vec<u8>,
+    at: (u32, i64, i64),
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    headers: &[Header],
+) {
+    scratch.clear();
+    runnel_flat::write_headers(
+        scratch,
+        headers.iter().map(|h| (h.key.as_str(), h.value.as_deref())),
+    );
+    runnel_flat::write_input(
+        buf,
+        &runnel_flat::FlatRecord {
+            partition: at.0,
+            offset: at.1,
+            timestamp_ms: at.2,
+            key,
+            value,
+            headers: scratch,
+        },
+    );
 }
 
 /// Runs the guest over `records`; on a trap, runs them one by one in fresh instances to
