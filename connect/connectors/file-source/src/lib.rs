@@ -327,3 +327,63 @@ impl Source for FileSource {
 }
 
 runnel_sdk::export_source!(FileSource);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tracked(name: &str, offset: u64, head: &[u8]) -> Tracked {
+        let mut t = Tracked {
+            name: name.into(),
+            offset,
+            fp_len: 0,
+            fp: 0,
+        };
+        fingerprint(&mut t, head);
+        t
+    }
+
+    #[test]
+    fn positions_round_trip_and_refuse_garbage() {
+        let files = vec![
+            tracked("app.log.1", 300, &[b'a'; 300]),
+            tracked("app log with spaces", 0, b""),
+        ];
+        let text = encode(&files);
+        assert_eq!(decode(text.as_bytes()).expect("valid"), files);
+        assert!(decode(b"something else").is_err());
+        assert!(decode(b"file-source v1\nnot numbers here x\n").is_err());
+    }
+
+    #[test]
+    fn files_are_known_by_their_first_bytes_not_their_name() {
+        let head = b"first line\nsecond line\n";
+        let t = tracked("app.log", 11, head);
+        assert_eq!(t.fp_len, 11);
+        // Renamed (rotated): still the same file.
+        let renamed = Candidate {
+            name: "app.log.1".into(),
+            size: 23,
+            head: head.to_vec(),
+        };
+        assert!(FileSource::matches(&t, &renamed));
+        // A new file under the old name: different first bytes.
+        let new = Candidate {
+            name: "app.log".into(),
+            size: 11,
+            head: b"other line\n".to_vec(),
+        };
+        assert!(!FileSource::matches(&t, &new));
+        // Nothing read yet: only the name identifies it.
+        let empty = tracked("app.log", 0, b"");
+        assert!(FileSource::matches(&empty, &new));
+        assert!(!FileSource::matches(&empty, &renamed));
+    }
+
+    #[test]
+    fn the_fingerprint_covers_at_most_what_was_read() {
+        let head = vec![b'x'; 1000];
+        assert_eq!(tracked("a", 100, &head).fp_len, 100);
+        assert_eq!(tracked("a", 5000, &head).fp_len, FINGERPRINT_BYTES);
+    }
+}

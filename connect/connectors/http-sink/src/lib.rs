@@ -142,3 +142,22 @@ impl Sink for HttpSink {
 }
 
 runnel_sdk::export_sink!(HttpSink);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_values_are_embedded_and_text_is_quoted() {
+        let mut body = Vec::new();
+        push_json(&mut body, Some(b"{\"n\":1}"));
+        body.push(b',');
+        push_json(&mut body, Some(b"plain \"text\""));
+        body.push(b',');
+        push_json(&mut body, None);
+        assert_eq!(
+            String::from_utf8(body).expect("UTF-8"),
+            "{\"n\":1},\"plain \\\"text\\\"\",null"
+        );
+    }
+}

@@ -293,3 +293,53 @@ impl Sink for PostgresSink {
 }
 
 runnel_sdk::export_sink!(PostgresSink);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sink(columns: Vec<(String, Option<String>)>) -> PostgresSink {
+        PostgresSink {
+            host: "h".into(),
+            port: 5432,
+            user: "u".into(),
+            password: None,
+            database: "d".into(),
+            table: "app.users".into(),
+            key_column: "id".into(),
+            columns,
+            conn: None,
+        }
+    }
+
+    #[test]
+    fn identifiers_and_literals_are_quoted() {
+        assert_eq!(ident("app.users"), "\"app\".\"users\"");
+        assert_eq!(ident("we\"ird"), "\"we\"\"ird\"");
+        assert_eq!(literal("O'Brien").as_deref(), Some("'O''Brien'"));
+        assert_eq!(literal("nul\0byte"), None);
+        assert_eq!(json_literal(None).as_deref(), Some("NULL"));
+        assert_eq!(
+            json_literal(Some(&serde_json::json!({"a": 1}))).as_deref(),
+            Some("'{\"a\":1}'")
+        );
+    }
+
+    #[test]
+    fn a_batch_is_one_transaction_where_the_last_record_of_a_key_wins() {
+        let sink = sink(vec![("value".into(), None)]);
+        let rows: Vec<Row> = vec![
+            ("'a'".into(), Some(vec!["'1'".into()])),
+            ("'b'".into(), Some(vec!["'2'".into()])),
+            ("'a'".into(), Some(vec!["'3'".into()])),
+            ("'b'".into(), None),
+        ];
+        let refs: Vec<&Row> = rows.iter().collect();
+        assert_eq!(
+            sink.sql(&refs),
+            "BEGIN;INSERT INTO \"app\".\"users\" (\"id\", \"value\") VALUES ('a', '3') \
+             ON CONFLICT (\"id\") DO UPDATE SET \"value\" = EXCLUDED.\"value\";\
+             DELETE FROM \"app\".\"users\" WHERE \"id\" IN ('b');COMMIT;"
+        );
+    }
+}
