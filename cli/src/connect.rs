@@ -193,17 +193,15 @@ pub async fn connector(client: Client, command: ConnectorCommand) -> anyhow::Res
                 );
             }
         }
-        ConnectorCommand::Status { name } => {
-            print_status(&admin.connector_action("status", &name).await?)
-        }
+        ConnectorCommand::Status { name } => print_status(&admin.connector_status(&name).await?),
         ConnectorCommand::Pause { name } => {
-            print_status(&admin.connector_action("pause", &name).await?)
+            print_status(&admin.pause_connector(&name, true).await?);
         }
         ConnectorCommand::Resume { name } => {
-            print_status(&admin.connector_action("resume", &name).await?)
+            print_status(&admin.pause_connector(&name, false).await?);
         }
         ConnectorCommand::Restart { name } => {
-            print_status(&admin.connector_action("restart", &name).await?);
+            print_status(&admin.restart_connector(&name).await?);
         }
         ConnectorCommand::Delete { name } => {
             admin.delete_connector(&name).await?;

@@ -356,29 +356,47 @@ impl Admin {
             .connectors)
     }
 
-    /// What a connector does: `status`, `pause`, `resume`, `restart`.
+    /// # Errors
+    /// Unknown connector.
+    pub async fn connector_status(&self, name: &str) -> Result<v1::ConnectorStatus, ClientError> {
+        Ok(self
+            .client
+            .connectors_rpc()
+            .status(v1::ConnectorName { name: name.into() })
+            .await?
+            .into_inner())
+    }
+
+    /// Pauses (`true`) or resumes a connector.
     ///
     /// # Errors
-    /// Unknown connector or action.
-    pub async fn connector_action(
+    /// Unknown connector.
+    pub async fn pause_connector(
         &self,
-        action: &str,
         name: &str,
+        paused: bool,
     ) -> Result<v1::ConnectorStatus, ClientError> {
         let mut rpc = self.client.connectors_rpc();
         let request = v1::ConnectorName { name: name.into() };
-        let response = match action {
-            "status" => rpc.status(request).await?,
-            "pause" => rpc.pause(request).await?,
-            "resume" => rpc.resume(request).await?,
-            "restart" => rpc.restart(request).await?,
-            other => {
-                return Err(ClientError::InvalidArgument(format!(
-                    "unknown connector action {other:?}"
-                )));
-            }
+        let response = if paused {
+            rpc.pause(request).await?
+        } else {
+            rpc.resume(request).await?
         };
         Ok(response.into_inner())
+    }
+
+    /// Stops a connector and starts it again from its committed position.
+    ///
+    /// # Errors
+    /// Unknown connector.
+    pub async fn restart_connector(&self, name: &str) -> Result<v1::ConnectorStatus, ClientError> {
+        Ok(self
+            .client
+            .connectors_rpc()
+            .restart(v1::ConnectorName { name: name.into() })
+            .await?
+            .into_inner())
     }
 
     /// # Errors

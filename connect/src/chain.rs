@@ -55,7 +55,7 @@ pub(crate) fn chain_blocking(
         };
         let mut next: Vec<Rec> = Vec::with_capacity(records.len());
         match run(&records)? {
-            Ok(result) => collect_step(i, &records, 0, result, &mut next, &mut refused),
+            Ok(result) => collect_step(i, &records, result, &mut next, &mut refused),
             Err(failure) => {
                 log.push(format!(
                     "[runtime] transforms[{i}] {}; isolating the record",
@@ -64,7 +64,7 @@ pub(crate) fn chain_blocking(
                 for (j, record) in records.iter().enumerate() {
                     match run(std::slice::from_ref(record))? {
                         Ok(result) => {
-                            collect_step(i, &records[j..=j], 0, result, &mut next, &mut refused);
+                            collect_step(i, &records[j..=j], result, &mut next, &mut refused);
                         }
                         Err(failure) => {
                             refused.push((record.origin, format!("transforms[{i}] {}", failure.0)))
@@ -98,7 +98,6 @@ pub(crate) fn chain_input(records: &[Rec]) -> Vec<u8> {
 pub(crate) fn collect_step(
     step: usize,
     inputs: &[Rec],
-    _base: usize,
     result: runnel_streams::host::BatchResult,
     next: &mut Vec<Rec>,
     refused: &mut Vec<(usize, String)>,

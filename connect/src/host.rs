@@ -92,25 +92,19 @@ impl source::runnel::connect::host::Host for ConnectorState {
     }
 
     fn granted_dirs(&mut self) -> Vec<source::runnel::connect::host::DirGrant> {
-        self.grants()
-    }
-
-    fn granted_hosts(&mut self) -> Vec<String> {
-        self.hosts
-            .iter()
-            .map(|h| format!("{}:{}", h.host, h.port))
-            .collect()
-    }
-}
-
-impl ConnectorState {
-    fn grants(&self) -> Vec<source::runnel::connect::host::DirGrant> {
         self.dirs
             .iter()
             .map(|d| source::runnel::connect::host::DirGrant {
                 path: d.path.display().to_string(),
                 writable: d.write,
             })
+            .collect()
+    }
+
+    fn granted_hosts(&mut self) -> Vec<String> {
+        self.hosts
+            .iter()
+            .map(|h| format!("{}:{}", h.host, h.port))
             .collect()
     }
 }
@@ -161,6 +155,19 @@ pub struct Sandbox {
     pub network: Vec<HostGrant>,
     pub memory_bytes: u64,
     pub call_timeout_ms: u32,
+}
+
+/// Everything an instance is given besides its component.
+#[derive(Clone)]
+pub struct Setup {
+    /// The connector's name, for logs.
+    pub name: String,
+    pub sandbox: Sandbox,
+    /// Config values with secrets filled in.
+    pub config: Vec<(String, String)>,
+    pub log: LogBuffer,
+    /// Replaces secret values in what the guest logs.
+    pub redact: Arc<dyn Fn(&str) -> String + Send + Sync>,
 }
 
 /// Compiles connector components and instantiates them in their sandbox.
@@ -231,13 +238,8 @@ impl ConnectorHost {
         }
     }
 
-    fn store(
-        &self,
-        name: &str,
-        sandbox: &Sandbox,
-        log: LogBuffer,
-        redact: Arc<dyn Fn(&str) -> String + Send + Sync>,
-    ) -> Result<Store<ConnectorState>, CallError> {
+    fn store(&self, setup: &Setup) -> Result<Store<ConnectorState>, CallError> {
+        let sandbox = &setup.sandbox;
         let stderr = wasmtime_wasi::p2::pipe::MemoryOutputPipe::new(STDERR_BYTES_MAX);
         let mut builder = WasiCtx::builder();
         builder.stderr(stderr.clone());
@@ -298,9 +300,9 @@ impl ConnectorHost {
                 .instances(16)
                 .trap_on_grow_failure(true)
                 .build(),
-            name: name.to_string(),
-            log,
-            redact,
+            name: setup.name.clone(),
+            log: setup.log.clone(),
+            redact: setup.redact.clone(),
             stderr,
             dirs: sandbox.dirs.clone(),
             hosts: sandbox.network.clone(),
@@ -315,18 +317,13 @@ impl ConnectorHost {
     ///
     /// # Errors
     /// The component does not fit the source world, or `open` failed.
-    #[allow(clippy::too_many_arguments)]
     pub fn open_source(
         &self,
         component: &Component,
-        name: &str,
-        sandbox: &Sandbox,
-        config: &[(String, String)],
+        setup: &Setup,
         position: Option<&[u8]>,
-        log: LogBuffer,
-        redact: Arc<dyn Fn(&str) -> String + Send + Sync>,
     ) -> Result<SourceInstance, CallError> {
-        let mut store = self.store(name, sandbox, log, redact)?;
+        let mut store = self.store(setup)?;
         let bindings = source::SourceConnector::instantiate(
             &mut store,
             component,
@@ -340,17 +337,18 @@ impl ConnectorHost {
         let mut instance = SourceInstance {
             store,
             bindings,
-            timeout_ms: sandbox.call_timeout_ms,
+            timeout_ms: setup.sandbox.call_timeout_ms,
         };
-        let timeout = instance.timeout_ms;
-        instance.store.set_epoch_deadline(deadline_ticks(timeout));
+        // Instantiation used part of the deadline the store started with.
+        instance
+            .store
+            .set_epoch_deadline(deadline_ticks(instance.timeout_ms));
         let result = instance.bindings.runnel_connect_source().call_open(
             &mut instance.store,
-            config,
+            &setup.config,
             position,
         );
-        let result = trap_reason(result, &instance.store, timeout)?;
-        result.map_err(CallError::from)?;
+        trap_reason(result, &instance.store, instance.timeout_ms)?.map_err(CallError::from)?;
         Ok(instance)
     }
 
@@ -361,13 +359,9 @@ impl ConnectorHost {
     pub fn open_sink(
         &self,
         component: &Component,
-        name: &str,
-        sandbox: &Sandbox,
-        config: &[(String, String)],
-        log: LogBuffer,
-        redact: Arc<dyn Fn(&str) -> String + Send + Sync>,
+        setup: &Setup,
     ) -> Result<SinkInstance, CallError> {
-        let mut store = self.store(name, sandbox, log, redact)?;
+        let mut store = self.store(setup)?;
         let bindings = sink::SinkConnector::instantiate(&mut store, component, &self.sink_linker)
             .map_err(|err| {
             CallError::Fatal(format!(
@@ -377,16 +371,16 @@ impl ConnectorHost {
         let mut instance = SinkInstance {
             store,
             bindings,
-            timeout_ms: sandbox.call_timeout_ms,
+            timeout_ms: setup.sandbox.call_timeout_ms,
         };
-        let timeout = instance.timeout_ms;
-        instance.store.set_epoch_deadline(deadline_ticks(timeout));
+        instance
+            .store
+            .set_epoch_deadline(deadline_ticks(instance.timeout_ms));
         let result = instance
             .bindings
             .runnel_connect_sink()
-            .call_open(&mut instance.store, config);
-        let result = trap_reason(result, &instance.store, timeout)?;
-        result.map_err(CallError::from)?;
+            .call_open(&mut instance.store, &setup.config);
+        trap_reason(result, &instance.store, instance.timeout_ms)?.map_err(CallError::from)?;
         Ok(instance)
     }
 }

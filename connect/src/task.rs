@@ -33,7 +33,7 @@ use wasmtime::component::Component;
 
 use crate::OFFSETS_TOPIC;
 use crate::chain::{Step, chain_blocking};
-use crate::host::{CallError, Sandbox, SinkInstance, SourceInstance, WriteError};
+use crate::host::{CallError, Sandbox, Setup, SinkInstance, SourceInstance, WriteError};
 use crate::positions::{read_position, send_position};
 use crate::spec::{self, ConnectorSpec, Kind, Policy, Secrets};
 use crate::worker::{Components, Control, State, Stats, Worker, group_name, hex, lock};
@@ -83,36 +83,22 @@ type Prepared = (Producer, Vec<Step>, Opener);
 pub(crate) struct Opener {
     worker: Worker,
     component: Arc<Component>,
-    name: String,
-    sandbox: Sandbox,
-    /// Secrets resolved.
-    config: Vec<(String, String)>,
-    log: LogBuffer,
-    redact: Arc<dyn Fn(&str) -> String + Send + Sync>,
+    setup: Setup,
 }
 
 impl Opener {
     fn source(&self, position: Option<&[u8]>) -> Result<SourceInstance, CallError> {
-        self.worker.inner.host.open_source(
-            &self.component,
-            &self.name,
-            &self.sandbox,
-            &self.config,
-            position,
-            self.log.clone(),
-            self.redact.clone(),
-        )
+        self.worker
+            .inner
+            .host
+            .open_source(&self.component, &self.setup, position)
     }
 
     fn sink(&self) -> Result<SinkInstance, CallError> {
-        self.worker.inner.host.open_sink(
-            &self.component,
-            &self.name,
-            &self.sandbox,
-            &self.config,
-            self.log.clone(),
-            self.redact.clone(),
-        )
+        self.worker
+            .inner
+            .host
+            .open_sink(&self.component, &self.setup)
     }
 }
 
@@ -194,10 +180,7 @@ impl Task {
     }
 
     fn set_state(&self, state: State) {
-        let mut current = lock(&self.state);
-        if *current != state {
-            *current = state;
-        }
+        *lock(&self.state) = state;
     }
 
     /// Waits while paused; `false` when asked to stop.
@@ -307,16 +290,18 @@ impl Task {
         let opener = Opener {
             worker: self.worker.clone(),
             component: Arc::new(component),
-            name: self.spec.name.clone(),
-            sandbox: Sandbox {
-                dirs: self.spec.dirs.clone(),
-                network: self.spec.network.clone(),
-                memory_bytes: self.spec.memory_limit_bytes,
-                call_timeout_ms: self.spec.call_timeout_ms,
+            setup: Setup {
+                name: self.spec.name.clone(),
+                sandbox: Sandbox {
+                    dirs: self.spec.dirs.clone(),
+                    network: self.spec.network.clone(),
+                    memory_bytes: self.spec.memory_limit_bytes,
+                    call_timeout_ms: self.spec.call_timeout_ms,
+                },
+                config: spec::resolve(&self.spec.config, &self.secrets),
+                log: self.log.clone(),
+                redact: Arc::new(move |text: &str| secrets.redact(text)),
             },
-            config: spec::resolve(&self.spec.config, &self.secrets),
-            log: self.log.clone(),
-            redact: Arc::new(move |text: &str| secrets.redact(text)),
         };
         Ok((producer, steps, opener))
     }

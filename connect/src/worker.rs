@@ -311,13 +311,16 @@ impl Worker {
                 )
                 .map_err(anyhow::Error::from)?;
             }
-            self.save(&Saved {
-                file: spec.file.clone(),
-                yaml: yaml.clone(),
-                connector_sha256,
-                transform_sha256,
-                paused: false,
-            })
+            self.save(
+                &spec.name,
+                &Saved {
+                    file: spec.file.clone(),
+                    yaml: yaml.clone(),
+                    connector_sha256,
+                    transform_sha256,
+                    paused: false,
+                },
+            )
             .map_err(ConnectError::Internal)?;
         }
         let name = spec.name.clone();
@@ -325,12 +328,11 @@ impl Worker {
         self.status(&name).await
     }
 
-    fn save(&self, saved: &Saved) -> anyhow::Result<()> {
+    fn save(&self, name: &str, saved: &Saved) -> anyhow::Result<()> {
         let Some(dir) = &self.inner.dir else {
             return Ok(());
         };
-        let spec = spec::parse(&saved.file, &saved.yaml)?;
-        let path = dir.join(format!("{}.json", spec.name));
+        let path = dir.join(format!("{name}.json"));
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(saved)?)?;
         std::fs::rename(&tmp, &path)?;
@@ -344,7 +346,7 @@ impl Worker {
         let path = dir.join(format!("{name}.json"));
         let mut saved: Saved = serde_json::from_slice(&std::fs::read(&path)?)?;
         saved.paused = paused;
-        self.save(&saved)
+        self.save(name, &saved)
     }
 
     fn start(
@@ -466,22 +468,21 @@ impl Worker {
         self.status(name).await
     }
 
-    async fn stop(&self, name: &str) -> Result<Running, ConnectError> {
+    /// Stops a connector (it commits what was acknowledged) and hands back what it was
+    /// started from.
+    async fn stop(&self, name: &str) -> Result<(ConnectorSpec, String, Components), ConnectError> {
         let running = lock(&self.inner.connectors)
             .remove(name)
             .ok_or_else(|| ConnectError::Unknown(name.to_string()))?;
         running.control.send_replace(Control::Stop);
-        let abort = running.task.abort_handle();
-        if tokio::time::timeout(Duration::from_secs(15), &mut { running.task })
+        let mut task = running.task;
+        if tokio::time::timeout(Duration::from_secs(15), &mut task)
             .await
             .is_err()
         {
-            abort.abort();
+            task.abort();
         }
-        Ok(Running {
-            task: tokio::spawn(async {}),
-            ..running
-        })
+        Ok((running.spec, running.yaml, running.components))
     }
 
     /// Stops a connector and starts it again from its committed position.
@@ -489,8 +490,8 @@ impl Worker {
     /// # Errors
     /// Unknown connector.
     pub async fn restart(&self, name: &str) -> Result<v1::ConnectorStatus, ConnectError> {
-        let old = self.stop(name).await?;
-        self.start(old.spec, old.yaml, old.components, false)?;
+        let (spec, yaml, components) = self.stop(name).await?;
+        self.start(spec, yaml, components, false)?;
         self.set_saved_paused(name, false)?;
         self.status(name).await
     }

@@ -104,6 +104,15 @@ pub enum WriteError {
     Fatal(String),
 }
 
+impl From<Failure> for WriteError {
+    fn from(failure: Failure) -> Self {
+        match failure {
+            Failure::Retry(m) => WriteError::Retry(m),
+            Failure::Fatal(m) => WriteError::Fatal(m),
+        }
+    }
+}
+
 /// Where a source puts the records of one poll.
 pub struct Batch {
     buf: Vec<u8>,
@@ -227,7 +236,8 @@ pub trait Sink: 'static {
     fn write(&mut self, topic: &str, records: &[Record<'_>]) -> Result<(), WriteError>;
 }
 
-/// Logging to the connector's log.
+/// Logging to the connector's log (`runnel connector status NAME`). Transforms log with
+/// [`crate::log`] instead.
 pub mod log {
     use super::__source::runnel::connect::host::Level;
 
@@ -241,21 +251,7 @@ pub mod log {
         eprintln!("[{level:?}] {message}");
     }
 
-    pub fn debug(message: &str) {
-        write(Level::Debug, message);
-    }
-
-    pub fn info(message: &str) {
-        write(Level::Info, message);
-    }
-
-    pub fn warn(message: &str) {
-        write(Level::Warn, message);
-    }
-
-    pub fn error(message: &str) {
-        write(Level::Error, message);
-    }
+    log_functions!();
 }
 
 /// A directory the connector file grants under `capabilities.dirs`.

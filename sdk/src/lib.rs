@@ -43,6 +43,28 @@ use runnel_flat::{FlatOutput, FlatRecord};
 #[doc(hidden)]
 pub use wit_bindgen as __wit_bindgen;
 
+/// `debug`, `info`, `warn` and `error`, each calling the `write(Level, &str)` in scope:
+/// transforms and connectors log through different host interfaces.
+macro_rules! log_functions {
+    () => {
+        pub fn debug(message: &str) {
+            write(Level::Debug, message);
+        }
+
+        pub fn info(message: &str) {
+            write(Level::Info, message);
+        }
+
+        pub fn warn(message: &str) {
+            write(Level::Warn, message);
+        }
+
+        pub fn error(message: &str) {
+            write(Level::Error, message);
+        }
+    };
+}
+
 pub mod connect;
 
 #[doc(hidden)]
@@ -314,7 +336,8 @@ pub trait Transform: 'static {
     fn process(&mut self, record: &Record<'_>, out: &mut Output) -> Result<(), String>;
 }
 
-/// Logging to the deployment's log (`runnel transform logs NAME`).
+/// Logging to the deployment's log (`runnel transform logs NAME`). Connectors log with
+/// [`connect::log`] instead.
 pub mod log {
     #[cfg(target_arch = "wasm32")]
     fn write(level: crate::__bindings::runnel::transform::host::Level, message: &str) {
@@ -328,21 +351,7 @@ pub mod log {
 
     use crate::__bindings::runnel::transform::host::Level;
 
-    pub fn debug(message: &str) {
-        write(Level::Debug, message);
-    }
-
-    pub fn info(message: &str) {
-        write(Level::Info, message);
-    }
-
-    pub fn warn(message: &str) {
-        write(Level::Warn, message);
-    }
-
-    pub fn error(message: &str) {
-        write(Level::Error, message);
-    }
+    log_functions!();
 }
 
 struct Instance {

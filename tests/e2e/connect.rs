@@ -433,13 +433,21 @@ struct Received {
     requests: usize,
 }
 
-/// A tiny HTTP/1.1 server: `answer(request number, path, body)` gives the status and
-/// response body.
+/// A tiny HTTP/1.1 server on a free port: `answer(request number, path, body)` gives the
+/// status and response body.
 fn http_server(
     answer: impl Fn(usize, &str, &str) -> (u16, String) + Send + 'static,
 ) -> (u16, Arc<Mutex<Received>>) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
+    (port, serve_http(listener, answer))
+}
+
+/// Answers requests on `listener` with `answer`; 2xx request bodies are recorded.
+fn serve_http(
+    listener: TcpListener,
+    answer: impl Fn(usize, &str, &str) -> (u16, String) + Send + 'static,
+) -> Arc<Mutex<Received>> {
     let received = Arc::new(Mutex::new(Received::default()));
     let seen = received.clone();
     std::thread::spawn(move || {
@@ -486,7 +494,7 @@ fn http_server(
             );
         }
     });
-    (port, received)
+    received
 }
 
 #[test]
@@ -571,9 +579,7 @@ fn http_sink_batches_and_reports_an_endpoint_that_is_down() {
     let list = dev.ok(&["connector", "list"], "");
     assert!(list.contains("Retrying"), "{list}");
     // The endpoint comes up: the batch arrives as one JSON array.
-    let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind the port again");
-    drop(listener);
-    let (_, received) = http_server_on(port);
+    let received = http_server_on(port);
     wait_until("the batch", Duration::from_secs(30), || {
         !received.lock().expect("lock").bodies.is_empty()
     });
@@ -588,40 +594,9 @@ fn http_sink_batches_and_reports_an_endpoint_that_is_down() {
 }
 
 /// An always-200 server on a given port.
-fn http_server_on(port: u16) -> (u16, Arc<Mutex<Received>>) {
+fn http_server_on(port: u16) -> Arc<Mutex<Received>> {
     let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind");
-    let received = Arc::new(Mutex::new(Received::default()));
-    let seen = received.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-            let mut length = 0usize;
-            loop {
-                let mut header = String::new();
-                if reader.read_line(&mut header).unwrap_or(0) == 0 {
-                    break;
-                }
-                let header = header.trim_end();
-                if header.is_empty() {
-                    break;
-                }
-                if let Some((name, value)) = header.split_once(':')
-                    && name.eq_ignore_ascii_case("content-length")
-                {
-                    length = value.trim().parse().unwrap_or(0);
-                }
-            }
-            let mut body = vec![0u8; length];
-            let _ = reader.read_exact(&mut body);
-            seen.lock()
-                .expect("lock")
-                .bodies
-                .push(String::from_utf8_lossy(&body).into_owned());
-            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
-        }
-    });
-    (port, received)
+    serve_http(listener, |_, _, _| (200, String::new()))
 }
 
 #[test]

@@ -24,13 +24,6 @@ struct FileSink {
     buf: Vec<u8>,
 }
 
-fn write_failure(failure: Failure) -> WriteError {
-    match failure {
-        Failure::Retry(m) => WriteError::Retry(m),
-        Failure::Fatal(m) => WriteError::Fatal(m),
-    }
-}
-
 impl Sink for FileSink {
     fn open(config: &Config) -> Result<Self, Failure> {
         let path = required(config, "path")?.to_string();
@@ -68,11 +61,11 @@ impl Sink for FileSink {
         }
         self.file
             .write_all(&self.buf)
-            .map_err(|err| write_failure(file_error("write", &self.path, &err, "read-write")))?;
+            .map_err(|err| WriteError::from(file_error("write", &self.path, &err, "read-write")))?;
         if self.fsync {
-            self.file
-                .sync_data()
-                .map_err(|err| write_failure(file_error("sync", &self.path, &err, "read-write")))?;
+            self.file.sync_data().map_err(|err| {
+                WriteError::from(file_error("sync", &self.path, &err, "read-write"))
+            })?;
         }
         Ok(())
     }

@@ -150,8 +150,8 @@ impl FileSource {
         candidate.head.len() >= len && fnv1a(&candidate.head[..len]) == tracked.fp
     }
 
-    /// Pairs files with tracked entries; returns the entries to read, in order: rotated
-    /// files that still have unread lines first, then the others by name.
+    /// Pairs the files found with the tracked entries, in the order they are read:
+    /// rotated files (which may still have unread lines) first, then the others by name.
     fn refresh(&mut self) -> Result<(), Failure> {
         let candidates = self.candidates()?;
         let mut next: Vec<Tracked> = Vec::new();

@@ -29,13 +29,6 @@ struct HttpSink {
     headers: Vec<(String, String)>,
 }
 
-fn retry(failure: Failure) -> WriteError {
-    match failure {
-        Failure::Retry(m) => WriteError::Retry(m),
-        Failure::Fatal(m) => WriteError::Fatal(m),
-    }
-}
-
 /// Appends a record's value to a JSON array body.
 fn push_json(body: &mut Vec<u8>, value: Option<&[u8]>) {
     match value {
@@ -61,7 +54,7 @@ impl HttpSink {
             ));
         }
         let response = http::request(&self.method, &self.url, &headers, body)
-            .map_err(|err| retry(http::connect_failure(&self.url, &err)))?;
+            .map_err(|err| WriteError::from(http::connect_failure(&self.url, &err)))?;
         match response.status {
             200..=299 => Ok(None),
             status if http::transient(status) => Err(WriteError::Retry(format!(

@@ -36,8 +36,10 @@ struct PostgresSink {
     database: String,
     table: String,
     key_column: String,
-    /// (column, JSON field) pairs, or the single value column with `None`.
-    columns: Vec<(String, Option<String>)>,
+    /// The columns written besides the key: the value column, or with `json` the fields of
+    /// the JSON value that go to the columns of the same name.
+    columns: Vec<String>,
+    json: bool,
     conn: Option<wire::Connection>,
 }
 
@@ -88,29 +90,33 @@ impl PostgresSink {
         }
     }
 
-    fn connection(&mut self) -> Result<&mut wire::Connection, WriteError> {
-        if self.conn.is_none() {
-            let conn = wire::Connection::connect(
-                &self.host,
-                self.port,
-                &self.user,
-                self.password.as_deref(),
-                &self.database,
-            );
-            match conn {
-                Ok(conn) => self.conn = Some(conn),
-                Err(wire::Error::Server(err)) if !err.transient() => {
-                    return Err(WriteError::Fatal(format!(
-                        "PostgreSQL at {}:{} refused the connection: {} (SQLSTATE {})",
-                        self.host, self.port, err.message, err.code
-                    )));
-                }
-                Err(err) => return Err(self.failure(err)),
-            }
+    /// Connects unless connected. A refusal by the server (a wrong password, an unknown
+    /// database) is fatal; anything else is retried.
+    fn connect(&mut self) -> Result<(), Failure> {
+        if self.conn.is_some() {
+            return Ok(());
         }
-        self.conn
-            .as_mut()
-            .ok_or_else(|| WriteError::Retry("no connection".into()))
+        let conn = wire::Connection::connect(
+            &self.host,
+            self.port,
+            &self.user,
+            self.password.as_deref(),
+            &self.database,
+        );
+        match conn {
+            Ok(conn) => {
+                self.conn = Some(conn);
+                Ok(())
+            }
+            Err(wire::Error::Server(err)) if !err.transient() => Err(Failure::Fatal(format!(
+                "PostgreSQL at {}:{} refused the connection: {} (SQLSTATE {})",
+                self.host, self.port, err.message, err.code
+            ))),
+            Err(err) => Err(Failure::Retry(format!(
+                "PostgreSQL at {}:{}: {err}",
+                self.host, self.port
+            ))),
+        }
     }
 
     fn row(&self, record: &Record<'_>) -> Result<Row, String> {
@@ -121,7 +127,7 @@ impl PostgresSink {
         let Some(value) = record.value() else {
             return Ok((key, None));
         };
-        let values = if self.columns.len() == 1 && self.columns[0].1.is_none() {
+        let values = if !self.json {
             let text = std::str::from_utf8(value).map_err(|_| "the value is not UTF-8")?;
             vec![literal(text).ok_or("the value holds a NUL byte")?]
         } else {
@@ -131,8 +137,7 @@ impl PostgresSink {
                 return Err("the value is not a JSON object".into());
             }
             let mut values = Vec::new();
-            for (column, field) in &self.columns {
-                let field = field.as_deref().unwrap_or(column);
+            for field in &self.columns {
                 values.push(
                     json_literal(object.get(field))
                         .ok_or_else(|| format!("field {field:?} holds a NUL byte"))?,
@@ -154,7 +159,7 @@ impl PostgresSink {
         }
         let table = ident(&self.table);
         let key = ident(&self.key_column);
-        let columns: Vec<String> = self.columns.iter().map(|(c, _)| ident(c)).collect();
+        let columns: Vec<String> = self.columns.iter().map(|c| ident(c)).collect();
         let mut upserts = Vec::new();
         let mut deletes = Vec::new();
         for k in order {
@@ -187,21 +192,13 @@ impl PostgresSink {
     }
 
     fn run(&mut self, sql: &str) -> Result<(), wire::Error> {
-        let conn = match self.connection() {
-            Ok(conn) => conn,
-            Err(WriteError::Retry(m) | WriteError::Fatal(m)) => {
-                return Err(wire::Error::Protocol(m));
-            }
-            Err(WriteError::Rejected(_)) => return Err(wire::Error::Protocol("rejected".into())),
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(wire::Error::Protocol("the connection was lost".into()));
         };
         let result = conn.execute(sql);
-        if result.is_err() {
-            // Leave no transaction open on the connection.
-            if let Some(conn) = self.conn.as_mut()
-                && conn.execute("ROLLBACK;").is_err()
-            {
-                self.conn = None;
-            }
+        if result.is_err() && conn.execute("ROLLBACK;").is_err() {
+            // Leave no transaction open on the connection, or no connection.
+            self.conn = None;
         }
         result
     }
@@ -218,18 +215,19 @@ impl Sink for PostgresSink {
                  capabilities: {{ network: [\"{granted}\"] }}"
             )));
         }
-        let columns = match config.get("columns") {
-            Some(list) => list
-                .split(',')
-                .map(str::trim)
-                .filter(|c| !c.is_empty())
-                .map(|c| (c.to_string(), None::<String>))
-                .map(|(c, _)| (c.clone(), Some(c)))
-                .collect::<Vec<_>>(),
-            None => vec![(
-                config.get("value-column").unwrap_or("value").to_string(),
-                None,
-            )],
+        let (columns, json) = match config.get("columns") {
+            Some(list) => (
+                list.split(',')
+                    .map(str::trim)
+                    .filter(|c| !c.is_empty())
+                    .map(str::to_string)
+                    .collect::<Vec<_>>(),
+                true,
+            ),
+            None => (
+                vec![config.get("value-column").unwrap_or("value").to_string()],
+                false,
+            ),
         };
         if columns.is_empty() {
             return Err(connector_common::bad("columns", "list at least one column"));
@@ -243,14 +241,11 @@ impl Sink for PostgresSink {
             table: required(config, "table")?.to_string(),
             key_column: config.get("key-column").unwrap_or("key").to_string(),
             columns,
+            json,
             conn: None,
         };
-        match sink.connection() {
-            Ok(_) => Ok(sink),
-            Err(WriteError::Fatal(m)) => Err(Failure::Fatal(m)),
-            Err(WriteError::Retry(m)) => Err(Failure::Retry(m)),
-            Err(WriteError::Rejected(_)) => Err(Failure::Retry("cannot connect".into())),
-        }
+        sink.connect()?;
+        Ok(sink)
     }
 
     fn write(&mut self, _topic: &str, records: &[Record<'_>]) -> Result<(), WriteError> {
@@ -263,6 +258,7 @@ impl Sink for PostgresSink {
             }
         }
         if !rows.is_empty() {
+            self.connect()?;
             let all: Vec<&Row> = rows.iter().map(|(_, r)| r).collect();
             let sql = self.sql(&all);
             if let Err(err) = self.run(&sql) {
@@ -298,7 +294,7 @@ runnel_sdk::export_sink!(PostgresSink);
 mod tests {
     use super::*;
 
-    fn sink(columns: Vec<(String, Option<String>)>) -> PostgresSink {
+    fn sink(columns: Vec<String>, json: bool) -> PostgresSink {
         PostgresSink {
             host: "h".into(),
             port: 5432,
@@ -308,6 +304,7 @@ mod tests {
             table: "app.users".into(),
             key_column: "id".into(),
             columns,
+            json,
             conn: None,
         }
     }
@@ -327,7 +324,7 @@ mod tests {
 
     #[test]
     fn a_batch_is_one_transaction_where_the_last_record_of_a_key_wins() {
-        let sink = sink(vec![("value".into(), None)]);
+        let sink = sink(vec!["value".into()], false);
         let rows: Vec<Row> = vec![
             ("'a'".into(), Some(vec!["'1'".into()])),
             ("'b'".into(), Some(vec!["'2'".into()])),
