@@ -32,6 +32,7 @@ pub struct ProduceBench {
     /// Topic to write (created with --partitions if it does not exist).
     #[arg(long, default_value = "bench")]
     topic: String,
+    /// Records in all, shared among the producers.
     #[arg(long, default_value_t = 1_000_000)]
     records: u64,
     /// Value size in bytes.
@@ -47,18 +48,35 @@ pub struct ProduceBench {
     /// Partitions of the topic when it is created.
     #[arg(long, default_value_t = 1)]
     partitions: u32,
-    /// Records per second; 0 = as fast as possible.
+    /// Records per second in all; 0 = as fast as possible.
     #[arg(long, default_value_t = 0)]
     rate: u64,
+    /// Producers in this process, each with its own connection.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    producers: u32,
+    /// Keyed records with this many distinct keys (`key-0` ...); 0 = no keys.
+    #[arg(long, default_value_t = 0)]
+    key_cardinality: u64,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
 pub struct ConsumeBench {
     #[arg(long, default_value = "bench")]
     topic: String,
-    /// Stop after this many records (default: everything up to the end when started).
+    /// Stop after this many records in all (default: everything up to the end when
+    /// started).
     #[arg(long)]
     records: Option<u64>,
+    /// Consumers in this process, each with its own connection; partition P is read by
+    /// consumer P mod N.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    consumers: u32,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 pub async fn run(
@@ -68,12 +86,15 @@ pub async fn run(
 ) -> anyhow::Result<ExitCode> {
     match command {
         BenchCommand::Connect(args) => crate::bench_connect::run(brokers, client, args).await,
-        BenchCommand::Produce(args) => produce(client, args).await,
-        BenchCommand::Consume(args) => consume(client, args).await,
+        BenchCommand::Produce(args) => produce(brokers, client, args).await,
+        BenchCommand::Consume(args) => consume(brokers, client, args).await,
     }
 }
 
-fn progress(total: u64) -> ProgressBar {
+fn progress(total: u64, hidden: bool) -> ProgressBar {
+    if hidden {
+        return ProgressBar::hidden();
+    }
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} records {per_sec} eta {eta}")
@@ -82,7 +103,53 @@ fn progress(total: u64) -> ProgressBar {
     bar
 }
 
-async fn produce(client: Client, args: ProduceBench) -> anyhow::Result<ExitCode> {
+fn histogram() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Percentiles of a histogram of microseconds, in milliseconds.
+fn latency_json(latencies: &Histogram<u64>) -> serde_json::Value {
+    let ms = |q: f64| latencies.value_at_quantile(q) as f64 / 1000.0;
+    serde_json::json!({
+        "p50": ms(0.5),
+        "p99": ms(0.99),
+        "p999": ms(0.999),
+        "max": latencies.max() as f64 / 1000.0,
+    })
+}
+
+fn latency_text(latencies: &Histogram<u64>) -> String {
+    let ms = |q: f64| latencies.value_at_quantile(q) as f64 / 1000.0;
+    format!(
+        "p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
+        ms(0.5),
+        ms(0.99),
+        ms(0.999),
+        latencies.max() as f64 / 1000.0
+    )
+}
+
+/// Connections for `n` clients: the one given, then new ones.
+async fn clients(brokers: &[String], first: Client, n: u32) -> anyhow::Result<Vec<Client>> {
+    let mut all = vec![first];
+    for _ in 1..n {
+        all.push(Client::connect(brokers).await?);
+    }
+    Ok(all)
+}
+
+/// What one producer of the benchmark saw.
+struct ProducerRun {
+    latencies: Histogram<u64>,
+    failures: u64,
+    first_error: Option<String>,
+}
+
+async fn produce(
+    brokers: &[String],
+    client: Client,
+    args: ProduceBench,
+) -> anyhow::Result<ExitCode> {
     let admin = Admin::new(client.clone());
     match admin
         .create_topic(&args.topic, args.partitions, 1, HashMap::new())
@@ -92,24 +159,103 @@ async fn produce(client: Client, args: ProduceBench) -> anyhow::Result<ExitCode>
         Err(err) if err.code() == Some(ErrorCode::TopicAlreadyExists) => {}
         Err(err) => return Err(err.into()),
     }
-    let producer = Producer::new(
-        client,
-        ProducerConfig {
+    let value = Bytes::from(vec![b'x'; args.record_size]);
+    let keys: Vec<Bytes> = (0..args.key_cardinality.min(10_000_000))
+        .map(|k| Bytes::from(format!("key-{k}")))
+        .collect();
+    let keys = std::sync::Arc::new(keys);
+    let bar = progress(args.records, args.json);
+    let producers = u64::from(args.producers);
+    let started = Instant::now();
+    let mut runs = Vec::new();
+    for (index, client) in clients(brokers, client, args.producers)
+        .await?
+        .into_iter()
+        .enumerate()
+    {
+        let index = index as u64;
+        // Producer i sends records i, i + N, i + 2N, ...
+        let count = args.records / producers + u64::from(index < args.records % producers);
+        let rate = args.rate as f64 / producers as f64;
+        let config = ProducerConfig {
             acks: args.acks,
             batch_size_bytes: args.batch_size,
             linger: Duration::from_millis(args.linger_ms),
             ..ProducerConfig::default()
-        },
-    );
-    let value = Bytes::from(vec![b'x'; args.record_size]);
-    let bar = progress(args.records);
+        };
+        let (topic, value, keys, bar) =
+            (args.topic.clone(), value.clone(), keys.clone(), bar.clone());
+        runs.push(tokio::spawn(async move {
+            let producer = Producer::new(client, config);
+            produce_one(
+                &producer, &topic, count, rate, started, value, &keys, index, producers, &bar,
+            )
+            .await
+        }));
+    }
+    let mut latencies = histogram();
+    let mut failures = 0;
+    let mut first_error = None;
+    for run in runs {
+        let run = run.await??;
+        latencies.add(&run.latencies)?;
+        failures += run.failures;
+        first_error = first_error.or(run.first_error);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let sent = args.records - failures;
+    let mb = (sent as f64 * args.record_size as f64) / (1024.0 * 1024.0);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "records": sent,
+                "failed": failures,
+                "seconds": elapsed,
+                "records_per_second": sent as f64 / elapsed,
+                "mib_per_second": mb / elapsed,
+                "producers": args.producers,
+                "record_size": args.record_size,
+                "ack_latency_ms": latency_json(&latencies),
+            })
+        );
+    } else {
+        println!(
+            "{sent} records sent, {:.1} records/s ({:.2} MB/s), latency {}",
+            sent as f64 / elapsed,
+            mb / elapsed,
+            latency_text(&latencies),
+        );
+    }
+    if let Some(err) = first_error {
+        eprintln!("error: {failures} records failed; first error: {err}");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn produce_one(
+    producer: &Producer,
+    topic: &str,
+    count: u64,
+    rate: f64,
+    started: Instant,
+    value: Bytes,
+    keys: &[Bytes],
+    index: u64,
+    producers: u64,
+    bar: &ProgressBar,
+) -> anyhow::Result<ProducerRun> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Instant, Delivery)>(1 << 16);
     let collector_bar = bar.clone();
     let collector = tokio::spawn(async move {
-        let mut latencies =
-            Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
-        let mut failures = 0u64;
-        let mut first_error = None;
+        let mut run = ProducerRun {
+            latencies: histogram(),
+            failures: 0,
+            first_error: None,
+        };
         // Deliveries of one batch complete together: read the clock once per batch.
         let mut now = Instant::now();
         while let Some((sent, mut delivery)) = rx.recv().await {
@@ -126,28 +272,24 @@ async fn produce(client: Client, args: ProduceBench) -> anyhow::Result<ExitCode>
             };
             match result {
                 Ok(_) => {
-                    let micros = now
-                        .saturating_duration_since(sent)
-                        .as_micros()
-                        .clamp(1, 60_000_000) as u64;
-                    let _ = latencies.record(micros);
+                    let micros = now.saturating_duration_since(sent).as_micros().max(1) as u64;
+                    let _ = run.latencies.record(micros);
                 }
                 Err(err) => {
-                    failures += 1;
-                    first_error.get_or_insert(err.to_string());
+                    run.failures += 1;
+                    run.first_error.get_or_insert(err.to_string());
                 }
             }
             collector_bar.inc(1);
         }
-        (latencies, failures, first_error)
+        run
     });
-    let started = Instant::now();
     // Send times are read every few records: they are microseconds apart, latencies are
     // milliseconds, and a clock read per record is a visible share of the client's CPU.
     let mut stamp = started;
-    for i in 0..args.records {
-        if args.rate > 0 {
-            let due = started + Duration::from_secs_f64(i as f64 / args.rate as f64);
+    for i in 0..count {
+        if rate > 0.0 {
+            let due = started + Duration::from_secs_f64(i as f64 / rate);
             if due > stamp {
                 tokio::time::sleep_until(due.into()).await;
                 stamp = Instant::now();
@@ -156,56 +298,119 @@ async fn produce(client: Client, args: ProduceBench) -> anyhow::Result<ExitCode>
         if i % 32 == 0 {
             stamp = Instant::now();
         }
-        let delivery = producer
-            .send(ProducerRecord::new(&args.topic).value(value.clone()))
-            .await?;
+        let mut record = ProducerRecord::new(topic).value(value.clone());
+        if !keys.is_empty() {
+            let n = (i * producers + index) % keys.len() as u64;
+            record = record.key(keys[n as usize].clone());
+        }
+        let delivery = producer.send(record).await?;
         tx.send((stamp, delivery)).await?;
     }
     producer.flush().await?;
     drop(tx);
-    let (latencies, failures, first_error) = collector.await?;
+    Ok(collector.await?)
+}
+
+/// What one consumer of the benchmark saw.
+struct ConsumerRun {
+    records: u64,
+    bytes: u64,
+    /// Record timestamp to delivery, in microseconds.
+    latencies: Histogram<u64>,
+}
+
+async fn consume(
+    brokers: &[String],
+    client: Client,
+    args: ConsumeBench,
+) -> anyhow::Result<ExitCode> {
+    let partitions = client.partition_count(&args.topic).await?;
+    let consumers = args.consumers.min(partitions.max(1));
+    if consumers < args.consumers {
+        eprintln!(
+            "{} has {partitions} partitions: running {consumers} consumers, not {}",
+            args.topic, args.consumers
+        );
+    }
+    let mut assigned = Vec::new();
+    let mut available = 0i64;
+    for (index, client) in clients(brokers, client, consumers)
+        .await?
+        .into_iter()
+        .enumerate()
+    {
+        let mine: Vec<u32> = (0..partitions)
+            .filter(|p| p % consumers == index as u32)
+            .collect();
+        let mut consumer = Consumer::new(client, ConsumerConfig::default());
+        consumer
+            .assign(&args.topic, Some(mine), StartFrom::Earliest)
+            .await?;
+        for ((topic, partition), end) in consumer.end_offsets().await? {
+            available += end - consumer.position(&topic, partition).unwrap_or(end);
+        }
+        assigned.push(consumer);
+    }
+    let target = args.records.unwrap_or(available.max(0) as u64);
+    let bar = progress(target, args.json);
+    let remaining = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(target as i64));
+    let started = Instant::now();
+    let mut runs = Vec::new();
+    for mut consumer in assigned {
+        let (remaining, bar) = (remaining.clone(), bar.clone());
+        runs.push(tokio::spawn(async move {
+            consume_one(&mut consumer, &remaining, &bar).await
+        }));
+    }
+    let mut count = 0;
+    let mut bytes = 0;
+    let mut latencies = histogram();
+    for run in runs {
+        let run = run.await??;
+        count += run.records;
+        bytes += run.bytes;
+        latencies.add(&run.latencies)?;
+    }
     let elapsed = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    let sent = args.records - failures;
-    let mb = (sent as f64 * args.record_size as f64) / (1024.0 * 1024.0);
-    let ms = |q: f64| latencies.value_at_quantile(q) as f64 / 1000.0;
-    println!(
-        "{sent} records sent, {:.1} records/s ({:.2} MB/s), latency p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
-        sent as f64 / elapsed,
-        mb / elapsed,
-        ms(0.5),
-        ms(0.99),
-        ms(0.999),
-        latencies.max() as f64 / 1000.0
-    );
-    if let Some(err) = first_error {
-        eprintln!("error: {failures} records failed; first error: {err}");
-        return Ok(ExitCode::FAILURE);
+    let mb = bytes as f64 / (1024.0 * 1024.0);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "records": count,
+                "seconds": elapsed,
+                "records_per_second": count as f64 / elapsed,
+                "mib_per_second": mb / elapsed,
+                "consumers": consumers,
+                "end_to_end_latency_ms": latency_json(&latencies),
+            })
+        );
+    } else {
+        println!(
+            "{count} records consumed, {:.1} records/s ({:.2} MB/s), end-to-end latency (record timestamp to delivery) {}",
+            count as f64 / elapsed,
+            mb / elapsed,
+            latency_text(&latencies),
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
 
-async fn consume(client: Client, args: ConsumeBench) -> anyhow::Result<ExitCode> {
-    let mut consumer = Consumer::new(client, ConsumerConfig::default());
-    consumer
-        .assign(&args.topic, None, StartFrom::Earliest)
-        .await?;
-    let ends = consumer.end_offsets().await?;
-    let mut starts = HashMap::new();
-    for (topic, partition) in consumer.assignment() {
-        starts.insert(partition, consumer.position(&topic, partition).unwrap_or(0));
-    }
-    let available: i64 = ends
-        .iter()
-        .map(|((_, p), end)| end - starts.get(p).copied().unwrap_or(0))
-        .sum();
-    let target = args.records.unwrap_or(available.max(0) as u64);
-    let bar = progress(target);
-    let started = Instant::now();
-    let mut count = 0u64;
-    let mut bytes = 0u64;
+/// Reads until the benchmark's shared count of wanted records reaches zero.
+async fn consume_one(
+    consumer: &mut Consumer,
+    remaining: &std::sync::atomic::AtomicI64,
+    bar: &ProgressBar,
+) -> anyhow::Result<ConsumerRun> {
+    use std::sync::atomic::Ordering;
+    let mut run = ConsumerRun {
+        records: 0,
+        bytes: 0,
+        latencies: histogram(),
+    };
     let mut idle_since = Instant::now();
-    while count < target {
+    while remaining.load(Ordering::Relaxed) > 0 {
         let records = consumer.poll().await?;
         if records.is_empty() {
             if idle_since.elapsed() > Duration::from_secs(10) {
@@ -215,19 +420,18 @@ async fn consume(client: Client, args: ConsumeBench) -> anyhow::Result<ExitCode>
             continue;
         }
         idle_since = Instant::now();
-        count += records.len() as u64;
-        bytes += records
-            .iter()
-            .map(|r| r.value.as_ref().map_or(0, Bytes::len) as u64)
-            .sum::<u64>();
-        bar.set_position(count.min(target));
+        // Record timestamps are milliseconds: one clock read per poll is precise enough.
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        for record in &records {
+            run.bytes += record.value.as_ref().map_or(0, Bytes::len) as u64;
+            let micros = (now_ms - record.timestamp_ms).max(0) as u64 * 1000;
+            let _ = run.latencies.record(micros.max(1));
+        }
+        run.records += records.len() as u64;
+        remaining.fetch_sub(records.len() as i64, Ordering::Relaxed);
+        bar.inc(records.len() as u64);
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    bar.finish_and_clear();
-    println!(
-        "{count} records consumed, {:.1} records/s ({:.2} MB/s)",
-        count as f64 / elapsed,
-        bytes as f64 / (1024.0 * 1024.0) / elapsed
-    );
-    Ok(ExitCode::SUCCESS)
+    Ok(run)
 }

@@ -168,7 +168,10 @@ pub async fn run(client: Client, args: ConsumeArgs) -> anyhow::Result<ExitCode> 
             }
             writeln!(out, "{}", render(&record.value))?;
             printed += 1;
-            done.insert((record.topic.clone(), record.partition), record.offset + 1);
+            done.insert(
+                (record.topic.to_string(), record.partition),
+                record.offset + 1,
+            );
         }
         out.flush()?;
         if let Source::Group(member) = &mut source {

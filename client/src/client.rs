@@ -35,6 +35,8 @@ struct Inner {
 #[derive(Debug, Clone)]
 pub(crate) struct TopicInfo {
     pub(crate) leaders: Vec<u32>,
+    /// The topic's `max.message.bytes`; 0 when the broker did not say.
+    pub(crate) max_message_bytes: usize,
 }
 
 fn endpoint(address: &str) -> Result<Endpoint, ClientError> {
@@ -51,6 +53,8 @@ fn endpoint(address: &str) -> Result<Endpoint, ClientError> {
                 .tcp_nodelay(true)
                 .initial_stream_window_size(16 * 1024 * 1024)
                 .initial_connection_window_size(64 * 1024 * 1024)
+                // Large frames: fetch responses arrive in a few reads, not one per 16 KiB.
+                .max_frame_size(1024 * 1024)
         })
         .map_err(|err| {
             ClientError::InvalidArgument(format!("broker address {address:?} is invalid: {err}"))
@@ -153,6 +157,7 @@ impl Client {
         check(meta.error.as_ref())?;
         let info = Arc::new(TopicInfo {
             leaders: meta.partitions.iter().map(|p| p.leader).collect(),
+            max_message_bytes: meta.max_message_bytes as usize,
         });
         self.inner
             .topics

@@ -1,11 +1,13 @@
 //! The consumer: assign partitions, seek, poll.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use runnel_batch::{Header, batches, decode_records_shared};
 use runnel_proto::v1::{self, ErrorCode};
+use tokio::sync::mpsc;
 
 use crate::client::Client;
 use crate::error::{ClientError, check};
@@ -49,7 +51,8 @@ impl Default for ConsumerConfig {
 /// A record as the consumer returns it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsumerRecord {
-    pub topic: String,
+    /// Shared by every record of a fetch: no allocation per record.
+    pub topic: Arc<str>,
     pub partition: u32,
     pub offset: i64,
     pub timestamp_ms: i64,
@@ -59,64 +62,115 @@ pub struct ConsumerRecord {
 }
 
 type Positions = BTreeMap<(String, u32), i64>;
-type Prefetch = (
-    Positions,
-    tokio::task::JoinHandle<Result<Vec<v1::FetchResponse>, ClientError>>,
-);
 
-/// Reads assigned partitions from positions it keeps itself. While the caller handles one
-/// poll's records, the next fetch is already on its way (it is discarded on a seek).
+/// The offset after each partition's last record in `records`: what a consumer commits
+/// once it has handled them.
+pub fn next_offsets(records: &[ConsumerRecord]) -> BTreeMap<(String, u32), i64> {
+    // Records come in runs of one partition: group by run, then key by owned names.
+    let mut runs: Vec<(&Arc<str>, u32, i64)> = Vec::new();
+    for r in records {
+        match runs
+            .iter_mut()
+            .find(|(topic, partition, _)| *partition == r.partition && **topic == r.topic)
+        {
+            Some((_, _, next)) => *next = (*next).max(r.offset + 1),
+            None => runs.push((&r.topic, r.partition, r.offset + 1)),
+        }
+    }
+    runs.into_iter()
+        .map(|(topic, partition, next)| ((topic.to_string(), partition), next))
+        .collect()
+}
+
+/// Fetch responses a session keeps ready beyond the one being handled.
+const SESSION_RESPONSES_AHEAD: usize = 2;
+
+/// Reads assigned partitions from positions it keeps itself. Records stream from each
+/// leader on a `FetchStream`: the broker sends the next response as soon as the previous
+/// one is on its way, so the consumer never waits on a round trip while data is there. A
+/// seek, a new assignment or an error ends the streams; the next poll opens them again at
+/// the consumer's positions.
 pub struct Consumer {
     client: Client,
     config: ConsumerConfig,
     positions: Positions,
-    prefetch: Option<Prefetch>,
+    session: Option<FetchSession>,
 }
 
-impl Drop for Consumer {
+/// The open fetch streams and the positions their next responses continue from.
+struct FetchSession {
+    expected: Positions,
+    responses: mpsc::Receiver<Result<v1::FetchResponse, ClientError>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for FetchSession {
     fn drop(&mut self) {
-        if let Some((_, handle)) = self.prefetch.take() {
-            handle.abort();
+        for task in &self.tasks {
+            task.abort();
         }
     }
 }
 
-/// One fetch of every partition in `positions`, a request per leader.
-async fn fetch_at(
-    client: Client,
-    config: ConsumerConfig,
-    positions: Positions,
-) -> Result<Vec<v1::FetchResponse>, ClientError> {
-    let mut by_leader: BTreeMap<u32, Vec<v1::FetchPartition>> = BTreeMap::new();
-    for ((topic, partition), offset) in &positions {
-        let info = client.topic(topic).await?;
-        let leader = info.leaders.get(*partition as usize).copied().unwrap_or(0);
-        by_leader
-            .entry(leader)
-            .or_default()
-            .push(v1::FetchPartition {
-                topic: topic.clone(),
-                partition: *partition,
-                offset: *offset,
-                max_bytes: config.partition_max_bytes,
-            });
+impl FetchSession {
+    /// Opens a stream to the leader of every partition in `positions`.
+    async fn open(
+        client: &Client,
+        config: &ConsumerConfig,
+        positions: &Positions,
+    ) -> Result<Self, ClientError> {
+        let mut by_leader: BTreeMap<u32, Vec<v1::FetchPartition>> = BTreeMap::new();
+        for ((topic, partition), offset) in positions {
+            let info = client.topic(topic).await?;
+            let leader = info.leaders.get(*partition as usize).copied().unwrap_or(0);
+            by_leader
+                .entry(leader)
+                .or_default()
+                .push(v1::FetchPartition {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    offset: *offset,
+                    max_bytes: config.partition_max_bytes,
+                });
+        }
+        let (tx, responses) = mpsc::channel(SESSION_RESPONSES_AHEAD);
+        let mut tasks = Vec::with_capacity(by_leader.len());
+        for (leader, partitions) in by_leader {
+            let channel = client.channel_to(leader)?;
+            let mut stream = client
+                .consumer_rpc(channel)
+                .fetch_stream(v1::FetchRequest {
+                    partitions,
+                    max_wait_ms: config.max_wait.as_millis().clamp(1, u128::from(u32::MAX)) as u32,
+                    min_bytes: 1,
+                    max_bytes: config.max_bytes,
+                })
+                .await?
+                .into_inner();
+            let tx = tx.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let item = match stream.message().await {
+                        Ok(Some(response)) => Ok(response),
+                        Ok(None) => Err(ClientError::Transport {
+                            code: tonic::Code::Unavailable,
+                            message: format!("broker {leader} ended the fetch stream"),
+                        }),
+                        Err(status) => Err(status.into()),
+                    };
+                    let failed = item.is_err();
+                    if tx.send(item).await.is_err() || failed {
+                        return;
+                    }
+                }
+            }));
+        }
+        Ok(FetchSession {
+            expected: positions.clone(),
+            responses,
+            tasks,
+        })
     }
-    let mut responses = Vec::with_capacity(by_leader.len());
-    for (leader, partitions) in by_leader {
-        let channel = client.channel_to(leader)?;
-        let response = client
-            .consumer_rpc(channel)
-            .fetch(v1::FetchRequest {
-                partitions,
-                max_wait_ms: config.max_wait.as_millis() as u32,
-                min_bytes: 1,
-                max_bytes: config.max_bytes,
-            })
-            .await?
-            .into_inner();
-        responses.push(response);
-    }
-    Ok(responses)
 }
 
 impl Consumer {
@@ -125,7 +179,7 @@ impl Consumer {
             client,
             config,
             positions: BTreeMap::new(),
-            prefetch: None,
+            session: None,
         }
     }
 
@@ -235,8 +289,11 @@ impl Consumer {
         Ok(ends)
     }
 
-    /// Fetches what is available after the current positions, waiting up to `max_wait`
+    /// Returns what is available after the current positions, waiting up to `max_wait`
     /// when nothing is, and advances the positions past what it returns.
+    ///
+    /// Cancel safe: a poll dropped while waiting loses nothing; positions only move for
+    /// records that were returned.
     ///
     /// # Errors
     /// A broker or transport error; an out-of-range position when `auto_offset_reset` is
@@ -247,85 +304,89 @@ impl Consumer {
                 "the consumer has no assigned partitions".into(),
             ));
         }
-        let responses = match self.prefetch.take() {
-            Some((positions, handle)) if positions == self.positions => handle
-                .await
-                .map_err(|err| ClientError::Corrupt(format!("prefetch task failed: {err}")))??,
-            Some((_, handle)) => {
-                handle.abort();
-                fetch_at(
-                    self.client.clone(),
-                    self.config.clone(),
-                    self.positions.clone(),
-                )
-                .await?
+        if self
+            .session
+            .as_ref()
+            .is_none_or(|s| s.expected != self.positions)
+        {
+            self.session = None;
+            self.session =
+                Some(FetchSession::open(&self.client, &self.config, &self.positions).await?);
+        }
+        let Some(session) = self.session.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let received = tokio::time::timeout(self.config.max_wait, session.responses.recv()).await;
+        let response = match received {
+            Err(_elapsed) => return Ok(Vec::new()),
+            Ok(Some(Ok(response))) => response,
+            Ok(Some(Err(err))) => {
+                self.session = None;
+                return Err(err);
             }
-            None => {
-                fetch_at(
-                    self.client.clone(),
-                    self.config.clone(),
-                    self.positions.clone(),
-                )
-                .await?
+            Ok(None) => {
+                self.session = None;
+                return Err(ClientError::Transport {
+                    code: tonic::Code::Unavailable,
+                    message: "the fetch streams closed".into(),
+                });
             }
         };
-        // Start the next fetch from where these responses end, unless something went wrong.
-        let clean = responses
-            .iter()
-            .flat_map(|r| &r.partitions)
-            .all(|p| p.error.is_none());
-        let got_data = responses
-            .iter()
-            .flat_map(|r| &r.partitions)
-            .any(|p| !p.records.is_empty());
-        if clean && got_data {
-            let mut next = self.positions.clone();
-            for fetched in responses.iter().flat_map(|r| &r.partitions) {
-                if let Some(position) = next.get_mut(&(fetched.topic.clone(), fetched.partition)) {
-                    *position = (*position).max(fetched.next_offset);
-                }
+        let (failed, fetched): (Vec<_>, Vec<_>) = response
+            .partitions
+            .into_iter()
+            .partition(|p| p.error.is_some());
+        if !failed.is_empty() {
+            // The streams would repeat the error: close them, deal with it, reopen.
+            self.session = None;
+            for partition in failed {
+                self.recover(partition).await?;
             }
-            let handle = tokio::spawn(fetch_at(
-                self.client.clone(),
-                self.config.clone(),
-                next.clone(),
-            ));
-            self.prefetch = Some((next, handle));
+            return Ok(Vec::new());
         }
         let mut records = Vec::new();
-        for response in responses {
-            for fetched in response.partitions {
-                self.take(fetched, &mut records).await?;
-            }
+        for partition in fetched {
+            self.take(partition, &mut records)?;
+        }
+        if let Some(session) = self.session.as_mut() {
+            session.expected.clone_from(&self.positions);
         }
         Ok(records)
     }
 
-    async fn take(
+    /// Handles a partition the broker answered with an error.
+    async fn recover(&mut self, fetched: v1::FetchedPartition) -> Result<(), ClientError> {
+        let Err(err) = check(fetched.error.as_ref()) else {
+            return Ok(());
+        };
+        match (err.code(), self.config.auto_offset_reset) {
+            (Some(ErrorCode::OffsetOutOfRange), Some(reset)) => {
+                let offset = self
+                    .lookup(&fetched.topic, fetched.partition, reset)
+                    .await?;
+                self.positions
+                    .insert((fetched.topic, fetched.partition), offset);
+                Ok(())
+            }
+            (Some(ErrorCode::NotLeader | ErrorCode::LeaderNotAvailable), _) => {
+                self.client.refresh_topic(&fetched.topic).await?;
+                Ok(())
+            }
+            _ => Err(err),
+        }
+    }
+
+    /// Decodes a partition's records from its position on and advances the position.
+    fn take(
         &mut self,
         fetched: v1::FetchedPartition,
         out: &mut Vec<ConsumerRecord>,
     ) -> Result<(), ClientError> {
-        let key = (fetched.topic.clone(), fetched.partition);
-        if let Err(err) = check(fetched.error.as_ref()) {
-            match (err.code(), self.config.auto_offset_reset) {
-                (Some(ErrorCode::OffsetOutOfRange), Some(reset)) => {
-                    let offset = self
-                        .lookup(&fetched.topic, fetched.partition, reset)
-                        .await?;
-                    self.positions.insert(key, offset);
-                    return Ok(());
-                }
-                (Some(ErrorCode::NotLeader | ErrorCode::LeaderNotAvailable), _) => {
-                    self.client.refresh_topic(&fetched.topic).await?;
-                    return Ok(());
-                }
-                _ => return Err(err),
-            }
-        }
+        let key = (fetched.topic, fetched.partition);
         let Some(position) = self.positions.get_mut(&key) else {
             return Ok(());
         };
+        let topic: Arc<str> = Arc::from(key.0.as_str());
         let mut at = 0usize;
         for batch in batches(&fetched.records) {
             let (header, raw) = batch.map_err(|err| ClientError::Corrupt(err.to_string()))?;
@@ -342,8 +403,8 @@ impl Consumer {
                     continue;
                 }
                 out.push(ConsumerRecord {
-                    topic: fetched.topic.clone(),
-                    partition: fetched.partition,
+                    topic: topic.clone(),
+                    partition: key.1,
                     offset: record.offset,
                     timestamp_ms: record.timestamp_ms,
                     key: record.key,

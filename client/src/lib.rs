@@ -23,7 +23,7 @@ mod producer;
 
 pub use admin::Admin;
 pub use client::{Client, DEFAULT_BROKERS};
-pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, StartFrom};
+pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, StartFrom, next_offsets};
 pub use error::ClientError;
 pub use group::{GroupConfig, GroupConsumer};
 pub use producer::{Acks, Delivery, Producer, ProducerConfig, ProducerRecord, RecordMetadata};

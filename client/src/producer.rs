@@ -2,7 +2,9 @@
 //! acks and retries.
 //!
 //! Records are gathered per partition into batches that are sent when they reach
-//! `batch_size_bytes` or have waited `linger`. Batches travel on a `ProduceStream` per
+//! `batch_size_bytes` or have waited `linger`. A batch never grows past the topic's
+//! `max.message.bytes`; should the broker still refuse one as too large (the limit was
+//! lowered since), it is split in two and both halves are sent again. Batches travel on a `ProduceStream` per
 //! leader broker with up to `max_in_flight` requests outstanding. Keyed records go to
 //! Kafka's murmur2 partition; records without a key stick to one partition per topic until
 //! that partition's batch is sent, then move to the next (Kafka's sticky partitioner).
@@ -17,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use runnel_batch::{BatchBuilder, BatchOptions, Compression, Header, Record};
 use runnel_proto::v1;
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -157,8 +159,13 @@ pub struct RecordMetadata {
 
 type DeliveryResult = Result<RecordMetadata, ClientError>;
 
-/// Room reserved up front in a new batch's buffer, so that it rarely reallocates.
-const BATCH_BUFFER_RESERVE_BYTES: usize = 64 * 1024;
+/// Most room reserved up front in a new batch's buffer. A batch buffer that grows while
+/// records are added copies everything at each doubling; up to this size a batch gets
+/// its whole `batch_size_bytes` at once (the allocator only backs what is written).
+const BATCH_BUFFER_RESERVE_BYTES: usize = 1024 * 1024;
+
+/// Most buffers of acknowledged batches kept for reuse.
+const SPARE_BUFFERS_MAX: usize = 16;
 
 /// What became of one batch; shared by the deliveries of its records, so that a record
 /// costs a reference count instead of a channel.
@@ -172,6 +179,15 @@ struct Outcome {
 struct BatchAck {
     topic: Arc<str>,
     partition: u32,
+    /// Where each piece of the batch was written: one piece unless the batch was split.
+    pieces: Vec<Piece>,
+}
+
+/// Records `first_index..` of a batch (up to the next piece) were written from
+/// `base_offset` on.
+#[derive(Clone, Copy)]
+struct Piece {
+    first_index: u32,
     base_offset: i64,
     log_append_time_ms: i64,
 }
@@ -213,12 +229,18 @@ pub struct Delivery {
 impl Delivery {
     fn resolve(&self, result: &Result<BatchAck, ClientError>) -> DeliveryResult {
         let ack = result.as_ref().map_err(Clone::clone)?;
+        let piece = ack
+            .pieces
+            .iter()
+            .rev()
+            .find(|p| p.first_index <= self.index)
+            .ok_or_else(|| ClientError::Corrupt("acknowledgement lacks the record".into()))?;
         Ok(RecordMetadata {
             topic: ack.topic.clone(),
             partition: ack.partition,
-            offset: ack.base_offset + i64::from(self.index),
-            timestamp_ms: if ack.log_append_time_ms >= 0 {
-                ack.log_append_time_ms
+            offset: piece.base_offset + i64::from(self.index - piece.first_index),
+            timestamp_ms: if piece.log_append_time_ms >= 0 {
+                piece.log_append_time_ms
             } else {
                 self.timestamp_ms
             },
@@ -268,11 +290,13 @@ struct Shared {
 struct Accumulator {
     open: HashMap<String, HashMap<u32, OpenBatch>>,
     ready: Vec<(String, u32, OpenBatch)>,
-    partition_counts: HashMap<String, u32>,
+    topics: HashMap<String, KnownTopic>,
     sticky: HashMap<String, u32>,
     next_sticky: u32,
     pending_bytes: usize,
     flush_waiters: Vec<oneshot::Sender<()>>,
+    /// Buffers of acknowledged batches, for new batches to encode into.
+    spare_buffers: Vec<BytesMut>,
     closed: bool,
 }
 
@@ -282,6 +306,14 @@ impl Shared {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+/// What the producer needs to know of a topic to place records.
+#[derive(Clone, Copy)]
+struct KnownTopic {
+    partitions: u32,
+    /// The topic's `max.message.bytes` (0: unknown).
+    max_message_bytes: usize,
 }
 
 enum Placement {
@@ -344,14 +376,12 @@ impl Producer {
                 }
                 Placement::NeedPartitionCount => {
                     let topic = record.as_ref().map(|r| r.topic.clone()).unwrap_or_default();
-                    let count = self
-                        .shared
-                        .client
-                        .refresh_topic(&topic)
-                        .await?
-                        .leaders
-                        .len() as u32;
-                    self.shared.lock().partition_counts.insert(topic, count);
+                    let info = self.shared.client.refresh_topic(&topic).await?;
+                    let known = KnownTopic {
+                        partitions: info.leaders.len() as u32,
+                        max_message_bytes: info.max_message_bytes,
+                    };
+                    self.shared.lock().topics.insert(topic, known);
                     refreshed = true;
                 }
             }
@@ -372,9 +402,10 @@ impl Producer {
         if acc.pending_bytes >= config.buffer_bytes {
             return Placement::NeedSpace;
         }
-        let Some(&count) = acc.partition_counts.get(&record.topic) else {
+        let Some(&known) = acc.topics.get(&record.topic) else {
             return Placement::NeedPartitionCount;
         };
+        let count = known.partitions;
         let partition = match (record.partition, &record.key) {
             (Some(p), _) if p < count => p,
             (Some(p), _) => {
@@ -411,22 +442,51 @@ impl Producer {
         let size = record.size_bytes();
         acc.pending_bytes += size;
         let compression = config.compression;
-        let by_partition = match acc.open.get_mut(record.topic.as_str()) {
-            Some(by_partition) => by_partition,
-            None => acc.open.entry(record.topic.clone()).or_default(),
+        let record_topic = record.topic;
+        let record = Record {
+            offset: 0,
+            timestamp_ms,
+            key: record.key,
+            value: record.value,
+            headers: record.headers,
         };
-        let mut started = false;
-        let capacity = config.batch_size_bytes.min(BATCH_BUFFER_RESERVE_BYTES);
+        // A batch is sent once it reaches batch_size_bytes, and never grows past what the
+        // topic accepts: a record that would push it over starts the next batch.
+        let batch_limit = match known.max_message_bytes {
+            0 => usize::MAX,
+            max => max,
+        };
+        let state = &mut *acc;
+        let by_partition = match state.open.get_mut(record_topic.as_str()) {
+            Some(by_partition) => by_partition,
+            None => state.open.entry(record_topic.clone()).or_default(),
+        };
+        let mut wake = false;
+        if let Some(open) = by_partition.get(&partition)
+            && !open.builder.is_empty()
+            && open.builder.size_bytes() + open.builder.record_size_bytes(&record) > batch_limit
+            && let Some(sealed) = by_partition.remove(&partition)
+        {
+            state.ready.push((record_topic.clone(), partition, sealed));
+            wake = true;
+        }
+        let capacity = config
+            .batch_size_bytes
+            .min(batch_limit)
+            .min(BATCH_BUFFER_RESERVE_BYTES);
+        let spare_buffers = &mut state.spare_buffers;
         let batch = by_partition.entry(partition).or_insert_with(|| {
-            started = true;
+            wake = true;
+            let options = BatchOptions {
+                compression,
+                ..BatchOptions::default()
+            };
+            let builder = match spare_buffers.pop() {
+                Some(buf) if buf.capacity() >= capacity => BatchBuilder::with_buffer(options, buf),
+                _ => BatchBuilder::with_capacity(options, capacity),
+            };
             OpenBatch {
-                builder: BatchBuilder::with_capacity(
-                    BatchOptions {
-                        compression,
-                        ..BatchOptions::default()
-                    },
-                    capacity,
-                ),
+                builder,
                 settle: Settle(Arc::new(Outcome::default())),
                 count: 0,
                 started: Instant::now(),
@@ -439,23 +499,17 @@ impl Producer {
             timestamp_ms,
         };
         batch.count += 1;
-        batch.builder.push(&Record {
-            offset: 0,
-            timestamp_ms,
-            key: record.key,
-            value: record.value,
-            headers: record.headers,
-        });
+        batch.builder.push(&record);
         batch.size_bytes += size;
-        let full = batch.builder.size_bytes() >= config.batch_size_bytes;
+        let full = batch.builder.size_bytes() >= config.batch_size_bytes.min(batch_limit);
         if full {
             if let Some(batch) = by_partition.remove(&partition) {
-                acc.ready.push((record.topic.clone(), partition, batch));
+                state.ready.push((record_topic.clone(), partition, batch));
             }
-            acc.retire_sticky(&record.topic, partition);
+            state.retire_sticky(&record_topic, partition);
         }
         drop(acc);
-        if full || started {
+        if full || wake {
             self.shared.wake.notify_one();
         }
         Placement::Done(delivery)
@@ -542,10 +596,112 @@ struct Sent {
     topic: Arc<str>,
     partition: u32,
     records: Bytes,
-    settle: Settle,
+    /// Records in `records`.
+    count: u32,
+    target: Target,
     leader: u32,
     attempts: u32,
     size_bytes: usize,
+}
+
+/// Whom a sent batch reports to.
+enum Target {
+    /// The deliveries of a batch sent whole.
+    Whole(Settle),
+    /// One piece of a batch that was split; the deliveries settle when every piece did.
+    Piece {
+        join: Arc<Mutex<SplitJoin>>,
+        first_index: u32,
+    },
+}
+
+/// The pieces of a split batch: settles the batch's deliveries once all have been written,
+/// or at the first piece that fails for good.
+struct SplitJoin {
+    settle: Settle,
+    remaining: usize,
+    pieces: Vec<Piece>,
+}
+
+impl Target {
+    fn first_index(&self) -> u32 {
+        match self {
+            Target::Whole(_) => 0,
+            Target::Piece { first_index, .. } => *first_index,
+        }
+    }
+
+    fn finish(self, topic: &Arc<str>, partition: u32, result: Result<Piece, ClientError>) {
+        let ack = |pieces| BatchAck {
+            topic: topic.clone(),
+            partition,
+            pieces,
+        };
+        match self {
+            Target::Whole(settle) => settle.0.settle(result.map(|p| ack(vec![p]))),
+            Target::Piece { join, .. } => {
+                let mut join = join
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                match result {
+                    Ok(piece) => {
+                        join.pieces.push(piece);
+                        join.remaining = join.remaining.saturating_sub(1);
+                        if join.remaining == 0 {
+                            let mut pieces = std::mem::take(&mut join.pieces);
+                            pieces.sort_by_key(|p| p.first_index);
+                            join.settle.0.settle(Ok(ack(pieces)));
+                        }
+                    }
+                    Err(err) => join.settle.0.settle(Err(err)),
+                }
+            }
+        }
+    }
+
+    /// Two targets for the halves of this one's batch; the second starts at `first_index`.
+    fn split(self, second_first_index: u32) -> (Target, Target) {
+        let (join, first_index) = match self {
+            Target::Whole(settle) => (
+                Arc::new(Mutex::new(SplitJoin {
+                    settle,
+                    remaining: 1,
+                    pieces: Vec::new(),
+                })),
+                0,
+            ),
+            Target::Piece { join, first_index } => (join, first_index),
+        };
+        join.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remaining += 1;
+        (
+            Target::Piece {
+                join: join.clone(),
+                first_index,
+            },
+            Target::Piece {
+                join,
+                first_index: second_first_index,
+            },
+        )
+    }
+}
+
+/// Splits a batch in two halves of its records, keeping their timestamps and compression.
+fn split_batch(batch: &Bytes) -> Result<(Bytes, Bytes, u32), ClientError> {
+    let corrupt = |err: runnel_batch::BatchError| ClientError::Corrupt(err.to_string());
+    let header = runnel_batch::parse_header(batch).map_err(corrupt)?;
+    let records = runnel_batch::decode_records_shared(batch).map_err(corrupt)?;
+    let options = BatchOptions {
+        compression: header.compression().map_err(corrupt)?,
+        ..BatchOptions::default()
+    };
+    let mid = records.len() / 2;
+    let (first, second) = records.split_at(mid);
+    let first = runnel_batch::encode(first, options);
+    let second = runnel_batch::encode(second, options);
+    Ok((first, second, mid as u32))
 }
 
 enum Event {
@@ -583,8 +739,9 @@ impl Task {
                 self.dispatch(Sent {
                     topic: Arc::from(topic),
                     partition,
+                    count: batch.count,
                     records: batch.builder.build(),
-                    settle: batch.settle,
+                    target: Target::Whole(batch.settle),
                     leader: 0,
                     attempts: 0,
                     size_bytes: batch.size_bytes,
@@ -722,6 +879,11 @@ impl Task {
                 });
                 match outcome {
                     Ok((base_offset, append_time)) => self.complete(sent, base_offset, append_time),
+                    Err(err)
+                        if err.code() == Some(v1::ErrorCode::RecordTooLarge) && sent.count > 1 =>
+                    {
+                        self.split_and_resend(sent, err).await;
+                    }
                     Err(err) => {
                         if err.is_retriable() {
                             let _ = self.shared.client.refresh_topic(&sent.topic).await;
@@ -748,21 +910,70 @@ impl Task {
         }
     }
 
-    fn release(&self, size_bytes: usize) {
+    /// Returns a finished batch's share of the buffer limit, and its buffer for reuse.
+    fn release(&self, size_bytes: usize, records: Bytes) {
+        // Unique once the request that carried it is encoded and gone.
+        let spare = records.try_into_mut().ok();
         let mut acc = self.shared.lock();
         acc.pending_bytes = acc.pending_bytes.saturating_sub(size_bytes);
+        if let Some(buf) = spare
+            && acc.spare_buffers.len() < SPARE_BUFFERS_MAX
+        {
+            acc.spare_buffers.push(buf);
+        }
         drop(acc);
         self.shared.space.notify_waiters();
     }
 
     fn complete(&mut self, sent: Sent, base_offset: i64, log_append_time_ms: i64) {
-        self.release(sent.size_bytes);
-        sent.settle.0.settle(Ok(BatchAck {
-            topic: sent.topic.clone(),
-            partition: sent.partition,
+        self.release(sent.size_bytes, sent.records);
+        let piece = Piece {
+            first_index: sent.target.first_index(),
             base_offset,
             log_append_time_ms,
-        }));
+        };
+        sent.target.finish(&sent.topic, sent.partition, Ok(piece));
+    }
+
+    /// The broker refused the batch as larger than the topic accepts: send its halves
+    /// instead (each is split again should it still be too large).
+    async fn split_and_resend(&mut self, sent: Sent, refused: ClientError) {
+        let (first, second, mid) = match split_batch(&sent.records) {
+            Ok(halves) => halves,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot split a refused batch");
+                self.release(sent.size_bytes, sent.records);
+                return sent
+                    .target
+                    .finish(&sent.topic, sent.partition, Err(refused));
+            }
+        };
+        tracing::debug!(topic = %sent.topic, partition = sent.partition, records = sent.count, "splitting a batch the broker refused as too large");
+        let first_index = sent.target.first_index();
+        let (first_target, second_target) = sent.target.split(first_index + mid);
+        let first_size = sent.size_bytes / 2;
+        let halves = [
+            (first, mid, first_target, first_size),
+            (
+                second,
+                sent.count - mid,
+                second_target,
+                sent.size_bytes - first_size,
+            ),
+        ];
+        for (records, count, target, size_bytes) in halves {
+            self.dispatch(Sent {
+                topic: sent.topic.clone(),
+                partition: sent.partition,
+                records,
+                count,
+                target,
+                leader: 0,
+                attempts: sent.attempts,
+                size_bytes,
+            })
+            .await;
+        }
     }
 
     fn fail_or_retry(&mut self, mut sent: Sent, err: ClientError) {
@@ -773,8 +984,8 @@ impl Task {
                 .push_back((Instant::now() + self.shared.config.retry_backoff, sent));
             return;
         }
-        self.release(sent.size_bytes);
-        sent.settle.0.settle(Err(err));
+        self.release(sent.size_bytes, sent.records);
+        sent.target.finish(&sent.topic, sent.partition, Err(err));
     }
 
     async fn send_due_retries(&mut self) {

@@ -23,7 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use runnel_client::{
     Acks, Client, ConsumerConfig, ConsumerRecord, Delivery, GroupConfig, GroupConsumer, Header,
-    Producer, ProducerConfig, ProducerRecord, StartFrom,
+    Producer, ProducerConfig, ProducerRecord, StartFrom, next_offsets,
 };
 use runnel_streams::host::LogBuffer;
 use runnel_streams::runtime::write_flat_input;
@@ -550,7 +550,7 @@ impl Task {
                     ];
                     if let Some(r) = from {
                         record.timestamp_ms = Some(r.timestamp_ms);
-                        extra.push(("runnel.source.topic", r.topic.clone()));
+                        extra.push(("runnel.source.topic", r.topic.to_string()));
                         extra.push(("runnel.source.partition", r.partition.to_string()));
                         extra.push(("runnel.source.offset", r.offset.to_string()));
                     }
@@ -641,7 +641,7 @@ impl Task {
             }
             let mut by_topic: BTreeMap<String, Vec<usize>> = BTreeMap::new();
             for (i, r) in records.iter().enumerate() {
-                by_topic.entry(r.topic.clone()).or_default().push(i);
+                by_topic.entry(r.topic.to_string()).or_default().push(i);
             }
             let mut stop = None;
             for (topic, indexes) in by_topic {
@@ -842,16 +842,4 @@ pub(crate) fn to_producer(topic: &str, rec: Rec) -> ProducerRecord {
         record.timestamp_ms = Some(rec.timestamp_ms);
     }
     record
-}
-
-/// The offset after each partition's last record.
-pub(crate) fn next_offsets(records: &[ConsumerRecord]) -> BTreeMap<(String, u32), i64> {
-    let mut offsets = BTreeMap::new();
-    for r in records {
-        let next = offsets
-            .entry((r.topic.clone(), r.partition))
-            .or_insert(r.offset + 1);
-        *next = (*next).max(r.offset + 1);
-    }
-    offsets
 }

@@ -11,6 +11,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile([proto], ["proto"])?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out_dir.join("runnel_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure().bytes(".").compile_fds(fds)?;
+    tonic_prost_build::configure()
+        .bytes(".")
+        .codec_path("crate::codec::ProstCodec")
+        .compile_fds(fds)?;
     Ok(())
 }

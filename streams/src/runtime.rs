@@ -21,7 +21,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use runnel_client::{
     Acks, Admin, Client, ConsumerConfig, ConsumerRecord, Delivery, GroupConfig, GroupConsumer,
-    Header, Producer, ProducerConfig, ProducerRecord, StartFrom, v1,
+    Header, Producer, ProducerConfig, ProducerRecord, StartFrom, next_offsets, v1,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -569,18 +569,6 @@ impl Pending {
     }
 }
 
-/// The offset after each partition's last record in `records`.
-fn next_offsets(records: &[ConsumerRecord]) -> BTreeMap<(String, u32), i64> {
-    let mut offsets = BTreeMap::new();
-    for r in records {
-        let next = offsets
-            .entry((r.topic.clone(), r.partition))
-            .or_insert(r.offset + 1);
-        *next = (*next).max(r.offset + 1);
-    }
-    offsets
-}
-
 async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
     let client = loop {
         match runtime.client().await {
@@ -748,7 +736,7 @@ fn dead_letter(saved: &Saved, record: &ConsumerRecord, reason: &str) -> Producer
     for (key, value) in [
         ("runnel.error", reason.to_string()),
         ("runnel.transform", saved.name.clone()),
-        ("runnel.source.topic", record.topic.clone()),
+        ("runnel.source.topic", record.topic.to_string()),
         ("runnel.source.partition", record.partition.to_string()),
         ("runnel.source.offset", record.offset.to_string()),
     ] {

@@ -1,6 +1,7 @@
 //! End-to-end tests: real `runnel` processes on loopback, driven through the CLI and the
 //! public Rust client.
 
+mod batches;
 mod connect;
 mod groups;
 mod support;

@@ -477,14 +477,14 @@ impl Broker {
         let topics = if request.topics.is_empty() {
             meta.topics
                 .iter()
-                .map(|(name, topic)| topic_metadata(name, topic))
+                .map(|(name, topic)| topic_metadata(name, topic, &self.log_defaults))
                 .collect()
         } else {
             request
                 .topics
                 .iter()
                 .map(|name| match meta.topics.get(name) {
-                    Some(topic) => topic_metadata(name, topic),
+                    Some(topic) => topic_metadata(name, topic, &self.log_defaults),
                     None => v1::TopicMetadata {
                         name: name.clone(),
                         error: Some(
@@ -549,7 +549,7 @@ impl Broker {
             controller.create_topic(&name, partitions, rf, configs.clone(), false, true)?;
         if request.validate_only {
             return Ok(v1::CreateTopicResponse {
-                topic: Some(topic_metadata(&name, &checked)),
+                topic: Some(topic_metadata(&name, &checked, &self.log_defaults)),
             });
         }
         // Open the logs before the metadata commits, so a topic never exists without them.
@@ -578,7 +578,7 @@ impl Broker {
             .insert(name.clone(), opened);
         tracing::info!(topic = %name, partitions, replication_factor = rf, "created topic");
         Ok(v1::CreateTopicResponse {
-            topic: Some(topic_metadata(&name, &topic)),
+            topic: Some(topic_metadata(&name, &topic, &self.log_defaults)),
         })
     }
 
@@ -755,7 +755,7 @@ impl Broker {
             .or_default()
             .extend(opened);
         Ok(v1::AddPartitionsResponse {
-            topic: Some(topic_metadata(name, &topic)),
+            topic: Some(topic_metadata(name, &topic, &self.log_defaults)),
         })
     }
 
@@ -845,8 +845,11 @@ fn topic_log_config(
     Ok(config)
 }
 
-fn topic_metadata(name: &str, topic: &TopicRecord) -> v1::TopicMetadata {
+fn topic_metadata(name: &str, topic: &TopicRecord, defaults: &LogConfig) -> v1::TopicMetadata {
+    let max_message_bytes = topic_log_config(defaults, &topic.configs)
+        .map_or(defaults.max_message_bytes, |c| c.max_message_bytes);
     v1::TopicMetadata {
+        max_message_bytes: u32::try_from(max_message_bytes).unwrap_or(u32::MAX),
         name: name.to_string(),
         partitions: topic
             .partitions

@@ -14,7 +14,7 @@ use crate::error::BrokerError;
 /// Most produce requests one stream may have waiting for acknowledgement.
 const PRODUCE_IN_FLIGHT_MAX: usize = 64;
 /// Fetch responses buffered ahead of a slow streaming consumer.
-const FETCH_STREAM_BUFFER: usize = 4;
+const FETCH_STREAM_BUFFER: usize = 2;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 

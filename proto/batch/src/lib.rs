@@ -570,6 +570,10 @@ impl Default for BatchOptions {
 /// Builds one batch from records. Offsets are relative to `base_offset` (0 for a producer;
 /// the broker stamps the real one), taken from each record's `offset` when
 /// `keep_offsets` is set (compaction keeps gaps) and dense otherwise.
+///
+/// Records are encoded straight into the buffer that becomes the batch, behind room left
+/// for the header: a record's bytes are copied once, and an uncompressed batch is built
+/// in place.
 #[derive(Debug)]
 pub struct BatchBuilder {
     options: BatchOptions,
@@ -578,8 +582,8 @@ pub struct BatchBuilder {
     max_timestamp_ms: i64,
     last_offset_delta: i32,
     count: u32,
-    records: BytesMut,
-    scratch: BytesMut,
+    /// The header's room (zeros until `build`) followed by the encoded records.
+    buf: BytesMut,
 }
 
 impl BatchBuilder {
@@ -588,6 +592,36 @@ impl BatchBuilder {
     }
 
     pub fn with_base_offset(options: BatchOptions, base_offset: i64) -> Self {
+        Self::with_base_offset_and_capacity(options, base_offset, 0)
+    }
+
+    /// A builder whose buffer starts with room for `capacity_bytes`.
+    pub fn with_capacity(options: BatchOptions, capacity_bytes: usize) -> Self {
+        Self::with_base_offset_and_capacity(options, 0, capacity_bytes)
+    }
+
+    /// A builder that encodes into `buf` (cleared first): a buffer of an earlier batch,
+    /// reused so that its memory is not handed back and faulted in again.
+    pub fn with_buffer(options: BatchOptions, buf: BytesMut) -> Self {
+        Self::with_base_offset_and_buffer(options, 0, buf)
+    }
+
+    fn with_base_offset_and_capacity(
+        options: BatchOptions,
+        base_offset: i64,
+        capacity_bytes: usize,
+    ) -> Self {
+        let buf = BytesMut::with_capacity(capacity_bytes.max(BATCH_HEADER_BYTES));
+        Self::with_base_offset_and_buffer(options, base_offset, buf)
+    }
+
+    fn with_base_offset_and_buffer(
+        options: BatchOptions,
+        base_offset: i64,
+        mut buf: BytesMut,
+    ) -> Self {
+        buf.clear();
+        buf.put_bytes(0, BATCH_HEADER_BYTES);
         BatchBuilder {
             options,
             base_offset,
@@ -595,16 +629,8 @@ impl BatchBuilder {
             max_timestamp_ms: -1,
             last_offset_delta: -1,
             count: 0,
-            records: BytesMut::new(),
-            scratch: BytesMut::new(),
+            buf,
         }
-    }
-
-    /// A builder whose record buffer starts with room for `capacity_bytes`.
-    pub fn with_capacity(options: BatchOptions, capacity_bytes: usize) -> Self {
-        let mut builder = Self::new(options);
-        builder.records.reserve(capacity_bytes);
-        builder
     }
 
     pub fn is_empty(&self) -> bool {
@@ -615,9 +641,17 @@ impl BatchBuilder {
         self.count as usize
     }
 
-    /// Uncompressed bytes the batch will take, approximately.
+    /// Bytes the batch takes uncompressed, header included.
     pub fn size_bytes(&self) -> usize {
-        BATCH_HEADER_BYTES + self.records.len()
+        self.buf.len()
+    }
+
+    /// Bytes `record` would add to the batch (uncompressed), its length prefix included.
+    pub fn record_size_bytes(&self, record: &Record) -> usize {
+        let delta = self.last_offset_delta + 1;
+        let base_ts = self.base_timestamp_ms.unwrap_or(record.timestamp_ms);
+        let body = record_body_bytes(record, record.timestamp_ms.wrapping_sub(base_ts), delta);
+        varint::varint_bytes(body as i32) + body
     }
 
     /// Appends a record at the next dense offset.
@@ -646,32 +680,39 @@ impl BatchBuilder {
     fn push_at(&mut self, record: &Record, offset_delta: i32) {
         let base_ts = *self.base_timestamp_ms.get_or_insert(record.timestamp_ms);
         self.max_timestamp_ms = self.max_timestamp_ms.max(record.timestamp_ms);
-        let scratch = &mut self.scratch;
-        scratch.clear();
-        scratch.put_u8(0);
-        varint::put_varlong(scratch, record.timestamp_ms.wrapping_sub(base_ts));
-        varint::put_varint(scratch, offset_delta);
-        varint::put_nullable_bytes(scratch, record.key.as_deref());
-        varint::put_nullable_bytes(scratch, record.value.as_deref());
-        varint::put_varint(scratch, record.headers.len() as i32);
+        let timestamp_delta = record.timestamp_ms.wrapping_sub(base_ts);
+        let body = record_body_bytes(record, timestamp_delta, offset_delta);
+        let out = &mut self.buf;
+        out.reserve(varint::varint_bytes(body as i32) + body);
+        varint::put_varint(out, body as i32);
+        out.put_u8(0);
+        varint::put_varlong(out, timestamp_delta);
+        varint::put_varint(out, offset_delta);
+        varint::put_nullable_bytes(out, record.key.as_deref());
+        varint::put_nullable_bytes(out, record.value.as_deref());
+        varint::put_varint(out, record.headers.len() as i32);
         for header in &record.headers {
-            varint::put_nullable_bytes(scratch, Some(header.key.as_bytes()));
-            varint::put_nullable_bytes(scratch, header.value.as_deref());
+            varint::put_nullable_bytes(out, Some(header.key.as_bytes()));
+            varint::put_nullable_bytes(out, header.value.as_deref());
         }
-        varint::put_varint(&mut self.records, scratch.len() as i32);
-        self.records.extend_from_slice(scratch);
         self.last_offset_delta = offset_delta;
         self.count += 1;
     }
 
     /// Encodes the batch. An empty builder gives a batch with no records.
     pub fn build(self) -> Bytes {
-        let records: std::borrow::Cow<'_, [u8]> = match self.options.compression {
-            Compression::None => (&self.records[..]).into(),
-            Compression::Lz4 => lz4_compress(&self.records).into(),
+        let mut out = match self.options.compression {
+            Compression::None => self.buf,
+            Compression::Lz4 => {
+                let records = self.buf.get(BATCH_HEADER_BYTES..).unwrap_or_default();
+                let compressed = lz4_compress(records);
+                let mut out = BytesMut::with_capacity(BATCH_HEADER_BYTES + compressed.len());
+                out.put_bytes(0, BATCH_HEADER_BYTES);
+                out.extend_from_slice(&compressed);
+                out
+            }
         };
-        let mut out = BytesMut::with_capacity(BATCH_HEADER_BYTES + records.len());
-        let batch_length = BATCH_HEADER_BYTES - BATCH_LENGTH_PREFIX_BYTES + records.len();
+        let batch_length = out.len() - BATCH_LENGTH_PREFIX_BYTES;
         let mut attributes = self.options.compression.code();
         if self.options.transactional {
             attributes |= TRANSACTIONAL_BIT;
@@ -679,24 +720,42 @@ impl BatchBuilder {
         if self.options.control {
             attributes |= CONTROL_BIT;
         }
-        out.put_i64(self.base_offset);
-        out.put_i32(batch_length as i32);
-        out.put_i32(-1);
-        out.put_i8(MAGIC);
-        out.put_u32(0);
-        out.put_i16(attributes);
-        out.put_i32(self.last_offset_delta.max(0));
-        out.put_i64(self.base_timestamp_ms.unwrap_or(-1));
-        out.put_i64(self.max_timestamp_ms);
-        out.put_i64(self.options.producer_id);
-        out.put_i16(self.options.producer_epoch);
-        out.put_i32(self.options.base_sequence);
-        out.put_i32(self.count as i32);
-        out.extend_from_slice(&records);
+        let mut header = &mut out[..BATCH_HEADER_BYTES];
+        header.put_i64(self.base_offset);
+        header.put_i32(batch_length as i32);
+        header.put_i32(-1);
+        header.put_i8(MAGIC);
+        header.put_u32(0);
+        header.put_i16(attributes);
+        header.put_i32(self.last_offset_delta.max(0));
+        header.put_i64(self.base_timestamp_ms.unwrap_or(-1));
+        header.put_i64(self.max_timestamp_ms);
+        header.put_i64(self.options.producer_id);
+        header.put_i16(self.options.producer_epoch);
+        header.put_i32(self.options.base_sequence);
+        header.put_i32(self.count as i32);
         let crc = crc32c::crc32c(&out[ATTRIBUTES_POS..]);
         out[CRC_POS..CRC_POS + 4].copy_from_slice(&crc.to_be_bytes());
         out.freeze()
     }
+}
+
+/// Bytes of a record after its length prefix.
+fn record_body_bytes(record: &Record, timestamp_delta: i64, offset_delta: i32) -> usize {
+    let headers: usize = record
+        .headers
+        .iter()
+        .map(|h| {
+            varint::nullable_bytes_len(Some(h.key.as_bytes()))
+                + varint::nullable_bytes_len(h.value.as_deref())
+        })
+        .sum();
+    1 + varint::varlong_bytes(timestamp_delta)
+        + varint::varint_bytes(offset_delta)
+        + varint::nullable_bytes_len(record.key.as_deref())
+        + varint::nullable_bytes_len(record.value.as_deref())
+        + varint::varint_bytes(record.headers.len() as i32)
+        + headers
 }
 
 fn lz4_compress(raw: &[u8]) -> Vec<u8> {

@@ -180,3 +180,69 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// The sizes the producer uses to keep a batch within a topic's limit are exact.
+    #[test]
+    fn record_size_bytes_is_what_push_adds(values in proptest::collection::vec(
+        (proptest::option::of(proptest::collection::vec(any::<u8>(), 0..200)),
+         proptest::option::of(proptest::collection::vec(any::<u8>(), 0..20_000)),
+         any::<i64>(), 0usize..3), 1..20)) {
+        let mut builder = BatchBuilder::new(BatchOptions::default());
+        for (k, v, ts, headers) in &values {
+            let record = Record {
+                offset: 0,
+                timestamp_ms: *ts,
+                key: k.clone().map(Bytes::from),
+                value: v.clone().map(Bytes::from),
+                headers: (0..*headers).map(|i| Header {
+                    key: format!("h{i}"),
+                    value: Some(Bytes::from(vec![7u8; i * 100])),
+                }).collect(),
+            };
+            let before = builder.size_bytes();
+            let predicted = builder.record_size_bytes(&record);
+            builder.push(&record);
+            prop_assert_eq!(builder.size_bytes() - before, predicted);
+        }
+        let batch = builder.build();
+        prop_assert!(validate(&batch).is_ok());
+        prop_assert_eq!(decode_records(&batch).expect("decodes").len(), values.len());
+    }
+
+    #[test]
+    fn varint_sizes_match_the_encoder(value in any::<i64>()) {
+        let mut out = BytesMut::new();
+        varint::put_varlong(&mut out, value);
+        prop_assert_eq!(out.len(), varint::varlong_bytes(value));
+        let mut out = BytesMut::new();
+        varint::put_varint(&mut out, value as i32);
+        prop_assert_eq!(out.len(), varint::varint_bytes(value as i32));
+    }
+}
+
+#[test]
+fn a_reused_buffer_builds_the_same_batch() {
+    let records = [
+        record(Some("k"), Some("value"), 5),
+        record(None, Some("v2"), 6),
+    ];
+    let fresh = encode(&records, BatchOptions::default());
+    let used = BytesMut::from(&b"left over from an earlier batch"[..]);
+    let mut builder = BatchBuilder::with_buffer(BatchOptions::default(), used);
+    for r in &records {
+        builder.push(r);
+    }
+    assert_eq!(builder.build(), fresh);
+}
+
+#[test]
+fn truncated_varints_are_errors() {
+    let mut cursor = varint::Cursor::new(&[0x80, 0x80]);
+    assert!(cursor.read_varint().is_err());
+    let mut cursor = varint::Cursor::new(&[0xff; 11]);
+    assert!(cursor.read_varlong().is_err());
+    let mut cursor = varint::Cursor::new(&[0x02]);
+    assert_eq!(cursor.read_varint(), Ok(1));
+    assert!(cursor.is_empty());
+}

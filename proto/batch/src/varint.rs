@@ -18,6 +18,29 @@ fn put_unsigned(out: &mut BytesMut, mut value: u64) {
     out.put_u8(value as u8);
 }
 
+/// Bytes `put_varint(value)` writes.
+pub(crate) fn varint_bytes(value: i32) -> usize {
+    unsigned_bytes(((value << 1) ^ (value >> 31)) as u32 as u64)
+}
+
+/// Bytes `put_varlong(value)` writes.
+pub(crate) fn varlong_bytes(value: i64) -> usize {
+    unsigned_bytes(((value << 1) ^ (value >> 63)) as u64)
+}
+
+fn unsigned_bytes(value: u64) -> usize {
+    // 7 bits a byte; zero still takes one byte.
+    (64 - (value | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+/// Bytes `put_nullable_bytes(bytes)` writes.
+pub(crate) fn nullable_bytes_len(bytes: Option<&[u8]>) -> usize {
+    match bytes {
+        None => 1,
+        Some(bytes) => varint_bytes(bytes.len() as i32) + bytes.len(),
+    }
+}
+
 pub(crate) fn put_nullable_bytes(out: &mut BytesMut, bytes: Option<&[u8]>) {
     match bytes {
         None => put_varint(out, -1),
@@ -56,14 +79,18 @@ impl<'a> Cursor<'a> {
 
     fn read_unsigned(&mut self, max_bytes: usize) -> Result<u64, String> {
         let mut value = 0u64;
-        for i in 0..max_bytes {
-            let byte = *self.take(1)?.first().ok_or("empty varint")?;
+        for (i, byte) in self.buf.iter().take(max_bytes).enumerate() {
             value |= u64::from(byte & 0x7f) << (7 * i);
             if byte & 0x80 == 0 {
+                self.buf = self.buf.get(i + 1..).unwrap_or_default();
                 return Ok(value);
             }
         }
-        Err("varint is too long".to_string())
+        if self.buf.len() < max_bytes {
+            Err("varint is truncated".to_string())
+        } else {
+            Err("varint is too long".to_string())
+        }
     }
 
     pub(crate) fn read_varint(&mut self) -> Result<i32, String> {

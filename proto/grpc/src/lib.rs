@@ -4,6 +4,8 @@
 
 #![allow(clippy::all, clippy::pedantic, missing_docs)]
 
+pub mod codec;
+
 /// Version 1 of the API.
 pub mod v1 {
     tonic::include_proto!("runnel.v1");
