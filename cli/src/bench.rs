@@ -185,19 +185,21 @@ async fn produce(
         };
         let (topic, value, keys, bar) =
             (args.topic.clone(), value.clone(), keys.clone(), bar.clone());
-        runs.push(tokio::spawn(async move {
+        runs.push(async move {
             let producer = Producer::new(client, config);
             produce_one(
                 &producer, &topic, count, rate, started, value, &keys, index, producers, &bar,
             )
             .await
-        }));
+        });
     }
     let mut latencies = histogram();
     let mut failures = 0;
     let mut first_error = None;
-    for run in runs {
-        let run = run.await??;
+    // The send loops run here, on this thread, beside the runtime's workers (which run
+    // the producers' senders): spawning them too would leave a core's worth of threads idle.
+    for run in futures::future::join_all(runs).await {
+        let run = run?;
         latencies.add(&run.latencies)?;
         failures += run.failures;
         first_error = first_error.or(run.first_error);
@@ -358,15 +360,13 @@ async fn consume(
     let mut runs = Vec::new();
     for mut consumer in assigned {
         let (remaining, bar) = (remaining.clone(), bar.clone());
-        runs.push(tokio::spawn(async move {
-            consume_one(&mut consumer, &remaining, &bar).await
-        }));
+        runs.push(async move { consume_one(&mut consumer, &remaining, &bar).await });
     }
     let mut count = 0;
     let mut bytes = 0;
     let mut latencies = histogram();
-    for run in runs {
-        let run = run.await??;
+    for run in futures::future::join_all(runs).await {
+        let run = run?;
         count += run.records;
         bytes += run.bytes;
         latencies.add(&run.latencies)?;
