@@ -12,7 +12,7 @@
 //! same batch, so a record may be written twice (at-least-once) and, with several requests
 //! in flight, retried batches may land after later ones.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -288,10 +288,9 @@ struct Shared {
 
 #[derive(Default)]
 struct Accumulator {
-    open: HashMap<String, HashMap<u32, OpenBatch>>,
-    ready: Vec<(String, u32, OpenBatch)>,
-    topics: HashMap<String, KnownTopic>,
-    sticky: HashMap<String, u32>,
+    /// Everything per topic, so that placing a record costs one lookup of its topic name.
+    topics: HashMap<String, TopicState>,
+    ready: Vec<(Arc<str>, u32, OpenBatch)>,
     next_sticky: u32,
     pending_bytes: usize,
     flush_waiters: Vec<oneshot::Sender<()>>,
@@ -314,6 +313,16 @@ struct KnownTopic {
     partitions: u32,
     /// The topic's `max.message.bytes` (0: unknown).
     max_message_bytes: usize,
+}
+
+/// A topic's place in the accumulator.
+struct TopicState {
+    name: Arc<str>,
+    known: KnownTopic,
+    /// The partition keyless records go to until its batch leaves.
+    sticky: Option<u32>,
+    /// The batch being filled, per partition.
+    open: BTreeMap<u32, OpenBatch>,
 }
 
 enum Placement {
@@ -381,7 +390,17 @@ impl Producer {
                         partitions: info.leaders.len() as u32,
                         max_message_bytes: info.max_message_bytes,
                     };
-                    self.shared.lock().topics.insert(topic, known);
+                    self.shared
+                        .lock()
+                        .topics
+                        .entry(topic)
+                        .and_modify(|t| t.known = known)
+                        .or_insert_with_key(|name| TopicState {
+                            name: Arc::from(name.as_str()),
+                            known,
+                            sticky: None,
+                            open: BTreeMap::new(),
+                        });
                     refreshed = true;
                 }
             }
@@ -402,9 +421,12 @@ impl Producer {
         if acc.pending_bytes >= config.buffer_bytes {
             return Placement::NeedSpace;
         }
-        let Some(&known) = acc.topics.get(&record.topic) else {
+        let next_sticky = acc.next_sticky;
+        let state = &mut *acc;
+        let Some(topic) = state.topics.get_mut(&record.topic) else {
             return Placement::NeedPartitionCount;
         };
+        let known = topic.known;
         let count = known.partitions;
         let partition = match (record.partition, &record.key) {
             (Some(p), _) if p < count => p,
@@ -423,26 +445,15 @@ impl Producer {
                 });
             }
             (None, Some(key)) => partition_for_key(key, count),
-            (None, None) => {
-                let next = acc.next_sticky;
-                match acc.sticky.get(&record.topic) {
-                    Some(p) => *p % count.max(1),
-                    None => {
-                        let p = next % count.max(1);
-                        acc.sticky.insert(record.topic.clone(), p);
-                        p
-                    }
-                }
-            }
+            (None, None) => *topic.sticky.get_or_insert(next_sticky % count.max(1)) % count.max(1),
         };
         let Some(record) = slot.take() else {
             return Placement::Failed(ClientError::ProducerClosed);
         };
         let timestamp_ms = record.timestamp_ms.unwrap_or_else(now_ms);
         let size = record.size_bytes();
-        acc.pending_bytes += size;
+        state.pending_bytes += size;
         let compression = config.compression;
-        let record_topic = record.topic;
         let record = Record {
             offset: 0,
             timestamp_ms,
@@ -456,18 +467,13 @@ impl Producer {
             0 => usize::MAX,
             max => max,
         };
-        let state = &mut *acc;
-        let by_partition = match state.open.get_mut(record_topic.as_str()) {
-            Some(by_partition) => by_partition,
-            None => state.open.entry(record_topic.clone()).or_default(),
-        };
         let mut wake = false;
-        if let Some(open) = by_partition.get(&partition)
+        if let Some(open) = topic.open.get(&partition)
             && !open.builder.is_empty()
             && open.builder.size_bytes() + open.builder.record_size_bytes(&record) > batch_limit
-            && let Some(sealed) = by_partition.remove(&partition)
+            && let Some(sealed) = topic.open.remove(&partition)
         {
-            state.ready.push((record_topic.clone(), partition, sealed));
+            state.ready.push((topic.name.clone(), partition, sealed));
             wake = true;
         }
         let capacity = config
@@ -475,7 +481,7 @@ impl Producer {
             .min(batch_limit)
             .min(BATCH_BUFFER_RESERVE_BYTES);
         let spare_buffers = &mut state.spare_buffers;
-        let batch = by_partition.entry(partition).or_insert_with(|| {
+        let batch = topic.open.entry(partition).or_insert_with(|| {
             wake = true;
             let options = BatchOptions {
                 compression,
@@ -503,10 +509,12 @@ impl Producer {
         batch.size_bytes += size;
         let full = batch.builder.size_bytes() >= config.batch_size_bytes.min(batch_limit);
         if full {
-            if let Some(batch) = by_partition.remove(&partition) {
-                state.ready.push((record_topic.clone(), partition, batch));
+            if let Some(batch) = topic.open.remove(&partition) {
+                state.ready.push((topic.name.clone(), partition, batch));
             }
-            state.retire_sticky(&record_topic, partition);
+            if topic.retire_sticky(partition) {
+                state.next_sticky = state.next_sticky.wrapping_add(1);
+            }
         }
         drop(acc);
         if full || wake {
@@ -535,28 +543,32 @@ impl Drop for Producer {
     }
 }
 
-impl Accumulator {
-    /// Sticky partitioning: once a keyless batch of `topic` leaves, the next keyless
-    /// records of that topic go to another partition.
-    fn retire_sticky(&mut self, topic: &str, partition: u32) {
-        if self.sticky.get(topic) == Some(&partition) {
-            self.sticky.remove(topic);
-            self.next_sticky = self.next_sticky.wrapping_add(1);
+impl TopicState {
+    /// Sticky partitioning: once a keyless batch leaves, the next keyless records go to
+    /// another partition. True when `partition` was the sticky one.
+    fn retire_sticky(&mut self, partition: u32) -> bool {
+        if self.sticky == Some(partition) {
+            self.sticky = None;
+            return true;
         }
+        false
     }
+}
 
+impl Accumulator {
     /// Moves batches that must go now to `ready` and returns them, with the time the
     /// next open batch's linger ends.
     fn take_sendable(
         &mut self,
         linger: Duration,
         everything: bool,
-    ) -> (Vec<(String, u32, OpenBatch)>, Option<Instant>) {
+    ) -> (Vec<(Arc<str>, u32, OpenBatch)>, Option<Instant>) {
         let now = Instant::now();
-        let mut due = Vec::new();
+        let mut batches = std::mem::take(&mut self.ready);
         let mut next_deadline: Option<Instant> = None;
-        for (topic, by_partition) in &mut self.open {
-            let expired: Vec<u32> = by_partition
+        for topic in self.topics.values_mut() {
+            let expired: Vec<u32> = topic
+                .open
                 .iter()
                 .filter_map(|(p, b)| {
                     let deadline = b.started + linger;
@@ -569,18 +581,19 @@ impl Accumulator {
                 })
                 .collect();
             for partition in expired {
-                if let Some(batch) = by_partition.remove(&partition) {
-                    due.push((topic.clone(), partition, batch));
+                if let Some(batch) = topic.open.remove(&partition) {
+                    batches.push((topic.name.clone(), partition, batch));
+                }
+                if topic.retire_sticky(partition) {
+                    self.next_sticky = self.next_sticky.wrapping_add(1);
                 }
             }
         }
-        for (topic, partition, _) in &due {
-            self.retire_sticky(topic, *partition);
-        }
-        self.open.retain(|_, by_partition| !by_partition.is_empty());
-        let mut batches = std::mem::take(&mut self.ready);
-        batches.extend(due);
         (batches, next_deadline)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ready.is_empty() && self.topics.values().all(|t| t.open.is_empty())
     }
 }
 
@@ -737,7 +750,7 @@ impl Task {
             };
             for (topic, partition, batch) in batches {
                 self.dispatch(Sent {
-                    topic: Arc::from(topic),
+                    topic,
                     partition,
                     count: batch.count,
                     records: batch.builder.build(),
@@ -751,7 +764,7 @@ impl Task {
             self.send_due_retries().await;
             if self.in_flight.is_empty() && self.retries.is_empty() {
                 let mut acc = self.shared.lock();
-                if acc.open.is_empty() && acc.ready.is_empty() {
+                if acc.is_empty() {
                     for waiter in acc.flush_waiters.drain(..) {
                         let _ = waiter.send(());
                     }
