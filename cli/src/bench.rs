@@ -60,6 +60,11 @@ pub struct ProduceBench {
     /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Encode one batch of --batch-size (at most the topic's limit) up front and send it
+    /// again and again to partition 0 on the raw-batch path, as peers' load generators do:
+    /// measures the broker's intake without the producer's per-record work.
+    #[arg(long, conflicts_with_all = ["producers", "key_cardinality", "rate"])]
+    prebuilt_batches: bool,
 }
 
 #[derive(Args)]
@@ -159,6 +164,9 @@ async fn produce(
         Err(err) if err.code() == Some(ErrorCode::TopicAlreadyExists) => {}
         Err(err) => return Err(err.into()),
     }
+    if args.prebuilt_batches {
+        return produce_prebuilt(client, args).await;
+    }
     let value = Bytes::from(vec![b'x'; args.record_size]);
     let keys: Vec<Bytes> = (0..args.key_cardinality.min(10_000_000))
         .map(|k| Bytes::from(format!("key-{k}")))
@@ -232,6 +240,134 @@ async fn produce(
     }
     if let Some(err) = first_error {
         eprintln!("error: {failures} records failed; first error: {err}");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Requests a prebuilt-batch run keeps outstanding.
+const PREBUILT_IN_FLIGHT: usize = 16;
+
+async fn produce_prebuilt(client: Client, args: ProduceBench) -> anyhow::Result<ExitCode> {
+    let limit = client.max_message_bytes(&args.topic).await?;
+    let value = Bytes::from(vec![b'x'; args.record_size]);
+    let mut builder = runnel_batch::BatchBuilder::new(runnel_batch::BatchOptions::default());
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let record = runnel_batch::Record {
+        offset: 0,
+        timestamp_ms: now_ms,
+        key: None,
+        value: Some(value),
+        headers: Vec::new(),
+    };
+    let target = args.batch_size.min(limit);
+    loop {
+        builder.push(&record);
+        if builder.size_bytes() + builder.record_size_bytes(&record) > target {
+            break;
+        }
+    }
+    let per_batch = builder.len() as u64;
+    let batch = builder.build();
+    let requests = args.records.div_ceil(per_batch);
+    let (tx, rx) = tokio::sync::mpsc::channel(PREBUILT_IN_FLIGHT);
+    let mut responses = client
+        .produce_stream(
+            &args.topic,
+            0,
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )
+        .await?;
+    let bar = progress(requests * per_batch, args.json);
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(PREBUILT_IN_FLIGHT));
+    let started = Instant::now();
+    let acks = match args.acks {
+        Acks::None => runnel_client::v1::Acks::None,
+        Acks::Leader => runnel_client::v1::Acks::Leader,
+        Acks::All => runnel_client::v1::Acks::All,
+    };
+    let sender_permits = permits.clone();
+    let topic = args.topic.clone();
+    let sender = tokio::spawn(async move {
+        let mut sent_at = Vec::with_capacity(requests as usize);
+        for request_id in 0..requests {
+            let permit = sender_permits.acquire().await?;
+            permit.forget();
+            sent_at.push(Instant::now());
+            let request = runnel_client::v1::ProduceRequest {
+                request_id,
+                topic: topic.clone(),
+                partitions: vec![runnel_client::v1::PartitionRecords {
+                    partition: 0,
+                    records: batch.clone(),
+                }],
+                acks: acks as i32,
+                timeout_ms: 0,
+            };
+            if tx.send(request).await.is_err() {
+                break;
+            }
+        }
+        anyhow::Ok(sent_at)
+    });
+    let mut latencies = histogram();
+    let mut acked = 0u64;
+    let mut first_error = None;
+    let mut received_at = Vec::with_capacity(requests as usize);
+    while acked < requests {
+        let Some(response) = responses.message().await? else {
+            break;
+        };
+        received_at.push(Instant::now());
+        let error = response
+            .error
+            .or_else(|| response.partitions.into_iter().find_map(|p| p.error));
+        if let Some(error) = error {
+            first_error.get_or_insert(error.message);
+        }
+        acked += 1;
+        permits.add_permits(1);
+        bar.inc(per_batch);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let sent_at = sender.await??;
+    for (sent, received) in sent_at.iter().zip(&received_at) {
+        let micros = received.saturating_duration_since(*sent).as_micros().max(1) as u64;
+        let _ = latencies.record(micros);
+    }
+    bar.finish_and_clear();
+    let records = acked * per_batch;
+    let mb = records as f64 * args.record_size as f64 / (1024.0 * 1024.0);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "records": records,
+                "failed": (requests - acked) * per_batch,
+                "seconds": elapsed,
+                "records_per_second": records as f64 / elapsed,
+                "mib_per_second": mb / elapsed,
+                "records_per_batch": per_batch,
+                "record_size": args.record_size,
+                "ack_latency_ms": latency_json(&latencies),
+            })
+        );
+    } else {
+        println!(
+            "{records} records sent in prebuilt batches of {per_batch}, {:.1} records/s ({:.2} MB/s), batch latency {}",
+            records as f64 / elapsed,
+            mb / elapsed,
+            latency_text(&latencies),
+        );
+    }
+    if let Some(err) = first_error {
+        eprintln!("error: the broker refused batches; first error: {err}");
+        return Ok(ExitCode::FAILURE);
+    }
+    if acked < requests {
+        eprintln!("error: the broker closed the stream after {acked} of {requests} batches");
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)

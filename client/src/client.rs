@@ -182,12 +182,43 @@ impl Client {
         }
     }
 
+    /// The topic's `max.message.bytes`: the largest record batch it accepts.
+    ///
+    /// # Errors
+    /// Unknown topic, or the broker cannot be reached.
+    pub async fn max_message_bytes(&self, topic: &str) -> Result<usize, ClientError> {
+        Ok(match self.topic(topic).await?.max_message_bytes {
+            0 => runnel_batch::BATCH_SIZE_BYTES_MAX,
+            n => n,
+        })
+    }
+
     /// Number of partitions of `topic`.
     ///
     /// # Errors
     /// Unknown topic, or the broker cannot be reached.
     pub async fn partition_count(&self, topic: &str) -> Result<u32, ClientError> {
         Ok(self.topic(topic).await?.leaders.len() as u32)
+    }
+
+    /// Opens a `ProduceStream` to the leader of `topic`-`partition` for a caller that
+    /// encodes record batches itself (the raw-batch path: `runnel-batch` builds them).
+    /// Requests are sent as `requests` yields them, responses come back in order.
+    ///
+    /// # Errors
+    /// Unknown topic or partition, or the broker cannot be reached.
+    pub async fn produce_stream(
+        &self,
+        topic: &str,
+        partition: u32,
+        requests: impl tokio_stream::Stream<Item = v1::ProduceRequest> + Send + 'static,
+    ) -> Result<tonic::Streaming<v1::ProduceResponse>, ClientError> {
+        let channel = self.leader_channel(topic, partition).await?;
+        Ok(self
+            .producer_rpc(channel)
+            .produce_stream(requests)
+            .await?
+            .into_inner())
     }
 
     /// A channel to broker `id`, or to the bootstrap broker when its address is unknown.

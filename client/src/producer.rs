@@ -290,7 +290,7 @@ struct Shared {
 struct Accumulator {
     /// Everything per topic, so that placing a record costs one lookup of its topic name.
     topics: HashMap<String, TopicState>,
-    ready: Vec<(Arc<str>, u32, OpenBatch)>,
+    ready: Vec<ReadyBatch>,
     next_sticky: u32,
     pending_bytes: usize,
     flush_waiters: Vec<oneshot::Sender<()>>,
@@ -314,6 +314,9 @@ struct KnownTopic {
     /// The topic's `max.message.bytes` (0: unknown).
     max_message_bytes: usize,
 }
+
+/// A batch due to be sent: its topic, partition and records.
+type ReadyBatch = (Arc<str>, u32, OpenBatch);
 
 /// A topic's place in the accumulator.
 struct TopicState {
@@ -562,7 +565,7 @@ impl Accumulator {
         &mut self,
         linger: Duration,
         everything: bool,
-    ) -> (Vec<(Arc<str>, u32, OpenBatch)>, Option<Instant>) {
+    ) -> (Vec<ReadyBatch>, Option<Instant>) {
         let now = Instant::now();
         let mut batches = std::mem::take(&mut self.ready);
         let mut next_deadline: Option<Instant> = None;

@@ -256,6 +256,10 @@ impl Broker {
             for (index, result) in pending {
                 let outcome = match result {
                     Ok((partition, appended)) => {
+                        if appended.flush_due {
+                            let flushing = partition.clone();
+                            tokio::task::spawn_blocking(move || flushing.flush_if_due(now_ms()));
+                        }
                         let durable = if acks == v1::Acks::None {
                             let end = appended.end_offset;
                             tokio::spawn(async move {

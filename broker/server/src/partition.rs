@@ -25,6 +25,9 @@ pub struct Appended {
     pub log_start_offset: i64,
     /// Offset the high watermark must reach before the append counts as durable.
     pub end_offset: i64,
+    /// An interval flush policy wants the log synced: call [`Partition::flush_if_due`]
+    /// off the async runtime.
+    pub flush_due: bool,
 }
 
 /// A read of a partition.
@@ -177,8 +180,10 @@ impl Partition {
         }
         let end_offset = log.log_end_offset();
         let log_start_offset = log.log_start_offset();
+        let mut flush_due = false;
         if let FlushPolicy::Interval { .. } = log.config().flush {
-            log.maybe_flush(now).map_err(|err| self.fence(&err))?;
+            // The fsync runs elsewhere, without the log: appends and reads go on meanwhile.
+            flush_due = log.flush_due(now);
             self.high_watermark.send_replace(end_offset);
         }
         let first = first.expect("at least one batch was appended");
@@ -187,7 +192,40 @@ impl Partition {
             log_append_time_ms: first.log_append_time_ms,
             log_start_offset,
             end_offset,
+            flush_due,
         })
+    }
+
+    /// Syncs what was appended when the interval flush policy says it is time, with the
+    /// fsync outside the log's lock (appends and reads go on while it runs). Blocks: call
+    /// it from a blocking thread. A failed fsync fences the partition.
+    pub fn flush_if_due(&self, now: i64) {
+        if self.check_fenced().is_err() {
+            return;
+        }
+        // One flush at a time; a flush already running covers what is due.
+        let Ok(_flushing) = self.flush_lock.try_lock() else {
+            return;
+        };
+        let handle = {
+            let mut log = self.log_write();
+            if !log.flush_due(now) {
+                return;
+            }
+            match log.begin_flush() {
+                Ok(handle) => handle,
+                Err(err) => {
+                    drop(log);
+                    self.fence(&err);
+                    return;
+                }
+            }
+        };
+        if let Err(err) = handle.sync() {
+            self.fence(&err);
+            return;
+        }
+        self.log_write().complete_flush(&handle, now);
     }
 
     /// Waits until every offset below `end_offset` is durable under the flush policy and
@@ -301,23 +339,14 @@ impl Partition {
             .map_err(|err| BrokerError::from_read(&self.topic, self.index, err))
     }
 
-    /// Retention, compaction and time-based flushing; called periodically.
+    /// Time-based flushing, retention and compaction; called periodically from a blocking
+    /// thread.
     pub fn housekeeping(&self, now: i64, clean: bool) {
-        if self.check_fenced().is_err() {
+        self.flush_if_due(now);
+        if !clean || self.check_fenced().is_err() {
             return;
         }
         let mut log = self.log_write();
-        if let Err(err) = log.maybe_flush(now) {
-            drop(log);
-            self.fence(&err);
-            return;
-        }
-        if let FlushPolicy::Interval { .. } = log.config().flush {
-            self.high_watermark.send_replace(log.log_end_offset());
-        }
-        if !clean {
-            return;
-        }
         match log.enforce_retention(now) {
             Ok(0) => {}
             Ok(n) => {

@@ -365,21 +365,26 @@ impl Log {
         self.last_flush_ms = now_ms;
     }
 
-    /// Flushes if the [`FlushPolicy`] says it is time. Returns whether it flushed.
-    ///
-    /// # Errors
-    /// I/O errors.
-    pub fn maybe_flush(&mut self, now_ms: i64) -> Result<bool, StorageError> {
+    /// Whether the [`FlushPolicy`] says unflushed appends must be synced now.
+    pub fn flush_due(&self, now_ms: i64) -> bool {
         if self.unflushed_records == 0 {
-            return Ok(false);
+            return false;
         }
-        let due = match self.config.flush {
+        match self.config.flush {
             FlushPolicy::EveryAppend => true,
             FlushPolicy::Interval { messages, ms } => {
                 self.unflushed_records >= messages
                     || now_ms.saturating_sub(self.last_flush_ms) >= ms
             }
-        };
+        }
+    }
+
+    /// Flushes if the [`FlushPolicy`] says it is time. Returns whether it flushed.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn maybe_flush(&mut self, now_ms: i64) -> Result<bool, StorageError> {
+        let due = self.flush_due(now_ms);
         if due {
             self.flush()?;
             self.last_flush_ms = now_ms;
