@@ -39,7 +39,7 @@ pub struct ProduceBench {
     #[arg(long, default_value_t = 100)]
     record_size: usize,
     /// Producer batch size in bytes.
-    #[arg(long, default_value_t = 256 * 1024)]
+    #[arg(long, default_value_t = 1024 * 1024)]
     batch_size: usize,
     #[arg(long, default_value_t = 5)]
     linger_ms: u64,

