@@ -123,6 +123,15 @@ fn latency_json(latencies: &Histogram<u64>) -> serde_json::Value {
     })
 }
 
+/// Prints a run's result as one JSON object (`--json`) or as a line of text.
+fn print_result(json: bool, object: &serde_json::Value, text: String) {
+    if json {
+        println!("{object}");
+    } else {
+        println!("{text}");
+    }
+}
+
 fn latency_text(latencies: &Histogram<u64>) -> String {
     let ms = |q: f64| latencies.value_at_quantile(q) as f64 / 1000.0;
     format!(
@@ -216,28 +225,25 @@ async fn produce(
     bar.finish_and_clear();
     let sent = args.records - failures;
     let mb = (sent as f64 * args.record_size as f64) / (1024.0 * 1024.0);
-    if args.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "records": sent,
-                "failed": failures,
-                "seconds": elapsed,
-                "records_per_second": sent as f64 / elapsed,
-                "mib_per_second": mb / elapsed,
-                "producers": args.producers,
-                "record_size": args.record_size,
-                "ack_latency_ms": latency_json(&latencies),
-            })
-        );
-    } else {
-        println!(
+    print_result(
+        args.json,
+        &serde_json::json!({
+            "records": sent,
+            "failed": failures,
+            "seconds": elapsed,
+            "records_per_second": sent as f64 / elapsed,
+            "mib_per_second": mb / elapsed,
+            "producers": args.producers,
+            "record_size": args.record_size,
+            "ack_latency_ms": latency_json(&latencies),
+        }),
+        format!(
             "{sent} records sent, {:.1} records/s ({:.2} MB/s), latency {}",
             sent as f64 / elapsed,
             mb / elapsed,
             latency_text(&latencies),
-        );
-    }
+        ),
+    );
     if let Some(err) = first_error {
         eprintln!("error: {failures} records failed; first error: {err}");
         return Ok(ExitCode::FAILURE);
@@ -340,28 +346,25 @@ async fn produce_prebuilt(client: Client, args: ProduceBench) -> anyhow::Result<
     bar.finish_and_clear();
     let records = acked * per_batch;
     let mb = records as f64 * args.record_size as f64 / (1024.0 * 1024.0);
-    if args.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "records": records,
-                "failed": (requests - acked) * per_batch,
-                "seconds": elapsed,
-                "records_per_second": records as f64 / elapsed,
-                "mib_per_second": mb / elapsed,
-                "records_per_batch": per_batch,
-                "record_size": args.record_size,
-                "ack_latency_ms": latency_json(&latencies),
-            })
-        );
-    } else {
-        println!(
+    print_result(
+        args.json,
+        &serde_json::json!({
+            "records": records,
+            "failed": (requests - acked) * per_batch,
+            "seconds": elapsed,
+            "records_per_second": records as f64 / elapsed,
+            "mib_per_second": mb / elapsed,
+            "records_per_batch": per_batch,
+            "record_size": args.record_size,
+            "ack_latency_ms": latency_json(&latencies),
+        }),
+        format!(
             "{records} records sent in prebuilt batches of {per_batch}, {:.1} records/s ({:.2} MB/s), batch latency {}",
             records as f64 / elapsed,
             mb / elapsed,
             latency_text(&latencies),
-        );
-    }
+        ),
+    );
     if let Some(err) = first_error {
         eprintln!("error: the broker refused batches; first error: {err}");
         return Ok(ExitCode::FAILURE);
@@ -510,26 +513,23 @@ async fn consume(
     let elapsed = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
     let mb = bytes as f64 / (1024.0 * 1024.0);
-    if args.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "records": count,
-                "seconds": elapsed,
-                "records_per_second": count as f64 / elapsed,
-                "mib_per_second": mb / elapsed,
-                "consumers": consumers,
-                "end_to_end_latency_ms": latency_json(&latencies),
-            })
-        );
-    } else {
-        println!(
+    print_result(
+        args.json,
+        &serde_json::json!({
+            "records": count,
+            "seconds": elapsed,
+            "records_per_second": count as f64 / elapsed,
+            "mib_per_second": mb / elapsed,
+            "consumers": consumers,
+            "end_to_end_latency_ms": latency_json(&latencies),
+        }),
+        format!(
             "{count} records consumed, {:.1} records/s ({:.2} MB/s), end-to-end latency (record timestamp to delivery) {}",
             count as f64 / elapsed,
             mb / elapsed,
             latency_text(&latencies),
-        );
-    }
+        ),
+    );
     Ok(ExitCode::SUCCESS)
 }
 
