@@ -77,8 +77,8 @@ pub async fn broker(command: BrokerCommand) -> anyhow::Result<ExitCode> {
 
 async fn serve(config: BrokerConfig, what: &str) -> anyhow::Result<ExitCode> {
     let data_dir = config.data_dir.clone();
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("creating {}", data_dir.display()))?;
+    // Before anything reads or writes the directory: one process at a time.
+    let _data_dir_lock = runnel_broker::DataDirLock::acquire(&data_dir)?;
     // The streams runtime lives in the broker process and reaches the broker as a client.
     let runtime = runnel_streams::Runtime::new(&data_dir)?;
     // So is the connect runtime, for connectors created with `runnel connector create`.

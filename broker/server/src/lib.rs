@@ -9,6 +9,7 @@
 
 pub mod broker;
 pub mod config;
+pub mod data_dir;
 pub mod error;
 pub mod group;
 mod group_ops;
@@ -31,6 +32,7 @@ use tokio::task::JoinHandle;
 
 pub use broker::Broker;
 pub use config::BrokerConfig;
+pub use data_dir::{DataDirLock, DataDirLockError};
 pub use error::BrokerError;
 
 /// Largest gRPC message accepted or sent (a produce request or a fetch response).
