@@ -136,6 +136,12 @@ pub async fn run(client: Client, command: TopicCommand) -> anyhow::Result<ExitCo
                     p.high_watermark,
                     p.size_bytes
                 );
+                if let Some(error) = &p.error {
+                    println!(
+                        "  partition {} is unavailable: {}",
+                        p.partition, error.message
+                    );
+                }
             }
             println!("Configs (effective):");
             for c in &d.configs {

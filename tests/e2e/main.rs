@@ -827,3 +827,44 @@ fn a_data_directory_serves_one_process_at_a_time() {
     let again = Dev::start(dir.path());
     assert!(again.ok(&["topic", "list"], "").contains("mine"));
 }
+
+#[test]
+fn a_partition_whose_log_fails_closed_is_fenced_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dev = Dev::start(dir.path());
+    dev.ok(&["topic", "create", "healthy"], "");
+    dev.ok(&["topic", "create", "broken"], "");
+    dev.ok(&["produce", "healthy"], "still here\n");
+    // Three requests, three batches: damage to the first is followed by valid batches, so
+    // recovery cannot take it for a torn write at the end of the log.
+    for line in ["one\n", "two\n", "three\n"] {
+        dev.ok(&["produce", "broken"], line);
+    }
+    dev.kill9();
+    let segment = dir.path().join("broken-0").join(format!("{:020}.log", 0));
+    let mut bytes = std::fs::read(&segment).expect("segment");
+    bytes[66] ^= 0xff;
+    std::fs::write(&segment, &bytes).expect("damage the first batch");
+
+    let dev = Dev::start(dir.path());
+    let out = dev.ok(
+        &[
+            "consume",
+            "healthy",
+            "--from-beginning",
+            "--max-messages",
+            "1",
+        ],
+        "",
+    );
+    assert_eq!(out, "still here\n");
+    dev.ok(&["produce", "healthy"], "and writable\n");
+    let err = dev.fails(&["produce", "broken"], "four\n");
+    assert!(err.contains("fenced"), "{err}");
+    let described = dev.ok(&["topic", "describe", "broken"], "");
+    assert!(
+        described.contains("partition 0 is unavailable")
+            && described.contains(&segment.display().to_string()),
+        "{described}"
+    );
+}

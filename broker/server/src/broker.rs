@@ -51,6 +51,8 @@ impl Broker {
             let mut partitions = Vec::new();
             for (index, record) in topic.partitions.iter().enumerate() {
                 let dir = partition_dir(&config.data_dir, name, index as u32);
+                // A log that fails closed fences its partition alone: the broker still
+                // starts and serves every other partition.
                 let partition = Partition::open(
                     &dir,
                     name,
@@ -58,7 +60,13 @@ impl Broker {
                     log_config.clone(),
                     record.leader_epoch,
                 )
-                .map_err(|err| anyhow::anyhow!("opening {name}-{index}: {err}"))?;
+                .unwrap_or_else(|err| {
+                    tracing::error!(
+                        topic = %name, partition = index, error = %err,
+                        "the partition's log cannot be opened; it is fenced and every other partition is served"
+                    );
+                    Partition::unavailable(name, index as u32, err.to_string(), record.leader_epoch)
+                });
                 partitions.push(Arc::new(partition));
             }
             topics.insert(name.clone(), partitions);
@@ -129,7 +137,15 @@ impl Broker {
             let mut offset = partition.log_start_offset();
             let end = partition.high_watermark();
             while offset < end {
-                let fetched = partition.read(offset, 4 * 1024 * 1024)?;
+                let fetched = match partition.read(offset, 4 * 1024 * 1024) {
+                    Ok(fetched) => fetched,
+                    Err(err) => {
+                        // A fenced offsets partition leaves its groups' offsets unknown;
+                        // the broker still serves everything else.
+                        tracing::error!(partition = partition.index, error = %err, "cannot replay committed offsets");
+                        break;
+                    }
+                };
                 if fetched.records.is_empty() {
                     break;
                 }
@@ -655,12 +671,26 @@ impl Broker {
                     ..Default::default()
                 };
                 if let Some(partition) = hosted.get(index) {
-                    let snapshot = partition.snapshot();
-                    description.log_start_offset = snapshot.log_start_offset;
-                    description.log_end_offset = snapshot.log_end_offset;
-                    description.high_watermark = partition.high_watermark();
-                    description.size_bytes = snapshot.size_bytes;
-                    description.segment_count = snapshot.segment_count as u32;
+                    if let Some(snapshot) = partition.snapshot() {
+                        description.log_start_offset = snapshot.log_start_offset;
+                        description.log_end_offset = snapshot.log_end_offset;
+                        description.high_watermark = partition.high_watermark();
+                        description.size_bytes = snapshot.size_bytes;
+                        description.segment_count = snapshot.segment_count as u32;
+                    }
+                    if partition.fenced_reason().is_some() {
+                        description.error = Some(
+                            BrokerError::Storage {
+                                topic: name.to_string(),
+                                partition: index as u32,
+                                reason: format!(
+                                    "partition is fenced after a storage failure: {}",
+                                    partition.fenced_reason().unwrap_or_default()
+                                ),
+                            }
+                            .to_proto(),
+                        );
+                    }
                 }
                 description
             })

@@ -43,7 +43,8 @@ pub struct Fetched {
 pub struct Partition {
     pub topic: String,
     pub index: u32,
-    log: RwLock<Log>,
+    /// `None` only for a partition whose log could not be opened: it stays fenced.
+    log: RwLock<Option<Log>>,
     high_watermark: watch::Sender<i64>,
     flush_lock: tokio::sync::Mutex<()>,
     fenced: Mutex<Option<String>>,
@@ -74,7 +75,7 @@ impl Partition {
         Ok(Partition {
             topic: topic.to_string(),
             index,
-            log: RwLock::new(log),
+            log: RwLock::new(Some(log)),
             high_watermark: watch::Sender::new(end),
             flush_lock: tokio::sync::Mutex::new(()),
             fenced: Mutex::new(None),
@@ -82,16 +83,66 @@ impl Partition {
         })
     }
 
-    fn log_read(&self) -> RwLockReadGuard<'_, Log> {
+    /// A partition whose log failed closed when the broker opened it (corruption inside
+    /// the log): it answers every request with the reason, so that the broker can start
+    /// and serve every other partition.
+    pub fn unavailable(topic: &str, index: u32, reason: String, leader_epoch: i32) -> Self {
+        Partition {
+            topic: topic.to_string(),
+            index,
+            log: RwLock::new(None),
+            high_watermark: watch::Sender::new(-1),
+            flush_lock: tokio::sync::Mutex::new(()),
+            fenced: Mutex::new(Some(reason)),
+            leader_epoch,
+        }
+    }
+
+    fn log_read(&self) -> RwLockReadGuard<'_, Option<Log>> {
         self.log
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn log_write(&self) -> RwLockWriteGuard<'_, Log> {
+    fn log_write(&self) -> RwLockWriteGuard<'_, Option<Log>> {
         self.log
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Runs `f` on the log, or answers as a fenced partition when there is none.
+    fn with_log<T>(&self, f: impl FnOnce(&Log) -> T) -> Result<T, BrokerError> {
+        match self.log_read().as_ref() {
+            Some(log) => Ok(f(log)),
+            None => Err(self.fenced_error()),
+        }
+    }
+
+    fn with_log_mut<T>(&self, f: impl FnOnce(&mut Log) -> T) -> Result<T, BrokerError> {
+        match self.log_write().as_mut() {
+            Some(log) => Ok(f(log)),
+            None => Err(self.fenced_error()),
+        }
+    }
+
+    /// Why the partition is fenced, if it is.
+    pub fn fenced_reason(&self) -> Option<String> {
+        self.fenced
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn fenced_error(&self) -> BrokerError {
+        BrokerError::Storage {
+            topic: self.topic.clone(),
+            partition: self.index,
+            reason: format!(
+                "partition is fenced after a storage failure: {}",
+                self.fenced_reason()
+                    .unwrap_or_else(|| "its log is not open".into())
+            ),
+        }
     }
 
     pub fn high_watermark(&self) -> i64 {
@@ -108,16 +159,8 @@ impl Partition {
     }
 
     fn check_fenced(&self) -> Result<(), BrokerError> {
-        let fenced = self
-            .fenced
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match fenced.as_ref() {
-            Some(reason) => Err(BrokerError::Storage {
-                topic: self.topic.clone(),
-                partition: self.index,
-                reason: format!("partition is fenced after a storage failure: {reason}"),
-            }),
+        match self.fenced_reason() {
+            Some(_) => Err(self.fenced_error()),
             None => Ok(()),
         }
     }
@@ -158,7 +201,10 @@ impl Partition {
             });
         }
         let now = now_ms();
-        let mut log = self.log_write();
+        let mut guard = self.log_write();
+        let Some(log) = guard.as_mut() else {
+            return Err(self.fenced_error());
+        };
         let max = log.config().max_message_bytes;
         if let Some(big) = batches.iter().find(|b| b.len() > max) {
             return Err(BrokerError::RecordTooLarge {
@@ -208,14 +254,17 @@ impl Partition {
             return;
         };
         let handle = {
-            let mut log = self.log_write();
+            let mut guard = self.log_write();
+            let Some(log) = guard.as_mut() else {
+                return;
+            };
             if !log.flush_due(now) {
                 return;
             }
             match log.begin_flush() {
                 Ok(handle) => handle,
                 Err(err) => {
-                    drop(log);
+                    drop(guard);
                     self.fence(&err);
                     return;
                 }
@@ -225,7 +274,7 @@ impl Partition {
             self.fence(&err);
             return;
         }
-        self.log_write().complete_flush(&handle, now);
+        let _ = self.with_log_mut(|log| log.complete_flush(&handle, now));
     }
 
     /// Waits until every offset below `end_offset` is durable under the flush policy and
@@ -244,8 +293,7 @@ impl Partition {
             }
             self.check_fenced()?;
             let handle = self
-                .log_write()
-                .begin_flush()
+                .with_log_mut(Log::begin_flush)?
                 .map_err(|err| self.fence(&err))?;
             let handle = tokio::task::spawn_blocking(move || handle.sync().map(|()| handle))
                 .await
@@ -255,7 +303,7 @@ impl Partition {
                     reason: format!("flush task failed: {err}"),
                 })?
                 .map_err(|err| self.fence(&err))?;
-            self.log_write().complete_flush(&handle, now_ms());
+            self.with_log_mut(|log| log.complete_flush(&handle, now_ms()))?;
             self.high_watermark.send_if_modified(|hw| {
                 let moved = handle.end_offset() > *hw;
                 *hw = (*hw).max(handle.end_offset());
@@ -272,7 +320,10 @@ impl Partition {
     pub fn read(&self, offset: i64, max_bytes: usize) -> Result<Fetched, BrokerError> {
         self.check_fenced()?;
         let high_watermark = self.high_watermark();
-        let log = self.log_read();
+        let guard = self.log_read();
+        let Some(log) = guard.as_ref() else {
+            return Err(self.fenced_error());
+        };
         let bytes = log
             .read(offset, max_bytes, high_watermark)
             .map_err(|err| match err {
@@ -291,8 +342,9 @@ impl Partition {
         })
     }
 
+    /// The log start offset; -1 when the log could not be opened.
     pub fn log_start_offset(&self) -> i64 {
-        self.log_read().log_start_offset()
+        self.with_log(Log::log_start_offset).unwrap_or(-1)
     }
 
     /// First offset with a timestamp `>= timestamp_ms`, or the high watermark if none.
@@ -303,18 +355,18 @@ impl Partition {
         self.check_fenced()?;
         let hw = self.high_watermark();
         let found = self
-            .log_read()
-            .offset_for_timestamp(timestamp_ms)
+            .with_log(|log| log.offset_for_timestamp(timestamp_ms))?
             .map_err(|err| self.fence(&err))?;
         Ok(found.map_or(hw, |offset| offset.min(hw)))
     }
 
-    pub fn snapshot(&self) -> LogSnapshot {
-        self.log_read().snapshot()
+    /// Sizes and offsets of the log; `None` when it could not be opened.
+    pub fn snapshot(&self) -> Option<LogSnapshot> {
+        self.with_log(Log::snapshot).ok()
     }
 
     pub fn set_config(&self, config: LogConfig) {
-        self.log_write().set_config(config);
+        let _ = self.with_log_mut(|log| log.set_config(config));
     }
 
     /// Kafka's delete-records; `offset` -1 means the high watermark.
@@ -334,8 +386,7 @@ impl Partition {
                 ),
             });
         }
-        self.log_write()
-            .delete_records(target)
+        self.with_log_mut(|log| log.delete_records(target))?
             .map_err(|err| BrokerError::from_read(&self.topic, self.index, err))
     }
 
@@ -346,14 +397,17 @@ impl Partition {
         if !clean || self.check_fenced().is_err() {
             return;
         }
-        let mut log = self.log_write();
+        let mut guard = self.log_write();
+        let Some(log) = guard.as_mut() else {
+            return;
+        };
         match log.enforce_retention(now) {
             Ok(0) => {}
             Ok(n) => {
                 tracing::info!(topic = %self.topic, partition = self.index, segments = n, "retention deleted segments")
             }
             Err(err) => {
-                drop(log);
+                drop(guard);
                 self.fence(&err);
                 return;
             }
@@ -365,7 +419,7 @@ impl Partition {
             ),
             Ok(_) => {}
             Err(err) => {
-                drop(log);
+                drop(guard);
                 self.fence(&err);
             }
         }
@@ -377,13 +431,19 @@ impl Partition {
     /// A storage failure.
     pub fn close(self: Arc<Self>) -> Result<(), StorageError> {
         match Arc::try_unwrap(self) {
-            Ok(partition) => partition
+            Ok(partition) => match partition
                 .log
                 .into_inner()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .close(),
+            {
+                Some(log) => log.close(),
+                None => Ok(()),
+            },
             // Still referenced by an in-flight request: flush what is there.
-            Err(shared) => shared.log_write().flush(),
+            Err(shared) => match shared.log_write().as_mut() {
+                Some(log) => log.flush(),
+                None => Ok(()),
+            },
         }
     }
 }
