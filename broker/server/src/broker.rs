@@ -13,7 +13,7 @@ use crate::config::BrokerConfig;
 use crate::error::BrokerError;
 use crate::metadata::{BROKER_TOPIC_KEYS, BrokerRecord, Controller, TopicRecord};
 use crate::now_ms;
-use crate::partition::Partition;
+use crate::partition::{Partition, ReadBuffers};
 
 /// Largest fetch response the broker builds, whatever the client asks.
 pub const FETCH_BYTES_MAX: usize = 64 * 1024 * 1024;
@@ -27,6 +27,7 @@ pub struct Broker {
     topics: RwLock<HashMap<String, Vec<Arc<Partition>>>>,
     pub(crate) coordinator: Mutex<crate::group::Coordinator>,
     pub(crate) offsets: Mutex<crate::offsets::OffsetStore>,
+    read_buffers: ReadBuffers,
 }
 
 fn partition_dir(data_dir: &std::path::Path, topic: &str, partition: u32) -> PathBuf {
@@ -78,6 +79,9 @@ impl Broker {
             topics: RwLock::new(topics),
             coordinator: Mutex::new(crate::group::Coordinator::default()),
             offsets: Mutex::new(crate::offsets::OffsetStore::default()),
+            read_buffers: ReadBuffers::new(
+                std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
+            ),
         };
         broker.ensure_offsets_topic()?;
         broker.load_offsets()?;
@@ -137,7 +141,7 @@ impl Broker {
             let mut offset = partition.log_start_offset();
             let end = partition.high_watermark();
             while offset < end {
-                let fetched = match partition.read(offset, 4 * 1024 * 1024) {
+                let fetched = match partition.read(offset, 4 * 1024 * 1024, &self.read_buffers) {
                     Ok(fetched) => fetched,
                     Err(err) => {
                         // A fenced offsets partition leaves its groups' offsets unknown;
@@ -418,13 +422,15 @@ impl Broker {
                         n => (n as usize).min(budget),
                     };
                     let fetched = if budget == 0 {
-                        partition.read(wanted.offset, 0).map(|mut f| {
-                            f.records = bytes::Bytes::new();
-                            f.next_offset = wanted.offset;
-                            f
-                        })
+                        partition
+                            .read(wanted.offset, 0, &self.read_buffers)
+                            .map(|mut f| {
+                                f.records = bytes::Bytes::new();
+                                f.next_offset = wanted.offset;
+                                f
+                            })
                     } else {
-                        partition.read(wanted.offset, max.max(1))
+                        partition.read(wanted.offset, max.max(1), &self.read_buffers)
                     }?;
                     watchers.push(watcher);
                     Ok(fetched)

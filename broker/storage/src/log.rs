@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use bytes::BytesMut;
+
 use runnel_batch::{BATCH_HEADER_BYTES, TimestampType, stamp_header, validate};
 
 use crate::checkpoint;
@@ -416,14 +418,31 @@ impl Log {
         max_bytes: usize,
         upper_bound: i64,
     ) -> Result<Vec<u8>, ReadError> {
+        let mut out = BytesMut::new();
+        self.read_into(offset, max_bytes, upper_bound, &mut out)?;
+        Ok(out.to_vec())
+    }
+
+    /// Like [`Log::read`], appending to `out`, so that a caller can read into a buffer it
+    /// reuses. Returns the bytes appended.
+    ///
+    /// # Errors
+    /// As [`Log::read`].
+    pub fn read_into(
+        &self,
+        offset: i64,
+        max_bytes: usize,
+        upper_bound: i64,
+        out: &mut BytesMut,
+    ) -> Result<usize, ReadError> {
         self.check_range(offset)?;
         for segment in self.segments_from(offset) {
-            let bytes = segment.read(offset, max_bytes, upper_bound)?;
-            if !bytes.is_empty() {
-                return Ok(bytes);
+            let read = segment.read_into(offset, max_bytes, upper_bound, out)?;
+            if read > 0 {
+                return Ok(read);
             }
         }
-        Ok(Vec::new())
+        Ok(0)
     }
 
     /// The segment that may hold `offset` and every one after it.

@@ -16,6 +16,8 @@ use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use bytes::BytesMut;
+
 use runnel_batch::{
     BATCH_HEADER_BYTES, BATCH_LENGTH_PREFIX_BYTES, BatchError, BatchHeader, parse_header,
     peek_offset_and_size, validate,
@@ -615,23 +617,27 @@ impl Segment {
 
     /// Whole batches starting with the one that holds `offset` (or the first after it),
     /// up to `max_bytes` (but always at least one batch) and only batches whose base offset
-    /// is below `upper_bound`. Every batch returned has had its CRC verified.
-    pub(crate) fn read(
+    /// is below `upper_bound`, appended to `out`. Returns the bytes appended. Every batch
+    /// returned has had its CRC verified.
+    pub(crate) fn read_into(
         &self,
         offset: i64,
         max_bytes: usize,
         upper_bound: i64,
-    ) -> Result<Vec<u8>, StorageError> {
+        out: &mut BytesMut,
+    ) -> Result<usize, StorageError> {
         let Some((start, first)) = self.find(offset)? else {
-            return Ok(Vec::new());
+            return Ok(0);
         };
         if first.base_offset >= upper_bound {
-            return Ok(Vec::new());
+            return Ok(0);
         }
         let want = (self.size_bytes - start).min(max_bytes.max(first.size_bytes()) as u64) as usize;
-        let mut buf = vec![0u8; want];
+        let at = out.len();
+        out.resize(at + want, 0);
+        let buf = &mut out[at..];
         self.file
-            .read_exact_at(&mut buf, start)
+            .read_exact_at(buf, start)
             .map_err(|source| self.io_error(source))?;
         let mut end = 0usize;
         while end < buf.len() {
@@ -645,8 +651,8 @@ impl Segment {
                 .map_err(|source| self.corrupt(start + end as u64, source))?;
             end += size;
         }
-        buf.truncate(end);
-        Ok(buf)
+        out.truncate(at + end);
+        Ok(end)
     }
 
     /// First offset in this segment whose record timestamp is `>= timestamp_ms`.
