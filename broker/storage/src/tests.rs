@@ -112,12 +112,17 @@ fn appends_get_dense_offsets_and_read_back() {
     ));
     // Reading into a reused buffer appends exactly what a plain read returns.
     let mut reused = bytes::BytesMut::from(&b"earlier"[..]);
-    let appended = log.read_into(0, 1 << 20, 3, &mut reused).expect("read into");
+    let appended = log
+        .read_into(0, 1 << 20, 3, &mut reused)
+        .expect("read into");
     let plain = log.read(0, 1 << 20, 3).expect("read");
     assert_eq!(appended, plain.len());
     assert_eq!(&reused[..7], b"earlier");
     assert_eq!(&reused[7..], &plain[..]);
-    assert_eq!(log.read_into(3, 1 << 20, 3, &mut reused).expect("at end"), 0);
+    assert_eq!(
+        log.read_into(3, 1 << 20, 3, &mut reused).expect("at end"),
+        0
+    );
 }
 
 #[test]
