@@ -134,7 +134,12 @@ impl FetchSession {
                 });
         }
         let (tx, responses) = mpsc::channel(SESSION_RESPONSES_AHEAD);
-        let mut tasks = Vec::with_capacity(by_leader.len());
+        // Built first, so that streams already opened are closed if a later one fails.
+        let mut session = FetchSession {
+            expected: positions.clone(),
+            responses,
+            tasks: Vec::with_capacity(by_leader.len()),
+        };
         for (leader, partitions) in by_leader {
             let channel = client.channel_to(leader)?;
             let mut stream = client
@@ -148,7 +153,7 @@ impl FetchSession {
                 .await?
                 .into_inner();
             let tx = tx.clone();
-            tasks.push(tokio::spawn(async move {
+            session.tasks.push(tokio::spawn(async move {
                 loop {
                     let item = match stream.message().await {
                         Ok(Some(response)) => Ok(response),
@@ -165,11 +170,7 @@ impl FetchSession {
                 }
             }));
         }
-        Ok(FetchSession {
-            expected: positions.clone(),
-            responses,
-            tasks,
-        })
+        Ok(session)
     }
 }
 
