@@ -269,12 +269,7 @@ async fn produce_prebuilt(client: Client, args: ProduceBench) -> anyhow::Result<
         headers: Vec::new(),
     };
     let target = args.batch_size.min(limit);
-    loop {
-        builder.push(&record);
-        if builder.size_bytes() + builder.record_size_bytes(&record) > target {
-            break;
-        }
-    }
+    while builder.push_within(&record, target) {}
     let per_batch = builder.len() as u64;
     let batch = builder.build();
     let requests = args.records.div_ceil(per_batch);
@@ -289,11 +284,7 @@ async fn produce_prebuilt(client: Client, args: ProduceBench) -> anyhow::Result<
     let bar = progress(requests * per_batch, args.json);
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(PREBUILT_IN_FLIGHT));
     let started = Instant::now();
-    let acks = match args.acks {
-        Acks::None => runnel_client::v1::Acks::None,
-        Acks::Leader => runnel_client::v1::Acks::Leader,
-        Acks::All => runnel_client::v1::Acks::All,
-    };
+    let acks = args.acks.to_proto();
     let sender_permits = permits.clone();
     let topic = args.topic.clone();
     let sender = tokio::spawn(async move {

@@ -144,7 +144,8 @@ pub async fn run(client: Client, args: ConsumeArgs) -> anyhow::Result<ExitCode> 
         if !records.is_empty() {
             last_record = Instant::now();
         }
-        for record in records {
+        let mut shown = 0;
+        for record in &records {
             if args.max_messages.is_some_and(|max| printed >= max) {
                 break;
             }
@@ -168,11 +169,9 @@ pub async fn run(client: Client, args: ConsumeArgs) -> anyhow::Result<ExitCode> 
             }
             writeln!(out, "{}", render(&record.value))?;
             printed += 1;
-            done.insert(
-                (record.topic.to_string(), record.partition),
-                record.offset + 1,
-            );
+            shown += 1;
         }
+        done.extend(runnel_client::next_offsets(&records[..shown]));
         out.flush()?;
         if let Source::Group(member) = &mut source {
             if !said_idle && member.assignment().is_empty() && member.heartbeats() >= 3 {

@@ -43,7 +43,8 @@ pub enum Acks {
 }
 
 impl Acks {
-    fn to_proto(self) -> v1::Acks {
+    /// The wire value, for callers of the raw-batch path ([`Client::produce_stream`]).
+    pub fn to_proto(self) -> v1::Acks {
         match self {
             Acks::None => v1::Acks::None,
             Acks::Leader => v1::Acks::Leader,
@@ -474,9 +475,11 @@ impl Producer {
             max => max,
         };
         let mut wake = false;
-        if let Some(open) = topic.open.get(&partition)
-            && !open.builder.is_empty()
-            && open.builder.size_bytes() + open.builder.record_size_bytes(&record) > batch_limit
+        let fits = topic
+            .open
+            .get_mut(&partition)
+            .map(|open| open.builder.push_within(&record, batch_limit));
+        if fits == Some(false)
             && let Some(sealed) = topic.open.remove(&partition)
         {
             state.ready.push((topic.name.clone(), partition, sealed));
@@ -500,18 +503,18 @@ impl Producer {
             OpenBatch {
                 builder,
                 settle: Settle(Arc::new(Outcome::default())),
-                count: 0,
                 started: Instant::now(),
                 size_bytes: 0,
             }
         });
+        if fits != Some(true) {
+            batch.builder.push(&record);
+        }
         let delivery = Delivery {
             outcome: batch.settle.0.clone(),
-            index: batch.count,
+            index: batch.builder.len() as u32 - 1,
             timestamp_ms,
         };
-        batch.count += 1;
-        batch.builder.push(&record);
         batch.size_bytes += size;
         let full = batch.builder.size_bytes() >= config.batch_size_bytes.min(batch_limit);
         if full {
@@ -606,7 +609,6 @@ impl Accumulator {
 struct OpenBatch {
     builder: BatchBuilder,
     settle: Settle,
-    count: u32,
     started: Instant,
     size_bytes: usize,
 }
@@ -758,7 +760,7 @@ impl Task {
                 self.dispatch(Sent {
                     topic,
                     partition,
-                    count: batch.count,
+                    count: batch.builder.len() as u32,
                     records: batch.builder.build(),
                     target: Target::Whole(batch.settle),
                     leader: 0,

@@ -639,9 +639,9 @@ impl Task {
             if records.is_empty() {
                 continue;
             }
-            let mut by_topic: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+            let mut by_topic: BTreeMap<Arc<str>, Vec<usize>> = BTreeMap::new();
             for (i, r) in records.iter().enumerate() {
-                by_topic.entry(r.topic.to_string()).or_default().push(i);
+                by_topic.entry(r.topic.clone()).or_default().push(i);
             }
             let mut stop = None;
             for (topic, indexes) in by_topic {

@@ -793,27 +793,12 @@ fn a_data_directory_serves_one_process_at_a_time() {
     let dev = Dev::start(dir.path());
     dev.ok(&["topic", "create", "mine"], "");
     let data_dir = dir.path().to_string_lossy().to_string();
-    let mut second = std::process::Command::new(support::RUNNEL)
-        .args(["dev", "--data-dir", &data_dir, "--listen", "127.0.0.1:0"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("runnel starts");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = second.try_wait().expect("wait") {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = second.kill();
-            panic!("a second runnel dev on the same data directory kept running");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let output = second.wait_with_output().expect("output");
+    let output = support::runnel_exits(
+        &["dev", "--data-dir", &data_dir, "--listen", "127.0.0.1:0"],
+        Duration::from_secs(20),
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!status.success());
+    assert!(!output.status.success());
     assert!(
         stderr.contains(&format!(
             "data directory {data_dir} is in use by another Runnel process (pid "

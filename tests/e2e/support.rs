@@ -114,6 +114,20 @@ pub fn spawn_listening(args: &[&str]) -> (Child, String) {
     (child, addr)
 }
 
+/// Runs `runnel args...` (no stdin) that must exit by itself within `timeout`; fails the
+/// test if it is still running then.
+pub fn runnel_exits(args: &[&str], timeout: Duration) -> Output {
+    let mut child = Command::new(RUNNEL)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("runnel runs");
+    wait_exit(&mut child, timeout);
+    child.wait_with_output().expect("runnel finishes")
+}
+
 pub fn runnel_at(addr: &str, args: &[&str], stdin: &str) -> Output {
     let mut child = Command::new(RUNNEL)
         .args(["--brokers", addr])

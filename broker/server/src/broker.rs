@@ -684,19 +684,7 @@ impl Broker {
                         description.size_bytes = snapshot.size_bytes;
                         description.segment_count = snapshot.segment_count as u32;
                     }
-                    if partition.fenced_reason().is_some() {
-                        description.error = Some(
-                            BrokerError::Storage {
-                                topic: name.to_string(),
-                                partition: index as u32,
-                                reason: format!(
-                                    "partition is fenced after a storage failure: {}",
-                                    partition.fenced_reason().unwrap_or_default()
-                                ),
-                            }
-                            .to_proto(),
-                        );
-                    }
+                    description.error = partition.check_fenced().err().map(|e| e.to_proto());
                 }
                 description
             })

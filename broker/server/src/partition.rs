@@ -174,7 +174,7 @@ impl Partition {
     }
 
     /// Why the partition is fenced, if it is.
-    pub fn fenced_reason(&self) -> Option<String> {
+    fn fenced_reason(&self) -> Option<String> {
         self.fenced
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -206,7 +206,8 @@ impl Partition {
         self.high_watermark.subscribe()
     }
 
-    fn check_fenced(&self) -> Result<(), BrokerError> {
+    /// The error every request gets while the partition is fenced.
+    pub(crate) fn check_fenced(&self) -> Result<(), BrokerError> {
         match self.fenced_reason() {
             Some(_) => Err(self.fenced_error()),
             None => Ok(()),

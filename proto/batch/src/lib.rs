@@ -648,9 +648,7 @@ impl BatchBuilder {
 
     /// Bytes `record` would add to the batch (uncompressed), its length prefix included.
     pub fn record_size_bytes(&self, record: &Record) -> usize {
-        let delta = self.last_offset_delta + 1;
-        let base_ts = self.base_timestamp_ms.unwrap_or(record.timestamp_ms);
-        let body = record_body_bytes(record, record.timestamp_ms.wrapping_sub(base_ts), delta);
+        let (_, body) = self.next_record_body(record, self.last_offset_delta + 1);
         varint::varint_bytes(body as i32) + body
     }
 
@@ -658,6 +656,21 @@ impl BatchBuilder {
     pub fn push(&mut self, record: &Record) {
         let delta = self.last_offset_delta + 1;
         self.push_at(record, delta);
+    }
+
+    /// Appends a record at the next dense offset unless the batch already holds records
+    /// and would then take more than `size_bytes_max`; says whether it appended. A first
+    /// record is always taken, so that a record larger than the limit still makes a batch
+    /// (which the broker then refuses with a clear error).
+    pub fn push_within(&mut self, record: &Record, size_bytes_max: usize) -> bool {
+        let delta = self.last_offset_delta + 1;
+        let (timestamp_delta, body) = self.next_record_body(record, delta);
+        let added = varint::varint_bytes(body as i32) + body;
+        if !self.is_empty() && self.buf.len() + added > size_bytes_max {
+            return false;
+        }
+        self.write_record(record, delta, timestamp_delta, body);
+        true
     }
 
     /// Appends a record at `record.offset` (absolute); offsets must increase.
@@ -678,10 +691,30 @@ impl BatchBuilder {
     }
 
     fn push_at(&mut self, record: &Record, offset_delta: i32) {
-        let base_ts = *self.base_timestamp_ms.get_or_insert(record.timestamp_ms);
-        self.max_timestamp_ms = self.max_timestamp_ms.max(record.timestamp_ms);
+        let (timestamp_delta, body) = self.next_record_body(record, offset_delta);
+        self.write_record(record, offset_delta, timestamp_delta, body);
+    }
+
+    /// The timestamp delta `record` gets in this batch and the bytes of its body (after
+    /// the length prefix).
+    fn next_record_body(&self, record: &Record, offset_delta: i32) -> (i64, usize) {
+        let base_ts = self.base_timestamp_ms.unwrap_or(record.timestamp_ms);
         let timestamp_delta = record.timestamp_ms.wrapping_sub(base_ts);
-        let body = record_body_bytes(record, timestamp_delta, offset_delta);
+        (
+            timestamp_delta,
+            record_body_bytes(record, timestamp_delta, offset_delta),
+        )
+    }
+
+    fn write_record(
+        &mut self,
+        record: &Record,
+        offset_delta: i32,
+        timestamp_delta: i64,
+        body: usize,
+    ) {
+        self.base_timestamp_ms.get_or_insert(record.timestamp_ms);
+        self.max_timestamp_ms = self.max_timestamp_ms.max(record.timestamp_ms);
         let out = &mut self.buf;
         out.reserve(varint::varint_bytes(body as i32) + body);
         varint::put_varint(out, body as i32);
