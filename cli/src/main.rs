@@ -73,13 +73,16 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ClusterCommand {
-    /// Brokers, controller and topic count.
+    /// Brokers (alive or fenced), the active controller, the quorum's voters, topic count.
     Info,
 }
 
 fn init_tracing(default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUNNEL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+        // openraft reports every election and log re-apply at info; its warnings are enough.
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(format!("{default_level},openraft=warn"))
+        });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -111,15 +114,34 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await?;
             println!("Cluster id:  {}", info.cluster_id);
             println!("Version:     {}", info.version);
-            println!("Controller:  {}", info.controller_id);
+            match info.controller_id {
+                0 => println!(
+                    "Controller:  none active (an election is running, or a majority of the quorum is down)"
+                ),
+                id => println!("Controller:  {id} (active, term {})", info.controller_term),
+            }
+            println!(
+                "Metadata:    applied up to log index {}",
+                info.metadata_index
+            );
+            println!("Quorum:");
+            for voter in &info.voters {
+                let role = if voter.id == info.controller_id {
+                    "leader"
+                } else {
+                    "voter"
+                };
+                let matched = if voter.matched_index > 0 {
+                    format!(", log index {}", voter.matched_index)
+                } else {
+                    String::new()
+                };
+                println!("  {}  {} ({role}{matched})", voter.id, voter.address);
+            }
             println!("Brokers:");
             for broker in &info.brokers {
-                let role = if broker.id == info.controller_id {
-                    " (controller)"
-                } else {
-                    ""
-                };
-                println!("  {}  {}{role}", broker.id, broker.address);
+                let state = if broker.fenced { "fenced" } else { "alive" };
+                println!("  {}  {} ({state})", broker.id, broker.address);
             }
             println!("Topics:      {}", info.topic_count);
             println!("Partitions:  {}", info.partition_count);

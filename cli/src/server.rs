@@ -42,6 +42,18 @@ pub struct StartArgs {
     /// Create unknown topics on first produce.
     #[arg(long)]
     auto_create_topics: bool,
+    /// The controller quorum's voters, ID@HOST:PORT[,ID@HOST:PORT...] (KRaft's
+    /// controller.quorum.voters). Unset: this node alone.
+    #[arg(long)]
+    controller_quorum: Option<String>,
+    /// What this node runs: broker, controller, or broker,controller (the default).
+    #[arg(long, value_delimiter = ',')]
+    process_roles: Option<Vec<runnel_broker::config::ProcessRole>>,
+    /// A broker silent this long is fenced and its partitions' leadership moves.
+    #[arg(long)]
+    broker_session_timeout_ms: Option<u64>,
+    #[arg(long)]
+    broker_heartbeat_interval_ms: Option<u64>,
 }
 
 pub async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
@@ -72,6 +84,18 @@ pub async fn broker(command: BrokerCommand) -> anyhow::Result<ExitCode> {
         config.advertised_address = args.advertised_address;
     }
     config.auto_create_topics |= args.auto_create_topics;
+    if args.controller_quorum.is_some() {
+        config.controller_quorum = args.controller_quorum;
+    }
+    if let Some(roles) = args.process_roles {
+        config.process_roles = roles;
+    }
+    if let Some(ms) = args.broker_session_timeout_ms {
+        config.broker_session_timeout_ms = ms;
+    }
+    if let Some(ms) = args.broker_heartbeat_interval_ms {
+        config.broker_heartbeat_interval_ms = ms;
+    }
     serve(config, "Runnel broker").await
 }
 

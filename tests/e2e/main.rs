@@ -2,6 +2,7 @@
 //! public Rust client.
 
 mod batches;
+mod cluster;
 mod connect;
 mod groups;
 mod support;
@@ -238,7 +239,7 @@ fn bad_input_gets_clear_errors_and_the_broker_keeps_serving() {
             .contains("already exists")
     );
     let err = dev.fails(&["topic", "create", "rf", "--replication-factor", "3"], "");
-    assert!(err.contains("number of brokers (1)"), "{err}");
+    assert!(err.contains("number of live brokers (1)"), "{err}");
     let err = dev.fails(
         &["topic", "create", "cfg", "--config", "retention.mss=5"],
         "",

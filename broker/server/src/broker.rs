@@ -1,17 +1,18 @@
 //! The broker: the partitions this node hosts, and the operations clients call.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use futures::future::{BoxFuture, FutureExt};
 use runnel_broker_storage::{KNOWN_KEYS, LogConfig};
+use runnel_controller::state::{BrokerRecord, NO_LEADER, PartitionRecord, TopicRecord};
+use runnel_controller::{Command, ControllerClient, MetadataImage, Outcome, Quorum};
 use runnel_proto::v1;
 
 use crate::config::BrokerConfig;
 use crate::error::BrokerError;
-use crate::metadata::{BROKER_TOPIC_KEYS, BrokerRecord, Controller, TopicRecord};
 use crate::now_ms;
 use crate::partition::{Partition, ReadBuffers};
 
@@ -19,120 +20,308 @@ use crate::partition::{Partition, ReadBuffers};
 pub const FETCH_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Longest a fetch may be held waiting for data.
 pub const FETCH_WAIT_MS_MAX: u32 = 60_000;
+/// Topic config keys the broker itself interprets (the rest belong to the log).
+pub const BROKER_TOPIC_KEYS: &[&str] = &["min.insync.replicas"];
+/// Longest an admin operation waits for the controller quorum.
+const CONTROLLER_TIMEOUT: Duration = Duration::from_secs(15);
+/// The file in a partition's directory naming the topic id it belongs to.
+const TOPIC_ID_FILE: &str = "topic.id";
+
+/// The partitions of one topic this broker holds a replica of.
+struct HostedTopic {
+    id: u64,
+    configs: BTreeMap<String, String>,
+    partitions: BTreeMap<u32, Arc<Partition>>,
+}
 
 pub struct Broker {
     pub(crate) config: BrokerConfig,
     log_defaults: LogConfig,
-    controller: Mutex<Controller>,
-    topics: RwLock<HashMap<String, Vec<Arc<Partition>>>>,
+    /// The metadata image this broker last acted on: opened, closed and led partitions
+    /// by. Every answer about the cluster comes from it, never from a newer image.
+    applied: RwLock<Arc<MetadataImage>>,
+    pub(crate) controller: Arc<ControllerClient>,
+    pub(crate) quorum: Option<Arc<Quorum>>,
+    /// This process's identity towards the controller; a restart changes it.
+    pub(crate) incarnation: String,
+    pub(crate) advertised: String,
+    topics: RwLock<HashMap<String, HostedTopic>>,
     pub(crate) coordinator: Mutex<crate::group::Coordinator>,
     pub(crate) offsets: Mutex<crate::offsets::OffsetStore>,
     read_buffers: ReadBuffers,
 }
 
-fn partition_dir(data_dir: &std::path::Path, topic: &str, partition: u32) -> PathBuf {
+fn partition_dir(data_dir: &Path, topic: &str, partition: u32) -> PathBuf {
     data_dir.join(format!("{topic}-{partition}"))
 }
 
 impl Broker {
-    /// Opens the controller and every partition this broker hosts, recovering their logs.
+    /// A broker with no partitions yet: they open as metadata images are applied.
     ///
     /// # Errors
-    /// Invalid config, unreadable metadata, or a partition whose log cannot be opened.
-    pub fn open(config: BrokerConfig, advertised_address: String) -> anyhow::Result<Self> {
+    /// Invalid topic defaults in the config.
+    pub fn new(
+        config: BrokerConfig,
+        advertised: String,
+        controller: Arc<ControllerClient>,
+        quorum: Option<Arc<Quorum>>,
+    ) -> anyhow::Result<Self> {
         let log_defaults = config.log_defaults()?;
-        let broker = BrokerRecord {
-            id: config.node_id,
-            address: advertised_address,
-        };
-        let controller = Controller::open(&config.data_dir.join("__cluster_metadata"), broker)?;
-        let mut topics = HashMap::new();
-        for (name, topic) in &controller.metadata().topics {
-            let log_config = topic_log_config(&log_defaults, &topic.configs)?;
-            let mut partitions = Vec::new();
-            for (index, record) in topic.partitions.iter().enumerate() {
-                let dir = partition_dir(&config.data_dir, name, index as u32);
-                // A log that fails closed fences its partition alone: the broker still
-                // starts and serves every other partition.
-                let partition = Partition::open(
-                    &dir,
-                    name,
-                    index as u32,
-                    log_config.clone(),
-                    record.leader_epoch,
-                )
-                .unwrap_or_else(|err| {
-                    tracing::error!(
-                        topic = %name, partition = index, error = %err,
-                        "the partition's log cannot be opened; it is fenced and every other partition is served"
-                    );
-                    Partition::unavailable(name, index as u32, err.to_string(), record.leader_epoch)
-                });
-                partitions.push(Arc::new(partition));
-            }
-            topics.insert(name.clone(), partitions);
-        }
-        let broker = Broker {
+        Ok(Broker {
             config,
             log_defaults,
-            controller: Mutex::new(controller),
-            topics: RwLock::new(topics),
+            applied: RwLock::new(Arc::new(MetadataImage::default())),
+            controller,
+            quorum,
+            incarnation: runnel_controller::new_id("incarnation"),
+            advertised,
+            topics: RwLock::new(HashMap::new()),
             coordinator: Mutex::new(crate::group::Coordinator::default()),
             offsets: Mutex::new(crate::offsets::OffsetStore::default()),
             read_buffers: ReadBuffers::new(
                 std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
             ),
-        };
-        broker.ensure_offsets_topic()?;
-        broker.load_offsets()?;
-        Ok(broker)
+        })
     }
 
-    /// Creates the compacted internal topics on first start: `__consumer_offsets` (written
-    /// by the broker) and `__connect_offsets` (written by connect workers).
-    fn ensure_offsets_topic(&self) -> anyhow::Result<()> {
+    /// The metadata this broker acts on.
+    pub fn image(&self) -> Arc<MetadataImage> {
+        self.applied
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Acts on a newer metadata image: opens the partitions this broker now holds a
+    /// replica of, takes or gives up their leadership, applies config changes, and
+    /// closes and removes deleted topics. Blocks (it opens logs): call it from a blocking
+    /// thread, for images in log order.
+    pub fn apply_image(&self, image: Arc<MetadataImage>) {
+        let me = self.config.node_id;
+        let hosts = self.config.is_broker();
+        let mut removed = Vec::new();
+        {
+            let mut topics = self
+                .topics
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            topics.retain(|name, hosted| {
+                let keep = image
+                    .metadata
+                    .topics
+                    .get(name)
+                    .is_some_and(|t| t.id == hosted.id);
+                if !keep {
+                    removed.push((name.clone(), std::mem::take(&mut hosted.partitions)));
+                }
+                keep
+            });
+            for (name, topic) in &image.metadata.topics {
+                let mine: Vec<(u32, &PartitionRecord)> = topic
+                    .partitions
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| hosts && p.replicas.contains(&me))
+                    .map(|(i, p)| (i as u32, p))
+                    .collect();
+                if mine.is_empty() && !topics.contains_key(name) {
+                    continue;
+                }
+                let log_config = topic_log_config(&self.log_defaults, &topic.configs)
+                    .unwrap_or_else(|err| {
+                        tracing::error!(topic = %name, error = %err, "invalid topic configs in the metadata; using the broker defaults");
+                        self.log_defaults.clone()
+                    });
+                let hosted = topics.entry(name.clone()).or_insert_with(|| HostedTopic {
+                    id: topic.id,
+                    configs: topic.configs.clone(),
+                    partitions: BTreeMap::new(),
+                });
+                if hosted.configs != topic.configs {
+                    for partition in hosted.partitions.values() {
+                        partition.set_config(log_config.clone());
+                    }
+                    hosted.configs = topic.configs.clone();
+                }
+                for (index, record) in mine {
+                    let partition = hosted.partitions.entry(index).or_insert_with(|| {
+                        Arc::new(self.open_partition(name, index, topic.id, log_config.clone()))
+                    });
+                    let leading = record.leader == me;
+                    if leading != partition.is_leader()
+                        || record.leader_epoch != partition.leader_epoch()
+                    {
+                        tracing::info!(topic = %name, partition = index, leader = record.leader, leader_epoch = record.leader_epoch, "leadership changed");
+                        partition.set_leadership(leading, record.leader_epoch);
+                    }
+                }
+            }
+        }
+        for (name, partitions) in removed {
+            for (index, partition) in partitions {
+                drop(partition);
+                let dir = partition_dir(&self.config.data_dir, &name, index);
+                if let Err(err) = std::fs::remove_dir_all(&dir) {
+                    tracing::warn!(dir = %dir.display(), error = %err, "could not remove a deleted partition's directory");
+                }
+            }
+            tracing::info!(topic = %name, "deleted topic");
+        }
+        *self
+            .applied
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = image;
+    }
+
+    /// Opens a replica's log. A directory left by an older topic of the same name (one
+    /// deleted while this broker was away) is removed first. A log that fails closed
+    /// fences its partition alone: the broker still serves every other partition.
+    fn open_partition(&self, topic: &str, index: u32, id: u64, config: LogConfig) -> Partition {
+        let dir = partition_dir(&self.config.data_dir, topic, index);
+        let id_file = dir.join(TOPIC_ID_FILE);
+        if let Ok(text) = std::fs::read_to_string(&id_file)
+            && text.trim() != id.to_string()
+        {
+            tracing::info!(dir = %dir.display(), "removing the log of an older topic with the same name");
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        let opened = Partition::open(&dir, topic, index, config).and_then(|partition| {
+            if !id_file.exists() {
+                std::fs::write(&id_file, id.to_string())
+                    .map_err(|source| runnel_broker_storage::StorageError::io(&id_file, source))?;
+            }
+            Ok(partition)
+        });
+        opened.unwrap_or_else(|err| {
+            tracing::error!(
+                topic, partition = index, error = %err,
+                "the partition's log cannot be opened; it is fenced and every other partition is served"
+            );
+            Partition::unavailable(topic, index, err.to_string())
+        })
+    }
+
+    /// Creates the compacted internal topics once the cluster is bootstrapped:
+    /// `__consumer_offsets` (written by the broker) and `__connect_offsets` (written by
+    /// connect workers). Creating one that exists is not an error.
+    ///
+    /// # Errors
+    /// The controller quorum did not answer.
+    pub(crate) async fn ensure_internal_topics(&self) -> Result<(), BrokerError> {
         use crate::offsets::{
             CONNECT_OFFSETS_TOPIC, CONNECT_OFFSETS_TOPIC_PARTITIONS, OFFSETS_TOPIC,
             OFFSETS_TOPIC_PARTITIONS,
         };
-        self.ensure_internal_topic(OFFSETS_TOPIC, OFFSETS_TOPIC_PARTITIONS)?;
-        self.ensure_internal_topic(CONNECT_OFFSETS_TOPIC, CONNECT_OFFSETS_TOPIC_PARTITIONS)
-    }
-
-    fn ensure_internal_topic(&self, name: &str, partitions: u32) -> anyhow::Result<()> {
-        if self.partitions_of(name).is_some() {
-            return Ok(());
+        for (name, partitions) in [
+            (OFFSETS_TOPIC, OFFSETS_TOPIC_PARTITIONS),
+            (CONNECT_OFFSETS_TOPIC, CONNECT_OFFSETS_TOPIC_PARTITIONS),
+        ] {
+            if self.image().metadata.topics.contains_key(name) {
+                continue;
+            }
+            let configs: BTreeMap<String, String> = [
+                ("cleanup.policy", "compact"),
+                ("segment.bytes", "104857600"),
+                ("retention.ms", "-1"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+            let command = Command::CreateTopic {
+                name: name.to_string(),
+                partitions,
+                replication_factor: 1,
+                configs,
+                internal: true,
+            };
+            match self.propose(command).await {
+                Ok(_) | Err(BrokerError::TopicAlreadyExists { .. }) => {}
+                Err(err) => return Err(err),
+            }
         }
-        let configs: BTreeMap<String, String> = [
-            ("cleanup.policy", "compact"),
-            ("segment.bytes", "104857600"),
-            ("retention.ms", "-1"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        let log_config = topic_log_config(&self.log_defaults, &configs)?;
-        let mut opened = Vec::new();
-        for index in 0..partitions {
-            let dir = partition_dir(&self.config.data_dir, name, index);
-            let partition = Partition::open(&dir, name, index, log_config.clone(), 0)
-                .map_err(|err| anyhow::anyhow!("opening {name}-{index}: {err}"))?;
-            opened.push(Arc::new(partition));
-        }
-        self.controller()
-            .create_topic(name, partitions, 1, configs, true, false)?;
-        self.topics
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(name.to_string(), opened);
         Ok(())
     }
 
-    /// Replays `__consumer_offsets` into memory.
-    fn load_offsets(&self) -> anyhow::Result<()> {
-        let partitions = self
-            .partitions_of(crate::offsets::OFFSETS_TOPIC)
-            .unwrap_or_default();
+    /// Proposes a metadata command and waits until this broker has applied it, so that
+    /// the caller's next request sees its effect.
+    pub(crate) async fn propose(&self, command: Command) -> Result<Outcome, BrokerError> {
+        let (index, result) = self.controller.propose(command, CONTROLLER_TIMEOUT).await?;
+        let outcome = result?;
+        self.await_applied(index).await?;
+        Ok(outcome)
+    }
+
+    /// Waits until this broker has acted on the metadata up to `index`.
+    pub(crate) async fn await_applied(&self, index: u64) -> Result<(), BrokerError> {
+        let deadline = tokio::time::Instant::now() + CONTROLLER_TIMEOUT;
+        while self.image().index < index {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(BrokerError::ControllerUnavailable {
+                    reason: format!(
+                        "the change committed at index {index} but this broker has applied only up to {} after {} s",
+                        self.image().index,
+                        CONTROLLER_TIMEOUT.as_secs()
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    }
+
+    /// Waits until the cluster is bootstrapped and (on a broker) this process is
+    /// registered and live in the applied metadata, then creates the internal topics
+    /// and replays committed offsets. Logs while it waits for a quorum to form.
+    ///
+    /// # Errors
+    /// The controller refused the internal topics, or committed offsets cannot be read.
+    pub(crate) async fn become_ready(self: &Arc<Self>) -> anyhow::Result<()> {
+        let started = tokio::time::Instant::now();
+        let mut report_at = Duration::from_secs(5);
+        loop {
+            let image = self.image();
+            let bootstrapped = !image.metadata.cluster_id.is_empty();
+            let registered = !self.config.is_broker()
+                || image
+                    .metadata
+                    .broker(self.config.node_id)
+                    .is_some_and(|b| !b.fenced && b.incarnation == self.incarnation);
+            if bootstrapped && registered {
+                break;
+            }
+            if started.elapsed() >= report_at {
+                tracing::info!(
+                    voters = ?self.controller.voters(),
+                    "waiting for the controller quorum (a majority of its voters must run)"
+                );
+                report_at += Duration::from_secs(5);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if !self.config.is_broker() {
+            return Ok(());
+        }
+        loop {
+            match self.ensure_internal_topics().await {
+                Ok(()) => break,
+                Err(BrokerError::ControllerUnavailable { reason }) => {
+                    tracing::info!(%reason, "creating the internal topics; retrying");
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+        let broker = self.clone();
+        tokio::task::spawn_blocking(move || broker.load_offsets()).await??;
+        Ok(())
+    }
+
+    /// Replays the `__consumer_offsets` partitions this broker leads into memory.
+    pub(crate) fn load_offsets(&self) -> anyhow::Result<()> {
+        let partitions: Vec<Arc<Partition>> = self
+            .hosted(crate::offsets::OFFSETS_TOPIC)
+            .into_iter()
+            .filter(|p| p.is_leader())
+            .collect();
         let mut store = self
             .offsets
             .lock()
@@ -167,42 +356,89 @@ impl Broker {
         Ok(())
     }
 
+    /// The topic's partition count in the applied metadata.
     pub(crate) fn partition_count(&self, topic: &str) -> Option<u32> {
-        self.partitions_of(topic).map(|p| p.len() as u32)
+        self.image()
+            .metadata
+            .topics
+            .get(topic)
+            .map(|t| t.partitions.len() as u32)
     }
 
-    fn controller(&self) -> MutexGuard<'_, Controller> {
-        self.controller
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn partitions_of(&self, topic: &str) -> Option<Vec<Arc<Partition>>> {
+    /// The replicas of `topic` this broker holds, led or not.
+    fn hosted(&self, topic: &str) -> Vec<Arc<Partition>> {
         self.topics
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(topic)
-            .cloned()
+            .map(|t| t.partitions.values().cloned().collect())
+            .unwrap_or_default()
     }
 
-    pub(crate) fn partition(
+    fn hosted_partition(&self, topic: &str, partition: u32) -> Option<Arc<Partition>> {
+        self.topics
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(topic)
+            .and_then(|t| t.partitions.get(&partition).cloned())
+    }
+
+    /// Checks that the partition exists in the applied metadata and returns its record.
+    pub(crate) fn partition_record(
         &self,
         topic: &str,
         partition: u32,
-    ) -> Result<Arc<Partition>, BrokerError> {
-        let partitions = self
-            .partitions_of(topic)
+    ) -> Result<PartitionRecord, BrokerError> {
+        let image = self.image();
+        let record = image
+            .metadata
+            .topics
+            .get(topic)
             .ok_or_else(|| BrokerError::UnknownTopic {
                 topic: topic.to_string(),
             })?;
-        partitions
+        record
+            .partitions
             .get(partition as usize)
             .cloned()
             .ok_or(BrokerError::UnknownPartition {
                 topic: topic.to_string(),
                 partition,
-                count: partitions.len() as u32,
+                count: record.partitions.len() as u32,
             })
+    }
+
+    /// The partition, when this broker leads it: what produce, fetch and offset requests
+    /// need.
+    pub(crate) fn partition(
+        &self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<Arc<Partition>, BrokerError> {
+        let record = self.partition_record(topic, partition)?;
+        if record.leader == NO_LEADER {
+            return Err(BrokerError::LeaderNotAvailable {
+                topic: topic.to_string(),
+                partition,
+                reason: format!(
+                    "every in-sync replica ({}) is down; it comes back when one of them returns",
+                    join_ids(&record.isr)
+                ),
+            });
+        }
+        match self.hosted_partition(topic, partition) {
+            Some(hosted) if hosted.is_leader() => Ok(hosted),
+            _ if record.leader == self.config.node_id => Err(BrokerError::LeaderNotAvailable {
+                topic: topic.to_string(),
+                partition,
+                reason: "this broker is taking over its leadership; retry".into(),
+            }),
+            _ => Err(BrokerError::NotLeader {
+                topic: topic.to_string(),
+                partition,
+                leader: record.leader,
+            }),
+        }
     }
 
     /// Every hosted partition, for housekeeping and shutdown.
@@ -211,8 +447,7 @@ impl Broker {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .values()
-            .flatten()
-            .cloned()
+            .flat_map(|t| t.partitions.values().cloned())
             .collect()
     }
 
@@ -236,26 +471,19 @@ impl Broker {
             async move { response }.boxed()
         };
         let acks = v1::Acks::try_from(request.acks).unwrap_or(v1::Acks::Leader);
-        let partitions = match self.partitions_for_produce(&request.topic) {
-            Ok(partitions) => partitions,
-            Err(err) => return whole_failure(err),
-        };
+        if let Err(err) = self.check_produce_topic(&request.topic) {
+            return whole_failure(err);
+        }
         let min_insync = match self.min_insync_replicas(&request.topic) {
             Ok(min) => min,
             Err(err) => return whole_failure(err),
         };
         let mut pending = Vec::with_capacity(request.partitions.len());
         for data in &request.partitions {
-            let result = partitions
-                .get(data.partition as usize)
-                .cloned()
-                .ok_or(BrokerError::UnknownPartition {
-                    topic: request.topic.clone(),
-                    partition: data.partition,
-                    count: partitions.len() as u32,
-                })
+            let result = self
+                .partition(&request.topic, data.partition)
                 .and_then(|partition| {
-                    // One replica is in sync in a cluster of one: this broker.
+                    // Until followers replicate, the leader is the only replica in sync.
                     let isr = 1usize;
                     if acks == v1::Acks::All && isr < min_insync {
                         return Err(BrokerError::NotEnoughReplicas {
@@ -321,39 +549,46 @@ impl Broker {
         .boxed()
     }
 
-    fn partitions_for_produce(&self, topic: &str) -> Result<Vec<Arc<Partition>>, BrokerError> {
-        if topic.starts_with("__")
-            && topic != crate::offsets::CONNECT_OFFSETS_TOPIC
-            && self.partitions_of(topic).is_some()
-        {
+    /// Refuses writes to internal topics (but `__connect_offsets`, which connect workers
+    /// write).
+    fn check_produce_topic(&self, topic: &str) -> Result<(), BrokerError> {
+        let internal = self
+            .image()
+            .metadata
+            .topics
+            .get(topic)
+            .is_some_and(|t| t.internal);
+        if internal && topic != crate::offsets::CONNECT_OFFSETS_TOPIC {
             return Err(BrokerError::InvalidRequest {
                 reason: format!("topic {topic:?} is internal: only the broker writes to it"),
             });
         }
-        if let Some(partitions) = self.partitions_of(topic) {
-            return Ok(partitions);
+        Ok(())
+    }
+
+    /// Creates `topic` with the defaults when the broker auto-creates topics and it does
+    /// not exist yet; a refusal is logged, and the request then finds no topic.
+    pub(crate) async fn auto_create(&self, topic: &str) {
+        if !self.config.auto_create_topics
+            || topic.is_empty()
+            || self.image().metadata.topics.contains_key(topic)
+        {
+            return;
         }
-        if !self.config.auto_create_topics {
-            return Err(BrokerError::UnknownTopic {
-                topic: topic.to_string(),
-            });
-        }
-        match self.create_topic(v1::CreateTopicRequest {
+        let request = v1::CreateTopicRequest {
             name: topic.to_string(),
             ..Default::default()
-        }) {
+        };
+        match self.create_topic(request).await {
             Ok(_) | Err(BrokerError::TopicAlreadyExists { .. }) => {}
-            Err(err) => return Err(err),
+            Err(err) => tracing::debug!(topic, error = %err, "auto-creation refused"),
         }
-        self.partitions_of(topic)
-            .ok_or_else(|| BrokerError::UnknownTopic {
-                topic: topic.to_string(),
-            })
     }
 
     fn min_insync_replicas(&self, topic: &str) -> Result<usize, BrokerError> {
-        let controller = self.controller();
-        let value = controller
+        let image = self.image();
+        let value = image
+            .metadata
             .topic(topic)?
             .configs
             .get("min.insync.replicas")
@@ -490,16 +725,12 @@ impl Broker {
 
     /// Metadata of the requested topics (all when none are named). As in Kafka, naming a
     /// missing topic creates it when the broker auto-creates topics.
-    pub fn metadata(&self, request: &v1::MetadataRequest) -> v1::MetadataResponse {
-        if self.config.auto_create_topics {
-            for name in &request.topics {
-                if let Err(err) = self.partitions_for_produce(name) {
-                    tracing::debug!(topic = %name, error = %err, "auto-creation refused");
-                }
-            }
+    pub async fn metadata(&self, request: &v1::MetadataRequest) -> v1::MetadataResponse {
+        for name in &request.topics {
+            self.auto_create(name).await;
         }
-        let controller = self.controller();
-        let meta = controller.metadata();
+        let image = self.image();
+        let meta = &image.metadata;
         let topics = if request.topics.is_empty() {
             meta.topics
                 .iter()
@@ -526,18 +757,49 @@ impl Broker {
         };
         v1::MetadataResponse {
             cluster_id: meta.cluster_id.clone(),
-            controller_id: meta.controller_id,
+            controller_id: self.active_controller(),
             brokers: brokers(&meta.brokers),
             topics,
         }
     }
 
+    /// The active controller as this node knows it (0 while unknown).
+    fn active_controller(&self) -> u32 {
+        self.quorum
+            .as_ref()
+            .and_then(|q| q.leader())
+            .or_else(|| self.controller.known_leader())
+            .unwrap_or(0)
+    }
+
     pub fn cluster_info(&self) -> v1::ClusterInfoResponse {
-        let controller = self.controller();
-        let meta = controller.metadata();
+        let image = self.image();
+        let meta = &image.metadata;
+        let status = self.quorum.as_ref().map(|q| q.status());
+        let voters = match &status {
+            Some(status) => status
+                .voters
+                .iter()
+                .map(|(id, address, matched)| v1::QuorumVoter {
+                    id: *id,
+                    address: address.clone(),
+                    matched_index: *matched,
+                })
+                .collect(),
+            None => self
+                .controller
+                .voters()
+                .iter()
+                .map(|(id, address)| v1::QuorumVoter {
+                    id: *id,
+                    address: address.clone(),
+                    matched_index: 0,
+                })
+                .collect(),
+        };
         v1::ClusterInfoResponse {
             cluster_id: meta.cluster_id.clone(),
-            controller_id: meta.controller_id,
+            controller_id: self.active_controller(),
             brokers: brokers(&meta.brokers),
             // Like `topic list`, counts user topics only.
             topic_count: meta.topics.values().filter(|t| !t.internal).count() as u32,
@@ -548,17 +810,20 @@ impl Broker {
                 .map(|t| t.partitions.len() as u32)
                 .sum(),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            voters,
+            metadata_index: image.index,
+            controller_term: status.map_or(0, |s| s.term),
         }
     }
 
     /// # Errors
-    /// The rule the request broke.
-    pub fn create_topic(
+    /// The rule the request broke, or no answer from the controller quorum.
+    pub async fn create_topic(
         &self,
         request: v1::CreateTopicRequest,
     ) -> Result<v1::CreateTopicResponse, BrokerError> {
         let configs: BTreeMap<String, String> = request.configs.into_iter().collect();
-        let log_config = topic_log_config(&self.log_defaults, &configs)?;
+        topic_log_config(&self.log_defaults, &configs)?;
         let partitions = if request.partitions == 0 {
             self.config.default_partitions
         } else {
@@ -569,39 +834,27 @@ impl Broker {
         } else {
             request.replication_factor
         };
-        let mut controller = self.controller();
         let name = request.name.clone();
-        let checked =
-            controller.create_topic(&name, partitions, rf, configs.clone(), false, true)?;
+        let checked = self
+            .image()
+            .metadata
+            .check_create_topic(&name, partitions, rf, &configs, false)?;
         if request.validate_only {
             return Ok(v1::CreateTopicResponse {
                 topic: Some(topic_metadata(&name, &checked, &self.log_defaults)),
             });
         }
-        // Open the logs before the metadata commits, so a topic never exists without them.
-        let mut opened = Vec::new();
-        for index in 0..partitions {
-            let dir = partition_dir(&self.config.data_dir, &name, index);
-            // A leftover directory of a deleted topic with this name must not resurface.
-            let _ = std::fs::remove_dir_all(&dir);
-            let partition = Partition::open(&dir, &name, index, log_config.clone(), 0)
-                .map_err(|err| BrokerError::from_storage(&name, index, &err))?;
-            opened.push(Arc::new(partition));
-        }
-        let topic = match controller.create_topic(&name, partitions, rf, configs, false, false) {
-            Ok(topic) => topic,
-            Err(err) => {
-                for index in 0..opened.len() as u32 {
-                    let _ =
-                        std::fs::remove_dir_all(partition_dir(&self.config.data_dir, &name, index));
-                }
-                return Err(err);
-            }
+        let command = Command::CreateTopic {
+            name: name.clone(),
+            partitions,
+            replication_factor: rf,
+            configs,
+            internal: false,
         };
-        self.topics
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(name.clone(), opened);
+        let topic = match self.propose(command).await? {
+            Outcome::Topic(topic) => topic,
+            Outcome::Done => self.image().metadata.topic(&name)?.clone(),
+        };
         tracing::info!(topic = %name, partitions, replication_factor = rf, "created topic");
         Ok(v1::CreateTopicResponse {
             topic: Some(topic_metadata(&name, &topic, &self.log_defaults)),
@@ -609,39 +862,19 @@ impl Broker {
     }
 
     /// # Errors
-    /// Unknown topic, or a storage error.
-    pub fn delete_topic(&self, name: &str) -> Result<(), BrokerError> {
-        let mut controller = self.controller();
-        controller.topic(name)?;
-        if controller.topic(name)?.internal {
-            return Err(BrokerError::InvalidRequest {
-                reason: format!("{name:?} is an internal topic and cannot be deleted"),
-            });
-        }
-        controller.delete_topic(name)?;
-        let partitions = self
-            .topics
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(name)
-            .unwrap_or_default();
-        drop(controller);
-        for partition in partitions {
-            let index = partition.index;
-            drop(partition);
-            let dir = partition_dir(&self.config.data_dir, name, index);
-            if let Err(err) = std::fs::remove_dir_all(&dir) {
-                tracing::warn!(dir = %dir.display(), error = %err, "could not remove a deleted partition's directory");
-            }
-        }
-        tracing::info!(topic = %name, "deleted topic");
+    /// Unknown or internal topic, or no answer from the controller quorum.
+    pub async fn delete_topic(&self, name: &str) -> Result<(), BrokerError> {
+        self.propose(Command::DeleteTopic {
+            name: name.to_string(),
+        })
+        .await?;
         Ok(())
     }
 
     pub fn list_topics(&self, include_internal: bool) -> v1::ListTopicsResponse {
-        let controller = self.controller();
-        let topics = controller
-            .metadata()
+        let image = self.image();
+        let topics = image
+            .metadata
             .topics
             .iter()
             .filter(|(_, t)| include_internal || !t.internal)
@@ -658,8 +891,7 @@ impl Broker {
     /// # Errors
     /// Unknown topic.
     pub fn describe_topic(&self, name: &str) -> Result<v1::DescribeTopicResponse, BrokerError> {
-        let topic = self.controller().topic(name)?.clone();
-        let hosted = self.partitions_of(name).unwrap_or_default();
+        let topic = self.image().metadata.topic(name)?.clone();
         let partitions = topic
             .partitions
             .iter()
@@ -676,7 +908,7 @@ impl Broker {
                     high_watermark: -1,
                     ..Default::default()
                 };
-                if let Some(partition) = hosted.get(index) {
+                if let Some(partition) = self.hosted_partition(name, index as u32) {
                     if let Some(snapshot) = partition.snapshot() {
                         description.log_start_offset = snapshot.log_start_offset;
                         description.log_end_offset = snapshot.log_end_offset;
@@ -685,6 +917,12 @@ impl Broker {
                         description.segment_count = snapshot.segment_count as u32;
                     }
                     description.error = partition.check_fenced().err().map(|e| e.to_proto());
+                }
+                if description.error.is_none() && record.leader == NO_LEADER {
+                    description.error = self
+                        .partition(name, index as u32)
+                        .err()
+                        .map(|e| e.to_proto());
                 }
                 description
             })
@@ -725,12 +963,11 @@ impl Broker {
 
     /// # Errors
     /// Unknown topic, an unknown key or an invalid value (nothing is changed then).
-    pub fn alter_topic_config(
+    pub async fn alter_topic_config(
         &self,
         request: v1::AlterTopicConfigRequest,
     ) -> Result<v1::AlterTopicConfigResponse, BrokerError> {
-        let mut controller = self.controller();
-        let mut configs = controller.topic(&request.name)?.configs.clone();
+        let mut configs = self.image().metadata.topic(&request.name)?.configs.clone();
         for key in &request.delete {
             if !KNOWN_KEYS.contains(&key.as_str()) && !BROKER_TOPIC_KEYS.contains(&key.as_str()) {
                 return Err(BrokerError::InvalidConfig {
@@ -743,45 +980,35 @@ impl Broker {
             configs.remove(key);
         }
         configs.extend(request.set);
-        let log_config = topic_log_config(&self.log_defaults, &configs)?;
-        controller.set_configs(&request.name, configs.clone())?;
-        drop(controller);
-        for partition in self.partitions_of(&request.name).unwrap_or_default() {
-            partition.set_config(log_config.clone());
-        }
+        topic_log_config(&self.log_defaults, &configs)?;
+        self.propose(Command::SetConfigs {
+            name: request.name.clone(),
+            configs: configs.clone(),
+        })
+        .await?;
         Ok(v1::AlterTopicConfigResponse {
             configs: self.config_entries(&configs),
         })
     }
 
     /// # Errors
-    /// Unknown topic, a total not larger than today's, or a storage error.
-    pub fn add_partitions(
+    /// Unknown topic, a total not larger than today's, or no answer from the controller.
+    pub async fn add_partitions(
         &self,
         name: &str,
         total: u32,
     ) -> Result<v1::AddPartitionsResponse, BrokerError> {
-        let mut controller = self.controller();
-        let topic = controller.topic(name)?.clone();
-        let current = topic.partitions.len() as u32;
-        let log_config = topic_log_config(&self.log_defaults, &topic.configs)?;
-        let mut opened = Vec::new();
-        if total > current && total <= crate::metadata::PARTITIONS_MAX {
-            for index in current..total {
-                let dir = partition_dir(&self.config.data_dir, name, index);
-                let _ = std::fs::remove_dir_all(&dir);
-                let partition = Partition::open(&dir, name, index, log_config.clone(), 0)
-                    .map_err(|err| BrokerError::from_storage(name, index, &err))?;
-                opened.push(Arc::new(partition));
-            }
-        }
-        let topic = controller.add_partitions(name, total)?;
-        self.topics
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(name.to_string())
-            .or_default()
-            .extend(opened);
+        self.image().metadata.check_add_partitions(name, total)?;
+        let topic = match self
+            .propose(Command::AddPartitions {
+                name: name.to_string(),
+                total,
+            })
+            .await?
+        {
+            Outcome::Topic(topic) => topic,
+            Outcome::Done => self.image().metadata.topic(name)?.clone(),
+        };
         Ok(v1::AddPartitionsResponse {
             topic: Some(topic_metadata(name, &topic, &self.log_defaults)),
         })
@@ -816,8 +1043,8 @@ impl Broker {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .drain()
             .collect();
-        for (_, partitions) in topics {
-            for partition in partitions {
+        for (_, hosted) in topics {
+            for (_, partition) in hosted.partitions {
                 let (topic, index) = (partition.topic.clone(), partition.index);
                 if let Err(err) = partition.close() {
                     tracing::error!(topic, partition = index, error = %err, "closing partition failed");
@@ -825,6 +1052,13 @@ impl Broker {
             }
         }
     }
+}
+
+fn join_ids(ids: &[u32]) -> String {
+    ids.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn known_keys() -> Vec<&'static str> {
@@ -902,6 +1136,7 @@ fn brokers(records: &[BrokerRecord]) -> Vec<v1::BrokerInfo> {
         .map(|b| v1::BrokerInfo {
             id: b.id,
             address: b.address.clone(),
+            fenced: b.fenced,
         })
         .collect()
 }

@@ -9,6 +9,10 @@
 //! default_partitions = 1
 //! default_replication_factor = 1
 //! housekeeping_interval_ms = 300000
+//! process_roles = ["broker", "controller"]   # KRaft's process.roles
+//! controller_quorum = "1@10.0.0.1:7070,2@10.0.0.2:7070,3@10.0.0.3:7070"
+//! broker_session_timeout_ms = 9000
+//! broker_heartbeat_interval_ms = 2000
 //!
 //! [topic_defaults]          # defaults for every topic's configs
 //! "retention.ms" = "604800000"
@@ -48,6 +52,52 @@ pub struct BrokerConfig {
     pub housekeeping_interval_ms: u64,
     #[serde(default)]
     pub topic_defaults: BTreeMap<String, String>,
+    /// What this node runs: `broker` (hosts partitions), `controller` (a voter of the
+    /// metadata quorum), or both (the default).
+    #[serde(default = "default_roles")]
+    pub process_roles: Vec<ProcessRole>,
+    /// The controller quorum's voters, `ID@HOST:PORT` separated by commas. Unset: this
+    /// node alone, at its own address (a cluster of one).
+    #[serde(default)]
+    pub controller_quorum: Option<String>,
+    /// A broker whose heartbeats stop for this long is fenced by the active controller.
+    #[serde(default = "default_session_ms")]
+    pub broker_session_timeout_ms: u64,
+    #[serde(default = "default_heartbeat_ms")]
+    pub broker_heartbeat_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProcessRole {
+    Broker,
+    Controller,
+}
+
+impl std::str::FromStr for ProcessRole {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "broker" => Ok(ProcessRole::Broker),
+            "controller" => Ok(ProcessRole::Controller),
+            other => Err(format!(
+                "unknown process role {other:?}; use broker, controller or broker,controller"
+            )),
+        }
+    }
+}
+
+fn default_roles() -> Vec<ProcessRole> {
+    vec![ProcessRole::Broker, ProcessRole::Controller]
+}
+
+fn default_session_ms() -> u64 {
+    9_000
+}
+
+fn default_heartbeat_ms() -> u64 {
+    2_000
 }
 
 fn default_node_id() -> u32 {
@@ -81,6 +131,10 @@ impl BrokerConfig {
             default_replication_factor: 1,
             housekeeping_interval_ms: default_housekeeping_ms(),
             topic_defaults: BTreeMap::new(),
+            process_roles: default_roles(),
+            controller_quorum: None,
+            broker_session_timeout_ms: default_session_ms(),
+            broker_heartbeat_interval_ms: default_heartbeat_ms(),
         }
     }
 
@@ -98,6 +152,50 @@ impl BrokerConfig {
         Ok(config)
     }
 
+    pub fn is_broker(&self) -> bool {
+        self.process_roles.contains(&ProcessRole::Broker)
+    }
+
+    pub fn is_controller(&self) -> bool {
+        self.process_roles.contains(&ProcessRole::Controller)
+    }
+
+    /// The quorum's voters; `advertised` is this node's address, used when the config
+    /// names no quorum (a cluster of one).
+    ///
+    /// # Errors
+    /// A malformed `controller_quorum`, no role, or a controller missing from its quorum.
+    pub fn voters(
+        &self,
+        advertised: &str,
+    ) -> anyhow::Result<BTreeMap<runnel_controller::BrokerId, String>> {
+        if self.process_roles.is_empty() {
+            anyhow::bail!("process_roles is empty; use broker, controller or both");
+        }
+        if self.node_id == 0 {
+            anyhow::bail!("node id 0 is reserved; node ids start at 1");
+        }
+        let voters = match &self.controller_quorum {
+            Some(text) => runnel_controller::parse_voters(text).map_err(anyhow::Error::msg)?,
+            None if self.is_controller() => {
+                BTreeMap::from([(self.node_id, advertised.to_string())])
+            }
+            None => anyhow::bail!(
+                "node {} runs only as a broker, so it needs --controller-quorum to find the controllers",
+                self.node_id
+            ),
+        };
+        if self.is_controller() && !voters.contains_key(&self.node_id) {
+            anyhow::bail!(
+                "node {} runs as a controller but the controller quorum ({}) does not name it; add {}@HOST:PORT",
+                self.node_id,
+                self.controller_quorum.as_deref().unwrap_or_default(),
+                self.node_id
+            );
+        }
+        Ok(voters)
+    }
+
     /// The log settings every topic starts from.
     ///
     /// # Errors
@@ -105,7 +203,7 @@ impl BrokerConfig {
     pub fn log_defaults(&self) -> anyhow::Result<LogConfig> {
         let mut config = LogConfig::default();
         for (key, value) in &self.topic_defaults {
-            if crate::metadata::BROKER_TOPIC_KEYS.contains(&key.as_str()) {
+            if crate::broker::BROKER_TOPIC_KEYS.contains(&key.as_str()) {
                 continue;
             }
             config.apply(key, value)?;

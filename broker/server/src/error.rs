@@ -87,6 +87,46 @@ pub enum BrokerError {
     UnknownGroup { group: String },
     #[error("invalid group id: {reason}")]
     InvalidGroupId { reason: String },
+    #[error(
+        "this broker is not the leader of {topic}-{partition} (the leader is broker {leader}); refresh metadata and retry there"
+    )]
+    NotLeader {
+        topic: String,
+        partition: u32,
+        leader: u32,
+    },
+    #[error("{topic}-{partition} has no leader: {reason}")]
+    LeaderNotAvailable {
+        topic: String,
+        partition: u32,
+        reason: String,
+    },
+    #[error("the controller quorum did not answer: {reason}")]
+    ControllerUnavailable { reason: String },
+}
+
+impl From<runnel_controller::MetadataError> for BrokerError {
+    fn from(err: runnel_controller::MetadataError) -> Self {
+        use runnel_controller::MetadataError as M;
+        match err {
+            M::UnknownTopic { topic } => BrokerError::UnknownTopic { topic },
+            M::InvalidTopicName { name, rule } => BrokerError::InvalidTopicName { name, rule },
+            M::TopicAlreadyExists { name } => BrokerError::TopicAlreadyExists { name },
+            M::InvalidPartitions { reason } => BrokerError::InvalidPartitions { reason },
+            M::InvalidReplicationFactor { requested, reason } => {
+                BrokerError::InvalidReplicationFactor { requested, reason }
+            }
+            M::InvalidRequest { reason } => BrokerError::InvalidRequest { reason },
+        }
+    }
+}
+
+impl From<runnel_controller::ControllerError> for BrokerError {
+    fn from(err: runnel_controller::ControllerError) -> Self {
+        BrokerError::ControllerUnavailable {
+            reason: err.to_string(),
+        }
+    }
 }
 
 impl BrokerError {
@@ -111,6 +151,9 @@ impl BrokerError {
             BrokerError::GroupNotEmpty { .. } => ErrorCode::GroupNotEmpty,
             BrokerError::UnknownGroup { .. } => ErrorCode::UnknownGroup,
             BrokerError::InvalidGroupId { .. } => ErrorCode::InvalidGroupId,
+            BrokerError::NotLeader { .. } => ErrorCode::NotLeader,
+            BrokerError::LeaderNotAvailable { .. } => ErrorCode::LeaderNotAvailable,
+            BrokerError::ControllerUnavailable { .. } => ErrorCode::ControllerNotAvailable,
         }
     }
 
@@ -133,9 +176,10 @@ impl BrokerError {
             }
             ErrorCode::TopicAlreadyExists => Code::AlreadyExists,
             ErrorCode::OffsetOutOfRange => Code::OutOfRange,
-            ErrorCode::NotEnoughReplicas | ErrorCode::NotLeader | ErrorCode::LeaderNotAvailable => {
-                Code::Unavailable
-            }
+            ErrorCode::NotEnoughReplicas
+            | ErrorCode::NotLeader
+            | ErrorCode::LeaderNotAvailable
+            | ErrorCode::ControllerNotAvailable => Code::Unavailable,
             ErrorCode::StorageError => Code::Internal,
             ErrorCode::RequestTimedOut => Code::DeadlineExceeded,
             ErrorCode::TopicDeletionInProgress => Code::FailedPrecondition,

@@ -1,8 +1,11 @@
-//! The Runnel broker: cluster metadata, hosted partitions and the gRPC services.
+//! The Runnel broker: hosted partitions and the gRPC services, on the controller
+//! quorum's metadata.
 //!
-//! [`start`] binds the listener, opens (and recovers) every partition, and serves the
-//! Producer, Consumer and Admin services plus gRPC health and reflection (v1 and v1alpha).
-//! It is used by `runnel dev`, `runnel broker start` and the end-to-end tests.
+//! [`start`] binds the listener, starts this node's controller voter (when it is one),
+//! follows the committed metadata, opens (and recovers) the partitions it assigns here,
+//! and serves the Producer, Consumer, Admin and Groups services (and the Quorum service
+//! on a controller) plus gRPC health and reflection (v1 and v1alpha). It is used by
+//! `runnel dev`, `runnel broker start` and the end-to-end tests.
 //!
 //! **Invariant:** gRPC status codes are produced only in [`error`]; storage knows nothing
 //! of the network.
@@ -13,7 +16,6 @@ pub mod data_dir;
 pub mod error;
 pub mod group;
 mod group_ops;
-pub mod metadata;
 pub mod offsets;
 pub mod partition;
 mod service;
@@ -23,11 +25,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use runnel_controller::{ControllerClient, MetadataImage, Quorum, QuorumConfig};
 use runnel_proto::v1::{
     admin_server::AdminServer, consumer_server::ConsumerServer, groups_server::GroupsServer,
     producer_server::ProducerServer,
 };
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 pub use broker::Broker;
@@ -58,7 +61,8 @@ pub struct RunningBroker {
     pub broker: Arc<Broker>,
     shutdown: Option<oneshot::Sender<()>>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
-    housekeeping: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
+    quorum: Option<Arc<Quorum>>,
 }
 
 /// Binds `config.listen` (port 0 picks a free port), opens every partition and serves.
@@ -87,11 +91,37 @@ pub async fn start_with(
         .clone()
         .unwrap_or_else(|| local_addr.to_string());
     let housekeeping_ms = config.housekeeping_interval_ms.max(FLUSH_TICK_MS);
-    let open_config = config.clone();
-    let broker = tokio::task::spawn_blocking(move || Broker::open(open_config, advertised))
-        .await
-        .context("opening the broker")??;
-    let broker = Arc::new(broker);
+    let voters = config.voters(&advertised)?;
+    let metadata_dir = config.data_dir.join("__cluster_metadata");
+    let quorum = if config.is_controller() {
+        let mut quorum_config =
+            QuorumConfig::new(config.node_id, voters.clone(), metadata_dir.clone());
+        quorum_config.broker_session_timeout =
+            Duration::from_millis(config.broker_session_timeout_ms);
+        quorum_config.import = legacy_metadata(&metadata_dir)?;
+        Some(
+            Quorum::start(quorum_config)
+                .await
+                .context("starting the controller")?,
+        )
+    } else {
+        None
+    };
+    let controller = Arc::new(ControllerClient::new(voters, quorum.clone()));
+    let images = match &quorum {
+        Some(quorum) => quorum.images(),
+        None => {
+            let (tx, rx) = watch::channel(Arc::new(MetadataImage::default()));
+            tokio::spawn(controller.clone().follow_metadata(tx));
+            rx
+        }
+    };
+    let broker = Arc::new(Broker::new(
+        config.clone(),
+        advertised,
+        controller,
+        quorum.clone(),
+    )?);
 
     let service = service::Service::new(broker.clone());
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -132,6 +162,10 @@ pub async fn start_with(
     .add_service(health_service)
     .add_service(reflection_v1)
     .add_service(reflection_v1alpha);
+    let routes = match &quorum {
+        Some(quorum) => routes.add_service(quorum.service()),
+        None => routes,
+    };
     let routes = extend(local_addr, routes);
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
@@ -166,14 +200,93 @@ pub async fn start_with(
             }
         }
     });
-    tracing::info!(address = %local_addr, data_dir = %config.data_dir.display(), "broker serving");
-    Ok(RunningBroker {
+    let mut tasks = vec![
+        housekeeping,
+        tokio::spawn(apply_images(broker.clone(), images)),
+    ];
+    if config.is_broker() {
+        tasks.push(tokio::spawn(heartbeat(broker.clone())));
+    }
+    let running = RunningBroker {
         local_addr,
-        broker,
+        broker: broker.clone(),
         shutdown: Some(shutdown_tx),
         server,
-        housekeeping,
-    })
+        tasks,
+        quorum,
+    };
+    broker.become_ready().await?;
+    tracing::info!(address = %local_addr, data_dir = %config.data_dir.display(), node_id = config.node_id, "broker serving");
+    Ok(running)
+}
+
+/// The metadata of a single-node data directory from before the controller quorum, to
+/// take into a new controller log.
+fn legacy_metadata(
+    dir: &std::path::Path,
+) -> anyhow::Result<Option<runnel_controller::ClusterMetadata>> {
+    let path = dir.join("metadata.json");
+    if dir.join("raft.log").exists() {
+        return Ok(None);
+    }
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .with_context(|| format!("reading the single-node metadata {}", path.display())),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(err).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Acts on each newer metadata image, in order, on a blocking thread.
+async fn apply_images(broker: Arc<Broker>, mut images: watch::Receiver<Arc<MetadataImage>>) {
+    loop {
+        let image = images.borrow_and_update().clone();
+        if image.index > broker.image().index || broker.image().index == 0 {
+            let applying = broker.clone();
+            if tokio::task::spawn_blocking(move || applying.apply_image(image))
+                .await
+                .is_err()
+            {
+                tracing::error!("applying a metadata image panicked");
+            }
+        }
+        if images.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Heartbeats to the active controller, which registers this broker on the first one.
+async fn heartbeat(broker: Arc<Broker>) {
+    let interval = Duration::from_millis(broker.config.broker_heartbeat_interval_ms.max(10));
+    let timeout = Duration::from_millis(broker.config.broker_session_timeout_ms.max(100));
+    let mut failing = false;
+    loop {
+        match broker
+            .controller
+            .heartbeat(
+                broker.config.node_id,
+                &broker.advertised,
+                &broker.incarnation,
+                timeout,
+            )
+            .await
+        {
+            Ok(_) if failing => {
+                tracing::info!("reached the active controller again");
+                failing = false;
+            }
+            Ok(_) => {}
+            Err(err) => {
+                if !failing {
+                    tracing::warn!(error = %err, "heartbeat to the controller failed");
+                }
+                failing = true;
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
 }
 
 impl RunningBroker {
@@ -186,8 +299,13 @@ impl RunningBroker {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        self.housekeeping.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
         let served = (&mut self.server).await;
+        if let Some(quorum) = &self.quorum {
+            quorum.shutdown().await;
+        }
         let broker = self.broker.clone();
         tokio::task::spawn_blocking(move || broker.close()).await?;
         served??;

@@ -8,6 +8,7 @@
 //! watermark is the log end offset, as in Kafka.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use bytes::{Bytes, BytesMut};
@@ -96,7 +97,10 @@ pub struct Partition {
     high_watermark: watch::Sender<i64>,
     flush_lock: tokio::sync::Mutex<()>,
     fenced: Mutex<Option<String>>,
-    leader_epoch: i32,
+    /// The leader epoch this broker appends under while it leads the partition.
+    leader_epoch: AtomicI32,
+    /// Whether the applied metadata makes this broker the partition's leader.
+    leading: AtomicBool,
 }
 
 impl Partition {
@@ -109,7 +113,6 @@ impl Partition {
         topic: &str,
         index: u32,
         config: LogConfig,
-        leader_epoch: i32,
     ) -> Result<Self, StorageError> {
         let log = Log::open(dir, config, now_ms())?;
         for tail in log.recovered_tails() {
@@ -127,14 +130,15 @@ impl Partition {
             high_watermark: watch::Sender::new(end),
             flush_lock: tokio::sync::Mutex::new(()),
             fenced: Mutex::new(None),
-            leader_epoch,
+            leader_epoch: AtomicI32::new(-1),
+            leading: AtomicBool::new(false),
         })
     }
 
     /// A partition whose log failed closed when the broker opened it (corruption inside
     /// the log): it answers every request with the reason, so that the broker can start
     /// and serve every other partition.
-    pub fn unavailable(topic: &str, index: u32, reason: String, leader_epoch: i32) -> Self {
+    pub fn unavailable(topic: &str, index: u32, reason: String) -> Self {
         Partition {
             topic: topic.to_string(),
             index,
@@ -142,7 +146,8 @@ impl Partition {
             high_watermark: watch::Sender::new(-1),
             flush_lock: tokio::sync::Mutex::new(()),
             fenced: Mutex::new(Some(reason)),
-            leader_epoch,
+            leader_epoch: AtomicI32::new(-1),
+            leading: AtomicBool::new(false),
         }
     }
 
@@ -198,7 +203,20 @@ impl Partition {
     }
 
     pub fn leader_epoch(&self) -> i32 {
-        self.leader_epoch
+        self.leader_epoch.load(Ordering::Acquire)
+    }
+
+    /// Whether this broker leads the partition under the applied metadata.
+    pub fn is_leader(&self) -> bool {
+        self.leading.load(Ordering::Acquire)
+    }
+
+    /// Applies the metadata's view of this partition: whether this broker leads it, and
+    /// under which epoch. Taken under the log's lock, so an append never mixes epochs.
+    pub fn set_leadership(&self, leading: bool, epoch: i32) {
+        let _log = self.log_write();
+        self.leader_epoch.store(epoch, Ordering::Release);
+        self.leading.store(leading, Ordering::Release);
     }
 
     /// Wakes whenever the high watermark moves.
@@ -254,6 +272,16 @@ impl Partition {
         let Some(log) = guard.as_mut() else {
             return Err(self.fenced_error());
         };
+        // Checked under the log's lock: leadership changes take the same lock.
+        if !self.is_leader() {
+            return Err(BrokerError::LeaderNotAvailable {
+                topic: self.topic.clone(),
+                partition: self.index,
+                reason:
+                    "leadership moved while the request was in flight; refresh metadata and retry"
+                        .into(),
+            });
+        }
         let max = log.config().max_message_bytes;
         if let Some(big) = batches.iter().find(|b| b.len() > max) {
             return Err(BrokerError::RecordTooLarge {
@@ -266,7 +294,7 @@ impl Partition {
         let mut first = None;
         for batch in &batches {
             let info = log
-                .append(batch, self.leader_epoch, now)
+                .append(batch, self.leader_epoch.load(Ordering::Acquire), now)
                 .map_err(|err| match err {
                     runnel_broker_storage::AppendError::Storage(err) => self.fence(&err),
                     other => BrokerError::from_append(&self.topic, self.index, other),

@@ -47,6 +47,7 @@ impl producer_server::Producer for Service {
     ) -> Result<Response<v1::ProduceResponse>, Status> {
         let request = request.into_inner();
         require_topic(&request.topic)?;
+        self.broker.auto_create(&request.topic).await;
         Ok(Response::new(self.broker.produce(request).await))
     }
 
@@ -65,7 +66,10 @@ impl producer_server::Producer for Service {
             while open || !in_flight.is_empty() {
                 tokio::select! {
                     next = incoming.next(), if open && in_flight.len() < PRODUCE_IN_FLIGHT_MAX => match next {
-                        Some(Ok(request)) => in_flight.push_back(broker.produce(request)),
+                        Some(Ok(request)) => {
+                            broker.auto_create(&request.topic).await;
+                            in_flight.push_back(broker.produce(request));
+                        }
                         Some(Err(status)) => {
                             tracing::debug!(%status, "produce stream ended by the client");
                             open = false;
@@ -150,7 +154,9 @@ impl admin_server::Admin for Service {
         &self,
         request: Request<v1::MetadataRequest>,
     ) -> Result<Response<v1::MetadataResponse>, Status> {
-        Ok(Response::new(self.broker.metadata(&request.into_inner())))
+        Ok(Response::new(
+            self.broker.metadata(&request.into_inner()).await,
+        ))
     }
 
     async fn cluster_info(
@@ -164,23 +170,16 @@ impl admin_server::Admin for Service {
         &self,
         request: Request<v1::CreateTopicRequest>,
     ) -> Result<Response<v1::CreateTopicResponse>, Status> {
-        let broker = self.broker.clone();
-        let response =
-            tokio::task::spawn_blocking(move || broker.create_topic(request.into_inner()))
-                .await
-                .map_err(|err| Status::internal(format!("create topic task failed: {err}")))??;
-        Ok(Response::new(response))
+        Ok(Response::new(
+            self.broker.create_topic(request.into_inner()).await?,
+        ))
     }
 
     async fn delete_topic(
         &self,
         request: Request<v1::DeleteTopicRequest>,
     ) -> Result<Response<v1::DeleteTopicResponse>, Status> {
-        let broker = self.broker.clone();
-        let name = request.into_inner().name;
-        tokio::task::spawn_blocking(move || broker.delete_topic(&name))
-            .await
-            .map_err(|err| Status::internal(format!("delete topic task failed: {err}")))??;
+        self.broker.delete_topic(&request.into_inner().name).await?;
         Ok(Response::new(v1::DeleteTopicResponse {}))
     }
 
@@ -208,7 +207,7 @@ impl admin_server::Admin for Service {
         request: Request<v1::AlterTopicConfigRequest>,
     ) -> Result<Response<v1::AlterTopicConfigResponse>, Status> {
         Ok(Response::new(
-            self.broker.alter_topic_config(request.into_inner())?,
+            self.broker.alter_topic_config(request.into_inner()).await?,
         ))
     }
 
@@ -217,13 +216,11 @@ impl admin_server::Admin for Service {
         request: Request<v1::AddPartitionsRequest>,
     ) -> Result<Response<v1::AddPartitionsResponse>, Status> {
         let request = request.into_inner();
-        let broker = self.broker.clone();
-        let response = tokio::task::spawn_blocking(move || {
-            broker.add_partitions(&request.name, request.total)
-        })
-        .await
-        .map_err(|err| Status::internal(format!("add partitions task failed: {err}")))??;
-        Ok(Response::new(response))
+        Ok(Response::new(
+            self.broker
+                .add_partitions(&request.name, request.total)
+                .await?,
+        ))
     }
 
     async fn delete_records(

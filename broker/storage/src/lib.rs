@@ -108,7 +108,8 @@ pub enum StorageError {
 }
 
 impl StorageError {
-    pub(crate) fn io(path: &Path, source: io::Error) -> Self {
+    /// An I/O failure on `path`.
+    pub fn io(path: &Path, source: io::Error) -> Self {
         StorageError::Io {
             path: path.to_path_buf(),
             source,

@@ -1,0 +1,689 @@
+//! The cluster metadata the controller log carries, and the commands that change it.
+//!
+//! [`ClusterMetadata::apply`] is the state machine: every controller applies the same
+//! committed commands in the same order and reaches the same metadata, so it depends on
+//! nothing but the command and the metadata before it (no clock, no randomness, no I/O).
+//! Validation lives here too, so that a command checked against an older image and
+//! proposed later is checked again, in log order, when it applies.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// A broker's id (`node.id`). Ids start at 1; 0 means "no broker" in a partition's leader.
+pub type BrokerId = u32;
+
+/// The leader of a partition that has none (every in-sync replica is fenced).
+pub const NO_LEADER: BrokerId = 0;
+/// Longest topic name accepted (Kafka's limit).
+pub const TOPIC_NAME_LENGTH_MAX: usize = 249;
+/// Most partitions a topic may have.
+pub const PARTITIONS_MAX: u32 = 10_000;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BrokerRecord {
+    pub id: BrokerId,
+    pub address: String,
+    /// Changes at every start of the broker's process.
+    #[serde(default)]
+    pub incarnation: String,
+    /// A fenced broker missed its heartbeats: it leads nothing until it is back.
+    #[serde(default)]
+    pub fenced: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PartitionRecord {
+    /// [`NO_LEADER`] while the partition is offline.
+    pub leader: BrokerId,
+    /// Bumped at every change of leader: batches carry it, and a replica truncates by it.
+    pub leader_epoch: i32,
+    pub replicas: Vec<BrokerId>,
+    pub isr: Vec<BrokerId>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TopicRecord {
+    /// Unique over the cluster's life: a topic deleted and created again gets a new id,
+    /// so that a broker never mistakes the old topic's log for the new one.
+    #[serde(default)]
+    pub id: u64,
+    pub replication_factor: u32,
+    pub partitions: Vec<PartitionRecord>,
+    /// Only the overrides; defaults come from the broker config.
+    pub configs: BTreeMap<String, String>,
+    pub internal: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClusterMetadata {
+    /// Empty until the quorum's first leader bootstraps the cluster.
+    pub cluster_id: String,
+    /// Sorted by id.
+    pub brokers: Vec<BrokerRecord>,
+    pub topics: BTreeMap<String, TopicRecord>,
+    /// The next topic id to hand out.
+    #[serde(default)]
+    pub next_topic_id: u64,
+}
+
+/// A change to the metadata, as proposed to the quorum.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Command {
+    /// Names the cluster; only the first one applies. It carries the metadata of a
+    /// single-node data directory from before the quorum, when the proposer has one, so
+    /// that nothing is created before the old topics are in.
+    Bootstrap {
+        cluster_id: String,
+        import: Option<ClusterMetadata>,
+    },
+    /// Takes in the metadata of a single-node data directory from before the quorum
+    /// (`metadata.json`). Topics whose names exist already are kept as they are.
+    Import {
+        metadata: ClusterMetadata,
+    },
+    /// A broker's process started (or its address changed). Leaderships it held under an
+    /// earlier incarnation get a new leader epoch: a restart is a new leadership.
+    RegisterBroker {
+        id: BrokerId,
+        address: String,
+        incarnation: String,
+    },
+    /// The broker missed its heartbeats: its leaderships move to other in-sync replicas,
+    /// or the partition goes offline when there is none.
+    FenceBroker {
+        id: BrokerId,
+    },
+    /// A fenced broker heartbeats again: it leads the offline partitions it is in sync for.
+    UnfenceBroker {
+        id: BrokerId,
+    },
+    CreateTopic {
+        name: String,
+        partitions: u32,
+        replication_factor: u32,
+        configs: BTreeMap<String, String>,
+        internal: bool,
+    },
+    DeleteTopic {
+        name: String,
+    },
+    SetConfigs {
+        name: String,
+        configs: BTreeMap<String, String>,
+    },
+    AddPartitions {
+        name: String,
+        total: u32,
+    },
+}
+
+/// What an applied command produced.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    Topic(TopicRecord),
+}
+
+/// A command the metadata refused; the message says which rule was broken.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, thiserror::Error)]
+pub enum MetadataError {
+    #[error("unknown topic {topic:?}")]
+    UnknownTopic { topic: String },
+    #[error("invalid topic name {name:?}: {rule}")]
+    InvalidTopicName { name: String, rule: String },
+    #[error("topic {name:?} already exists")]
+    TopicAlreadyExists { name: String },
+    #[error("invalid partition count: {reason}")]
+    InvalidPartitions { reason: String },
+    #[error("invalid replication factor {requested}: {reason}")]
+    InvalidReplicationFactor { requested: u32, reason: String },
+    #[error("{reason}")]
+    InvalidRequest { reason: String },
+}
+
+/// The result of applying a command, as the proposer sees it.
+pub type CommandResult = Result<Outcome, MetadataError>;
+
+/// Checks a topic name against the rules users rely on; the error names the rule.
+///
+/// # Errors
+/// [`MetadataError::InvalidTopicName`] for a broken rule, including a name that collides
+/// with an existing one because `.` and `_` are interchangeable in metric names.
+pub fn validate_topic_name<'a>(
+    name: &str,
+    existing: impl Iterator<Item = &'a str>,
+    allow_internal: bool,
+) -> Result<(), MetadataError> {
+    let invalid = |rule: String| MetadataError::InvalidTopicName {
+        name: name.to_string(),
+        rule,
+    };
+    if name.is_empty() {
+        return Err(invalid("a topic name may not be empty".into()));
+    }
+    if name == "." || name == ".." {
+        return Err(invalid("a topic name may not be \".\" or \"..\"".into()));
+    }
+    if name.len() > TOPIC_NAME_LENGTH_MAX {
+        return Err(invalid(format!(
+            "a topic name may have at most {TOPIC_NAME_LENGTH_MAX} characters, this one has {}",
+            name.len()
+        )));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(invalid(format!(
+            "character {bad:?} is not allowed; use only ASCII letters, digits, '.', '_' and '-'"
+        )));
+    }
+    if name.starts_with("__") && !allow_internal {
+        return Err(invalid(
+            "names beginning with \"__\" are reserved for internal topics".into(),
+        ));
+    }
+    let normalized = name.replace('.', "_");
+    for other in existing {
+        if other != name && other.replace('.', "_") == normalized {
+            return Err(invalid(format!(
+                "it collides with existing topic {other:?}: names that differ only by '.' versus '_' are not allowed"
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl ClusterMetadata {
+    /// # Errors
+    /// [`MetadataError::UnknownTopic`].
+    pub fn topic(&self, name: &str) -> Result<&TopicRecord, MetadataError> {
+        self.topics
+            .get(name)
+            .ok_or_else(|| MetadataError::UnknownTopic {
+                topic: name.to_string(),
+            })
+    }
+
+    pub fn broker(&self, id: BrokerId) -> Option<&BrokerRecord> {
+        self.brokers.iter().find(|b| b.id == id)
+    }
+
+    /// Brokers that may lead and hold new replicas, by id.
+    pub fn live_brokers(&self) -> Vec<BrokerId> {
+        self.brokers
+            .iter()
+            .filter(|b| !b.fenced)
+            .map(|b| b.id)
+            .collect()
+    }
+
+    /// Checks a topic creation without changing anything, and returns the topic as it
+    /// would be created.
+    ///
+    /// # Errors
+    /// The rule that was broken.
+    pub fn check_create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        replication_factor: u32,
+        configs: &BTreeMap<String, String>,
+        internal: bool,
+    ) -> Result<TopicRecord, MetadataError> {
+        if self.topics.contains_key(name) {
+            return Err(MetadataError::TopicAlreadyExists {
+                name: name.to_string(),
+            });
+        }
+        validate_topic_name(name, self.topics.keys().map(String::as_str), internal)?;
+        if partitions == 0 || partitions > PARTITIONS_MAX {
+            return Err(MetadataError::InvalidPartitions {
+                reason: format!(
+                    "{partitions} requested; a topic needs between 1 and {PARTITIONS_MAX} partitions"
+                ),
+            });
+        }
+        let live = self.live_brokers();
+        let count = live.len() as u32;
+        if replication_factor == 0 || replication_factor > count {
+            return Err(MetadataError::InvalidReplicationFactor {
+                requested: replication_factor,
+                reason: format!(
+                    "it must be between 1 and the number of live brokers ({count}); the cluster has {count} live broker{}",
+                    if count == 1 { "" } else { "s" }
+                ),
+            });
+        }
+        let start = placement_start(name, count);
+        Ok(TopicRecord {
+            id: self.next_topic_id,
+            replication_factor,
+            partitions: (0..partitions)
+                .map(|p| place(&live, start + p as usize, replication_factor))
+                .collect(),
+            configs: configs.clone(),
+            internal,
+        })
+    }
+
+    /// Checks growing a topic to `total` partitions and returns the new partitions.
+    ///
+    /// # Errors
+    /// Unknown topic, a total not larger than today's or above the limit, or too few
+    /// live brokers for the replication factor.
+    pub fn check_add_partitions(
+        &self,
+        name: &str,
+        total: u32,
+    ) -> Result<Vec<PartitionRecord>, MetadataError> {
+        let topic = self.topic(name)?;
+        let current = topic.partitions.len() as u32;
+        if total <= current {
+            return Err(MetadataError::InvalidPartitions {
+                reason: format!(
+                    "topic {name:?} has {current} partitions; the new total must be larger ({total} requested) because partitions can be added but never removed"
+                ),
+            });
+        }
+        if total > PARTITIONS_MAX {
+            return Err(MetadataError::InvalidPartitions {
+                reason: format!("{total} requested; at most {PARTITIONS_MAX} partitions per topic"),
+            });
+        }
+        let live = self.live_brokers();
+        let rf = topic.replication_factor;
+        if (live.len() as u32) < rf {
+            return Err(MetadataError::InvalidReplicationFactor {
+                requested: rf,
+                reason: format!(
+                    "topic {name:?} has replication factor {rf} but only {} broker(s) are live",
+                    live.len()
+                ),
+            });
+        }
+        let start = placement_start(name, live.len() as u32);
+        Ok((current..total)
+            .map(|p| place(&live, start + p as usize, rf))
+            .collect())
+    }
+
+    /// Applies one committed command. Deterministic: the same command on the same
+    /// metadata gives the same result on every controller.
+    pub fn apply(&mut self, command: Command) -> CommandResult {
+        match command {
+            Command::Bootstrap { cluster_id, import } => {
+                if !self.cluster_id.is_empty() {
+                    return Ok(Outcome::Done);
+                }
+                self.cluster_id = cluster_id;
+                match import {
+                    Some(metadata) => self.apply(Command::Import { metadata }),
+                    None => Ok(Outcome::Done),
+                }
+            }
+            Command::Import { metadata } => {
+                if self.topics.values().all(|t| t.internal) && !metadata.cluster_id.is_empty() {
+                    self.cluster_id = metadata.cluster_id;
+                }
+                for (name, mut topic) in metadata.topics {
+                    if self.topics.contains_key(&name) {
+                        continue;
+                    }
+                    topic.id = self.next_topic_id;
+                    self.next_topic_id += 1;
+                    self.topics.insert(name, topic);
+                }
+                for broker in metadata.brokers {
+                    if self.broker(broker.id).is_none() {
+                        self.brokers.push(BrokerRecord {
+                            fenced: true,
+                            ..broker
+                        });
+                    }
+                }
+                self.brokers.sort_by_key(|b| b.id);
+                Ok(Outcome::Done)
+            }
+            Command::RegisterBroker {
+                id,
+                address,
+                incarnation,
+            } => {
+                if id == NO_LEADER {
+                    return Err(MetadataError::InvalidRequest {
+                        reason: "broker id 0 is reserved; node ids start at 1".into(),
+                    });
+                }
+                let restarted = match self.brokers.iter_mut().find(|b| b.id == id) {
+                    Some(broker) => {
+                        let restarted = broker.incarnation != incarnation;
+                        broker.address = address;
+                        broker.incarnation = incarnation;
+                        broker.fenced = false;
+                        restarted
+                    }
+                    None => {
+                        self.brokers.push(BrokerRecord {
+                            id,
+                            address,
+                            incarnation,
+                            fenced: false,
+                        });
+                        self.brokers.sort_by_key(|b| b.id);
+                        true
+                    }
+                };
+                if restarted {
+                    // A new process holds no leadership of the old one: every partition
+                    // it led or may lead starts a new epoch under it.
+                    self.each_partition(|p| {
+                        if p.leader == id || (p.leader == NO_LEADER && p.isr.contains(&id)) {
+                            p.leader = id;
+                            p.leader_epoch += 1;
+                        }
+                    });
+                } else {
+                    self.elect_offline_for(id);
+                }
+                Ok(Outcome::Done)
+            }
+            Command::FenceBroker { id } => {
+                let Some(broker) = self.brokers.iter_mut().find(|b| b.id == id) else {
+                    return Err(MetadataError::InvalidRequest {
+                        reason: format!("unknown broker {id}"),
+                    });
+                };
+                broker.fenced = true;
+                let live = self.live_brokers();
+                self.each_partition(|p| {
+                    if p.leader != id {
+                        return;
+                    }
+                    let next = p
+                        .replicas
+                        .iter()
+                        .copied()
+                        .find(|r| *r != id && p.isr.contains(r) && live.contains(r));
+                    match next {
+                        Some(next) => {
+                            p.isr.retain(|r| *r != id);
+                            p.leader = next;
+                        }
+                        // The last in-sync replica stays in the ISR: it alone has
+                        // everything acknowledged.
+                        None => p.leader = NO_LEADER,
+                    }
+                    p.leader_epoch += 1;
+                });
+                Ok(Outcome::Done)
+            }
+            Command::UnfenceBroker { id } => {
+                let Some(broker) = self.brokers.iter_mut().find(|b| b.id == id) else {
+                    return Err(MetadataError::InvalidRequest {
+                        reason: format!("unknown broker {id}"),
+                    });
+                };
+                broker.fenced = false;
+                self.elect_offline_for(id);
+                Ok(Outcome::Done)
+            }
+            Command::CreateTopic {
+                name,
+                partitions,
+                replication_factor,
+                configs,
+                internal,
+            } => {
+                let topic = self.check_create_topic(
+                    &name,
+                    partitions,
+                    replication_factor,
+                    &configs,
+                    internal,
+                )?;
+                self.next_topic_id += 1;
+                self.topics.insert(name, topic.clone());
+                Ok(Outcome::Topic(topic))
+            }
+            Command::DeleteTopic { name } => {
+                let topic = self.topic(&name)?;
+                if topic.internal {
+                    return Err(MetadataError::InvalidRequest {
+                        reason: format!("{name:?} is an internal topic and cannot be deleted"),
+                    });
+                }
+                self.topics.remove(&name);
+                Ok(Outcome::Done)
+            }
+            Command::SetConfigs { name, configs } => {
+                let topic =
+                    self.topics
+                        .get_mut(&name)
+                        .ok_or_else(|| MetadataError::UnknownTopic {
+                            topic: name.clone(),
+                        })?;
+                topic.configs = configs;
+                Ok(Outcome::Topic(topic.clone()))
+            }
+            Command::AddPartitions { name, total } => {
+                let added = self.check_add_partitions(&name, total)?;
+                let topic =
+                    self.topics
+                        .get_mut(&name)
+                        .ok_or_else(|| MetadataError::UnknownTopic {
+                            topic: name.clone(),
+                        })?;
+                topic.partitions.extend(added);
+                Ok(Outcome::Topic(topic.clone()))
+            }
+        }
+    }
+
+    fn each_partition(&mut self, mut f: impl FnMut(&mut PartitionRecord)) {
+        for topic in self.topics.values_mut() {
+            for partition in &mut topic.partitions {
+                f(partition);
+            }
+        }
+    }
+
+    /// Elects `id` for the offline partitions whose ISR holds it.
+    fn elect_offline_for(&mut self, id: BrokerId) {
+        self.each_partition(|p| {
+            if p.leader == NO_LEADER && p.isr.contains(&id) {
+                p.leader = id;
+                p.leader_epoch += 1;
+            }
+        });
+    }
+}
+
+/// Where a topic's round-robin placement starts: varied by name, so that small topics do
+/// not all land on the first broker.
+fn placement_start(name: &str, brokers: u32) -> usize {
+    // FNV-1a: stable across builds and platforms, unlike std's hasher.
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (hash % u64::from(brokers.max(1))) as usize
+}
+
+/// The replicas of one partition: `rf` consecutive live brokers from `at`; the first
+/// leads.
+fn place(live: &[BrokerId], at: usize, rf: u32) -> PartitionRecord {
+    let replicas: Vec<BrokerId> = (0..rf as usize)
+        .map(|i| live[(at + i) % live.len()])
+        .collect();
+    PartitionRecord {
+        leader: replicas[0],
+        leader_epoch: 0,
+        isr: replicas.clone(),
+        replicas,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn register(meta: &mut ClusterMetadata, id: BrokerId, incarnation: &str) {
+        meta.apply(Command::RegisterBroker {
+            id,
+            address: format!("127.0.0.1:{id}"),
+            incarnation: incarnation.into(),
+        })
+        .expect("register");
+    }
+
+    fn create(meta: &mut ClusterMetadata, name: &str, partitions: u32, rf: u32) -> CommandResult {
+        meta.apply(Command::CreateTopic {
+            name: name.into(),
+            partitions,
+            replication_factor: rf,
+            configs: BTreeMap::new(),
+            internal: false,
+        })
+    }
+
+    #[test]
+    fn topic_name_rules_each_say_what_was_wrong() {
+        let none = std::iter::empty();
+        let cases = [
+            ("", "may not be empty"),
+            (".", "may not be \".\""),
+            ("..", "may not be \".\""),
+            ("a/b", "not allowed"),
+            ("héllo", "not allowed"),
+            ("__consumer_offsets", "reserved"),
+        ];
+        for (name, rule) in cases {
+            let err = validate_topic_name(name, none.clone(), false).expect_err(name);
+            assert!(err.to_string().contains(rule), "{name}: {err}");
+        }
+        assert!(validate_topic_name(&"a".repeat(250), none.clone(), false).is_err());
+        assert!(validate_topic_name(&"a".repeat(249), none.clone(), false).is_ok());
+        let err = validate_topic_name("my_topic", ["my.topic"].into_iter(), false)
+            .expect_err("collision");
+        assert!(err.to_string().contains("collides"), "{err}");
+        assert!(validate_topic_name("__consumer_offsets", none, true).is_ok());
+    }
+
+    #[test]
+    fn topics_are_validated_and_spread_over_live_brokers() {
+        let mut meta = ClusterMetadata::default();
+        for id in 1..=3 {
+            register(&mut meta, id, "a");
+        }
+        let err = create(&mut meta, "t", 3, 4).expect_err("rf > brokers");
+        assert!(
+            err.to_string().contains("4") && err.to_string().contains("live brokers (3)"),
+            "{err}"
+        );
+        assert!(create(&mut meta, "t", 0, 1).is_err());
+        let Ok(Outcome::Topic(topic)) = create(&mut meta, "t", 6, 1) else {
+            panic!("create");
+        };
+        let mut leaders: Vec<BrokerId> = topic.partitions.iter().map(|p| p.leader).collect();
+        leaders.sort_unstable();
+        assert_eq!(leaders, vec![1, 1, 2, 2, 3, 3]);
+        // Small topics start at different brokers.
+        let firsts: std::collections::BTreeSet<BrokerId> = (0..20)
+            .map(|i| {
+                let Ok(Outcome::Topic(t)) = create(&mut meta, &format!("s{i}"), 1, 1) else {
+                    panic!("create");
+                };
+                t.partitions[0].leader
+            })
+            .collect();
+        assert!(firsts.len() > 1, "{firsts:?}");
+        assert!(matches!(
+            create(&mut meta, "t", 1, 1),
+            Err(MetadataError::TopicAlreadyExists { .. })
+        ));
+        let err = meta
+            .apply(Command::AddPartitions {
+                name: "t".into(),
+                total: 2,
+            })
+            .expect_err("shrink");
+        assert!(err.to_string().contains("never removed"), "{err}");
+    }
+
+    #[test]
+    fn fencing_moves_leadership_to_the_isr_or_takes_the_partition_offline() {
+        let mut meta = ClusterMetadata::default();
+        for id in 1..=3 {
+            register(&mut meta, id, "a");
+        }
+        create(&mut meta, "one", 1, 1).expect("create");
+        create(&mut meta, "three", 1, 3).expect("create");
+        let one = meta.topics["one"].partitions[0].clone();
+        let three = meta.topics["three"].partitions[0].clone();
+        meta.apply(Command::FenceBroker { id: one.leader })
+            .expect("fence");
+        let after = &meta.topics["one"].partitions[0];
+        assert_eq!(after.leader, NO_LEADER);
+        assert_eq!(after.isr, one.isr, "the last in-sync replica stays");
+        assert_eq!(after.leader_epoch, one.leader_epoch + 1);
+        meta.apply(Command::UnfenceBroker { id: one.leader })
+            .expect("unfence");
+        let back = &meta.topics["one"].partitions[0];
+        assert_eq!(back.leader, one.leader);
+        assert_eq!(back.leader_epoch, one.leader_epoch + 2);
+
+        meta.apply(Command::FenceBroker { id: three.leader })
+            .expect("fence");
+        let moved = &meta.topics["three"].partitions[0];
+        assert_ne!(moved.leader, three.leader);
+        assert_ne!(moved.leader, NO_LEADER);
+        assert!(!moved.isr.contains(&three.leader));
+        assert_eq!(moved.leader_epoch, three.leader_epoch + 1);
+    }
+
+    #[test]
+    fn a_restarted_broker_leads_under_a_new_epoch() {
+        let mut meta = ClusterMetadata::default();
+        register(&mut meta, 1, "a");
+        create(&mut meta, "t", 2, 1).expect("create");
+        register(&mut meta, 1, "a");
+        assert!(
+            meta.topics["t"]
+                .partitions
+                .iter()
+                .all(|p| p.leader_epoch == 0)
+        );
+        register(&mut meta, 1, "b");
+        assert!(
+            meta.topics["t"]
+                .partitions
+                .iter()
+                .all(|p| p.leader == 1 && p.leader_epoch == 1)
+        );
+    }
+
+    #[test]
+    fn import_keeps_the_old_cluster_and_its_topics() {
+        let legacy = r#"{"cluster_id":"runnel-old","controller_id":1,
+            "brokers":[{"id":1,"address":"127.0.0.1:7070"}],
+            "topics":{"orders":{"replication_factor":1,"partitions":[
+                {"leader":1,"leader_epoch":4,"replicas":[1],"isr":[1]}],
+                "configs":{"retention.ms":"1000"},"internal":false}}}"#;
+        let metadata: ClusterMetadata = serde_json::from_str(legacy).expect("legacy parses");
+        let mut meta = ClusterMetadata::default();
+        meta.apply(Command::Bootstrap {
+            cluster_id: "new".into(),
+            import: Some(metadata.clone()),
+        })
+        .expect("bootstrap");
+        meta.apply(Command::Import { metadata })
+            .expect("import twice");
+        assert_eq!(meta.topics.len(), 1);
+        register(&mut meta, 1, "x");
+        assert_eq!(meta.cluster_id, "runnel-old");
+        let orders = &meta.topics["orders"];
+        assert_eq!(orders.configs["retention.ms"], "1000");
+        assert_eq!(orders.partitions[0].leader_epoch, 5);
+    }
+}

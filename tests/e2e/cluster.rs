@@ -1,0 +1,300 @@
+//! A three-node cluster of real `runnel broker start` processes (each a controller voter
+//! and a broker): placement over brokers, fencing of a killed broker, its return under a
+//! new leader epoch, and failover of the active controller.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::{RUNNEL, runnel_at};
+
+struct Node {
+    id: u32,
+    addr: String,
+    data_dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+fn spawn(node: &Node, quorum: &str) -> (Child, ChildStdout) {
+    let data_dir = node.data_dir.to_string_lossy().to_string();
+    let id = node.id.to_string();
+    let mut child = Command::new(RUNNEL)
+        .args([
+            "broker",
+            "start",
+            "--data-dir",
+            &data_dir,
+            "--listen",
+            &node.addr,
+            "--node-id",
+            &id,
+            "--controller-quorum",
+            quorum,
+            "--broker-session-timeout-ms",
+            "1500",
+            "--broker-heartbeat-interval-ms",
+            "200",
+        ])
+        .env("RUNNEL_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("runnel starts");
+    let stdout = child.stdout.take().expect("stdout is piped");
+    (child, stdout)
+}
+
+/// Waits for the line a node prints once it serves, then keeps draining its stdout.
+fn await_serving(stdout: ChildStdout) {
+    let mut lines = BufReader::new(stdout).lines();
+    let first = lines
+        .next()
+        .expect("the node prints its address")
+        .expect("readable stdout");
+    assert!(first.contains("listening on"), "unexpected line {first:?}");
+    std::thread::spawn(move || for _ in lines {});
+}
+
+struct Cluster {
+    nodes: Vec<Node>,
+    quorum: String,
+}
+
+impl Cluster {
+    /// Starts every node first and only then waits for them: none serves before a
+    /// majority of the quorum runs.
+    fn start(root: &Path, count: u32) -> Cluster {
+        let mut nodes: Vec<Node> = (1..=count)
+            .map(|id| Node {
+                id,
+                addr: format!("127.0.0.1:{}", free_port()),
+                data_dir: root.join(format!("node-{id}")),
+                child: None,
+            })
+            .collect();
+        let quorum = nodes
+            .iter()
+            .map(|n| format!("{}@{}", n.id, n.addr))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut outputs = Vec::new();
+        for node in &mut nodes {
+            let (child, stdout) = spawn(node, &quorum);
+            node.child = Some(child);
+            outputs.push(stdout);
+        }
+        for stdout in outputs {
+            await_serving(stdout);
+        }
+        Cluster { nodes, quorum }
+    }
+
+    fn node(&self, id: u32) -> &Node {
+        &self.nodes[id as usize - 1]
+    }
+
+    fn kill9(&mut self, id: u32) {
+        if let Some(mut child) = self.nodes[id as usize - 1].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn restart(&mut self, id: u32) {
+        let (child, stdout) = spawn(self.node(id), &self.quorum);
+        self.nodes[id as usize - 1].child = Some(child);
+        await_serving(stdout);
+    }
+
+    /// Runs a CLI command against node `id`; it must succeed.
+    fn ok(&self, id: u32, args: &[&str], stdin: &str) -> String {
+        let output = runnel_at(&self.node(id).addr, args, stdin);
+        assert!(
+            output.status.success(),
+            "runnel {args:?} on node {id} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("UTF-8 output")
+    }
+
+    /// The active controller, as `cluster info` on node `id` shows it.
+    fn controller(&self, id: u32) -> Option<u32> {
+        let info = self.ok(id, &["cluster", "info"], "");
+        let line = info.lines().find(|l| l.starts_with("Controller:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    fn broker_state(&self, on: u32, broker: u32) -> String {
+        let info = self.ok(on, &["cluster", "info"], "");
+        let brokers = info.split("Brokers:").nth(1).unwrap_or_default();
+        brokers
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(&broker.to_string()))
+            .and_then(|l| l.split('(').nth(1))
+            .map(|s| s.trim_end_matches(')').to_string())
+            .unwrap_or_default()
+    }
+}
+
+/// (partition, leader, epoch) rows of `topic describe`.
+fn leaders(describe: &str) -> Vec<(u32, u32, i32)> {
+    describe
+        .lines()
+        .skip_while(|l| !l.starts_with("PARTITION"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("Configs"))
+        .filter_map(|l| {
+            let mut cols = l.split_whitespace();
+            let partition = cols.next()?.parse().ok()?;
+            let leader = cols.next()?.parse().ok()?;
+            let epoch = cols.next()?.parse().ok()?;
+            Some((partition, leader, epoch))
+        })
+        .collect()
+}
+
+fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn three_nodes_place_fence_return_and_survive_the_controller() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Cluster::start(dir.path(), 3);
+    eventually("every broker is alive", Duration::from_secs(20), || {
+        (1..=3).all(|b| cluster.broker_state(2, b) == "alive")
+    });
+    let info = cluster.ok(3, &["cluster", "info"], "");
+    assert_eq!(info.matches("(leader").count(), 1, "{info}");
+    assert_eq!(info.matches("(voter").count(), 2, "{info}");
+
+    cluster.ok(3, &["topic", "create", "spread", "--partitions", "6"], "");
+    let placed = leaders(&cluster.ok(1, &["topic", "describe", "spread"], ""));
+    assert_eq!(placed.len(), 6);
+    let mut led: Vec<u32> = placed.iter().map(|p| p.1).collect();
+    led.sort_unstable();
+    led.dedup();
+    assert_eq!(
+        led,
+        vec![1, 2, 3],
+        "leaders spread over every broker: {placed:?}"
+    );
+    let err = runnel_at(
+        &cluster.node(1).addr,
+        &["topic", "create", "rf4", "--replication-factor", "4"],
+        "",
+    );
+    let stderr = String::from_utf8_lossy(&err.stderr);
+    assert!(
+        !err.status.success() && stderr.contains("4") && stderr.contains("live brokers (3)"),
+        "{stderr}"
+    );
+
+    let input: String = (0..60).map(|i| format!("k{i}:v{i}\n")).collect();
+    cluster.ok(1, &["produce", "spread", "--key-separator", ":"], &input);
+    let consume = [
+        "consume",
+        "spread",
+        "--from-beginning",
+        "--max-messages",
+        "60",
+    ];
+    let values = |out: String| {
+        let mut v: Vec<String> = out.lines().map(str::to_string).collect();
+        v.sort();
+        v
+    };
+    let mut expected: Vec<String> = (0..60).map(|i| format!("v{i}")).collect();
+    expected.sort();
+    assert_eq!(values(cluster.ok(2, &consume, "")), expected);
+
+    // A broker that is not the active controller dies: it is fenced, and the partitions
+    // it led (with one replica) go offline rather than elsewhere.
+    let controller = cluster.controller(1).expect("an active controller");
+    let victim = (1..=3)
+        .find(|b| *b != controller)
+        .expect("a non-controller");
+    let other = (1..=3).find(|b| *b != victim).expect("a survivor");
+    let before: Vec<(u32, u32, i32)> = placed.iter().copied().filter(|p| p.1 == victim).collect();
+    cluster.kill9(victim);
+    eventually(
+        "the killed broker is fenced",
+        Duration::from_secs(20),
+        || cluster.broker_state(other, victim) == "fenced",
+    );
+    let during = cluster.ok(other, &["topic", "describe", "spread"], "");
+    for (partition, _, epoch) in &before {
+        let row = leaders(&during)
+            .into_iter()
+            .find(|p| p.0 == *partition)
+            .expect("partition row");
+        assert_eq!(row.1, 0, "partition {partition} has no leader: {during}");
+        assert!(row.2 > *epoch, "the epoch moved on: {during}");
+    }
+    assert!(during.contains("has no leader"), "{during}");
+
+    // It returns: it leads its partitions again under a newer epoch, and nothing it held
+    // is lost.
+    cluster.restart(victim);
+    eventually("the broker is back", Duration::from_secs(20), || {
+        cluster.broker_state(other, victim) == "alive"
+    });
+    eventually(
+        "its partitions are led again",
+        Duration::from_secs(20),
+        || {
+            let now = leaders(&cluster.ok(other, &["topic", "describe", "spread"], ""));
+            before.iter().all(|(p, _, epoch)| {
+                now.iter()
+                    .any(|n| n.0 == *p && n.1 == victim && n.2 > *epoch)
+            })
+        },
+    );
+    assert_eq!(values(cluster.ok(other, &consume, "")), expected);
+
+    // The active controller dies: another voter takes over and metadata changes go on.
+    let controller = cluster.controller(other).expect("an active controller");
+    let survivor = (1..=3).find(|b| *b != controller).expect("a survivor");
+    cluster.kill9(controller);
+    eventually(
+        "another controller is active",
+        Duration::from_secs(20),
+        || {
+            cluster
+                .controller(survivor)
+                .is_some_and(|c| c != controller)
+        },
+    );
+    cluster.ok(
+        survivor,
+        &["topic", "create", "after", "--partitions", "2"],
+        "",
+    );
+    let listed = cluster.ok(survivor, &["topic", "list"], "");
+    assert!(
+        listed.contains("after") && listed.contains("spread"),
+        "{listed}"
+    );
+}
