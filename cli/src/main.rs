@@ -30,7 +30,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "Runnel: a WebAssembly-extensible stream processing platform"
 )]
 struct Cli {
-    /// Brokers to connect to, HOST:PORT[,HOST:PORT...].
+    /// Brokers to connect to, HOST:PORT[,HOST:PORT...]. With `dev`: how many brokers
+    /// to start (`runnel dev --brokers 3` runs a local three-node cluster).
     #[arg(long, global = true, env = "RUNNEL_BROKERS", default_value = DEFAULT_BROKERS, value_delimiter = ',')]
     brokers: Vec<String>,
     #[command(subcommand)]
@@ -96,7 +97,7 @@ async fn connect(brokers: &[String]) -> anyhow::Result<Client> {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Dev(args) => server::dev(args).await,
+        Command::Dev(args) => server::dev(args, &cli.brokers).await,
         Command::Broker(command) => server::broker(command).await,
         Command::Topic(command) => topic::run(connect(&cli.brokers).await?, command).await,
         Command::Produce(args) => produce::run(connect(&cli.brokers).await?, args).await,

@@ -56,10 +56,57 @@ pub struct StartArgs {
     broker_heartbeat_interval_ms: Option<u64>,
 }
 
-pub async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
-    let mut config = BrokerConfig::new(&args.data_dir);
-    config.listen = args.listen;
-    serve(config, "Runnel dev").await
+/// Most nodes `runnel dev --brokers N` starts.
+const DEV_BROKERS_MAX: u32 = 9;
+
+/// `runnel dev`: one node, or with `--brokers N` a local cluster of N nodes (each a
+/// controller voter and a broker) with data under `DIR/node-ID` and consecutive ports.
+pub async fn dev(args: DevArgs, brokers: &[String]) -> anyhow::Result<ExitCode> {
+    let count = match brokers {
+        [one] => one.trim().parse::<u32>().ok(),
+        _ => None,
+    };
+    let Some(count) = count.filter(|n| *n > 1) else {
+        let mut config = BrokerConfig::new(&args.data_dir);
+        config.listen = args.listen;
+        return serve(vec![config], "Runnel dev").await;
+    };
+    if count > DEV_BROKERS_MAX {
+        anyhow::bail!("runnel dev starts at most {DEV_BROKERS_MAX} brokers ({count} asked)");
+    }
+    let mut listens = Vec::new();
+    for i in 0..count {
+        let mut listen = args.listen;
+        if listen.port() == 0 {
+            // Voters must know each other's addresses before they start.
+            listen = std::net::TcpListener::bind(listen)?.local_addr()?;
+        } else {
+            let port = listen
+                .port()
+                .checked_add(i as u16)
+                .with_context(|| format!("port {} + {i} is beyond 65535", args.listen.port()))?;
+            listen.set_port(port);
+        }
+        listens.push(listen);
+    }
+    let quorum = listens
+        .iter()
+        .enumerate()
+        .map(|(i, l)| format!("{}@{l}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let configs = listens
+        .iter()
+        .enumerate()
+        .map(|(i, listen)| {
+            let mut config = BrokerConfig::new(args.data_dir.join(format!("node-{}", i + 1)));
+            config.node_id = i as u32 + 1;
+            config.listen = *listen;
+            config.controller_quorum = Some(quorum.clone());
+            config
+        })
+        .collect();
+    serve(configs, "Runnel dev").await
 }
 
 pub async fn broker(command: BrokerCommand) -> anyhow::Result<ExitCode> {
@@ -96,20 +143,30 @@ pub async fn broker(command: BrokerCommand) -> anyhow::Result<ExitCode> {
     if let Some(ms) = args.broker_heartbeat_interval_ms {
         config.broker_heartbeat_interval_ms = ms;
     }
-    serve(config, "Runnel broker").await
+    serve(vec![config], "Runnel broker").await
 }
 
-async fn serve(config: BrokerConfig, what: &str) -> anyhow::Result<ExitCode> {
+/// A node running in this process: the broker (and controller), and the streams and
+/// connect runtimes that live beside it.
+struct Node {
+    running: runnel_broker::RunningBroker,
+    runtime: runnel_streams::Runtime,
+    worker: runnel_connect::Worker,
+    data_dir: PathBuf,
+    _lock: runnel_broker::DataDirLock,
+}
+
+async fn start_node(config: BrokerConfig) -> anyhow::Result<Node> {
     let data_dir = config.data_dir.clone();
     // Before anything reads or writes the directory: one process at a time.
-    let _data_dir_lock = runnel_broker::DataDirLock::acquire(&data_dir)?;
+    let lock = runnel_broker::DataDirLock::acquire(&data_dir)?;
     // The streams runtime lives in the broker process and reaches the broker as a client.
     let runtime = runnel_streams::Runtime::new(&data_dir)?;
     // So is the connect runtime, for connectors created with `runnel connector create`.
     let worker = runnel_connect::Worker::new(Some(&data_dir))?;
     let service_runtime = runtime.clone();
     let service_worker = worker.clone();
-    let mut running = runnel_broker::start_with(config, move |addr, routes| {
+    let running = runnel_broker::start_with(config, move |addr, routes| {
         service_runtime.connect_to(vec![addr.to_string()]);
         service_worker.connect_to(vec![addr.to_string()]);
         routes
@@ -120,29 +177,73 @@ async fn serve(config: BrokerConfig, what: &str) -> anyhow::Result<ExitCode> {
     runtime.resume_saved().await?;
     worker.resume_saved().await?;
     let data_dir = std::fs::canonicalize(&data_dir).unwrap_or(data_dir);
+    Ok(Node {
+        running,
+        runtime,
+        worker,
+        data_dir,
+        _lock: lock,
+    })
+}
+
+/// Starts every node concurrently (the voters of a quorum wait for each other), prints
+/// where they listen, and serves until Ctrl-C or SIGTERM.
+async fn serve(configs: Vec<BrokerConfig>, what: &str) -> anyhow::Result<ExitCode> {
+    let mut nodes = futures::future::try_join_all(configs.into_iter().map(start_node)).await?;
+    let addresses: Vec<String> = nodes
+        .iter()
+        .map(|n| n.running.local_addr.to_string())
+        .collect();
     // A closed stdout (the launcher stopped reading) must not take the server down.
     let mut out = std::io::stdout();
-    let _ = writeln!(
-        out,
-        "{what} listening on {} (data in {})\nTry: runnel --brokers {} topic create hello\nStop with Ctrl-C.",
-        running.local_addr,
-        data_dir.display(),
-        running.local_addr
-    );
+    let text = match nodes.as_slice() {
+        [node] => format!(
+            "{what} listening on {} (data in {})\nTry: runnel --brokers {} topic create hello\nStop with Ctrl-C.",
+            addresses[0],
+            node.data_dir.display(),
+            addresses[0]
+        ),
+        _ => {
+            let list: Vec<String> = nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    format!(
+                        "  broker {} on {} (data in {})",
+                        i + 1,
+                        addresses[i],
+                        n.data_dir.display()
+                    )
+                })
+                .collect();
+            format!(
+                "{what} listening on {} ({} brokers, each a controller voter)\n{}\nTry: runnel --brokers {} topic create hello --partitions 6\nStop with Ctrl-C.",
+                addresses.join(","),
+                nodes.len(),
+                list.join("\n"),
+                addresses.join(",")
+            )
+        }
+    };
+    let _ = writeln!(out, "{text}");
     let _ = out.flush();
     let stop = shutdown_signal();
+    let stopped = futures::future::select_all(nodes.iter_mut().map(|n| Box::pin(n.running.wait())));
     tokio::select! {
-        result = running.wait() => {
+        (result, _, _) = stopped => {
             result.context("the server stopped")?;
             return Ok(ExitCode::FAILURE);
         }
         signal = stop => signal?,
     }
     tracing::info!("shutting down");
-    // Connectors and transforms commit what was acknowledged while the broker still serves.
-    worker.shutdown().await;
-    runtime.shutdown().await;
-    running.shutdown().await?;
+    for node in nodes {
+        // Connectors and transforms commit what was acknowledged while the broker still
+        // serves.
+        node.worker.shutdown().await;
+        node.runtime.shutdown().await;
+        node.running.shutdown().await?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 

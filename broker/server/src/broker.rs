@@ -834,6 +834,12 @@ impl Broker {
         } else {
             request.replication_factor
         };
+        if rf > 1 {
+            return Err(BrokerError::InvalidReplicationFactor {
+                requested: rf,
+                reason: "copying partition data between brokers is not available yet: the controller places each partition on one broker; use --replication-factor 1".into(),
+            });
+        }
         let name = request.name.clone();
         let checked = self
             .image()
