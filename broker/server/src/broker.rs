@@ -834,17 +834,17 @@ impl Broker {
         } else {
             request.replication_factor
         };
+        let name = request.name.clone();
+        let checked = self
+            .image()
+            .metadata
+            .check_create_topic(&name, partitions, rf, &configs, false)?;
         if rf > 1 {
             return Err(BrokerError::InvalidReplicationFactor {
                 requested: rf,
                 reason: "copying partition data between brokers is not available yet: the controller places each partition on one broker; use --replication-factor 1".into(),
             });
         }
-        let name = request.name.clone();
-        let checked = self
-            .image()
-            .metadata
-            .check_create_topic(&name, partitions, rf, &configs, false)?;
         if request.validate_only {
             return Ok(v1::CreateTopicResponse {
                 topic: Some(topic_metadata(&name, &checked, &self.log_defaults)),
