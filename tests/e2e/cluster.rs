@@ -2,12 +2,11 @@
 //! and a broker): placement over brokers, fencing of a killed broker, its return under a
 //! new leader epoch, and failover of the active controller.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, ChildStdout};
+use std::time::Duration;
 
-use crate::support::{RUNNEL, runnel_at};
+use crate::support::{await_listening, runnel_at, spawn_server, wait_until};
 
 struct Node {
     id: u32,
@@ -35,42 +34,22 @@ fn free_port() -> u16 {
 fn spawn(node: &Node, quorum: &str) -> (Child, ChildStdout) {
     let data_dir = node.data_dir.to_string_lossy().to_string();
     let id = node.id.to_string();
-    let mut child = Command::new(RUNNEL)
-        .args([
-            "broker",
-            "start",
-            "--data-dir",
-            &data_dir,
-            "--listen",
-            &node.addr,
-            "--node-id",
-            &id,
-            "--controller-quorum",
-            quorum,
-            "--broker-session-timeout-ms",
-            "1500",
-            "--broker-heartbeat-interval-ms",
-            "200",
-        ])
-        .env("RUNNEL_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("runnel starts");
-    let stdout = child.stdout.take().expect("stdout is piped");
-    (child, stdout)
-}
-
-/// Waits for the line a node prints once it serves, then keeps draining its stdout.
-fn await_serving(stdout: ChildStdout) {
-    let mut lines = BufReader::new(stdout).lines();
-    let first = lines
-        .next()
-        .expect("the node prints its address")
-        .expect("readable stdout");
-    assert!(first.contains("listening on"), "unexpected line {first:?}");
-    std::thread::spawn(move || for _ in lines {});
+    spawn_server(&[
+        "broker",
+        "start",
+        "--data-dir",
+        &data_dir,
+        "--listen",
+        &node.addr,
+        "--node-id",
+        &id,
+        "--controller-quorum",
+        quorum,
+        "--broker-session-timeout-ms",
+        "3000",
+        "--broker-heartbeat-interval-ms",
+        "200",
+    ])
 }
 
 struct Cluster {
@@ -102,7 +81,7 @@ impl Cluster {
             outputs.push(stdout);
         }
         for stdout in outputs {
-            await_serving(stdout);
+            await_listening(stdout);
         }
         Cluster { nodes, quorum }
     }
@@ -121,7 +100,7 @@ impl Cluster {
     fn restart(&mut self, id: u32) {
         let (child, stdout) = spawn(self.node(id), &self.quorum);
         self.nodes[id as usize - 1].child = Some(child);
-        await_serving(stdout);
+        await_listening(stdout);
     }
 
     /// Runs a CLI command against node `id`; it must succeed.
@@ -171,19 +150,11 @@ fn leaders(describe: &str) -> Vec<(u32, u32, i32)> {
         .collect()
 }
 
-fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn three_nodes_place_fence_return_and_survive_the_controller() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cluster = Cluster::start(dir.path(), 3);
-    eventually("every broker is alive", Duration::from_secs(20), || {
+    wait_until("every broker is alive", Duration::from_secs(20), || {
         (1..=3).all(|b| cluster.broker_state(2, b) == "alive")
     });
     let info = cluster.ok(3, &["cluster", "info"], "");
@@ -239,7 +210,7 @@ fn three_nodes_place_fence_return_and_survive_the_controller() {
     let other = (1..=3).find(|b| *b != victim).expect("a survivor");
     let before: Vec<(u32, u32, i32)> = placed.iter().copied().filter(|p| p.1 == victim).collect();
     cluster.kill9(victim);
-    eventually(
+    wait_until(
         "the killed broker is fenced",
         Duration::from_secs(20),
         || cluster.broker_state(other, victim) == "fenced",
@@ -258,10 +229,10 @@ fn three_nodes_place_fence_return_and_survive_the_controller() {
     // It returns: it leads its partitions again under a newer epoch, and nothing it held
     // is lost.
     cluster.restart(victim);
-    eventually("the broker is back", Duration::from_secs(20), || {
+    wait_until("the broker is back", Duration::from_secs(20), || {
         cluster.broker_state(other, victim) == "alive"
     });
-    eventually(
+    wait_until(
         "its partitions are led again",
         Duration::from_secs(20),
         || {
@@ -278,7 +249,7 @@ fn three_nodes_place_fence_return_and_survive_the_controller() {
     let controller = cluster.controller(other).expect("an active controller");
     let survivor = (1..=3).find(|b| *b != controller).expect("a survivor");
     cluster.kill9(controller);
-    eventually(
+    wait_until(
         "another controller is active",
         Duration::from_secs(20),
         || {

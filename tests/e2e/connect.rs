@@ -9,16 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::support::{Dev, RUNNEL};
+use crate::support::{Dev, RUNNEL, wait_until};
 use crate::transforms::components;
-
-fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn consume_all(dev: &Dev, topic: &str) -> Vec<String> {
     dev.ok(

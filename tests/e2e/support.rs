@@ -2,7 +2,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub const RUNNEL: &str = env!("CARGO_BIN_EXE_runnel");
@@ -87,8 +87,27 @@ impl Drop for Dev {
     }
 }
 
+/// Polls `done` every 100 ms until it holds; fails the test after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Starts a `runnel` server command and returns it with the address it prints.
 pub fn spawn_listening(args: &[&str]) -> (Child, String) {
+    let (child, stdout) = spawn_server(args);
+    (child, await_listening(stdout))
+}
+
+/// Starts a `runnel` server command without waiting for it: voters of one quorum must
+/// all be started before any of them serves.
+pub fn spawn_server(args: &[&str]) -> (Child, ChildStdout) {
     let mut child = Command::new(RUNNEL)
         .args(args)
         .env("RUNNEL_LOG", "warn")
@@ -98,6 +117,12 @@ pub fn spawn_listening(args: &[&str]) -> (Child, String) {
         .spawn()
         .expect("runnel starts");
     let stdout = child.stdout.take().expect("stdout is piped");
+    (child, stdout)
+}
+
+/// Waits for the line a server prints once it serves and returns the address in it;
+/// then keeps draining its stdout so the process never blocks on a full pipe.
+pub fn await_listening(stdout: ChildStdout) -> String {
     let mut lines = BufReader::new(stdout).lines();
     let first = lines
         .next()
@@ -109,9 +134,8 @@ pub fn spawn_listening(args: &[&str]) -> (Child, String) {
         .and_then(|rest| rest.split_whitespace().next())
         .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
         .to_string();
-    // Keep draining stdout so the process never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    (child, addr)
+    addr
 }
 
 /// Runs `runnel args...` (no stdin) that must exit by itself within `timeout`; fails the

@@ -217,8 +217,8 @@ impl ControllerClient {
         .await
     }
 
-    /// One heartbeat of broker `id` to the active controller. Returns whether the
-    /// controller holds the broker fenced.
+    /// One heartbeat of broker `id` to the active controller, answered once the
+    /// controller has registered or unfenced the broker where needed.
     ///
     /// # Errors
     /// No active controller within `timeout`.
@@ -228,12 +228,12 @@ impl ControllerClient {
         address: &str,
         incarnation: &str,
         timeout: Duration,
-    ) -> Result<bool, ControllerError> {
+    ) -> Result<(), ControllerError> {
         self.with_leader(timeout, |target| async move {
             if let Some(local) = self.local.as_ref().filter(|l| l.node_id() == target) {
                 return Ok(
                     match local.heartbeat_local(id, address, incarnation).await {
-                        Ok(fenced) => Attempt::Done(fenced),
+                        Ok(()) => Attempt::Done(()),
                         Err(ProposeError::NotLeader { leader }) => Attempt::Elsewhere(
                             leader.map(|l| l.0),
                             "not the active controller".into(),
@@ -258,7 +258,7 @@ impl ControllerClient {
                 Ok(response) => {
                     let response = response.into_inner();
                     if response.accepted {
-                        Ok(Attempt::Done(response.fenced))
+                        Ok(Attempt::Done(()))
                     } else {
                         let hint = (response.leader_id != 0).then_some(response.leader_id);
                         Ok(Attempt::Elsewhere(
@@ -305,6 +305,9 @@ impl ControllerClient {
                 }
             };
             while let Ok(Some(message)) = stream.message().await {
+                if message.controller_id != 0 {
+                    *self.leader() = Some(message.controller_id);
+                }
                 if let Some(image) = decode_image(&message)
                     && image.index > images.borrow().index
                 {

@@ -1,9 +1,10 @@
 //! A controller voter: its Raft node, the metadata it applied, and (while it is the
 //! active controller) the brokers' sessions.
 //!
-//! **Invariant:** only the active controller fences brokers, and only after a session
-//! has been silent for `broker_session_timeout` since it became active: a new active
-//! controller first gives every broker a full session to reach it.
+//! **Invariant:** only the active controller fences brokers, and only a broker silent for
+//! `broker_session_timeout` since the later of its last heartbeat and the moment this
+//! voter became active: a new active controller first gives every broker a full session
+//! to reach it, whether or not it heard of the broker yet.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -75,6 +76,8 @@ pub struct Quorum {
     pub(crate) machine: MetadataMachine,
     config: QuorumConfig,
     sessions: Mutex<HashMap<BrokerId, Instant>>,
+    /// `config.import` until a bootstrap carrying it has committed.
+    pending_import: Mutex<Option<ClusterMetadata>>,
 }
 
 impl Quorum {
@@ -137,6 +140,7 @@ impl Quorum {
         let quorum = Arc::new(Quorum {
             raft,
             machine,
+            pending_import: Mutex::new(config.import.clone()),
             config,
             sessions: Mutex::new(HashMap::new()),
         });
@@ -231,7 +235,7 @@ impl Quorum {
 
     /// A broker's heartbeat, on the active controller: records it, and registers or
     /// unfences the broker when the metadata does not show it live at this address and
-    /// incarnation. Returns whether the broker is fenced after that.
+    /// incarnation, and answers once that has committed.
     ///
     /// # Errors
     /// [`ProposeError::NotLeader`] when this voter is not the active controller.
@@ -240,18 +244,18 @@ impl Quorum {
         id: BrokerId,
         address: &str,
         incarnation: &str,
-    ) -> Result<bool, ProposeError> {
+    ) -> Result<(), ProposeError> {
         if self.leader() != Some(self.config.node_id) {
             return Err(ProposeError::NotLeader {
                 leader: self.leader_hint(),
             });
         }
         self.sessions().insert(id, Instant::now());
-        let image = self.machine.subscribe().borrow().clone();
+        let image = self.machine.current();
         let command = match image.metadata.broker(id) {
             Some(b) if b.address == address && b.incarnation == incarnation => {
                 if !b.fenced {
-                    return Ok(false);
+                    return Ok(());
                 }
                 Command::UnfenceBroker { id }
             }
@@ -263,7 +267,7 @@ impl Quorum {
         };
         let (_, result) = self.propose_local(command).await?;
         result.map_err(|err| ProposeError::Fatal(err.to_string()))?;
-        Ok(false)
+        Ok(())
     }
 
     fn sessions(&self) -> MutexGuard<'_, HashMap<BrokerId, Instant>> {
@@ -272,50 +276,75 @@ impl Quorum {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// While this voter is the active controller: bootstraps the cluster, imports legacy
-    /// metadata, and fences brokers whose sessions expired. Ends with the quorum.
+    /// Proposes the legacy metadata this voter holds (through the active controller,
+    /// wherever it is), and while this voter is the active controller bootstraps the
+    /// cluster and fences brokers whose sessions expired. Ends with the quorum.
     async fn run_active_duties(quorum: std::sync::Weak<Quorum>) {
-        let mut was_active = false;
-        let mut imported = false;
+        let mut active_since: Option<Instant> = None;
         loop {
             let Some(q) = quorum.upgrade() else { return };
             let tick = q.config.raft_heartbeat;
+            q.propose_import(&q).await;
             let active = q.raft.metrics().borrow().state == ServerState::Leader;
-            if active && !was_active {
-                // A full session for everyone before anyone is fenced.
-                let now = Instant::now();
-                let image = q.machine.subscribe().borrow().clone();
-                let mut sessions = q.sessions();
-                sessions.clear();
-                for broker in &image.metadata.brokers {
-                    sessions.insert(broker.id, now);
-                }
-            }
-            was_active = active;
-            if active {
-                q.active_duties().await;
-            }
-            if !imported && q.config.import.is_some() {
-                imported = q.import_legacy().await;
+            if !active {
+                active_since = None;
+            } else {
+                // A full session for everyone before anyone is fenced: brokers heartbeat
+                // to whoever was active before, and may not have found this voter yet.
+                let since = *active_since.get_or_insert_with(Instant::now);
+                q.active_duties(since).await;
             }
             drop(q);
             tokio::time::sleep(tick).await;
         }
     }
 
-    async fn active_duties(&self) {
-        let image = self.machine.subscribe().borrow().clone();
+    /// Proposes a bootstrap carrying the legacy metadata, once; afterwards the old file
+    /// is kept aside as `metadata.json.imported`, so that it is never imported again.
+    async fn propose_import(&self, this: &Arc<Quorum>) {
+        let Some(metadata) = self.pending().clone() else {
+            return;
+        };
+        let client = ControllerClient::new(self.config.voters.clone(), Some(this.clone()));
+        let command = Command::Bootstrap {
+            cluster_id: new_id("runnel"),
+            import: Some(metadata),
+        };
+        if let Err(err) = client
+            .propose(command, self.config.election_timeout * 4)
+            .await
+        {
+            tracing::debug!(error = %err, "import not committed yet");
+            return;
+        }
+        *self.pending() = None;
+        let legacy = self.config.dir.join("metadata.json");
+        if let Err(err) = std::fs::rename(&legacy, self.config.dir.join("metadata.json.imported")) {
+            tracing::warn!(error = %err, "could not rename the imported metadata.json");
+        }
+        tracing::info!("took the single-node metadata into the controller log");
+    }
+
+    fn pending(&self) -> MutexGuard<'_, Option<ClusterMetadata>> {
+        self.pending_import
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Bootstraps the cluster, or fences every live broker not heard from for a session
+    /// since the later of its last heartbeat and `active_since`.
+    async fn active_duties(&self, active_since: Instant) {
+        let image = self.machine.current();
         if image.metadata.cluster_id.is_empty() {
-            let cluster_id = new_id("runnel");
-            let import = self.config.import.clone();
-            let proposed = self
-                .propose_local(Command::Bootstrap { cluster_id, import })
-                .await;
-            if proposed.is_ok() {
-                self.imported();
-            }
-            if let Err(err) = proposed {
-                tracing::debug!(error = %err, "bootstrap not committed yet");
+            // Left to the import when there is one, so it comes before anything else.
+            if self.pending().is_none() {
+                let command = Command::Bootstrap {
+                    cluster_id: new_id("runnel"),
+                    import: None,
+                };
+                if let Err(err) = self.propose_local(command).await {
+                    tracing::debug!(error = %err, "bootstrap not committed yet");
+                }
             }
             return;
         }
@@ -327,9 +356,10 @@ impl Quorum {
                 .iter()
                 .filter(|b| !b.fenced)
                 .filter(|b| {
-                    sessions
+                    let seen = sessions
                         .get(&b.id)
-                        .is_none_or(|seen| seen.elapsed() > self.config.broker_session_timeout)
+                        .map_or(active_since, |seen| (*seen).max(active_since));
+                    seen.elapsed() > self.config.broker_session_timeout
                 })
                 .map(|b| b.id)
                 .collect()
@@ -344,50 +374,6 @@ impl Quorum {
                 tracing::warn!(broker = id, error = %err, "fencing not committed");
             }
         }
-    }
-
-    /// Proposes the legacy metadata once the cluster is bootstrapped; true once it is in.
-    async fn import_legacy(&self) -> bool {
-        let Some(metadata) = self.config.import.clone() else {
-            return true;
-        };
-        if self
-            .machine
-            .subscribe()
-            .borrow()
-            .metadata
-            .cluster_id
-            .is_empty()
-        {
-            return false;
-        }
-        let client = ControllerClient::new(self.config.voters.clone(), None);
-        match client
-            .propose(Command::Import { metadata }, Duration::from_secs(5))
-            .await
-        {
-            Ok(_) => {
-                self.imported();
-                true
-            }
-            Err(err) => {
-                tracing::debug!(error = %err, "import not committed yet");
-                false
-            }
-        }
-    }
-
-    /// Keeps the imported `metadata.json` aside, so that it is never imported again.
-    fn imported(&self) {
-        let legacy = self.config.dir.join("metadata.json");
-        if !legacy.exists() {
-            return;
-        }
-        let kept = self.config.dir.join("metadata.json.imported");
-        if let Err(err) = std::fs::rename(&legacy, &kept) {
-            tracing::warn!(error = %err, "could not rename the imported metadata.json");
-        }
-        tracing::info!("took the single-node metadata into the controller log");
     }
 
     /// Stops the Raft node.

@@ -109,9 +109,8 @@ impl quorum_server::Quorum for QuorumService {
             .heartbeat_local(beat.broker_id, &beat.address, &beat.incarnation)
             .await
         {
-            Ok(fenced) => Ok(Response::new(BrokerHeartbeatResponse {
+            Ok(()) => Ok(Response::new(BrokerHeartbeatResponse {
                 accepted: true,
-                fenced,
                 ..Default::default()
             })),
             Err(ProposeError::NotLeader { leader }) => {
@@ -120,7 +119,6 @@ impl quorum_server::Quorum for QuorumService {
                     accepted: false,
                     leader_id,
                     leader_address,
-                    fenced: false,
                 }))
             }
             Err(ProposeError::Fatal(err)) => Err(Status::unavailable(err)),
@@ -135,37 +133,24 @@ impl quorum_server::Quorum for QuorumService {
     ) -> Result<Response<Self::WatchMetadataStream>, Status> {
         let mut images = self.quorum.images();
         let quorum = self.quorum.clone();
-        let stream = async_stream(move |tx| async move {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        // Ends when the stream is dropped (the send fails) or the quorum stops.
+        tokio::spawn(async move {
             loop {
                 let image = images.borrow_and_update().clone();
-                let message = ImageMessage {
+                let message = encode(&image.metadata).map(|metadata| ImageMessage {
                     index: image.index,
                     controller_id: quorum.leader().unwrap_or(0),
-                    metadata: match encode(&image.metadata) {
-                        Ok(bytes) => bytes,
-                        Err(status) => {
-                            let _ = tx.send(Err(status)).await;
-                            return;
-                        }
-                    },
-                };
-                if tx.send(Ok(message)).await.is_err() || images.changed().await.is_err() {
+                    metadata,
+                });
+                let failed = message.is_err();
+                if tx.send(message).await.is_err() || failed || images.changed().await.is_err() {
                     return;
                 }
             }
         });
-        Ok(Response::new(stream))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
-}
-
-/// A stream fed by a task through a small channel (the task ends when the stream is
-/// dropped).
-fn async_stream<F, Fut>(body: F) -> Pin<Box<dyn Stream<Item = Result<ImageMessage, Status>> + Send>>
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<Result<ImageMessage, Status>>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tokio::spawn(body(tx));
-    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }

@@ -70,17 +70,13 @@ pub struct ClusterMetadata {
 /// A change to the metadata, as proposed to the quorum.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Command {
-    /// Names the cluster; only the first one applies. It carries the metadata of a
-    /// single-node data directory from before the quorum, when the proposer has one, so
-    /// that nothing is created before the old topics are in.
+    /// Names the cluster (only the first name applies) and takes in the metadata of a
+    /// single-node data directory from before the quorum (`metadata.json`) when the
+    /// proposer has one. Imported topics whose names exist already are kept as they are,
+    /// so proposing the same import twice changes nothing.
     Bootstrap {
         cluster_id: String,
         import: Option<ClusterMetadata>,
-    },
-    /// Takes in the metadata of a single-node data directory from before the quorum
-    /// (`metadata.json`). Topics whose names exist already are kept as they are.
-    Import {
-        metadata: ClusterMetadata,
     },
     /// A broker's process started (or its address changed). Leaderships it held under an
     /// earlier incarnation get a new leader epoch: a restart is a new leadership.
@@ -314,41 +310,12 @@ impl ClusterMetadata {
     pub fn apply(&mut self, command: Command) -> CommandResult {
         match command {
             Command::Bootstrap { cluster_id, import } => {
-                if !self.cluster_id.is_empty() {
-                    return Ok(Outcome::Done);
+                if self.cluster_id.is_empty() {
+                    self.cluster_id = cluster_id;
                 }
-                self.cluster_id = cluster_id;
-                match import {
-                    Some(metadata) => self.apply(Command::Import { metadata }),
-                    None => Ok(Outcome::Done),
+                if let Some(metadata) = import {
+                    self.import(metadata);
                 }
-            }
-            Command::Import { metadata } => {
-                if self.topics.values().all(|t| t.internal) && !metadata.cluster_id.is_empty() {
-                    self.cluster_id = metadata.cluster_id;
-                }
-                for (name, mut topic) in metadata.topics {
-                    if self.topics.contains_key(&name) {
-                        continue;
-                    }
-                    topic.id = self.next_topic_id;
-                    self.next_topic_id += 1;
-                    // The process that led them is gone: whoever leads next does so
-                    // under a new epoch.
-                    for partition in &mut topic.partitions {
-                        partition.leader_epoch += 1;
-                    }
-                    self.topics.insert(name, topic);
-                }
-                for broker in metadata.brokers {
-                    if self.broker(broker.id).is_none() {
-                        self.brokers.push(BrokerRecord {
-                            fenced: true,
-                            ..broker
-                        });
-                    }
-                }
-                self.brokers.sort_by_key(|b| b.id);
                 Ok(Outcome::Done)
             }
             Command::RegisterBroker {
@@ -395,12 +362,7 @@ impl ClusterMetadata {
                 Ok(Outcome::Done)
             }
             Command::FenceBroker { id } => {
-                let Some(broker) = self.brokers.iter_mut().find(|b| b.id == id) else {
-                    return Err(MetadataError::InvalidRequest {
-                        reason: format!("unknown broker {id}"),
-                    });
-                };
-                broker.fenced = true;
+                self.set_fenced(id, true)?;
                 let live = self.live_brokers();
                 self.each_partition(|p| {
                     if p.leader != id {
@@ -425,12 +387,7 @@ impl ClusterMetadata {
                 Ok(Outcome::Done)
             }
             Command::UnfenceBroker { id } => {
-                let Some(broker) = self.brokers.iter_mut().find(|b| b.id == id) else {
-                    return Err(MetadataError::InvalidRequest {
-                        reason: format!("unknown broker {id}"),
-                    });
-                };
-                broker.fenced = false;
+                self.set_fenced(id, false)?;
                 self.elect_offline_for(id);
                 Ok(Outcome::Done)
             }
@@ -463,27 +420,67 @@ impl ClusterMetadata {
                 Ok(Outcome::Done)
             }
             Command::SetConfigs { name, configs } => {
-                let topic =
-                    self.topics
-                        .get_mut(&name)
-                        .ok_or_else(|| MetadataError::UnknownTopic {
-                            topic: name.clone(),
-                        })?;
+                let topic = self.topic_mut(&name)?;
                 topic.configs = configs;
                 Ok(Outcome::Topic(topic.clone()))
             }
             Command::AddPartitions { name, total } => {
                 let added = self.check_add_partitions(&name, total)?;
-                let topic =
-                    self.topics
-                        .get_mut(&name)
-                        .ok_or_else(|| MetadataError::UnknownTopic {
-                            topic: name.clone(),
-                        })?;
+                let topic = self.topic_mut(&name)?;
                 topic.partitions.extend(added);
                 Ok(Outcome::Topic(topic.clone()))
             }
         }
+    }
+
+    /// Takes in legacy single-node metadata: its cluster id while the cluster has no
+    /// user topics yet, and the topics and brokers it does not know.
+    fn import(&mut self, metadata: ClusterMetadata) {
+        if self.topics.values().all(|t| t.internal) && !metadata.cluster_id.is_empty() {
+            self.cluster_id = metadata.cluster_id;
+        }
+        for (name, mut topic) in metadata.topics {
+            if self.topics.contains_key(&name) {
+                continue;
+            }
+            topic.id = self.next_topic_id;
+            self.next_topic_id += 1;
+            // The process that led them is gone: whoever leads next does so under a
+            // new epoch.
+            for partition in &mut topic.partitions {
+                partition.leader_epoch += 1;
+            }
+            self.topics.insert(name, topic);
+        }
+        for broker in metadata.brokers {
+            if self.broker(broker.id).is_none() {
+                self.brokers.push(BrokerRecord {
+                    fenced: true,
+                    ..broker
+                });
+            }
+        }
+        self.brokers.sort_by_key(|b| b.id);
+    }
+
+    fn topic_mut(&mut self, name: &str) -> Result<&mut TopicRecord, MetadataError> {
+        self.topics
+            .get_mut(name)
+            .ok_or_else(|| MetadataError::UnknownTopic {
+                topic: name.to_string(),
+            })
+    }
+
+    fn set_fenced(&mut self, id: BrokerId, fenced: bool) -> Result<(), MetadataError> {
+        let broker = self
+            .brokers
+            .iter_mut()
+            .find(|b| b.id == id)
+            .ok_or_else(|| MetadataError::InvalidRequest {
+                reason: format!("unknown broker {id}"),
+            })?;
+        broker.fenced = fenced;
+        Ok(())
     }
 
     fn each_partition(&mut self, mut f: impl FnMut(&mut PartitionRecord)) {
@@ -682,8 +679,11 @@ mod tests {
             import: Some(metadata.clone()),
         })
         .expect("bootstrap");
-        meta.apply(Command::Import { metadata })
-            .expect("import twice");
+        meta.apply(Command::Bootstrap {
+            cluster_id: "other".into(),
+            import: Some(metadata),
+        })
+        .expect("import twice");
         assert_eq!(meta.topics.len(), 1);
         register(&mut meta, 1, "x");
         assert_eq!(meta.cluster_id, "runnel-old");

@@ -5,8 +5,8 @@
 //! atomically) plus the log entries after it: a restarted controller loads the snapshot
 //! and re-applies the committed entries.
 //!
-//! **Invariant:** images are published in log order, each with the index of the last
-//! entry it contains; a broker acts only on an image it received, never ahead of it.
+//! **Invariant:** images are published in log order (one per applied batch of entries),
+//! each with the index of the last entry it contains; a broker acts only on an image it received, never ahead of it.
 
 use std::io::{self, Cursor};
 use std::path::{Path, PathBuf};
@@ -109,6 +109,11 @@ impl MetadataMachine {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The latest image.
+    pub fn current(&self) -> Arc<MetadataImage> {
+        self.images.borrow().clone()
+    }
+
     /// The latest image and every newer one.
     pub fn subscribe(&self) -> watch::Receiver<Arc<MetadataImage>> {
         self.images.subscribe()
@@ -180,8 +185,9 @@ impl RaftStateMachine<TypeConfig> for MetadataMachine {
                 }
             };
             results.push(result);
-            self.publish(&inner);
         }
+        // One image per applied batch: each holds a copy of the whole metadata.
+        self.publish(&inner);
         Ok(results)
     }
 

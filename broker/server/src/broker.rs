@@ -10,6 +10,7 @@ use runnel_broker_storage::{KNOWN_KEYS, LogConfig};
 use runnel_controller::state::{BrokerRecord, NO_LEADER, PartitionRecord, TopicRecord};
 use runnel_controller::{Command, ControllerClient, MetadataImage, Outcome, Quorum};
 use runnel_proto::v1;
+use tokio::sync::watch;
 
 use crate::config::BrokerConfig;
 use crate::error::BrokerError;
@@ -39,7 +40,7 @@ pub struct Broker {
     log_defaults: LogConfig,
     /// The metadata image this broker last acted on: opened, closed and led partitions
     /// by. Every answer about the cluster comes from it, never from a newer image.
-    applied: RwLock<Arc<MetadataImage>>,
+    applied: watch::Sender<Arc<MetadataImage>>,
     pub(crate) controller: Arc<ControllerClient>,
     pub(crate) quorum: Option<Arc<Quorum>>,
     /// This process's identity towards the controller; a restart changes it.
@@ -70,7 +71,7 @@ impl Broker {
         Ok(Broker {
             config,
             log_defaults,
-            applied: RwLock::new(Arc::new(MetadataImage::default())),
+            applied: watch::Sender::new(Arc::new(MetadataImage::default())),
             controller,
             quorum,
             incarnation: runnel_controller::new_id("incarnation"),
@@ -86,10 +87,7 @@ impl Broker {
 
     /// The metadata this broker acts on.
     pub fn image(&self) -> Arc<MetadataImage> {
-        self.applied
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        self.applied.borrow().clone()
     }
 
     /// Acts on a newer metadata image: opens the partitions this broker now holds a
@@ -167,10 +165,7 @@ impl Broker {
             }
             tracing::info!(topic = %name, "deleted topic");
         }
-        *self
-            .applied
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = image;
+        self.applied.send_replace(image);
     }
 
     /// Opens a replica's log. A directory left by an older topic of the same name (one
@@ -253,20 +248,18 @@ impl Broker {
 
     /// Waits until this broker has acted on the metadata up to `index`.
     pub(crate) async fn await_applied(&self, index: u64) -> Result<(), BrokerError> {
-        let deadline = tokio::time::Instant::now() + CONTROLLER_TIMEOUT;
-        while self.image().index < index {
-            if tokio::time::Instant::now() >= deadline {
-                return Err(BrokerError::ControllerUnavailable {
-                    reason: format!(
-                        "the change committed at index {index} but this broker has applied only up to {} after {} s",
-                        self.image().index,
-                        CONTROLLER_TIMEOUT.as_secs()
-                    ),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        let mut applied = self.applied.subscribe();
+        let reached = applied.wait_for(|image| image.index >= index);
+        if let Ok(Ok(_)) = tokio::time::timeout(CONTROLLER_TIMEOUT, reached).await {
+            return Ok(());
         }
-        Ok(())
+        Err(BrokerError::ControllerUnavailable {
+            reason: format!(
+                "the change committed at index {index} but this broker has applied only up to {} after {} s",
+                self.image().index,
+                CONTROLLER_TIMEOUT.as_secs()
+            ),
+        })
     }
 
     /// Waits until the cluster is bootstrapped and (on a broker) this process is
@@ -276,27 +269,23 @@ impl Broker {
     /// # Errors
     /// The controller refused the internal topics, or committed offsets cannot be read.
     pub(crate) async fn become_ready(self: &Arc<Self>) -> anyhow::Result<()> {
-        let started = tokio::time::Instant::now();
-        let mut report_at = Duration::from_secs(5);
-        loop {
-            let image = self.image();
-            let bootstrapped = !image.metadata.cluster_id.is_empty();
+        let mut applied = self.applied.subscribe();
+        let ready = |image: &Arc<MetadataImage>| {
             let registered = !self.config.is_broker()
                 || image
                     .metadata
                     .broker(self.config.node_id)
                     .is_some_and(|b| !b.fenced && b.incarnation == self.incarnation);
-            if bootstrapped && registered {
-                break;
-            }
-            if started.elapsed() >= report_at {
-                tracing::info!(
-                    voters = ?self.controller.voters(),
-                    "waiting for the controller quorum (a majority of its voters must run)"
-                );
-                report_at += Duration::from_secs(5);
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            !image.metadata.cluster_id.is_empty() && registered
+        };
+        while tokio::time::timeout(Duration::from_secs(5), applied.wait_for(ready))
+            .await
+            .is_err()
+        {
+            tracing::info!(
+                voters = ?self.controller.voters(),
+                "waiting for the controller quorum (a majority of its voters must run)"
+            );
         }
         if !self.config.is_broker() {
             return Ok(());
@@ -383,62 +372,52 @@ impl Broker {
             .and_then(|t| t.partitions.get(&partition).cloned())
     }
 
-    /// Checks that the partition exists in the applied metadata and returns its record.
-    pub(crate) fn partition_record(
+    /// Checks that the partition exists in the applied metadata.
+    pub(crate) fn check_partition_exists(
         &self,
         topic: &str,
         partition: u32,
-    ) -> Result<PartitionRecord, BrokerError> {
-        let image = self.image();
-        let record = image
-            .metadata
-            .topics
-            .get(topic)
-            .ok_or_else(|| BrokerError::UnknownTopic {
-                topic: topic.to_string(),
-            })?;
-        record
-            .partitions
-            .get(partition as usize)
-            .cloned()
-            .ok_or(BrokerError::UnknownPartition {
-                topic: topic.to_string(),
-                partition,
-                count: record.partitions.len() as u32,
-            })
+    ) -> Result<(), BrokerError> {
+        partition_record(&self.image(), topic, partition).map(|_| ())
     }
 
     /// The partition, when this broker leads it: what produce, fetch and offset requests
-    /// need.
+    /// need. A partition this broker hosts and leads exists in the applied metadata by
+    /// construction, so only the other cases consult it.
     pub(crate) fn partition(
         &self,
         topic: &str,
         partition: u32,
     ) -> Result<Arc<Partition>, BrokerError> {
-        let record = self.partition_record(topic, partition)?;
-        if record.leader == NO_LEADER {
-            return Err(BrokerError::LeaderNotAvailable {
+        if let Some(hosted) = self.hosted_partition(topic, partition)
+            && hosted.is_leader()
+        {
+            return Ok(hosted);
+        }
+        let image = self.image();
+        let record = partition_record(&image, topic, partition)?;
+        Err(if record.leader == NO_LEADER {
+            BrokerError::LeaderNotAvailable {
                 topic: topic.to_string(),
                 partition,
                 reason: format!(
                     "every in-sync replica ({}) is down; it comes back when one of them returns",
                     join_ids(&record.isr)
                 ),
-            });
-        }
-        match self.hosted_partition(topic, partition) {
-            Some(hosted) if hosted.is_leader() => Ok(hosted),
-            _ if record.leader == self.config.node_id => Err(BrokerError::LeaderNotAvailable {
+            }
+        } else if record.leader == self.config.node_id {
+            BrokerError::LeaderNotAvailable {
                 topic: topic.to_string(),
                 partition,
                 reason: "this broker is taking over its leadership; retry".into(),
-            }),
-            _ => Err(BrokerError::NotLeader {
+            }
+        } else {
+            BrokerError::NotLeader {
                 topic: topic.to_string(),
                 partition,
                 leader: record.leader,
-            }),
-        }
+            }
+        })
     }
 
     /// Every hosted partition, for housekeeping and shutdown.
@@ -1058,6 +1037,29 @@ impl Broker {
             }
         }
     }
+}
+
+/// The partition's record in `image`, or why there is none.
+fn partition_record<'a>(
+    image: &'a MetadataImage,
+    topic: &str,
+    partition: u32,
+) -> Result<&'a PartitionRecord, BrokerError> {
+    let record = image
+        .metadata
+        .topics
+        .get(topic)
+        .ok_or_else(|| BrokerError::UnknownTopic {
+            topic: topic.to_string(),
+        })?;
+    record
+        .partitions
+        .get(partition as usize)
+        .ok_or(BrokerError::UnknownPartition {
+            topic: topic.to_string(),
+            partition,
+            count: record.partitions.len() as u32,
+        })
 }
 
 fn join_ids(ids: &[u32]) -> String {

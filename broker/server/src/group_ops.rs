@@ -124,7 +124,7 @@ impl Broker {
         {
             let coordinator = self.coordinator();
             for commit in &request.offsets {
-                self.partition_record(&commit.topic, commit.partition)?;
+                self.check_partition_exists(&commit.topic, commit.partition)?;
                 coordinator.check_commit(
                     &request.group_id,
                     &request.member_id,

@@ -242,7 +242,7 @@ fn legacy_metadata(
 async fn apply_images(broker: Arc<Broker>, mut images: watch::Receiver<Arc<MetadataImage>>) {
     loop {
         let image = images.borrow_and_update().clone();
-        if image.index > broker.image().index || broker.image().index == 0 {
+        if image.index > broker.image().index {
             let applying = broker.clone();
             if tokio::task::spawn_blocking(move || applying.apply_image(image))
                 .await
