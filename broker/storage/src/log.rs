@@ -570,6 +570,14 @@ impl Log {
             for base in doomed {
                 self.delete_segment(base)?;
             }
+            if self.segments.is_empty() {
+                // Every segment began at or after the cut: compaction had left the range
+                // from the log start up to it without records. The log goes on, empty,
+                // from the cut; its start stays where it was.
+                let segment = Segment::create(&self.dir, offset, self.config.index_interval_bytes)
+                    .map_err(|source| StorageError::io(&self.dir, source))?;
+                self.segments.insert(offset, segment);
+            }
             self.active_mut().truncate_to(offset)?;
             // The batch holding `offset` may have started below the log start.
             if self.log_end_offset() < self.log_start_offset {
