@@ -54,6 +54,16 @@ pub struct StartArgs {
     broker_session_timeout_ms: Option<u64>,
     #[arg(long)]
     broker_heartbeat_interval_ms: Option<u64>,
+    /// A follower that has not caught up for this long leaves the ISR.
+    #[arg(long)]
+    replica_lag_time_max_ms: Option<u64>,
+    /// Replication factor of topics created without one.
+    #[arg(long)]
+    default_replication_factor: Option<u32>,
+    /// Let an out-of-sync replica lead a partition whose whole ISR is down, losing
+    /// what it lacks (topics may override it with unclean.leader.election.enable).
+    #[arg(long)]
+    unclean_leader_election_enable: bool,
 }
 
 /// Most nodes `runnel dev --brokers N` starts.
@@ -103,6 +113,8 @@ pub async fn dev(args: DevArgs, brokers: &[String]) -> anyhow::Result<ExitCode> 
             config.node_id = i as u32 + 1;
             config.listen = *listen;
             config.controller_quorum = Some(quorum.clone());
+            // A local cluster is for trying failover: topics are replicated by default.
+            config.default_replication_factor = count.min(3);
             config
         })
         .collect();
@@ -143,6 +155,13 @@ pub async fn broker(command: BrokerCommand) -> anyhow::Result<ExitCode> {
     if let Some(ms) = args.broker_heartbeat_interval_ms {
         config.broker_heartbeat_interval_ms = ms;
     }
+    if let Some(ms) = args.replica_lag_time_max_ms {
+        config.replica_lag_time_max_ms = ms;
+    }
+    if let Some(rf) = args.default_replication_factor {
+        config.default_replication_factor = rf;
+    }
+    config.unclean_leader_election_enable |= args.unclean_leader_election_enable;
     serve(vec![config], "Runnel broker").await
 }
 

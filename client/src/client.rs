@@ -26,6 +26,9 @@ pub struct Client {
 
 struct Inner {
     bootstrap: Channel,
+    /// The addresses the client was given, for metadata when the bootstrap broker is
+    /// down.
+    bootstrap_addresses: Vec<String>,
     channels: Mutex<HashMap<u32, Channel>>,
     topics: Mutex<HashMap<String, Arc<TopicInfo>>>,
     brokers: Mutex<HashMap<u32, String>>,
@@ -75,6 +78,11 @@ impl Client {
                     return Ok(Client {
                         inner: Arc::new(Inner {
                             bootstrap: channel,
+                            bootstrap_addresses: brokers
+                                .iter()
+                                .map(|b| b.trim().to_string())
+                                .filter(|b| !b.is_empty())
+                                .collect(),
                             channels: Mutex::new(HashMap::new()),
                             topics: Mutex::new(HashMap::new()),
                             brokers: Mutex::new(HashMap::new()),
@@ -131,12 +139,10 @@ impl Client {
     /// Unknown topic, or the broker cannot be reached.
     pub(crate) async fn refresh_topic(&self, topic: &str) -> Result<Arc<TopicInfo>, ClientError> {
         let response = self
-            .admin_rpc()
             .metadata(v1::MetadataRequest {
                 topics: vec![topic.to_string()],
             })
-            .await?
-            .into_inner();
+            .await?;
         {
             let mut brokers = self
                 .inner
@@ -165,6 +171,57 @@ impl Client {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(topic.to_string(), info.clone());
         Ok(info)
+    }
+
+    /// Asks the bootstrap broker for metadata, and when it cannot be reached, every other
+    /// broker the client knows of (those metadata named, then those it was given).
+    async fn metadata(
+        &self,
+        request: v1::MetadataRequest,
+    ) -> Result<v1::MetadataResponse, ClientError> {
+        let first = match self.admin_rpc().metadata(request.clone()).await {
+            Ok(response) => return Ok(response.into_inner()),
+            Err(status) => ClientError::from(status),
+        };
+        if !matches!(
+            first,
+            ClientError::Transport { .. } | ClientError::Connect { .. }
+        ) {
+            return Err(first);
+        }
+        let mut addresses: Vec<String> = self
+            .inner
+            .brokers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        addresses.sort();
+        addresses.extend(self.inner.bootstrap_addresses.iter().cloned());
+        addresses.dedup();
+        for address in addresses {
+            let Ok(endpoint) = endpoint(&address) else {
+                continue;
+            };
+            let Ok(channel) = endpoint.connect().await else {
+                continue;
+            };
+            if let Ok(response) = AdminClient::new(channel).metadata(request.clone()).await {
+                return Ok(response.into_inner());
+            }
+        }
+        Err(first)
+    }
+
+    /// Drops the cached metadata of `topic`: the next request fetches it again (after a
+    /// leader moved or a broker went away).
+    pub(crate) fn forget_topic(&self, topic: &str) {
+        self.inner
+            .topics
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(topic);
     }
 
     /// Cached metadata for `topic`, fetched on first use.

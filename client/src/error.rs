@@ -39,6 +39,7 @@ impl ClientError {
                     | ErrorCode::LeaderNotAvailable
                     | ErrorCode::RequestTimedOut
                     | ErrorCode::NotEnoughReplicas
+                    | ErrorCode::NotEnoughReplicasAfterAppend
                     | ErrorCode::ControllerNotAvailable
             ),
             ClientError::Transport { code, .. } => {

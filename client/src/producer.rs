@@ -1000,6 +1000,7 @@ impl Task {
     fn fail_or_retry(&mut self, mut sent: Sent, err: ClientError) {
         if err.is_retriable() && sent.attempts < self.shared.config.retries {
             sent.attempts += 1;
+            self.shared.client.forget_topic(&sent.topic);
             tracing::debug!(topic = %sent.topic, partition = sent.partition, attempt = sent.attempts, error = %err, "retrying batch");
             self.retries
                 .push_back((Instant::now() + self.shared.config.retry_backoff, sent));

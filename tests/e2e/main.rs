@@ -5,6 +5,7 @@ mod batches;
 mod cluster;
 mod connect;
 mod groups;
+mod replication;
 mod support;
 mod transforms;
 

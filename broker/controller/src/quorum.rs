@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use crate::network::Network;
 use crate::raft_log::RaftLog;
-use crate::state::{BrokerId, ClusterMetadata, Command, CommandResult};
+use crate::state::{BrokerId, ClusterMetadata, Command, CommandResult, UNCLEAN_ELECTION_KEY};
 use crate::state_machine::{MetadataImage, MetadataMachine};
 use crate::{ControllerClient, Node, NodeId, TypeConfig};
 
@@ -37,6 +37,8 @@ pub struct QuorumConfig {
     /// The metadata of a single-node data directory from before the quorum, taken into
     /// the log once the cluster is bootstrapped.
     pub import: Option<ClusterMetadata>,
+    /// `unclean.leader.election.enable` for topics that do not set it.
+    pub unclean_leader_election: bool,
 }
 
 impl QuorumConfig {
@@ -45,10 +47,11 @@ impl QuorumConfig {
             node_id,
             voters,
             dir,
-            broker_session_timeout: Duration::from_secs(9),
+            broker_session_timeout: Duration::from_millis(2_500),
             raft_heartbeat: Duration::from_millis(100),
             election_timeout: Duration::from_millis(500),
             import: None,
+            unclean_leader_election: false,
         }
     }
 }
@@ -372,6 +375,42 @@ impl Quorum {
             );
             if let Err(err) = self.propose_local(Command::FenceBroker { id }).await {
                 tracing::warn!(broker = id, error = %err, "fencing not committed");
+            }
+        }
+        self.elect_unclean(&image.metadata).await;
+    }
+
+    /// Elects an out-of-sync live replica for each offline partition whose whole ISR is
+    /// fenced, where `unclean.leader.election.enable` (the topic's, else the default)
+    /// allows it. What the lost ISR had beyond the new leader's log is gone.
+    async fn elect_unclean(&self, metadata: &ClusterMetadata) {
+        for (topic, partition, leader) in metadata.unclean_candidates() {
+            let allowed = metadata
+                .topics
+                .get(&topic)
+                .and_then(|t| t.configs.get(UNCLEAN_ELECTION_KEY))
+                .map_or(self.config.unclean_leader_election, |v| v == "true");
+            if !allowed {
+                continue;
+            }
+            let isr = metadata
+                .topics
+                .get(&topic)
+                .and_then(|t| t.partitions.get(partition as usize))
+                .map(|p| p.isr.clone())
+                .unwrap_or_default();
+            tracing::warn!(
+                %topic, partition, leader, lost_isr = ?isr,
+                "unclean leader election: every in-sync replica is down; records they had beyond the new leader's log end are lost (the new leader logs its end offset)"
+            );
+            let command = Command::ElectLeader {
+                topic,
+                partition,
+                leader,
+                unclean: true,
+            };
+            if let Err(err) = self.propose_local(command).await {
+                tracing::warn!(error = %err, "unclean election not committed");
             }
         }
     }

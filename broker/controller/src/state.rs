@@ -19,6 +19,8 @@ pub const NO_LEADER: BrokerId = 0;
 pub const TOPIC_NAME_LENGTH_MAX: usize = 249;
 /// Most partitions a topic may have.
 pub const PARTITIONS_MAX: u32 = 10_000;
+/// The topic config (and broker default) that allows electing an out-of-sync replica.
+pub const UNCLEAN_ELECTION_KEY: &str = "unclean.leader.election.enable";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BrokerRecord {
@@ -40,6 +42,10 @@ pub struct PartitionRecord {
     pub leader_epoch: i32,
     pub replicas: Vec<BrokerId>,
     pub isr: Vec<BrokerId>,
+    /// Bumped by every change of the leader or the ISR: a leader's ISR change names the
+    /// epoch it saw, so that a change based on stale state is refused.
+    #[serde(default)]
+    pub partition_epoch: i32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -112,6 +118,25 @@ pub enum Command {
         name: String,
         total: u32,
     },
+    /// A leader's change of its partition's ISR (shrink or expand), valid only while
+    /// `leader`, `leader_epoch` and `partition_epoch` are still current.
+    AlterIsr {
+        topic: String,
+        partition: u32,
+        leader: BrokerId,
+        leader_epoch: i32,
+        partition_epoch: i32,
+        isr: Vec<BrokerId>,
+    },
+    /// Makes `leader` lead the partition. Without `unclean`, only a live ISR member may;
+    /// with it, any live replica, which becomes the whole ISR (what the old ISR had
+    /// beyond its log is lost).
+    ElectLeader {
+        topic: String,
+        partition: u32,
+        leader: BrokerId,
+        unclean: bool,
+    },
 }
 
 /// What an applied command produced.
@@ -136,6 +161,8 @@ pub enum MetadataError {
     InvalidReplicationFactor { requested: u32, reason: String },
     #[error("{reason}")]
     InvalidRequest { reason: String },
+    #[error("stale partition state: {reason}")]
+    StaleEpoch { reason: String },
 }
 
 /// The result of applying a command, as the proposer sees it.
@@ -348,42 +375,18 @@ impl ClusterMetadata {
                     }
                 };
                 if restarted {
-                    // A new process holds no leadership of the old one: every partition
-                    // it led or may lead starts a new epoch under it.
-                    self.each_partition(|p| {
-                        if p.leader == id || (p.leader == NO_LEADER && p.isr.contains(&id)) {
-                            p.leader = id;
-                            p.leader_epoch += 1;
-                        }
-                    });
-                } else {
-                    self.elect_offline_for(id);
+                    // A new process holds nothing of the old one: it leaves the ISRs it
+                    // was in (it must catch up again) and hands its leaderships to
+                    // in-sync peers; where it was the only in-sync replica it leads
+                    // again, under a new epoch.
+                    self.drop_from_partitions(id);
                 }
+                self.elect_offline_for(id);
                 Ok(Outcome::Done)
             }
             Command::FenceBroker { id } => {
                 self.set_fenced(id, true)?;
-                let live = self.live_brokers();
-                self.each_partition(|p| {
-                    if p.leader != id {
-                        return;
-                    }
-                    let next = p
-                        .replicas
-                        .iter()
-                        .copied()
-                        .find(|r| *r != id && p.isr.contains(r) && live.contains(r));
-                    match next {
-                        Some(next) => {
-                            p.isr.retain(|r| *r != id);
-                            p.leader = next;
-                        }
-                        // The last in-sync replica stays in the ISR: it alone has
-                        // everything acknowledged.
-                        None => p.leader = NO_LEADER,
-                    }
-                    p.leader_epoch += 1;
-                });
+                self.drop_from_partitions(id);
                 Ok(Outcome::Done)
             }
             Command::UnfenceBroker { id } => {
@@ -430,6 +433,27 @@ impl ClusterMetadata {
                 topic.partitions.extend(added);
                 Ok(Outcome::Topic(topic.clone()))
             }
+            Command::AlterIsr {
+                topic,
+                partition,
+                leader,
+                leader_epoch,
+                partition_epoch,
+                isr,
+            } => self.alter_isr(
+                &topic,
+                partition,
+                leader,
+                leader_epoch,
+                partition_epoch,
+                isr,
+            ),
+            Command::ElectLeader {
+                topic,
+                partition,
+                leader,
+                unclean,
+            } => self.elect_leader(&topic, partition, leader, unclean),
         }
     }
 
@@ -497,8 +521,157 @@ impl ClusterMetadata {
             if p.leader == NO_LEADER && p.isr.contains(&id) {
                 p.leader = id;
                 p.leader_epoch += 1;
+                p.partition_epoch += 1;
             }
         });
+    }
+
+    /// Takes broker `id` (fenced, or restarted as a new process) out of every ISR and
+    /// moves its leaderships to live in-sync replicas. The last ISR member stays: it
+    /// alone has everything acknowledged, so a partition whose ISR is down to it waits
+    /// for it, offline, rather than lose data (unless an unclean election is allowed).
+    fn drop_from_partitions(&mut self, id: BrokerId) {
+        let live = self.live_brokers();
+        self.each_partition(|p| {
+            if !p.isr.contains(&id) && p.leader != id {
+                return;
+            }
+            let next = p
+                .replicas
+                .iter()
+                .copied()
+                .find(|r| *r != id && p.isr.contains(r) && live.contains(r));
+            if p.isr.len() > 1 {
+                p.isr.retain(|r| *r != id);
+            }
+            if p.leader == id {
+                p.leader = match next {
+                    Some(next) => next,
+                    None if live.contains(&id) => id,
+                    None => NO_LEADER,
+                };
+                p.leader_epoch += 1;
+            }
+            p.partition_epoch += 1;
+        });
+    }
+
+    /// Checks and applies a leader's ISR change.
+    fn alter_isr(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        leader: BrokerId,
+        leader_epoch: i32,
+        partition_epoch: i32,
+        isr: Vec<BrokerId>,
+    ) -> CommandResult {
+        let live = self.live_brokers();
+        let record = self.partition_mut(topic, partition)?;
+        if record.leader != leader
+            || record.leader_epoch != leader_epoch
+            || record.partition_epoch != partition_epoch
+        {
+            return Err(MetadataError::StaleEpoch {
+                reason: format!(
+                    "{topic}-{partition} is led by {} at leader epoch {} and partition epoch {}; the change came from {leader} at {leader_epoch}/{partition_epoch}",
+                    record.leader, record.leader_epoch, record.partition_epoch
+                ),
+            });
+        }
+        if !isr.contains(&leader) || isr.iter().any(|r| !record.replicas.contains(r)) {
+            return Err(MetadataError::InvalidRequest {
+                reason: format!(
+                    "ISR {isr:?} of {topic}-{partition} must hold its leader and only its replicas {:?}",
+                    record.replicas
+                ),
+            });
+        }
+        if let Some(dead) = isr
+            .iter()
+            .find(|r| !record.isr.contains(r) && !live.contains(r))
+        {
+            return Err(MetadataError::InvalidRequest {
+                reason: format!(
+                    "broker {dead} is fenced and cannot join the ISR of {topic}-{partition}"
+                ),
+            });
+        }
+        let mut isr = isr;
+        isr.sort_unstable();
+        isr.dedup();
+        record.isr = isr;
+        record.partition_epoch += 1;
+        Ok(Outcome::Done)
+    }
+
+    /// Checks and applies an election.
+    fn elect_leader(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        leader: BrokerId,
+        unclean: bool,
+    ) -> CommandResult {
+        let live = self.live_brokers();
+        let record = self.partition_mut(topic, partition)?;
+        if !record.replicas.contains(&leader) || !live.contains(&leader) {
+            return Err(MetadataError::InvalidRequest {
+                reason: format!(
+                    "broker {leader} is not a live replica of {topic}-{partition} (replicas {:?})",
+                    record.replicas
+                ),
+            });
+        }
+        if record.leader == leader {
+            return Ok(Outcome::Done);
+        }
+        if !unclean && !record.isr.contains(&leader) {
+            return Err(MetadataError::InvalidRequest {
+                reason: format!(
+                    "broker {leader} is not in the ISR {:?} of {topic}-{partition}; only an unclean election may choose it",
+                    record.isr
+                ),
+            });
+        }
+        if unclean {
+            record.isr = vec![leader];
+        }
+        record.leader = leader;
+        record.leader_epoch += 1;
+        record.partition_epoch += 1;
+        Ok(Outcome::Done)
+    }
+
+    fn partition_mut(
+        &mut self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<&mut PartitionRecord, MetadataError> {
+        self.topic_mut(topic)?
+            .partitions
+            .get_mut(partition as usize)
+            .ok_or_else(|| MetadataError::InvalidRequest {
+                reason: format!("{topic:?} has no partition {partition}"),
+            })
+    }
+
+    /// Partitions with no leader whose every ISR member is fenced, and a live replica
+    /// outside the ISR that an unclean election could choose.
+    pub fn unclean_candidates(&self) -> Vec<(String, u32, BrokerId)> {
+        let live = self.live_brokers();
+        let mut found = Vec::new();
+        for (name, topic) in &self.topics {
+            for (index, p) in topic.partitions.iter().enumerate() {
+                if p.leader != NO_LEADER || p.isr.iter().any(|r| live.contains(r)) {
+                    continue;
+                }
+                if let Some(candidate) = p.replicas.iter().find(|r| live.contains(r)) {
+                    found.push((name.clone(), index as u32, *candidate));
+                }
+            }
+        }
+        found
     }
 }
 
@@ -523,6 +696,7 @@ fn place(live: &[BrokerId], at: usize, rf: u32) -> PartitionRecord {
         leader_epoch: 0,
         isr: replicas.clone(),
         replicas,
+        partition_epoch: 0,
     }
 }
 
@@ -642,6 +816,127 @@ mod tests {
         assert_ne!(moved.leader, NO_LEADER);
         assert!(!moved.isr.contains(&three.leader));
         assert_eq!(moved.leader_epoch, three.leader_epoch + 1);
+    }
+
+    #[test]
+    fn a_fenced_follower_leaves_the_isr_and_only_the_current_leader_changes_it() {
+        let mut meta = ClusterMetadata::default();
+        for id in 1..=3 {
+            register(&mut meta, id, "a");
+        }
+        create(&mut meta, "t", 1, 3).expect("create");
+        let p = meta.topics["t"].partitions[0].clone();
+        let follower = *p
+            .replicas
+            .iter()
+            .find(|r| **r != p.leader)
+            .expect("a follower");
+        meta.apply(Command::FenceBroker { id: follower })
+            .expect("fence");
+        let after = meta.topics["t"].partitions[0].clone();
+        assert_eq!(
+            after.leader, p.leader,
+            "a follower's death moves no leadership"
+        );
+        assert_eq!(after.leader_epoch, p.leader_epoch);
+        assert!(!after.isr.contains(&follower));
+        assert!(after.partition_epoch > p.partition_epoch);
+
+        let alter =
+            |meta: &mut ClusterMetadata, leader, leader_epoch, partition_epoch, isr: Vec<u32>| {
+                meta.apply(Command::AlterIsr {
+                    topic: "t".into(),
+                    partition: 0,
+                    leader,
+                    leader_epoch,
+                    partition_epoch,
+                    isr,
+                })
+            };
+        let stale = alter(
+            &mut meta,
+            p.leader,
+            p.leader_epoch,
+            p.partition_epoch,
+            p.replicas.clone(),
+        );
+        assert!(
+            matches!(stale, Err(MetadataError::StaleEpoch { .. })),
+            "{stale:?}"
+        );
+        let dead = alter(
+            &mut meta,
+            p.leader,
+            after.leader_epoch,
+            after.partition_epoch,
+            p.replicas.clone(),
+        );
+        assert!(dead.is_err(), "a fenced broker cannot join: {dead:?}");
+        meta.apply(Command::UnfenceBroker { id: follower })
+            .expect("unfence");
+        let now = meta.topics["t"].partitions[0].clone();
+        alter(
+            &mut meta,
+            p.leader,
+            now.leader_epoch,
+            now.partition_epoch,
+            p.replicas.clone(),
+        )
+        .expect("the leader's expansion");
+        let grown = &meta.topics["t"].partitions[0];
+        let mut all = p.replicas.clone();
+        all.sort_unstable();
+        assert_eq!(grown.isr, all);
+        assert_eq!(grown.partition_epoch, now.partition_epoch + 1);
+    }
+
+    #[test]
+    fn a_restarted_follower_must_catch_up_and_unclean_elections_take_any_live_replica() {
+        let mut meta = ClusterMetadata::default();
+        for id in 1..=3 {
+            register(&mut meta, id, "a");
+        }
+        create(&mut meta, "t", 1, 3).expect("create");
+        let p = meta.topics["t"].partitions[0].clone();
+        let follower = *p
+            .replicas
+            .iter()
+            .find(|r| **r != p.leader)
+            .expect("a follower");
+        register(&mut meta, follower, "b");
+        assert!(
+            !meta.topics["t"].partitions[0].isr.contains(&follower),
+            "a new process of a broker is out of the ISR until it catches up"
+        );
+        // Every ISR member dies; the out-of-sync follower lives.
+        let isr = meta.topics["t"].partitions[0].isr.clone();
+        for id in &isr {
+            meta.apply(Command::FenceBroker { id: *id }).expect("fence");
+        }
+        let offline = meta.topics["t"].partitions[0].clone();
+        assert_eq!(offline.leader, NO_LEADER);
+        assert_eq!(
+            meta.unclean_candidates(),
+            vec![("t".to_string(), 0, follower)]
+        );
+        let clean = meta.apply(Command::ElectLeader {
+            topic: "t".into(),
+            partition: 0,
+            leader: follower,
+            unclean: false,
+        });
+        assert!(clean.is_err(), "a clean election needs an ISR member");
+        meta.apply(Command::ElectLeader {
+            topic: "t".into(),
+            partition: 0,
+            leader: follower,
+            unclean: true,
+        })
+        .expect("unclean election");
+        let elected = &meta.topics["t"].partitions[0];
+        assert_eq!(elected.leader, follower);
+        assert_eq!(elected.isr, vec![follower]);
+        assert!(elected.leader_epoch > offline.leader_epoch);
     }
 
     #[test]

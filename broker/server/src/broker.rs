@@ -22,7 +22,10 @@ pub const FETCH_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Longest a fetch may be held waiting for data.
 pub const FETCH_WAIT_MS_MAX: u32 = 60_000;
 /// Topic config keys the broker itself interprets (the rest belong to the log).
-pub const BROKER_TOPIC_KEYS: &[&str] = &["min.insync.replicas"];
+pub const BROKER_TOPIC_KEYS: &[&str] = &[
+    "min.insync.replicas",
+    runnel_controller::state::UNCLEAN_ELECTION_KEY,
+];
 /// Longest an admin operation waits for the controller quorum.
 const CONTROLLER_TIMEOUT: Duration = Duration::from_secs(15);
 /// The file in a partition's directory naming the topic id it belongs to.
@@ -50,6 +53,7 @@ pub struct Broker {
     pub(crate) coordinator: Mutex<crate::group::Coordinator>,
     pub(crate) offsets: Mutex<crate::offsets::OffsetStore>,
     read_buffers: ReadBuffers,
+    pub(crate) replicas: crate::replica::ReplicaManager,
 }
 
 fn partition_dir(data_dir: &Path, topic: &str, partition: u32) -> PathBuf {
@@ -69,7 +73,6 @@ impl Broker {
     ) -> anyhow::Result<Self> {
         let log_defaults = config.log_defaults()?;
         Ok(Broker {
-            config,
             log_defaults,
             applied: watch::Sender::new(Arc::new(MetadataImage::default())),
             controller,
@@ -82,6 +85,11 @@ impl Broker {
             read_buffers: ReadBuffers::new(
                 std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
             ),
+            replicas: crate::replica::ReplicaManager::new(
+                config.node_id,
+                replication_settings(&config),
+            ),
+            config,
         })
     }
 
@@ -98,6 +106,7 @@ impl Broker {
         let me = self.config.node_id;
         let hosts = self.config.is_broker();
         let mut removed = Vec::new();
+        let mut by_leader: HashMap<u32, Vec<crate::replica::Followed>> = HashMap::new();
         {
             let mut topics = self
                 .topics
@@ -149,8 +158,18 @@ impl Broker {
                     if leading != partition.is_leader()
                         || record.leader_epoch != partition.leader_epoch()
                     {
-                        tracing::info!(topic = %name, partition = index, leader = record.leader, leader_epoch = record.leader_epoch, "leadership changed");
-                        partition.set_leadership(leading, record.leader_epoch);
+                        tracing::info!(topic = %name, partition = index, leader = record.leader, leader_epoch = record.leader_epoch, isr = ?record.isr, "leadership changed");
+                    }
+                    partition.set_replication(me, record);
+                    if !leading && record.leader != NO_LEADER {
+                        by_leader.entry(record.leader).or_default().push(
+                            crate::replica::Followed {
+                                topic: name.clone(),
+                                topic_id: topic.id,
+                                partition: partition.clone(),
+                                leader_epoch: record.leader_epoch,
+                            },
+                        );
                     }
                 }
             }
@@ -166,6 +185,11 @@ impl Broker {
             tracing::info!(topic = %name, "deleted topic");
         }
         self.applied.send_replace(image);
+        self.replicas.follow(by_leader, &self.applied);
+    }
+
+    pub(crate) fn replication_settings(&self) -> crate::replica::ReplicationSettings {
+        replication_settings(&self.config)
     }
 
     /// Opens a replica's log. A directory left by an older topic of the same name (one
@@ -457,13 +481,16 @@ impl Broker {
             Ok(min) => min,
             Err(err) => return whole_failure(err),
         };
+        let timeout = Duration::from_millis(match request.timeout_ms {
+            0 => self.config.request_timeout_ms,
+            ms => u64::from(ms),
+        });
         let mut pending = Vec::with_capacity(request.partitions.len());
         for data in &request.partitions {
             let result = self
                 .partition(&request.topic, data.partition)
                 .and_then(|partition| {
-                    // Until followers replicate, the leader is the only replica in sync.
-                    let isr = 1usize;
+                    let isr = partition.isr_len();
                     if acks == v1::Acks::All && isr < min_insync {
                         return Err(BrokerError::NotEnoughReplicas {
                             topic: request.topic.clone(),
@@ -489,8 +516,9 @@ impl Broker {
                         }
                         let durable = if acks == v1::Acks::None {
                             let end = appended.end_offset;
+                            let flushing = partition.clone();
                             tokio::spawn(async move {
-                                if let Err(err) = partition.wait_durable(end).await {
+                                if let Err(err) = flushing.wait_durable(end).await {
                                     tracing::error!(error = %err, "flush after acks=0 produce failed");
                                 }
                             });
@@ -498,7 +526,18 @@ impl Broker {
                         } else {
                             partition.wait_durable(appended.end_offset).await
                         };
-                        durable.map(|()| appended)
+                        match durable {
+                            Ok(()) if acks == v1::Acks::All => partition
+                                .wait_replicated(
+                                    appended.base_offset,
+                                    appended.end_offset,
+                                    min_insync,
+                                    timeout,
+                                )
+                                .await
+                                .map(|()| appended),
+                            other => other.map(|()| appended),
+                        }
                     }
                     Err(err) => Err(err),
                 };
@@ -582,30 +621,15 @@ impl Broker {
     /// Long poll: returns once `min_bytes` are available across the requested partitions
     /// or `max_wait_ms` has passed.
     pub async fn fetch(&self, request: &v1::FetchRequest) -> v1::FetchResponse {
-        let wait = Duration::from_millis(u64::from(request.max_wait_ms.min(FETCH_WAIT_MS_MAX)));
-        let deadline = tokio::time::Instant::now() + wait;
         let min_bytes = request.min_bytes.max(1) as usize;
-        loop {
-            let mut watchers = Vec::new();
-            let response = self.fetch_once(request, &mut watchers);
+        long_poll(request.max_wait_ms, |watchers| {
+            let response = self.fetch_once(request, watchers);
             let bytes: usize = response.partitions.iter().map(|p| p.records.len()).sum();
             let errors = response.partitions.iter().any(|p| p.error.is_some());
-            if bytes >= min_bytes
-                || errors
-                || watchers.is_empty()
-                || tokio::time::Instant::now() >= deadline
-            {
-                return response;
-            }
-            let changed = futures::future::select_all(
-                watchers
-                    .iter_mut()
-                    .map(|w| Box::pin(w.changed().map(|_| ())) as BoxFuture<'_, ()>),
-            );
-            if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                return self.fetch_once(request, &mut Vec::new());
-            }
-        }
+            let ready = bytes >= min_bytes || errors;
+            (response, ready)
+        })
+        .await
     }
 
     fn fetch_once(
@@ -662,6 +686,133 @@ impl Broker {
             partitions.push(out);
         }
         v1::FetchResponse { partitions }
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Replication (leader side)
+
+    /// A follower's fetch: answers at once when any partition has records, a divergence
+    /// or an error for it, else once new data is appended or `max_wait_ms` has passed.
+    pub async fn replica_fetch(
+        &self,
+        request: &v1::ReplicaFetchRequest,
+    ) -> v1::ReplicaFetchResponse {
+        long_poll(request.max_wait_ms, |watchers| {
+            let mut news = false;
+            let response = self.replica_fetch_once(request, watchers, &mut news);
+            (response, news)
+        })
+        .await
+    }
+
+    fn replica_fetch_once(
+        &self,
+        request: &v1::ReplicaFetchRequest,
+        watchers: &mut Vec<watch::Receiver<i64>>,
+        news: &mut bool,
+    ) -> v1::ReplicaFetchResponse {
+        let mut budget = match request.max_bytes {
+            0 => FETCH_BYTES_MAX,
+            n => (n as usize).min(FETCH_BYTES_MAX),
+        };
+        let mut partitions = Vec::with_capacity(request.partitions.len());
+        for wanted in &request.partitions {
+            let mut out = v1::ReplicaFetchedPartition {
+                topic: wanted.topic.clone(),
+                partition: wanted.partition,
+                high_watermark: -1,
+                log_start_offset: -1,
+                ..Default::default()
+            };
+            let result = self
+                .replica_partition(request.replica_id, wanted)
+                .and_then(|partition| {
+                    let read = partition.replica_read(
+                        request.replica_id,
+                        wanted.fetch_offset,
+                        wanted.last_fetched_epoch,
+                        wanted.high_watermark,
+                        budget.max(1),
+                        &self.read_buffers,
+                    );
+                    if let Err(BrokerError::OffsetOutOfRange { .. }) = &read {
+                        out.log_start_offset = partition.log_start_offset();
+                    }
+                    watchers.push(partition.subscribe_log_end());
+                    watchers.push(partition.subscribe());
+                    read
+                });
+            match result {
+                Ok(crate::partition::ReplicaRead::Records {
+                    records,
+                    high_watermark,
+                    log_start_offset,
+                    high_watermark_moved,
+                }) => {
+                    *news |= high_watermark_moved || !records.is_empty();
+                    budget = budget.saturating_sub(records.len());
+                    out.records = records;
+                    out.high_watermark = high_watermark;
+                    out.log_start_offset = log_start_offset;
+                }
+                Ok(crate::partition::ReplicaRead::Diverging { epoch, end_offset }) => {
+                    *news = true;
+                    out.diverging = Some(v1::DivergingEpoch { epoch, end_offset });
+                }
+                Err(err) => {
+                    *news = true;
+                    out.error = Some(err.to_proto());
+                }
+            }
+            partitions.push(out);
+        }
+        v1::ReplicaFetchResponse { partitions }
+    }
+
+    /// The partition a follower asks for, when this broker leads it under the epoch the
+    /// follower names and the follower is one of its replicas.
+    fn replica_partition(
+        &self,
+        replica: u32,
+        wanted: &v1::ReplicaFetchPartition,
+    ) -> Result<Arc<Partition>, BrokerError> {
+        let image = self.image();
+        let topic = image.metadata.topic(&wanted.topic)?;
+        if topic.id != wanted.topic_id {
+            return Err(BrokerError::UnknownTopic {
+                topic: wanted.topic.clone(),
+            });
+        }
+        let record = partition_record(&image, &wanted.topic, wanted.partition)?;
+        if !record.replicas.contains(&replica) {
+            return Err(BrokerError::InvalidRequest {
+                reason: format!(
+                    "broker {replica} is not a replica of {}-{} (replicas {})",
+                    wanted.topic,
+                    wanted.partition,
+                    join_ids(&record.replicas)
+                ),
+            });
+        }
+        let partition = self.partition(&wanted.topic, wanted.partition)?;
+        let current = partition.leader_epoch();
+        if wanted.leader_epoch < current {
+            return Err(BrokerError::FencedLeaderEpoch {
+                topic: wanted.topic.clone(),
+                partition: wanted.partition,
+                requested: wanted.leader_epoch,
+                current,
+            });
+        }
+        if wanted.leader_epoch > current {
+            return Err(BrokerError::UnknownLeaderEpoch {
+                topic: wanted.topic.clone(),
+                partition: wanted.partition,
+                requested: wanted.leader_epoch,
+                current,
+            });
+        }
+        Ok(partition)
     }
 
     pub fn list_offsets(&self, request: &v1::ListOffsetsRequest) -> v1::ListOffsetsResponse {
@@ -818,12 +969,6 @@ impl Broker {
             .image()
             .metadata
             .check_create_topic(&name, partitions, rf, &configs, false)?;
-        if rf > 1 {
-            return Err(BrokerError::InvalidReplicationFactor {
-                requested: rf,
-                reason: "copying partition data between brokers is not available yet: the controller places each partition on one broker; use --replication-factor 1".into(),
-            });
-        }
         if request.validate_only {
             return Ok(v1::CreateTopicResponse {
                 topic: Some(topic_metadata(&name, &checked, &self.log_defaults)),
@@ -932,16 +1077,23 @@ impl Broker {
                 is_override: overrides.contains_key(key),
             })
             .collect();
-        let min_insync = overrides
-            .get("min.insync.replicas")
-            .or_else(|| self.config.topic_defaults.get("min.insync.replicas"))
-            .cloned()
-            .unwrap_or_else(|| "1".into());
-        entries.push(v1::ConfigEntry {
-            key: "min.insync.replicas".into(),
-            value: min_insync,
-            is_override: overrides.contains_key("min.insync.replicas"),
-        });
+        for key in BROKER_TOPIC_KEYS {
+            let default = if *key == runnel_controller::state::UNCLEAN_ELECTION_KEY {
+                self.config.unclean_leader_election_enable.to_string()
+            } else {
+                "1".to_string()
+            };
+            let value = overrides
+                .get(*key)
+                .or_else(|| self.config.topic_defaults.get(*key))
+                .cloned()
+                .unwrap_or(default);
+            entries.push(v1::ConfigEntry {
+                key: (*key).to_string(),
+                value,
+                is_override: overrides.contains_key(*key),
+            });
+        }
         entries.sort_by(|a, b| a.key.cmp(&b.key));
         entries
     }
@@ -1022,6 +1174,7 @@ impl Broker {
 
     /// Closes every log cleanly.
     pub fn close(&self) {
+        self.replicas.stop();
         let topics: Vec<_> = self
             .topics
             .write()
@@ -1062,6 +1215,40 @@ fn partition_record<'a>(
         })
 }
 
+/// Answers a held request: `once` builds the answer and says whether it is ready to
+/// go, registering what it waits on; until it is ready (or `max_wait_ms` has passed, or
+/// there is nothing to wait on), it runs again whenever one of those moves.
+async fn long_poll<R>(
+    max_wait_ms: u32,
+    mut once: impl FnMut(&mut Vec<watch::Receiver<i64>>) -> (R, bool),
+) -> R {
+    let wait = Duration::from_millis(u64::from(max_wait_ms.min(FETCH_WAIT_MS_MAX)));
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let mut watchers = Vec::new();
+        let (response, ready) = once(&mut watchers);
+        if ready || watchers.is_empty() || tokio::time::Instant::now() >= deadline {
+            return response;
+        }
+        let changed = futures::future::select_all(
+            watchers
+                .iter_mut()
+                .map(|w| Box::pin(w.changed().map(|_| ())) as BoxFuture<'_, ()>),
+        );
+        if tokio::time::timeout_at(deadline, changed).await.is_err() {
+            return once(&mut Vec::new()).0;
+        }
+    }
+}
+
+fn replication_settings(config: &BrokerConfig) -> crate::replica::ReplicationSettings {
+    crate::replica::ReplicationSettings {
+        fetch_wait_max: Duration::from_millis(config.replica_fetch_wait_max_ms),
+        fetch_bytes_max: config.replica_fetch_max_bytes,
+        lag_time_max_ms: config.replica_lag_time_max_ms as i64,
+    }
+}
+
 fn join_ids(ids: &[u32]) -> String {
     ids.iter()
         .map(ToString::to_string)
@@ -1086,18 +1273,20 @@ fn topic_log_config(
 ) -> Result<LogConfig, BrokerError> {
     let mut config = defaults.clone();
     for (key, value) in overrides {
-        if key == "min.insync.replicas" {
-            if value
-                .trim()
-                .parse::<u32>()
-                .ok()
-                .filter(|v| *v >= 1)
-                .is_none()
-            {
+        if BROKER_TOPIC_KEYS.contains(&key.as_str()) {
+            let valid = if key == runnel_controller::state::UNCLEAN_ELECTION_KEY {
+                matches!(value.as_str(), "true" | "false")
+            } else {
+                value.trim().parse::<u32>().is_ok_and(|v| v >= 1)
+            };
+            if !valid {
+                let expected = if key == runnel_controller::state::UNCLEAN_ELECTION_KEY {
+                    "true or false"
+                } else {
+                    "a positive integer"
+                };
                 return Err(BrokerError::InvalidConfig {
-                    reason: format!(
-                        "invalid value {value:?} for min.insync.replicas: a positive integer"
-                    ),
+                    reason: format!("invalid value {value:?} for {key}: {expected}"),
                 });
             }
             continue;

@@ -11,8 +11,13 @@
 //! housekeeping_interval_ms = 300000
 //! process_roles = ["broker", "controller"]   # KRaft's process.roles
 //! controller_quorum = "1@10.0.0.1:7070,2@10.0.0.2:7070,3@10.0.0.3:7070"
-//! broker_session_timeout_ms = 9000
-//! broker_heartbeat_interval_ms = 2000
+//! broker_session_timeout_ms = 2500
+//! broker_heartbeat_interval_ms = 500
+//! replica_lag_time_max_ms = 30000            # a follower behind this long leaves the ISR
+//! replica_fetch_wait_max_ms = 500
+//! replica_fetch_max_bytes = 8388608
+//! request_timeout_ms = 30000                 # longest an acks=all produce waits
+//! unclean_leader_election_enable = false
 //!
 //! [topic_defaults]          # defaults for every topic's configs
 //! "retention.ms" = "604800000"
@@ -65,6 +70,22 @@ pub struct BrokerConfig {
     pub broker_session_timeout_ms: u64,
     #[serde(default = "default_heartbeat_ms")]
     pub broker_heartbeat_interval_ms: u64,
+    /// A follower that has not caught up with its leader for this long leaves the ISR.
+    #[serde(default = "default_replica_lag_ms")]
+    pub replica_lag_time_max_ms: u64,
+    /// Longest a leader holds a follower's fetch while it has nothing new.
+    #[serde(default = "default_replica_fetch_wait_ms")]
+    pub replica_fetch_wait_max_ms: u64,
+    /// Most record bytes in one answer to a follower.
+    #[serde(default = "default_replica_fetch_bytes")]
+    pub replica_fetch_max_bytes: u32,
+    /// Longest an `acks=all` produce waits for the ISR when the request names no timeout.
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// Whether a partition whose whole ISR is down may be led by an out-of-sync replica
+    /// (losing what it lacks), for topics that do not set `unclean.leader.election.enable`.
+    #[serde(default)]
+    pub unclean_leader_election_enable: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -93,11 +114,27 @@ fn default_roles() -> Vec<ProcessRole> {
 }
 
 fn default_session_ms() -> u64 {
-    9_000
+    2_500
 }
 
 fn default_heartbeat_ms() -> u64 {
-    2_000
+    500
+}
+
+fn default_replica_lag_ms() -> u64 {
+    30_000
+}
+
+fn default_replica_fetch_wait_ms() -> u64 {
+    500
+}
+
+fn default_replica_fetch_bytes() -> u32 {
+    8 * 1024 * 1024
+}
+
+fn default_request_timeout_ms() -> u64 {
+    30_000
 }
 
 fn default_node_id() -> u32 {
@@ -135,6 +172,11 @@ impl BrokerConfig {
             controller_quorum: None,
             broker_session_timeout_ms: default_session_ms(),
             broker_heartbeat_interval_ms: default_heartbeat_ms(),
+            replica_lag_time_max_ms: default_replica_lag_ms(),
+            replica_fetch_wait_max_ms: default_replica_fetch_wait_ms(),
+            replica_fetch_max_bytes: default_replica_fetch_bytes(),
+            request_timeout_ms: default_request_timeout_ms(),
+            unclean_leader_election_enable: false,
         }
     }
 

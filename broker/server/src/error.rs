@@ -103,6 +103,41 @@ pub enum BrokerError {
     },
     #[error("the controller quorum did not answer: {reason}")]
     ControllerUnavailable { reason: String },
+    #[error(
+        "{topic}-{partition}: the batch was written at offset {base_offset}, but the in-sync replicas shrank to {isr} (min.insync.replicas is {min_insync}) before it was replicated; it may not survive a broker failure, and a retry may write it twice"
+    )]
+    NotEnoughReplicasAfterAppend {
+        topic: String,
+        partition: u32,
+        base_offset: i64,
+        isr: usize,
+        min_insync: usize,
+    },
+    #[error(
+        "{topic}-{partition}: not every in-sync replica confirmed the batch at offset {base_offset} within {timeout_ms} ms (a follower is slow or down; the ISR shrinks after replica.lag.time.max.ms); it may be written, and a retry may write it twice"
+    )]
+    ReplicationTimedOut {
+        topic: String,
+        partition: u32,
+        base_offset: i64,
+        timeout_ms: u64,
+    },
+    #[error("{topic}-{partition}: leader epoch {requested} is older than the leader's {current}")]
+    FencedLeaderEpoch {
+        topic: String,
+        partition: u32,
+        requested: i32,
+        current: i32,
+    },
+    #[error(
+        "{topic}-{partition}: leader epoch {requested} is newer than this broker's {current}; its metadata is behind"
+    )]
+    UnknownLeaderEpoch {
+        topic: String,
+        partition: u32,
+        requested: i32,
+        current: i32,
+    },
 }
 
 impl From<runnel_controller::MetadataError> for BrokerError {
@@ -116,7 +151,9 @@ impl From<runnel_controller::MetadataError> for BrokerError {
             M::InvalidReplicationFactor { requested, reason } => {
                 BrokerError::InvalidReplicationFactor { requested, reason }
             }
-            M::InvalidRequest { reason } => BrokerError::InvalidRequest { reason },
+            M::InvalidRequest { reason } | M::StaleEpoch { reason } => {
+                BrokerError::InvalidRequest { reason }
+            }
         }
     }
 }
@@ -154,6 +191,12 @@ impl BrokerError {
             BrokerError::NotLeader { .. } => ErrorCode::NotLeader,
             BrokerError::LeaderNotAvailable { .. } => ErrorCode::LeaderNotAvailable,
             BrokerError::ControllerUnavailable { .. } => ErrorCode::ControllerNotAvailable,
+            BrokerError::NotEnoughReplicasAfterAppend { .. } => {
+                ErrorCode::NotEnoughReplicasAfterAppend
+            }
+            BrokerError::ReplicationTimedOut { .. } => ErrorCode::RequestTimedOut,
+            BrokerError::FencedLeaderEpoch { .. } => ErrorCode::FencedLeaderEpoch,
+            BrokerError::UnknownLeaderEpoch { .. } => ErrorCode::UnknownLeaderEpoch,
         }
     }
 
@@ -177,6 +220,9 @@ impl BrokerError {
             ErrorCode::TopicAlreadyExists => Code::AlreadyExists,
             ErrorCode::OffsetOutOfRange => Code::OutOfRange,
             ErrorCode::NotEnoughReplicas
+            | ErrorCode::NotEnoughReplicasAfterAppend
+            | ErrorCode::FencedLeaderEpoch
+            | ErrorCode::UnknownLeaderEpoch
             | ErrorCode::NotLeader
             | ErrorCode::LeaderNotAvailable
             | ErrorCode::ControllerNotAvailable => Code::Unavailable,

@@ -18,6 +18,7 @@ pub mod group;
 mod group_ops;
 pub mod offsets;
 pub mod partition;
+pub mod replica;
 mod service;
 
 use std::net::SocketAddr;
@@ -28,7 +29,7 @@ use anyhow::Context;
 use runnel_controller::{ControllerClient, MetadataImage, Quorum, QuorumConfig};
 use runnel_proto::v1::{
     admin_server::AdminServer, consumer_server::ConsumerServer, groups_server::GroupsServer,
-    producer_server::ProducerServer,
+    producer_server::ProducerServer, replication_server::ReplicationServer,
 };
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -48,6 +49,8 @@ pub const HTTP2_CONNECTION_WINDOW_BYTES: u32 = 64 * 1024 * 1024;
 pub const HTTP2_FRAME_BYTES_MAX: u32 = 1024 * 1024;
 /// How often interval flush policies are checked, whatever the housekeeping interval.
 const FLUSH_TICK_MS: u64 = 100;
+/// How often a leader checks whether its ISR should shrink or grow.
+const ISR_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
 pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -99,6 +102,10 @@ pub async fn start_with(
         quorum_config.broker_session_timeout =
             Duration::from_millis(config.broker_session_timeout_ms);
         quorum_config.import = legacy_metadata(&metadata_dir)?;
+        quorum_config.unclean_leader_election = config
+            .topic_defaults
+            .get(runnel_controller::state::UNCLEAN_ELECTION_KEY)
+            .map_or(config.unclean_leader_election_enable, |v| v == "true");
         Some(
             Quorum::start(quorum_config)
                 .await
@@ -158,10 +165,15 @@ pub async fn start_with(
             .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX),
     )
     .add_service(AdminServer::new(service.clone()))
-    .add_service(GroupsServer::new(service))
+    .add_service(GroupsServer::new(service.clone()))
     .add_service(health_service)
     .add_service(reflection_v1)
     .add_service(reflection_v1alpha);
+    let routes = routes.add_service(
+        ReplicationServer::new(service.clone())
+            .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX),
+    );
     let routes = match &quorum {
         Some(quorum) => routes.add_service(quorum.service()),
         None => routes,
@@ -206,6 +218,10 @@ pub async fn start_with(
     ];
     if config.is_broker() {
         tasks.push(tokio::spawn(heartbeat(broker.clone())));
+        tasks.push(tokio::spawn(replica::maintain_isr(
+            broker.clone(),
+            ISR_CHECK_INTERVAL,
+        )));
     }
     let running = RunningBroker {
         local_addr,

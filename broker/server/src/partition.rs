@@ -7,12 +7,15 @@
 //! never sees a record that a power loss could take back. With an interval policy the high
 //! watermark is the log end offset, as in Kafka.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use runnel_broker_storage::{FlushPolicy, Log, LogConfig, LogSnapshot, StorageError};
+use runnel_controller::state::PartitionRecord;
 use tokio::sync::watch;
 
 use crate::error::BrokerError;
@@ -88,19 +91,82 @@ pub struct Fetched {
     pub next_offset: i64,
 }
 
+/// What a follower's fetch got from the leader's log.
+#[derive(Debug, Clone)]
+pub enum ReplicaRead {
+    Records {
+        records: Bytes,
+        high_watermark: i64,
+        log_start_offset: i64,
+        /// The follower's high watermark is behind the one this answer carries.
+        high_watermark_moved: bool,
+    },
+    /// The follower's log diverges: it truncates to `end_offset` (or where its own copy
+    /// of `epoch` ends, if earlier).
+    Diverging { epoch: i32, end_offset: i64 },
+}
+
+/// Where a follower stands, as its leader knows it.
+#[derive(Debug, Clone, Copy)]
+struct FollowerState {
+    /// Its log end offset at its last fetch; `None` until it fetches under this epoch.
+    log_end: Option<i64>,
+    /// The last time it held everything the leader had (Kafka's lastCaughtUpTime).
+    last_caught_up_ms: i64,
+    last_fetch_ms: i64,
+    leader_end_at_last_fetch: i64,
+}
+
+/// The partition's replication as this broker sees it, under one lock (taken after the
+/// log's lock when both are needed).
+#[derive(Debug, Default)]
+struct ReplicaState {
+    me: u32,
+    leading: bool,
+    epoch: i32,
+    partition_epoch: i32,
+    replicas: Vec<u32>,
+    isr: Vec<u32>,
+    /// Leader: an ISR change proposed to the controller and not yet applied. Until it
+    /// is, the high watermark waits for both the old and the proposed members (Kafka's
+    /// maximal ISR), so a joining replica never misses an acknowledged record.
+    pending_isr: Option<Vec<u32>>,
+    /// Leader: where each follower stands.
+    followers: HashMap<u32, FollowerState>,
+    /// Leader: the log end offset when its epoch began.
+    epoch_start_offset: i64,
+    /// Follower: the leader's high watermark at the last fetch.
+    leader_high_watermark: i64,
+}
+
+/// An ISR change a leader wants the controller to make.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IsrChange {
+    pub leader_epoch: i32,
+    pub partition_epoch: i32,
+    pub isr: Vec<u32>,
+}
+
 #[derive(Debug)]
 pub struct Partition {
     pub topic: String,
     pub index: u32,
     /// `None` only for a partition whose log could not be opened: it stays fenced.
     log: RwLock<Option<Log>>,
+    /// What consumers may read: on a leader, the smallest end offset over the ISR (each
+    /// member's durable end); on a follower, the leader's, capped by its own log.
     high_watermark: watch::Sender<i64>,
+    /// The log end offset; wakes followers' fetches held for new data.
+    log_end: watch::Sender<i64>,
+    /// Every offset below this is durable on this broker under the flush policy.
+    durable_end: AtomicI64,
     flush_lock: tokio::sync::Mutex<()>,
     fenced: Mutex<Option<String>>,
     /// The leader epoch this broker appends under while it leads the partition.
     leader_epoch: AtomicI32,
     /// Whether the applied metadata makes this broker the partition's leader.
     leading: AtomicBool,
+    replication: Mutex<ReplicaState>,
 }
 
 impl Partition {
@@ -123,15 +189,21 @@ impl Partition {
             );
         }
         let end = log.log_end_offset();
+        // Until the ISR's ends are known, nothing beyond the log start is known to be
+        // replicated; a leader that is its own ISR moves it to its end at once.
+        let start = log.log_start_offset();
         Ok(Partition {
             topic: topic.to_string(),
             index,
             log: RwLock::new(Some(log)),
-            high_watermark: watch::Sender::new(end),
+            high_watermark: watch::Sender::new(start),
+            log_end: watch::Sender::new(end),
+            durable_end: AtomicI64::new(end),
             flush_lock: tokio::sync::Mutex::new(()),
             fenced: Mutex::new(None),
             leader_epoch: AtomicI32::new(-1),
             leading: AtomicBool::new(false),
+            replication: Mutex::new(ReplicaState::default()),
         })
     }
 
@@ -144,10 +216,13 @@ impl Partition {
             index,
             log: RwLock::new(None),
             high_watermark: watch::Sender::new(-1),
+            log_end: watch::Sender::new(-1),
+            durable_end: AtomicI64::new(-1),
             flush_lock: tokio::sync::Mutex::new(()),
             fenced: Mutex::new(Some(reason)),
             leader_epoch: AtomicI32::new(-1),
             leading: AtomicBool::new(false),
+            replication: Mutex::new(ReplicaState::default()),
         }
     }
 
@@ -211,12 +286,409 @@ impl Partition {
         self.leading.load(Ordering::Acquire)
     }
 
-    /// Applies the metadata's view of this partition: whether this broker leads it, and
-    /// under which epoch. Taken under the log's lock, so an append never mixes epochs.
-    pub fn set_leadership(&self, leading: bool, epoch: i32) {
-        let _log = self.log_write();
-        self.leader_epoch.store(epoch, Ordering::Release);
+    fn replica_state(&self) -> MutexGuard<'_, ReplicaState> {
+        self.replication
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Applies the metadata's view of this partition: whether broker `me` leads it, under
+    /// which epoch, and its replicas and ISR. Taken under the log's lock, so an append
+    /// never mixes epochs. A new leader records where its epoch starts and waits for
+    /// every follower's first fetch before it moves the high watermark.
+    pub fn set_replication(&self, me: u32, record: &PartitionRecord) {
+        let mut log = self.log_write();
+        let leading = record.leader == me;
+        let mut state = self.replica_state();
+        let new_term = leading != state.leading || record.leader_epoch != state.epoch;
+        if leading && new_term {
+            let now = now_ms();
+            if let Some(log) = log.as_mut() {
+                if let Err(err) = log.assign_epoch(record.leader_epoch) {
+                    tracing::warn!(topic = %self.topic, partition = self.index, error = %err, "could not record the new leader epoch");
+                }
+                state.epoch_start_offset = log.log_end_offset();
+            }
+            state.followers = record
+                .replicas
+                .iter()
+                .filter(|r| **r != me)
+                .map(|r| {
+                    let follower = FollowerState {
+                        log_end: None,
+                        last_caught_up_ms: now,
+                        last_fetch_ms: now,
+                        leader_end_at_last_fetch: -1,
+                    };
+                    (*r, follower)
+                })
+                .collect();
+        }
+        if !leading {
+            state.followers.clear();
+        }
+        if new_term || record.partition_epoch != state.partition_epoch {
+            state.pending_isr = None;
+        }
+        state.me = me;
+        state.leading = leading;
+        state.epoch = record.leader_epoch;
+        state.partition_epoch = record.partition_epoch;
+        state.replicas = record.replicas.clone();
+        state.isr = record.isr.clone();
+        self.leader_epoch
+            .store(record.leader_epoch, Ordering::Release);
         self.leading.store(leading, Ordering::Release);
+        drop(log);
+        self.update_high_watermark(&state);
+        drop(state);
+        // Wakes producers waiting for replicas, so they see the change.
+        self.high_watermark.send_modify(|_| {});
+    }
+
+    /// Moves the high watermark to what the replication state allows: on a leader the
+    /// smallest durable end over the ISR (and a proposed ISR), never backwards; on a
+    /// follower the leader's, capped by its own durable end.
+    fn update_high_watermark(&self, state: &ReplicaState) {
+        let durable = self.durable_end.load(Ordering::Acquire);
+        if !state.leading {
+            let target = state.leader_high_watermark.min(durable);
+            self.high_watermark.send_if_modified(|hw| {
+                let moved = *hw != target;
+                *hw = target;
+                moved
+            });
+            return;
+        }
+        let mut target = durable;
+        let members = state.isr.iter().chain(state.pending_isr.iter().flatten());
+        for member in members.filter(|m| **m != state.me) {
+            match state.followers.get(member).and_then(|f| f.log_end) {
+                Some(end) => target = target.min(end),
+                None => return,
+            }
+        }
+        self.high_watermark.send_if_modified(|hw| {
+            let moved = target > *hw;
+            *hw = (*hw).max(target);
+            moved
+        });
+    }
+
+    /// Records that everything below `end` is durable on this broker.
+    fn advance_durable_end(&self, end: i64) {
+        self.durable_end.fetch_max(end, Ordering::AcqRel);
+        let state = self.replica_state();
+        self.update_high_watermark(&state);
+    }
+
+    /// How many replicas the applied ISR holds.
+    pub fn isr_len(&self) -> usize {
+        self.replica_state().isr.len().max(1)
+    }
+
+    /// Waits until the high watermark covers `end_offset`: every ISR member holds the
+    /// batch. Afterwards the ISR must still hold `min_insync` replicas.
+    ///
+    /// # Errors
+    /// Leadership moved, the ISR shrank below `min_insync`, or `timeout` passed.
+    pub async fn wait_replicated(
+        &self,
+        base_offset: i64,
+        end_offset: i64,
+        min_insync: usize,
+        timeout: Duration,
+    ) -> Result<(), BrokerError> {
+        let epoch = self.leader_epoch();
+        let mut high_watermark = self.high_watermark.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if !self.is_leader() || self.leader_epoch() != epoch {
+                return Err(BrokerError::LeaderNotAvailable {
+                    topic: self.topic.clone(),
+                    partition: self.index,
+                    reason: format!(
+                        "leadership moved while the batch at offset {base_offset} waited for its replicas; it may or may not be kept: retry"
+                    ),
+                });
+            }
+            if *high_watermark.borrow_and_update() >= end_offset {
+                let isr = self.isr_len();
+                if isr < min_insync {
+                    return Err(BrokerError::NotEnoughReplicasAfterAppend {
+                        topic: self.topic.clone(),
+                        partition: self.index,
+                        base_offset,
+                        isr,
+                        min_insync,
+                    });
+                }
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, high_watermark.changed())
+                .await
+                .is_err()
+            {
+                return Err(BrokerError::ReplicationTimedOut {
+                    topic: self.topic.clone(),
+                    partition: self.index,
+                    base_offset,
+                    timeout_ms: timeout.as_millis() as u64,
+                });
+            }
+        }
+    }
+
+    /// The ISR change this leader wants now, if any and none is in flight: followers
+    /// that have not caught up for `lag_max_ms` leave; followers that hold everything up
+    /// to the high watermark (and the start of this epoch) join.
+    pub fn wanted_isr_change(&self, now: i64, lag_max_ms: i64) -> Option<IsrChange> {
+        let high_watermark = self.high_watermark();
+        let mut state = self.replica_state();
+        if !state.leading || state.pending_isr.is_some() {
+            return None;
+        }
+        let me = state.me;
+        let mut isr: Vec<u32> = state
+            .isr
+            .iter()
+            .copied()
+            .filter(|r| {
+                *r == me
+                    || state
+                        .followers
+                        .get(r)
+                        .is_some_and(|f| now - f.last_caught_up_ms <= lag_max_ms)
+            })
+            .collect();
+        for replica in &state.replicas {
+            let caught_up = state
+                .followers
+                .get(replica)
+                .and_then(|f| f.log_end)
+                .is_some_and(|end| end >= high_watermark && end >= state.epoch_start_offset);
+            if !isr.contains(replica) && caught_up {
+                isr.push(*replica);
+            }
+        }
+        isr.sort_unstable();
+        let mut current = state.isr.clone();
+        current.sort_unstable();
+        if isr == current {
+            return None;
+        }
+        state.pending_isr = Some(isr.clone());
+        Some(IsrChange {
+            leader_epoch: state.epoch,
+            partition_epoch: state.partition_epoch,
+            isr,
+        })
+    }
+
+    /// The controller refused (or did not take) a proposed ISR change: the next check
+    /// may propose again.
+    pub fn isr_change_failed(&self, change: &IsrChange) {
+        let mut state = self.replica_state();
+        if state.pending_isr.as_ref() == Some(&change.isr) {
+            state.pending_isr = None;
+            self.update_high_watermark(&state);
+        }
+    }
+
+    /// A follower's fetch at `fetch_offset`, whose last batch has `last_epoch`: records
+    /// where it stands (which may move the high watermark) and reads what it lacks, or
+    /// tells it where its log diverges from this one.
+    ///
+    /// # Errors
+    /// A fetch offset below the log start (the follower resets its log there), or a
+    /// storage failure.
+    pub fn replica_read(
+        &self,
+        replica: u32,
+        fetch_offset: i64,
+        last_epoch: i32,
+        follower_high_watermark: i64,
+        max_bytes: usize,
+        buffers: &ReadBuffers,
+    ) -> Result<ReplicaRead, BrokerError> {
+        self.check_fenced()?;
+        let guard = self.log_read();
+        let Some(log) = guard.as_ref() else {
+            return Err(self.fenced_error());
+        };
+        let end = log.log_end_offset();
+        let start = log.log_start_offset();
+        if last_epoch >= 0 {
+            match log.end_offset_for_epoch(last_epoch) {
+                Some((epoch, epoch_end)) if epoch == last_epoch && epoch_end >= fetch_offset => {}
+                Some((epoch, epoch_end)) => {
+                    return Ok(ReplicaRead::Diverging {
+                        epoch,
+                        end_offset: epoch_end.min(fetch_offset),
+                    });
+                }
+                None => {
+                    return Ok(ReplicaRead::Diverging {
+                        epoch: -1,
+                        end_offset: start.min(fetch_offset),
+                    });
+                }
+            }
+        }
+        if fetch_offset > end {
+            return Ok(ReplicaRead::Diverging {
+                epoch: log.latest_epoch(),
+                end_offset: end,
+            });
+        }
+        if fetch_offset < start {
+            return Err(BrokerError::OffsetOutOfRange {
+                topic: self.topic.clone(),
+                partition: self.index,
+                reason: format!("fetch offset {fetch_offset} is below the log start {start}"),
+            });
+        }
+        {
+            let now = now_ms();
+            let mut state = self.replica_state();
+            if let Some(follower) = state.followers.get_mut(&replica) {
+                if fetch_offset >= end {
+                    follower.last_caught_up_ms = now;
+                } else if fetch_offset >= follower.leader_end_at_last_fetch {
+                    follower.last_caught_up_ms = follower.last_fetch_ms;
+                }
+                follower.leader_end_at_last_fetch = end;
+                follower.last_fetch_ms = now;
+                follower.log_end = Some(fetch_offset);
+            }
+            self.update_high_watermark(&state);
+        }
+        let high_watermark = self.high_watermark();
+        let high_watermark_moved = high_watermark.min(fetch_offset) != follower_high_watermark;
+        let records = buffers
+            .read(max_bytes, |out| {
+                log.read_into(fetch_offset, max_bytes, i64::MAX, out)
+            })
+            .map_err(|err| match err {
+                runnel_broker_storage::ReadError::Storage(err) => self.fence(&err),
+                other => BrokerError::from_read(&self.topic, self.index, other),
+            })?;
+        Ok(ReplicaRead::Records {
+            records,
+            high_watermark,
+            log_start_offset: start,
+            high_watermark_moved,
+        })
+    }
+
+    /// The largest epoch `<= epoch` in this log and where it ends.
+    pub fn end_offset_for_epoch(&self, epoch: i32) -> Option<(i32, i64)> {
+        self.with_log(|log| log.end_offset_for_epoch(epoch))
+            .ok()
+            .flatten()
+    }
+
+    /// Where a follower fetches from: its log end offset, the epoch of its last batch,
+    /// and its high watermark.
+    pub fn fetch_position(&self) -> Result<(i64, i32, i64), BrokerError> {
+        let high_watermark = self.high_watermark();
+        self.with_log(|log| (log.log_end_offset(), log.latest_epoch(), high_watermark))
+    }
+
+    /// Appends batches fetched from the leader (skipping any this log already holds),
+    /// makes them durable under the flush policy, and takes the leader's high watermark.
+    /// Blocks: call it from a blocking thread.
+    ///
+    /// # Errors
+    /// A batch that does not continue this log, or a storage failure (which fences the
+    /// partition).
+    pub fn append_replicated(
+        &self,
+        records: &[u8],
+        leader_high_watermark: i64,
+    ) -> Result<(), BrokerError> {
+        self.check_fenced()?;
+        let now = now_ms();
+        let end = {
+            let mut guard = self.log_write();
+            let Some(log) = guard.as_mut() else {
+                return Err(self.fenced_error());
+            };
+            let mut appended = false;
+            for batch in runnel_batch::batches(records) {
+                let (header, bytes) = batch.map_err(|err| BrokerError::CorruptBatch {
+                    topic: self.topic.clone(),
+                    partition: self.index,
+                    reason: err.to_string(),
+                })?;
+                if header.next_offset() <= log.log_end_offset() {
+                    continue;
+                }
+                log.append_replica(bytes, now).map_err(|err| match err {
+                    runnel_broker_storage::AppendError::Storage(err) => self.fence(&err),
+                    other => BrokerError::from_append(&self.topic, self.index, other),
+                })?;
+                appended = true;
+            }
+            if appended {
+                let synced = match log.config().flush {
+                    FlushPolicy::EveryAppend => log.flush().map(|()| true),
+                    FlushPolicy::Interval { .. } => log.maybe_flush(now).map(|_| true),
+                };
+                if let Err(err) = synced {
+                    drop(guard);
+                    return Err(self.fence(&err));
+                }
+            }
+            log.log_end_offset()
+        };
+        self.log_end.send_replace(end);
+        self.durable_end.store(end, Ordering::Release);
+        let mut state = self.replica_state();
+        state.leader_high_watermark = leader_high_watermark;
+        self.update_high_watermark(&state);
+        Ok(())
+    }
+
+    /// Cuts this replica's log back to `offset` (a divergence from the leader), or, when
+    /// `reset` is set, empties it and starts it at `offset` (the leader's log starts
+    /// beyond this one's end). Blocks.
+    ///
+    /// # Errors
+    /// A storage failure, which fences the partition.
+    pub fn truncate_replica(&self, offset: i64, reset: bool) -> Result<i64, BrokerError> {
+        self.check_fenced()?;
+        let end = {
+            let mut guard = self.log_write();
+            let Some(log) = guard.as_mut() else {
+                return Err(self.fenced_error());
+            };
+            let before = log.log_end_offset();
+            let done = if reset {
+                log.reset_to(offset)
+            } else {
+                log.truncate_to(offset)
+            };
+            if let Err(err) = done {
+                drop(guard);
+                return Err(self.fence(&err));
+            }
+            let end = log.log_end_offset();
+            if end != before {
+                tracing::info!(topic = %self.topic, partition = self.index, from = before, to = end, "replica log truncated to follow its leader");
+            }
+            end
+        };
+        self.log_end.send_replace(end);
+        self.durable_end.store(end, Ordering::Release);
+        let state = self.replica_state();
+        self.update_high_watermark(&state);
+        Ok(end)
+    }
+
+    /// Wakes whenever the log end offset moves.
+    pub fn subscribe_log_end(&self) -> watch::Receiver<i64> {
+        self.log_end.subscribe()
     }
 
     /// Wakes whenever the high watermark moves.
@@ -304,10 +776,15 @@ impl Partition {
         let end_offset = log.log_end_offset();
         let log_start_offset = log.log_start_offset();
         let mut flush_due = false;
-        if let FlushPolicy::Interval { .. } = log.config().flush {
+        let interval = matches!(log.config().flush, FlushPolicy::Interval { .. });
+        if interval {
             // The fsync runs elsewhere, without the log: appends and reads go on meanwhile.
             flush_due = log.flush_due(now);
-            self.high_watermark.send_replace(end_offset);
+        }
+        drop(guard);
+        self.log_end.send_replace(end_offset);
+        if interval {
+            self.advance_durable_end(end_offset);
         }
         let first = first.expect("at least one batch was appended");
         Ok(Appended {
@@ -354,18 +831,18 @@ impl Partition {
         let _ = self.with_log_mut(|log| log.complete_flush(&handle, now));
     }
 
-    /// Waits until every offset below `end_offset` is durable under the flush policy and
-    /// visible to consumers. Concurrent callers share one fsync.
+    /// Waits until every offset below `end_offset` is durable on this broker under the
+    /// flush policy. Concurrent callers share one fsync.
     ///
     /// # Errors
     /// A failed fsync, which fences the partition.
     pub async fn wait_durable(&self, end_offset: i64) -> Result<(), BrokerError> {
         loop {
-            if self.high_watermark() >= end_offset {
+            if self.durable_end.load(Ordering::Acquire) >= end_offset {
                 return Ok(());
             }
             let _flushing = self.flush_lock.lock().await;
-            if self.high_watermark() >= end_offset {
+            if self.durable_end.load(Ordering::Acquire) >= end_offset {
                 return Ok(());
             }
             self.check_fenced()?;
@@ -381,11 +858,7 @@ impl Partition {
                 })?
                 .map_err(|err| self.fence(&err))?;
             self.with_log_mut(|log| log.complete_flush(&handle, now_ms()))?;
-            self.high_watermark.send_if_modified(|hw| {
-                let moved = handle.end_offset() > *hw;
-                *hw = (*hw).max(handle.end_offset());
-                moved
-            });
+            self.advance_durable_end(handle.end_offset());
         }
     }
 
@@ -529,5 +1002,167 @@ impl Partition {
                 None => Ok(()),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(leader: u32, epoch: i32, isr: &[u32]) -> PartitionRecord {
+        PartitionRecord {
+            leader,
+            leader_epoch: epoch,
+            replicas: vec![1, 2],
+            isr: isr.to_vec(),
+            partition_epoch: epoch,
+        }
+    }
+
+    fn batch(value: &str) -> Vec<u8> {
+        let mut builder = runnel_batch::BatchBuilder::new(runnel_batch::BatchOptions::default());
+        builder.push(&runnel_batch::Record {
+            value: Some(bytes::Bytes::copy_from_slice(value.as_bytes())),
+            ..Default::default()
+        });
+        builder.build().to_vec()
+    }
+
+    /// Appends one record as a leader and waits until it is durable here.
+    async fn write(partition: &Partition, value: &str) {
+        let appended = partition.append(&batch(value)).expect("append");
+        partition
+            .wait_durable(appended.end_offset)
+            .await
+            .expect("durable");
+    }
+
+    fn values(partition: &Partition) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut offset = partition.log_start_offset();
+        let end = partition.fetch_position().expect("open").0;
+        while offset < end {
+            let bytes = partition
+                .with_log(|log| log.read(offset, 1 << 20, i64::MAX))
+                .expect("open")
+                .expect("read");
+            for entry in runnel_batch::batches(&bytes) {
+                let (header, raw) = entry.expect("batch");
+                for r in runnel_batch::decode_records(raw).expect("records") {
+                    out.push(String::from_utf8_lossy(&r.value.unwrap_or_default()).to_string());
+                }
+                offset = header.next_offset();
+            }
+        }
+        out
+    }
+
+    /// Copies what `follower` lacks from `leader`, as the replica fetcher does, until it
+    /// has caught up; truncates on a divergence.
+    fn catch_up(leader: &Partition, follower: &Partition, follower_id: u32) {
+        let buffers = ReadBuffers::new(1);
+        for _ in 0..10 {
+            let (offset, epoch, hw) = follower.fetch_position().expect("open");
+            match leader
+                .replica_read(follower_id, offset, epoch, hw, 1 << 20, &buffers)
+                .expect("replica read")
+            {
+                ReplicaRead::Diverging { epoch, end_offset } => {
+                    let own = follower
+                        .end_offset_for_epoch(epoch)
+                        .map_or(end_offset, |(_, end)| end);
+                    follower
+                        .truncate_replica(own.min(end_offset), false)
+                        .expect("truncate");
+                }
+                ReplicaRead::Records {
+                    records,
+                    high_watermark,
+                    ..
+                } => {
+                    if records.is_empty() && offset == leader.fetch_position().expect("open").0 {
+                        follower
+                            .append_replicated(&records, high_watermark)
+                            .expect("hw");
+                        return;
+                    }
+                    follower
+                        .append_replicated(&records, high_watermark)
+                        .expect("append");
+                }
+            }
+        }
+        panic!("the follower did not catch up");
+    }
+
+    #[tokio::test]
+    async fn a_deposed_leader_truncates_its_divergent_tail_to_the_new_leaders_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = LogConfig::default();
+        let one = Partition::open(&dir.path().join("one"), "t", 0, config.clone()).expect("open");
+        let two = Partition::open(&dir.path().join("two"), "t", 0, config).expect("open");
+        one.set_replication(1, &record(1, 0, &[1, 2]));
+        two.set_replication(2, &record(1, 0, &[1, 2]));
+        for v in ["a", "b", "c"] {
+            write(&one, v).await;
+        }
+        catch_up(&one, &two, 2);
+        assert_eq!(values(&two), ["a", "b", "c"]);
+        // The high watermark waits for the follower's next fetch to cover it.
+        catch_up(&one, &two, 2);
+        assert_eq!(one.high_watermark(), 3);
+
+        // Broker 1 writes two more that nobody copies, then loses its leadership.
+        write(&one, "lost-1").await;
+        write(&one, "lost-2").await;
+        two.set_replication(2, &record(2, 1, &[2]));
+        one.set_replication(1, &record(2, 1, &[2]));
+        assert!(
+            one.append(&batch("refused")).is_err(),
+            "a follower refuses produce"
+        );
+        write(&two, "d").await;
+
+        catch_up(&two, &one, 1);
+        assert_eq!(values(&one), ["a", "b", "c", "d"]);
+        assert_eq!(
+            one.end_offset_for_epoch(1).map(|(e, _)| e),
+            Some(1),
+            "the follower learned the new epoch from the batch it copied"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_high_watermark_waits_for_every_isr_member_and_a_joining_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let one = Partition::open(dir.path(), "t", 0, LogConfig::default()).expect("open");
+        let buffers = ReadBuffers::new(1);
+        one.set_replication(1, &record(1, 0, &[1]));
+        write(&one, "a").await;
+        assert_eq!(
+            one.high_watermark(),
+            1,
+            "a leader alone in its ISR moves it at once"
+        );
+        // Broker 2 is a replica out of the ISR: it does not hold the watermark back ...
+        write(&one, "b").await;
+        assert_eq!(one.high_watermark(), 2);
+        one.replica_read(2, 0, -1, 0, 1 << 20, &buffers)
+            .expect("read");
+        assert_eq!(one.high_watermark(), 2);
+        // ... until it is proposed to join: then the watermark waits for it too.
+        one.replica_read(2, 2, 0, 0, 1 << 20, &buffers)
+            .expect("read");
+        let change = one.wanted_isr_change(now_ms(), 30_000).expect("expand");
+        assert_eq!(change.isr, vec![1, 2]);
+        write(&one, "c").await;
+        assert_eq!(
+            one.high_watermark(),
+            2,
+            "the joining replica lacks offset 2"
+        );
+        one.replica_read(2, 3, 0, 2, 1 << 20, &buffers)
+            .expect("read");
+        assert_eq!(one.high_watermark(), 3);
     }
 }

@@ -4,7 +4,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::stream::{FuturesOrdered, StreamExt};
-use runnel_proto::v1::{self, admin_server, consumer_server, groups_server, producer_server};
+use runnel_proto::v1::{
+    self, admin_server, consumer_server, groups_server, producer_server, replication_server,
+};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -82,6 +84,31 @@ impl producer_server::Producer for Service {
                             return;
                         }
                     }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl replication_server::Replication for Service {
+    type FetchStream = BoxStream<v1::ReplicaFetchResponse>;
+
+    async fn fetch(
+        &self,
+        request: Request<Streaming<v1::ReplicaFetchRequest>>,
+    ) -> Result<Response<Self::FetchStream>, Status> {
+        let mut incoming = request.into_inner();
+        let broker = self.broker.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            while let Some(Ok(request)) = incoming.next().await {
+                let response = broker.replica_fetch(&request).await;
+                if tx.send(Ok(response)).await.is_err() {
+                    return;
                 }
             }
         });

@@ -283,6 +283,67 @@ impl Log {
         })
     }
 
+    /// Appends a batch copied from the partition's leader as it is: its base offset must
+    /// be this log's end offset, and its leader epoch (stamped by the leader) enters the
+    /// epoch cache. Nothing in it is re-stamped, so the replica's bytes are the leader's.
+    ///
+    /// # Errors
+    /// An invalid batch, one that does not start at the log end, or an I/O error.
+    pub fn append_replica(&mut self, batch: &[u8], now_ms: i64) -> Result<AppendInfo, AppendError> {
+        let header = validate(batch)?;
+        if header.size_bytes() != batch.len() || header.record_count == 0 {
+            return Err(AppendError::InconsistentBatch {
+                reason: format!(
+                    "a replicated batch of {} bytes says it has {} bytes and {} records",
+                    batch.len(),
+                    header.size_bytes(),
+                    header.record_count
+                ),
+            });
+        }
+        let end = self.log_end_offset();
+        if header.base_offset != end {
+            return Err(AppendError::InconsistentBatch {
+                reason: format!(
+                    "a replicated batch starts at offset {} but the log ends at {end}",
+                    header.base_offset
+                ),
+            });
+        }
+        self.maybe_roll(batch.len() as u64, now_ms)?;
+        if header.leader_epoch >= 0 {
+            self.epochs
+                .assign(header.leader_epoch, header.base_offset)
+                .map_err(|source| StorageError::io(&self.dir, source))?;
+        }
+        let (header_bytes, records) = batch.split_at(BATCH_HEADER_BYTES.min(batch.len()));
+        self.active_mut().append(header_bytes, records, &header)?;
+        self.unflushed_records += u64::from(header.record_count);
+        Ok(AppendInfo {
+            base_offset: header.base_offset,
+            last_offset: header.last_offset(),
+            log_append_time_ms: None,
+            record_count: header.record_count,
+        })
+    }
+
+    /// Records that `epoch` starts at the log end (a leader taking over), so that a
+    /// follower of the previous epoch learns where it ended before anything is written.
+    ///
+    /// # Errors
+    /// I/O errors writing the epoch checkpoint.
+    pub fn assign_epoch(&mut self, epoch: i32) -> Result<(), StorageError> {
+        let end = self.log_end_offset();
+        self.epochs
+            .assign(epoch, end)
+            .map_err(|source| StorageError::io(&self.dir, source))
+    }
+
+    /// The epoch of the last batch (or of the latest leader) in this log; -1 if none.
+    pub fn latest_epoch(&self) -> i32 {
+        self.epochs.latest_epoch().unwrap_or(-1)
+    }
+
     fn maybe_roll(&mut self, incoming_bytes: u64, now_ms: i64) -> Result<(), StorageError> {
         let active = self.active();
         if active.size_bytes() == 0 {
@@ -594,8 +655,12 @@ impl Log {
             .map_err(|source| StorageError::io(&self.dir, source))
     }
 
-    /// Deletes every segment and starts empty at `offset`.
-    fn reset_to(&mut self, offset: i64) -> Result<(), StorageError> {
+    /// Deletes every segment and starts empty at `offset` (a replica whose leader's log
+    /// starts beyond its end).
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn reset_to(&mut self, offset: i64) -> Result<(), StorageError> {
         let bases: Vec<i64> = self.segments.keys().copied().collect();
         for base in bases {
             self.delete_segment(base)?;

@@ -1,0 +1,497 @@
+//! Replication under faults, with real `runnel broker start` processes: leaders killed
+//! with `kill -9` while a producer counts with `acks=all`, followers killed until
+//! `min.insync.replicas` refuses writes, and an ISR that grows back. A checker then reads
+//! the whole partition and holds every acknowledged write to account.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use runnel_client::{Acks, Client, Producer, ProducerConfig, ProducerRecord};
+
+use crate::cluster::{Cluster, PartitionRow};
+use crate::support::{runnel_at, wait_until};
+
+/// What a counting producer saw.
+struct Counted {
+    acknowledged: BTreeSet<i64>,
+    failed: BTreeSet<i64>,
+}
+
+/// Sends 0, 1, 2, ... to partition 0 of `topic` with `acks=all` until `stop`, twenty
+/// at a time, and notes which were acknowledged and which failed for good.
+fn counting_producer(
+    addresses: String,
+    topic: &'static str,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Counted> {
+    std::thread::spawn(move || {
+        let runtime = crate::runtime();
+        runtime.block_on(async move {
+            let brokers: Vec<String> = addresses.split(',').map(str::to_string).collect();
+            let client = Client::connect(&brokers).await.expect("connect");
+            let producer = Producer::new(
+                client,
+                ProducerConfig {
+                    acks: Acks::All,
+                    linger: Duration::from_millis(1),
+                    retries: 400,
+                    retry_backoff: Duration::from_millis(50),
+                    ..ProducerConfig::default()
+                },
+            );
+            let mut counted = Counted {
+                acknowledged: BTreeSet::new(),
+                failed: BTreeSet::new(),
+            };
+            let mut next = 0i64;
+            while !stop.load(Ordering::Acquire) {
+                let mut deliveries = Vec::new();
+                for _ in 0..20 {
+                    let record = ProducerRecord::new(topic)
+                        .partition(0)
+                        .value(next.to_string());
+                    match producer.send(record).await {
+                        Ok(delivery) => deliveries.push((next, delivery)),
+                        Err(_) => {
+                            counted.failed.insert(next);
+                        }
+                    }
+                    next += 1;
+                }
+                for (value, delivery) in deliveries {
+                    match delivery.await {
+                        Ok(_) => counted.acknowledged.insert(value),
+                        Err(_) => counted.failed.insert(value),
+                    };
+                }
+            }
+            counted
+        })
+    })
+}
+
+/// Reads partition 0 of `topic` from node `on` (its leader) up to its high watermark:
+/// (offset, value) in log order.
+fn read_all(cluster: &Cluster, on: u32, topic: &str) -> Vec<(i64, i64)> {
+    let row = partition0(cluster, on, topic);
+    let count = row.high_watermark.to_string();
+    let out = cluster.ok(
+        on,
+        &[
+            "consume",
+            topic,
+            "--from-beginning",
+            "--print-offset",
+            "--max-messages",
+            &count,
+        ],
+        "",
+    );
+    out.lines()
+        .map(|line| {
+            // Partition:0<TAB>Offset:N<TAB>VALUE
+            let mut fields = line.split('\t');
+            let offset = fields
+                .nth(1)
+                .and_then(|f| f.strip_prefix("Offset:"))
+                .and_then(|o| o.parse().ok())
+                .unwrap_or_else(|| panic!("offset in {line:?}"));
+            let value = fields
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("value in {line:?}"));
+            (offset, value)
+        })
+        .collect()
+}
+
+fn partition0(cluster: &Cluster, on: u32, topic: &str) -> PartitionRow {
+    cluster
+        .describe(on, topic)
+        .into_iter()
+        .find(|r| r.partition == 0)
+        .expect("partition 0")
+}
+
+/// Checks what the partition holds against what the producer was told: every
+/// acknowledged value is there, no offset appears twice, and nothing is there that was
+/// never sent. Values that failed may or may not be there; values may repeat (a retry
+/// after a lost answer writes again until producers are idempotent). Returns how many
+/// repeated.
+fn check(read: &[(i64, i64)], counted: &Counted) -> usize {
+    let offsets: Vec<i64> = read.iter().map(|(o, _)| *o).collect();
+    let expected: Vec<i64> = (0..read.len() as i64).collect();
+    assert_eq!(offsets, expected, "offsets are dense and each appears once");
+    let mut seen: BTreeMap<i64, usize> = BTreeMap::new();
+    for (_, value) in read {
+        *seen.entry(*value).or_default() += 1;
+    }
+    let lost: Vec<&i64> = counted
+        .acknowledged
+        .iter()
+        .filter(|v| !seen.contains_key(v))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged values are missing: {:?}",
+        lost.len(),
+        lost.iter().take(20).collect::<Vec<_>>()
+    );
+    let sent_max = counted
+        .acknowledged
+        .iter()
+        .chain(&counted.failed)
+        .max()
+        .copied()
+        .unwrap_or(-1);
+    assert!(
+        seen.keys().all(|v| *v <= sent_max),
+        "only sent values are stored"
+    );
+    seen.values().filter(|n| **n > 1).count()
+}
+
+#[test]
+fn acks_all_keeps_every_acknowledged_write_across_five_leader_kills() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Cluster::start(dir.path(), 3);
+    cluster.ok(
+        1,
+        &[
+            "topic",
+            "create",
+            "counts",
+            "--replication-factor",
+            "3",
+            "--config",
+            "min.insync.replicas=2",
+        ],
+        "",
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = counting_producer(cluster.addresses(), "counts", stop.clone());
+    std::thread::sleep(Duration::from_secs(1));
+    let mut kills = Vec::new();
+    for round in 0..5 {
+        let survivor_of = |victim: u32| (1..=3).find(|n| *n != victim).expect("a survivor");
+        let before = partition0(&cluster, 1 + round % 3, "counts");
+        let victim = before.leader;
+        assert_ne!(victim, 0, "the partition has a leader before round {round}");
+        let survivor = survivor_of(victim);
+        cluster.kill9(victim);
+        let killed_at = std::time::Instant::now();
+        wait_until(
+            "another in-sync replica leads",
+            Duration::from_secs(30),
+            || {
+                let row = partition0(&cluster, survivor, "counts");
+                row.leader != 0 && row.leader != victim && row.epoch > before.epoch
+            },
+        );
+        kills.push(killed_at.elapsed());
+        cluster.restart(victim);
+        wait_until(
+            "the restarted broker is back in the ISR",
+            Duration::from_secs(30),
+            || partition0(&cluster, survivor, "counts").isr == vec![1, 2, 3],
+        );
+    }
+    stop.store(true, Ordering::Release);
+    let counted = producer.join().expect("the producer thread");
+    assert!(
+        counted.acknowledged.len() > 100,
+        "the producer kept going: {} acknowledged",
+        counted.acknowledged.len()
+    );
+    let leader = partition0(&cluster, 1, "counts").leader;
+    let read = read_all(&cluster, leader, "counts");
+    let repeated = check(&read, &counted);
+    eprintln!(
+        "five leader kills: {} acknowledged, {} failed, {} stored, {} repeated by retries; new leader after {:?}",
+        counted.acknowledged.len(),
+        counted.failed.len(),
+        read.len(),
+        repeated,
+        kills
+    );
+    // Every replica holds the same records: read each one as the leader.
+    for id in 1..=3 {
+        let row = partition0(&cluster, id, "counts");
+        assert_eq!(row.isr, vec![1, 2, 3]);
+    }
+}
+
+#[test]
+fn followers_die_min_insync_refuses_and_the_isr_grows_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Five voters, so that the controller quorum outlives two dead brokers.
+    let mut cluster = Cluster::start(dir.path(), 5);
+    cluster.ok(
+        1,
+        &[
+            "topic",
+            "create",
+            "guarded",
+            "--replication-factor",
+            "3",
+            "--config",
+            "min.insync.replicas=2",
+        ],
+        "",
+    );
+    let row = partition0(&cluster, 1, "guarded");
+    let leader = row.leader;
+    let followers: Vec<u32> = row
+        .replicas
+        .iter()
+        .copied()
+        .filter(|r| *r != leader)
+        .collect();
+    let produce = |cluster: &Cluster, value: &str| {
+        runnel_at(
+            &cluster.node(leader).addr,
+            &["produce", "guarded", "--acks", "all", "--partition", "0"],
+            &format!("{value}\n"),
+        )
+    };
+    assert!(produce(&cluster, "all-three").status.success());
+
+    cluster.kill9(followers[0]);
+    wait_until("the ISR shrinks to two", Duration::from_secs(30), || {
+        partition0(&cluster, leader, "guarded").isr.len() == 2
+    });
+    let out = produce(&cluster, "two-of-three");
+    assert!(
+        out.status.success(),
+        "acks=all goes on with two in sync: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    cluster.kill9(followers[1]);
+    wait_until("the ISR shrinks to one", Duration::from_secs(30), || {
+        partition0(&cluster, leader, "guarded").isr == vec![leader]
+    });
+    let out = produce(&cluster, "refused");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("not enough in-sync replicas"),
+        "below min.insync.replicas acks=all is refused: {stderr}"
+    );
+
+    cluster.restart(followers[0]);
+    cluster.restart(followers[1]);
+    wait_until(
+        "the ISR grows back to three",
+        Duration::from_secs(30),
+        || partition0(&cluster, leader, "guarded").isr.len() == 3,
+    );
+    let out = cluster.ok(
+        leader,
+        &[
+            "consume",
+            "guarded",
+            "--from-beginning",
+            "--max-messages",
+            "2",
+        ],
+        "",
+    );
+    assert_eq!(
+        out, "all-three\ntwo-of-three\n",
+        "the refused write was never stored"
+    );
+    // The returned followers hold the same records.
+    for follower in &followers {
+        let row = partition0(&cluster, *follower, "guarded");
+        assert_eq!(row.high_watermark, 2, "{row:?}");
+    }
+}
+
+#[test]
+fn a_paused_leader_is_replaced_and_acknowledges_nothing_when_it_resumes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = Cluster::start(dir.path(), 3);
+    cluster.ok(
+        1,
+        &[
+            "topic",
+            "create",
+            "paused",
+            "--replication-factor",
+            "3",
+            "--config",
+            "min.insync.replicas=2",
+        ],
+        "",
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = counting_producer(cluster.addresses(), "paused", stop.clone());
+    std::thread::sleep(Duration::from_secs(1));
+    let before = partition0(&cluster, 1, "paused");
+    let paused = before.leader;
+    let survivor = (1..=3).find(|n| *n != paused).expect("a survivor");
+    // Longer than the broker session: the controller fences it and elects another.
+    cluster.signal(paused, "-STOP");
+    wait_until("another replica leads", Duration::from_secs(30), || {
+        let row = partition0(&cluster, survivor, "paused");
+        row.leader != 0 && row.leader != paused
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    cluster.signal(paused, "-CONT");
+    wait_until(
+        "the resumed broker follows and is back in the ISR",
+        Duration::from_secs(30),
+        || partition0(&cluster, survivor, "paused").isr == vec![1, 2, 3],
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Release);
+    let counted = producer.join().expect("the producer thread");
+    let leader = partition0(&cluster, survivor, "paused").leader;
+    let read = read_all(&cluster, leader, "paused");
+    check(&read, &counted);
+    // The old leader's log is the new leader's: whatever it held beyond is gone.
+    wait_until(
+        "every replica has the same log",
+        Duration::from_secs(10),
+        || {
+            let ends: Vec<i64> = (1..=3)
+                .map(|id| partition0(&cluster, id, "paused").high_watermark)
+                .collect();
+            ends.iter().all(|e| *e == read.len() as i64)
+        },
+    );
+}
+
+#[test]
+fn every_broker_killed_at_once_keeps_every_acknowledged_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Cluster::start(dir.path(), 3);
+    cluster.ok(
+        1,
+        &[
+            "topic",
+            "create",
+            "blackout",
+            "--replication-factor",
+            "3",
+            "--config",
+            "min.insync.replicas=2",
+        ],
+        "",
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = counting_producer(cluster.addresses(), "blackout", stop.clone());
+    std::thread::sleep(Duration::from_secs(2));
+    for id in 1..=3 {
+        cluster.kill9(id);
+    }
+    stop.store(true, Ordering::Release);
+    let counted = producer.join().expect("the producer thread");
+    assert!(!counted.acknowledged.is_empty());
+    cluster.restart_all();
+    wait_until(
+        "the partition has a leader again",
+        Duration::from_secs(30),
+        || partition0(&cluster, 1, "blackout").leader != 0,
+    );
+    let leader = partition0(&cluster, 1, "blackout").leader;
+    wait_until(
+        "its high watermark covers the log",
+        Duration::from_secs(30),
+        || {
+            let row = partition0(&cluster, leader, "blackout");
+            row.high_watermark as usize >= counted.acknowledged.len()
+        },
+    );
+    let read = read_all(&cluster, leader, "blackout");
+    check(&read, &counted);
+}
+
+#[test]
+fn unclean_election_is_off_by_default_and_loses_only_what_it_logs_when_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Cluster::start(dir.path(), 5);
+    cluster.ok(
+        1,
+        &["topic", "create", "risky", "--replication-factor", "2"],
+        "",
+    );
+    let row = partition0(&cluster, 1, "risky");
+    let leader = row.leader;
+    let follower = *row
+        .replicas
+        .iter()
+        .find(|r| **r != leader)
+        .expect("a follower");
+    let observer = (1..=5)
+        .find(|n| !row.replicas.contains(n))
+        .expect("a broker that holds no replica");
+    let produce = |cluster: &Cluster, value: &str| {
+        let out = runnel_at(
+            &cluster.node(leader).addr,
+            &["produce", "risky", "--acks", "1", "--partition", "0"],
+            &format!("{value}\n"),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    produce(&cluster, "both-have-it");
+    wait_until("the follower has it", Duration::from_secs(10), || {
+        partition0(&cluster, follower, "risky").high_watermark == 1
+    });
+    // The follower dies; the leader, alone in the ISR, takes one more write; then it dies.
+    cluster.kill9(follower);
+    wait_until(
+        "the ISR is the leader alone",
+        Duration::from_secs(30),
+        || partition0(&cluster, observer, "risky").isr == vec![leader],
+    );
+    produce(&cluster, "only-the-leader-has-it");
+    cluster.kill9(leader);
+    cluster.restart(follower);
+    wait_until("the leader is fenced", Duration::from_secs(30), || {
+        cluster.broker_state(observer, leader) == "fenced"
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let row = partition0(&cluster, observer, "risky");
+    assert_eq!(
+        row.leader, 0,
+        "with unclean election off it stays offline: {row:?}"
+    );
+    let describe = cluster.ok(observer, &["topic", "describe", "risky"], "");
+    assert!(describe.contains("has no leader"), "{describe}");
+
+    cluster.ok(
+        observer,
+        &[
+            "topic",
+            "alter-config",
+            "risky",
+            "--config",
+            "unclean.leader.election.enable=true",
+        ],
+        "",
+    );
+    wait_until(
+        "the out-of-sync replica leads",
+        Duration::from_secs(30),
+        || partition0(&cluster, observer, "risky").leader == follower,
+    );
+    let out = cluster.ok(
+        follower,
+        &[
+            "consume",
+            "risky",
+            "--from-beginning",
+            "--max-messages",
+            "1",
+        ],
+        "",
+    );
+    assert_eq!(out, "both-have-it\n", "only what the ISR alone had is lost");
+}
