@@ -74,7 +74,7 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ClusterCommand {
-    /// Brokers (alive or fenced), the active controller, the quorum's voters, topic count.
+    /// Brokers (alive, shutting down or fenced), the active controller, the quorum's voters, topic count.
     Info,
 }
 
@@ -141,7 +141,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             println!("Brokers:");
             for broker in &info.brokers {
-                let state = if broker.fenced { "fenced" } else { "alive" };
+                let state = if broker.fenced {
+                    "fenced"
+                } else if broker.shutting_down {
+                    "shutting down"
+                } else {
+                    "alive"
+                };
                 println!("  {}  {} ({state})", broker.id, broker.address);
             }
             println!("Topics:      {}", info.topic_count);

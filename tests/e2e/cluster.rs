@@ -161,6 +161,18 @@ impl Cluster {
         }
     }
 
+    /// Stops node `id` with `SIGTERM` and waits for it to exit.
+    pub(crate) fn terminate(&mut self, id: u32) {
+        self.signal(id, "-TERM");
+        if let Some(mut child) = self.nodes[id as usize - 1].child.take() {
+            let status = child.wait().expect("the node exits");
+            assert!(
+                status.success(),
+                "a node stopped by SIGTERM exits cleanly: {status}"
+            );
+        }
+    }
+
     pub(crate) fn kill9(&mut self, id: u32) {
         if let Some(mut child) = self.nodes[id as usize - 1].child.take() {
             let _ = child.kill();

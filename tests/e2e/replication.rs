@@ -495,3 +495,44 @@ fn unclean_election_is_off_by_default_and_loses_only_what_it_logs_when_on() {
     );
     assert_eq!(out, "both-have-it\n", "only what the ISR alone had is lost");
 }
+
+#[test]
+fn sigterm_hands_leadership_over_before_the_broker_stops() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Cluster::start(dir.path(), 3);
+    cluster.ok(
+        1,
+        &["topic", "create", "rolling", "--replication-factor", "3"],
+        "",
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = counting_producer(cluster.addresses(), "rolling", stop.clone());
+    std::thread::sleep(Duration::from_secs(1));
+    // A rolling restart: each broker in turn stops with SIGTERM and comes back.
+    for _ in 0..3 {
+        let leader = partition0(&cluster, 1, "rolling").leader;
+        let survivor = (1..=3).find(|n| *n != leader).expect("a survivor");
+        cluster.terminate(leader);
+        // Handed over before it exited, not after a broker session.
+        let row = partition0(&cluster, survivor, "rolling");
+        assert!(
+            row.leader != leader && row.leader != 0,
+            "leadership moved before the broker stopped: {row:?}"
+        );
+        assert!(!row.isr.contains(&leader), "{row:?}");
+        cluster.restart(leader);
+        wait_until("the ISR is whole again", Duration::from_secs(30), || {
+            partition0(&cluster, survivor, "rolling").isr == vec![1, 2, 3]
+        });
+    }
+    stop.store(true, Ordering::Release);
+    let counted = producer.join().expect("the producer thread");
+    assert!(
+        counted.failed.is_empty(),
+        "no write failed during the rolling restart: {} failed",
+        counted.failed.len()
+    );
+    let leader = partition0(&cluster, 1, "rolling").leader;
+    let read = read_all(&cluster, leader, "rolling");
+    check(&read, &counted);
+}

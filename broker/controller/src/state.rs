@@ -32,6 +32,10 @@ pub struct BrokerRecord {
     /// A fenced broker missed its heartbeats: it leads nothing until it is back.
     #[serde(default)]
     pub fenced: bool,
+    /// Stopping (controlled shutdown): it leads nothing and joins no ISR until its
+    /// process registers again.
+    #[serde(default)]
+    pub shutting_down: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -99,6 +103,12 @@ pub enum Command {
     /// A fenced broker heartbeats again: it leads the offline partitions it is in sync for.
     UnfenceBroker {
         id: BrokerId,
+    },
+    /// A broker about to stop hands its leaderships to in-sync peers and leaves the
+    /// ISRs (Kafka's controlled shutdown), so that its exit interrupts nothing.
+    ShutdownBroker {
+        id: BrokerId,
+        incarnation: String,
     },
     CreateTopic {
         name: String,
@@ -237,7 +247,7 @@ impl ClusterMetadata {
     pub fn live_brokers(&self) -> Vec<BrokerId> {
         self.brokers
             .iter()
-            .filter(|b| !b.fenced)
+            .filter(|b| !b.fenced && !b.shutting_down)
             .map(|b| b.id)
             .collect()
     }
@@ -361,6 +371,7 @@ impl ClusterMetadata {
                         broker.address = address;
                         broker.incarnation = incarnation;
                         broker.fenced = false;
+                        broker.shutting_down = false;
                         restarted
                     }
                     None => {
@@ -369,6 +380,7 @@ impl ClusterMetadata {
                             address,
                             incarnation,
                             fenced: false,
+                            shutting_down: false,
                         });
                         self.brokers.sort_by_key(|b| b.id);
                         true
@@ -392,6 +404,20 @@ impl ClusterMetadata {
             Command::UnfenceBroker { id } => {
                 self.set_fenced(id, false)?;
                 self.elect_offline_for(id);
+                Ok(Outcome::Done)
+            }
+            Command::ShutdownBroker { id, incarnation } => {
+                let Some(broker) = self
+                    .brokers
+                    .iter_mut()
+                    .find(|b| b.id == id && b.incarnation == incarnation)
+                else {
+                    return Err(MetadataError::InvalidRequest {
+                        reason: format!("broker {id} has restarted since it asked to stop"),
+                    });
+                };
+                broker.shutting_down = true;
+                self.drop_from_partitions(id);
                 Ok(Outcome::Done)
             }
             Command::CreateTopic {
@@ -517,6 +543,9 @@ impl ClusterMetadata {
 
     /// Elects `id` for the offline partitions whose ISR holds it.
     fn elect_offline_for(&mut self, id: BrokerId) {
+        if !self.live_brokers().contains(&id) {
+            return;
+        }
         self.each_partition(|p| {
             if p.leader == NO_LEADER && p.isr.contains(&id) {
                 p.leader = id;
@@ -888,6 +917,32 @@ mod tests {
         all.sort_unstable();
         assert_eq!(grown.isr, all);
         assert_eq!(grown.partition_epoch, now.partition_epoch + 1);
+    }
+
+    #[test]
+    fn a_stopping_broker_hands_over_and_is_never_elected_until_it_registers_again() {
+        let mut meta = ClusterMetadata::default();
+        for id in 1..=3 {
+            register(&mut meta, id, "a");
+        }
+        create(&mut meta, "t", 3, 3).expect("create");
+        let refused = meta.apply(Command::ShutdownBroker {
+            id: 1,
+            incarnation: "old".into(),
+        });
+        assert!(refused.is_err(), "only the process that asked may stop");
+        meta.apply(Command::ShutdownBroker {
+            id: 1,
+            incarnation: "a".into(),
+        })
+        .expect("shutdown");
+        for p in &meta.topics["t"].partitions {
+            assert_ne!(p.leader, 1);
+            assert!(!p.isr.contains(&1));
+        }
+        assert!(!meta.live_brokers().contains(&1));
+        register(&mut meta, 1, "b");
+        assert!(meta.live_brokers().contains(&1));
     }
 
     #[test]

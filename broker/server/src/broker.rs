@@ -188,6 +188,34 @@ impl Broker {
         self.replicas.follow(by_leader, &self.applied);
     }
 
+    /// Controlled shutdown: asks the controller to move this broker's leaderships to
+    /// in-sync peers and take it out of the ISRs, and waits until this broker has applied
+    /// that, so producers and consumers move on before it stops. Skipped when no other
+    /// broker is live to take over; gives up after `timeout`.
+    pub async fn controlled_shutdown(&self, timeout: Duration) {
+        let me = self.config.node_id;
+        let image = self.image();
+        if !self.config.is_broker() || !image.metadata.live_brokers().iter().any(|b| *b != me) {
+            return;
+        }
+        let command = Command::ShutdownBroker {
+            id: me,
+            incarnation: self.incarnation.clone(),
+        };
+        let done = async {
+            let (index, result) = self.controller.propose(command, timeout).await?;
+            result?;
+            self.await_applied(index).await
+        };
+        match tokio::time::timeout(timeout, done).await {
+            Ok(Ok(())) => tracing::info!("controlled shutdown: leaderships handed over"),
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "controlled shutdown refused; stopping anyway")
+            }
+            Err(_) => tracing::warn!("controlled shutdown did not finish in time; stopping anyway"),
+        }
+    }
+
     pub(crate) fn replication_settings(&self) -> crate::replica::ReplicationSettings {
         replication_settings(&self.config)
     }
@@ -1334,6 +1362,7 @@ fn brokers(records: &[BrokerRecord]) -> Vec<v1::BrokerInfo> {
             id: b.id,
             address: b.address.clone(),
             fenced: b.fenced,
+            shutting_down: b.shutting_down,
         })
         .collect()
 }

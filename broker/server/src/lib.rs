@@ -49,6 +49,8 @@ pub const HTTP2_CONNECTION_WINDOW_BYTES: u32 = 64 * 1024 * 1024;
 pub const HTTP2_FRAME_BYTES_MAX: u32 = 1024 * 1024;
 /// How often interval flush policies are checked, whatever the housekeeping interval.
 const FLUSH_TICK_MS: u64 = 100;
+/// Longest a stopping broker waits for its leaderships to move.
+const CONTROLLED_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a leader checks whether its ISR should shrink or grow.
 const ISR_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -306,12 +308,15 @@ async fn heartbeat(broker: Arc<Broker>) {
 }
 
 impl RunningBroker {
-    /// Stops accepting requests, waits for the server to stop, and closes every log
-    /// cleanly.
+    /// Hands this broker's leaderships to in-sync peers (controlled shutdown), stops
+    /// accepting requests, waits for the server to stop, and closes every log cleanly.
     ///
     /// # Errors
     /// The server task failed.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.broker
+            .controlled_shutdown(CONTROLLED_SHUTDOWN_TIMEOUT)
+            .await;
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
