@@ -303,6 +303,18 @@ impl Partition {
         let new_term = leading != state.leading || record.leader_epoch != state.epoch;
         if leading && new_term {
             let now = now_ms();
+            let was_out_of_sync =
+                !state.leading && !state.isr.is_empty() && !state.isr.contains(&me);
+            if was_out_of_sync && let Some(log) = log.as_ref() {
+                // Only an unclean election makes an out-of-sync replica the leader.
+                let end = log.log_end_offset();
+                let known = state.leader_high_watermark;
+                tracing::warn!(
+                    topic = %self.topic, partition = self.index, log_end = end,
+                    previous_high_watermark = known, offsets_lost_at_least = (known - end).max(0),
+                    "leading after an unclean election: what the old ISR held from this log end on is lost"
+                );
+            }
             if let Some(log) = log.as_mut() {
                 if let Err(err) = log.assign_epoch(record.leader_epoch) {
                     tracing::warn!(topic = %self.topic, partition = self.index, error = %err, "could not record the new leader epoch");
