@@ -189,7 +189,10 @@ pub async fn start_with(
         .initial_connection_window_size(HTTP2_CONNECTION_WINDOW_BYTES)
         .max_frame_size(HTTP2_FRAME_BYTES_MAX)
         .add_routes(routes);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Nagle's algorithm would hold small answers (acks, a follower's next fetch) for the
+    // peer's delayed ACK, 40 ms: the builder's `tcp_nodelay` covers only listeners it
+    // binds itself.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = shutdown_rx.await;
     }));
