@@ -198,8 +198,11 @@ impl Client {
             .cloned()
             .collect();
         addresses.sort();
-        addresses.extend(self.inner.bootstrap_addresses.iter().cloned());
-        addresses.dedup();
+        for address in &self.inner.bootstrap_addresses {
+            if !addresses.contains(address) {
+                addresses.push(address.clone());
+            }
+        }
         for address in addresses {
             let Ok(endpoint) = endpoint(&address) else {
                 continue;

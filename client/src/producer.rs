@@ -907,7 +907,8 @@ impl Task {
                     }
                     Err(err) => {
                         if err.is_retriable() {
-                            let _ = self.shared.client.refresh_topic(&sent.topic).await;
+                            // The retry looks the leader up again (fail_or_retry forgets
+                            // the topic's cached leaders).
                             self.streams.remove(&sent.leader);
                         }
                         self.fail_or_retry(sent, err);

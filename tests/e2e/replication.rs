@@ -5,13 +5,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use runnel_client::{Acks, Client, Producer, ProducerConfig, ProducerRecord};
 
 use crate::cluster::{Cluster, PartitionRow};
-use crate::support::{runnel_at, wait_until};
+use crate::support::{holds_for, runnel_at, wait_until};
 
 /// What a counting producer saw.
 struct Counted {
@@ -19,57 +19,107 @@ struct Counted {
     failed: BTreeSet<i64>,
 }
 
-/// Sends 0, 1, 2, ... to partition 0 of `topic` with `acks=all` until `stop`, twenty
-/// at a time, and notes which were acknowledged and which failed for good.
-fn counting_producer(
-    addresses: String,
-    topic: &'static str,
+/// A thread sending 0, 1, 2, ... to partition 0 of a topic with `acks=all`, twenty at
+/// a time, noting which were acknowledged and which failed for good.
+struct CountingProducer {
     stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<Counted> {
-    std::thread::spawn(move || {
-        let runtime = crate::runtime();
-        runtime.block_on(async move {
-            let brokers: Vec<String> = addresses.split(',').map(str::to_string).collect();
-            let client = Client::connect(&brokers).await.expect("connect");
-            let producer = Producer::new(
-                client,
-                ProducerConfig {
-                    acks: Acks::All,
-                    linger: Duration::from_millis(1),
-                    retries: 400,
-                    retry_backoff: Duration::from_millis(50),
-                    ..ProducerConfig::default()
-                },
-            );
-            let mut counted = Counted {
-                acknowledged: BTreeSet::new(),
-                failed: BTreeSet::new(),
-            };
-            let mut next = 0i64;
-            while !stop.load(Ordering::Acquire) {
-                let mut deliveries = Vec::new();
-                for _ in 0..20 {
-                    let record = ProducerRecord::new(topic)
-                        .partition(0)
-                        .value(next.to_string());
-                    match producer.send(record).await {
-                        Ok(delivery) => deliveries.push((next, delivery)),
-                        Err(_) => {
-                            counted.failed.insert(next);
-                        }
-                    }
-                    next += 1;
-                }
-                for (value, delivery) in deliveries {
-                    match delivery.await {
-                        Ok(_) => counted.acknowledged.insert(value),
-                        Err(_) => counted.failed.insert(value),
-                    };
+    acknowledged: Arc<AtomicUsize>,
+    thread: std::thread::JoinHandle<Counted>,
+}
+
+impl CountingProducer {
+    /// Starts producing and returns once the first values are acknowledged.
+    fn start(cluster: &Cluster, topic: &'static str) -> CountingProducer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acknowledged = Arc::new(AtomicUsize::new(0));
+        let brokers: Vec<String> = cluster.addresses().split(',').map(str::to_string).collect();
+        let (stopping, progress) = (stop.clone(), acknowledged.clone());
+        let thread = std::thread::spawn(move || {
+            crate::runtime().block_on(count(brokers, topic, &stopping, &progress))
+        });
+        let producer = CountingProducer {
+            stop,
+            acknowledged,
+            thread,
+        };
+        producer.await_progress(20);
+        producer
+    }
+
+    /// Waits until `more` values beyond those acknowledged so far are acknowledged.
+    fn await_progress(&self, more: usize) {
+        let target = self.acknowledged.load(Ordering::Acquire) + more;
+        wait_until(
+            "the producer's writes are acknowledged",
+            Duration::from_secs(30),
+            || self.acknowledged.load(Ordering::Acquire) >= target,
+        );
+    }
+
+    /// Stops producing and returns what the producer saw.
+    fn finish(self) -> Counted {
+        self.stop.store(true, Ordering::Release);
+        self.thread.join().expect("the producer thread")
+    }
+}
+
+async fn count(
+    brokers: Vec<String>,
+    topic: &str,
+    stop: &AtomicBool,
+    progress: &AtomicUsize,
+) -> Counted {
+    let client = Client::connect(&brokers).await.expect("connect");
+    let producer = Producer::new(
+        client,
+        ProducerConfig {
+            acks: Acks::All,
+            linger: Duration::from_millis(1),
+            retries: 400,
+            retry_backoff: Duration::from_millis(50),
+            ..ProducerConfig::default()
+        },
+    );
+    let mut counted = Counted {
+        acknowledged: BTreeSet::new(),
+        failed: BTreeSet::new(),
+    };
+    let mut next = 0i64;
+    while !stop.load(Ordering::Acquire) {
+        let mut deliveries = Vec::new();
+        for _ in 0..20 {
+            let record = ProducerRecord::new(topic)
+                .partition(0)
+                .value(next.to_string());
+            match producer.send(record).await {
+                Ok(delivery) => deliveries.push((next, delivery)),
+                Err(_) => {
+                    counted.failed.insert(next);
                 }
             }
-            counted
-        })
-    })
+            next += 1;
+        }
+        for (value, delivery) in deliveries {
+            match delivery.await {
+                Ok(_) => counted.acknowledged.insert(value),
+                Err(_) => counted.failed.insert(value),
+            };
+        }
+        progress.store(counted.acknowledged.len(), Ordering::Release);
+    }
+    counted
+}
+
+/// Creates `topic` with one partition, `rf` replicas and, when given, a
+/// `min.insync.replicas`.
+fn create_topic(cluster: &Cluster, topic: &str, rf: u32, min_insync: Option<u32>) {
+    let rf = rf.to_string();
+    let min_insync = min_insync.map(|m| format!("min.insync.replicas={m}"));
+    let mut args = vec!["topic", "create", topic, "--replication-factor", &rf];
+    if let Some(config) = &min_insync {
+        args.extend(["--config", config.as_str()]);
+    }
+    cluster.ok(1, &args, "");
 }
 
 /// Reads partition 0 of `topic` from node `on` (its leader) up to its high watermark:
@@ -157,22 +207,8 @@ fn check(read: &[(i64, i64)], counted: &Counted) -> usize {
 fn acks_all_keeps_every_acknowledged_write_across_five_leader_kills() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cluster = Cluster::start(dir.path(), 3);
-    cluster.ok(
-        1,
-        &[
-            "topic",
-            "create",
-            "counts",
-            "--replication-factor",
-            "3",
-            "--config",
-            "min.insync.replicas=2",
-        ],
-        "",
-    );
-    let stop = Arc::new(AtomicBool::new(false));
-    let producer = counting_producer(cluster.addresses(), "counts", stop.clone());
-    std::thread::sleep(Duration::from_secs(1));
+    create_topic(&cluster, "counts", 3, Some(2));
+    let producer = CountingProducer::start(&cluster, "counts");
     let mut kills = Vec::new();
     for round in 0..5 {
         let survivor_of = |victim: u32| (1..=3).find(|n| *n != victim).expect("a survivor");
@@ -198,8 +234,7 @@ fn acks_all_keeps_every_acknowledged_write_across_five_leader_kills() {
             || partition0(&cluster, survivor, "counts").isr == vec![1, 2, 3],
         );
     }
-    stop.store(true, Ordering::Release);
-    let counted = producer.join().expect("the producer thread");
+    let counted = producer.finish();
     assert!(
         counted.acknowledged.len() > 100,
         "the producer kept going: {} acknowledged",
@@ -228,19 +263,7 @@ fn followers_die_min_insync_refuses_and_the_isr_grows_back() {
     let dir = tempfile::tempdir().expect("tempdir");
     // Five voters, so that the controller quorum outlives two dead brokers.
     let mut cluster = Cluster::start(dir.path(), 5);
-    cluster.ok(
-        1,
-        &[
-            "topic",
-            "create",
-            "guarded",
-            "--replication-factor",
-            "3",
-            "--config",
-            "min.insync.replicas=2",
-        ],
-        "",
-    );
+    create_topic(&cluster, "guarded", 3, Some(2));
     let row = partition0(&cluster, 1, "guarded");
     let leader = row.leader;
     let followers: Vec<u32> = row
@@ -313,22 +336,8 @@ fn followers_die_min_insync_refuses_and_the_isr_grows_back() {
 fn a_paused_leader_is_replaced_and_acknowledges_nothing_when_it_resumes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cluster = Cluster::start(dir.path(), 3);
-    cluster.ok(
-        1,
-        &[
-            "topic",
-            "create",
-            "paused",
-            "--replication-factor",
-            "3",
-            "--config",
-            "min.insync.replicas=2",
-        ],
-        "",
-    );
-    let stop = Arc::new(AtomicBool::new(false));
-    let producer = counting_producer(cluster.addresses(), "paused", stop.clone());
-    std::thread::sleep(Duration::from_secs(1));
+    create_topic(&cluster, "paused", 3, Some(2));
+    let producer = CountingProducer::start(&cluster, "paused");
     let before = partition0(&cluster, 1, "paused");
     let paused = before.leader;
     let survivor = (1..=3).find(|n| *n != paused).expect("a survivor");
@@ -338,16 +347,14 @@ fn a_paused_leader_is_replaced_and_acknowledges_nothing_when_it_resumes() {
         let row = partition0(&cluster, survivor, "paused");
         row.leader != 0 && row.leader != paused
     });
-    std::thread::sleep(Duration::from_secs(1));
     cluster.signal(paused, "-CONT");
     wait_until(
         "the resumed broker follows and is back in the ISR",
         Duration::from_secs(30),
         || partition0(&cluster, survivor, "paused").isr == vec![1, 2, 3],
     );
-    std::thread::sleep(Duration::from_secs(1));
-    stop.store(true, Ordering::Release);
-    let counted = producer.join().expect("the producer thread");
+    producer.await_progress(100);
+    let counted = producer.finish();
     let leader = partition0(&cluster, survivor, "paused").leader;
     let read = read_all(&cluster, leader, "paused");
     check(&read, &counted);
@@ -368,27 +375,13 @@ fn a_paused_leader_is_replaced_and_acknowledges_nothing_when_it_resumes() {
 fn every_broker_killed_at_once_keeps_every_acknowledged_write() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cluster = Cluster::start(dir.path(), 3);
-    cluster.ok(
-        1,
-        &[
-            "topic",
-            "create",
-            "blackout",
-            "--replication-factor",
-            "3",
-            "--config",
-            "min.insync.replicas=2",
-        ],
-        "",
-    );
-    let stop = Arc::new(AtomicBool::new(false));
-    let producer = counting_producer(cluster.addresses(), "blackout", stop.clone());
-    std::thread::sleep(Duration::from_secs(2));
+    create_topic(&cluster, "blackout", 3, Some(2));
+    let producer = CountingProducer::start(&cluster, "blackout");
+    producer.await_progress(200);
     for id in 1..=3 {
         cluster.kill9(id);
     }
-    stop.store(true, Ordering::Release);
-    let counted = producer.join().expect("the producer thread");
+    let counted = producer.finish();
     assert!(!counted.acknowledged.is_empty());
     cluster.restart_all();
     wait_until(
@@ -413,11 +406,7 @@ fn every_broker_killed_at_once_keeps_every_acknowledged_write() {
 fn unclean_election_is_off_by_default_and_loses_only_what_it_logs_when_on() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cluster = Cluster::start(dir.path(), 5);
-    cluster.ok(
-        1,
-        &["topic", "create", "risky", "--replication-factor", "2"],
-        "",
-    );
+    create_topic(&cluster, "risky", 2, None);
     let row = partition0(&cluster, 1, "risky");
     let leader = row.leader;
     let follower = *row
@@ -454,14 +443,20 @@ fn unclean_election_is_off_by_default_and_loses_only_what_it_logs_when_on() {
     produce(&cluster, "only-the-leader-has-it");
     cluster.kill9(leader);
     cluster.restart(follower);
-    wait_until("the leader is fenced", Duration::from_secs(30), || {
-        cluster.broker_state(observer, leader) == "fenced"
-    });
-    std::thread::sleep(Duration::from_secs(2));
-    let row = partition0(&cluster, observer, "risky");
-    assert_eq!(
-        row.leader, 0,
-        "with unclean election off it stays offline: {row:?}"
+    wait_until(
+        "the leader is fenced and the out-of-sync follower alive",
+        Duration::from_secs(30),
+        || {
+            cluster.broker_state(observer, leader) == "fenced"
+                && cluster.broker_state(observer, follower) == "alive"
+        },
+    );
+    // The active controller looks for elections every 100 ms: over ten times that, an
+    // unclean one would have happened.
+    holds_for(
+        "the partition stays offline",
+        Duration::from_secs(1),
+        || partition0(&cluster, observer, "risky").leader == 0,
     );
     let describe = cluster.ok(observer, &["topic", "describe", "risky"], "");
     assert!(describe.contains("has no leader"), "{describe}");
@@ -500,14 +495,8 @@ fn unclean_election_is_off_by_default_and_loses_only_what_it_logs_when_on() {
 fn sigterm_hands_leadership_over_before_the_broker_stops() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cluster = Cluster::start(dir.path(), 3);
-    cluster.ok(
-        1,
-        &["topic", "create", "rolling", "--replication-factor", "3"],
-        "",
-    );
-    let stop = Arc::new(AtomicBool::new(false));
-    let producer = counting_producer(cluster.addresses(), "rolling", stop.clone());
-    std::thread::sleep(Duration::from_secs(1));
+    create_topic(&cluster, "rolling", 3, None);
+    let producer = CountingProducer::start(&cluster, "rolling");
     // A rolling restart: each broker in turn stops with SIGTERM and comes back.
     for _ in 0..3 {
         let leader = partition0(&cluster, 1, "rolling").leader;
@@ -525,8 +514,7 @@ fn sigterm_hands_leadership_over_before_the_broker_stops() {
             partition0(&cluster, survivor, "rolling").isr == vec![1, 2, 3]
         });
     }
-    stop.store(true, Ordering::Release);
-    let counted = producer.join().expect("the producer thread");
+    let counted = producer.finish();
     assert!(
         counted.failed.is_empty(),
         "no write failed during the rolling restart: {} failed",

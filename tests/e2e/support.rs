@@ -99,6 +99,16 @@ pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool)
     }
 }
 
+/// Checks `holds` every 100 ms for `duration`; fails the test the first time it does not
+/// hold. For what must not happen, where there is no event to wait for.
+pub fn holds_for(what: &str, duration: Duration, mut holds: impl FnMut() -> bool) {
+    let deadline = Instant::now() + duration;
+    while Instant::now() < deadline {
+        assert!(holds(), "{what}: it stopped holding");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Starts a `runnel` server command and returns it with the address it prints.
 pub fn spawn_listening(args: &[&str]) -> (Child, String) {
     let (child, stdout) = spawn_server(args);

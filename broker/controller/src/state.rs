@@ -742,6 +742,15 @@ mod tests {
         .expect("register");
     }
 
+    /// Metadata with brokers 1, 2 and 3 registered (incarnation "a") and live.
+    fn three_brokers() -> ClusterMetadata {
+        let mut meta = ClusterMetadata::default();
+        for id in 1..=3 {
+            register(&mut meta, id, "a");
+        }
+        meta
+    }
+
     fn create(meta: &mut ClusterMetadata, name: &str, partitions: u32, rf: u32) -> CommandResult {
         meta.apply(Command::CreateTopic {
             name: name.into(),
@@ -777,10 +786,7 @@ mod tests {
 
     #[test]
     fn topics_are_validated_and_spread_over_live_brokers() {
-        let mut meta = ClusterMetadata::default();
-        for id in 1..=3 {
-            register(&mut meta, id, "a");
-        }
+        let mut meta = three_brokers();
         let err = create(&mut meta, "t", 3, 4).expect_err("rf > brokers");
         assert!(
             err.to_string().contains("4") && err.to_string().contains("live brokers (3)"),
@@ -818,10 +824,7 @@ mod tests {
 
     #[test]
     fn fencing_moves_leadership_to_the_isr_or_takes_the_partition_offline() {
-        let mut meta = ClusterMetadata::default();
-        for id in 1..=3 {
-            register(&mut meta, id, "a");
-        }
+        let mut meta = three_brokers();
         create(&mut meta, "one", 1, 1).expect("create");
         create(&mut meta, "three", 1, 3).expect("create");
         let one = meta.topics["one"].partitions[0].clone();
@@ -849,10 +852,7 @@ mod tests {
 
     #[test]
     fn a_fenced_follower_leaves_the_isr_and_only_the_current_leader_changes_it() {
-        let mut meta = ClusterMetadata::default();
-        for id in 1..=3 {
-            register(&mut meta, id, "a");
-        }
+        let mut meta = three_brokers();
         create(&mut meta, "t", 1, 3).expect("create");
         let p = meta.topics["t"].partitions[0].clone();
         let follower = *p
@@ -921,10 +921,7 @@ mod tests {
 
     #[test]
     fn a_stopping_broker_hands_over_and_is_never_elected_until_it_registers_again() {
-        let mut meta = ClusterMetadata::default();
-        for id in 1..=3 {
-            register(&mut meta, id, "a");
-        }
+        let mut meta = three_brokers();
         create(&mut meta, "t", 3, 3).expect("create");
         let refused = meta.apply(Command::ShutdownBroker {
             id: 1,
@@ -947,10 +944,7 @@ mod tests {
 
     #[test]
     fn a_restarted_follower_must_catch_up_and_unclean_elections_take_any_live_replica() {
-        let mut meta = ClusterMetadata::default();
-        for id in 1..=3 {
-            register(&mut meta, id, "a");
-        }
+        let mut meta = three_brokers();
         create(&mut meta, "t", 1, 3).expect("create");
         let p = meta.topics["t"].partitions[0].clone();
         let follower = *p

@@ -87,7 +87,7 @@ impl Broker {
             ),
             replicas: crate::replica::ReplicaManager::new(
                 config.node_id,
-                replication_settings(&config),
+                crate::replica::ReplicationSettings::from_config(&config),
             ),
             config,
         })
@@ -214,10 +214,6 @@ impl Broker {
             }
             Err(_) => tracing::warn!("controlled shutdown did not finish in time; stopping anyway"),
         }
-    }
-
-    pub(crate) fn replication_settings(&self) -> crate::replica::ReplicationSettings {
-        replication_settings(&self.config)
     }
 
     /// Opens a replica's log. A directory left by an older topic of the same name (one
@@ -665,10 +661,7 @@ impl Broker {
         request: &v1::FetchRequest,
         watchers: &mut Vec<tokio::sync::watch::Receiver<i64>>,
     ) -> v1::FetchResponse {
-        let mut budget = match request.max_bytes {
-            0 => FETCH_BYTES_MAX,
-            n => (n as usize).min(FETCH_BYTES_MAX),
-        };
+        let mut budget = fetch_budget(request.max_bytes);
         let mut partitions = Vec::with_capacity(request.partitions.len());
         for wanted in &request.partitions {
             let mut out = v1::FetchedPartition {
@@ -739,10 +732,7 @@ impl Broker {
         watchers: &mut Vec<watch::Receiver<i64>>,
         news: &mut bool,
     ) -> v1::ReplicaFetchResponse {
-        let mut budget = match request.max_bytes {
-            0 => FETCH_BYTES_MAX,
-            n => (n as usize).min(FETCH_BYTES_MAX),
-        };
+        let mut budget = fetch_budget(request.max_bytes);
         let mut partitions = Vec::with_capacity(request.partitions.len());
         for wanted in &request.partitions {
             let mut out = v1::ReplicaFetchedPartition {
@@ -1269,14 +1259,6 @@ async fn long_poll<R>(
     }
 }
 
-fn replication_settings(config: &BrokerConfig) -> crate::replica::ReplicationSettings {
-    crate::replica::ReplicationSettings {
-        fetch_wait_max: Duration::from_millis(config.replica_fetch_wait_max_ms),
-        fetch_bytes_max: config.replica_fetch_max_bytes,
-        lag_time_max_ms: config.replica_lag_time_max_ms as i64,
-    }
-}
-
 fn join_ids(ids: &[u32]) -> String {
     ids.iter()
         .map(ToString::to_string)
@@ -1294,6 +1276,33 @@ fn known_keys() -> Vec<&'static str> {
     keys
 }
 
+/// The record bytes a fetch may return: what it asks (0 = no limit), within the
+/// broker's maximum.
+fn fetch_budget(max_bytes: u32) -> usize {
+    match max_bytes {
+        0 => FETCH_BYTES_MAX,
+        n => (n as usize).min(FETCH_BYTES_MAX),
+    }
+}
+
+/// Checks the value of a topic config the broker interprets itself.
+fn check_broker_topic_key(key: &str, value: &str) -> Result<(), BrokerError> {
+    let (valid, expected) = if key == runnel_controller::state::UNCLEAN_ELECTION_KEY {
+        (matches!(value, "true" | "false"), "true or false")
+    } else {
+        (
+            value.trim().parse::<u32>().is_ok_and(|v| v >= 1),
+            "a positive integer",
+        )
+    };
+    if valid {
+        return Ok(());
+    }
+    Err(BrokerError::InvalidConfig {
+        reason: format!("invalid value {value:?} for {key}: {expected}"),
+    })
+}
+
 /// The log settings of a topic: broker defaults with the topic's overrides applied.
 fn topic_log_config(
     defaults: &LogConfig,
@@ -1302,21 +1311,7 @@ fn topic_log_config(
     let mut config = defaults.clone();
     for (key, value) in overrides {
         if BROKER_TOPIC_KEYS.contains(&key.as_str()) {
-            let valid = if key == runnel_controller::state::UNCLEAN_ELECTION_KEY {
-                matches!(value.as_str(), "true" | "false")
-            } else {
-                value.trim().parse::<u32>().is_ok_and(|v| v >= 1)
-            };
-            if !valid {
-                let expected = if key == runnel_controller::state::UNCLEAN_ELECTION_KEY {
-                    "true or false"
-                } else {
-                    "a positive integer"
-                };
-                return Err(BrokerError::InvalidConfig {
-                    reason: format!("invalid value {value:?} for {key}: {expected}"),
-                });
-            }
+            check_broker_topic_key(key, value)?;
             continue;
         }
         config.apply(key, value).map_err(|err| match err {

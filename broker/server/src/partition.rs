@@ -297,8 +297,21 @@ impl Partition {
     /// never mixes epochs. A new leader records where its epoch starts and waits for
     /// every follower's first fetch before it moves the high watermark.
     pub fn set_replication(&self, me: u32, record: &PartitionRecord) {
-        let mut log = self.log_write();
         let leading = record.leader == me;
+        {
+            // Most images change nothing of most partitions: leave appends alone then.
+            let state = self.replica_state();
+            if state.me == me
+                && state.leading == leading
+                && state.epoch == record.leader_epoch
+                && state.partition_epoch == record.partition_epoch
+                && state.replicas == record.replicas
+                && state.isr == record.isr
+            {
+                return;
+            }
+        }
+        let mut log = self.log_write();
         let mut state = self.replica_state();
         let new_term = leading != state.leading || record.leader_epoch != state.epoch;
         if leading && new_term {
@@ -354,8 +367,10 @@ impl Partition {
         drop(log);
         self.update_high_watermark(&state);
         drop(state);
-        // Wakes producers waiting for replicas, so they see the change.
-        self.high_watermark.send_modify(|_| {});
+        if new_term {
+            // Wakes producers waiting for replicas: their wait ends with the term.
+            self.high_watermark.send_modify(|_| {});
+        }
     }
 
     /// Moves the high watermark to what the replication state allows: on a leader the

@@ -50,6 +50,16 @@ pub struct ReplicationSettings {
     pub lag_time_max_ms: i64,
 }
 
+impl ReplicationSettings {
+    pub fn from_config(config: &crate::BrokerConfig) -> Self {
+        ReplicationSettings {
+            fetch_wait_max: Duration::from_millis(config.replica_fetch_wait_max_ms),
+            fetch_bytes_max: config.replica_fetch_max_bytes,
+            lag_time_max_ms: i64::try_from(config.replica_lag_time_max_ms).unwrap_or(i64::MAX),
+        }
+    }
+}
+
 /// A partition this broker follows, and the leader epoch it follows it under.
 #[derive(Clone)]
 pub struct Followed {
@@ -67,7 +77,7 @@ struct Fetcher {
 /// The fetchers of this broker, one per leader it follows partitions of.
 pub struct ReplicaManager {
     node_id: u32,
-    settings: ReplicationSettings,
+    pub(crate) settings: ReplicationSettings,
     runtime: Option<tokio::runtime::Handle>,
     fetchers: Mutex<HashMap<u32, Fetcher>>,
 }
@@ -143,7 +153,7 @@ async fn run_fetcher(
     images: watch::Receiver<Arc<MetadataImage>>,
     settings: ReplicationSettings,
 ) {
-    let mut backoff: HashMap<(String, u32), Instant> = HashMap::new();
+    let mut backoff: HashMap<(u64, u32), Instant> = HashMap::new();
     let mut failing = false;
     loop {
         if followed.borrow_and_update().is_empty() {
@@ -172,15 +182,12 @@ async fn run_fetcher(
             }
             None => Err(anyhow::anyhow!("broker {leader} is not in the metadata")),
         };
-        match result {
-            Ok(()) => {}
-            Err(err) => {
-                if !failing {
-                    tracing::warn!(leader, error = %err, "replica fetching from the leader failed; retrying");
-                }
-                failing = true;
-                tokio::time::sleep(RECONNECT_BACKOFF).await;
+        if let Err(err) = result {
+            if !failing {
+                tracing::warn!(leader, error = %err, "replica fetching from the leader failed; retrying");
             }
+            failing = true;
+            tokio::time::sleep(RECONNECT_BACKOFF).await;
         }
     }
 }
@@ -191,7 +198,7 @@ async fn session(
     me: u32,
     address: &str,
     followed: &mut watch::Receiver<Vec<Followed>>,
-    backoff: &mut HashMap<(String, u32), Instant>,
+    backoff: &mut HashMap<(u64, u32), Instant>,
     settings: ReplicationSettings,
     failing: &mut bool,
 ) -> anyhow::Result<()> {
@@ -212,33 +219,35 @@ async fn session(
         .into_inner();
     let answer_timeout = settings.fetch_wait_max + Duration::from_secs(30);
     loop {
-        let current = followed.borrow_and_update().clone();
-        if current.is_empty() {
-            return Ok(());
-        }
         let now = Instant::now();
         backoff.retain(|_, until| *until > now);
         let mut asked = Vec::new();
         let mut partitions = Vec::new();
-        for f in current {
-            if backoff.contains_key(&(f.topic.clone(), f.partition.index)) {
-                continue;
+        {
+            let current = followed.borrow_and_update();
+            if current.is_empty() {
+                return Ok(());
             }
-            let Ok((fetch_offset, last_fetched_epoch, high_watermark)) =
-                f.partition.fetch_position()
-            else {
-                continue;
-            };
-            partitions.push(v1::ReplicaFetchPartition {
-                topic: f.topic.clone(),
-                topic_id: f.topic_id,
-                partition: f.partition.index,
-                leader_epoch: f.leader_epoch,
-                fetch_offset,
-                last_fetched_epoch,
-                high_watermark,
-            });
-            asked.push(f);
+            for f in current.iter() {
+                if backoff.contains_key(&(f.topic_id, f.partition.index)) {
+                    continue;
+                }
+                let Ok((fetch_offset, last_fetched_epoch, high_watermark)) =
+                    f.partition.fetch_position()
+                else {
+                    continue;
+                };
+                partitions.push(v1::ReplicaFetchPartition {
+                    topic: f.topic.clone(),
+                    topic_id: f.topic_id,
+                    partition: f.partition.index,
+                    leader_epoch: f.leader_epoch,
+                    fetch_offset,
+                    last_fetched_epoch,
+                    high_watermark,
+                });
+                asked.push(f.clone());
+            }
         }
         if partitions.is_empty() {
             let wake = tokio::time::sleep(PARTITION_BACKOFF);
@@ -276,7 +285,7 @@ async fn session(
 
 /// Applies a leader's answer to the partitions it was about; returns those to leave
 /// alone for a while (the leader refused them).
-fn apply_response(asked: Vec<Followed>, response: v1::ReplicaFetchResponse) -> Vec<(String, u32)> {
+fn apply_response(asked: Vec<Followed>, response: v1::ReplicaFetchResponse) -> Vec<(u64, u32)> {
     let mut failed = Vec::new();
     for fetched in response.partitions {
         let Some(f) = asked
@@ -294,7 +303,7 @@ fn apply_response(asked: Vec<Followed>, response: v1::ReplicaFetchResponse) -> V
                     .map(|_| ())
             } else {
                 tracing::debug!(topic = %f.topic, partition = partition.index, error = %error.message, "leader refused a replica fetch");
-                failed.push((f.topic.clone(), partition.index));
+                failed.push((f.topic_id, partition.index));
                 Ok(())
             }
         } else if let Some(diverging) = &fetched.diverging {
@@ -312,7 +321,7 @@ fn apply_response(asked: Vec<Followed>, response: v1::ReplicaFetchResponse) -> V
         };
         if let Err(err) = outcome {
             tracing::warn!(topic = %f.topic, partition = partition.index, error = %err, "replicating from the leader failed");
-            failed.push((f.topic.clone(), partition.index));
+            failed.push((f.topic_id, partition.index));
         }
     }
     failed
@@ -321,7 +330,7 @@ fn apply_response(asked: Vec<Followed>, response: v1::ReplicaFetchResponse) -> V
 /// Keeps the ISR of every partition this broker leads current: proposes shrinks and
 /// expansions to the controller as followers fall behind and catch up.
 pub(crate) async fn maintain_isr(broker: Arc<Broker>, period: Duration) {
-    let lag_max_ms = broker.replication_settings().lag_time_max_ms;
+    let lag_max_ms = broker.replicas.settings.lag_time_max_ms;
     let mut tick = tokio::time::interval(period);
     loop {
         tick.tick().await;
