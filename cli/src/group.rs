@@ -51,12 +51,13 @@ pub async fn run(client: Client, command: GroupCommand) -> anyhow::Result<ExitCo
         GroupCommand::Describe { group } => {
             let d = admin.describe_group(&group).await?;
             println!(
-                "Group {} is {} with {} member{} (group epoch {}).",
+                "Group {} is {} with {} member{} (group epoch {}, coordinator broker {}).",
                 d.group_id,
                 d.state,
                 d.members.len(),
                 if d.members.len() == 1 { "" } else { "s" },
-                d.group_epoch
+                d.group_epoch,
+                d.coordinator
             );
             println!();
             let dash = |v: i64| {

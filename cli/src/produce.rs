@@ -23,6 +23,14 @@ pub struct ProduceArgs {
     /// Header KEY=VALUE added to every record; repeatable.
     #[arg(long = "header", value_parser = parse_key_value)]
     headers: Vec<(String, String)>,
+    /// A record not acknowledged this long after it was first sent fails; retriable
+    /// errors (a leader change, a broker down) are retried until then.
+    #[arg(long, default_value_t = 120_000)]
+    delivery_timeout_ms: u64,
+    /// A request without an answer for this long is retried on a new connection (a
+    /// paused or cut-off broker).
+    #[arg(long, default_value_t = 30_000)]
+    request_timeout_ms: u64,
 }
 
 pub fn parse_acks(input: &str) -> Result<Acks, String> {
@@ -48,6 +56,8 @@ pub async fn run(client: Client, args: ProduceArgs) -> anyhow::Result<ExitCode> 
         client,
         ProducerConfig {
             acks: args.acks,
+            delivery_timeout: std::time::Duration::from_millis(args.delivery_timeout_ms),
+            request_timeout: std::time::Duration::from_millis(args.request_timeout_ms),
             ..ProducerConfig::default()
         },
     );

@@ -1,11 +1,16 @@
 //! Topic and cluster administration.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
 use runnel_proto::v1;
+use runnel_proto::v1::groups_client::GroupsClient;
 
 use crate::client::Client;
 use crate::error::ClientError;
+
+/// How long group administration retries while the group's coordinator moves.
+const ADMIN_GROUP_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The admin API: topics, configs, offsets and cluster information.
 #[derive(Clone)]
@@ -169,16 +174,35 @@ impl Admin {
             .into_inner())
     }
 
+    /// Every group of the cluster: each broker lists those it coordinates.
+    ///
     /// # Errors
-    /// The broker cannot be reached.
+    /// No broker can be reached.
     pub async fn list_groups(&self) -> Result<Vec<v1::GroupSummary>, ClientError> {
-        Ok(self
-            .client
-            .groups_rpc()
-            .list_groups(v1::ListGroupsRequest {})
-            .await?
-            .into_inner()
-            .groups)
+        let mut groups: BTreeMap<String, v1::GroupSummary> = BTreeMap::new();
+        let mut answered = false;
+        let mut last_error = None;
+        for (_, address) in self.client.brokers().await? {
+            let Some(channel) = Client::connect_to(&address).await else {
+                continue;
+            };
+            match GroupsClient::new(channel)
+                .list_groups(v1::ListGroupsRequest {})
+                .await
+            {
+                Ok(response) => {
+                    answered = true;
+                    for group in response.into_inner().groups {
+                        groups.insert(group.group_id.clone(), group);
+                    }
+                }
+                Err(status) => last_error = Some(ClientError::from(status)),
+            }
+        }
+        match (answered, last_error) {
+            (false, Some(err)) => Err(err),
+            _ => Ok(groups.into_values().collect()),
+        }
     }
 
     /// # Errors
@@ -187,14 +211,36 @@ impl Admin {
         &self,
         group: &str,
     ) -> Result<v1::DescribeGroupResponse, ClientError> {
-        Ok(self
+        let request = v1::DescribeGroupRequest {
+            group_id: group.to_string(),
+        };
+        let mut described = self
             .client
-            .groups_rpc()
-            .describe_group(v1::DescribeGroupRequest {
-                group_id: group.to_string(),
+            .group_call(group, ADMIN_GROUP_TIMEOUT, |mut rpc| {
+                let request = request.clone();
+                async move { rpc.describe_group(request).await }
             })
-            .await?
-            .into_inner())
+            .await?;
+        // The coordinator knows the log end of the partitions it leads; the leaders of
+        // the others say theirs. A leader that does not answer leaves the row's "-".
+        for row in described
+            .partitions
+            .iter_mut()
+            .filter(|row| row.log_end_offset < 0)
+        {
+            let latest = v1::offset_query::Spec::Latest(true);
+            if let Ok(end) = self
+                .client
+                .offset_of(&row.topic, row.partition, latest)
+                .await
+            {
+                row.log_end_offset = end;
+                if row.current_offset >= 0 {
+                    row.lag = (end - row.current_offset).max(0);
+                }
+            }
+        }
+        Ok(described)
     }
 
     /// Resets a group's offsets on every partition of `topic`; with `dry_run` only says
@@ -209,27 +255,32 @@ impl Admin {
         to: v1::reset_offsets_request::To,
         dry_run: bool,
     ) -> Result<Vec<v1::CommittedOffset>, ClientError> {
+        let request = v1::ResetOffsetsRequest {
+            group_id: group.to_string(),
+            topic: topic.to_string(),
+            to: Some(to),
+            dry_run,
+        };
         Ok(self
             .client
-            .groups_rpc()
-            .reset_offsets(v1::ResetOffsetsRequest {
-                group_id: group.to_string(),
-                topic: topic.to_string(),
-                to: Some(to),
-                dry_run,
+            .group_call(group, ADMIN_GROUP_TIMEOUT, |mut rpc| {
+                let request = request.clone();
+                async move { rpc.reset_offsets(request).await }
             })
             .await?
-            .into_inner()
             .offsets)
     }
 
     /// # Errors
     /// Live members or an unknown group.
     pub async fn delete_group(&self, group: &str) -> Result<(), ClientError> {
+        let request = v1::DeleteGroupRequest {
+            group_id: group.to_string(),
+        };
         self.client
-            .groups_rpc()
-            .delete_group(v1::DeleteGroupRequest {
-                group_id: group.to_string(),
+            .group_call(group, ADMIN_GROUP_TIMEOUT, |mut rpc| {
+                let request = request.clone();
+                async move { rpc.delete_group(request).await }
             })
             .await?;
         Ok(())

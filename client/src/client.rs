@@ -32,6 +32,8 @@ struct Inner {
     channels: Mutex<HashMap<u32, Channel>>,
     topics: Mutex<HashMap<String, Arc<TopicInfo>>>,
     brokers: Mutex<HashMap<u32, String>>,
+    /// Each group's coordinator, as FindCoordinator last said.
+    coordinators: Mutex<HashMap<String, Channel>>,
 }
 
 /// What the client knows of a topic.
@@ -86,6 +88,7 @@ impl Client {
                             channels: Mutex::new(HashMap::new()),
                             topics: Mutex::new(HashMap::new()),
                             brokers: Mutex::new(HashMap::new()),
+                            coordinators: Mutex::new(HashMap::new()),
                         }),
                     });
                 }
@@ -102,9 +105,115 @@ impl Client {
         AdminClient::new(self.inner.bootstrap.clone())
     }
 
-    /// The group coordinator (the bootstrap broker in a cluster of one).
-    pub(crate) fn groups_rpc(&self) -> GroupsClient<Channel> {
-        GroupsClient::new(self.inner.bootstrap.clone())
+    /// The coordinator of `group` (the leader of its `__consumer_offsets` partition), found
+    /// with FindCoordinator and cached until [`Client::forget_coordinator`].
+    ///
+    /// # Errors
+    /// No broker answered, or the group has no coordinator right now.
+    pub(crate) async fn coordinator(
+        &self,
+        group: &str,
+    ) -> Result<GroupsClient<Channel>, ClientError> {
+        let cached = self
+            .inner
+            .coordinators
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(group)
+            .cloned();
+        let channel = match cached {
+            Some(channel) => channel,
+            None => {
+                let request = v1::FindCoordinatorRequest {
+                    group_id: group.to_string(),
+                };
+                let found = self
+                    .ask_any(|channel| {
+                        let request = request.clone();
+                        async move { GroupsClient::new(channel).find_coordinator(request).await }
+                    })
+                    .await?;
+                let channel = endpoint(&found.address)?.connect_lazy();
+                self.inner
+                    .coordinators
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(group.to_string(), channel.clone());
+                channel
+            }
+        };
+        Ok(GroupsClient::new(channel))
+    }
+
+    /// Forgets the cached coordinator of `group` (it moved, or its broker went away).
+    pub(crate) fn forget_coordinator(&self, group: &str) {
+        self.inner
+            .coordinators
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(group);
+    }
+
+    /// Calls the coordinator of `group`. A retriable failure (the coordinator moved, is
+    /// loading, or cannot be reached) forgets the coordinator and retries with backoff
+    /// until `timeout` has passed; with a zero timeout the call is tried once.
+    ///
+    /// # Errors
+    /// The call's own error, or the last retriable one once the time is up.
+    pub(crate) async fn group_call<T, F, Fut>(
+        &self,
+        group: &str,
+        timeout: Duration,
+        call: F,
+    ) -> Result<T, ClientError>
+    where
+        F: Fn(GroupsClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let result = match self.coordinator(group).await {
+                Ok(rpc) => call(rpc)
+                    .await
+                    .map(tonic::Response::into_inner)
+                    .map_err(ClientError::from),
+                Err(err) => Err(err),
+            };
+            match result {
+                Ok(value) => return Ok(value),
+                Err(err) if err.is_retriable() => {
+                    self.forget_coordinator(group);
+                    if tokio::time::Instant::now() + backoff >= deadline {
+                        return Err(err);
+                    }
+                    tracing::debug!(group, error = %err, "group call failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// Every broker of the cluster, by id, with its address.
+    ///
+    /// # Errors
+    /// No broker answered.
+    pub(crate) async fn brokers(&self) -> Result<Vec<(u32, String)>, ClientError> {
+        let response = self
+            .metadata(v1::MetadataRequest { topics: Vec::new() })
+            .await?;
+        Ok(response
+            .brokers
+            .into_iter()
+            .map(|b| (b.id, b.address))
+            .collect())
+    }
+
+    /// A connected channel to `address`, or `None` when it cannot be reached.
+    pub(crate) async fn connect_to(address: &str) -> Option<Channel> {
+        endpoint(address).ok()?.connect().await.ok()
     }
 
     /// The connect runtime's service (hosted by the broker process).
@@ -174,12 +283,27 @@ impl Client {
     }
 
     /// Asks the bootstrap broker for metadata, and when it cannot be reached, every other
-    /// broker the client knows of (those metadata named, then those it was given).
+    /// broker the client knows of.
     async fn metadata(
         &self,
         request: v1::MetadataRequest,
     ) -> Result<v1::MetadataResponse, ClientError> {
-        let first = match self.admin_rpc().metadata(request.clone()).await {
+        self.ask_any(|channel| {
+            let request = request.clone();
+            async move { AdminClient::new(channel).metadata(request).await }
+        })
+        .await
+    }
+
+    /// Makes a call that any broker answers: to the bootstrap broker, and when it cannot
+    /// be reached, to every other broker the client knows of (those metadata named, then
+    /// those it was given), until one answers.
+    async fn ask_any<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let first = match call(self.inner.bootstrap.clone()).await {
             Ok(response) => return Ok(response.into_inner()),
             Err(status) => ClientError::from(status),
         };
@@ -204,13 +328,10 @@ impl Client {
             }
         }
         for address in addresses {
-            let Ok(endpoint) = endpoint(&address) else {
+            let Some(channel) = Self::connect_to(&address).await else {
                 continue;
             };
-            let Ok(channel) = endpoint.connect().await else {
-                continue;
-            };
-            if let Ok(response) = AdminClient::new(channel).metadata(request.clone()).await {
+            if let Ok(response) = call(channel).await {
                 return Ok(response.into_inner());
             }
         }
@@ -279,6 +400,37 @@ impl Client {
             .produce_stream(requests)
             .await?
             .into_inner())
+    }
+
+    /// Asks the partition's leader for an offset: the earliest, the latest (high
+    /// watermark) or the first at a timestamp.
+    ///
+    /// # Errors
+    /// Unknown topic or partition, or the leader cannot be reached.
+    pub(crate) async fn offset_of(
+        &self,
+        topic: &str,
+        partition: u32,
+        spec: v1::offset_query::Spec,
+    ) -> Result<i64, ClientError> {
+        let channel = self.leader_channel(topic, partition).await?;
+        let answer = self
+            .consumer_rpc(channel)
+            .list_offsets(v1::ListOffsetsRequest {
+                queries: vec![v1::OffsetQuery {
+                    topic: topic.to_string(),
+                    partition,
+                    spec: Some(spec),
+                }],
+            })
+            .await?
+            .into_inner()
+            .answers
+            .into_iter()
+            .next()
+            .ok_or_else(|| ClientError::Corrupt("empty list offsets response".into()))?;
+        check(answer.error.as_ref())?;
+        Ok(answer.offset)
     }
 
     /// A channel to broker `id`, or to the bootstrap broker when its address is unknown.

@@ -1,6 +1,6 @@
 //! The consumer: assign partitions, seek, poll.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -84,6 +84,8 @@ pub fn next_offsets(records: &[ConsumerRecord]) -> BTreeMap<(String, u32), i64> 
 
 /// Fetch responses a session keeps ready beyond the one being handled.
 const SESSION_RESPONSES_AHEAD: usize = 2;
+/// The pause before fetching again after a retriable failure.
+const RETRY_BACKOFF: Duration = Duration::from_millis(200);
 
 /// Reads assigned partitions from positions it keeps itself. Records stream from each
 /// leader on a `FetchStream`: the broker sends the next response as soon as the previous
@@ -242,25 +244,7 @@ impl Consumer {
             StartFrom::Timestamp(ts) => v1::offset_query::Spec::TimestampMs(ts),
             StartFrom::Offset(offset) => return Ok(offset),
         };
-        let channel = self.client.leader_channel(topic, partition).await?;
-        let answer = self
-            .client
-            .consumer_rpc(channel)
-            .list_offsets(v1::ListOffsetsRequest {
-                queries: vec![v1::OffsetQuery {
-                    topic: topic.to_string(),
-                    partition,
-                    spec: Some(spec),
-                }],
-            })
-            .await?
-            .into_inner()
-            .answers
-            .into_iter()
-            .next()
-            .ok_or_else(|| ClientError::Corrupt("empty list offsets response".into()))?;
-        check(answer.error.as_ref())?;
-        Ok(answer.offset)
+        self.client.offset_of(topic, partition, spec).await
     }
 
     /// Stops reading a partition.
@@ -297,9 +281,30 @@ impl Consumer {
     /// records that were returned.
     ///
     /// # Errors
-    /// A broker or transport error; an out-of-range position when `auto_offset_reset` is
-    /// `None`.
+    /// A broker or transport error that retrying does not cure; an out-of-range position
+    /// when `auto_offset_reset` is `None`. Retriable failures (a leader moved, a broker
+    /// went away) are not errors: the next poll looks the leaders up again.
     pub async fn poll(&mut self) -> Result<Vec<ConsumerRecord>, ClientError> {
+        match self.poll_once().await {
+            Err(err) if err.is_retriable() => {
+                self.session = None;
+                for topic in self
+                    .positions
+                    .keys()
+                    .map(|(t, _)| t)
+                    .collect::<BTreeSet<_>>()
+                {
+                    self.client.forget_topic(topic);
+                }
+                tracing::warn!(error = %err, "fetching failed; looking the leaders up again");
+                tokio::time::sleep(RETRY_BACKOFF).await;
+                Ok(Vec::new())
+            }
+            other => other,
+        }
+    }
+
+    async fn poll_once(&mut self) -> Result<Vec<ConsumerRecord>, ClientError> {
         if self.positions.is_empty() {
             return Err(ClientError::InvalidArgument(
                 "the consumer has no assigned partitions".into(),
@@ -370,7 +375,7 @@ impl Consumer {
                 Ok(())
             }
             (Some(ErrorCode::NotLeader | ErrorCode::LeaderNotAvailable), _) => {
-                self.client.refresh_topic(&fetched.topic).await?;
+                self.client.forget_topic(&fetched.topic);
                 Ok(())
             }
             _ => Err(err),

@@ -41,6 +41,9 @@ impl ClientError {
                     | ErrorCode::NotEnoughReplicas
                     | ErrorCode::NotEnoughReplicasAfterAppend
                     | ErrorCode::ControllerNotAvailable
+                    | ErrorCode::NotCoordinator
+                    | ErrorCode::CoordinatorNotAvailable
+                    | ErrorCode::CoordinatorLoadInProgress
             ),
             ClientError::Transport { code, .. } => {
                 matches!(

@@ -21,6 +21,9 @@ use crate::error::ClientError;
 
 type TopicPartition = (String, u32);
 
+/// How long commits and offset lookups retry while the group's coordinator moves.
+const GROUP_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
 #[derive(Debug, Clone)]
 pub struct GroupConfig {
     /// Shown by `group describe` as CLIENT-ID.
@@ -280,15 +283,17 @@ impl GroupConsumer {
     /// # Errors
     /// A broker or transport error.
     pub async fn committed(&self) -> Result<BTreeMap<TopicPartition, i64>, ClientError> {
+        let request = v1::FetchOffsetsRequest {
+            group_id: self.group.clone(),
+            topics: Vec::new(),
+        };
         let response = self
             .client
-            .groups_rpc()
-            .fetch_offsets(v1::FetchOffsetsRequest {
-                group_id: self.group.clone(),
-                topics: Vec::new(),
+            .group_call(&self.group, GROUP_CALL_TIMEOUT, |mut rpc| {
+                let request = request.clone();
+                async move { rpc.fetch_offsets(request).await }
             })
-            .await?
-            .into_inner();
+            .await?;
         Ok(response
             .offsets
             .into_iter()
@@ -322,21 +327,24 @@ impl GroupConsumer {
             let state = self.state();
             (state.member_id.clone(), state.epoch)
         };
+        let request = v1::CommitOffsetsRequest {
+            group_id: self.group.clone(),
+            member_id,
+            member_epoch,
+            offsets: offsets
+                .into_iter()
+                .map(|((topic, partition), offset)| v1::OffsetCommit {
+                    topic,
+                    partition,
+                    offset,
+                    metadata: String::new(),
+                })
+                .collect(),
+        };
         self.client
-            .groups_rpc()
-            .commit_offsets(v1::CommitOffsetsRequest {
-                group_id: self.group.clone(),
-                member_id,
-                member_epoch,
-                offsets: offsets
-                    .into_iter()
-                    .map(|((topic, partition), offset)| v1::OffsetCommit {
-                        topic,
-                        partition,
-                        offset,
-                        metadata: String::new(),
-                    })
-                    .collect(),
+            .group_call(&self.group, GROUP_CALL_TIMEOUT, |mut rpc| {
+                let request = request.clone();
+                async move { rpc.commit_offsets(request).await }
             })
             .await?;
         Ok(())
@@ -364,14 +372,17 @@ impl GroupConsumer {
         if member_id.is_empty() {
             return;
         }
+        let request = v1::HeartbeatRequest {
+            group_id: self.group.clone(),
+            member_id,
+            member_epoch: -1,
+            ..Default::default()
+        };
         let _ = self
             .client
-            .groups_rpc()
-            .heartbeat(v1::HeartbeatRequest {
-                group_id: self.group.clone(),
-                member_id,
-                member_epoch: -1,
-                ..Default::default()
+            .group_call(&self.group, Duration::ZERO, |mut rpc| {
+                let request = request.clone();
+                async move { rpc.heartbeat(request).await }
             })
             .await;
     }
@@ -391,6 +402,7 @@ async fn heartbeat_loop(
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     };
     let mut interval = Duration::from_millis(250);
+    let mut last_answer = Instant::now();
     loop {
         let request = {
             let state = lock();
@@ -408,9 +420,15 @@ async fn heartbeat_loop(
                 owned: to_proto(&state.owned),
             }
         };
-        match client.groups_rpc().heartbeat(request).await {
+        let sent = client
+            .group_call(&group, Duration::ZERO, |mut rpc| {
+                let request = request.clone();
+                async move { rpc.heartbeat(request).await }
+            })
+            .await;
+        match sent {
             Ok(response) => {
-                let response = response.into_inner();
+                last_answer = Instant::now();
                 let mut state = lock();
                 state.member_id = response.member_id;
                 state.epoch = response.member_epoch;
@@ -418,8 +436,7 @@ async fn heartbeat_loop(
                 state.heartbeats += 1;
                 interval = Duration::from_millis(u64::from(response.heartbeat_interval_ms.max(50)));
             }
-            Err(status) => {
-                let err = ClientError::from(status);
+            Err(err) => {
                 let mut state = lock();
                 match err.code() {
                     Some(ErrorCode::UnknownMemberId) => {
@@ -429,6 +446,16 @@ async fn heartbeat_loop(
                         state.assignment.clear();
                         state.fenced = true;
                         continue;
+                    }
+                    _ if err.is_retriable() && last_answer.elapsed() > config.session_timeout => {
+                        // The coordinator has surely expired this member and may have given
+                        // its partitions to others: stop reading them and rejoin.
+                        tracing::warn!(group, error = %err, "no heartbeat answered for a whole session; rejoining the group");
+                        state.member_id.clear();
+                        state.epoch = 0;
+                        state.assignment.clear();
+                        state.fenced = true;
+                        last_answer = Instant::now();
                     }
                     _ if err.is_retriable() => {
                         tracing::debug!(group, error = %err, "heartbeat failed; retrying")

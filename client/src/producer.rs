@@ -65,8 +65,19 @@ pub struct ProducerConfig {
     pub batch_size_bytes: usize,
     /// Records buffered but not yet acknowledged; `send` waits when this is reached.
     pub buffer_bytes: usize,
+    /// Retries of a batch after a retriable failure (a leader change, an unreachable
+    /// broker, too few in-sync replicas); `delivery_timeout` bounds them too.
     pub retries: u32,
+    /// The first retry's backoff; each further retry doubles it, up to
+    /// `retry_backoff_max` (Kafka's `retry.backoff.ms` and `retry.backoff.max.ms`).
     pub retry_backoff: Duration,
+    pub retry_backoff_max: Duration,
+    /// A batch that is not acknowledged this long after it was first sent fails with
+    /// its last error (Kafka's `delivery.timeout.ms`).
+    pub delivery_timeout: Duration,
+    /// A request without an answer for this long is given up on its connection (a
+    /// paused or cut-off broker) and retried (Kafka's `request.timeout.ms`).
+    pub request_timeout: Duration,
     pub compression: Compression,
     /// Requests outstanding per broker stream.
     pub max_in_flight: usize,
@@ -79,8 +90,11 @@ impl Default for ProducerConfig {
             linger: Duration::from_millis(5),
             batch_size_bytes: 1024 * 1024,
             buffer_bytes: 64 * 1024 * 1024,
-            retries: 5,
+            retries: u32::MAX,
             retry_backoff: Duration::from_millis(100),
+            retry_backoff_max: Duration::from_secs(1),
+            delivery_timeout: Duration::from_secs(120),
+            request_timeout: Duration::from_secs(30),
             compression: Compression::None,
             max_in_flight: 16,
         }
@@ -358,6 +372,7 @@ impl Producer {
             streams: HashMap::new(),
             retries: VecDeque::new(),
             next_request_id: 0,
+            next_stream_id: 0,
         };
         tokio::spawn(task.run());
         Producer { shared }
@@ -621,8 +636,14 @@ struct Sent {
     count: u32,
     target: Target,
     leader: u32,
+    /// The produce stream the batch was last sent on.
+    stream: u64,
     attempts: u32,
     size_bytes: usize,
+    /// When the batch was first sent: `delivery_timeout` counts from here.
+    first_sent: Instant,
+    /// When the current attempt was sent: `request_timeout` counts from here.
+    sent_at: Instant,
 }
 
 /// Whom a sent batch reports to.
@@ -727,7 +748,14 @@ fn split_batch(batch: &Bytes) -> Result<(Bytes, Bytes, u32), ClientError> {
 
 enum Event {
     Response(v1::ProduceResponse),
-    StreamFailed(u32, ClientError),
+    /// The stream with this id failed.
+    StreamFailed(u64, ClientError),
+}
+
+/// A produce stream to one broker.
+struct Stream {
+    id: u64,
+    requests: mpsc::Sender<v1::ProduceRequest>,
 }
 
 /// The background sender: ships ready batches, matches responses, retries.
@@ -736,9 +764,10 @@ struct Task {
     events_tx: mpsc::Sender<Event>,
     events: mpsc::Receiver<Event>,
     in_flight: HashMap<u64, Sent>,
-    streams: HashMap<u32, mpsc::Sender<v1::ProduceRequest>>,
+    streams: HashMap<u32, Stream>,
     retries: VecDeque<(Instant, Sent)>,
     next_request_id: u64,
+    next_stream_id: u64,
 }
 
 fn now_ms() -> i64 {
@@ -764,8 +793,11 @@ impl Task {
                     records: batch.builder.build(),
                     target: Target::Whole(batch.settle),
                     leader: 0,
+                    stream: 0,
                     attempts: 0,
                     size_bytes: batch.size_bytes,
+                    first_sent: Instant::now(),
+                    sent_at: Instant::now(),
                 })
                 .await;
             }
@@ -781,8 +813,14 @@ impl Task {
                     }
                 }
             }
-            let retry_deadline = self.retries.front().map(|(at, _)| *at);
-            let wake = [linger_deadline, retry_deadline]
+            self.expire_requests();
+            let retry_deadline = self.retries.iter().map(|(at, _)| *at).min();
+            let request_deadline = self
+                .in_flight
+                .values()
+                .map(|s| s.sent_at + self.shared.config.request_timeout)
+                .min();
+            let wake = [linger_deadline, retry_deadline, request_deadline]
                 .into_iter()
                 .flatten()
                 .min();
@@ -794,15 +832,53 @@ impl Task {
         }
     }
 
+    /// Fails the requests that waited longer than `request_timeout` for an answer, and
+    /// drops their streams: the broker is paused or cut off, and a retry may find a new
+    /// leader.
+    fn expire_requests(&mut self) {
+        let timeout = self.shared.config.request_timeout;
+        let now = Instant::now();
+        let expired: Vec<u64> = self
+            .in_flight
+            .iter()
+            .filter(|(_, s)| now.duration_since(s.sent_at) >= timeout)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            let Some(sent) = self.in_flight.remove(&id) else {
+                continue;
+            };
+            self.drop_stream(sent.leader, sent.stream);
+            let err = ClientError::Transport {
+                code: tonic::Code::Unavailable,
+                message: format!(
+                    "broker {} did not answer within the request timeout ({} ms)",
+                    sent.leader,
+                    timeout.as_millis()
+                ),
+            };
+            self.fail_or_retry(sent, err);
+        }
+    }
+
+    /// Forgets the stream to `leader` when it is still the one with id `stream`.
+    fn drop_stream(&mut self, leader: u32, stream: u64) {
+        if self.streams.get(&leader).is_some_and(|s| s.id == stream) {
+            self.streams.remove(&leader);
+        }
+    }
+
     /// Sends (or resends) a batch on its leader's stream.
     async fn dispatch(&mut self, mut sent: Sent) {
         let stream = match self.stream_for(&sent.topic, sent.partition).await {
-            Ok((leader, stream)) => {
+            Ok((leader, id, stream)) => {
                 sent.leader = leader;
+                sent.stream = id;
                 stream
             }
             Err(err) => return self.fail_or_retry(sent, err),
         };
+        sent.sent_at = Instant::now();
         let request_id = self.next_request_id;
         self.next_request_id += 1;
         let request = v1::ProduceRequest {
@@ -815,10 +891,10 @@ impl Task {
             acks: self.shared.config.acks.to_proto() as i32,
             timeout_ms: 0,
         };
-        let leader = sent.leader;
+        let (leader, stream_id) = (sent.leader, sent.stream);
         self.in_flight.insert(request_id, sent);
         if stream.send(request).await.is_err() {
-            self.streams.remove(&leader);
+            self.drop_stream(leader, stream_id);
             if let Some(sent) = self.in_flight.remove(&request_id) {
                 self.fail_or_retry(
                     sent,
@@ -835,7 +911,7 @@ impl Task {
         &mut self,
         topic: &str,
         partition: u32,
-    ) -> Result<(u32, mpsc::Sender<v1::ProduceRequest>), ClientError> {
+    ) -> Result<(u32, u64, mpsc::Sender<v1::ProduceRequest>), ClientError> {
         let client = &self.shared.client;
         let info = client.topic(topic).await?;
         let leader = *info
@@ -846,8 +922,10 @@ impl Task {
                 message: format!("partition {partition} of {topic:?} is unknown"),
             })?;
         if let Some(stream) = self.streams.get(&leader) {
-            return Ok((leader, stream.clone()));
+            return Ok((leader, stream.id, stream.requests.clone()));
         }
+        let id = self.next_stream_id;
+        self.next_stream_id += 1;
         let channel = client.channel_to(leader)?;
         let (tx, rx) = mpsc::channel(self.shared.config.max_in_flight.max(1));
         let mut responses = client
@@ -860,7 +938,7 @@ impl Task {
             while let Some(item) = responses.next().await {
                 let event = match item {
                     Ok(response) => Event::Response(response),
-                    Err(status) => Event::StreamFailed(leader, status.into()),
+                    Err(status) => Event::StreamFailed(id, status.into()),
                 };
                 let failed = matches!(event, Event::StreamFailed(..));
                 if events.send(event).await.is_err() || failed {
@@ -869,7 +947,7 @@ impl Task {
             }
             let _ = events
                 .send(Event::StreamFailed(
-                    leader,
+                    id,
                     ClientError::Transport {
                         code: tonic::Code::Unavailable,
                         message: "the broker closed the produce stream".into(),
@@ -877,8 +955,14 @@ impl Task {
                 ))
                 .await;
         });
-        self.streams.insert(leader, tx.clone());
-        Ok((leader, tx))
+        self.streams.insert(
+            leader,
+            Stream {
+                id,
+                requests: tx.clone(),
+            },
+        );
+        Ok((leader, id, tx))
     }
 
     async fn handle(&mut self, event: Event) {
@@ -909,18 +993,18 @@ impl Task {
                         if err.is_retriable() {
                             // The retry looks the leader up again (fail_or_retry forgets
                             // the topic's cached leaders).
-                            self.streams.remove(&sent.leader);
+                            self.drop_stream(sent.leader, sent.stream);
                         }
                         self.fail_or_retry(sent, err);
                     }
                 }
             }
-            Event::StreamFailed(leader, err) => {
-                self.streams.remove(&leader);
+            Event::StreamFailed(stream, err) => {
+                self.streams.retain(|_, s| s.id != stream);
                 let ids: Vec<u64> = self
                     .in_flight
                     .iter()
-                    .filter(|(_, s)| s.leader == leader)
+                    .filter(|(_, s)| s.stream == stream)
                     .map(|(id, _)| *id)
                     .collect();
                 for id in ids {
@@ -991,32 +1075,49 @@ impl Task {
                 count,
                 target,
                 leader: 0,
+                stream: 0,
                 attempts: sent.attempts,
                 size_bytes,
+                first_sent: sent.first_sent,
+                sent_at: sent.sent_at,
             })
             .await;
         }
     }
 
     fn fail_or_retry(&mut self, mut sent: Sent, err: ClientError) {
-        if err.is_retriable() && sent.attempts < self.shared.config.retries {
+        let config = &self.shared.config;
+        let backoff = config
+            .retry_backoff
+            .saturating_mul(1 << sent.attempts.min(16))
+            .min(config.retry_backoff_max.max(config.retry_backoff));
+        let at = Instant::now() + backoff;
+        if err.is_retriable()
+            && sent.attempts < config.retries
+            && at < sent.first_sent + config.delivery_timeout
+        {
             sent.attempts += 1;
             self.shared.client.forget_topic(&sent.topic);
             tracing::debug!(topic = %sent.topic, partition = sent.partition, attempt = sent.attempts, error = %err, "retrying batch");
-            self.retries
-                .push_back((Instant::now() + self.shared.config.retry_backoff, sent));
+            self.retries.push_back((at, sent));
             return;
         }
         self.release(sent.size_bytes, sent.records);
         sent.target.finish(&sent.topic, sent.partition, Err(err));
     }
 
+    /// Resends the batches whose backoff is over, in the order they failed.
     async fn send_due_retries(&mut self) {
         let now = Instant::now();
-        while self.retries.front().is_some_and(|(at, _)| *at <= now) {
-            if let Some((_, sent)) = self.retries.pop_front() {
-                self.dispatch(sent).await;
-            }
+        if !self.retries.iter().any(|(at, _)| *at <= now) {
+            return;
+        }
+        let (due, waiting): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.retries)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
+        self.retries = waiting;
+        for (_, sent) in due {
+            self.dispatch(sent).await;
         }
     }
 }

@@ -9,13 +9,24 @@ use std::time::{Duration, Instant};
 use crate::support::{self, Dev, wait_until};
 
 /// A `runnel consume --group` process printing `Partition:P\tOffset:O|value` to a file.
-struct Member {
+pub(crate) struct Member {
     child: Child,
     out: std::path::PathBuf,
 }
 
 impl Member {
     fn start(addr: &str, topic: &str, group: &str, dir: &Path, name: &str) -> Member {
+        Self::start_with_session(addr, topic, group, dir, name, 2000)
+    }
+
+    pub(crate) fn start_with_session(
+        addr: &str,
+        topic: &str,
+        group: &str,
+        dir: &Path,
+        name: &str,
+        session_timeout_ms: u32,
+    ) -> Member {
         let out = dir.join(format!("{name}.out"));
         let file = std::fs::File::create(&out).expect("output file");
         let child = Command::new(support::RUNNEL)
@@ -33,7 +44,7 @@ impl Member {
                 "--key-separator",
                 "|",
                 "--session-timeout-ms",
-                "2000",
+                &session_timeout_ms.to_string(),
             ])
             .env("RUNNEL_LOG", "warn")
             .stdin(Stdio::null())
@@ -45,7 +56,7 @@ impl Member {
     }
 
     /// (partition, offset) of every record printed so far.
-    fn seen(&self) -> Vec<(u32, i64)> {
+    pub(crate) fn seen(&self) -> Vec<(u32, i64)> {
         std::fs::read_to_string(&self.out)
             .unwrap_or_default()
             .lines()
@@ -57,7 +68,7 @@ impl Member {
             .collect()
     }
 
-    fn interrupt(&mut self) {
+    pub(crate) fn interrupt(&mut self) {
         let _ = Command::new("kill")
             .args(["-INT", &self.child.id().to_string()])
             .status();
@@ -86,12 +97,18 @@ impl Drop for Member {
 
 /// Per partition of a group: (consumer id or "-", committed offset, log end offset, lag),
 /// -1 for "-".
-type Rows = BTreeMap<(String, u32), (String, i64, i64, i64)>;
+pub(crate) type Rows = BTreeMap<(String, u32), (String, i64, i64, i64)>;
 
 /// Parses `group describe`; a group that does not exist yet has no rows.
 fn describe(dev: &Dev, group: &str) -> (String, Rows) {
     let output = dev.run(&["group", "describe", group], "");
     let out = String::from_utf8_lossy(&output.stdout).to_string();
+    let rows = group_rows(&out, group);
+    (out, rows)
+}
+
+/// The partition rows of `group describe` output.
+pub(crate) fn group_rows(out: &str, group: &str) -> Rows {
     let mut rows = BTreeMap::new();
     for line in out.lines().skip_while(|l| !l.starts_with("GROUP ")).skip(1) {
         let f: Vec<&str> = line.split_whitespace().collect();
@@ -104,10 +121,10 @@ fn describe(dev: &Dev, group: &str) -> (String, Rows) {
             (f[6].to_string(), parse(f[3]), parse(f[4]), parse(f[5])),
         );
     }
-    (out, rows)
+    rows
 }
 
-fn owners(rows: &Rows) -> BTreeMap<String, usize> {
+pub(crate) fn owners(rows: &Rows) -> BTreeMap<String, usize> {
     let mut owners = BTreeMap::new();
     for (owner, ..) in rows.values() {
         if owner != "-" {

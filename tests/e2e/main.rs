@@ -4,6 +4,7 @@
 mod batches;
 mod cluster;
 mod connect;
+mod coordinator;
 mod groups;
 mod replication;
 mod support;

@@ -116,11 +116,15 @@ pub fn spawn_listening(args: &[&str]) -> (Child, String) {
 }
 
 /// Starts a `runnel` server command without waiting for it: voters of one quorum must
-/// all be started before any of them serves.
+/// all be started before any of them serves. Servers log at `warn` unless
+/// `TEST_BROKER_LOG` gives another filter (`TEST_BROKER_LOG=info,openraft=warn`).
 pub fn spawn_server(args: &[&str]) -> (Child, ChildStdout) {
     let mut child = Command::new(RUNNEL)
         .args(args)
-        .env("RUNNEL_LOG", "warn")
+        .env(
+            "RUNNEL_LOG",
+            std::env::var("TEST_BROKER_LOG").unwrap_or("warn".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

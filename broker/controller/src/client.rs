@@ -124,7 +124,20 @@ impl ControllerClient {
         let mut last = String::from("no attempt");
         loop {
             for target in self.targets() {
-                match call(target).await? {
+                // Every attempt ends by the deadline: a voter that does not answer (paused,
+                // or a write that cannot commit) must not hold the caller past it.
+                let remaining = timeout.saturating_sub(started.elapsed()).max(RETRY_BACKOFF);
+                let attempt = match tokio::time::timeout(remaining, call(target)).await {
+                    Ok(attempt) => attempt?,
+                    Err(_) => Attempt::Elsewhere(
+                        None,
+                        format!(
+                            "voter {target} did not answer within {} ms",
+                            remaining.as_millis()
+                        ),
+                    ),
+                };
+                match attempt {
                     Attempt::Done(value) => {
                         *self.leader() = Some(target);
                         return Ok(value);

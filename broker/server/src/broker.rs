@@ -30,6 +30,10 @@ pub const BROKER_TOPIC_KEYS: &[&str] = &[
 const CONTROLLER_TIMEOUT: Duration = Duration::from_secs(15);
 /// The file in a partition's directory naming the topic id it belongs to.
 const TOPIC_ID_FILE: &str = "topic.id";
+/// Replicas of each internal topic partition, when as many brokers are live.
+const INTERNAL_REPLICATION_FACTOR: u32 = 3;
+/// How long a starting cluster waits for brokers before creating its internal topics.
+const INTERNAL_TOPIC_WAIT: Duration = Duration::from_secs(10);
 
 /// The partitions of one topic this broker holds a replica of.
 struct HostedTopic {
@@ -52,7 +56,10 @@ pub struct Broker {
     topics: RwLock<HashMap<String, HostedTopic>>,
     pub(crate) coordinator: Mutex<crate::group::Coordinator>,
     pub(crate) offsets: Mutex<crate::offsets::OffsetStore>,
-    read_buffers: ReadBuffers,
+    /// The `__consumer_offsets` partitions whose groups this broker coordinates, with the
+    /// leader epoch it replayed them in.
+    pub(crate) coordination: Mutex<HashMap<u32, i32>>,
+    pub(crate) read_buffers: ReadBuffers,
     pub(crate) replicas: crate::replica::ReplicaManager,
 }
 
@@ -82,6 +89,7 @@ impl Broker {
             topics: RwLock::new(HashMap::new()),
             coordinator: Mutex::new(crate::group::Coordinator::default()),
             offsets: Mutex::new(crate::offsets::OffsetStore::default()),
+            coordination: Mutex::new(HashMap::new()),
             read_buffers: ReadBuffers::new(
                 std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
             ),
@@ -186,6 +194,7 @@ impl Broker {
         }
         self.applied.send_replace(image);
         self.replicas.follow(by_leader, &self.applied);
+        self.sync_coordination();
     }
 
     /// Controlled shutdown: asks the controller to move this broker's leaderships to
@@ -255,6 +264,15 @@ impl Broker {
             CONNECT_OFFSETS_TOPIC, CONNECT_OFFSETS_TOPIC_PARTITIONS, OFFSETS_TOPIC,
             OFFSETS_TOPIC_PARTITIONS,
         };
+        let missing = |image: &MetadataImage| {
+            [OFFSETS_TOPIC, CONNECT_OFFSETS_TOPIC]
+                .iter()
+                .any(|name| !image.metadata.topics.contains_key(*name))
+        };
+        if !missing(&self.image()) {
+            return Ok(());
+        }
+        let replication_factor = self.internal_replication_factor().await;
         for (name, partitions) in [
             (OFFSETS_TOPIC, OFFSETS_TOPIC_PARTITIONS),
             (CONNECT_OFFSETS_TOPIC, CONNECT_OFFSETS_TOPIC_PARTITIONS),
@@ -262,10 +280,16 @@ impl Broker {
             if self.image().metadata.topics.contains_key(name) {
                 continue;
             }
+            let min_insync = if replication_factor >= INTERNAL_REPLICATION_FACTOR {
+                "2"
+            } else {
+                "1"
+            };
             let configs: BTreeMap<String, String> = [
                 ("cleanup.policy", "compact"),
                 ("segment.bytes", "104857600"),
                 ("retention.ms", "-1"),
+                ("min.insync.replicas", min_insync),
             ]
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -273,7 +297,7 @@ impl Broker {
             let command = Command::CreateTopic {
                 name: name.to_string(),
                 partitions,
-                replication_factor: 1,
+                replication_factor,
                 configs,
                 internal: true,
             };
@@ -283,6 +307,32 @@ impl Broker {
             }
         }
         Ok(())
+    }
+
+    /// The replication factor of new internal topics: 3, or fewer when fewer brokers are
+    /// live. Waits up to [`INTERNAL_TOPIC_WAIT`] for as many brokers as the quorum has
+    /// voters (up to 3) to register, so that a cluster starting together does not give
+    /// its internal topics to whichever broker registered first.
+    async fn internal_replication_factor(&self) -> u32 {
+        let wanted = self
+            .controller
+            .voters()
+            .len()
+            .clamp(1, INTERNAL_REPLICATION_FACTOR as usize);
+        let mut applied = self.applied.subscribe();
+        let enough = applied.wait_for(|image| image.metadata.live_brokers().len() >= wanted);
+        if tokio::time::timeout(INTERNAL_TOPIC_WAIT, enough)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                wanted,
+                live = self.image().metadata.live_brokers().len(),
+                "fewer brokers than wanted are live; creating the internal topics with fewer replicas"
+            );
+        }
+        let live = self.image().metadata.live_brokers().len() as u32;
+        live.clamp(1, INTERNAL_REPLICATION_FACTOR)
     }
 
     /// Proposes a metadata command and waits until this broker has applied it, so that
@@ -347,49 +397,6 @@ impl Broker {
                 Err(err) => return Err(err.into()),
             }
         }
-        let broker = self.clone();
-        tokio::task::spawn_blocking(move || broker.load_offsets()).await??;
-        Ok(())
-    }
-
-    /// Replays the `__consumer_offsets` partitions this broker leads into memory.
-    pub(crate) fn load_offsets(&self) -> anyhow::Result<()> {
-        let partitions: Vec<Arc<Partition>> = self
-            .hosted(crate::offsets::OFFSETS_TOPIC)
-            .into_iter()
-            .filter(|p| p.is_leader())
-            .collect();
-        let mut store = self
-            .offsets
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for partition in partitions {
-            let mut offset = partition.log_start_offset();
-            let end = partition.high_watermark();
-            while offset < end {
-                let fetched = match partition.read(offset, 4 * 1024 * 1024, &self.read_buffers) {
-                    Ok(fetched) => fetched,
-                    Err(err) => {
-                        // A fenced offsets partition leaves its groups' offsets unknown;
-                        // the broker still serves everything else.
-                        tracing::error!(partition = partition.index, error = %err, "cannot replay committed offsets");
-                        break;
-                    }
-                };
-                if fetched.records.is_empty() {
-                    break;
-                }
-                for batch in runnel_batch::batches(&fetched.records) {
-                    let (_, raw) = batch?;
-                    for record in runnel_batch::decode_records(raw)? {
-                        if record.offset >= offset {
-                            store.apply_record(record.key.as_deref(), record.value.as_deref());
-                        }
-                    }
-                }
-                offset = fetched.next_offset;
-            }
-        }
         Ok(())
     }
 
@@ -403,7 +410,7 @@ impl Broker {
     }
 
     /// The replicas of `topic` this broker holds, led or not.
-    fn hosted(&self, topic: &str) -> Vec<Arc<Partition>> {
+    pub(crate) fn hosted(&self, topic: &str) -> Vec<Arc<Partition>> {
         self.topics
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -412,7 +419,7 @@ impl Broker {
             .unwrap_or_default()
     }
 
-    fn hosted_partition(&self, topic: &str, partition: u32) -> Option<Arc<Partition>> {
+    pub(crate) fn hosted_partition(&self, topic: &str, partition: u32) -> Option<Arc<Partition>> {
         self.topics
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -627,7 +634,7 @@ impl Broker {
         }
     }
 
-    fn min_insync_replicas(&self, topic: &str) -> Result<usize, BrokerError> {
+    pub(crate) fn min_insync_replicas(&self, topic: &str) -> Result<usize, BrokerError> {
         let image = self.image();
         let value = image
             .metadata

@@ -88,6 +88,14 @@ pub enum BrokerError {
     #[error("invalid group id: {reason}")]
     InvalidGroupId { reason: String },
     #[error(
+        "this broker does not coordinate group {group:?} ({coordinator}); ask FindCoordinator and retry there"
+    )]
+    NotCoordinator { group: String, coordinator: String },
+    #[error("group {group:?} has no coordinator: {reason}; retry")]
+    CoordinatorNotAvailable { group: String, reason: String },
+    #[error("the coordinator of group {group:?} is loading its state from {topic}; retry", topic = crate::offsets::OFFSETS_TOPIC)]
+    CoordinatorLoadInProgress { group: String },
+    #[error(
         "this broker is not the leader of {topic}-{partition} (the leader is broker {leader}); refresh metadata and retry there"
     )]
     NotLeader {
@@ -188,6 +196,9 @@ impl BrokerError {
             BrokerError::GroupNotEmpty { .. } => ErrorCode::GroupNotEmpty,
             BrokerError::UnknownGroup { .. } => ErrorCode::UnknownGroup,
             BrokerError::InvalidGroupId { .. } => ErrorCode::InvalidGroupId,
+            BrokerError::NotCoordinator { .. } => ErrorCode::NotCoordinator,
+            BrokerError::CoordinatorNotAvailable { .. } => ErrorCode::CoordinatorNotAvailable,
+            BrokerError::CoordinatorLoadInProgress { .. } => ErrorCode::CoordinatorLoadInProgress,
             BrokerError::NotLeader { .. } => ErrorCode::NotLeader,
             BrokerError::LeaderNotAvailable { .. } => ErrorCode::LeaderNotAvailable,
             BrokerError::ControllerUnavailable { .. } => ErrorCode::ControllerNotAvailable,
@@ -225,7 +236,10 @@ impl BrokerError {
             | ErrorCode::UnknownLeaderEpoch
             | ErrorCode::NotLeader
             | ErrorCode::LeaderNotAvailable
-            | ErrorCode::ControllerNotAvailable => Code::Unavailable,
+            | ErrorCode::ControllerNotAvailable
+            | ErrorCode::NotCoordinator
+            | ErrorCode::CoordinatorNotAvailable
+            | ErrorCode::CoordinatorLoadInProgress => Code::Unavailable,
             ErrorCode::StorageError => Code::Internal,
             ErrorCode::RequestTimedOut => Code::DeadlineExceeded,
             ErrorCode::TopicDeletionInProgress => Code::FailedPrecondition,

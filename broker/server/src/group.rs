@@ -140,14 +140,121 @@ pub fn validate_group_id(group_id: &str) -> Result<(), BrokerError> {
     Ok(())
 }
 
+/// A group's membership as stored in `__consumer_offsets`: enough for the next
+/// coordinator to know who may still read which partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupRecord {
+    pub epoch: i32,
+    pub members: Vec<MemberRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberRecord {
+    pub member_id: String,
+    pub client_id: String,
+    pub host: String,
+    pub session_timeout_ms: u32,
+    pub epoch: i32,
+    pub topics: BTreeSet<String>,
+    /// What the member was given or still reads.
+    pub holds: BTreeSet<TopicPartition>,
+}
+
 /// Every group's membership. Committed offsets live elsewhere (`offsets.rs`).
 #[derive(Debug, Default)]
 pub struct Coordinator {
     groups: BTreeMap<String, Group>,
     next_member: u64,
+    /// The membership last handed out for storing, per group.
+    stored: BTreeMap<String, GroupRecord>,
 }
 
 impl Coordinator {
+    /// The group's membership in its stored form; `None` without members.
+    pub fn record(&self, group_id: &str) -> Option<GroupRecord> {
+        let group = self
+            .groups
+            .get(group_id)
+            .filter(|g| !g.members.is_empty())?;
+        Some(GroupRecord {
+            epoch: group.epoch,
+            members: group
+                .members
+                .values()
+                .map(|m| MemberRecord {
+                    member_id: m.member_id.clone(),
+                    client_id: m.client_id.clone(),
+                    host: m.host.clone(),
+                    session_timeout_ms: m.session_timeout_ms,
+                    epoch: m.epoch,
+                    topics: m.topics.clone(),
+                    holds: m.assigned.union(&m.owned).cloned().collect(),
+                })
+                .collect(),
+        })
+    }
+
+    /// The membership to store when it changed since it was last handed out: `Some(None)`
+    /// when the group lost its last member.
+    pub fn take_changed(&mut self, group_id: &str) -> Option<Option<GroupRecord>> {
+        let now = self.record(group_id);
+        if now.as_ref() == self.stored.get(group_id) {
+            return None;
+        }
+        match &now {
+            Some(record) => self.stored.insert(group_id.to_string(), record.clone()),
+            None => self.stored.remove(group_id),
+        };
+        Some(now)
+    }
+
+    /// Forgets what was handed out for storing (the write failed): the next change is
+    /// stored whatever it is.
+    pub fn forget_stored(&mut self, group_id: &str) {
+        self.stored.remove(group_id);
+    }
+
+    /// Takes over a group from its stored membership (after a coordinator failover):
+    /// every member keeps what it held and gets a full session to heartbeat again.
+    pub fn restore(&mut self, group_id: &str, record: Option<GroupRecord>, now_ms: i64) {
+        let Some(record) = record.filter(|r| !r.members.is_empty()) else {
+            self.groups.remove(group_id);
+            self.stored.remove(group_id);
+            return;
+        };
+        let mut group = Group {
+            epoch: record.epoch,
+            ..Group::default()
+        };
+        for m in &record.members {
+            for tp in &m.holds {
+                group.target.insert(tp.clone(), m.member_id.clone());
+            }
+            group.members.insert(
+                m.member_id.clone(),
+                Member {
+                    member_id: m.member_id.clone(),
+                    client_id: m.client_id.clone(),
+                    host: m.host.clone(),
+                    topics: m.topics.clone(),
+                    session_timeout_ms: m.session_timeout_ms,
+                    last_seen_ms: now_ms,
+                    epoch: m.epoch,
+                    assigned: m.holds.clone(),
+                    owned: m.holds.clone(),
+                },
+            );
+        }
+        self.groups.insert(group_id.to_string(), group);
+        self.stored.insert(group_id.to_string(), record);
+    }
+
+    /// Forgets the groups `keep` refuses (their coordination moved elsewhere).
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.groups.retain(|id, _| keep(id));
+        self.stored.retain(|id, _| keep(id));
+    }
+
     pub fn group(&self, group_id: &str) -> Option<&Group> {
         self.groups.get(group_id)
     }
@@ -258,6 +365,7 @@ impl Coordinator {
     }
 
     /// Removes members whose session expired; returns them as (group, member).
+    /// The groups they left are then reported by [`Coordinator::take_changed`].
     pub fn expire(&mut self, now_ms: i64) -> Vec<(String, String)> {
         let mut expired = Vec::new();
         for (group_id, group) in &mut self.groups {

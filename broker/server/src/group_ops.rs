@@ -1,20 +1,42 @@
 //! The broker's consumer-group operations: membership through [`crate::group`], committed
 //! offsets through [`crate::offsets`] and the `__consumer_offsets` topic.
+//!
+//! The coordinator of a group is the leader of the group's `__consumer_offsets`
+//! partition. Invariants:
+//! - A broker answers a group call only while it leads that partition and has replayed
+//!   the partition's log (up to its log end) for the leader epoch it leads in; otherwise
+//!   NOT_COORDINATOR, COORDINATOR_NOT_AVAILABLE or COORDINATOR_LOAD_IN_PROGRESS.
+//! - Losing the leadership drops the partition's groups from memory at once; taking it
+//!   replays them from the log. Nothing else carries group state between brokers.
+//! - Commits and membership changes are acknowledged only once every in-sync replica of
+//!   the partition holds them (acks=all, with the topic's `min.insync.replicas`), so a
+//!   new coordinator knows every acknowledged commit.
+//! - A membership record (every member and what it holds: assigned or still read) is
+//!   appended, in the order the changes were made, before a member hears of a partition,
+//!   and every heartbeat answer waits until what the coordinator wrote before it is
+//!   replicated. A new coordinator restores the members with what they hold, so no
+//!   partition is handed to a second member while the first may still read it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
 
 use runnel_batch::{BatchOptions, Record};
+use runnel_controller::state::NO_LEADER;
 use runnel_proto::v1;
 
 use crate::broker::Broker;
 use crate::error::BrokerError;
 use crate::group::{
-    HEARTBEAT_INTERVAL_MS, Heartbeat, HeartbeatOutcome, TopicPartition, validate_group_id,
+    GroupRecord, HEARTBEAT_INTERVAL_MS, Heartbeat, HeartbeatOutcome, TopicPartition,
+    validate_group_id,
 };
 use crate::now_ms;
 use crate::offsets::{
-    Committed, METADATA_BYTES_MAX, OFFSETS_TOPIC, encode_key, encode_value, partition_for_group,
+    Committed, METADATA_BYTES_MAX, OFFSETS_TOPIC, Stored, decode_record, encode_group_key,
+    encode_group_value, encode_key, encode_value, partition_for_group,
 };
+use crate::partition::{Appended, Partition};
 
 fn to_proto(partitions: &BTreeSet<TopicPartition>) -> Vec<v1::TopicPartitions> {
     let mut by_topic: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
@@ -53,12 +75,14 @@ impl Broker {
     /// Join, heartbeat or leave.
     ///
     /// # Errors
-    /// Invalid group id, unknown member, or a subscription to an unknown topic.
-    pub fn group_heartbeat(
+    /// Invalid group id, unknown member, a subscription to an unknown topic, or this
+    /// broker does not coordinate the group.
+    pub async fn group_heartbeat(
         &self,
         request: v1::HeartbeatRequest,
         host: String,
     ) -> Result<v1::HeartbeatResponse, BrokerError> {
+        let partition = self.check_coordinator(&request.group_id)?;
         if request.member_epoch != -1 {
             for topic in &request.topics {
                 if self.partition_count(topic).is_none() {
@@ -68,8 +92,9 @@ impl Broker {
                 }
             }
         }
+        let group_id = request.group_id.clone();
         let heartbeat = Heartbeat {
-            group_id: request.group_id.clone(),
+            group_id: request.group_id,
             member_id: request.member_id,
             member_epoch: request.member_epoch,
             client_id: request.client_id,
@@ -79,7 +104,26 @@ impl Broker {
             owned: from_proto(&request.owned),
         };
         let counts = |topic: &str| self.partition_count(topic);
-        let outcome = self.coordinator().heartbeat(heartbeat, &counts, now_ms())?;
+        let (outcome, end) = {
+            let mut coordinator = self.coordinator();
+            let outcome = coordinator.heartbeat(heartbeat, &counts, now_ms())?;
+            let end = match coordinator.take_changed(&group_id) {
+                Some(record) => {
+                    let written = self.append_group_state(&partition, &group_id, record.as_ref());
+                    match written {
+                        Ok(appended) => appended.end_offset,
+                        Err(err) => {
+                            coordinator.forget_stored(&group_id);
+                            return Err(err);
+                        }
+                    }
+                }
+                None => partition.log_end_offset(),
+            };
+            (outcome, end)
+        };
+        // Answer only once what this coordinator wrote so far is on every in-sync replica.
+        self.await_internal(&partition, end).await?;
         Ok(match outcome {
             HeartbeatOutcome::Member {
                 member_id,
@@ -99,13 +143,46 @@ impl Broker {
         })
     }
 
+    /// Appends a group's membership record (or its tombstone) to its partition, in the
+    /// order the caller holds the coordinator lock.
+    fn append_group_state(
+        &self,
+        partition: &Partition,
+        group_id: &str,
+        record: Option<&GroupRecord>,
+    ) -> Result<Appended, BrokerError> {
+        let record = Record {
+            offset: 0,
+            timestamp_ms: now_ms(),
+            key: Some(encode_group_key(group_id)),
+            value: record.map(encode_group_value),
+            headers: Vec::new(),
+        };
+        self.append_internal(partition, &[record])
+    }
+
     pub(crate) fn expire_members(&self, now: i64) {
-        for (group, member) in self.coordinator().expire(now) {
+        let mut coordinator = self.coordinator();
+        let expired = coordinator.expire(now);
+        let groups: BTreeSet<String> = expired.iter().map(|(g, _)| g.clone()).collect();
+        for (group, member) in expired {
             tracing::info!(
                 group,
                 member,
                 "member session expired; its partitions are reassigned"
             );
+        }
+        for group in groups {
+            let Some(record) = coordinator.take_changed(&group) else {
+                continue;
+            };
+            let written = self
+                .offsets_partition_led(&group)
+                .and_then(|p| self.append_group_state(&p, &group, record.as_ref()));
+            if let Err(err) = written {
+                coordinator.forget_stored(&group);
+                tracing::warn!(group, error = %err, "could not store the group's membership");
+            }
         }
     }
 
@@ -118,7 +195,7 @@ impl Broker {
         &self,
         request: v1::CommitOffsetsRequest,
     ) -> Result<(), BrokerError> {
-        validate_group_id(&request.group_id)?;
+        let partition = self.check_coordinator(&request.group_id)?;
         let now = now_ms();
         let mut records = Vec::with_capacity(request.offsets.len());
         {
@@ -166,7 +243,8 @@ impl Broker {
         if records.is_empty() {
             return Ok(());
         }
-        self.write_offsets(&request.group_id, &records).await?;
+        let appended = self.append_internal(&partition, &records)?;
+        self.await_internal(&partition, appended.end_offset).await?;
         let mut store = self.offset_store();
         for commit in request.offsets {
             store.apply(
@@ -183,14 +261,43 @@ impl Broker {
         Ok(())
     }
 
-    async fn write_offsets(&self, group: &str, records: &[Record]) -> Result<(), BrokerError> {
-        let partition = self.partition(OFFSETS_TOPIC, partition_for_group(group))?;
-        let batch = runnel_batch::encode(records, BatchOptions::default());
-        let appended = partition.append(&batch)?;
-        partition.wait_durable(appended.end_offset).await
+    /// Appends records to a `__consumer_offsets` partition this broker leads, refusing
+    /// when fewer replicas are in sync than the topic's `min.insync.replicas`.
+    fn append_internal(
+        &self,
+        partition: &Partition,
+        records: &[Record],
+    ) -> Result<Appended, BrokerError> {
+        let min_insync = self.min_insync_replicas(OFFSETS_TOPIC)?;
+        let isr = partition.isr_len();
+        if isr < min_insync {
+            return Err(BrokerError::NotEnoughReplicas {
+                topic: OFFSETS_TOPIC.to_string(),
+                partition: partition.index,
+                isr,
+                min_insync,
+            });
+        }
+        partition.append(&runnel_batch::encode(records, BatchOptions::default()))
     }
 
-    pub fn fetch_offsets(&self, request: &v1::FetchOffsetsRequest) -> v1::FetchOffsetsResponse {
+    /// Waits until everything below `end` is durable here and on every in-sync replica.
+    async fn await_internal(&self, partition: &Partition, end: i64) -> Result<(), BrokerError> {
+        partition.wait_durable(end).await?;
+        let min_insync = self.min_insync_replicas(OFFSETS_TOPIC)?;
+        let timeout = Duration::from_millis(self.config.request_timeout_ms);
+        partition
+            .wait_replicated(end, end, min_insync, timeout)
+            .await
+    }
+
+    /// # Errors
+    /// This broker does not coordinate the group.
+    pub fn fetch_offsets(
+        &self,
+        request: &v1::FetchOffsetsRequest,
+    ) -> Result<v1::FetchOffsetsResponse, BrokerError> {
+        self.check_coordinator(&request.group_id)?;
         let store = self.offset_store();
         let offsets = store
             .group(&request.group_id)
@@ -205,15 +312,18 @@ impl Broker {
                 commit_timestamp_ms: c.commit_timestamp_ms,
             })
             .collect();
-        v1::FetchOffsetsResponse { offsets }
+        Ok(v1::FetchOffsetsResponse { offsets })
     }
 
+    /// The groups this broker coordinates.
     pub fn list_groups(&self) -> v1::ListGroupsResponse {
+        let coordinated = self.coordinated_partitions();
         let coordinator = self.coordinator();
         let store = self.offset_store();
         let ids: BTreeSet<&String> = coordinator.group_ids().chain(store.group_ids()).collect();
         let groups = ids
             .into_iter()
+            .filter(|id| coordinated.contains_key(&partition_for_group(id)))
             .map(|id| {
                 let group = coordinator.group(id);
                 v1::GroupSummary {
@@ -231,6 +341,7 @@ impl Broker {
     /// # Errors
     /// An unknown group.
     pub fn describe_group(&self, group_id: &str) -> Result<v1::DescribeGroupResponse, BrokerError> {
+        self.check_coordinator(group_id)?;
         let coordinator = self.coordinator();
         let group = coordinator
             .group(group_id)
@@ -294,6 +405,7 @@ impl Broker {
             group_epoch: group.map_or(0, |g| g.epoch),
             members,
             partitions: rows,
+            coordinator: self.config.node_id,
         })
     }
 
@@ -317,7 +429,7 @@ impl Broker {
         &self,
         request: v1::ResetOffsetsRequest,
     ) -> Result<v1::ResetOffsetsResponse, BrokerError> {
-        validate_group_id(&request.group_id)?;
+        self.check_coordinator(&request.group_id)?;
         self.require_no_members(&request.group_id)?;
         let committed = self
             .offset_store()
@@ -394,7 +506,7 @@ impl Broker {
     /// # Errors
     /// Live members, an unknown group, or a storage failure.
     pub async fn delete_group(&self, group_id: &str) -> Result<(), BrokerError> {
-        validate_group_id(group_id)?;
+        let partition = self.check_coordinator(group_id)?;
         self.require_no_members(group_id)?;
         let committed = self
             .offset_store()
@@ -417,11 +529,227 @@ impl Broker {
                 headers: Vec::new(),
             })
             .collect();
-        self.write_offsets(group_id, &tombstones).await?;
+        let appended = self.append_internal(&partition, &tombstones)?;
+        self.await_internal(&partition, appended.end_offset).await?;
         let mut store = self.offset_store();
         for (topic, partition) in committed.keys() {
             store.apply(group_id, topic, *partition, None);
         }
         Ok(())
+    }
+}
+
+impl Broker {
+    /// The `__consumer_offsets` partitions this broker coordinates, with the leader epoch
+    /// whose log it replayed.
+    fn coordinated_partitions(&self) -> HashMap<u32, i32> {
+        self.coordination
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The group's `__consumer_offsets` partition, when this broker leads it.
+    fn offsets_partition_led(&self, group_id: &str) -> Result<Arc<Partition>, BrokerError> {
+        let index = partition_for_group(group_id);
+        match self.hosted_partition(OFFSETS_TOPIC, index) {
+            Some(partition) if partition.is_leader() => Ok(partition),
+            _ => Err(self.not_coordinator(group_id, index)),
+        }
+    }
+
+    /// The partition holding the group's state, when this broker coordinates the group.
+    ///
+    /// # Errors
+    /// An invalid group id, or NOT_COORDINATOR, COORDINATOR_NOT_AVAILABLE or
+    /// COORDINATOR_LOAD_IN_PROGRESS.
+    fn check_coordinator(&self, group_id: &str) -> Result<Arc<Partition>, BrokerError> {
+        validate_group_id(group_id)?;
+        let partition = self.offsets_partition_led(group_id)?;
+        let loaded = self.coordinated_partitions().get(&partition.index).copied();
+        if loaded != Some(partition.leader_epoch()) {
+            return Err(BrokerError::CoordinatorLoadInProgress {
+                group: group_id.to_string(),
+            });
+        }
+        Ok(partition)
+    }
+
+    /// Why this broker does not coordinate a group, per the applied metadata.
+    fn not_coordinator(&self, group_id: &str, index: u32) -> BrokerError {
+        let group = group_id.to_string();
+        let image = self.image();
+        let record = image
+            .metadata
+            .topics
+            .get(OFFSETS_TOPIC)
+            .and_then(|t| t.partitions.get(index as usize));
+        match record {
+            None => BrokerError::CoordinatorNotAvailable {
+                group,
+                reason: format!("the internal topic {OFFSETS_TOPIC} is not created yet"),
+            },
+            Some(p) if p.leader == NO_LEADER => BrokerError::CoordinatorNotAvailable {
+                group,
+                reason: format!("partition {index} of {OFFSETS_TOPIC} has no leader"),
+            },
+            Some(p) if p.leader == self.config.node_id => {
+                BrokerError::CoordinatorLoadInProgress { group }
+            }
+            Some(p) => BrokerError::NotCoordinator {
+                group,
+                coordinator: format!("broker {} coordinates it", p.leader),
+            },
+        }
+    }
+
+    /// Which broker coordinates `group_id`, per this broker's applied metadata.
+    ///
+    /// # Errors
+    /// An invalid group id, or the group's partition has no leader (or does not exist).
+    pub fn find_coordinator(
+        &self,
+        group_id: &str,
+    ) -> Result<v1::FindCoordinatorResponse, BrokerError> {
+        validate_group_id(group_id)?;
+        let index = partition_for_group(group_id);
+        let image = self.image();
+        let leader = image
+            .metadata
+            .topics
+            .get(OFFSETS_TOPIC)
+            .and_then(|t| t.partitions.get(index as usize))
+            .map(|p| p.leader)
+            .filter(|leader| *leader != NO_LEADER);
+        let broker = leader.and_then(|id| image.metadata.broker(id));
+        match broker {
+            Some(broker) => Ok(v1::FindCoordinatorResponse {
+                node_id: broker.id,
+                address: broker.address.clone(),
+            }),
+            None => Err(self.not_coordinator(group_id, index)),
+        }
+    }
+
+    /// Follows the leadership of the `__consumer_offsets` partitions after a metadata
+    /// image was applied: drops the groups of partitions this broker no longer leads (or
+    /// leads in a new epoch), and replays the log of those it now leads. Blocks (it reads
+    /// logs): call it from a blocking thread.
+    pub(crate) fn sync_coordination(&self) {
+        let led: HashMap<u32, Arc<Partition>> = self
+            .hosted(OFFSETS_TOPIC)
+            .into_iter()
+            .filter(|p| p.is_leader())
+            .map(|p| (p.index, p))
+            .collect();
+        let mut coordination = self
+            .coordination
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let lost: Vec<u32> = coordination
+            .iter()
+            .filter(|(index, epoch)| led.get(index).is_none_or(|p| p.leader_epoch() != **epoch))
+            .map(|(index, _)| *index)
+            .collect();
+        for index in lost {
+            coordination.remove(&index);
+            self.drop_groups_of(index);
+            tracing::info!(
+                partition = index,
+                "no longer coordinating the groups of {OFFSETS_TOPIC} partition"
+            );
+        }
+        for (index, partition) in led {
+            if coordination.contains_key(&index) {
+                continue;
+            }
+            let epoch = partition.leader_epoch();
+            match self.replay_groups(&partition) {
+                Ok(groups) => {
+                    coordination.insert(index, epoch);
+                    tracing::info!(
+                        partition = index,
+                        leader_epoch = epoch,
+                        groups,
+                        "coordinating the groups of {OFFSETS_TOPIC} partition"
+                    );
+                }
+                Err(err) => {
+                    // The partition stays unloaded: its groups get
+                    // COORDINATOR_LOAD_IN_PROGRESS, every other group is served.
+                    tracing::error!(partition = index, error = %err, "cannot replay the groups of {OFFSETS_TOPIC} partition");
+                }
+            }
+        }
+    }
+
+    fn drop_groups_of(&self, index: u32) {
+        let keep = |group: &str| partition_for_group(group) != index;
+        self.coordinator().retain(keep);
+        self.offset_store().retain(keep);
+    }
+
+    /// Replaces the in-memory state of the partition's groups with what its log holds,
+    /// up to its log end; returns how many groups have members or offsets.
+    fn replay_groups(&self, partition: &Partition) -> Result<usize, BrokerError> {
+        let end = partition.log_end_offset();
+        let mut offset = partition.log_start_offset();
+        let mut stored = Vec::new();
+        while offset < end {
+            let fetched = partition.read_below(offset, 4 * 1024 * 1024, end, &self.read_buffers)?;
+            if fetched.records.is_empty() {
+                break;
+            }
+            for batch in runnel_batch::batches(&fetched.records) {
+                let records = batch
+                    .and_then(|(_, raw)| runnel_batch::decode_records(raw))
+                    .map_err(|err| BrokerError::Storage {
+                        topic: OFFSETS_TOPIC.to_string(),
+                        partition: partition.index,
+                        reason: err.to_string(),
+                    })?;
+                for record in records.into_iter().filter(|r| r.offset >= offset) {
+                    match decode_record(record.key.as_deref(), record.value.as_deref()) {
+                        Some(item) => stored.push(item),
+                        None => tracing::warn!(
+                            partition = partition.index,
+                            offset = record.offset,
+                            "skipping a malformed record in {OFFSETS_TOPIC}"
+                        ),
+                    }
+                }
+            }
+            offset = fetched.next_offset;
+        }
+        self.drop_groups_of(partition.index);
+        let now = now_ms();
+        let mut memberships = BTreeMap::new();
+        let mut groups = BTreeSet::new();
+        let mut store = self.offset_store();
+        for item in stored {
+            match item {
+                Stored::Offset {
+                    group,
+                    topic,
+                    partition,
+                    value,
+                } => {
+                    store.apply(&group, &topic, partition, value);
+                    groups.insert(group);
+                }
+                Stored::Group { group, value } => {
+                    memberships.insert(group, value);
+                }
+            }
+        }
+        drop(store);
+        let mut coordinator = self.coordinator();
+        for (group, value) in memberships {
+            if value.is_some() {
+                groups.insert(group.clone());
+            }
+            coordinator.restore(&group, value, now);
+        }
+        Ok(groups.len())
     }
 }

@@ -8,10 +8,20 @@
 //!   length, metadata. A null value (tombstone) deletes the entry (group deletion).
 //!
 //! Compaction keeps the latest commit per (group, topic, partition).
+//!
+//! The same topic holds each group's membership, so that a new coordinator (the next
+//! leader of the partition) knows who may still read what:
+//! - key: `u16` version (2), `u16` group length, group;
+//! - value: `u16` version (1), `i32` group epoch, `u16` member count, then per member:
+//!   id, client id, host (each `u16` length and bytes), `u32` session timeout (ms),
+//!   `i32` member epoch, `u16` topic count and topics, `u32` count of held partitions and
+//!   per partition topic and `u32` partition. A null value: the group has no members.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::group::{GroupRecord, MemberRecord};
 
 pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
 pub const OFFSETS_TOPIC_PARTITIONS: u32 = 8;
@@ -22,6 +32,7 @@ pub const CONNECT_OFFSETS_TOPIC_PARTITIONS: u32 = 1;
 /// Longest metadata string stored with a commit (Kafka's `offset.metadata.max.bytes`).
 pub const METADATA_BYTES_MAX: usize = 4096;
 const VERSION: u16 = 1;
+const GROUP_KEY_VERSION: u16 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Committed {
@@ -58,6 +69,122 @@ pub fn encode_value(committed: &Committed) -> Bytes {
     out.freeze()
 }
 
+pub fn encode_group_key(group: &str) -> Bytes {
+    let mut out = BytesMut::with_capacity(4 + group.len());
+    out.put_u16(GROUP_KEY_VERSION);
+    put_str(&mut out, group);
+    out.freeze()
+}
+
+pub fn encode_group_value(record: &GroupRecord) -> Bytes {
+    let mut out = BytesMut::with_capacity(64 * (1 + record.members.len()));
+    out.put_u16(VERSION);
+    out.put_i32(record.epoch);
+    out.put_u16(record.members.len() as u16);
+    for member in &record.members {
+        put_str(&mut out, &member.member_id);
+        put_str(&mut out, &member.client_id);
+        put_str(&mut out, &member.host);
+        out.put_u32(member.session_timeout_ms);
+        out.put_i32(member.epoch);
+        out.put_u16(member.topics.len() as u16);
+        for topic in &member.topics {
+            put_str(&mut out, topic);
+        }
+        out.put_u32(member.holds.len() as u32);
+        for (topic, partition) in &member.holds {
+            put_str(&mut out, topic);
+            out.put_u32(*partition);
+        }
+    }
+    out.freeze()
+}
+
+fn decode_group_value(bytes: &[u8]) -> Option<GroupRecord> {
+    let mut r = Reader(bytes);
+    if r.u16()? != VERSION {
+        return None;
+    }
+    let epoch = r.i32()?;
+    let count = r.u16()?;
+    let mut members = Vec::with_capacity(usize::from(count));
+    for _ in 0..count {
+        let member_id = r.string()?;
+        let client_id = r.string()?;
+        let host = r.string()?;
+        let session_timeout_ms = r.u32()?;
+        let member_epoch = r.i32()?;
+        let mut topics = BTreeSet::new();
+        for _ in 0..r.u16()? {
+            topics.insert(r.string()?);
+        }
+        let mut holds = BTreeSet::new();
+        for _ in 0..r.u32()? {
+            holds.insert((r.string()?, r.u32()?));
+        }
+        members.push(MemberRecord {
+            member_id,
+            client_id,
+            host,
+            session_timeout_ms,
+            epoch: member_epoch,
+            topics,
+            holds,
+        });
+    }
+    r.0.is_empty().then_some(GroupRecord { epoch, members })
+}
+
+/// One record of `__consumer_offsets`, decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stored {
+    /// A commit, or its deletion (`None`).
+    Offset {
+        group: String,
+        topic: String,
+        partition: u32,
+        value: Option<Committed>,
+    },
+    /// A group's membership, or `None` once it has no members.
+    Group {
+        group: String,
+        value: Option<GroupRecord>,
+    },
+}
+
+/// Decodes a record read back from the log; `None` for a malformed one.
+pub fn decode_record(key: Option<&[u8]>, value: Option<&[u8]>) -> Option<Stored> {
+    let key = key?;
+    let mut r = Reader(key);
+    match r.u16()? {
+        VERSION => {
+            let (group, topic, partition) = decode_key(key)?;
+            let value = match value {
+                Some(raw) => Some(decode_value(raw)?),
+                None => None,
+            };
+            Some(Stored::Offset {
+                group,
+                topic,
+                partition,
+                value,
+            })
+        }
+        GROUP_KEY_VERSION => {
+            let group = r.string()?;
+            if !r.0.is_empty() {
+                return None;
+            }
+            let value = match value {
+                Some(raw) => Some(decode_group_value(raw)?),
+                None => None,
+            };
+            Some(Stored::Group { group, value })
+        }
+        _ => None,
+    }
+}
+
 /// Bounds-checked reading of the formats above.
 struct Reader<'a>(&'a [u8]);
 
@@ -78,6 +205,10 @@ impl<'a> Reader<'a> {
     fn u32(&mut self) -> Option<u32> {
         self.take(4)
             .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn i32(&mut self) -> Option<i32> {
+        self.u32().map(|v| v as i32)
     }
 
     fn i64(&mut self) -> Option<i64> {
@@ -146,25 +277,9 @@ impl OffsetStore {
         }
     }
 
-    /// Applies a raw record key and value as read back from the log; malformed records
-    /// are reported and skipped.
-    pub fn apply_record(&mut self, key: Option<&[u8]>, value: Option<&[u8]>) {
-        let Some((group, topic, partition)) = key.and_then(decode_key) else {
-            tracing::warn!("skipping a malformed key in {OFFSETS_TOPIC}");
-            return;
-        };
-        match value {
-            None => self.apply(&group, &topic, partition, None),
-            Some(raw) => match decode_value(raw) {
-                Some(committed) => self.apply(&group, &topic, partition, Some(committed)),
-                None => tracing::warn!(
-                    group,
-                    topic,
-                    partition,
-                    "skipping a malformed value in {OFFSETS_TOPIC}"
-                ),
-            },
-        }
+    /// Forgets the groups `keep` refuses (their coordination moved elsewhere).
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.groups.retain(|id, _| keep(id));
     }
 
     pub fn group(&self, group: &str) -> Option<&BTreeMap<(String, u32), Committed>> {
@@ -194,18 +309,51 @@ mod tests {
             assert_eq!(decode_key(&key[..cut]), None);
         }
         assert_eq!(decode_key(&[0, 2, 0, 0]), None);
-        let mut store = OffsetStore::default();
-        store.apply_record(
-            Some(&key),
-            Some(&encode_value(&Committed {
-                offset: 1,
-                metadata: String::new(),
-                commit_timestamp_ms: 0,
-            })),
+        assert_eq!(
+            decode_record(Some(&key), None),
+            Some(Stored::Offset {
+                group: "g".into(),
+                topic: "orders".into(),
+                partition: 7,
+                value: None
+            })
         );
-        assert_eq!(store.group("g").map(|g| g.len()), Some(1));
-        store.apply_record(Some(&key), None);
-        assert!(store.group("g").is_none());
-        store.apply_record(Some(b"junk"), None);
+        assert_eq!(decode_record(Some(b"junk"), None), None);
+        assert_eq!(decode_record(None, None), None);
+    }
+
+    #[test]
+    fn group_records_round_trip_and_garbage_is_refused() {
+        let record = GroupRecord {
+            epoch: 3,
+            members: vec![MemberRecord {
+                member_id: "m-1".into(),
+                client_id: "c".into(),
+                host: "127.0.0.1".into(),
+                session_timeout_ms: 10_000,
+                epoch: 4,
+                topics: ["orders".to_string()].into(),
+                holds: [("orders".to_string(), 2), ("orders".to_string(), 5)].into(),
+            }],
+        };
+        let key = encode_group_key("g");
+        let value = encode_group_value(&record);
+        assert_eq!(
+            decode_record(Some(&key), Some(&value)),
+            Some(Stored::Group {
+                group: "g".into(),
+                value: Some(record)
+            })
+        );
+        for cut in 0..value.len() {
+            assert_eq!(decode_record(Some(&key), Some(&value[..cut])), None);
+        }
+        assert_eq!(
+            decode_record(Some(&key), None),
+            Some(Stored::Group {
+                group: "g".into(),
+                value: None
+            })
+        );
     }
 }

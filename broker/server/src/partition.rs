@@ -615,6 +615,11 @@ impl Partition {
             .flatten()
     }
 
+    /// The log end offset; -1 when the log could not be opened.
+    pub fn log_end_offset(&self) -> i64 {
+        self.with_log(Log::log_end_offset).unwrap_or(-1)
+    }
+
     /// Where a follower fetches from: its log end offset, the epoch of its last batch,
     /// and its high watermark.
     pub fn fetch_position(&self) -> Result<(i64, i32, i64), BrokerError> {
@@ -900,6 +905,22 @@ impl Partition {
         max_bytes: usize,
         buffers: &ReadBuffers,
     ) -> Result<Fetched, BrokerError> {
+        self.read_below(offset, max_bytes, self.high_watermark(), buffers)
+    }
+
+    /// Like [`Partition::read`], but up to `limit` instead of the high watermark: the
+    /// group coordinator replays its whole log on taking over, as the leader's log is
+    /// the one its followers will hold.
+    ///
+    /// # Errors
+    /// Offset out of range, or a storage failure (corruption fences the partition).
+    pub fn read_below(
+        &self,
+        offset: i64,
+        max_bytes: usize,
+        limit: i64,
+        buffers: &ReadBuffers,
+    ) -> Result<Fetched, BrokerError> {
         self.check_fenced()?;
         let high_watermark = self.high_watermark();
         let guard = self.log_read();
@@ -908,7 +929,7 @@ impl Partition {
         };
         let bytes = buffers
             .read(max_bytes, |out| {
-                log.read_into(offset, max_bytes, high_watermark, out)
+                log.read_into(offset, max_bytes, limit, out)
             })
             .map_err(|err| match err {
                 runnel_broker_storage::ReadError::Storage(err) => self.fence(&err),

@@ -275,7 +275,19 @@ impl groups_server::Groups for Service {
             .map(|a| a.ip().to_string())
             .unwrap_or_default();
         Ok(Response::new(
-            self.broker.group_heartbeat(request.into_inner(), host)?,
+            self.broker
+                .group_heartbeat(request.into_inner(), host)
+                .await?,
+        ))
+    }
+
+    async fn find_coordinator(
+        &self,
+        request: Request<v1::FindCoordinatorRequest>,
+    ) -> Result<Response<v1::FindCoordinatorResponse>, Status> {
+        Ok(Response::new(
+            self.broker
+                .find_coordinator(&request.into_inner().group_id)?,
         ))
     }
 
@@ -292,7 +304,7 @@ impl groups_server::Groups for Service {
         request: Request<v1::FetchOffsetsRequest>,
     ) -> Result<Response<v1::FetchOffsetsResponse>, Status> {
         Ok(Response::new(
-            self.broker.fetch_offsets(&request.into_inner()),
+            self.broker.fetch_offsets(&request.into_inner())?,
         ))
     }
 

@@ -622,7 +622,13 @@ impl Log {
     /// I/O errors.
     pub fn truncate_to(&mut self, offset: i64) -> Result<(), StorageError> {
         if offset >= self.log_end_offset() {
-            return Ok(());
+            // No record goes, but an epoch that starts here holds none either (a leader
+            // that wrote nothing): it goes, or the replica would keep naming it as its
+            // latest epoch and its leader would keep answering with the same divergence.
+            return self
+                .epochs
+                .truncate_from_end(offset)
+                .map_err(|source| StorageError::io(&self.dir, source));
         }
         if offset <= self.log_start_offset {
             self.reset_to(offset)?;

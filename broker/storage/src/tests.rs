@@ -389,6 +389,24 @@ fn truncation_cuts_at_batch_boundaries_and_trims_epochs() {
 }
 
 #[test]
+fn truncating_at_the_end_drops_an_epoch_without_records() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(dir.path(), small_config(), 0).expect("open");
+    let batch = batch_of(&[rec(None, Some("a"), 0)]);
+    log.append(&batch, 1, 0).expect("append");
+    // A leader of epoch 2 that wrote nothing before it lost the leadership.
+    log.assign_epoch(2).expect("assign");
+    assert_eq!(log.latest_epoch(), 2);
+    // Its new leader has no epoch 2: epoch 1 ends at 1, the log end.
+    log.truncate_to(1).expect("truncate");
+    assert_eq!(log.log_end_offset(), 1);
+    assert_eq!(log.latest_epoch(), 1);
+    drop(log);
+    let log = Log::open(dir.path(), small_config(), 0).expect("reopen");
+    assert_eq!(log.latest_epoch(), 1, "the checkpoint forgot epoch 2 too");
+}
+
+#[test]
 fn log_append_time_stamps_the_broker_clock() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = LogConfig {
