@@ -551,7 +551,18 @@ fn min_insync_replicas_above_the_isr_refuses_acks_all() {
         ],
         "",
     );
-    let err = dev.fails(&["produce", "safe", "--acks", "all"], "x\n");
+    // Retried (the ISR may grow back) until the delivery timeout, then refused.
+    let err = dev.fails(
+        &[
+            "produce",
+            "safe",
+            "--acks",
+            "all",
+            "--delivery-timeout-ms",
+            "1000",
+        ],
+        "x\n",
+    );
     assert!(err.contains("not enough in-sync replicas"), "{err}");
     dev.ok(&["produce", "safe", "--acks", "1"], "y\n");
 }

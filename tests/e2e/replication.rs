@@ -75,8 +75,11 @@ async fn count(
         ProducerConfig {
             acks: Acks::All,
             linger: Duration::from_millis(1),
-            retries: 400,
             retry_backoff: Duration::from_millis(50),
+            retry_backoff_max: Duration::from_millis(500),
+            // Past a failover (about 3 s here); a write failing for good is counted as
+            // failed, never as lost.
+            delivery_timeout: Duration::from_secs(15),
             ..ProducerConfig::default()
         },
     );
@@ -275,7 +278,16 @@ fn followers_die_min_insync_refuses_and_the_isr_grows_back() {
     let produce = |cluster: &Cluster, value: &str| {
         runnel_at(
             &cluster.node(leader).addr,
-            &["produce", "guarded", "--acks", "all", "--partition", "0"],
+            &[
+                "produce",
+                "guarded",
+                "--acks",
+                "all",
+                "--partition",
+                "0",
+                "--delivery-timeout-ms",
+                "3000",
+            ],
             &format!("{value}\n"),
         )
     };
