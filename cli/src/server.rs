@@ -64,6 +64,10 @@ pub struct StartArgs {
     /// what it lacks (topics may override it with unclean.leader.election.enable).
     #[arg(long)]
     unclean_leader_election_enable: bool,
+    /// How often the active controller gives partitions back to their preferred
+    /// replicas once those are in sync again; 0 turns that off.
+    #[arg(long)]
+    leader_imbalance_check_interval_ms: Option<u64>,
 }
 
 /// Most nodes `runnel dev --brokers N` starts.
@@ -162,6 +166,11 @@ pub async fn broker(command: BrokerCommand) -> anyhow::Result<ExitCode> {
         config.default_replication_factor = rf;
     }
     config.unclean_leader_election_enable |= args.unclean_leader_election_enable;
+    match args.leader_imbalance_check_interval_ms {
+        Some(0) => config.auto_leader_rebalance_enable = false,
+        Some(ms) => config.leader_imbalance_check_interval_ms = ms,
+        None => {}
+    }
     serve(vec![config], "Runnel broker").await
 }
 

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::process::ExitCode;
 
 use clap::Subcommand;
-use runnel_client::{Admin, Client};
+use runnel_client::{Admin, Client, v1};
 
 use crate::parse_key_value;
 
@@ -28,9 +28,19 @@ pub enum TopicCommand {
         /// Include internal topics (names beginning with "__").
         #[arg(long)]
         internal: bool,
+        #[command(flatten)]
+        filter: PartitionFilter,
     },
-    /// Partitions (leader, replicas, ISR, offsets) and configs of a topic.
-    Describe { name: String },
+    /// Partitions (leader, replicas, ISR, offsets) and configs of a topic; with a filter
+    /// and no name, the matching partitions of every topic.
+    Describe {
+        name: Option<String>,
+        #[command(flatten)]
+        filter: PartitionFilter,
+    },
+    /// Give partitions back to their preferred replica (the first of their replicas)
+    /// where it is live and in sync; every topic when none is named.
+    ElectLeaders { topics: Vec<String> },
     /// Set or reset topic configs.
     AlterConfig {
         name: String,
@@ -83,78 +93,71 @@ pub async fn run(client: Client, command: TopicCommand) -> anyhow::Result<ExitCo
                 if topic.partitions.len() == 1 { "" } else { "s" }
             );
         }
-        TopicCommand::List { internal } => {
-            for topic in admin.list_topics(internal).await? {
-                println!("{}", topic.name);
-            }
-        }
-        TopicCommand::Describe { name } => {
-            let d = admin.describe_topic(&name).await?;
-            let rf = d.partitions.first().map_or(0, |p| p.replicas.len());
-            println!(
-                "Topic: {}\tPartitionCount: {}\tReplicationFactor: {rf}{}",
-                d.name,
-                d.partitions.len(),
-                if d.internal { "\tInternal: true" } else { "" }
-            );
-            let overrides: Vec<String> = d
-                .configs
-                .iter()
-                .filter(|c| c.is_override)
-                .map(|c| format!("{}={}", c.key, c.value))
-                .collect();
-            println!(
-                "Configs (overrides): {}",
-                if overrides.is_empty() {
-                    "none".into()
-                } else {
-                    overrides.join(",")
+        TopicCommand::List { internal, filter } => {
+            for topic in admin.list_topics(internal || filter.any()).await? {
+                if !filter.any() {
+                    println!("{}", topic.name);
+                    continue;
                 }
-            );
-            println!(
-                "{:<10} {:>6} {:>6} {:<10} {:<10} {:>14} {:>14} {:>14} {:>12}",
-                "PARTITION",
-                "LEADER",
-                "EPOCH",
-                "REPLICAS",
-                "ISR",
-                "LOG-START",
-                "LOG-END",
-                "HIGH-WATERMARK",
-                "SIZE-BYTES"
-            );
-            for p in &d.partitions {
-                println!(
-                    "{:<10} {:>6} {:>6} {:<10} {:<10} {:>14} {:>14} {:>14} {:>12}",
-                    p.partition,
-                    p.leader,
-                    p.leader_epoch,
-                    join(&p.replicas),
-                    join(&p.isr),
-                    p.log_start_offset,
-                    p.log_end_offset,
-                    p.high_watermark,
-                    p.size_bytes
-                );
-                if let Some(error) = &p.error {
+                let d = admin.describe_topic(&topic.name).await?;
+                let (under, unavailable) = filter.counts(&d);
+                if under + unavailable > 0 {
                     println!(
-                        "  partition {} is unavailable: {}",
-                        p.partition, error.message
+                        "{} ({under} under-replicated, {unavailable} unavailable)",
+                        topic.name
                     );
                 }
             }
-            println!("Configs (effective):");
-            for c in &d.configs {
-                println!(
-                    "  {}={}{}",
-                    c.key,
-                    c.value,
-                    if c.is_override {
-                        "  (topic override)"
-                    } else {
-                        ""
-                    }
-                );
+        }
+        TopicCommand::ElectLeaders { topics } => {
+            let results = admin.elect_leaders(topics).await?;
+            let mut elected = 0;
+            for r in &results {
+                if r.elected {
+                    elected += 1;
+                    println!(
+                        "{}-{}: now led by its preferred replica {}",
+                        r.topic, r.partition, r.preferred
+                    );
+                } else if !r.reason.is_empty() {
+                    println!(
+                        "{}-{}: led by {}, not its preferred replica {}: {}",
+                        r.topic, r.partition, r.leader, r.preferred, r.reason
+                    );
+                }
+            }
+            println!(
+                "{elected} partition{} moved; {} of {} led by their preferred replica.",
+                if elected == 1 { "" } else { "s" },
+                results.iter().filter(|r| r.leader == r.preferred).count(),
+                results.len()
+            );
+        }
+        TopicCommand::Describe { name, filter } => {
+            let names = match name {
+                Some(name) => vec![name],
+                None if filter.any() => admin
+                    .list_topics(true)
+                    .await?
+                    .into_iter()
+                    .map(|t| t.name)
+                    .collect(),
+                None => anyhow::bail!(
+                    "name a topic to describe, or give --under-replicated or --unavailable to list such partitions of every topic"
+                ),
+            };
+            let every = names.len() > 1;
+            let mut shown = 0;
+            for name in names {
+                let d = admin.describe_topic(&name).await?;
+                if every && !d.partitions.iter().any(|p| filter.keeps(p)) {
+                    continue;
+                }
+                if shown > 0 {
+                    println!();
+                }
+                shown += 1;
+                describe(&d, filter);
             }
         }
         TopicCommand::AlterConfig {
@@ -193,6 +196,124 @@ pub async fn run(client: Client, command: TopicCommand) -> anyhow::Result<ExitCo
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints `topic describe` for one topic.
+fn describe(d: &v1::DescribeTopicResponse, filter: PartitionFilter) {
+    let rf = d.partitions.first().map_or(0, |p| p.replicas.len());
+    println!(
+        "Topic: {}\tPartitionCount: {}\tReplicationFactor: {rf}{}",
+        d.name,
+        d.partitions.len(),
+        if d.internal { "\tInternal: true" } else { "" }
+    );
+    let overrides: Vec<String> = d
+        .configs
+        .iter()
+        .filter(|c| c.is_override)
+        .map(|c| format!("{}={}", c.key, c.value))
+        .collect();
+    println!(
+        "Configs (overrides): {}",
+        if overrides.is_empty() {
+            "none".into()
+        } else {
+            overrides.join(",")
+        }
+    );
+    println!(
+        "{:<10} {:>6} {:>6} {:<10} {:<10} {:>14} {:>14} {:>14} {:>12}",
+        "PARTITION",
+        "LEADER",
+        "EPOCH",
+        "REPLICAS",
+        "ISR",
+        "LOG-START",
+        "LOG-END",
+        "HIGH-WATERMARK",
+        "SIZE-BYTES"
+    );
+    for p in d.partitions.iter().filter(|p| filter.keeps(p)) {
+        println!(
+            "{:<10} {:>6} {:>6} {:<10} {:<10} {:>14} {:>14} {:>14} {:>12}",
+            p.partition,
+            p.leader,
+            p.leader_epoch,
+            join(&p.replicas),
+            join(&p.isr),
+            p.log_start_offset,
+            p.log_end_offset,
+            p.high_watermark,
+            p.size_bytes
+        );
+        if let Some(error) = &p.error {
+            println!(
+                "  partition {} is unavailable: {}",
+                p.partition, error.message
+            );
+        }
+    }
+    println!("Configs (effective):");
+    for c in &d.configs {
+        println!(
+            "  {}={}{}",
+            c.key,
+            c.value,
+            if c.is_override {
+                "  (topic override)"
+            } else {
+                ""
+            }
+        );
+    }
+}
+
+/// `--under-replicated` / `--unavailable`: which partitions to show.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct PartitionFilter {
+    /// Only partitions whose ISR is smaller than their replica set.
+    #[arg(long)]
+    under_replicated: bool,
+    /// Only partitions without a leader, or fenced by a storage failure.
+    #[arg(long)]
+    unavailable: bool,
+}
+
+impl PartitionFilter {
+    fn any(self) -> bool {
+        self.under_replicated || self.unavailable
+    }
+
+    fn is_under_replicated(p: &v1::PartitionDescription) -> bool {
+        p.isr.len() < p.replicas.len()
+    }
+
+    fn is_unavailable(p: &v1::PartitionDescription) -> bool {
+        p.leader == 0 || p.error.is_some()
+    }
+
+    /// Whether a partition passes the filter (every one does without a filter).
+    fn keeps(self, p: &v1::PartitionDescription) -> bool {
+        !self.any()
+            || (self.under_replicated && Self::is_under_replicated(p))
+            || (self.unavailable && Self::is_unavailable(p))
+    }
+
+    /// How many of a topic's partitions are under-replicated and unavailable, counting
+    /// only what the filter asks for.
+    fn counts(self, d: &v1::DescribeTopicResponse) -> (usize, usize) {
+        let under = d
+            .partitions
+            .iter()
+            .filter(|p| self.under_replicated && Self::is_under_replicated(p))
+            .count();
+        let unavailable = d
+            .partitions
+            .iter()
+            .filter(|p| self.unavailable && Self::is_unavailable(p))
+            .count();
+        (under, unavailable)
+    }
 }
 
 fn join(ids: &[u32]) -> String {

@@ -163,6 +163,24 @@ impl Admin {
             .log_start_offset)
     }
 
+    /// Preferred leader election for `topics` (every topic when empty): each partition
+    /// as it stands afterwards.
+    ///
+    /// # Errors
+    /// An unknown topic, or no answer from the controller.
+    pub async fn elect_leaders(
+        &self,
+        topics: Vec<String>,
+    ) -> Result<Vec<v1::ElectionResult>, ClientError> {
+        Ok(self
+            .client
+            .admin_rpc()
+            .elect_leaders(v1::ElectLeadersRequest { topics })
+            .await?
+            .into_inner()
+            .results)
+    }
+
     /// # Errors
     /// The broker cannot be reached.
     pub async fn cluster_info(&self) -> Result<v1::ClusterInfoResponse, ClientError> {

@@ -491,3 +491,148 @@ fn dev_starts_a_local_cluster_with_brokers_n() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Partitions of `rows` not led by their preferred replica (the first one).
+fn not_preferred(rows: &[PartitionRow], placed: &[PartitionRow]) -> Vec<u32> {
+    rows.iter()
+        .zip(placed)
+        .filter(|(row, first)| row.leader != first.leader)
+        .map(|(row, _)| row.partition)
+        .collect()
+}
+
+#[test]
+fn a_returning_broker_gets_its_leaderships_back_by_election_and_the_filters_show_what_is_missing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Automatic rebalancing off: the election is the user's.
+    let mut cluster = Cluster::start_with(
+        dir.path(),
+        3,
+        &["--leader-imbalance-check-interval-ms", "0"],
+    );
+    cluster.ok(
+        1,
+        &[
+            "topic",
+            "create",
+            "shared",
+            "--partitions",
+            "3",
+            "--replication-factor",
+            "3",
+        ],
+        "",
+    );
+    cluster.ok(1, &["topic", "create", "lonely", "--partitions", "3"], "");
+    // New topics start led by their preferred replicas.
+    let placed = cluster.describe(1, "shared");
+    let victim = placed[0].leader;
+    let survivor = if victim == 1 { 2 } else { 1 };
+    cluster.kill9(victim);
+    wait_until(
+        "the victim's partitions to move",
+        Duration::from_secs(20),
+        || {
+            cluster
+                .describe(survivor, "shared")
+                .iter()
+                .all(|row| row.leader != victim && row.leader != 0 && !row.isr.contains(&victim))
+        },
+    );
+    let listed = cluster.ok(
+        survivor,
+        &["topic", "list", "--under-replicated", "--unavailable"],
+        "",
+    );
+    assert!(
+        listed.contains("shared (3 under-replicated, 0 unavailable)"),
+        "{listed}"
+    );
+    assert!(
+        listed.contains("lonely (0 under-replicated, 1 unavailable)"),
+        "{listed}"
+    );
+    let unavailable = cluster.ok(survivor, &["topic", "describe", "--unavailable"], "");
+    let rows = partition_rows(&unavailable);
+    assert_eq!(rows.len(), 1, "{unavailable}");
+    assert_eq!(
+        (rows[0].leader, rows[0].replicas.clone()),
+        (0, vec![victim])
+    );
+    assert!(unavailable.contains("Topic: lonely"), "{unavailable}");
+    let missing = runnel_at(&cluster.node(survivor).addr, &["topic", "describe"], "");
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("name a topic to describe"),
+        "{missing:?}"
+    );
+
+    cluster.restart(victim);
+    wait_until(
+        "the victim to rejoin every ISR",
+        Duration::from_secs(30),
+        || {
+            cluster
+                .describe(survivor, "shared")
+                .iter()
+                .all(|row| row.isr.len() == 3)
+        },
+    );
+    assert!(!not_preferred(&cluster.describe(survivor, "shared"), &placed).is_empty());
+    let elected = cluster.ok(survivor, &["topic", "elect-leaders", "shared"], "");
+    assert!(
+        elected.contains("3 of 3 led by their preferred replica"),
+        "{elected}"
+    );
+    let now = cluster.describe(survivor, "shared");
+    assert!(not_preferred(&now, &placed).is_empty(), "{elected}");
+    assert!(now.iter().zip(&placed).all(|(n, p)| n.epoch >= p.epoch));
+    let unknown = runnel_at(
+        &cluster.node(1).addr,
+        &["topic", "elect-leaders", "nope"],
+        "",
+    );
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown topic \"nope\""));
+}
+
+#[test]
+fn leadership_goes_back_to_preferred_replicas_by_itself() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Cluster::start_with(
+        dir.path(),
+        3,
+        &["--leader-imbalance-check-interval-ms", "500"],
+    );
+    cluster.ok(
+        1,
+        &[
+            "topic",
+            "create",
+            "shared",
+            "--partitions",
+            "3",
+            "--replication-factor",
+            "3",
+        ],
+        "",
+    );
+    let placed = cluster.describe(1, "shared");
+    let victim = placed[0].leader;
+    let survivor = if victim == 1 { 2 } else { 1 };
+    cluster.kill9(victim);
+    wait_until(
+        "the victim's partitions to move",
+        Duration::from_secs(20),
+        || {
+            cluster
+                .describe(survivor, "shared")
+                .iter()
+                .all(|row| row.leader != victim && row.leader != 0)
+        },
+    );
+    cluster.restart(victim);
+    wait_until(
+        "every partition to be led by its preferred replica again",
+        Duration::from_secs(30),
+        || not_preferred(&cluster.describe(survivor, "shared"), &placed).is_empty(),
+    );
+}

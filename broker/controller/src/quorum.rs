@@ -39,6 +39,10 @@ pub struct QuorumConfig {
     pub import: Option<ClusterMetadata>,
     /// `unclean.leader.election.enable` for topics that do not set it.
     pub unclean_leader_election: bool,
+    /// How often the active controller gives partitions back to their preferred
+    /// replicas (Kafka's `auto.leader.rebalance.enable` with
+    /// `leader.imbalance.check.interval.seconds`); `None`: never.
+    pub leader_rebalance_interval: Option<Duration>,
 }
 
 impl QuorumConfig {
@@ -52,6 +56,7 @@ impl QuorumConfig {
             election_timeout: Duration::from_millis(500),
             import: None,
             unclean_leader_election: false,
+            leader_rebalance_interval: Some(Duration::from_secs(30)),
         }
     }
 }
@@ -81,6 +86,8 @@ pub struct Quorum {
     sessions: Mutex<HashMap<BrokerId, Instant>>,
     /// `config.import` until a bootstrap carrying it has committed.
     pending_import: Mutex<Option<ClusterMetadata>>,
+    /// When this controller last checked leaders against their preferred replicas.
+    rebalanced_at: Mutex<Instant>,
 }
 
 impl Quorum {
@@ -146,6 +153,7 @@ impl Quorum {
             pending_import: Mutex::new(config.import.clone()),
             config,
             sessions: Mutex::new(HashMap::new()),
+            rebalanced_at: Mutex::new(Instant::now()),
         });
         tokio::spawn(Self::run_active_duties(Arc::downgrade(&quorum)));
         Ok(quorum)
@@ -378,6 +386,39 @@ impl Quorum {
             }
         }
         self.elect_unclean(&image.metadata).await;
+        self.rebalance_leaders(&image.metadata).await;
+    }
+
+    /// Every `leader_rebalance_interval`, gives the partitions whose preferred replica is
+    /// live and in sync back to it, so leadership spreads again after a broker returns.
+    async fn rebalance_leaders(&self, metadata: &ClusterMetadata) {
+        let Some(interval) = self.config.leader_rebalance_interval else {
+            return;
+        };
+        {
+            let mut last = self
+                .rebalanced_at
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if last.elapsed() < interval {
+                return;
+            }
+            *last = Instant::now();
+        }
+        let partitions = metadata.preferred_candidates();
+        if partitions.is_empty() {
+            return;
+        }
+        tracing::info!(
+            partitions = partitions.len(),
+            "giving partitions back to their preferred replicas"
+        );
+        if let Err(err) = self
+            .propose_local(Command::ElectPreferred { partitions })
+            .await
+        {
+            tracing::warn!(error = %err, "preferred leader election not committed");
+        }
     }
 
     /// Elects an out-of-sync live replica for each offline partition whose whole ISR is

@@ -147,6 +147,12 @@ pub enum Command {
         leader: BrokerId,
         unclean: bool,
     },
+    /// Gives each listed partition back to its preferred replica (the first of its
+    /// replicas) where that replica is live, in the ISR and not leading it already;
+    /// partitions where it is not are left alone.
+    ElectPreferred {
+        partitions: Vec<(String, u32)>,
+    },
 }
 
 /// What an applied command produced.
@@ -480,6 +486,14 @@ impl ClusterMetadata {
                 leader,
                 unclean,
             } => self.elect_leader(&topic, partition, leader, unclean),
+            Command::ElectPreferred { partitions } => {
+                for (topic, partition) in partitions {
+                    if let Some(preferred) = self.preferred_if_electable(&topic, partition) {
+                        self.elect_leader(&topic, partition, preferred, false)?;
+                    }
+                }
+                Ok(Outcome::Done)
+            }
         }
     }
 
@@ -683,6 +697,28 @@ impl ClusterMetadata {
             .ok_or_else(|| MetadataError::InvalidRequest {
                 reason: format!("{topic:?} has no partition {partition}"),
             })
+    }
+
+    /// The preferred replica of a partition when a preferred election would move the
+    /// leadership to it: it is live, in the ISR, and not the leader.
+    pub fn preferred_if_electable(&self, topic: &str, partition: u32) -> Option<BrokerId> {
+        let record = self.topics.get(topic)?.partitions.get(partition as usize)?;
+        let preferred = *record.replicas.first()?;
+        let eligible = record.leader != preferred
+            && record.isr.contains(&preferred)
+            && self.live_brokers().contains(&preferred);
+        eligible.then_some(preferred)
+    }
+
+    /// Every partition a preferred election would move.
+    pub fn preferred_candidates(&self) -> Vec<(String, u32)> {
+        self.topics
+            .iter()
+            .flat_map(|(name, topic)| {
+                (0..topic.partitions.len() as u32).map(move |p| (name.clone(), p))
+            })
+            .filter(|(name, p)| self.preferred_if_electable(name, *p).is_some())
+            .collect()
     }
 
     /// Partitions with no leader whose every ISR member is fenced, and a live replica
@@ -1034,5 +1070,49 @@ mod tests {
         let orders = &meta.topics["orders"];
         assert_eq!(orders.configs["retention.ms"], "1000");
         assert!(orders.partitions[0].leader_epoch > 4);
+    }
+
+    #[test]
+    fn a_preferred_election_returns_leadership_to_a_live_in_sync_first_replica() {
+        let mut meta = three_brokers();
+        create(&mut meta, "t", 3, 3).expect("create");
+        let preferred = meta.topics["t"].partitions[0].replicas[0];
+        assert!(
+            meta.preferred_candidates().is_empty(),
+            "every leader is preferred"
+        );
+        meta.apply(Command::FenceBroker { id: preferred })
+            .expect("fence");
+        let moved = meta.topics["t"].partitions[0].clone();
+        assert_ne!(moved.leader, preferred);
+        // Back, but not in the ISR yet: nothing to elect.
+        register(&mut meta, preferred, "b");
+        assert_eq!(meta.preferred_if_electable("t", 0), None);
+        meta.apply(Command::AlterIsr {
+            topic: "t".into(),
+            partition: 0,
+            leader: moved.leader,
+            leader_epoch: moved.leader_epoch,
+            partition_epoch: moved.partition_epoch,
+            isr: vec![1, 2, 3],
+        })
+        .expect("rejoin");
+        let candidates = meta.preferred_candidates();
+        assert!(candidates.contains(&("t".to_string(), 0)), "{candidates:?}");
+        meta.apply(Command::ElectPreferred {
+            partitions: candidates,
+        })
+        .expect("elect");
+        let back = &meta.topics["t"].partitions[0];
+        assert_eq!(back.leader, preferred);
+        assert!(back.leader_epoch > moved.leader_epoch);
+        assert!(meta.preferred_candidates().is_empty());
+        // Listing a partition that has nothing to move changes nothing.
+        let before = meta.clone();
+        meta.apply(Command::ElectPreferred {
+            partitions: vec![("t".into(), 1)],
+        })
+        .expect("no-op");
+        assert_eq!(meta, before);
     }
 }

@@ -1176,6 +1176,80 @@ impl Broker {
         })
     }
 
+    /// Preferred leader election over `topics` (every topic when empty): proposes the
+    /// partitions it would move, then reports every partition of them as it stands.
+    ///
+    /// # Errors
+    /// An unknown topic, or no answer from the controller.
+    pub async fn elect_preferred_leaders(
+        &self,
+        topics: Vec<String>,
+    ) -> Result<v1::ElectLeadersResponse, BrokerError> {
+        let before = self.image();
+        let names: Vec<String> = if topics.is_empty() {
+            before.metadata.topics.keys().cloned().collect()
+        } else {
+            for name in &topics {
+                before.metadata.topic(name)?;
+            }
+            topics
+        };
+        let wanted: Vec<(String, u32)> = names
+            .iter()
+            .flat_map(|name| {
+                let count = before.metadata.topics[name].partitions.len() as u32;
+                (0..count).map(move |p| (name.clone(), p))
+            })
+            .collect();
+        let candidates: Vec<(String, u32)> = wanted
+            .iter()
+            .filter(|(t, p)| before.metadata.preferred_if_electable(t, *p).is_some())
+            .cloned()
+            .collect();
+        if !candidates.is_empty() {
+            self.propose(Command::ElectPreferred {
+                partitions: candidates.clone(),
+            })
+            .await?;
+        }
+        let after = self.image();
+        let live = after.metadata.live_brokers();
+        let results = wanted
+            .into_iter()
+            .filter_map(|(topic, partition)| {
+                let record = after
+                    .metadata
+                    .topics
+                    .get(&topic)?
+                    .partitions
+                    .get(partition as usize)?;
+                let preferred = record.replicas.first().copied().unwrap_or(NO_LEADER);
+                let reason = if record.leader == preferred {
+                    String::new()
+                } else if !live.contains(&preferred) {
+                    format!("preferred replica {preferred} is not live")
+                } else if !record.isr.contains(&preferred) {
+                    format!(
+                        "preferred replica {preferred} is not in the ISR ({}) yet",
+                        join_ids(&record.isr)
+                    )
+                } else {
+                    "the leadership moved again meanwhile; retry".to_string()
+                };
+                Some(v1::ElectionResult {
+                    elected: candidates.contains(&(topic.clone(), partition))
+                        && record.leader == preferred,
+                    topic,
+                    partition,
+                    leader: record.leader,
+                    preferred,
+                    reason,
+                })
+            })
+            .collect();
+        Ok(v1::ElectLeadersResponse { results })
+    }
+
     /// # Errors
     /// Unknown topic or partition, or an offset beyond the high watermark.
     pub fn delete_records(

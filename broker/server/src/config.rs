@@ -18,6 +18,8 @@
 //! replica_fetch_max_bytes = 8388608
 //! request_timeout_ms = 30000                 # longest an acks=all produce waits
 //! unclean_leader_election_enable = false
+//! auto_leader_rebalance_enable = true        # give leadership back to preferred replicas
+//! leader_imbalance_check_interval_ms = 30000
 //!
 //! [topic_defaults]          # defaults for every topic's configs
 //! "retention.ms" = "604800000"
@@ -86,6 +88,21 @@ pub struct BrokerConfig {
     /// (losing what it lacks), for topics that do not set `unclean.leader.election.enable`.
     #[serde(default)]
     pub unclean_leader_election_enable: bool,
+    /// Whether the active controller gives partitions back to their preferred replica
+    /// (the first of their replicas) once it is in sync again.
+    #[serde(default = "default_true")]
+    pub auto_leader_rebalance_enable: bool,
+    /// How often it checks.
+    #[serde(default = "default_leader_imbalance_check_ms")]
+    pub leader_imbalance_check_interval_ms: u64,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_leader_imbalance_check_ms() -> u64 {
+    30_000
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -177,6 +194,8 @@ impl BrokerConfig {
             replica_fetch_max_bytes: default_replica_fetch_bytes(),
             request_timeout_ms: default_request_timeout_ms(),
             unclean_leader_election_enable: false,
+            auto_leader_rebalance_enable: true,
+            leader_imbalance_check_interval_ms: default_leader_imbalance_check_ms(),
         }
     }
 

@@ -108,6 +108,9 @@ pub async fn start_with(
             .topic_defaults
             .get(runnel_controller::state::UNCLEAN_ELECTION_KEY)
             .map_or(config.unclean_leader_election_enable, |v| v == "true");
+        quorum_config.leader_rebalance_interval = config
+            .auto_leader_rebalance_enable
+            .then(|| Duration::from_millis(config.leader_imbalance_check_interval_ms.max(100)));
         Some(
             Quorum::start(quorum_config)
                 .await

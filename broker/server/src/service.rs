@@ -250,6 +250,17 @@ impl admin_server::Admin for Service {
         ))
     }
 
+    async fn elect_leaders(
+        &self,
+        request: Request<v1::ElectLeadersRequest>,
+    ) -> Result<Response<v1::ElectLeadersResponse>, Status> {
+        Ok(Response::new(
+            self.broker
+                .elect_preferred_leaders(request.into_inner().topics)
+                .await?,
+        ))
+    }
+
     async fn delete_records(
         &self,
         request: Request<v1::DeleteRecordsRequest>,
