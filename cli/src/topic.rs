@@ -38,6 +38,30 @@ pub enum TopicCommand {
         #[command(flatten)]
         filter: PartitionFilter,
     },
+    /// Move partitions to other brokers with a JSON plan, as kafka-reassign-partitions:
+    /// --generate writes a plan that spreads --topics over --broker-ids, --execute
+    /// starts it, --verify says how far it got.
+    Reassign {
+        /// The plan file: {"version":1,"partitions":[{"topic":"t","partition":0,"replicas":[2,3,4]}]}
+        #[arg(long)]
+        plan: std::path::PathBuf,
+        #[arg(long, group = "step")]
+        generate: bool,
+        #[arg(long, group = "step")]
+        execute: bool,
+        #[arg(long, group = "step")]
+        verify: bool,
+        /// With --generate: the brokers to spread over (--brokers is the bootstrap list).
+        #[arg(long, value_delimiter = ',')]
+        broker_ids: Vec<u32>,
+        /// With --generate: the topics to move.
+        #[arg(long, value_delimiter = ',')]
+        topics: Vec<String>,
+        /// With --execute: bytes per second leaders send to catching-up replicas, all
+        /// together (0: no limit). Lifted when the last move finishes.
+        #[arg(long, default_value_t = 0)]
+        throttle: u64,
+    },
     /// Give partitions back to their preferred replica (the first of their replicas)
     /// where it is live and in sync; every topic when none is named.
     ElectLeaders { topics: Vec<String> },
@@ -108,6 +132,39 @@ pub async fn run(client: Client, command: TopicCommand) -> anyhow::Result<ExitCo
                     );
                 }
             }
+        }
+        TopicCommand::Reassign {
+            plan,
+            generate,
+            execute,
+            verify,
+            broker_ids,
+            topics,
+            throttle,
+        } => {
+            if generate {
+                return generate_plan(&admin, &plan, &broker_ids, &topics).await;
+            }
+            if execute {
+                let moves = read_plan(&plan)?;
+                let count = moves.len();
+                admin.reassign_partitions(moves, throttle).await?;
+                println!(
+                    "Started moving {count} partition{}{}; follow with `runnel topic reassign --plan {} --verify`.",
+                    if count == 1 { "" } else { "s" },
+                    if throttle > 0 {
+                        format!(" (catching up at most {throttle} bytes/s)")
+                    } else {
+                        String::new()
+                    },
+                    plan.display()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            if verify {
+                return verify_plan(&admin, &plan).await;
+            }
+            anyhow::bail!("say what to do with the plan: --generate, --execute or --verify");
         }
         TopicCommand::ElectLeaders { topics } => {
             let results = admin.elect_leaders(topics).await?;
@@ -246,6 +303,20 @@ fn describe(d: &v1::DescribeTopicResponse, filter: PartitionFilter) {
             p.high_watermark,
             p.size_bytes
         );
+        if !p.target.is_empty() {
+            let catching: Vec<u32> = p
+                .target
+                .iter()
+                .copied()
+                .filter(|r| !p.isr.contains(r))
+                .collect();
+            println!(
+                "  partition {} is moving to {} (catching up: {})",
+                p.partition,
+                join(&p.target),
+                join(&catching)
+            );
+        }
         if let Some(error) = &p.error {
             println!(
                 "  partition {} is unavailable: {}",
@@ -266,6 +337,154 @@ fn describe(d: &v1::DescribeTopicResponse, filter: PartitionFilter) {
             }
         );
     }
+}
+
+/// A reassignment plan file (kafka-reassign-partitions' JSON).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Plan {
+    version: u32,
+    partitions: Vec<PlannedPartition>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct PlannedPartition {
+    topic: String,
+    partition: u32,
+    replicas: Vec<u32>,
+}
+
+fn read_plan(path: &std::path::Path) -> anyhow::Result<Vec<v1::PartitionMove>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|err| anyhow::anyhow!("cannot read the plan {}: {err}", path.display()))?;
+    let plan: Plan = serde_json::from_str(&text).map_err(|err| {
+        anyhow::anyhow!(
+            "the plan {} is not a reassignment plan ({err}); expected {{\"version\":1,\"partitions\":[{{\"topic\":\"t\",\"partition\":0,\"replicas\":[1,2,3]}}]}}",
+            path.display()
+        )
+    })?;
+    if plan.version != 1 {
+        anyhow::bail!(
+            "plan version {} is unknown; this runnel writes version 1",
+            plan.version
+        );
+    }
+    Ok(plan
+        .partitions
+        .into_iter()
+        .map(|p| v1::PartitionMove {
+            topic: p.topic,
+            partition: p.partition,
+            replicas: p.replicas,
+        })
+        .collect())
+}
+
+/// Writes a plan that spreads every partition of `topics` over `brokers` round-robin,
+/// keeping each topic's replication factor, and prints the current and new assignments.
+async fn generate_plan(
+    admin: &Admin,
+    path: &std::path::Path,
+    brokers: &[u32],
+    topics: &[String],
+) -> anyhow::Result<ExitCode> {
+    if brokers.is_empty() || topics.is_empty() {
+        anyhow::bail!("--generate needs --broker-ids 1,2,3 and --topics a,b");
+    }
+    let mut current = Vec::new();
+    let mut proposed = Vec::new();
+    for topic in topics {
+        let d = admin.describe_topic(topic).await?;
+        let rf = d.partitions.first().map_or(0, |p| p.replicas.len());
+        if rf > brokers.len() {
+            anyhow::bail!(
+                "topic {topic:?} has {rf} replicas per partition but only {} brokers are given",
+                brokers.len()
+            );
+        }
+        for p in &d.partitions {
+            current.push(PlannedPartition {
+                topic: topic.clone(),
+                partition: p.partition,
+                replicas: p.replicas.clone(),
+            });
+            let start = p.partition as usize;
+            proposed.push(PlannedPartition {
+                topic: topic.clone(),
+                partition: p.partition,
+                replicas: (0..rf)
+                    .map(|i| brokers[(start + i) % brokers.len()])
+                    .collect(),
+            });
+        }
+    }
+    let current = Plan {
+        version: 1,
+        partitions: current,
+    };
+    let proposed = Plan {
+        version: 1,
+        partitions: proposed,
+    };
+    println!("Current assignment (keep it to roll back):");
+    println!("{}", serde_json::to_string(&current)?);
+    println!("Proposed assignment, written to {}:", path.display());
+    let text = serde_json::to_string(&proposed)?;
+    println!("{text}");
+    std::fs::write(path, text + "\n")
+        .map_err(|err| anyhow::anyhow!("cannot write the plan {}: {err}", path.display()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Says, per planned partition, whether its move is done, running or not started.
+async fn verify_plan(admin: &Admin, path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let moves = read_plan(path)?;
+    let mut described: HashMap<String, v1::DescribeTopicResponse> = HashMap::new();
+    let mut done = 0;
+    for m in &moves {
+        if !described.contains_key(&m.topic) {
+            described.insert(m.topic.clone(), admin.describe_topic(&m.topic).await?);
+        }
+        let Some(p) = described[&m.topic]
+            .partitions
+            .iter()
+            .find(|p| p.partition == m.partition)
+        else {
+            println!("{}-{}: no such partition", m.topic, m.partition);
+            continue;
+        };
+        if p.replicas == m.replicas && p.target.is_empty() {
+            done += 1;
+            println!(
+                "{}-{}: complete (replicas {})",
+                m.topic,
+                m.partition,
+                join(&p.replicas)
+            );
+        } else if p.target == m.replicas {
+            let catching: Vec<u32> = p
+                .target
+                .iter()
+                .copied()
+                .filter(|r| !p.isr.contains(r))
+                .collect();
+            println!(
+                "{}-{}: in progress, waiting for {} to catch up (ISR {})",
+                m.topic,
+                m.partition,
+                join(&catching),
+                join(&p.isr)
+            );
+        } else {
+            println!(
+                "{}-{}: not started (replicas {}); run --execute",
+                m.topic,
+                m.partition,
+                join(&p.replicas)
+            );
+        }
+    }
+    println!("{done} of {} partitions moved.", moves.len());
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `--under-replicated` / `--unavailable`: which partitions to show.

@@ -163,6 +163,26 @@ impl Admin {
             .log_start_offset)
     }
 
+    /// Starts moving partitions to new replica lists, catching up at most
+    /// `throttle_bytes` per second (0: no limit).
+    ///
+    /// # Errors
+    /// An unknown topic, partition or broker, or a partition being moved already.
+    pub async fn reassign_partitions(
+        &self,
+        moves: Vec<v1::PartitionMove>,
+        throttle_bytes: u64,
+    ) -> Result<(), ClientError> {
+        self.client
+            .admin_rpc()
+            .reassign_partitions(v1::ReassignPartitionsRequest {
+                moves,
+                throttle_bytes,
+            })
+            .await?;
+        Ok(())
+    }
+
     /// Preferred leader election for `topics` (every topic when empty): each partition
     /// as it stands afterwards.
     ///

@@ -1092,7 +1092,14 @@ impl Task {
             .saturating_mul(1 << sent.attempts.min(16))
             .min(config.retry_backoff_max.max(config.retry_backoff));
         let at = Instant::now() + backoff;
-        if err.is_retriable()
+        // The batch was routed by metadata that has the topic: a leader that does not
+        // know it has not applied that metadata yet (as Kafka's retriable
+        // UNKNOWN_TOPIC_OR_PARTITION).
+        let lagging = matches!(
+            err.code(),
+            Some(v1::ErrorCode::UnknownTopic | v1::ErrorCode::UnknownPartition)
+        );
+        if (err.is_retriable() || lagging)
             && sent.attempts < config.retries
             && at < sent.first_sent + config.delivery_timeout
         {

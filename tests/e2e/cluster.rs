@@ -219,9 +219,29 @@ impl Cluster {
         line.split_whitespace().nth(1)?.parse().ok()
     }
 
-    /// The rows of `topic describe TOPIC` as node `on` answers it.
+    /// The rows of `topic describe TOPIC` as node `on` answers it, once that node has
+    /// applied the topic's creation (metadata reaches each node on its own time).
     pub(crate) fn describe(&self, on: u32, topic: &str) -> Vec<PartitionRow> {
-        partition_rows(&self.ok(on, &["topic", "describe", topic], ""))
+        let args = ["topic", "describe", topic];
+        let mut described = None;
+        wait_until(
+            "the node to know the topic",
+            Duration::from_secs(10),
+            || {
+                let output = runnel_at(&self.node(on).addr, &args, "");
+                let stderr = String::from_utf8_lossy(&output.stderr);
+                assert!(
+                    output.status.success() || stderr.contains("unknown topic"),
+                    "runnel {args:?} on node {on} failed: {stderr}"
+                );
+                described = output
+                    .status
+                    .success()
+                    .then(|| partition_rows(&String::from_utf8_lossy(&output.stdout)));
+                described.is_some()
+            },
+        );
+        described.unwrap_or_default()
     }
 
     pub(crate) fn broker_state(&self, on: u32, broker: u32) -> String {

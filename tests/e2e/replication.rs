@@ -11,6 +11,7 @@ use std::time::Duration;
 use runnel_client::{Acks, Client, Producer, ProducerConfig, ProducerRecord};
 
 use crate::cluster::{Cluster, PartitionRow};
+use crate::groups::Member;
 use crate::support::{holds_for, runnel_at, wait_until};
 
 /// What a counting producer saw.
@@ -535,4 +536,106 @@ fn sigterm_hands_leadership_over_before_the_broker_stops() {
     let leader = partition0(&cluster, 1, "rolling").leader;
     let read = read_all(&cluster, leader, "rolling");
     check(&read, &counted);
+}
+
+/// Runs `topic reassign --plan PLAN --verify` on node `on` until every move is complete.
+fn await_reassignment(cluster: &Cluster, on: u32, plan: &str) {
+    wait_until(
+        "the reassignment to finish",
+        Duration::from_secs(60),
+        || {
+            let out = cluster.ok(on, &["topic", "reassign", "--plan", plan, "--verify"], "");
+            out.contains("1 of 1 partitions moved")
+        },
+    );
+}
+
+#[test]
+fn a_reassignment_under_load_loses_and_repeats_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = Cluster::start(dir.path(), 4);
+    create_topic(&cluster, "moving", 3, Some(2));
+    // First onto brokers 1, 2 and 3, whatever the placement was.
+    let plan = dir.path().join("plan.json");
+    let plan_path = plan.to_string_lossy().to_string();
+    let write_plan = |replicas: &str| {
+        std::fs::write(
+            &plan,
+            format!(
+                r#"{{"version":1,"partitions":[{{"topic":"moving","partition":0,"replicas":[{replicas}]}}]}}"#
+            ),
+        )
+        .expect("plan written");
+    };
+    write_plan("1,2,3");
+    cluster.ok(
+        1,
+        &["topic", "reassign", "--plan", &plan_path, "--execute"],
+        "",
+    );
+    await_reassignment(&cluster, 1, &plan_path);
+    assert_eq!(partition0(&cluster, 1, "moving").replicas, vec![1, 2, 3]);
+
+    // Then to 2, 3 and 4 while a producer and a group consumer run, throttled.
+    let producer = CountingProducer::start(&cluster, "moving");
+    let mut consumer = Member::start_with_session(
+        &cluster.addresses(),
+        "moving",
+        "watchers",
+        dir.path(),
+        "consumer",
+        10_000,
+    );
+    producer.await_progress(300);
+    let generated = cluster.ok(
+        2,
+        &[
+            "topic",
+            "reassign",
+            "--plan",
+            &plan_path,
+            "--generate",
+            "--broker-ids",
+            "2,3,4",
+            "--topics",
+            "moving",
+        ],
+        "",
+    );
+    assert!(generated.contains(r#""replicas":[2,3,4]"#), "{generated}");
+    let started = cluster.ok(
+        2,
+        &[
+            "topic",
+            "reassign",
+            "--plan",
+            &plan_path,
+            "--execute",
+            "--throttle",
+            "200000",
+        ],
+        "",
+    );
+    assert!(started.contains("Started moving 1 partition"), "{started}");
+    await_reassignment(&cluster, 2, &plan_path);
+    producer.await_progress(300);
+    let counted = producer.finish();
+    let row = partition0(&cluster, 2, "moving");
+    assert_eq!(row.replicas, vec![2, 3, 4]);
+    assert!(row.isr.iter().all(|r| [2, 3, 4].contains(r)), "{row:?}");
+    // Broker 1 no longer holds a copy.
+    assert!(!dir.path().join("node-1/moving-0").exists());
+    let read = read_all(&cluster, row.leader, "moving");
+    check(&read, &counted);
+    // The consumer followed the move: every record once, none twice.
+    wait_until(
+        "the consumer to read everything",
+        Duration::from_secs(30),
+        || consumer.seen().len() >= read.len(),
+    );
+    consumer.interrupt();
+    let seen = consumer.seen();
+    let distinct: BTreeSet<(u32, i64)> = seen.iter().copied().collect();
+    assert_eq!(distinct.len(), seen.len(), "a record was delivered twice");
+    assert_eq!(distinct.len(), read.len(), "every record was delivered");
 }

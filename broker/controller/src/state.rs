@@ -50,6 +50,22 @@ pub struct PartitionRecord {
     /// epoch it saw, so that a change based on stale state is refused.
     #[serde(default)]
     pub partition_epoch: i32,
+    /// The replicas a reassignment moves the partition to, while it runs (KIP-455);
+    /// empty otherwise. Meanwhile `replicas` holds these first, then the ones leaving;
+    /// once every one of these is in the ISR, they become the replicas.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub target: Vec<BrokerId>,
+}
+
+impl PartitionRecord {
+    /// Replicas catching up for a reassignment: in the target, not yet in the ISR.
+    pub fn catching_up(&self) -> Vec<BrokerId> {
+        self.target
+            .iter()
+            .copied()
+            .filter(|r| !self.isr.contains(r))
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -75,6 +91,11 @@ pub struct ClusterMetadata {
     /// The next topic id to hand out.
     #[serde(default)]
     pub next_topic_id: u64,
+    /// Bytes per second a leader sends to all replicas catching up for a reassignment
+    /// together; 0: no limit. Set by the reassignment that starts, cleared when the last
+    /// one finishes.
+    #[serde(default)]
+    pub reassignment_throttle_bytes: u64,
 }
 
 /// A change to the metadata, as proposed to the quorum.
@@ -152,6 +173,14 @@ pub enum Command {
     /// partitions where it is not are left alone.
     ElectPreferred {
         partitions: Vec<(String, u32)>,
+    },
+    /// Moves partitions to new replica lists (the first one preferred): the new replicas
+    /// catch up as followers, and once all are in the ISR the old ones leave. A
+    /// partition whose list is what it has already is left alone.
+    Reassign {
+        partitions: Vec<(String, u32, Vec<BrokerId>)>,
+        /// Bytes per second for catching up, over all reassignments; 0: no limit.
+        throttle_bytes: u64,
     },
 }
 
@@ -486,6 +515,10 @@ impl ClusterMetadata {
                 leader,
                 unclean,
             } => self.elect_leader(&topic, partition, leader, unclean),
+            Command::Reassign {
+                partitions,
+                throttle_bytes,
+            } => self.reassign(partitions, throttle_bytes),
             Command::ElectPreferred { partitions } => {
                 for (topic, partition) in partitions {
                     if let Some(preferred) = self.preferred_if_electable(&topic, partition) {
@@ -645,7 +678,108 @@ impl ClusterMetadata {
         isr.dedup();
         record.isr = isr;
         record.partition_epoch += 1;
+        self.finish_reassignment(topic, partition, &live);
         Ok(Outcome::Done)
+    }
+
+    /// Checks every move, then starts them (all or none).
+    fn reassign(
+        &mut self,
+        partitions: Vec<(String, u32, Vec<BrokerId>)>,
+        throttle_bytes: u64,
+    ) -> CommandResult {
+        for (topic, partition, target) in &partitions {
+            let record = self
+                .topic(topic)?
+                .partitions
+                .get(*partition as usize)
+                .ok_or_else(|| MetadataError::InvalidRequest {
+                    reason: format!("{topic:?} has no partition {partition}"),
+                })?;
+            let mut unique = target.clone();
+            unique.sort_unstable();
+            unique.dedup();
+            if target.is_empty() || unique.len() != target.len() {
+                return Err(MetadataError::InvalidRequest {
+                    reason: format!(
+                        "{topic}-{partition}: the new replicas {target:?} must be a non-empty list without repeats"
+                    ),
+                });
+            }
+            if let Some(unknown) = target.iter().find(|b| self.broker(**b).is_none()) {
+                return Err(MetadataError::InvalidRequest {
+                    reason: format!(
+                        "{topic}-{partition}: broker {unknown} is not registered (brokers: {})",
+                        self.brokers
+                            .iter()
+                            .map(|b| b.id.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                });
+            }
+            if !record.target.is_empty() && record.target != *target {
+                return Err(MetadataError::InvalidRequest {
+                    reason: format!(
+                        "{topic}-{partition} is being moved to {:?} already; wait until that finishes (`topic reassign --verify`)",
+                        record.target
+                    ),
+                });
+            }
+        }
+        let live = self.live_brokers();
+        for (topic, partition, target) in partitions {
+            let record = self.partition_mut(&topic, partition)?;
+            if record.replicas == target || record.target == target {
+                continue;
+            }
+            let leaving: Vec<BrokerId> = record
+                .replicas
+                .iter()
+                .copied()
+                .filter(|r| !target.contains(r))
+                .collect();
+            record.replicas = target.iter().copied().chain(leaving).collect();
+            record.target = target;
+            record.partition_epoch += 1;
+            if throttle_bytes > 0 {
+                self.reassignment_throttle_bytes = throttle_bytes;
+            }
+            self.finish_reassignment(&topic, partition, &live);
+        }
+        Ok(Outcome::Done)
+    }
+
+    /// Ends the partition's reassignment once every target replica is in the ISR: the
+    /// target becomes the replica list, the leaving replicas leave the ISR, and a leader
+    /// that is leaving hands over to the first live in-sync target replica under a new
+    /// epoch. The throttle goes with the last reassignment.
+    fn finish_reassignment(&mut self, topic: &str, partition: u32, live: &[BrokerId]) {
+        let Ok(record) = self.partition_mut(topic, partition) else {
+            return;
+        };
+        if record.target.is_empty() || !record.catching_up().is_empty() {
+            return;
+        }
+        let target = std::mem::take(&mut record.target);
+        record.isr.retain(|r| target.contains(r));
+        if !target.contains(&record.leader) {
+            record.leader = target
+                .iter()
+                .copied()
+                .find(|r| live.contains(r) && record.isr.contains(r))
+                .unwrap_or(NO_LEADER);
+            record.leader_epoch += 1;
+        }
+        record.replicas = target;
+        record.partition_epoch += 1;
+        let moving = self
+            .topics
+            .values()
+            .any(|t| t.partitions.iter().any(|p| !p.target.is_empty()));
+        if !moving {
+            self.reassignment_throttle_bytes = 0;
+        }
     }
 
     /// Checks and applies an election.
@@ -762,6 +896,7 @@ fn place(live: &[BrokerId], at: usize, rf: u32) -> PartitionRecord {
         isr: replicas.clone(),
         replicas,
         partition_epoch: 0,
+        target: Vec::new(),
     }
 }
 
@@ -1114,5 +1249,62 @@ mod tests {
         })
         .expect("no-op");
         assert_eq!(meta, before);
+    }
+
+    #[test]
+    fn a_reassignment_adds_replicas_then_drops_the_old_ones_once_all_are_in_sync() {
+        let mut meta = three_brokers();
+        create(&mut meta, "t", 1, 3).expect("create");
+        register(&mut meta, 4, "a");
+        let before = meta.topics["t"].partitions[0].clone();
+        let target: Vec<BrokerId> = vec![4, before.replicas[1], before.replicas[2]];
+        let refused = meta.apply(Command::Reassign {
+            partitions: vec![("t".into(), 0, vec![4, 4])],
+            throttle_bytes: 0,
+        });
+        assert!(refused.is_err(), "repeated replicas are refused");
+        let unknown = meta.apply(Command::Reassign {
+            partitions: vec![("t".into(), 0, vec![9])],
+            throttle_bytes: 0,
+        });
+        assert!(format!("{unknown:?}").contains("broker 9 is not registered"));
+        meta.apply(Command::Reassign {
+            partitions: vec![("t".into(), 0, target.clone())],
+            throttle_bytes: 1000,
+        })
+        .expect("reassign");
+        let moving = meta.topics["t"].partitions[0].clone();
+        assert_eq!(moving.target, target);
+        assert_eq!(moving.replicas.len(), 4, "old and new replicas meanwhile");
+        assert_eq!(moving.catching_up(), vec![4]);
+        assert_eq!(moving.leader, before.leader);
+        assert_eq!(meta.reassignment_throttle_bytes, 1000);
+        // Another move of the same partition waits for this one.
+        let busy = meta.apply(Command::Reassign {
+            partitions: vec![("t".into(), 0, vec![1, 2])],
+            throttle_bytes: 0,
+        });
+        assert!(format!("{busy:?}").contains("being moved"));
+        // Broker 4 catches up and joins the ISR: the move finishes, the old preferred
+        // leader (not in the target) hands over.
+        let mut isr = moving.isr.clone();
+        isr.push(4);
+        meta.apply(Command::AlterIsr {
+            topic: "t".into(),
+            partition: 0,
+            leader: moving.leader,
+            leader_epoch: moving.leader_epoch,
+            partition_epoch: moving.partition_epoch,
+            isr,
+        })
+        .expect("join");
+        let done = &meta.topics["t"].partitions[0];
+        assert!(done.target.is_empty());
+        assert_eq!(done.replicas, target);
+        assert!(done.isr.iter().all(|r| target.contains(r)));
+        assert!(!done.isr.contains(&before.replicas[0]));
+        assert!(target.contains(&done.leader));
+        assert!(done.leader_epoch > before.leader_epoch);
+        assert_eq!(meta.reassignment_throttle_bytes, 0);
     }
 }

@@ -60,6 +60,8 @@ pub struct Broker {
     /// leader epoch it replayed them in.
     pub(crate) coordination: Mutex<HashMap<u32, i32>>,
     pub(crate) read_buffers: ReadBuffers,
+    /// What this leader may still send to replicas catching up for a reassignment.
+    reassignment_throttle: crate::throttle::Throttle,
     pub(crate) replicas: crate::replica::ReplicaManager,
 }
 
@@ -90,6 +92,7 @@ impl Broker {
             coordinator: Mutex::new(crate::group::Coordinator::default()),
             offsets: Mutex::new(crate::offsets::OffsetStore::default()),
             coordination: Mutex::new(HashMap::new()),
+            reassignment_throttle: crate::throttle::Throttle::default(),
             read_buffers: ReadBuffers::new(
                 std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
             ),
@@ -158,6 +161,14 @@ impl Broker {
                     }
                     hosted.configs = topic.configs.clone();
                 }
+                // Replicas moved elsewhere by a reassignment: closed and removed below.
+                let moved_away: BTreeMap<u32, Arc<Partition>> = hosted
+                    .partitions
+                    .extract_if(.., |index, _| !mine.iter().any(|(i, _)| i == index))
+                    .collect();
+                if !moved_away.is_empty() {
+                    removed.push((name.clone(), moved_away));
+                }
                 for (index, record) in mine {
                     let partition = hosted.partitions.entry(index).or_insert_with(|| {
                         Arc::new(self.open_partition(name, index, topic.id, log_config.clone()))
@@ -184,13 +195,14 @@ impl Broker {
         }
         for (name, partitions) in removed {
             for (index, partition) in partitions {
+                partition.retire();
                 drop(partition);
                 let dir = partition_dir(&self.config.data_dir, &name, index);
                 if let Err(err) = std::fs::remove_dir_all(&dir) {
                     tracing::warn!(dir = %dir.display(), error = %err, "could not remove a deleted partition's directory");
                 }
             }
-            tracing::info!(topic = %name, "deleted topic");
+            tracing::info!(topic = %name, "removed the topic's replicas from this broker");
         }
         self.applied.send_replace(image);
         self.replicas.follow(by_leader, &self.applied);
@@ -740,8 +752,21 @@ impl Broker {
         news: &mut bool,
     ) -> v1::ReplicaFetchResponse {
         let mut budget = fetch_budget(request.max_bytes);
+        let throttle_rate = self.image().metadata.reassignment_throttle_bytes;
         let mut partitions = Vec::with_capacity(request.partitions.len());
         for wanted in &request.partitions {
+            let mut max_bytes = budget;
+            if throttle_rate > 0
+                && let Some(partition) = self.hosted_partition(&wanted.topic, wanted.partition)
+                && partition.is_catching_up(request.replica_id)
+            {
+                max_bytes = max_bytes.min(self.reassignment_throttle.allowance(throttle_rate));
+                if max_bytes == 0 {
+                    // Over the throttle: left out of this answer; the fetch waits.
+                    watchers.push(partition.subscribe_log_end());
+                    continue;
+                }
+            }
             let mut out = v1::ReplicaFetchedPartition {
                 topic: wanted.topic.clone(),
                 partition: wanted.partition,
@@ -757,7 +782,7 @@ impl Broker {
                         wanted.fetch_offset,
                         wanted.last_fetched_epoch,
                         wanted.high_watermark,
-                        budget.max(1),
+                        max_bytes.max(1),
                         &self.read_buffers,
                     );
                     if let Err(BrokerError::OffsetOutOfRange { .. }) = &read {
@@ -776,6 +801,13 @@ impl Broker {
                 }) => {
                     *news |= high_watermark_moved || !records.is_empty();
                     budget = budget.saturating_sub(records.len());
+                    if throttle_rate > 0
+                        && self
+                            .hosted_partition(&wanted.topic, wanted.partition)
+                            .is_some_and(|p| p.is_catching_up(request.replica_id))
+                    {
+                        self.reassignment_throttle.spend(records.len());
+                    }
                     out.records = records;
                     out.high_watermark = high_watermark;
                     out.log_start_offset = log_start_offset;
@@ -1058,6 +1090,7 @@ impl Broker {
                     leader_epoch: record.leader_epoch,
                     replicas: record.replicas.clone(),
                     isr: record.isr.clone(),
+                    target: record.target.clone(),
                     log_start_offset: -1,
                     log_end_offset: -1,
                     high_watermark: -1,
@@ -1174,6 +1207,33 @@ impl Broker {
         Ok(v1::AddPartitionsResponse {
             topic: Some(topic_metadata(name, &topic, &self.log_defaults)),
         })
+    }
+
+    /// Starts moving partitions to new replica lists.
+    ///
+    /// # Errors
+    /// An unknown topic, partition or broker, a list with repeats, a partition being
+    /// moved already, or no answer from the controller.
+    pub async fn reassign_partitions(
+        &self,
+        request: v1::ReassignPartitionsRequest,
+    ) -> Result<(), BrokerError> {
+        if request.moves.is_empty() {
+            return Err(BrokerError::InvalidRequest {
+                reason: "the plan moves no partition".into(),
+            });
+        }
+        let partitions = request
+            .moves
+            .into_iter()
+            .map(|m| (m.topic, m.partition, m.replicas))
+            .collect();
+        self.propose(Command::Reassign {
+            partitions,
+            throttle_bytes: request.throttle_bytes,
+        })
+        .await?;
+        Ok(())
     }
 
     /// Preferred leader election over `topics` (every topic when empty): proposes the

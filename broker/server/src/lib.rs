@@ -20,6 +20,7 @@ pub mod offsets;
 pub mod partition;
 pub mod replica;
 mod service;
+mod throttle;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -117,6 +117,18 @@ struct FollowerState {
     leader_end_at_last_fetch: i64,
 }
 
+impl FollowerState {
+    /// A follower not heard from yet under this epoch, counted as caught up now.
+    fn new(now: i64) -> Self {
+        FollowerState {
+            log_end: None,
+            last_caught_up_ms: now,
+            last_fetch_ms: now,
+            leader_end_at_last_fetch: -1,
+        }
+    }
+}
+
 /// The partition's replication as this broker sees it, under one lock (taken after the
 /// log's lock when both are needed).
 #[derive(Debug, Default)]
@@ -127,6 +139,8 @@ struct ReplicaState {
     partition_epoch: i32,
     replicas: Vec<u32>,
     isr: Vec<u32>,
+    /// Replicas catching up for a reassignment: their fetches are throttled.
+    catching_up: Vec<u32>,
     /// Leader: an ISR change proposed to the controller and not yet applied. Until it
     /// is, the high watermark waits for both the old and the proposed members (Kafka's
     /// maximal ISR), so a joining replica never misses an acknowledged record.
@@ -166,6 +180,8 @@ pub struct Partition {
     leader_epoch: AtomicI32,
     /// Whether the applied metadata makes this broker the partition's leader.
     leading: AtomicBool,
+    /// This broker no longer holds the partition (moved away or deleted); its files go.
+    retired: AtomicBool,
     replication: Mutex<ReplicaState>,
 }
 
@@ -203,6 +219,7 @@ impl Partition {
             fenced: Mutex::new(None),
             leader_epoch: AtomicI32::new(-1),
             leading: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
             replication: Mutex::new(ReplicaState::default()),
         })
     }
@@ -222,6 +239,7 @@ impl Partition {
             fenced: Mutex::new(Some(reason)),
             leader_epoch: AtomicI32::new(-1),
             leading: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
             replication: Mutex::new(ReplicaState::default()),
         }
     }
@@ -262,6 +280,9 @@ impl Partition {
     }
 
     fn fenced_error(&self) -> BrokerError {
+        if self.retired.load(Ordering::Acquire) {
+            return self.moved_away();
+        }
         BrokerError::Storage {
             topic: self.topic.clone(),
             partition: self.index,
@@ -302,6 +323,7 @@ impl Partition {
             // Most images change nothing of most partitions: leave appends alone then.
             let state = self.replica_state();
             if state.me == me
+                && state.catching_up == record.catching_up()
                 && state.leading == leading
                 && state.epoch == record.leader_epoch
                 && state.partition_epoch == record.partition_epoch
@@ -338,20 +360,23 @@ impl Partition {
                 .replicas
                 .iter()
                 .filter(|r| **r != me)
-                .map(|r| {
-                    let follower = FollowerState {
-                        log_end: None,
-                        last_caught_up_ms: now,
-                        last_fetch_ms: now,
-                        leader_end_at_last_fetch: -1,
-                    };
-                    (*r, follower)
-                })
+                .map(|r| (*r, FollowerState::new(now)))
                 .collect();
         }
         if !leading {
             state.followers.clear();
+        } else if !new_term {
+            // A reassignment added or removed replicas under the same leader.
+            let now = now_ms();
+            state.followers.retain(|r, _| record.replicas.contains(r));
+            for replica in record.replicas.iter().filter(|r| **r != me) {
+                state
+                    .followers
+                    .entry(*replica)
+                    .or_insert(FollowerState::new(now));
+            }
         }
+        state.catching_up = record.catching_up();
         if new_term || record.partition_epoch != state.partition_epoch {
             state.pending_isr = None;
         }
@@ -407,6 +432,29 @@ impl Partition {
         self.durable_end.fetch_max(end, Ordering::AcqRel);
         let state = self.replica_state();
         self.update_high_watermark(&state);
+    }
+
+    /// This broker no longer holds the partition (it was moved away or deleted): it leads
+    /// nothing, and producers waiting for replicas and held fetches stop waiting at once
+    /// instead of at their timeout.
+    pub fn retire(&self) {
+        {
+            // Under the log's lock, as every leadership change: no append passes its
+            // leader check after this.
+            let _log = self.log_write();
+            let mut state = self.replica_state();
+            state.leading = false;
+            state.followers.clear();
+            self.retired.store(true, Ordering::Release);
+            self.leading.store(false, Ordering::Release);
+        }
+        self.high_watermark.send_modify(|_| {});
+        self.log_end.send_modify(|_| {});
+    }
+
+    /// Whether `replica` is catching up for a reassignment (its fetches are throttled).
+    pub fn is_catching_up(&self, replica: u32) -> bool {
+        self.replica_state().catching_up.contains(&replica)
     }
 
     /// How many replicas the applied ISR holds.
@@ -707,7 +755,11 @@ impl Partition {
             }
             let end = log.log_end_offset();
             if end != before {
-                tracing::info!(topic = %self.topic, partition = self.index, from = before, to = end, "replica log truncated to follow its leader");
+                let (me, epoch) = {
+                    let state = self.replica_state();
+                    (state.me, state.epoch)
+                };
+                tracing::info!(topic = %self.topic, partition = self.index, replica = me, leader_epoch = epoch, from = before, to = end, "replica log truncated to follow its leader");
             }
             end
         };
@@ -730,15 +782,31 @@ impl Partition {
 
     /// The error every request gets while the partition is fenced.
     pub(crate) fn check_fenced(&self) -> Result<(), BrokerError> {
+        if self.retired.load(Ordering::Acquire) {
+            return Err(self.moved_away());
+        }
         match self.fenced_reason() {
             Some(_) => Err(self.fenced_error()),
             None => Ok(()),
         }
     }
 
+    /// What requests to a retired partition get: retriable, since it lives elsewhere.
+    fn moved_away(&self) -> BrokerError {
+        BrokerError::LeaderNotAvailable {
+            topic: self.topic.clone(),
+            partition: self.index,
+            reason: "this broker no longer holds the partition; refresh metadata and retry".into(),
+        }
+    }
+
     /// Storage failures fence the partition: it is never served again until a restart
     /// has recovered (or refused) its log.
     fn fence(&self, err: &StorageError) -> BrokerError {
+        if self.retired.load(Ordering::Acquire) {
+            // Its files are being removed: that is not a storage failure.
+            return self.moved_away();
+        }
         tracing::error!(topic = %self.topic, partition = self.index, error = %err, "fencing partition");
         *self
             .fenced
@@ -1064,6 +1132,7 @@ mod tests {
             replicas: vec![1, 2],
             isr: isr.to_vec(),
             partition_epoch: epoch,
+            target: Vec::new(),
         }
     }
 

@@ -250,6 +250,16 @@ impl admin_server::Admin for Service {
         ))
     }
 
+    async fn reassign_partitions(
+        &self,
+        request: Request<v1::ReassignPartitionsRequest>,
+    ) -> Result<Response<v1::ReassignPartitionsResponse>, Status> {
+        self.broker
+            .reassign_partitions(request.into_inner())
+            .await?;
+        Ok(Response::new(v1::ReassignPartitionsResponse {}))
+    }
+
     async fn elect_leaders(
         &self,
         request: Request<v1::ElectLeadersRequest>,
