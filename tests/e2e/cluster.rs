@@ -69,7 +69,9 @@ pub(crate) struct PartitionRow {
     pub(crate) epoch: i32,
     pub(crate) replicas: Vec<u32>,
     pub(crate) isr: Vec<u32>,
+    pub(crate) log_end: i64,
     pub(crate) high_watermark: i64,
+    pub(crate) size_bytes: u64,
 }
 
 /// The partition rows of `topic describe`.
@@ -92,7 +94,9 @@ pub(crate) fn partition_rows(describe: &str) -> Vec<PartitionRow> {
                 epoch: cols.get(2)?.parse().ok()?,
                 replicas: ids(cols.get(3)?),
                 isr: ids(cols.get(4)?),
+                log_end: cols.get(6)?.parse().ok()?,
                 high_watermark: cols.get(7)?.parse().ok()?,
+                size_bytes: cols.get(8)?.parse().ok()?,
             })
         })
         .collect()

@@ -639,3 +639,52 @@ fn a_reassignment_under_load_loses_and_repeats_nothing() {
     assert_eq!(distinct.len(), seen.len(), "a record was delivered twice");
     assert_eq!(distinct.len(), read.len(), "every record was delivered");
 }
+
+#[test]
+fn a_replica_whose_log_is_damaged_is_rebuilt_from_its_leader() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Cluster::start(dir.path(), 3);
+    create_topic(&cluster, "fragile", 3, None);
+    let leader = partition0(&cluster, 1, "fragile").leader;
+    for batch in 0..5 {
+        let input: String = (0..20).map(|i| format!("b{batch}-{i}\n")).collect();
+        cluster.ok(
+            leader,
+            &["produce", "fragile", "--acks", "all", "--partition", "0"],
+            &input,
+        );
+    }
+    let follower = (1..=3).find(|n| *n != leader).expect("a follower");
+    wait_until(
+        "the follower has everything",
+        Duration::from_secs(10),
+        || partition0(&cluster, follower, "fragile").log_end == 100,
+    );
+    cluster.kill9(follower);
+    // A flipped byte inside the first of five batches: the log fails closed on open.
+    let replica_dir = dir.path().join(format!("node-{follower}/fragile-0"));
+    let segment = replica_dir.join("00000000000000000000.log");
+    let mut bytes = std::fs::read(&segment).expect("segment");
+    bytes[100] ^= 0x01;
+    std::fs::write(&segment, &bytes).expect("damaged");
+    cluster.restart(follower);
+    let leader_row = partition0(&cluster, leader, "fragile");
+    wait_until(
+        "the rebuilt replica to hold the leader's log and rejoin the ISR",
+        Duration::from_secs(30),
+        || {
+            let row = partition0(&cluster, follower, "fragile");
+            row.log_end == leader_row.log_end
+                && row.size_bytes == leader_row.size_bytes
+                && row.isr == vec![1, 2, 3]
+        },
+    );
+    // The damaged log is kept aside for inspection, not deleted.
+    let kept: Vec<String> = std::fs::read_dir(dir.path().join(format!("node-{follower}")))
+        .expect("data dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("fragile-0.damaged-"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+}

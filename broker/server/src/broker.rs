@@ -170,8 +170,23 @@ impl Broker {
                     removed.push((name.clone(), moved_away));
                 }
                 for (index, record) in mine {
+                    if let Some(damaged) = hosted.partitions.get(&index)
+                        && !damaged.has_log()
+                        && self.can_rebuild(record)
+                    {
+                        // Its log failed to open while no other broker could give it
+                        // back; now one can.
+                        damaged.retire();
+                        hosted.partitions.remove(&index);
+                    }
                     let partition = hosted.partitions.entry(index).or_insert_with(|| {
-                        Arc::new(self.open_partition(name, index, topic.id, log_config.clone()))
+                        Arc::new(self.open_partition(
+                            name,
+                            index,
+                            topic.id,
+                            log_config.clone(),
+                            record,
+                        ))
                     });
                     let leading = record.leader == me;
                     if leading != partition.is_leader()
@@ -237,10 +252,26 @@ impl Broker {
         }
     }
 
+    /// Whether a replica of this partition can be fetched again from scratch: another
+    /// broker leads it with an in-sync copy.
+    fn can_rebuild(&self, record: &PartitionRecord) -> bool {
+        let me = self.config.node_id;
+        record.leader != me && record.leader != NO_LEADER && record.isr.iter().any(|r| *r != me)
+    }
+
     /// Opens a replica's log. A directory left by an older topic of the same name (one
-    /// deleted while this broker was away) is removed first. A log that fails closed
-    /// fences its partition alone: the broker still serves every other partition.
-    fn open_partition(&self, topic: &str, index: u32, id: u64, config: LogConfig) -> Partition {
+    /// deleted while this broker was away) is removed first. A log that fails closed is
+    /// moved aside (`<dir>.damaged-<ms>`, kept for inspection) and started empty when
+    /// another broker leads with an in-sync copy, so it is fetched again; otherwise it
+    /// fences its partition alone and the broker still serves every other partition.
+    fn open_partition(
+        &self,
+        topic: &str,
+        index: u32,
+        id: u64,
+        config: LogConfig,
+        record: &PartitionRecord,
+    ) -> Partition {
         let dir = partition_dir(&self.config.data_dir, topic, index);
         let id_file = dir.join(TOPIC_ID_FILE);
         if let Ok(text) = std::fs::read_to_string(&id_file)
@@ -249,20 +280,50 @@ impl Broker {
             tracing::info!(dir = %dir.display(), "removing the log of an older topic with the same name");
             let _ = std::fs::remove_dir_all(&dir);
         }
-        let opened = Partition::open(&dir, topic, index, config).and_then(|partition| {
-            if !id_file.exists() {
-                std::fs::write(&id_file, id.to_string())
-                    .map_err(|source| runnel_broker_storage::StorageError::io(&id_file, source))?;
+        let open = || {
+            Partition::open(&dir, topic, index, config.clone()).and_then(|partition| {
+                if !id_file.exists() {
+                    std::fs::write(&id_file, id.to_string()).map_err(|source| {
+                        runnel_broker_storage::StorageError::io(&id_file, source)
+                    })?;
+                }
+                Ok(partition)
+            })
+        };
+        let err = match open() {
+            Ok(partition) => return partition,
+            Err(err) => err,
+        };
+        if self.can_rebuild(record) {
+            let aside = dir.with_file_name(format!(
+                "{}.damaged-{}",
+                dir.file_name()
+                    .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+                now_ms()
+            ));
+            match std::fs::rename(&dir, &aside) {
+                Ok(()) => {
+                    tracing::error!(
+                        topic, partition = index, error = %err, kept = %aside.display(), leader = record.leader,
+                        "the replica's log cannot be opened; it is kept aside and rebuilt from the leader"
+                    );
+                    match open() {
+                        Ok(partition) => return partition,
+                        Err(again) => {
+                            return Partition::unavailable(topic, index, again.to_string());
+                        }
+                    }
+                }
+                Err(rename) => {
+                    tracing::error!(topic, partition = index, error = %rename, "cannot move the damaged log aside");
+                }
             }
-            Ok(partition)
-        });
-        opened.unwrap_or_else(|err| {
-            tracing::error!(
-                topic, partition = index, error = %err,
-                "the partition's log cannot be opened; it is fenced and every other partition is served"
-            );
-            Partition::unavailable(topic, index, err.to_string())
-        })
+        }
+        tracing::error!(
+            topic, partition = index, error = %err,
+            "the partition's log cannot be opened; it is fenced and every other partition is served"
+        );
+        Partition::unavailable(topic, index, err.to_string())
     }
 
     /// Creates the compacted internal topics once the cluster is bootstrapped:

@@ -434,6 +434,11 @@ impl Partition {
         self.update_high_watermark(&state);
     }
 
+    /// Whether the log opened (a partition whose log failed to open has none).
+    pub fn has_log(&self) -> bool {
+        self.log_read().is_some()
+    }
+
     /// This broker no longer holds the partition (it was moved away or deleted): it leads
     /// nothing, and producers waiting for replicas and held fetches stop waiting at once
     /// instead of at their timeout.
