@@ -20,6 +20,8 @@ pub mod offsets;
 pub mod partition;
 pub mod replica;
 mod service;
+#[cfg(test)]
+mod simulation;
 mod throttle;
 
 use std::net::SocketAddr;

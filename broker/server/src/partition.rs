@@ -661,6 +661,22 @@ impl Partition {
         })
     }
 
+    /// Follows a leader's answer that this log diverges from its own: truncates to where
+    /// the leader's `epoch` ends, or earlier where this log's copy of that epoch ends
+    /// (an epoch of -1: the leader knows none of this log's epochs). Returns the new end.
+    ///
+    /// # Errors
+    /// A storage failure (which fences the partition).
+    pub fn truncate_to_divergence(&self, epoch: i32, end_offset: i64) -> Result<i64, BrokerError> {
+        let target = if epoch < 0 {
+            end_offset
+        } else {
+            self.end_offset_for_epoch(epoch)
+                .map_or(end_offset, |(_, own_end)| own_end.min(end_offset))
+        };
+        self.truncate_replica(target, false)
+    }
+
     /// The largest epoch `<= epoch` in this log and where it ends.
     pub fn end_offset_for_epoch(&self, epoch: i32) -> Option<(i32, i64)> {
         self.with_log(|log| log.end_offset_for_epoch(epoch))
@@ -1190,11 +1206,8 @@ mod tests {
                 .expect("replica read")
             {
                 ReplicaRead::Diverging { epoch, end_offset } => {
-                    let own = follower
-                        .end_offset_for_epoch(epoch)
-                        .map_or(end_offset, |(_, end)| end);
                     follower
-                        .truncate_replica(own.min(end_offset), false)
+                        .truncate_to_divergence(epoch, end_offset)
                         .expect("truncate");
                 }
                 ReplicaRead::Records {

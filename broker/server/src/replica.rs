@@ -307,15 +307,9 @@ fn apply_response(asked: Vec<Followed>, response: v1::ReplicaFetchResponse) -> V
                 Ok(())
             }
         } else if let Some(diverging) = &fetched.diverging {
-            let own_end = partition
-                .end_offset_for_epoch(diverging.epoch)
-                .map_or(diverging.end_offset, |(_, end)| end);
-            let target = if diverging.epoch < 0 {
-                diverging.end_offset
-            } else {
-                own_end.min(diverging.end_offset)
-            };
-            partition.truncate_replica(target, false).map(|_| ())
+            partition
+                .truncate_to_divergence(diverging.epoch, diverging.end_offset)
+                .map(|_| ())
         } else {
             partition.append_replicated(&fetched.records, fetched.high_watermark)
         };
