@@ -688,3 +688,65 @@ fn a_replica_whose_log_is_damaged_is_rebuilt_from_its_leader() {
         .collect();
     assert_eq!(kept.len(), 1, "{kept:?}");
 }
+
+#[test]
+fn killing_the_active_controller_that_leads_a_partition_loses_no_acknowledged_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Cluster::start(dir.path(), 3);
+    let controller = cluster.controller(1).expect("an active controller");
+    let others: Vec<u32> = (1..=3).filter(|b| *b != controller).collect();
+    create_topic(&cluster, "steered", 3, Some(2));
+    // Make the active controller the partition's leader: first replica, then elected.
+    let plan = dir.path().join("plan.json");
+    std::fs::write(
+        &plan,
+        format!(
+            r#"{{"version":1,"partitions":[{{"topic":"steered","partition":0,"replicas":[{controller},{},{}]}}]}}"#,
+            others[0], others[1]
+        ),
+    )
+    .expect("plan");
+    let plan = plan.to_string_lossy().to_string();
+    cluster.ok(1, &["topic", "reassign", "--plan", &plan, "--execute"], "");
+    await_reassignment(&cluster, 1, &plan);
+    cluster.ok(1, &["topic", "elect-leaders", "steered"], "");
+    let before = partition0(&cluster, others[0], "steered");
+    assert_eq!(before.leader, controller, "{before:?}");
+
+    let producer = CountingProducer::start(&cluster, "steered");
+    producer.await_progress(100);
+    cluster.kill9(controller);
+    let survivor = others[0];
+    wait_until(
+        "another controller to be active",
+        Duration::from_secs(20),
+        || {
+            cluster
+                .controller(survivor)
+                .is_some_and(|c| c != controller)
+        },
+    );
+    // The new controller fences the old one: an election and an ISR change follow.
+    wait_until(
+        "a new leader without the dead broker in the ISR",
+        Duration::from_secs(20),
+        || {
+            let row = partition0(&cluster, survivor, "steered");
+            row.leader != controller
+                && row.leader != 0
+                && row.epoch > before.epoch
+                && !row.isr.contains(&controller)
+        },
+    );
+    producer.await_progress(100);
+    cluster.ok(survivor, &["topic", "create", "after-failover"], "");
+    cluster.restart(controller);
+    wait_until("the ISR to grow back", Duration::from_secs(30), || {
+        partition0(&cluster, survivor, "steered").isr.len() == 3
+    });
+    producer.await_progress(100);
+    let counted = producer.finish();
+    let leader = partition0(&cluster, survivor, "steered").leader;
+    let read = read_all(&cluster, leader, "steered");
+    check(&read, &counted);
+}
