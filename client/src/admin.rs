@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use runnel_proto::v1;
+use runnel_proto::v1::admin_client::AdminClient;
 use runnel_proto::v1::groups_client::GroupsClient;
 
 use crate::client::Client;
@@ -76,20 +77,67 @@ impl Admin {
             .topics)
     }
 
+    /// The topic's partitions and configs. A broker knows the log offsets and sizes only
+    /// of the replicas it holds; those of the others come from their leaders (a leader
+    /// that does not answer leaves its rows at -1).
+    ///
     /// # Errors
     /// Unknown topic.
     pub async fn describe_topic(
         &self,
         name: &str,
     ) -> Result<v1::DescribeTopicResponse, ClientError> {
-        Ok(self
+        let request = v1::DescribeTopicRequest {
+            name: name.to_string(),
+        };
+        let mut described = self
             .client
             .admin_rpc()
-            .describe_topic(v1::DescribeTopicRequest {
-                name: name.to_string(),
-            })
+            .describe_topic(request.clone())
             .await?
-            .into_inner())
+            .into_inner();
+        let mut leaders: Vec<u32> = described
+            .partitions
+            .iter()
+            .filter(|p| p.log_end_offset < 0 && p.leader != 0)
+            .map(|p| p.leader)
+            .collect();
+        leaders.sort_unstable();
+        leaders.dedup();
+        if !leaders.is_empty() {
+            // Learns the brokers' addresses.
+            let _ = self.client.refresh_topic(name).await;
+        }
+        for leader in leaders {
+            let Ok(channel) = self.client.channel_to(leader) else {
+                continue;
+            };
+            let Ok(answer) = AdminClient::new(channel)
+                .describe_topic(request.clone())
+                .await
+            else {
+                continue;
+            };
+            let answer = answer.into_inner();
+            for row in described
+                .partitions
+                .iter_mut()
+                .filter(|p| p.log_end_offset < 0 && p.leader == leader)
+            {
+                if let Some(theirs) = answer
+                    .partitions
+                    .iter()
+                    .find(|t| t.partition == row.partition && t.log_end_offset >= 0)
+                {
+                    row.log_start_offset = theirs.log_start_offset;
+                    row.log_end_offset = theirs.log_end_offset;
+                    row.high_watermark = theirs.high_watermark;
+                    row.size_bytes = theirs.size_bytes;
+                    row.segment_count = theirs.segment_count;
+                }
+            }
+        }
+        Ok(described)
     }
 
     /// Sets config overrides and resets `delete` keys to the broker default.
