@@ -867,3 +867,40 @@ fn a_partition_whose_log_fails_closed_is_fenced_alone() {
         "{described}"
     );
 }
+
+#[test]
+fn output_piped_into_a_reader_that_goes_away_ends_quietly() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dev = Dev::start(dir.path());
+    dev.ok(&["topic", "create", "long"], "");
+    // Far more than a pipe holds, so the writer is still writing when the reader goes.
+    let input: String = (0..30_000).map(|i| format!("line-{i:08}\n")).collect();
+    dev.ok(&["produce", "long"], &input);
+    // As `runnel consume long --from-beginning | head -1`.
+    let mut child = std::process::Command::new(support::RUNNEL)
+        .args([
+            "--brokers",
+            &dev.addr,
+            "consume",
+            "long",
+            "--from-beginning",
+        ])
+        .args(["--max-messages", "30000"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("runnel starts");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut first)
+        .expect("a line");
+    assert_eq!(first, "line-00000000\n");
+    let output = child.wait_with_output().expect("exits");
+    assert_eq!(output.status.code(), Some(141), "{output:?}");
+    assert!(
+        output.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
