@@ -14,6 +14,10 @@ use crate::error::{ClientError, check};
 
 /// Where the client looks when no broker list is given (`runnel dev`'s default address).
 pub const DEFAULT_BROKERS: &str = "127.0.0.1:7070";
+/// Cached topic metadata older than this is fetched again (Kafka's
+/// `metadata.max.age.ms`, 5 minutes), so a client learns of leadership moves and new
+/// partitions even when no request failed.
+const METADATA_MAX_AGE: Duration = Duration::from_secs(300);
 /// Largest gRPC message the client sends or accepts.
 const GRPC_MESSAGE_BYTES_MAX: usize = 80 * 1024 * 1024;
 
@@ -40,6 +44,8 @@ struct Inner {
 #[derive(Debug, Clone)]
 pub(crate) struct TopicInfo {
     pub(crate) leaders: Vec<u32>,
+    /// When it was fetched: older than [`METADATA_MAX_AGE`], it is fetched again.
+    fetched: std::time::Instant,
     /// The topic's `max.message.bytes`; 0 when the broker did not say.
     pub(crate) max_message_bytes: usize,
 }
@@ -271,6 +277,7 @@ impl Client {
             })?;
         check(meta.error.as_ref())?;
         let info = Arc::new(TopicInfo {
+            fetched: std::time::Instant::now(),
             leaders: meta.partitions.iter().map(|p| p.leader).collect(),
             max_message_bytes: meta.max_message_bytes as usize,
         });
@@ -358,8 +365,8 @@ impl Client {
             .get(topic)
             .cloned();
         match cached {
-            Some(info) => Ok(info),
-            None => self.refresh_topic(topic).await,
+            Some(info) if info.fetched.elapsed() < METADATA_MAX_AGE => Ok(info),
+            _ => self.refresh_topic(topic).await,
         }
     }
 
