@@ -41,7 +41,8 @@ pub struct QuorumConfig {
     pub unclean_leader_election: bool,
     /// How often the active controller gives partitions back to their preferred
     /// replicas (Kafka's `auto.leader.rebalance.enable` with
-    /// `leader.imbalance.check.interval.seconds`); `None`: never.
+    /// `leader.imbalance.check.interval.seconds`) and gives internal topics created on
+    /// fewer brokers more replicas; `None`: never.
     pub leader_rebalance_interval: Option<Duration>,
 }
 
@@ -404,6 +405,20 @@ impl Quorum {
                 return;
             }
             *last = Instant::now();
+        }
+        let moves = metadata.internal_replicas_to_add();
+        if !moves.is_empty() {
+            tracing::info!(
+                partitions = moves.len(),
+                "more brokers are live: giving the internal topics more replicas"
+            );
+            let command = Command::Reassign {
+                partitions: moves,
+                throttle_bytes: 0,
+            };
+            if let Err(err) = self.propose_local(command).await {
+                tracing::warn!(error = %err, "internal topic reassignment not committed");
+            }
         }
         let partitions = metadata.preferred_candidates();
         if partitions.is_empty() {

@@ -98,6 +98,9 @@ pub struct ClusterMetadata {
     pub reassignment_throttle_bytes: u64,
 }
 
+/// Replicas of each internal topic partition, when as many brokers are live.
+pub const INTERNAL_REPLICATION_FACTOR: usize = 3;
+
 /// A change to the metadata, as proposed to the quorum.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Command {
@@ -844,6 +847,31 @@ impl ClusterMetadata {
         eligible.then_some(preferred)
     }
 
+    /// Internal topics get min(3, live brokers) replicas: the moves that add replicas to
+    /// internal partitions created when fewer brokers were live (new replicas spread
+    /// round-robin from the partition's index; none for a partition already moving).
+    pub fn internal_replicas_to_add(&self) -> Vec<(String, u32, Vec<BrokerId>)> {
+        let live = self.live_brokers();
+        let wanted = live.len().min(INTERNAL_REPLICATION_FACTOR);
+        let mut moves = Vec::new();
+        for (name, topic) in self.topics.iter().filter(|(_, t)| t.internal) {
+            for (index, p) in topic.partitions.iter().enumerate() {
+                if p.replicas.len() >= wanted || !p.target.is_empty() {
+                    continue;
+                }
+                let mut target = p.replicas.clone();
+                for i in 0..live.len() {
+                    let candidate = live[(index + i) % live.len()];
+                    if target.len() < wanted && !target.contains(&candidate) {
+                        target.push(candidate);
+                    }
+                }
+                moves.push((name.clone(), index as u32, target));
+            }
+        }
+        moves
+    }
+
     /// Every partition a preferred election would move.
     pub fn preferred_candidates(&self) -> Vec<(String, u32)> {
         self.topics
@@ -1306,5 +1334,41 @@ mod tests {
         assert!(target.contains(&done.leader));
         assert!(done.leader_epoch > before.leader_epoch);
         assert_eq!(meta.reassignment_throttle_bytes, 0);
+    }
+
+    #[test]
+    fn internal_topics_created_on_fewer_brokers_get_more_replicas_when_brokers_join() {
+        let mut meta = ClusterMetadata::default();
+        register(&mut meta, 1, "a");
+        meta.apply(Command::CreateTopic {
+            name: "__consumer_offsets".into(),
+            partitions: 2,
+            replication_factor: 1,
+            configs: BTreeMap::new(),
+            internal: true,
+        })
+        .expect("create");
+        create(&mut meta, "user", 1, 1).expect("create");
+        assert!(meta.internal_replicas_to_add().is_empty(), "one broker: one replica");
+        register(&mut meta, 2, "a");
+        register(&mut meta, 3, "a");
+        register(&mut meta, 4, "a");
+        let moves = meta.internal_replicas_to_add();
+        assert_eq!(moves.len(), 2, "{moves:?}");
+        for (topic, partition, target) in &moves {
+            assert_eq!(topic, "__consumer_offsets");
+            assert_eq!(target.len(), 3);
+            assert_eq!(target[0], 1, "the current replica stays first");
+            let _ = partition;
+        }
+        meta.apply(Command::Reassign {
+            partitions: moves,
+            throttle_bytes: 0,
+        })
+        .expect("reassign");
+        assert!(
+            meta.internal_replicas_to_add().is_empty(),
+            "nothing more while the moves run"
+        );
     }
 }

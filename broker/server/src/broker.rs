@@ -31,7 +31,8 @@ const CONTROLLER_TIMEOUT: Duration = Duration::from_secs(15);
 /// The file in a partition's directory naming the topic id it belongs to.
 const TOPIC_ID_FILE: &str = "topic.id";
 /// Replicas of each internal topic partition, when as many brokers are live.
-const INTERNAL_REPLICATION_FACTOR: u32 = 3;
+const INTERNAL_REPLICATION_FACTOR: u32 =
+    runnel_controller::state::INTERNAL_REPLICATION_FACTOR as u32;
 /// How long a starting cluster waits for brokers before creating its internal topics.
 const INTERNAL_TOPIC_WAIT: Duration = Duration::from_secs(10);
 
