@@ -44,6 +44,9 @@ impl ClientError {
                     | ErrorCode::NotCoordinator
                     | ErrorCode::CoordinatorNotAvailable
                     | ErrorCode::CoordinatorLoadInProgress
+                    // The replica's storage failed (a full disk): the controller moves
+                    // the leadership to a healthy replica; a retry goes there.
+                    | ErrorCode::StorageError
             ),
             ClientError::Transport { code, .. } => {
                 matches!(

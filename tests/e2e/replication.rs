@@ -750,3 +750,84 @@ fn killing_the_active_controller_that_leads_a_partition_loses_no_acknowledged_wr
     let read = read_all(&cluster, leader, "steered");
     check(&read, &counted);
 }
+
+/// A small tmpfs mounted on a directory for the length of a test (needs root, as the
+/// test machine has).
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(dir).expect("mount point");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("mount runs");
+        assert!(status.success(), "mounting a tmpfs needs root");
+        SmallDisk(dir.to_path_buf())
+    }
+
+    fn grow(&self, size: &str) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .expect("mount runs");
+        assert!(status.success());
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_moves_leadership_away_and_the_replica_recovers_without_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Broker 3's copy of the partition lives on a 1 MiB disk.
+    let disk = SmallDisk::mount(&dir.path().join("node-3/full-0"), "1m");
+    let cluster = Cluster::start(dir.path(), 3);
+    create_topic(&cluster, "full", 3, Some(2));
+    // 2.2 MB with acks=all: every line is acknowledged although one replica fills up.
+    let input: String = (0..20_000)
+        .map(|i| format!("{i:08}{}\n", "x".repeat(100)))
+        .collect();
+    let out = runnel_at(
+        &cluster.addresses(),
+        &["produce", "full", "--acks", "all"],
+        &input,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until(
+        "broker 3 to leave the ISR and lead nothing",
+        Duration::from_secs(20),
+        || {
+            let row = partition0(&cluster, 1, "full");
+            !row.isr.contains(&3) && row.leader != 3 && row.leader != 0
+        },
+    );
+    let row = partition0(&cluster, 1, "full");
+    assert!(row.high_watermark >= 20_000, "{row:?}");
+    // Space comes back: the replica opens its log again, catches up and rejoins.
+    disk.grow("64m");
+    let leader = row.leader;
+    wait_until(
+        "broker 3 to catch up and rejoin the ISR",
+        Duration::from_secs(30),
+        || {
+            let lead = partition0(&cluster, leader, "full");
+            let own = partition0(&cluster, 3, "full");
+            own.isr.contains(&3) && own.log_end == lead.log_end
+        },
+    );
+    drop(cluster);
+}

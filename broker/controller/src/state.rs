@@ -177,6 +177,15 @@ pub enum Command {
     ElectPreferred {
         partitions: Vec<(String, u32)>,
     },
+    /// A broker's replica of a partition failed (its disk is full, or it failed an
+    /// I/O): when another live ISR member exists, it takes over the leadership and the
+    /// failed replica leaves the ISR until it has caught up again. Otherwise nothing
+    /// changes (the failed replica is all there is).
+    ReplicaOffline {
+        topic: String,
+        partition: u32,
+        broker: BrokerId,
+    },
     /// Moves partitions to new replica lists (the first one preferred): the new replicas
     /// catch up as followers, and once all are in the ISR the old ones leave. A
     /// partition whose list is what it has already is left alone.
@@ -522,6 +531,28 @@ impl ClusterMetadata {
                 partitions,
                 throttle_bytes,
             } => self.reassign(partitions, throttle_bytes),
+            Command::ReplicaOffline {
+                topic,
+                partition,
+                broker,
+            } => {
+                let live = self.live_brokers();
+                let record = self.partition_mut(&topic, partition)?;
+                let next = record
+                    .isr
+                    .iter()
+                    .copied()
+                    .find(|r| *r != broker && live.contains(r));
+                if let Some(next) = next {
+                    record.isr.retain(|r| *r != broker);
+                    if record.leader == broker {
+                        record.leader = next;
+                        record.leader_epoch += 1;
+                    }
+                    record.partition_epoch += 1;
+                }
+                Ok(Outcome::Done)
+            }
             Command::ElectPreferred { partitions } => {
                 for (topic, partition) in partitions {
                     if let Some(preferred) = self.preferred_if_electable(&topic, partition) {
@@ -1349,7 +1380,10 @@ mod tests {
         })
         .expect("create");
         create(&mut meta, "user", 1, 1).expect("create");
-        assert!(meta.internal_replicas_to_add().is_empty(), "one broker: one replica");
+        assert!(
+            meta.internal_replicas_to_add().is_empty(),
+            "one broker: one replica"
+        );
         register(&mut meta, 2, "a");
         register(&mut meta, 3, "a");
         register(&mut meta, 4, "a");
@@ -1370,5 +1404,34 @@ mod tests {
             meta.internal_replicas_to_add().is_empty(),
             "nothing more while the moves run"
         );
+    }
+
+    #[test]
+    fn a_failed_replica_hands_its_leadership_to_an_in_sync_one_unless_it_is_the_last() {
+        let mut meta = three_brokers();
+        create(&mut meta, "t", 1, 3).expect("create");
+        let before = meta.topics["t"].partitions[0].clone();
+        let failed = before.leader;
+        meta.apply(Command::ReplicaOffline {
+            topic: "t".into(),
+            partition: 0,
+            broker: failed,
+        })
+        .expect("offline");
+        let after = meta.topics["t"].partitions[0].clone();
+        assert_ne!(after.leader, failed);
+        assert!(after.isr.contains(&after.leader));
+        assert!(!after.isr.contains(&failed));
+        assert!(after.leader_epoch > before.leader_epoch);
+        // The last in-sync replica keeps the partition: there is nothing else.
+        create(&mut meta, "single", 1, 1).expect("create");
+        let only = meta.topics["single"].partitions[0].clone();
+        meta.apply(Command::ReplicaOffline {
+            topic: "single".into(),
+            partition: 0,
+            broker: only.leader,
+        })
+        .expect("offline");
+        assert_eq!(meta.topics["single"].partitions[0], only);
     }
 }

@@ -30,6 +30,8 @@ pub const BROKER_TOPIC_KEYS: &[&str] = &[
 const CONTROLLER_TIMEOUT: Duration = Duration::from_secs(15);
 /// The file in a partition's directory naming the topic id it belongs to.
 const TOPIC_ID_FILE: &str = "topic.id";
+/// How often a replica whose storage failed tries to open its log again.
+const REOPEN_INTERVAL_MS: i64 = 2_000;
 /// Replicas of each internal topic partition, when as many brokers are live.
 const INTERNAL_REPLICATION_FACTOR: u32 =
     runnel_controller::state::INTERNAL_REPLICATION_FACTOR as u32;
@@ -550,6 +552,101 @@ impl Broker {
     }
 
     /// Every hosted partition, for housekeeping and shutdown.
+    /// Replicas whose storage failed while serving (a full disk, an I/O error): each is
+    /// reported once to the controller, so that a healthy ISR member leads it, and its
+    /// log is reopened every [`REOPEN_INTERVAL_MS`]; once it opens, the replica serves
+    /// again: as a follower it catches up and rejoins the ISR, as the only copy it leads
+    /// again. Nothing unwritten was acknowledged, and the reopen truncates a torn tail.
+    pub(crate) async fn recover_failed_replicas(self: &Arc<Self>) {
+        let failed: Vec<(String, u64, Arc<Partition>)> = {
+            let topics = self
+                .topics
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            topics
+                .iter()
+                .flat_map(|(name, t)| {
+                    t.partitions
+                        .values()
+                        .filter(|p| p.failed_while_serving())
+                        .map(|p| (name.clone(), t.id, p.clone()))
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        for (topic, topic_id, partition) in failed {
+            if partition.report_failure() {
+                tracing::warn!(
+                    topic,
+                    partition = partition.index,
+                    "the replica's storage failed; asking the controller to let an in-sync replica lead"
+                );
+                let command = Command::ReplicaOffline {
+                    topic: topic.clone(),
+                    partition: partition.index,
+                    broker: self.config.node_id,
+                };
+                if let Err(err) = self.propose(command).await {
+                    tracing::warn!(topic, partition = partition.index, error = %err, "could not report the failed replica");
+                }
+            }
+            if !partition.reopen_due(now_ms(), REOPEN_INTERVAL_MS) {
+                continue;
+            }
+            let broker = self.clone();
+            let reopened = tokio::task::spawn_blocking(move || {
+                broker.reopen_failed(&topic, topic_id, &partition)
+            })
+            .await;
+            if let Ok(true) = reopened {
+                let broker = self.clone();
+                let _ =
+                    tokio::task::spawn_blocking(move || broker.apply_image(broker.image())).await;
+            }
+        }
+    }
+
+    /// Opens a failed replica's log again and puts it in place of the failed one;
+    /// false while it still cannot be opened.
+    fn reopen_failed(&self, topic: &str, topic_id: u64, failed: &Arc<Partition>) -> bool {
+        let dir = partition_dir(&self.config.data_dir, topic, failed.index);
+        let config = self
+            .image()
+            .metadata
+            .topics
+            .get(topic)
+            .and_then(|t| topic_log_config(&self.log_defaults, &t.configs).ok())
+            .unwrap_or_else(|| self.log_defaults.clone());
+        let opened = match Partition::open(&dir, topic, failed.index, config) {
+            Ok(opened) => opened,
+            Err(err) => {
+                tracing::debug!(topic, partition = failed.index, error = %err, "the failed replica's log does not open yet");
+                return false;
+            }
+        };
+        let mut topics = self
+            .topics
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(hosted) = topics.get_mut(topic).filter(|t| t.id == topic_id) else {
+            return false;
+        };
+        let Some(slot) = hosted.partitions.get_mut(&failed.index) else {
+            return false;
+        };
+        if !Arc::ptr_eq(slot, failed) {
+            return false;
+        }
+        failed.retire();
+        *slot = Arc::new(opened);
+        tracing::info!(
+            topic,
+            partition = failed.index,
+            "the failed replica's log opened again; it serves again"
+        );
+        true
+    }
+
     pub fn all_partitions(&self) -> Vec<Arc<Partition>> {
         self.topics
             .read()

@@ -182,6 +182,10 @@ pub struct Partition {
     leading: AtomicBool,
     /// This broker no longer holds the partition (moved away or deleted); its files go.
     retired: AtomicBool,
+    /// A storage failure while serving was reported to the controller.
+    failure_reported: AtomicBool,
+    /// When the log was last reopened after a storage failure (ms).
+    reopened_at_ms: AtomicI64,
     replication: Mutex<ReplicaState>,
 }
 
@@ -220,6 +224,8 @@ impl Partition {
             leader_epoch: AtomicI32::new(-1),
             leading: AtomicBool::new(false),
             retired: AtomicBool::new(false),
+            failure_reported: AtomicBool::new(false),
+            reopened_at_ms: AtomicI64::new(0),
             replication: Mutex::new(ReplicaState::default()),
         })
     }
@@ -240,6 +246,8 @@ impl Partition {
             leader_epoch: AtomicI32::new(-1),
             leading: AtomicBool::new(false),
             retired: AtomicBool::new(false),
+            failure_reported: AtomicBool::new(false),
+            reopened_at_ms: AtomicI64::new(0),
             replication: Mutex::new(ReplicaState::default()),
         }
     }
@@ -432,6 +440,27 @@ impl Partition {
         self.durable_end.fetch_max(end, Ordering::AcqRel);
         let state = self.replica_state();
         self.update_high_watermark(&state);
+    }
+
+    /// Whether the log failed while serving (a full disk, an I/O error): fenced, with a
+    /// log that opened once, and still held here.
+    pub fn failed_while_serving(&self) -> bool {
+        self.fenced_reason().is_some() && self.has_log() && !self.retired.load(Ordering::Acquire)
+    }
+
+    /// Marks the failure reported; true the first time.
+    pub fn report_failure(&self) -> bool {
+        !self.failure_reported.swap(true, Ordering::AcqRel)
+    }
+
+    /// Whether to try reopening the failed log now: at most every `every_ms`.
+    pub fn reopen_due(&self, now: i64, every_ms: i64) -> bool {
+        let last = self.reopened_at_ms.load(Ordering::Acquire);
+        now - last >= every_ms
+            && self
+                .reopened_at_ms
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
     }
 
     /// Whether the log opened (a partition whose log failed to open has none).

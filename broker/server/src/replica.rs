@@ -328,6 +328,7 @@ pub(crate) async fn maintain_isr(broker: Arc<Broker>, period: Duration) {
     let mut tick = tokio::time::interval(period);
     loop {
         tick.tick().await;
+        broker.recover_failed_replicas().await;
         let now = now_ms();
         for partition in broker.all_partitions() {
             let Some(change) = partition.wanted_isr_change(now, lag_max_ms) else {
