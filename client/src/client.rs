@@ -61,6 +61,12 @@ fn endpoint(address: &str) -> Result<Endpoint, ClientError> {
             // Large HTTP/2 windows: with the 64 KiB default every large batch or fetch
             // response waits for window updates.
             e.connect_timeout(Duration::from_secs(5))
+                // A broker cut off without a reset (a network partition) is noticed
+                // within seconds, not at the TCP timeout: requests on it fail and are
+                // retried elsewhere, and the channel redials.
+                .http2_keep_alive_interval(Duration::from_secs(2))
+                .keep_alive_timeout(Duration::from_secs(3))
+                .keep_alive_while_idle(true)
                 .tcp_nodelay(true)
                 .initial_stream_window_size(16 * 1024 * 1024)
                 .initial_connection_window_size(64 * 1024 * 1024)

@@ -928,10 +928,18 @@ impl Task {
         self.next_stream_id += 1;
         let channel = client.channel_to(leader)?;
         let (tx, rx) = mpsc::channel(self.shared.config.max_in_flight.max(1));
-        let mut responses = client
-            .producer_rpc(channel)
-            .produce_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await?
+        let mut rpc = client.producer_rpc(channel);
+        let opening = rpc.produce_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let timeout = self.shared.config.request_timeout;
+        let mut responses = tokio::time::timeout(timeout, opening)
+            .await
+            .map_err(|_| ClientError::Transport {
+                code: tonic::Code::Unavailable,
+                message: format!(
+                    "broker {leader} did not open a produce stream within the request timeout ({} ms)",
+                    timeout.as_millis()
+                ),
+            })??
             .into_inner();
         let events = self.events_tx.clone();
         tokio::spawn(async move {

@@ -6,12 +6,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout};
 use std::time::Duration;
 
-use crate::support::{await_listening, runnel_at, spawn_server, wait_until};
+use crate::support::{await_listening, runnel_at, spawn_server_in, wait_until};
 
 pub(crate) struct Node {
     pub(crate) id: u32,
     pub(crate) addr: String,
     data_dir: PathBuf,
+    /// The network namespace the node runs in, when not the test's own.
+    netns: Option<String>,
     child: Option<Child>,
 }
 
@@ -24,7 +26,7 @@ impl Drop for Node {
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
@@ -51,7 +53,7 @@ fn spawn(node: &Node, quorum: &str, extra: &[String]) -> (Child, ChildStdout) {
         "200",
     ];
     args.extend(extra.iter().map(String::as_str));
-    spawn_server(&args)
+    spawn_server_in(node.netns.as_deref(), &args)
 }
 
 pub(crate) struct Cluster {
@@ -111,12 +113,27 @@ impl Cluster {
 
     /// Like [`Cluster::start`], every node with the `extra` flags too.
     pub(crate) fn start_with(root: &Path, count: u32, extra: &[&str]) -> Cluster {
+        let places = (1..=count)
+            .map(|_| (format!("127.0.0.1:{}", free_port()), None))
+            .collect();
+        Self::start_placed(root, places, extra)
+    }
+
+    /// Starts one node per `(address, network namespace)`, node ids from 1.
+    pub(crate) fn start_placed(
+        root: &Path,
+        places: Vec<(String, Option<String>)>,
+        extra: &[&str],
+    ) -> Cluster {
         let extra: Vec<String> = extra.iter().map(|s| (*s).to_string()).collect();
-        let mut nodes: Vec<Node> = (1..=count)
-            .map(|id| Node {
+        let mut nodes: Vec<Node> = places
+            .into_iter()
+            .zip(1..)
+            .map(|((addr, netns), id)| Node {
                 id,
-                addr: format!("127.0.0.1:{}", free_port()),
+                addr,
                 data_dir: root.join(format!("node-{id}")),
+                netns,
                 child: None,
             })
             .collect();

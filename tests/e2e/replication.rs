@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use runnel_client::{Acks, Client, Producer, ProducerConfig, ProducerRecord};
 
-use crate::cluster::{Cluster, PartitionRow};
+use crate::cluster::{Cluster, PartitionRow, free_port};
 use crate::groups::Member;
 use crate::support::{holds_for, runnel_at, wait_until};
 
@@ -81,6 +81,8 @@ async fn count(
             // Past a failover (about 3 s here); a write failing for good is counted as
             // failed, never as lost.
             delivery_timeout: Duration::from_secs(15),
+            // A leader cut off or paused answers nothing: retry elsewhere soon.
+            request_timeout: Duration::from_secs(3),
             ..ProducerConfig::default()
         },
     );
@@ -829,5 +831,128 @@ fn a_full_disk_moves_leadership_away_and_the_replica_recovers_without_a_restart(
             own.isr.contains(&3) && own.log_end == lead.log_end
         },
     );
+    drop(cluster);
+}
+
+/// A network namespace joined to the test's own by a veth pair: 10.231.7.1 on this
+/// side, 10.231.7.2 inside. `cut` takes the link down; everything goes on drop.
+struct Netns {
+    name: String,
+    host_side: String,
+}
+
+const NETNS_HOST: &str = "10.231.7.1";
+const NETNS_INSIDE: &str = "10.231.7.2";
+
+fn ip(args: &[&str]) -> bool {
+    std::process::Command::new("ip")
+        .args(args)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+impl Netns {
+    fn create() -> Netns {
+        let tag = std::process::id() % 100_000;
+        let netns = Netns {
+            name: format!("runnel-{tag}"),
+            host_side: format!("rnh{tag}"),
+        };
+        let inside = format!("rnn{tag}");
+        // Left over from a run that was killed: gone first.
+        ip(&["link", "del", &netns.host_side]);
+        ip(&["netns", "del", &netns.name]);
+        let name = netns.name.as_str();
+        let host = netns.host_side.as_str();
+        for step in [
+            vec!["netns", "add", name],
+            vec!["link", "add", host, "type", "veth", "peer", "name", &inside],
+            vec!["link", "set", &inside, "netns", name],
+            vec!["addr", "add", "10.231.7.1/24", "dev", host],
+            vec!["link", "set", host, "up"],
+            vec!["-n", name, "addr", "add", "10.231.7.2/24", "dev", &inside],
+            vec!["-n", name, "link", "set", &inside, "up"],
+            vec!["-n", name, "link", "set", "lo", "up"],
+        ] {
+            assert!(
+                ip(&step),
+                "ip {step:?} failed (network namespaces need root)"
+            );
+        }
+        netns
+    }
+
+    fn cut(&self) {
+        assert!(ip(&["link", "set", &self.host_side, "down"]));
+    }
+
+    fn heal(&self) {
+        assert!(ip(&["link", "set", &self.host_side, "up"]));
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        ip(&["link", "del", &self.host_side]);
+        ip(&["netns", "del", &self.name]);
+    }
+}
+
+#[test]
+fn a_leader_cut_off_in_a_network_namespace_is_replaced_and_rejoins_when_healed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let netns = Netns::create();
+    let places = vec![
+        (format!("{NETNS_HOST}:{}", free_port()), None),
+        (format!("{NETNS_HOST}:{}", free_port()), None),
+        (
+            format!("{NETNS_INSIDE}:{}", free_port()),
+            Some(netns.name.clone()),
+        ),
+    ];
+    let cluster = Cluster::start_placed(dir.path(), places, &[]);
+    create_topic(&cluster, "island", 3, Some(2));
+    // Broker 3, the one in the namespace, leads the partition.
+    let plan = dir.path().join("plan.json");
+    std::fs::write(
+        &plan,
+        r#"{"version":1,"partitions":[{"topic":"island","partition":0,"replicas":[3,1,2]}]}"#,
+    )
+    .expect("plan");
+    let plan = plan.to_string_lossy().to_string();
+    cluster.ok(1, &["topic", "reassign", "--plan", &plan, "--execute"], "");
+    await_reassignment(&cluster, 1, &plan);
+    cluster.ok(1, &["topic", "elect-leaders", "island"], "");
+    let before = partition0(&cluster, 1, "island");
+    assert_eq!(before.leader, 3, "{before:?}");
+
+    let producer = CountingProducer::start(&cluster, "island");
+    producer.await_progress(100);
+    netns.cut();
+    wait_until(
+        "brokers 1 and 2 to elect a new leader",
+        Duration::from_secs(30),
+        || {
+            let row = partition0(&cluster, 1, "island");
+            row.leader != 3 && row.leader != 0 && row.epoch > before.epoch
+        },
+    );
+    // Writes go on without the cut-off leader, which acknowledges nothing.
+    producer.await_progress(200);
+    netns.heal();
+    let leader = partition0(&cluster, 1, "island").leader;
+    wait_until(
+        "broker 3 to follow, truncate and rejoin the ISR",
+        Duration::from_secs(40),
+        || {
+            let lead = partition0(&cluster, leader, "island");
+            let own = partition0(&cluster, 3, "island");
+            own.leader == leader && lead.isr.len() == 3 && own.log_end >= lead.high_watermark
+        },
+    );
+    let counted = producer.finish();
+    let read = read_all(&cluster, leader, "island");
+    check(&read, &counted);
     drop(cluster);
 }

@@ -119,7 +119,20 @@ pub fn spawn_listening(args: &[&str]) -> (Child, String) {
 /// all be started before any of them serves. Servers log at `warn` unless
 /// `TEST_BROKER_LOG` gives another filter (`TEST_BROKER_LOG=info,openraft=warn`).
 pub fn spawn_server(args: &[&str]) -> (Child, ChildStdout) {
-    let mut child = Command::new(RUNNEL)
+    spawn_server_in(None, args)
+}
+
+/// Like [`spawn_server`], inside network namespace `netns` when one is given.
+pub fn spawn_server_in(netns: Option<&str>, args: &[&str]) -> (Child, ChildStdout) {
+    let mut command = match netns {
+        Some(netns) => {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", netns, RUNNEL]);
+            command
+        }
+        None => Command::new(RUNNEL),
+    };
+    let mut child = command
         .args(args)
         .env(
             "RUNNEL_LOG",

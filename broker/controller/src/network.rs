@@ -34,6 +34,11 @@ pub(crate) fn channel(
         tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
             .connect_timeout(timeout)
             .tcp_nodelay(true)
+            // A peer cut off without a reset (a network partition) is noticed within
+            // seconds instead of at the TCP timeout: the channel then redials.
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(2))
+            .keep_alive_while_idle(true)
             .connect_lazy(),
     )
 }

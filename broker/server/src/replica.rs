@@ -204,6 +204,10 @@ async fn session(
 ) -> anyhow::Result<()> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
         .connect_timeout(Duration::from_secs(2))
+        // A leader cut off without a reset is noticed within seconds.
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(2))
+        .keep_alive_while_idle(true)
         .tcp_nodelay(true)
         .initial_stream_window_size(crate::HTTP2_STREAM_WINDOW_BYTES)
         .initial_connection_window_size(crate::HTTP2_CONNECTION_WINDOW_BYTES)
