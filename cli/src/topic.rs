@@ -304,12 +304,7 @@ fn describe(d: &v1::DescribeTopicResponse, filter: PartitionFilter) {
             p.size_bytes
         );
         if !p.target.is_empty() {
-            let catching: Vec<u32> = p
-                .target
-                .iter()
-                .copied()
-                .filter(|r| !p.isr.contains(r))
-                .collect();
+            let catching = catching_up(p);
             println!(
                 "  partition {} is moving to {} (catching up: {})",
                 p.partition,
@@ -461,12 +456,7 @@ async fn verify_plan(admin: &Admin, path: &std::path::Path) -> anyhow::Result<Ex
                 join(&p.replicas)
             );
         } else if p.target == m.replicas {
-            let catching: Vec<u32> = p
-                .target
-                .iter()
-                .copied()
-                .filter(|r| !p.isr.contains(r))
-                .collect();
+            let catching = catching_up(p);
             println!(
                 "{}-{}: in progress, waiting for {} to catch up (ISR {})",
                 m.topic,
@@ -533,6 +523,15 @@ impl PartitionFilter {
             .count();
         (under, unavailable)
     }
+}
+
+/// The replicas a running reassignment still waits for: in its target, not in the ISR.
+fn catching_up(p: &v1::PartitionDescription) -> Vec<u32> {
+    p.target
+        .iter()
+        .copied()
+        .filter(|r| !p.isr.contains(r))
+        .collect()
 }
 
 fn join(ids: &[u32]) -> String {

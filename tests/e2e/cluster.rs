@@ -162,6 +162,15 @@ impl Cluster {
         &self.nodes[id as usize - 1]
     }
 
+    /// The ids of the nodes whose process runs.
+    pub(crate) fn running(&self) -> Vec<u32> {
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.id)
+            .collect()
+    }
+
     /// Every node's address, comma-separated: a client's bootstrap list.
     pub(crate) fn addresses(&self) -> String {
         self.nodes
@@ -542,14 +551,14 @@ fn not_preferred(rows: &[PartitionRow], placed: &[PartitionRow]) -> Vec<u32> {
         .collect()
 }
 
-#[test]
-fn a_returning_broker_gets_its_leaderships_back_by_election_and_the_filters_show_what_is_missing() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    // Automatic rebalancing off: the election is the user's.
-    let mut cluster = Cluster::start_with(
-        dir.path(),
+/// Three brokers that check leadership balance every `interval_ms` (0: never), and a
+/// topic `shared` (3 partitions, 3 replicas); returns the partitions as placed, each led
+/// by its preferred replica.
+fn cluster_with_shared_topic(root: &Path, interval_ms: &str) -> (Cluster, Vec<PartitionRow>) {
+    let cluster = Cluster::start_with(
+        root,
         3,
-        &["--leader-imbalance-check-interval-ms", "0"],
+        &["--leader-imbalance-check-interval-ms", interval_ms],
     );
     cluster.ok(
         1,
@@ -564,9 +573,13 @@ fn a_returning_broker_gets_its_leaderships_back_by_election_and_the_filters_show
         ],
         "",
     );
-    cluster.ok(1, &["topic", "create", "lonely", "--partitions", "3"], "");
-    // New topics start led by their preferred replicas.
     let placed = cluster.describe(1, "shared");
+    (cluster, placed)
+}
+
+/// Kills the leader of partition 0 of `shared` and waits until every partition has a
+/// live leader and an ISR without it; returns the victim and a survivor.
+fn kill_first_leader(cluster: &mut Cluster, placed: &[PartitionRow]) -> (u32, u32) {
     let victim = placed[0].leader;
     let survivor = if victim == 1 { 2 } else { 1 };
     cluster.kill9(victim);
@@ -580,6 +593,16 @@ fn a_returning_broker_gets_its_leaderships_back_by_election_and_the_filters_show
                 .all(|row| row.leader != victim && row.leader != 0 && !row.isr.contains(&victim))
         },
     );
+    (victim, survivor)
+}
+
+#[test]
+fn a_returning_broker_gets_its_leaderships_back_by_election_and_the_filters_show_what_is_missing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Automatic rebalancing off: the election is the user's.
+    let (mut cluster, placed) = cluster_with_shared_topic(dir.path(), "0");
+    cluster.ok(1, &["topic", "create", "lonely", "--partitions", "3"], "");
+    let (victim, survivor) = kill_first_leader(&mut cluster, &placed);
     let listed = cluster.ok(
         survivor,
         &["topic", "list", "--under-replicated", "--unavailable"],
@@ -638,38 +661,8 @@ fn a_returning_broker_gets_its_leaderships_back_by_election_and_the_filters_show
 #[test]
 fn leadership_goes_back_to_preferred_replicas_by_itself() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cluster = Cluster::start_with(
-        dir.path(),
-        3,
-        &["--leader-imbalance-check-interval-ms", "500"],
-    );
-    cluster.ok(
-        1,
-        &[
-            "topic",
-            "create",
-            "shared",
-            "--partitions",
-            "3",
-            "--replication-factor",
-            "3",
-        ],
-        "",
-    );
-    let placed = cluster.describe(1, "shared");
-    let victim = placed[0].leader;
-    let survivor = if victim == 1 { 2 } else { 1 };
-    cluster.kill9(victim);
-    wait_until(
-        "the victim's partitions to move",
-        Duration::from_secs(20),
-        || {
-            cluster
-                .describe(survivor, "shared")
-                .iter()
-                .all(|row| row.leader != victim && row.leader != 0)
-        },
-    );
+    let (mut cluster, placed) = cluster_with_shared_topic(dir.path(), "500");
+    let (victim, survivor) = kill_first_leader(&mut cluster, &placed);
     cluster.restart(victim);
     wait_until(
         "every partition to be led by its preferred replica again",

@@ -126,6 +126,11 @@ fn create_topic(cluster: &Cluster, topic: &str, rf: u32, min_insync: Option<u32>
         args.extend(["--config", config.as_str()]);
     }
     cluster.ok(1, &args, "");
+    // Metadata reaches each node on its own time: every running node knows the topic
+    // before the test talks to it.
+    for id in cluster.running() {
+        cluster.describe(id, topic);
+    }
 }
 
 /// Reads partition 0 of `topic` from node `on` (its leader) up to its high watermark:
@@ -540,6 +545,36 @@ fn sigterm_hands_leadership_over_before_the_broker_stops() {
     check(&read, &counted);
 }
 
+/// Moves partition 0 of `topic` to `replicas` with `topic reassign` through node 1 and
+/// waits until the move is complete; returns the plan file's path.
+fn reassign_partition0(
+    cluster: &Cluster,
+    dir: &std::path::Path,
+    topic: &str,
+    replicas: &[u32],
+) -> String {
+    let replicas: Vec<String> = replicas.iter().map(u32::to_string).collect();
+    let plan = dir.join("plan.json");
+    std::fs::write(
+        &plan,
+        format!(
+            r#"{{"version":1,"partitions":[{{"topic":"{topic}","partition":0,"replicas":[{}]}}]}}"#,
+            replicas.join(",")
+        ),
+    )
+    .expect("plan written");
+    let plan = plan.to_string_lossy().to_string();
+    cluster.ok(1, &["topic", "reassign", "--plan", &plan, "--execute"], "");
+    await_reassignment(cluster, 1, &plan);
+    plan
+}
+
+/// Moves partition 0 of `topic` to `replicas` and makes the first of them its leader.
+fn lead_partition0_with(cluster: &Cluster, dir: &std::path::Path, topic: &str, replicas: &[u32]) {
+    reassign_partition0(cluster, dir, topic, replicas);
+    cluster.ok(1, &["topic", "elect-leaders", topic], "");
+}
+
 /// Runs `topic reassign --plan PLAN --verify` on node `on` until every move is complete.
 fn await_reassignment(cluster: &Cluster, on: u32, plan: &str) {
     wait_until(
@@ -558,24 +593,7 @@ fn a_reassignment_under_load_loses_and_repeats_nothing() {
     let cluster = Cluster::start(dir.path(), 4);
     create_topic(&cluster, "moving", 3, Some(2));
     // First onto brokers 1, 2 and 3, whatever the placement was.
-    let plan = dir.path().join("plan.json");
-    let plan_path = plan.to_string_lossy().to_string();
-    let write_plan = |replicas: &str| {
-        std::fs::write(
-            &plan,
-            format!(
-                r#"{{"version":1,"partitions":[{{"topic":"moving","partition":0,"replicas":[{replicas}]}}]}}"#
-            ),
-        )
-        .expect("plan written");
-    };
-    write_plan("1,2,3");
-    cluster.ok(
-        1,
-        &["topic", "reassign", "--plan", &plan_path, "--execute"],
-        "",
-    );
-    await_reassignment(&cluster, 1, &plan_path);
+    let plan_path = reassign_partition0(&cluster, dir.path(), "moving", &[1, 2, 3]);
     assert_eq!(partition0(&cluster, 1, "moving").replicas, vec![1, 2, 3]);
 
     // Then to 2, 3 and 4 while a producer and a group consumer run, throttled.
@@ -699,19 +717,12 @@ fn killing_the_active_controller_that_leads_a_partition_loses_no_acknowledged_wr
     let others: Vec<u32> = (1..=3).filter(|b| *b != controller).collect();
     create_topic(&cluster, "steered", 3, Some(2));
     // Make the active controller the partition's leader: first replica, then elected.
-    let plan = dir.path().join("plan.json");
-    std::fs::write(
-        &plan,
-        format!(
-            r#"{{"version":1,"partitions":[{{"topic":"steered","partition":0,"replicas":[{controller},{},{}]}}]}}"#,
-            others[0], others[1]
-        ),
-    )
-    .expect("plan");
-    let plan = plan.to_string_lossy().to_string();
-    cluster.ok(1, &["topic", "reassign", "--plan", &plan, "--execute"], "");
-    await_reassignment(&cluster, 1, &plan);
-    cluster.ok(1, &["topic", "elect-leaders", "steered"], "");
+    lead_partition0_with(
+        &cluster,
+        dir.path(),
+        "steered",
+        &[controller, others[0], others[1]],
+    );
     let before = partition0(&cluster, others[0], "steered");
     assert_eq!(before.leader, controller, "{before:?}");
 
@@ -914,16 +925,7 @@ fn a_leader_cut_off_in_a_network_namespace_is_replaced_and_rejoins_when_healed()
     let cluster = Cluster::start_placed(dir.path(), places, &[]);
     create_topic(&cluster, "island", 3, Some(2));
     // Broker 3, the one in the namespace, leads the partition.
-    let plan = dir.path().join("plan.json");
-    std::fs::write(
-        &plan,
-        r#"{"version":1,"partitions":[{"topic":"island","partition":0,"replicas":[3,1,2]}]}"#,
-    )
-    .expect("plan");
-    let plan = plan.to_string_lossy().to_string();
-    cluster.ok(1, &["topic", "reassign", "--plan", &plan, "--execute"], "");
-    await_reassignment(&cluster, 1, &plan);
-    cluster.ok(1, &["topic", "elect-leaders", "island"], "");
+    lead_partition0_with(&cluster, dir.path(), "island", &[3, 1, 2]);
     let before = partition0(&cluster, 1, "island");
     assert_eq!(before.leader, 3, "{before:?}");
 

@@ -915,10 +915,13 @@ impl Broker {
         let mut partitions = Vec::with_capacity(request.partitions.len());
         for wanted in &request.partitions {
             let mut max_bytes = budget;
+            // Decided once per partition: the read below spends what it sends.
+            let mut throttled = false;
             if throttle_rate > 0
                 && let Some(partition) = self.hosted_partition(&wanted.topic, wanted.partition)
                 && partition.is_catching_up(request.replica_id)
             {
+                throttled = true;
                 max_bytes = max_bytes.min(self.reassignment_throttle.allowance(throttle_rate));
                 if max_bytes == 0 {
                     // Over the throttle: left out of this answer; the fetch waits.
@@ -960,11 +963,7 @@ impl Broker {
                 }) => {
                     *news |= high_watermark_moved || !records.is_empty();
                     budget = budget.saturating_sub(records.len());
-                    if throttle_rate > 0
-                        && self
-                            .hosted_partition(&wanted.topic, wanted.partition)
-                            .is_some_and(|p| p.is_catching_up(request.replica_id))
-                    {
+                    if throttled {
                         self.reassignment_throttle.spend(records.len());
                     }
                     out.records = records;

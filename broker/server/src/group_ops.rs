@@ -566,7 +566,12 @@ impl Broker {
     fn check_coordinator(&self, group_id: &str) -> Result<Arc<Partition>, BrokerError> {
         validate_group_id(group_id)?;
         let partition = self.offsets_partition_led(group_id)?;
-        let loaded = self.coordinated_partitions().get(&partition.index).copied();
+        let loaded = self
+            .coordination
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&partition.index)
+            .copied();
         if loaded != Some(partition.leader_epoch()) {
             return Err(BrokerError::CoordinatorLoadInProgress {
                 group: group_id.to_string(),

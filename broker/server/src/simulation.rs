@@ -318,11 +318,17 @@ impl Sim {
         if slot.take().is_none() {
             return;
         }
+        self.fence(id, "crash");
+    }
+
+    /// The controller fences `id` (its heartbeats stopped): the others apply what that
+    /// moved, and waiting writes are settled.
+    fn fence(&mut self, id: u32, why: &str) {
         self.metadata
             .apply(Command::FenceBroker { id })
             .expect("fence");
         self.trace
-            .push(format!("crash {id}; leader now {}", self.record().leader));
+            .push(format!("{why} {id}; leader now {}", self.record().leader));
         self.apply();
         self.settle();
     }
@@ -334,13 +340,7 @@ impl Sim {
             return;
         }
         self.paused.insert(id);
-        self.metadata
-            .apply(Command::FenceBroker { id })
-            .expect("fence");
-        self.trace
-            .push(format!("pause {id}; leader now {}", self.record().leader));
-        self.apply();
-        self.settle();
+        self.fence(id, "pause");
     }
 
     /// A paused broker heartbeats again under the same incarnation and applies the
