@@ -110,13 +110,22 @@ pub async fn run(brokers: &[String], command: ConnectCommand) -> anyhow::Result<
     }
 }
 
+/// " on broker N", or nothing while no broker runs it.
+fn on_broker(broker: u32) -> String {
+    if broker == 0 {
+        String::new()
+    } else {
+        format!(" on broker {broker}")
+    }
+}
+
 fn print_status(status: &v1::ConnectorStatus) {
     println!("Name:       {}", status.name);
     println!("Kind:       {}", status.kind);
     println!("Connector:  {}", status.connector);
     println!("File:       {}", status.file);
     println!("Topics:     {}", status.topics.join(", "));
-    println!("State:      {}", status.state);
+    println!("State:      {}{}", status.state, on_broker(status.broker));
     if !status.error.is_empty() {
         println!("Error:      {}", status.error);
     }
@@ -167,7 +176,12 @@ pub async fn connector(client: Client, command: ConnectorCommand) -> anyhow::Res
             let status = admin
                 .create_connector(&spec.file, &yaml, components)
                 .await?;
-            println!("Created connector {} ({})", status.name, status.state);
+            println!(
+                "Created connector {} ({}{})",
+                status.name,
+                status.state,
+                on_broker(status.broker)
+            );
         }
         ConnectorCommand::List => {
             let list = admin.list_connectors().await?;
@@ -176,16 +190,21 @@ pub async fn connector(client: Client, command: ConnectorCommand) -> anyhow::Res
                 return Ok(ExitCode::SUCCESS);
             }
             println!(
-                "{:<24} {:<6} {:<14} {:<9} {:>12} {:>8} {:>8}  ERROR",
-                "NAME", "KIND", "CONNECTOR", "STATE", "RECORDS", "ERRORS", "LAG"
+                "{:<24} {:<6} {:<14} {:<10} {:>6} {:>12} {:>8} {:>8}  ERROR",
+                "NAME", "KIND", "CONNECTOR", "STATE", "BROKER", "RECORDS", "ERRORS", "LAG"
             );
             for s in list {
                 println!(
-                    "{:<24} {:<6} {:<14} {:<9} {:>12} {:>8} {:>8}  {}",
+                    "{:<24} {:<6} {:<14} {:<10} {:>6} {:>12} {:>8} {:>8}  {}",
                     s.name,
                     s.kind,
                     s.connector.rsplit('/').next().unwrap_or_default(),
                     s.state,
+                    if s.broker == 0 {
+                        "-".to_string()
+                    } else {
+                        s.broker.to_string()
+                    },
                     s.records,
                     s.record_errors,
                     lag_text(s.lag),

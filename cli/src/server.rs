@@ -180,12 +180,15 @@ struct Node {
     running: runnel_broker::RunningBroker,
     runtime: runnel_streams::Runtime,
     worker: runnel_connect::Worker,
+    store: Option<runnel_streams::store::Store>,
     data_dir: PathBuf,
     _lock: runnel_broker::DataDirLock,
 }
 
 async fn start_node(config: BrokerConfig) -> anyhow::Result<Node> {
     let data_dir = config.data_dir.clone();
+    let node_id = config.node_id;
+    let is_broker = config.is_broker();
     // Before anything reads or writes the directory: one process at a time.
     let lock = runnel_broker::DataDirLock::acquire(&data_dir)?;
     // The streams runtime lives in the broker process and reaches the broker as a client.
@@ -202,13 +205,25 @@ async fn start_node(config: BrokerConfig) -> anyhow::Result<Node> {
             .add_service(runnel_connect::service::Service::server(service_worker))
     })
     .await?;
-    runtime.resume_saved().await?;
-    worker.resume_saved().await?;
+    let store = if is_broker {
+        // Both runtimes run from the cluster's deployment store, read by this broker.
+        let client = runnel_client::Client::connect(&[running.local_addr.to_string()]).await?;
+        let store = runnel_streams::store::Store::open(
+            client,
+            &data_dir.join(runnel_streams::store::TOPIC),
+        )?;
+        runtime.run_from(store.clone(), node_id)?;
+        worker.run_from(store.clone(), node_id)?;
+        Some(store)
+    } else {
+        None
+    };
     let data_dir = std::fs::canonicalize(&data_dir).unwrap_or(data_dir);
     Ok(Node {
         running,
         runtime,
         worker,
+        store,
         data_dir,
         _lock: lock,
     })
@@ -270,6 +285,9 @@ async fn serve(configs: Vec<BrokerConfig>, what: &str) -> anyhow::Result<ExitCod
         // serves.
         node.worker.shutdown().await;
         node.runtime.shutdown().await;
+        if let Some(store) = &node.store {
+            store.close();
+        }
         node.running.shutdown().await?;
     }
     Ok(ExitCode::SUCCESS)

@@ -106,6 +106,18 @@ fn test(args: TestArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The brokers running a transform, "1,2,3", or "-".
+fn broker_list(brokers: &[u32]) -> String {
+    if brokers.is_empty() {
+        return "-".into();
+    }
+    brokers
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn print_status(s: &v1::TransformStatus) {
     let spec = s.spec.clone().unwrap_or_default();
     println!("Transform:   {} (version {})", spec.name, s.version);
@@ -118,6 +130,7 @@ fn print_status(s: &v1::TransformStatus) {
             format!(": {}", s.error)
         }
     );
+    println!("Brokers:     {}", broker_list(&s.brokers));
     println!("Input:       {}", spec.input_topic);
     println!("Outputs:     {}", spec.output_topics.join(", "));
     let policy = v1::ErrorPolicy::try_from(spec.error_policy).unwrap_or(v1::ErrorPolicy::Fail);
@@ -187,23 +200,35 @@ pub async fn run(brokers: &[String], command: TransformCommand) -> anyhow::Resul
             let wasm = read_wasm(&wasm_path)?;
             let status = admin.deploy_transform(spec, wasm).await?;
             println!(
-                "Deployed transform {} (version {}).",
+                "Deployed transform {} (version {}, {} on brokers {}).",
                 status.spec.as_ref().map_or("", |s| s.name.as_str()),
-                status.version
+                status.version,
+                status.state,
+                broker_list(&status.brokers)
             );
         }
         TransformCommand::List => {
             println!(
-                "{:<20} {:<8} {:>7} {:<16} {:<24} {:>8} {:>10} {:>10} {:>7}",
-                "NAME", "STATE", "VERSION", "INPUT", "OUTPUTS", "LAG", "IN", "OUT", "ERRORS"
+                "{:<20} {:<8} {:>7} {:<10} {:<16} {:<24} {:>8} {:>10} {:>10} {:>7}",
+                "NAME",
+                "STATE",
+                "VERSION",
+                "BROKERS",
+                "INPUT",
+                "OUTPUTS",
+                "LAG",
+                "IN",
+                "OUT",
+                "ERRORS"
             );
             for s in admin.list_transforms().await? {
                 let spec = s.spec.clone().unwrap_or_default();
                 println!(
-                    "{:<20} {:<8} {:>7} {:<16} {:<24} {:>8} {:>10} {:>10} {:>7}",
+                    "{:<20} {:<8} {:>7} {:<10} {:<16} {:<24} {:>8} {:>10} {:>10} {:>7}",
                     spec.name,
                     s.state,
                     s.version,
+                    broker_list(&s.brokers),
                     spec.input_topic,
                     spec.output_topics.join(","),
                     if s.lag < 0 {

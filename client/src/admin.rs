@@ -401,10 +401,68 @@ impl Admin {
         Ok(self
             .client
             .transforms_rpc()
-            .list_transforms(v1::ListTransformsRequest {})
+            .list_transforms(v1::ListTransformsRequest { local: false })
             .await?
             .into_inner()
             .transforms)
+    }
+
+    /// The deployments broker `address` runs itself, as it runs them (and with
+    /// `name`, only that one's log lines); runtimes use it to answer for the cluster.
+    ///
+    /// # Errors
+    /// The broker cannot be reached.
+    pub async fn local_transforms(
+        address: &str,
+        logs_of: Option<&str>,
+    ) -> Result<(Vec<v1::TransformStatus>, Vec<String>), ClientError> {
+        let channel = Client::connect_to(address)
+            .await
+            .ok_or_else(|| ClientError::Connect {
+                brokers: address.to_string(),
+                reason: "unreachable".into(),
+            })?;
+        let mut rpc = runnel_proto::v1::transforms_client::TransformsClient::new(channel);
+        let transforms = rpc
+            .list_transforms(v1::ListTransformsRequest { local: true })
+            .await?
+            .into_inner()
+            .transforms;
+        let lines = match logs_of {
+            Some(name) => match rpc
+                .logs(v1::TransformLogsRequest {
+                    name: name.into(),
+                    local: true,
+                })
+                .await
+            {
+                Ok(response) => response.into_inner().lines,
+                Err(status) if status.code() == tonic::Code::NotFound => Vec::new(),
+                Err(status) => return Err(status.into()),
+            },
+            None => Vec::new(),
+        };
+        Ok((transforms, lines))
+    }
+
+    /// The connectors broker `address` runs itself.
+    ///
+    /// # Errors
+    /// The broker cannot be reached.
+    pub async fn local_connectors(address: &str) -> Result<Vec<v1::ConnectorStatus>, ClientError> {
+        let channel = Client::connect_to(address)
+            .await
+            .ok_or_else(|| ClientError::Connect {
+                brokers: address.to_string(),
+                reason: "unreachable".into(),
+            })?;
+        Ok(
+            runnel_proto::v1::connectors_client::ConnectorsClient::new(channel)
+                .list_connectors(v1::ListConnectorsRequest { local: true })
+                .await?
+                .into_inner()
+                .connectors,
+        )
     }
 
     /// # Errors
@@ -453,7 +511,10 @@ impl Admin {
         Ok(self
             .client
             .transforms_rpc()
-            .logs(v1::TransformName { name: name.into() })
+            .logs(v1::TransformLogsRequest {
+                name: name.into(),
+                local: false,
+            })
             .await?
             .into_inner()
             .lines)
@@ -487,7 +548,7 @@ impl Admin {
         Ok(self
             .client
             .connectors_rpc()
-            .list_connectors(v1::ListConnectorsRequest {})
+            .list_connectors(v1::ListConnectorsRequest { local: false })
             .await?
             .into_inner()
             .connectors)

@@ -57,11 +57,14 @@ impl connectors_server::Connectors for Service {
 
     async fn list_connectors(
         &self,
-        _request: Request<v1::ListConnectorsRequest>,
+        request: Request<v1::ListConnectorsRequest>,
     ) -> Result<Response<v1::ListConnectorsResponse>, Status> {
-        Ok(Response::new(v1::ListConnectorsResponse {
-            connectors: self.worker.list().await,
-        }))
+        let connectors = if request.into_inner().local {
+            self.worker.local_list().await
+        } else {
+            self.worker.list().await
+        };
+        Ok(Response::new(v1::ListConnectorsResponse { connectors }))
     }
 
     async fn status(

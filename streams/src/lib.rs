@@ -9,6 +9,7 @@ pub mod host;
 pub mod runtime;
 pub mod service;
 pub mod spec;
+pub mod store;
 
 pub use runtime::Runtime;
 pub use service::Service;

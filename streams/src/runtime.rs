@@ -8,12 +8,16 @@
 //! the dead-letter topic. The loop is written so that exactly-once (output, state and
 //! offsets in one transaction) can replace the produce-then-commit step.
 //!
-//! Deployments are saved under `<data dir>/__transforms/` (spec as JSON, component by
-//! SHA-256) and restarted with the broker.
+//! Deployments are defined cluster-wide in the deployment store (`store.rs`): every
+//! broker runs one member of every transform, so the members share the input
+//! partitions through the group, and a broker's death hands its partitions to the
+//! others. A command taken by any broker writes the store; each broker's runtime then
+//! reconciles what it runs with what the store says. Status, list and logs gather what
+//! every live broker reports.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,7 +28,6 @@ use runnel_client::{
     Header, Producer, ProducerConfig, ProducerRecord, StartFrom, next_offsets, v1,
 };
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::host::{
@@ -32,6 +35,12 @@ use crate::host::{
     MEMORY_LIMIT_BYTES_DEFAULT, WasmHost,
 };
 use crate::spec::{self, Start};
+use crate::store::{self, Definition, Kind, Store};
+
+/// How long a command waits for the live brokers to run what it changed.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a broker waits for another's status.
+const PEER_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Why a deploy or an operation was refused.
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +74,8 @@ enum State {
     Failed(String),
 }
 
-/// What is saved of a deployment.
+/// The spec of a deployment as stored, with (not stored in the spec itself) the
+/// component, version and pause flag of the definition it came from.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Saved {
     name: String,
@@ -77,12 +87,66 @@ struct Saved {
     start: String,
     memory_limit_bytes: u64,
     cpu_limit_ms: u32,
+    #[serde(skip)]
+    sha256: String,
+    #[serde(skip)]
+    version: u32,
+    #[serde(skip)]
+    paused: bool,
+}
+
+/// A deployment saved on one broker's disk before definitions were stored cluster-wide;
+/// imported into the store once.
+#[derive(Deserialize)]
+struct LocalSaved {
+    #[serde(flatten)]
+    spec: Saved,
     sha256: String,
     version: u32,
     paused: bool,
 }
 
 impl Saved {
+    fn from_spec(spec: &v1::TransformSpec) -> Saved {
+        Saved {
+            name: spec.name.clone(),
+            input_topic: spec.input_topic.clone(),
+            output_topics: spec.output_topics.clone(),
+            config: spec.config.clone().into_iter().collect(),
+            error_policy: spec.error_policy,
+            dead_letter_topic: spec.dead_letter_topic.clone(),
+            start: spec.start.clone(),
+            memory_limit_bytes: spec.memory_limit_bytes,
+            cpu_limit_ms: spec.cpu_limit_ms,
+            sha256: String::new(),
+            version: 0,
+            paused: false,
+        }
+    }
+
+    fn from_definition(definition: &Definition) -> anyhow::Result<Saved> {
+        let mut saved: Saved = serde_json::from_value(definition.spec.clone())
+            .context("the stored transform spec is unreadable")?;
+        saved.sha256 = definition
+            .components
+            .first()
+            .cloned()
+            .context("the stored transform names no component")?;
+        saved.version = definition.version;
+        saved.paused = definition.paused;
+        Ok(saved)
+    }
+
+    fn definition(&self) -> anyhow::Result<Definition> {
+        Ok(Definition {
+            spec: serde_json::to_value(self)?,
+            components: vec![self.sha256.clone()],
+            paused: self.paused,
+            version: self.version,
+            restarts: 0,
+        })
+    }
+
     fn spec(&self) -> v1::TransformSpec {
         v1::TransformSpec {
             name: self.name.clone(),
@@ -122,7 +186,7 @@ struct Deployment {
     task: tokio::task::JoinHandle<()>,
 }
 
-/// The streams runtime: hosts deployments inside a broker process.
+/// The streams runtime: hosts this broker's members of the cluster's deployments.
 #[derive(Clone)]
 pub struct Runtime {
     inner: Arc<Inner>,
@@ -130,10 +194,15 @@ pub struct Runtime {
 
 struct Inner {
     host: WasmHost,
-    dir: PathBuf,
+    /// Where deployments were saved before the store (imported once).
+    local_dir: PathBuf,
     brokers: std::sync::OnceLock<Vec<String>>,
     client: tokio::sync::OnceCell<Client>,
+    store: std::sync::OnceLock<(Store, u32)>,
     deployments: Mutex<BTreeMap<String, Deployment>>,
+    /// One reconciliation at a time.
+    reconciling: tokio::sync::Mutex<()>,
+    stopping: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -141,22 +210,22 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Runtime {
-    /// Creates the runtime. Tell it where the broker is with [`Runtime::connect_to`]; saved
-    /// deployments start with [`Runtime::resume_saved`] once the broker serves.
+    /// Creates the runtime. Tell it where the broker is with [`Runtime::connect_to`], and
+    /// start it with [`Runtime::run_from`] once the broker serves.
     ///
     /// # Errors
-    /// The Wasm engine or the state directory cannot be set up.
+    /// The Wasm engine cannot be set up.
     pub fn new(data_dir: &std::path::Path) -> anyhow::Result<Self> {
-        let dir = data_dir.join("__transforms");
-        std::fs::create_dir_all(dir.join("wasm"))
-            .with_context(|| format!("creating {}", dir.display()))?;
         Ok(Runtime {
             inner: Arc::new(Inner {
                 host: WasmHost::new()?,
-                dir,
+                local_dir: data_dir.join("__transforms"),
                 brokers: std::sync::OnceLock::new(),
                 client: tokio::sync::OnceCell::new(),
+                store: std::sync::OnceLock::new(),
                 deployments: Mutex::new(BTreeMap::new()),
+                reconciling: tokio::sync::Mutex::new(()),
+                stopping: AtomicBool::new(false),
             }),
         })
     }
@@ -181,37 +250,140 @@ impl Runtime {
         Ok(client.clone())
     }
 
-    /// Restarts every saved deployment.
+    fn store(&self) -> Result<(&Store, u32), DeployError> {
+        self.inner
+            .store
+            .get()
+            .map(|(store, id)| (store, *id))
+            .ok_or_else(|| DeployError::Internal(anyhow::anyhow!("the runtime is not started")))
+    }
+
+    /// Runs this broker's members of the deployments in `store` (`node_id` is this
+    /// broker), from now on and as the store changes. Deployments saved on this broker's
+    /// disk by an earlier version are moved into the store first.
     ///
     /// # Errors
-    /// A saved deployment cannot be read.
-    pub async fn resume_saved(&self) -> anyhow::Result<()> {
-        for entry in std::fs::read_dir(&self.inner.dir)? {
+    /// The runtime was started already.
+    pub fn run_from(&self, store: Store, node_id: u32) -> anyhow::Result<()> {
+        self.inner
+            .store
+            .set((store.clone(), node_id))
+            .map_err(|_| anyhow::anyhow!("the streams runtime is started already"))?;
+        let runtime = self.clone();
+        tokio::spawn(async move {
+            if let Err(err) = store.caught_up().await {
+                tracing::error!(error = %err, "the deployment store cannot be read");
+                return;
+            }
+            if let Err(err) = runtime.import_local(&store).await {
+                tracing::error!(error = %format!("{err:#}"), "cannot import the transforms saved on this broker");
+            }
+            let mut changes = store.watch();
+            loop {
+                runtime.reconcile().await;
+                if changes.changed().await.is_err()
+                    || runtime.inner.stopping.load(Ordering::Relaxed)
+                {
+                    return;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Moves deployments saved under `<data>/__transforms` into the store (unless it
+    /// has one of that name), renaming each file to `.imported`.
+    async fn import_local(&self, store: &Store) -> anyhow::Result<()> {
+        let Ok(entries) = std::fs::read_dir(&self.inner.local_dir) else {
+            return Ok(());
+        };
+        for entry in entries {
             let path = entry?.path();
             if path.extension().is_none_or(|e| e != "json") {
                 continue;
             }
-            let saved: Saved = serde_json::from_slice(&std::fs::read(&path)?)
+            let local: LocalSaved = serde_json::from_slice(&std::fs::read(&path)?)
                 .with_context(|| format!("reading {}", path.display()))?;
-            let wasm_path = self
-                .inner
-                .dir
-                .join("wasm")
-                .join(format!("{}.wasm", saved.sha256));
-            let wasm = std::fs::read(&wasm_path)
-                .with_context(|| format!("reading {}", wasm_path.display()))?;
-            if let Err(err) = self.start(saved.clone(), &wasm) {
-                tracing::error!(transform = %saved.name, error = %err, "cannot restart saved transform");
+            let name = local.spec.name.clone();
+            if store.snapshot().get(Kind::Transform, &name).is_none() {
+                let wasm_path = self
+                    .inner
+                    .local_dir
+                    .join("wasm")
+                    .join(format!("{}.wasm", local.sha256));
+                let wasm = std::fs::read(&wasm_path)
+                    .with_context(|| format!("reading {}", wasm_path.display()))?;
+                let mut saved = local.spec;
+                saved.sha256 = store.put_component(&wasm).await?;
+                saved.version = local.version;
+                saved.paused = local.paused;
+                store
+                    .put(Kind::Transform, &name, Some(&saved.definition()?))
+                    .await?;
+                tracing::info!(transform = %name, "imported a transform saved on this broker into {}", store::TOPIC);
             }
+            std::fs::rename(&path, path.with_extension("json.imported"))?;
         }
         Ok(())
     }
 
-    /// Deploys (or redeploys) a transform.
+    /// Makes this broker run one member of every stored deployment, at its stored
+    /// version and pause state, and nothing else.
+    async fn reconcile(&self) {
+        let Ok((store, _)) = self.store() else {
+            return;
+        };
+        let _one = self.inner.reconciling.lock().await;
+        if self.inner.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        let snapshot = store.snapshot();
+        if !snapshot.caught_up {
+            return;
+        }
+        let wanted: BTreeMap<String, Definition> = snapshot
+            .of(Kind::Transform)
+            .map(|(name, d)| (name.clone(), d.clone()))
+            .collect();
+        let replaced: Vec<String> = lock(&self.inner.deployments)
+            .iter()
+            .filter(|(name, d)| {
+                wanted
+                    .get(*name)
+                    .is_none_or(|w| w.version != d.saved.version)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in replaced {
+            self.stop_local(&name).await;
+        }
+        for (name, definition) in wanted {
+            let running = lock(&self.inner.deployments)
+                .get(&name)
+                .map(|d| d.saved.paused);
+            match running {
+                Some(paused) if paused == definition.paused => {}
+                Some(_) => self.set_local_paused(&name, definition.paused),
+                None => {
+                    if let Err(err) = self.start_stored(store, &definition) {
+                        tracing::error!(transform = %name, error = %format!("{err:#}"), "cannot start the transform");
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_stored(&self, store: &Store, definition: &Definition) -> anyhow::Result<()> {
+        let saved = Saved::from_definition(definition)?;
+        let wasm = store.component(&saved.sha256)?;
+        self.start(saved, &wasm)
+    }
+
+    /// Deploys (or redeploys) a transform on every broker.
     ///
     /// # Errors
     /// An invalid spec, unknown topics, a component that does not compile or whose
-    /// `init` refuses the config.
+    /// `init` refuses the config, or a store that cannot be written.
     pub async fn deploy(
         &self,
         spec: v1::TransformSpec,
@@ -233,29 +405,13 @@ impl Runtime {
                 return Err(DeployError::Invalid(format!("topic {topic:?}: {err}")));
             }
         }
-        let sha256 = hex(&Sha256::digest(wasm));
-        let version = lock(&self.inner.deployments)
-            .get(&spec.name)
-            .map_or(1, |d| d.saved.version + 1);
-        let saved = Saved {
-            name: spec.name.clone(),
-            input_topic: spec.input_topic.clone(),
-            output_topics: spec.output_topics.clone(),
-            config: spec.config.clone().into_iter().collect(),
-            error_policy: spec.error_policy,
-            dead_letter_topic: spec.dead_letter_topic.clone(),
-            start: spec.start.clone(),
-            memory_limit_bytes: spec.memory_limit_bytes,
-            cpu_limit_ms: spec.cpu_limit_ms,
-            sha256: sha256.clone(),
-            version,
-            paused: false,
-        };
+        let mut saved = Saved::from_spec(&spec);
+        saved.sha256 = store::sha256_hex(wasm);
         // Compile and initialise once now, so a broken component or config is refused here.
         let pre = self
             .inner
             .host
-            .prepare(&sha256, wasm)
+            .prepare(&saved.sha256, wasm)
             .map_err(|e| DeployError::Invalid(e.0))?;
         let config: Vec<(String, String)> = saved.config.clone().into_iter().collect();
         self.inner
@@ -269,29 +425,44 @@ impl Runtime {
                 LogBuffer::default(),
             )
             .map_err(|e| DeployError::Invalid(e.0))?;
-        let old = lock(&self.inner.deployments).remove(&spec.name);
-        if let Some(old) = old {
-            old.control.send_replace(Control::Stop);
-            // The old task commits what it finished, then leaves the group.
-            let task = old.task;
-            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
-        }
-        std::fs::write(
-            self.inner.dir.join("wasm").join(format!("{sha256}.wasm")),
-            wasm,
-        )
-        .map_err(anyhow::Error::from)?;
-        self.save(&saved)?;
-        self.start(saved, wasm)?;
-        self.status(&spec.name).await
+        let (store, _) = self.store()?;
+        let snapshot = store.caught_up().await?;
+        saved.version = snapshot
+            .get(Kind::Transform, &spec.name)
+            .map_or(1, |d| d.version + 1);
+        store.put_component(wasm).await?;
+        store
+            .put(Kind::Transform, &spec.name, Some(&saved.definition()?))
+            .await?;
+        self.reconcile().await;
+        self.settled_status(&spec.name, |s| s.state != "Starting")
+            .await
     }
 
-    fn save(&self, saved: &Saved) -> anyhow::Result<()> {
-        let path = self.inner.dir.join(format!("{}.json", saved.name));
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(saved)?)?;
-        std::fs::rename(&tmp, &path)?;
-        Ok(())
+    /// The cluster's status of `name` once `done` holds of it (or after
+    /// [`SETTLE_TIMEOUT`], as it is then).
+    async fn settled_status(
+        &self,
+        name: &str,
+        done: impl Fn(&v1::TransformStatus) -> bool,
+    ) -> Result<v1::TransformStatus, DeployError> {
+        let deadline = tokio::time::Instant::now() + SETTLE_TIMEOUT;
+        loop {
+            let status = self.status(name).await?;
+            let live = self.live_count().await;
+            let everywhere = status.brokers.len() >= live;
+            if (done(&status) && everywhere) || tokio::time::Instant::now() >= deadline {
+                return Ok(status);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn live_count(&self) -> usize {
+        match self.client().await {
+            Ok(client) => store::live_brokers(&client).await.map_or(1, |b| b.len()),
+            Err(_) => 1,
+        }
     }
 
     fn start(&self, saved: Saved, wasm: &[u8]) -> anyhow::Result<()> {
@@ -342,21 +513,16 @@ impl Runtime {
         Ok(())
     }
 
-    /// # Errors
-    /// Unknown transform.
-    pub async fn status(&self, name: &str) -> Result<v1::TransformStatus, DeployError> {
-        let (mut status, input) = {
-            let deployments = lock(&self.inner.deployments);
-            let d = deployments
-                .get(name)
-                .ok_or_else(|| DeployError::Unknown(name.to_string()))?;
-            let state = lock(&d.state).clone();
-            let (state, error) = match state {
-                State::Running => ("Running", String::new()),
-                State::Paused => ("Paused", String::new()),
-                State::Failed(reason) => ("Failed", reason),
-            };
-            (
+    /// What this broker runs, as it runs it (no lag: that is the cluster's).
+    pub fn local_list(&self) -> Vec<v1::TransformStatus> {
+        lock(&self.inner.deployments)
+            .values()
+            .map(|d| {
+                let (state, error) = match lock(&d.state).clone() {
+                    State::Running => ("Running", String::new()),
+                    State::Paused => ("Paused", String::new()),
+                    State::Failed(reason) => ("Failed", reason),
+                };
                 v1::TransformStatus {
                     spec: Some(d.saved.spec()),
                     state: state.into(),
@@ -367,12 +533,123 @@ impl Runtime {
                     lag: -1,
                     version: d.saved.version,
                     wasm_sha256: d.saved.sha256.clone(),
-                },
-                d.saved.input_topic.clone(),
-            )
+                    brokers: Vec::new(),
+                }
+            })
+            .collect()
+    }
+
+    /// What every live broker runs, by broker id, and with `logs_of` that deployment's
+    /// log lines of each.
+    async fn gather(
+        &self,
+        logs_of: Option<&str>,
+    ) -> (BTreeMap<u32, Vec<v1::TransformStatus>>, Vec<String>) {
+        let own = self.store().map_or(0, |(_, id)| id);
+        let mut statuses = BTreeMap::new();
+        let mut lines = Vec::new();
+        statuses.insert(own, self.local_list());
+        if let Some(name) = logs_of
+            && let Ok(local) = self.local_logs(name)
+        {
+            lines.extend(local.into_iter().map(|l| format!("[broker {own}] {l}")));
+        }
+        let live = match self.client().await {
+            Ok(client) => store::live_brokers(&client).await.unwrap_or_default(),
+            Err(_) => Vec::new(),
         };
-        status.lag = self.lag(name, &input).await.unwrap_or(-1);
-        Ok(status)
+        for broker in live.into_iter().filter(|b| b.id != own) {
+            let asked = tokio::time::timeout(
+                PEER_TIMEOUT,
+                Admin::local_transforms(&broker.address, logs_of),
+            )
+            .await;
+            match asked {
+                Ok(Ok((list, broker_lines))) => {
+                    statuses.insert(broker.id, list);
+                    lines.extend(
+                        broker_lines
+                            .into_iter()
+                            .map(|l| format!("[broker {}] {l}", broker.id)),
+                    );
+                }
+                Ok(Err(err)) => {
+                    tracing::debug!(broker = broker.id, error = %err, "no transform status from the broker");
+                }
+                Err(_) => {
+                    tracing::debug!(
+                        broker = broker.id,
+                        "no transform status from the broker in time"
+                    );
+                }
+            }
+        }
+        (statuses, lines)
+    }
+
+    /// The cluster's status of every deployment: the stored definition, and what the
+    /// brokers running its current version report.
+    async fn cluster_statuses(&self, only: Option<&str>) -> Vec<v1::TransformStatus> {
+        let Ok((store, _)) = self.store() else {
+            return Vec::new();
+        };
+        let snapshot = store.snapshot();
+        let (statuses, _) = self.gather(None).await;
+        let mut out = Vec::new();
+        for (name, definition) in snapshot.of(Kind::Transform) {
+            if only.is_some_and(|o| o != name) {
+                continue;
+            }
+            let Ok(saved) = Saved::from_definition(definition) else {
+                continue;
+            };
+            let mut status = v1::TransformStatus {
+                spec: Some(saved.spec()),
+                version: saved.version,
+                wasm_sha256: saved.sha256.clone(),
+                lag: -1,
+                ..Default::default()
+            };
+            let mut failures = Vec::new();
+            for (broker, list) in &statuses {
+                let Some(member) = list.iter().find(|s| {
+                    s.spec.as_ref().is_some_and(|spec| &spec.name == name)
+                        && s.version == definition.version
+                }) else {
+                    continue;
+                };
+                status.brokers.push(*broker);
+                status.records_in += member.records_in;
+                status.records_out += member.records_out;
+                status.record_errors += member.record_errors;
+                if member.state == "Failed" {
+                    failures.push(format!("broker {broker}: {}", member.error));
+                }
+            }
+            status.state = if !failures.is_empty() {
+                status.error = failures.join("; ");
+                "Failed"
+            } else if definition.paused {
+                "Paused"
+            } else if status.brokers.is_empty() {
+                "Starting"
+            } else {
+                "Running"
+            }
+            .into();
+            status.lag = self.lag(name, &saved.input_topic).await.unwrap_or(-1);
+            out.push(status);
+        }
+        out
+    }
+
+    /// # Errors
+    /// Unknown transform.
+    pub async fn status(&self, name: &str) -> Result<v1::TransformStatus, DeployError> {
+        self.cluster_statuses(Some(name))
+            .await
+            .pop()
+            .ok_or_else(|| DeployError::Unknown(name.to_string()))
     }
 
     async fn lag(&self, name: &str, input: &str) -> anyhow::Result<i64> {
@@ -401,67 +678,84 @@ impl Runtime {
             .sum())
     }
 
+    /// Every deployment of the cluster.
     pub async fn list(&self) -> Vec<v1::TransformStatus> {
-        let names: Vec<String> = lock(&self.inner.deployments).keys().cloned().collect();
-        let mut out = Vec::new();
-        for name in names {
-            if let Ok(status) = self.status(&name).await {
-                out.push(status);
-            }
-        }
-        out
+        self.cluster_statuses(None).await
     }
 
+    /// Pauses or resumes a deployment on every broker.
+    ///
     /// # Errors
-    /// Unknown transform.
+    /// Unknown transform, or a store that cannot be written.
     pub async fn set_paused(
         &self,
         name: &str,
         paused: bool,
     ) -> Result<v1::TransformStatus, DeployError> {
-        let saved = {
-            let mut deployments = lock(&self.inner.deployments);
-            let d = deployments
-                .get_mut(name)
-                .ok_or_else(|| DeployError::Unknown(name.to_string()))?;
-            d.saved.paused = paused;
-            d.control
-                .send_replace(if paused { Control::Pause } else { Control::Run });
-            let mut state = lock(&d.state);
-            if !matches!(*state, State::Failed(_)) {
-                *state = if paused {
-                    State::Paused
-                } else {
-                    State::Running
-                };
-            }
-            d.log.push(format!(
-                "[runtime] {}",
-                if paused { "paused" } else { "resumed" }
-            ));
-            d.saved.clone()
-        };
-        self.save(&saved)?;
+        let (store, _) = self.store()?;
+        let snapshot = store.caught_up().await?;
+        let mut definition = snapshot
+            .get(Kind::Transform, name)
+            .cloned()
+            .ok_or_else(|| DeployError::Unknown(name.to_string()))?;
+        definition.paused = paused;
+        store.put(Kind::Transform, name, Some(&definition)).await?;
+        self.reconcile().await;
         self.status(name).await
     }
 
-    /// Stops a deployment and forgets it; its consumer group's offsets stay.
+    fn set_local_paused(&self, name: &str, paused: bool) {
+        let mut deployments = lock(&self.inner.deployments);
+        let Some(d) = deployments.get_mut(name) else {
+            return;
+        };
+        d.saved.paused = paused;
+        d.control
+            .send_replace(if paused { Control::Pause } else { Control::Run });
+        let mut state = lock(&d.state);
+        if !matches!(*state, State::Failed(_)) {
+            *state = if paused {
+                State::Paused
+            } else {
+                State::Running
+            };
+        }
+        d.log.push(format!(
+            "[runtime] {}",
+            if paused { "paused" } else { "resumed" }
+        ));
+    }
+
+    /// Stops and forgets a deployment on every broker; its consumer group's offsets stay.
     ///
     /// # Errors
-    /// Unknown transform.
+    /// Unknown transform, or a store that cannot be written.
     pub async fn remove(&self, name: &str) -> Result<(), DeployError> {
-        let deployment = lock(&self.inner.deployments)
-            .remove(name)
-            .ok_or_else(|| DeployError::Unknown(name.to_string()))?;
-        deployment.control.send_replace(Control::Stop);
-        let _ = tokio::time::timeout(Duration::from_secs(10), deployment.task).await;
-        let _ = std::fs::remove_file(self.inner.dir.join(format!("{name}.json")));
+        let (store, _) = self.store()?;
+        let snapshot = store.caught_up().await?;
+        if snapshot.get(Kind::Transform, name).is_none() {
+            return Err(DeployError::Unknown(name.to_string()));
+        }
+        store.put(Kind::Transform, name, None).await?;
+        self.reconcile().await;
         Ok(())
     }
 
-    /// Stops every deployment, letting each commit what was acknowledged; they start
-    /// again from the saved specs on the next start.
+    /// Stops this broker's member of a deployment, letting it commit what was
+    /// acknowledged.
+    async fn stop_local(&self, name: &str) {
+        let Some(deployment) = lock(&self.inner.deployments).remove(name) else {
+            return;
+        };
+        deployment.control.send_replace(Control::Stop);
+        let _ = tokio::time::timeout(Duration::from_secs(10), deployment.task).await;
+    }
+
+    /// Stops every deployment on this broker, letting each commit what was acknowledged;
+    /// the store still has them, so they start again with the broker.
     pub async fn shutdown(&self) {
+        self.inner.stopping.store(true, Ordering::Relaxed);
+        let _one = self.inner.reconciling.lock().await;
         let deployments: Vec<Deployment> = std::mem::take(&mut *lock(&self.inner.deployments))
             .into_values()
             .collect();
@@ -473,18 +767,29 @@ impl Runtime {
         }
     }
 
+    /// This broker's log lines of a deployment.
+    ///
     /// # Errors
-    /// Unknown transform.
-    pub fn logs(&self, name: &str) -> Result<Vec<String>, DeployError> {
+    /// This broker does not run it.
+    pub fn local_logs(&self, name: &str) -> Result<Vec<String>, DeployError> {
         lock(&self.inner.deployments)
             .get(name)
             .map(|d| d.log.lines())
             .ok_or_else(|| DeployError::Unknown(name.to_string()))
     }
-}
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    /// A deployment's log lines from every broker running it, each marked with its
+    /// broker.
+    ///
+    /// # Errors
+    /// Unknown transform.
+    pub async fn logs(&self, name: &str) -> Result<Vec<String>, DeployError> {
+        let (store, _) = self.store()?;
+        if store.snapshot().get(Kind::Transform, name).is_none() {
+            return Err(DeployError::Unknown(name.to_string()));
+        }
+        Ok(self.gather(Some(name)).await.1)
+    }
 }
 
 pub fn group_name(transform: &str) -> String {

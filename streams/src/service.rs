@@ -61,11 +61,14 @@ impl transforms_server::Transforms for Service {
 
     async fn list_transforms(
         &self,
-        _request: Request<v1::ListTransformsRequest>,
+        request: Request<v1::ListTransformsRequest>,
     ) -> Result<Response<v1::ListTransformsResponse>, Status> {
-        Ok(Response::new(v1::ListTransformsResponse {
-            transforms: self.runtime.list().await,
-        }))
+        let transforms = if request.into_inner().local {
+            self.runtime.local_list()
+        } else {
+            self.runtime.list().await
+        };
+        Ok(Response::new(v1::ListTransformsResponse { transforms }))
     }
 
     async fn describe_transform(
@@ -117,12 +120,15 @@ impl transforms_server::Transforms for Service {
 
     async fn logs(
         &self,
-        request: Request<v1::TransformName>,
+        request: Request<v1::TransformLogsRequest>,
     ) -> Result<Response<v1::TransformLogs>, Status> {
-        let lines = self
-            .runtime
-            .logs(&request.into_inner().name)
-            .map_err(status)?;
+        let request = request.into_inner();
+        let lines = if request.local {
+            self.runtime.local_logs(&request.name)
+        } else {
+            self.runtime.logs(&request.name).await
+        }
+        .map_err(status)?;
         Ok(Response::new(v1::TransformLogs { lines }))
     }
 }

@@ -7,6 +7,7 @@ mod connect;
 mod coordinator;
 mod groups;
 mod replication;
+mod runtimes;
 mod support;
 mod transforms;
 

@@ -118,7 +118,7 @@ async fn count(
 
 /// Creates `topic` with one partition, `rf` replicas and, when given, a
 /// `min.insync.replicas`.
-fn create_topic(cluster: &Cluster, topic: &str, rf: u32, min_insync: Option<u32>) {
+pub(crate) fn create_topic(cluster: &Cluster, topic: &str, rf: u32, min_insync: Option<u32>) {
     let rf = rf.to_string();
     let min_insync = min_insync.map(|m| format!("min.insync.replicas={m}"));
     let mut args = vec!["topic", "create", topic, "--replication-factor", &rf];
@@ -804,7 +804,14 @@ fn a_full_disk_moves_leadership_away_and_the_replica_recovers_without_a_restart(
     let dir = tempfile::tempdir().expect("tempdir");
     // Broker 3's copy of the partition lives on a 1 MiB disk.
     let disk = SmallDisk::mount(&dir.path().join("node-3/full-0"), "1m");
-    let cluster = Cluster::start(dir.path(), 3);
+    // While the disk stays full, broker 3's replica reopens, catches up on what fits and
+    // rejoins the ISR before failing again; the preferred-leader check must not hand
+    // it the leadership in such a window (a slow run reaches its 30 s interval).
+    let cluster = Cluster::start_with(
+        dir.path(),
+        3,
+        &["--leader-imbalance-check-interval-ms", "0"],
+    );
     create_topic(&cluster, "full", 3, Some(2));
     // 2.2 MB with acks=all: every line is acknowledged although one replica fills up.
     let input: String = (0..20_000)

@@ -330,18 +330,20 @@ impl Broker {
     }
 
     /// Creates the compacted internal topics once the cluster is bootstrapped:
-    /// `__consumer_offsets` (written by the broker) and `__connect_offsets` (written by
-    /// connect workers). Creating one that exists is not an error.
+    /// `__consumer_offsets` (written by the broker), `__connect_offsets` (written by
+    /// connect workers) and `__deployments` (written by the streams and connect
+    /// runtimes). Creating one that exists is not an error.
     ///
     /// # Errors
     /// The controller quorum did not answer.
     pub(crate) async fn ensure_internal_topics(&self) -> Result<(), BrokerError> {
         use crate::offsets::{
-            CONNECT_OFFSETS_TOPIC, CONNECT_OFFSETS_TOPIC_PARTITIONS, OFFSETS_TOPIC,
+            CONNECT_OFFSETS_TOPIC, CONNECT_OFFSETS_TOPIC_PARTITIONS, DEPLOYMENTS_MAX_MESSAGE_BYTES,
+            DEPLOYMENTS_TOPIC, DEPLOYMENTS_TOPIC_PARTITIONS, OFFSETS_TOPIC,
             OFFSETS_TOPIC_PARTITIONS,
         };
         let missing = |image: &MetadataImage| {
-            [OFFSETS_TOPIC, CONNECT_OFFSETS_TOPIC]
+            [OFFSETS_TOPIC, CONNECT_OFFSETS_TOPIC, DEPLOYMENTS_TOPIC]
                 .iter()
                 .any(|name| !image.metadata.topics.contains_key(*name))
         };
@@ -352,6 +354,7 @@ impl Broker {
         for (name, partitions) in [
             (OFFSETS_TOPIC, OFFSETS_TOPIC_PARTITIONS),
             (CONNECT_OFFSETS_TOPIC, CONNECT_OFFSETS_TOPIC_PARTITIONS),
+            (DEPLOYMENTS_TOPIC, DEPLOYMENTS_TOPIC_PARTITIONS),
         ] {
             if self.image().metadata.topics.contains_key(name) {
                 continue;
@@ -361,15 +364,19 @@ impl Broker {
             } else {
                 "1"
             };
-            let configs: BTreeMap<String, String> = [
+            let mut configs = vec![
                 ("cleanup.policy", "compact"),
                 ("segment.bytes", "104857600"),
                 ("retention.ms", "-1"),
                 ("min.insync.replicas", min_insync),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+            ];
+            if name == DEPLOYMENTS_TOPIC {
+                configs.push(("max.message.bytes", DEPLOYMENTS_MAX_MESSAGE_BYTES));
+            }
+            let configs: BTreeMap<String, String> = configs
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
             let command = Command::CreateTopic {
                 name: name.to_string(),
                 partitions,
@@ -769,8 +776,8 @@ impl Broker {
         .boxed()
     }
 
-    /// Refuses writes to internal topics (but `__connect_offsets`, which connect workers
-    /// write).
+    /// Refuses writes to internal topics but those the runtimes write
+    /// (`__connect_offsets`, `__deployments`).
     fn check_produce_topic(&self, topic: &str) -> Result<(), BrokerError> {
         let internal = self
             .image()
@@ -778,7 +785,11 @@ impl Broker {
             .topics
             .get(topic)
             .is_some_and(|t| t.internal);
-        if internal && topic != crate::offsets::CONNECT_OFFSETS_TOPIC {
+        let written_by_runtimes = [
+            crate::offsets::CONNECT_OFFSETS_TOPIC,
+            crate::offsets::DEPLOYMENTS_TOPIC,
+        ];
+        if internal && !written_by_runtimes.contains(&topic) {
             return Err(BrokerError::InvalidRequest {
                 reason: format!("topic {topic:?} is internal: only the broker writes to it"),
             });

@@ -25,10 +25,15 @@ use crate::group::{GroupRecord, MemberRecord};
 
 pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
 pub const OFFSETS_TOPIC_PARTITIONS: u32 = 8;
-/// Where connect workers commit source positions (key: connector name). The one internal
-/// topic clients write to.
+/// Where connect workers commit source positions (key: connector name).
 pub const CONNECT_OFFSETS_TOPIC: &str = "__connect_offsets";
 pub const CONNECT_OFFSETS_TOPIC_PARTITIONS: u32 = 1;
+/// The definitions of transforms and connectors and their components, written by the
+/// runtimes (`runnel_streams::store`); one partition keeps one order of changes.
+pub const DEPLOYMENTS_TOPIC: &str = "__deployments";
+pub const DEPLOYMENTS_TOPIC_PARTITIONS: u32 = 1;
+/// A component (up to 32 MiB) travels as one record.
+pub const DEPLOYMENTS_MAX_MESSAGE_BYTES: &str = "41943040";
 /// Longest metadata string stored with a commit (Kafka's `offset.metadata.max.bytes`).
 pub const METADATA_BYTES_MAX: usize = 4096;
 const VERSION: u16 = 1;
