@@ -271,8 +271,8 @@ impl Runtime {
             .map_err(|_| anyhow::anyhow!("the streams runtime is started already"))?;
         let runtime = self.clone();
         tokio::spawn(async move {
-            if let Err(err) = store.caught_up().await {
-                tracing::error!(error = %err, "the deployment store cannot be read");
+            // Fails only once the store is closed: the broker stopped first.
+            if store.caught_up().await.is_err() {
                 return;
             }
             if let Err(err) = runtime.import_local(&store).await {

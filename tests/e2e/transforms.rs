@@ -533,3 +533,59 @@ fn transform_test_runs_a_component_without_a_broker() {
         "{err}"
     );
 }
+
+#[test]
+fn deployments_saved_on_a_brokers_disk_by_an_earlier_version_are_imported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().canonicalize().expect("canonical");
+    let data = root.join("data");
+    // A data directory as an earlier version left it: each deployment as a file of the
+    // broker that ran it.
+    let dev = Dev::start(&data);
+    dev.ok(&["topic", "create", "src"], "");
+    dev.ok(&["topic", "create", "dst"], "");
+    dev.stop();
+    std::fs::create_dir_all(data.join("__transforms/wasm")).expect("mkdir");
+    std::fs::copy(wasm("identity"), data.join("__transforms/wasm/old.wasm")).expect("copy");
+    std::fs::write(
+        data.join("__transforms/pass.json"),
+        r#"{"name":"pass","input_topic":"src","output_topics":["dst"],"config":{},
+            "error_policy":0,"dead_letter_topic":"","start":"earliest",
+            "memory_limit_bytes":0,"cpu_limit_ms":0,"sha256":"old","version":3,"paused":false}"#,
+    )
+    .expect("write");
+    std::fs::create_dir_all(root.join("in")).expect("mkdir");
+    std::fs::write(root.join("in/app.log"), "one\ntwo\n").expect("write");
+    let yaml = format!(
+        "name: app-logs\nkind: source\nconnector: file-source\ntopic: src\nconfig:\n  path: {in_dir}/app.log\ncapabilities:\n  dirs:\n    - {{ path: {in_dir}, mode: read }}\n",
+        in_dir = root.join("in").display()
+    );
+    std::fs::create_dir_all(data.join("__connect/wasm")).expect("mkdir");
+    std::fs::write(
+        data.join("__connect/app-logs.json"),
+        serde_json::json!({
+            "file": root.join("source.yaml").display().to_string(),
+            "yaml": yaml,
+            "connector_sha256": "",
+            "transform_sha256": [],
+            "paused": false,
+        })
+        .to_string(),
+    )
+    .expect("write");
+    let dev = Dev::start(&data);
+    // Both run again, from the cluster's store, and the files are marked imported.
+    assert_eq!(wait_for_lines(&dev, "dst", 2), ["one", "two"]);
+    let describe = dev.ok(&["transform", "describe", "pass"], "");
+    assert!(describe.contains("version 3"), "{describe}");
+    assert!(describe.contains("Brokers:     1"), "{describe}");
+    let status = dev.ok(&["connector", "status", "app-logs"], "");
+    assert!(status.contains("Running on broker 1"), "{status}");
+    assert!(data.join("__transforms/pass.json.imported").exists());
+    assert!(data.join("__connect/app-logs.json.imported").exists());
+    // Imported once: a restart runs them from the store.
+    dev.stop();
+    let dev = Dev::start(&data);
+    std::fs::write(root.join("in/app.log"), "one\ntwo\nthree\n").expect("write");
+    assert_eq!(wait_for_lines(&dev, "dst", 3), ["one", "two", "three"]);
+}
