@@ -13,6 +13,16 @@ use crate::error::ClientError;
 /// How long group administration retries while the group's coordinator moves.
 const ADMIN_GROUP_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// A channel to the broker at `address`.
+async fn connect_to_broker(address: &str) -> Result<tonic::transport::Channel, ClientError> {
+    Client::connect_to(address)
+        .await
+        .ok_or_else(|| ClientError::Connect {
+            brokers: address.to_string(),
+            reason: "unreachable".into(),
+        })
+}
+
 /// The admin API: topics, configs, offsets and cluster information.
 #[derive(Clone)]
 pub struct Admin {
@@ -416,12 +426,7 @@ impl Admin {
         address: &str,
         logs_of: Option<&str>,
     ) -> Result<(Vec<v1::TransformStatus>, Vec<String>), ClientError> {
-        let channel = Client::connect_to(address)
-            .await
-            .ok_or_else(|| ClientError::Connect {
-                brokers: address.to_string(),
-                reason: "unreachable".into(),
-            })?;
+        let channel = connect_to_broker(address).await?;
         let mut rpc = runnel_proto::v1::transforms_client::TransformsClient::new(channel);
         let transforms = rpc
             .list_transforms(v1::ListTransformsRequest { local: true })
@@ -450,12 +455,7 @@ impl Admin {
     /// # Errors
     /// The broker cannot be reached.
     pub async fn local_connectors(address: &str) -> Result<Vec<v1::ConnectorStatus>, ClientError> {
-        let channel = Client::connect_to(address)
-            .await
-            .ok_or_else(|| ClientError::Connect {
-                brokers: address.to_string(),
-                reason: "unreachable".into(),
-            })?;
+        let channel = connect_to_broker(address).await?;
         Ok(
             runnel_proto::v1::connectors_client::ConnectorsClient::new(channel)
                 .list_connectors(v1::ListConnectorsRequest { local: true })

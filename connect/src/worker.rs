@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use runnel_client::{Admin, Client, v1};
 use runnel_streams::host::{LogBuffer, WasmHost};
-use runnel_streams::store::{self, Definition, Kind as Stored, Store};
+use runnel_streams::store::{self, Definition, Kind as Stored, Reconciler, Store};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -252,77 +252,7 @@ impl Worker {
             .store
             .set((store.clone(), node_id))
             .map_err(|_| anyhow::anyhow!("the connect worker is started already"))?;
-        let worker = self.clone();
-        tokio::spawn(async move {
-            // Fails only once the store is closed: the broker stopped first.
-            if store.caught_up().await.is_err() {
-                return;
-            }
-            if let Err(err) = worker.import_local(&store).await {
-                tracing::error!(error = %format!("{err:#}"), "cannot import the connectors saved on this broker");
-            }
-            let mut changes = store.watch();
-            loop {
-                worker.reconcile().await;
-                tokio::select! {
-                    changed = changes.changed() => if changed.is_err() { return },
-                    () = tokio::time::sleep(RECONCILE_INTERVAL) => {}
-                }
-                if worker.inner.stopping.load(Ordering::Relaxed) {
-                    return;
-                }
-            }
-        });
-        Ok(())
-    }
-
-    /// Moves connectors saved under `<data>/__connect` into the store (unless it has one
-    /// of that name), renaming each file to `.imported`.
-    async fn import_local(&self, store: &Store) -> anyhow::Result<()> {
-        let Some(dir) = self.inner.local_dir.clone() else {
-            return Ok(());
-        };
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            return Ok(());
-        };
-        for entry in entries {
-            let path = entry?.path();
-            if path.extension().is_none_or(|e| e != "json") {
-                continue;
-            }
-            let local: LocalSaved = serde_json::from_slice(&std::fs::read(&path)?)
-                .with_context(|| format!("reading {}", path.display()))?;
-            let spec = spec::parse(&local.file, &local.yaml)?;
-            if store
-                .snapshot()
-                .get(Stored::Connector, &spec.name)
-                .is_none()
-            {
-                let read = |sha: &str| -> anyhow::Result<Vec<u8>> {
-                    let file = dir.join("wasm").join(format!("{sha}.wasm"));
-                    std::fs::read(&file).with_context(|| format!("reading {}", file.display()))
-                };
-                let connector = match &spec.component {
-                    spec::Component::Builtin(name) => crate::builtin::component(name)
-                        .map(Arc::from)
-                        .ok_or_else(|| anyhow::anyhow!("unknown connector {name:?}"))?,
-                    spec::Component::File(_) => Arc::from(read(&local.connector_sha256)?),
-                };
-                let transforms = local
-                    .transform_sha256
-                    .iter()
-                    .map(|sha| read(sha).map(Arc::from))
-                    .collect::<anyhow::Result<Vec<_>>>()?;
-                let components = Components {
-                    connector,
-                    transforms,
-                };
-                self.put_stored(store, &spec, &local.yaml, &components, local.paused)
-                    .await?;
-                tracing::info!(connector = %spec.name, "imported a connector saved on this broker into {}", store::TOPIC);
-            }
-            std::fs::rename(&path, path.with_extension("json.imported"))?;
-        }
+        store::spawn_reconciler(store, self.clone(), Some(RECONCILE_INTERVAL));
         Ok(())
     }
 
@@ -401,79 +331,6 @@ impl Worker {
         ))
     }
 
-    /// Makes this broker run exactly the stored connectors it owns among the live
-    /// brokers, at their stored version, restart count and pause state.
-    async fn reconcile(&self) {
-        let Some((store, me)) = self.store() else {
-            return;
-        };
-        let _one = self.inner.reconciling.lock().await;
-        if self.inner.stopping.load(Ordering::Relaxed) {
-            return;
-        }
-        let snapshot = store.snapshot();
-        if !snapshot.caught_up {
-            return;
-        }
-        let live = match self.client().await {
-            Ok(client) => store::live_brokers(&client).await,
-            Err(err) => Err(runnel_client::ClientError::InvalidArgument(err.to_string())),
-        };
-        // Without a view of the live brokers nothing moves: what runs goes on.
-        let Ok(live) = live else {
-            return;
-        };
-        let live: Vec<u32> = live.iter().map(|b| b.id).collect();
-        let wanted: BTreeMap<String, Definition> = snapshot
-            .of(Stored::Connector)
-            .filter(|(name, _)| store::owner(name, &live) == Some(me))
-            .map(|(name, d)| (name.clone(), d.clone()))
-            .collect();
-        let stale: Vec<String> = lock(&self.inner.connectors)
-            .iter()
-            .filter(|(name, r)| {
-                wanted
-                    .get(*name)
-                    .is_none_or(|w| w.version != r.version || w.restarts != r.restarts)
-            })
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in stale {
-            tracing::info!(connector = %name, "stopping the connector here");
-            let _ = self.stop(&name).await;
-        }
-        let starting = wanted
-            .keys()
-            .any(|name| !lock(&self.inner.connectors).contains_key(name));
-        // A connector moves here only once its previous broker has stopped it: that
-        // broker sees the change within a reconcile interval, and until then the two
-        // would read the same source twice.
-        let elsewhere = if starting {
-            self.running_elsewhere(me).await
-        } else {
-            BTreeSet::new()
-        };
-        for (name, definition) in wanted {
-            let paused = lock(&self.inner.connectors).get(&name).map(|r| r.paused);
-            match paused {
-                Some(paused) if paused == definition.paused => {}
-                Some(_) => self.set_local_paused(&name, definition.paused),
-                None if elsewhere.contains(&name) => {
-                    tracing::debug!(connector = %name, "waiting for its previous broker to stop it");
-                }
-                None => match Self::load_stored(store, &definition) {
-                    Ok((spec, yaml, components)) => {
-                        tracing::info!(connector = %name, "starting the connector here");
-                        self.start(spec, yaml, components, &definition);
-                    }
-                    Err(err) => {
-                        tracing::error!(connector = %name, error = %format!("{err:#}"), "cannot start the connector");
-                    }
-                },
-            }
-        }
-    }
-
     /// The connectors the other live brokers report running (those that answer).
     async fn running_elsewhere(&self, me: u32) -> BTreeSet<String> {
         let live = match self.client().await {
@@ -546,14 +403,7 @@ impl Worker {
         let Some((store, _)) = self.store() else {
             let exists = lock(&self.inner.connectors).contains_key(&name);
             self.check(&spec, &components, exists).await?;
-            let definition = Definition {
-                spec: serde_json::Value::Null,
-                components: Vec::new(),
-                paused: false,
-                version: 0,
-                restarts: 0,
-            };
-            self.start(spec, yaml, components, &definition);
+            self.start(spec, yaml, components, &Definition::default());
             return self.status(&name).await;
         };
         let snapshot = store.caught_up().await?;
@@ -856,14 +706,7 @@ impl Worker {
     pub async fn restart(&self, name: &str) -> Result<v1::ConnectorStatus, ConnectError> {
         if self.store().is_none() {
             let (spec, yaml, components) = self.stop(name).await?;
-            let definition = Definition {
-                spec: serde_json::Value::Null,
-                components: Vec::new(),
-                paused: false,
-                version: 0,
-                restarts: 0,
-            };
-            self.start(spec, yaml, components, &definition);
+            self.start(spec, yaml, components, &Definition::default());
             return self.status(name).await;
         }
         self.change_stored(name, |d| {
@@ -912,6 +755,135 @@ impl Worker {
                 (name.clone(), state.to_string(), error)
             })
             .collect()
+    }
+}
+
+impl store::Reconciler for Worker {
+    /// Moves connectors saved under `<data>/__connect` into the store (unless it has one
+    /// of that name), renaming each file to `.imported`.
+    async fn import_local(&self, store: &Store) -> anyhow::Result<()> {
+        let Some(dir) = self.inner.local_dir.clone() else {
+            return Ok(());
+        };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        for entry in entries {
+            let path = entry?.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let local: LocalSaved = serde_json::from_slice(&std::fs::read(&path)?)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let spec = spec::parse(&local.file, &local.yaml)?;
+            if store
+                .snapshot()
+                .get(Stored::Connector, &spec.name)
+                .is_none()
+            {
+                let read = |sha: &str| -> anyhow::Result<Vec<u8>> {
+                    let file = dir.join("wasm").join(format!("{sha}.wasm"));
+                    std::fs::read(&file).with_context(|| format!("reading {}", file.display()))
+                };
+                let connector = match &spec.component {
+                    spec::Component::Builtin(name) => crate::builtin::component(name)
+                        .map(Arc::from)
+                        .ok_or_else(|| anyhow::anyhow!("unknown connector {name:?}"))?,
+                    spec::Component::File(_) => Arc::from(read(&local.connector_sha256)?),
+                };
+                let transforms = local
+                    .transform_sha256
+                    .iter()
+                    .map(|sha| read(sha).map(Arc::from))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let components = Components {
+                    connector,
+                    transforms,
+                };
+                self.put_stored(store, &spec, &local.yaml, &components, local.paused)
+                    .await?;
+                tracing::info!(connector = %spec.name, "imported a connector saved on this broker into {}", store::TOPIC);
+            }
+            std::fs::rename(&path, path.with_extension("json.imported"))?;
+        }
+        Ok(())
+    }
+
+    fn stopping(&self) -> bool {
+        self.inner.stopping.load(Ordering::Relaxed)
+    }
+
+    /// Makes this broker run exactly the stored connectors it owns among the live
+    /// brokers, at their stored version, restart count and pause state.
+    async fn reconcile(&self) {
+        let Some((store, me)) = self.store() else {
+            return;
+        };
+        let _one = self.inner.reconciling.lock().await;
+        if self.inner.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        let snapshot = store.snapshot();
+        if !snapshot.caught_up {
+            return;
+        }
+        let live = match self.client().await {
+            Ok(client) => store::live_brokers(&client).await,
+            Err(err) => Err(runnel_client::ClientError::InvalidArgument(err.to_string())),
+        };
+        // Without a view of the live brokers nothing moves: what runs goes on.
+        let Ok(live) = live else {
+            return;
+        };
+        let live: Vec<u32> = live.iter().map(|b| b.id).collect();
+        let wanted: BTreeMap<String, Definition> = snapshot
+            .of(Stored::Connector)
+            .filter(|(name, _)| store::owner(name, &live) == Some(me))
+            .map(|(name, d)| (name.clone(), d.clone()))
+            .collect();
+        let stale: Vec<String> = lock(&self.inner.connectors)
+            .iter()
+            .filter(|(name, r)| {
+                wanted
+                    .get(*name)
+                    .is_none_or(|w| w.version != r.version || w.restarts != r.restarts)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            tracing::info!(connector = %name, "stopping the connector here");
+            let _ = self.stop(&name).await;
+        }
+        let starting = wanted
+            .keys()
+            .any(|name| !lock(&self.inner.connectors).contains_key(name));
+        // A connector moves here only once its previous broker has stopped it: that
+        // broker sees the change within a reconcile interval, and until then the two
+        // would read the same source twice.
+        let elsewhere = if starting {
+            self.running_elsewhere(me).await
+        } else {
+            BTreeSet::new()
+        };
+        for (name, definition) in wanted {
+            let paused = lock(&self.inner.connectors).get(&name).map(|r| r.paused);
+            match paused {
+                Some(paused) if paused == definition.paused => {}
+                Some(_) => self.set_local_paused(&name, definition.paused),
+                None if elsewhere.contains(&name) => {
+                    tracing::debug!(connector = %name, "waiting for its previous broker to stop it");
+                }
+                None => match Self::load_stored(store, &definition) {
+                    Ok((spec, yaml, components)) => {
+                        tracing::info!(connector = %name, "starting the connector here");
+                        self.start(spec, yaml, components, &definition);
+                    }
+                    Err(err) => {
+                        tracing::error!(connector = %name, error = %format!("{err:#}"), "cannot start the connector");
+                    }
+                },
+            }
+        }
     }
 }
 

@@ -35,7 +35,7 @@ use crate::host::{
     MEMORY_LIMIT_BYTES_DEFAULT, WasmHost,
 };
 use crate::spec::{self, Start};
-use crate::store::{self, Definition, Kind, Store};
+use crate::store::{self, Definition, Kind, Reconciler, Store};
 
 /// How long a command waits for the live brokers to run what it changed.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -269,28 +269,12 @@ impl Runtime {
             .store
             .set((store.clone(), node_id))
             .map_err(|_| anyhow::anyhow!("the streams runtime is started already"))?;
-        let runtime = self.clone();
-        tokio::spawn(async move {
-            // Fails only once the store is closed: the broker stopped first.
-            if store.caught_up().await.is_err() {
-                return;
-            }
-            if let Err(err) = runtime.import_local(&store).await {
-                tracing::error!(error = %format!("{err:#}"), "cannot import the transforms saved on this broker");
-            }
-            let mut changes = store.watch();
-            loop {
-                runtime.reconcile().await;
-                if changes.changed().await.is_err()
-                    || runtime.inner.stopping.load(Ordering::Relaxed)
-                {
-                    return;
-                }
-            }
-        });
+        store::spawn_reconciler(store, self.clone(), None);
         Ok(())
     }
+}
 
+impl store::Reconciler for Runtime {
     /// Moves deployments saved under `<data>/__transforms` into the store (unless it
     /// has one of that name), renaming each file to `.imported`.
     async fn import_local(&self, store: &Store) -> anyhow::Result<()> {
@@ -325,6 +309,10 @@ impl Runtime {
             std::fs::rename(&path, path.with_extension("json.imported"))?;
         }
         Ok(())
+    }
+
+    fn stopping(&self) -> bool {
+        self.inner.stopping.load(Ordering::Relaxed)
     }
 
     /// Makes this broker run one member of every stored deployment, at its stored
@@ -372,7 +360,9 @@ impl Runtime {
             }
         }
     }
+}
 
+impl Runtime {
     fn start_stored(&self, store: &Store, definition: &Definition) -> anyhow::Result<()> {
         let saved = Saved::from_definition(definition)?;
         let wasm = store.component(&saved.sha256)?;

@@ -56,7 +56,7 @@ impl Kind {
 
 /// A deployment as stored: the runtime's own spec (JSON), the components it runs, and
 /// the state every broker must agree on.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Definition {
     pub spec: serde_json::Value,
     /// SHA-256 of each component, in the order the runtime names them.
@@ -383,6 +383,48 @@ fn apply(snapshot: &mut Snapshot, record: &ConsumerRecord, wasm_dir: &Path) {
             }
         },
     }
+}
+
+/// A runtime that runs what the store defines.
+pub trait Reconciler: Clone + Send + Sync + 'static {
+    /// Once, when the store is first caught up: takes in what an earlier version saved
+    /// on this broker's disk.
+    fn import_local(&self, store: &Store) -> impl Future<Output = anyhow::Result<()>> + Send;
+    /// Makes what this broker runs match the store.
+    fn reconcile(&self) -> impl Future<Output = ()> + Send;
+    /// The runtime is shutting down: no more reconciling.
+    fn stopping(&self) -> bool;
+}
+
+/// Runs `runtime` from the store: imports, then reconciles on every change of the
+/// store and, with `every`, at that interval too (for what depends on the live brokers).
+pub fn spawn_reconciler<R: Reconciler>(store: Store, runtime: R, every: Option<Duration>) {
+    tokio::spawn(async move {
+        // Fails only once the store is closed: the broker stopped first.
+        if store.caught_up().await.is_err() {
+            return;
+        }
+        if let Err(err) = runtime.import_local(&store).await {
+            tracing::error!(error = %format!("{err:#}"), "cannot import the deployments saved on this broker");
+        }
+        let mut changes = store.watch();
+        loop {
+            runtime.reconcile().await;
+            let tick = async {
+                match every {
+                    Some(every) => tokio::time::sleep(every).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return },
+                () = tick => {}
+            }
+            if runtime.stopping() {
+                return;
+            }
+        }
+    });
 }
 
 /// The broker that runs connector `name` among the live brokers: the highest
