@@ -166,7 +166,7 @@ async fn produce(
 ) -> anyhow::Result<ExitCode> {
     let admin = Admin::new(client.clone());
     match admin
-        .create_topic(&args.topic, args.partitions, 1, HashMap::new())
+        .create_topic(&args.topic, Some(args.partitions), Some(1), HashMap::new())
         .await
     {
         Ok(_) => {}
@@ -299,9 +299,11 @@ async fn produce_prebuilt(client: Client, args: ProduceBench) -> anyhow::Result<
                 partitions: vec![runnel_client::v1::PartitionRecords {
                     partition: 0,
                     records: batch.clone(),
+                    messages: Vec::new(),
                 }],
                 acks: acks as i32,
                 timeout_ms: 0,
+                records: Vec::new(),
             };
             if tx.send(request).await.is_err() {
                 break;

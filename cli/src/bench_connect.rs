@@ -64,7 +64,9 @@ pub async fn run(
     let bytes = std::fs::metadata(&input)?.len();
     let topic = format!("bench-connect-{id}");
     let admin = Admin::new(client.clone());
-    admin.create_topic(&topic, 1, 1, HashMap::new()).await?;
+    admin
+        .create_topic(&topic, Some(1), Some(1), HashMap::new())
+        .await?;
     let worker = Worker::new(None)?;
     worker.connect_to(brokers.to_vec());
     let start = |yaml: String, file: &str| -> anyhow::Result<_> {

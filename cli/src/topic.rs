@@ -14,11 +14,12 @@ pub enum TopicCommand {
     Create {
         name: String,
         /// Number of partitions (default: the broker's default_partitions, 1).
-        #[arg(long, default_value_t = 0, hide_default_value = true)]
-        partitions: u32,
-        /// Copies of each partition (at most the number of brokers).
-        #[arg(long, default_value_t = 0, hide_default_value = true)]
-        replication_factor: u32,
+        #[arg(long)]
+        partitions: Option<u32>,
+        /// Copies of each partition (at most the number of brokers; default: the
+        /// broker's default_replication_factor).
+        #[arg(long)]
+        replication_factor: Option<u32>,
         /// Topic config, KEY=VALUE; repeatable (e.g. retention.ms=86400000).
         #[arg(long = "config", value_parser = parse_key_value)]
         configs: Vec<(String, String)>,

@@ -34,13 +34,16 @@ impl Admin {
         Admin { client }
     }
 
+    /// Creates a topic; `None` takes the broker's default partitions or replication
+    /// factor.
+    ///
     /// # Errors
-    /// The broker's refusal (invalid name, existing topic, bad config, ...).
+    /// The broker's refusal (invalid name, count or config, existing topic, ...).
     pub async fn create_topic(
         &self,
         name: &str,
-        partitions: u32,
-        replication_factor: u32,
+        partitions: Option<u32>,
+        replication_factor: Option<u32>,
         configs: HashMap<String, String>,
     ) -> Result<v1::TopicMetadata, ClientError> {
         let response = self

@@ -151,6 +151,7 @@ impl FetchSession {
                     max_wait_ms: config.max_wait.as_millis().clamp(1, u128::from(u32::MAX)) as u32,
                     min_bytes: 1,
                     max_bytes: config.max_bytes,
+                    format: v1::RecordFormat::Batches as i32,
                 })
                 .await?
                 .into_inner();

@@ -887,9 +887,11 @@ impl Task {
             partitions: vec![v1::PartitionRecords {
                 partition: sent.partition,
                 records: sent.records.clone(),
+                messages: Vec::new(),
             }],
             acks: self.shared.config.acks.to_proto() as i32,
             timeout_ms: 0,
+            records: Vec::new(),
         };
         let (leader, stream_id) = (sent.leader, sent.stream);
         self.in_flight.insert(request_id, sent);

@@ -2,6 +2,7 @@
 //! public Rust client.
 
 mod batches;
+mod clients;
 mod cluster;
 mod connect;
 mod coordinator;
@@ -243,6 +244,11 @@ fn bad_input_gets_clear_errors_and_the_broker_keeps_serving() {
     );
     let err = dev.fails(&["topic", "create", "rf", "--replication-factor", "3"], "");
     assert!(err.contains("number of live brokers (1)"), "{err}");
+    // Zero is refused, not taken for "the default".
+    let err = dev.fails(&["topic", "create", "none", "--partitions", "0"], "");
+    assert!(err.contains("between 1 and"), "{err}");
+    let err = dev.fails(&["topic", "create", "none", "--replication-factor", "0"], "");
+    assert!(err.contains("replication factor"), "{err}");
     let err = dev.fails(
         &["topic", "create", "cfg", "--config", "retention.mss=5"],
         "",
@@ -315,9 +321,9 @@ fn bad_input_gets_clear_errors_and_the_broker_keeps_serving() {
                 partitions: vec![runnel_client::v1::PartitionRecords {
                     partition: 0,
                     records: bytes::Bytes::from_static(b"definitely not a record batch"),
+                    ..Default::default()
                 }],
-                acks: 0,
-                timeout_ms: 0,
+                ..Default::default()
             })
             .await
             .expect("a response")
@@ -364,9 +370,9 @@ fn bad_input_gets_clear_errors_and_the_broker_keeps_serving() {
             partitions: vec![runnel_client::v1::PartitionRecords {
                 partition: 0,
                 records: batch,
+                ..Default::default()
             }],
-            acks: 0,
-            timeout_ms: 0,
+            ..Default::default()
         })
         .await
         .expect("queued");
@@ -697,6 +703,7 @@ fn streaming_fetch_pushes_records_as_they_arrive() {
                 max_wait_ms: 200,
                 min_bytes: 1,
                 max_bytes: 0,
+                format: 0,
             })
             .await
             .expect("stream opens")

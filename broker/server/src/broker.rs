@@ -63,6 +63,8 @@ pub struct Broker {
     /// leader epoch it replayed them in.
     pub(crate) coordination: Mutex<HashMap<u32, i32>>,
     pub(crate) read_buffers: ReadBuffers,
+    /// Picks the partition of the keyless records of a produce request with messages.
+    keyless_partition: std::sync::atomic::AtomicU32,
     /// What this leader may still send to replicas catching up for a reassignment.
     reassignment_throttle: crate::throttle::Throttle,
     pub(crate) replicas: crate::replica::ReplicaManager,
@@ -96,6 +98,7 @@ impl Broker {
             offsets: Mutex::new(crate::offsets::OffsetStore::default()),
             coordination: Mutex::new(HashMap::new()),
             reassignment_throttle: crate::throttle::Throttle::default(),
+            keyless_partition: std::sync::atomic::AtomicU32::new(0),
             read_buffers: ReadBuffers::new(
                 std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
             ),
@@ -671,14 +674,63 @@ impl Broker {
     /// requests in order and awaiting the futures in any order keeps per-partition order.
     pub fn produce(
         self: &Arc<Self>,
+        mut request: v1::ProduceRequest,
+    ) -> BoxFuture<'static, v1::ProduceResponse> {
+        if crate::records::has_messages(&request) {
+            let partitions = self
+                .image()
+                .metadata
+                .topics
+                .get(&request.topic)
+                .map_or(0, |t| t.partitions.len() as u32);
+            let encoded = if partitions == 0 {
+                Err(BrokerError::UnknownTopic {
+                    topic: request.topic.clone(),
+                })
+            } else {
+                crate::records::encode_request(
+                    &mut request,
+                    partitions,
+                    &self.keyless_partition,
+                    now_ms(),
+                )
+            };
+            let placements = match encoded {
+                Ok(placements) => placements,
+                Err(err) => {
+                    let response = v1::ProduceResponse {
+                        request_id: request.request_id,
+                        error: Some(err.to_proto()),
+                        ..Default::default()
+                    };
+                    return async move { response }.boxed();
+                }
+            };
+            let produced = self.produce_batches(request);
+            return async move {
+                let mut response = produced.await;
+                response.records = crate::records::record_results(
+                    &placements,
+                    &response.partitions,
+                    response.error.as_ref(),
+                );
+                response
+            }
+            .boxed();
+        }
+        self.produce_batches(request)
+    }
+
+    fn produce_batches(
+        self: &Arc<Self>,
         request: v1::ProduceRequest,
     ) -> BoxFuture<'static, v1::ProduceResponse> {
         let request_id = request.request_id;
         let whole_failure = |err: BrokerError| {
             let response = v1::ProduceResponse {
                 request_id,
-                partitions: Vec::new(),
                 error: Some(err.to_proto()),
+                ..Default::default()
             };
             async move { response }.boxed()
         };
@@ -770,7 +822,7 @@ impl Broker {
             v1::ProduceResponse {
                 request_id,
                 partitions: results,
-                error: None,
+                ..Default::default()
             }
         }
         .boxed()
@@ -835,14 +887,20 @@ impl Broker {
     /// or `max_wait_ms` has passed.
     pub async fn fetch(&self, request: &v1::FetchRequest) -> v1::FetchResponse {
         let min_bytes = request.min_bytes.max(1) as usize;
-        long_poll(request.max_wait_ms, |watchers| {
+        let mut response = long_poll(request.max_wait_ms, |watchers| {
             let response = self.fetch_once(request, watchers);
             let bytes: usize = response.partitions.iter().map(|p| p.records.len()).sum();
             let errors = response.partitions.iter().any(|p| p.error.is_some());
             let ready = bytes >= min_bytes || errors;
             (response, ready)
         })
-        .await
+        .await;
+        if request.format == v1::RecordFormat::Messages as i32 {
+            for (fetched, wanted) in response.partitions.iter_mut().zip(&request.partitions) {
+                crate::records::decode_fetched(fetched, wanted.offset);
+            }
+        }
+        response
     }
 
     fn fetch_once(
@@ -1180,16 +1238,10 @@ impl Broker {
     ) -> Result<v1::CreateTopicResponse, BrokerError> {
         let configs: BTreeMap<String, String> = request.configs.into_iter().collect();
         topic_log_config(&self.log_defaults, &configs)?;
-        let partitions = if request.partitions == 0 {
-            self.config.default_partitions
-        } else {
-            request.partitions
-        };
-        let rf = if request.replication_factor == 0 {
-            self.config.default_replication_factor
-        } else {
-            request.replication_factor
-        };
+        let partitions = request.partitions.unwrap_or(self.config.default_partitions);
+        let rf = request
+            .replication_factor
+            .unwrap_or(self.config.default_replication_factor);
         let name = request.name.clone();
         let checked = self
             .image()

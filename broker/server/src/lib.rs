@@ -18,6 +18,7 @@ pub mod group;
 mod group_ops;
 pub mod offsets;
 pub mod partition;
+mod records;
 pub mod replica;
 mod service;
 #[cfg(test)]

@@ -154,7 +154,7 @@ impl consumer_server::Consumer for Service {
                 let has_data = response
                     .partitions
                     .iter()
-                    .any(|p| !p.records.is_empty() || p.error.is_some());
+                    .any(|p| !p.records.is_empty() || !p.messages.is_empty() || p.error.is_some());
                 if has_data && tx.send(Ok(response)).await.is_err() {
                     return;
                 }

@@ -1,0 +1,316 @@
+// A Runnel client in Node.js, from the gRPC API alone (no record-batch codec).
+//
+//   node runnel_example.js --broker HOST:PORT create-topic NAME [--partitions N]
+//   node runnel_example.js --broker HOST:PORT produce TOPIC [--header K=V] < lines   (KEY<TAB>VALUE per line)
+//   node runnel_example.js --broker HOST:PORT consume TOPIC [--max N]
+//   node runnel_example.js --broker HOST:PORT group GROUP TOPIC [--max N]
+//   node runnel_example.js --broker HOST:PORT tail TOPIC
+//
+// Run ./setup.sh first (npm packages); the stubs are built from proto/ at start.
+'use strict';
+
+const path = require('path');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+
+const PROTO_DIR = path.join(__dirname, '..', '..', '..', 'proto', 'grpc', 'proto');
+const definition = protoLoader.loadSync('runnel/v1/runnel.proto', {
+  includeDirs: [PROTO_DIR],
+  keepCase: true,
+  longs: String,
+  enums: String,
+  defaults: true,
+  oneofs: true,
+});
+const v1 = grpc.loadPackageDefinition(definition).runnel.v1;
+
+class RunnelError extends Error {
+  constructor(code, message) {
+    super(`${code}: ${message}`);
+    this.code = code;
+  }
+}
+
+// A unary call as a promise; a failure becomes RunnelError with the broker's error code.
+function call(stub, method, request) {
+  return new Promise((resolve, reject) => {
+    stub[method](request, (err, response) => {
+      if (!err) return resolve(response);
+      const code = (err.metadata && err.metadata.get('runnel-error-code')[0]) || grpc.status[err.code];
+      reject(new RunnelError(code, err.details));
+    });
+  });
+}
+
+// Throws the per-partition or per-record error of a response, if any.
+function check(error) {
+  if (error && error.code && error.code !== 'NONE') throw new RunnelError(error.code, error.message);
+}
+
+class Runnel {
+  constructor(address) {
+    this.address = address;
+    this.stubs = new Map();
+  }
+
+  stub(service, address = this.address) {
+    const key = `${service}@${address}`;
+    if (!this.stubs.has(key)) {
+      this.stubs.set(key, new v1[service](address, grpc.credentials.createInsecure()));
+    }
+    return this.stubs.get(key);
+  }
+
+  async createTopic(name, partitions) {
+    const request = { name };
+    if (partitions !== undefined) request.partitions = partitions;
+    return (await call(this.stub('Admin'), 'CreateTopic', request)).topic;
+  }
+
+  // [[partition, leader address], ...]
+  async partitions(topic) {
+    const meta = await call(this.stub('Admin'), 'Metadata', { topics: [topic] });
+    const brokers = new Map(meta.brokers.map((b) => [b.id, b.address]));
+    const found = meta.topics.find((t) => t.name === topic);
+    if (!found) throw new RunnelError('UNKNOWN_TOPIC', `no topic ${topic}`);
+    check(found.error);
+    return found.partitions.map((p) => [p.partition, brokers.get(p.leader) || this.address]);
+  }
+
+  // records: [{key, value, headers: {k: v}}]; the broker picks each keyed record's
+  // partition with murmur2. Returns [[partition, offset], ...].
+  async produce(topic, records) {
+    const messages = records.map((r) => {
+      const message = {
+        value: Buffer.from(r.value),
+        headers: Object.entries(r.headers || {}).map(([key, value]) => ({ key, value: Buffer.from(value) })),
+      };
+      if (r.key !== null && r.key !== undefined) message.key = Buffer.from(r.key);
+      return message;
+    });
+    const response = await call(this.stub('Producer'), 'Produce', { topic, records: messages, acks: 'ACKS_ALL' });
+    check(response.error);
+    const placed = response.records.map((r) => [r.partition, Number(r.offset)]);
+    // Records placed on partitions the asked broker does not lead come back NOT_LEADER:
+    // they go to their leaders.
+    const retry = new Map();
+    response.records.forEach((r, i) => {
+      if (!r.error || r.error.code === 'NONE') return;
+      if (r.error.code !== 'NOT_LEADER') check(r.error);
+      if (!retry.has(r.partition)) retry.set(r.partition, []);
+      retry.get(r.partition).push(i);
+    });
+    if (retry.size > 0) {
+      const leaders = new Map(await this.partitions(topic));
+      for (const [partition, indexes] of retry) {
+        const answer = await call(this.stub('Producer', leaders.get(partition)), 'Produce', {
+          topic,
+          acks: 'ACKS_ALL',
+          partitions: [{ partition, messages: indexes.map((i) => messages[i]) }],
+        });
+        check(answer.error);
+        check(answer.partitions[0].error);
+        indexes.forEach((i, n) => { placed[i] = [partition, Number(answer.partitions[0].base_offset) + n]; });
+      }
+    }
+    return placed;
+  }
+
+  async fetch(topic, partition, offset, leader, waitMs = 500) {
+    const response = await call(this.stub('Consumer', leader), 'Fetch', {
+      partitions: [{ topic, partition, offset: String(offset) }],
+      max_wait_ms: waitMs,
+      format: 'RECORD_FORMAT_MESSAGES',
+    });
+    const fetched = response.partitions[0];
+    check(fetched.error);
+    return fetched.messages;
+  }
+
+  async earliest(topic, partition, leader) {
+    const response = await call(this.stub('Consumer', leader), 'ListOffsets', {
+      queries: [{ topic, partition, earliest: true }],
+    });
+    check(response.answers[0].error);
+    return Number(response.answers[0].offset);
+  }
+
+  async coordinator(group) {
+    const found = await call(this.stub('Groups'), 'FindCoordinator', { group_id: group });
+    return this.stub('Groups', found.address || this.address);
+  }
+}
+
+const text = (bytes) => (bytes ? Buffer.from(bytes).toString() : '');
+
+function show(message) {
+  const headers = message.headers.map((h) => `${h.key}=${text(h.value)}`).join(',');
+  const key = message.key === null || message.key === undefined ? '-' : text(message.key);
+  process.stdout.write(`${message.offset}\t${key}\t${text(message.value)}\t${headers}\n`);
+}
+
+// Reads every partition from its start; stops after max records or 2 s of silence.
+async function consume(client, topic, max) {
+  const positions = new Map();
+  for (const [partition, leader] of await client.partitions(topic)) {
+    positions.set(partition, [await client.earliest(topic, partition, leader), leader]);
+  }
+  let seen = 0;
+  let quietSince = Date.now();
+  while (seen < max && Date.now() - quietSince < 2000) {
+    for (const [partition, [offset, leader]] of positions) {
+      let next = offset;
+      for (const message of await client.fetch(topic, partition, offset, leader, 100)) {
+        show(message);
+        seen += 1;
+        next = Number(message.offset) + 1;
+        quietSince = Date.now();
+      }
+      positions.set(partition, [next, leader]);
+    }
+  }
+}
+
+// Joins the group, reads the partitions it is given from the committed offsets, commits
+// after each batch, and leaves: heartbeat with an empty member id to join; each answer
+// carries the member epoch and the partitions owned from now on; -1 leaves.
+async function groupMember(client, group, topic, max) {
+  const groups = await client.coordinator(group);
+  const leaders = new Map(await client.partitions(topic));
+  let memberId = '';
+  let epoch = 0;
+  let owned = [];
+  let positions = new Map();
+  let seen = 0;
+  let lastHeartbeat = 0;
+  let interval = 1000;
+  let quietSince = Date.now();
+  while (seen < max && Date.now() - quietSince < 3000) {
+    if (Date.now() - lastHeartbeat >= interval) {
+      const answer = await call(groups, 'Heartbeat', {
+        group_id: group,
+        member_id: memberId,
+        member_epoch: epoch,
+        client_id: 'node-example',
+        topics: [topic],
+        session_timeout_ms: 10000,
+        owned: [{ topic, partitions: owned }],
+      });
+      memberId = answer.member_id;
+      epoch = answer.member_epoch;
+      interval = Math.max(answer.heartbeat_interval_ms, 100);
+      lastHeartbeat = Date.now();
+      owned = answer.assignment.filter((a) => a.topic === topic).flatMap((a) => a.partitions).sort();
+      positions = new Map([...positions].filter(([p]) => owned.includes(p)));
+      const missing = owned.filter((p) => !positions.has(p));
+      if (missing.length > 0) {
+        const committed = await call(groups, 'FetchOffsets', { group_id: group, topics: [topic] });
+        const known = new Map(committed.offsets.filter((c) => c.topic === topic).map((c) => [c.partition, Number(c.offset)]));
+        for (const p of missing) {
+          positions.set(p, known.has(p) ? known.get(p) : await client.earliest(topic, p, leaders.get(p)));
+        }
+      }
+    }
+    for (const [partition, offset] of positions) {
+      const messages = await client.fetch(topic, partition, offset, leaders.get(partition), 100);
+      if (messages.length === 0) continue;
+      messages.forEach(show);
+      seen += messages.length;
+      const next = Number(messages[messages.length - 1].offset) + 1;
+      positions.set(partition, next);
+      quietSince = Date.now();
+      await call(groups, 'CommitOffsets', {
+        group_id: group,
+        member_id: memberId,
+        member_epoch: epoch,
+        offsets: [{ topic, partition, offset: String(next) }],
+      });
+    }
+  }
+  if (memberId) {
+    await call(groups, 'Heartbeat', { group_id: group, member_id: memberId, member_epoch: -1 });
+  }
+}
+
+// Like `tail -f`: a streaming fetch from the end of every partition, until Ctrl-C.
+async function tail(client, topic) {
+  const consumer = client.stub('Consumer');
+  const partitions = [];
+  for (const [partition] of await client.partitions(topic)) {
+    const answer = await call(consumer, 'ListOffsets', { queries: [{ topic, partition, latest: true }] });
+    partitions.push({ topic, partition, offset: answer.answers[0].offset });
+  }
+  const stream = consumer.FetchStream({ partitions, max_wait_ms: 500, format: 'RECORD_FORMAT_MESSAGES' });
+  stream.on('data', (response) => {
+    for (const fetched of response.partitions) {
+      check(fetched.error);
+      fetched.messages.forEach(show);
+    }
+  });
+  await new Promise((resolve, reject) => {
+    stream.on('end', resolve);
+    stream.on('error', reject);
+    process.on('SIGINT', () => { stream.cancel(); resolve(); });
+    process.on('SIGTERM', () => { stream.cancel(); resolve(); });
+  }).catch((err) => { if (err.code !== grpc.status.CANCELLED) throw err; });
+}
+
+function readStdin() {
+  return new Promise((resolve) => {
+    let data = '';
+    process.stdin.setEncoding('utf8');
+    process.stdin.on('data', (chunk) => { data += chunk; });
+    process.stdin.on('end', () => resolve(data));
+  });
+}
+
+async function main() {
+  const args = process.argv.slice(2);
+  let broker = '127.0.0.1:7070';
+  const options = {};
+  const positional = [];
+  const headers = {};
+  for (let i = 0; i < args.length; i += 1) {
+    if (args[i] === '--broker') broker = args[++i];
+    else if (args[i] === '--header') {
+      const [k, ...v] = args[++i].split('=');
+      headers[k] = v.join('=');
+    } else if (args[i].startsWith('--')) options[args[i].slice(2)] = Number(args[++i]);
+    else positional.push(args[i]);
+  }
+  const client = new Runnel(broker);
+  const [command, ...rest] = positional;
+  const max = options.max || Number.MAX_SAFE_INTEGER;
+  switch (command) {
+    case 'create-topic': {
+      const topic = await client.createTopic(rest[0], options.partitions);
+      console.log(`created ${topic.name} with ${topic.partitions.length} partitions`);
+      break;
+    }
+    case 'produce': {
+      const lines = (await readStdin()).split('\n').filter((l) => l.length > 0);
+      const records = lines.map((line) => {
+        const tab = line.indexOf('\t');
+        return tab < 0
+          ? { key: null, value: line, headers }
+          : { key: line.slice(0, tab), value: line.slice(tab + 1), headers };
+      });
+      for (const [partition, offset] of await client.produce(rest[0], records)) {
+        console.log(`${partition}\t${offset}`);
+      }
+      break;
+    }
+    case 'consume': await consume(client, rest[0], max); break;
+    case 'group': await groupMember(client, rest[0], rest[1], max); break;
+    case 'tail': await tail(client, rest[0]); break;
+    default:
+      console.error('usage: node runnel_example.js --broker HOST:PORT create-topic|produce|consume|group|tail ...');
+      process.exit(2);
+  }
+  process.exit(0);
+}
+
+main().catch((err) => {
+  console.error(`error: ${err.message}`);
+  process.exit(1);
+});
