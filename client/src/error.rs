@@ -44,6 +44,7 @@ impl ClientError {
                     | ErrorCode::NotCoordinator
                     | ErrorCode::CoordinatorNotAvailable
                     | ErrorCode::CoordinatorLoadInProgress
+                    | ErrorCode::RuntimeNotAvailable
                     // The replica's storage failed (a full disk): the controller moves
                     // the leadership to a healthy replica; a retry goes there.
                     | ErrorCode::StorageError

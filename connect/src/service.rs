@@ -2,7 +2,8 @@
 
 use std::collections::BTreeMap;
 
-use runnel_proto::v1::{self, connectors_server};
+use runnel_proto::error_status;
+use runnel_proto::v1::{self, ErrorCode, connectors_server};
 use tonic::{Code, Request, Response, Status};
 
 use crate::spec;
@@ -25,10 +26,22 @@ impl Service {
 
 fn status(err: ConnectError) -> Status {
     match err {
-        ConnectError::Invalid(message) => Status::new(Code::InvalidArgument, message),
-        err @ ConnectError::Exists(_) => Status::new(Code::AlreadyExists, err.to_string()),
-        err @ ConnectError::Unknown(_) => Status::new(Code::NotFound, err.to_string()),
-        ConnectError::Internal(err) => Status::new(Code::Internal, format!("{err:#}")),
+        ConnectError::Invalid(message) => {
+            error_status(Code::InvalidArgument, ErrorCode::InvalidRequest, message)
+        }
+        err @ ConnectError::Exists(_) => error_status(
+            Code::AlreadyExists,
+            ErrorCode::ConnectorAlreadyExists,
+            err.to_string(),
+        ),
+        err @ ConnectError::Unknown(_) => {
+            error_status(Code::NotFound, ErrorCode::UnknownConnector, err.to_string())
+        }
+        ConnectError::Internal(err) => error_status(
+            Code::Unavailable,
+            ErrorCode::RuntimeNotAvailable,
+            format!("{err:#}"),
+        ),
     }
 }
 
@@ -40,7 +53,7 @@ impl connectors_server::Connectors for Service {
     ) -> Result<Response<v1::ConnectorStatus>, Status> {
         let request = request.into_inner();
         let spec = spec::parse(&request.file_name, &request.yaml)
-            .map_err(|e| Status::invalid_argument(e.0))?;
+            .map_err(|e| error_status(Code::InvalidArgument, ErrorCode::InvalidRequest, e.0))?;
         let uploaded: BTreeMap<String, Vec<u8>> = request
             .components
             .into_iter()

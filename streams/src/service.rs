@@ -1,6 +1,7 @@
 //! The `runnel.v1.Transforms` gRPC service, served by the broker process.
 
-use runnel_proto::v1::{self, transforms_server};
+use runnel_proto::error_status;
+use runnel_proto::v1::{self, ErrorCode, transforms_server};
 use tonic::{Code, Request, Response, Status};
 
 use crate::runtime::{DeployError, Runtime};
@@ -21,14 +22,25 @@ impl Service {
     }
 }
 
+fn invalid(message: impl Into<String>) -> Status {
+    error_status(Code::InvalidArgument, ErrorCode::InvalidRequest, message)
+}
+
 fn status(err: DeployError) -> Status {
     match err {
-        DeployError::Invalid(message) => Status::new(Code::InvalidArgument, message),
-        DeployError::Unknown(name) => Status::new(
+        DeployError::Invalid(message) => {
+            error_status(Code::InvalidArgument, ErrorCode::InvalidRequest, message)
+        }
+        DeployError::Unknown(name) => error_status(
             Code::NotFound,
+            ErrorCode::UnknownTransform,
             format!("unknown transform {name:?}; `runnel transform list` shows the deployed ones"),
         ),
-        DeployError::Internal(err) => Status::new(Code::Internal, format!("{err:#}")),
+        DeployError::Internal(err) => error_status(
+            Code::Unavailable,
+            ErrorCode::RuntimeNotAvailable,
+            format!("{err:#}"),
+        ),
     }
 }
 
@@ -41,9 +53,9 @@ impl transforms_server::Transforms for Service {
         let request = request.into_inner();
         let spec = request
             .spec
-            .ok_or_else(|| Status::invalid_argument("the deploy request has no spec"))?;
+            .ok_or_else(|| invalid("the deploy request has no spec"))?;
         if request.wasm.len() > crate::WASM_BYTES_MAX {
-            return Err(Status::invalid_argument(format!(
+            return Err(invalid(format!(
                 "the component has {} bytes; at most {}",
                 request.wasm.len(),
                 crate::WASM_BYTES_MAX

@@ -247,7 +247,10 @@ fn bad_input_gets_clear_errors_and_the_broker_keeps_serving() {
     // Zero is refused, not taken for "the default".
     let err = dev.fails(&["topic", "create", "none", "--partitions", "0"], "");
     assert!(err.contains("between 1 and"), "{err}");
-    let err = dev.fails(&["topic", "create", "none", "--replication-factor", "0"], "");
+    let err = dev.fails(
+        &["topic", "create", "none", "--replication-factor", "0"],
+        "",
+    );
     assert!(err.contains("replication factor"), "{err}");
     let err = dev.fails(
         &["topic", "create", "cfg", "--config", "retention.mss=5"],

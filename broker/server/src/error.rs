@@ -245,13 +245,7 @@ impl BrokerError {
             ErrorCode::TopicDeletionInProgress => Code::FailedPrecondition,
             _ => Code::InvalidArgument,
         };
-        let mut status = Status::new(code, self.to_string());
-        if let Ok(value) = self.code().as_str_name().parse() {
-            status
-                .metadata_mut()
-                .insert(runnel_proto::ERROR_CODE_METADATA_KEY, value);
-        }
-        status
+        runnel_proto::error_status(code, self.code(), self.to_string())
     }
 
     pub(crate) fn from_append(topic: &str, partition: u32, err: AppendError) -> Self {

@@ -24,6 +24,8 @@ const definition = protoLoader.loadSync('runnel/v1/runnel.proto', {
 });
 const v1 = grpc.loadPackageDefinition(definition).runnel.v1;
 
+const FETCH_BYTES = 1 << 20;
+
 class RunnelError extends Error {
   constructor(code, message) {
     super(`${code}: ${message}`);
@@ -120,6 +122,9 @@ class Runnel {
     const response = await call(this.stub('Consumer', leader), 'Fetch', {
       partitions: [{ topic, partition, offset: String(offset) }],
       max_wait_ms: waitMs,
+      // Stored bytes per response (at least one batch comes back): the messages stay
+      // within gRPC's default 4 MiB receive limit.
+      max_bytes: FETCH_BYTES,
       format: 'RECORD_FORMAT_MESSAGES',
     });
     const fetched = response.partitions[0];
@@ -240,7 +245,9 @@ async function tail(client, topic) {
     const answer = await call(consumer, 'ListOffsets', { queries: [{ topic, partition, latest: true }] });
     partitions.push({ topic, partition, offset: answer.answers[0].offset });
   }
-  const stream = consumer.FetchStream({ partitions, max_wait_ms: 500, format: 'RECORD_FORMAT_MESSAGES' });
+  const stream = consumer.FetchStream({
+    partitions, max_wait_ms: 500, max_bytes: FETCH_BYTES, format: 'RECORD_FORMAT_MESSAGES',
+  });
   stream.on('data', (response) => {
     for (const fetched of response.partitions) {
       check(fetched.error);

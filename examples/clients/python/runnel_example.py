@@ -6,6 +6,7 @@
     python runnel_example.py --broker HOST:PORT group GROUP TOPIC [--max N]
     python runnel_example.py --broker HOST:PORT tail TOPIC
     python runnel_example.py --broker HOST:PORT bench-produce TOPIC --records N
+    python runnel_example.py --broker HOST:PORT bench-consume TOPIC
 
 Run ./setup.sh first: it makes .venv and generates the stubs into gen/.
 """
@@ -22,6 +23,7 @@ from runnel.v1 import runnel_pb2 as pb  # noqa: E402
 from runnel.v1 import runnel_pb2_grpc as rpc  # noqa: E402
 
 ERROR_KEY = "runnel-error-code"
+FETCH_BYTES = 1 << 20
 RETRIABLE = {
     "NOT_LEADER",
     "LEADER_NOT_AVAILABLE",
@@ -138,6 +140,9 @@ class Runnel:
         request = pb.FetchRequest(
             partitions=[pb.FetchPartition(topic=topic, partition=partition, offset=offset)],
             max_wait_ms=wait_ms,
+            # Stored bytes per response (at least one batch comes back): the messages
+            # stay within gRPC's default 4 MiB receive limit.
+            max_bytes=FETCH_BYTES,
             format=pb.RECORD_FORMAT_MESSAGES,
         )
         fetched = call(consumer.Fetch, request).partitions[0]
@@ -263,6 +268,7 @@ def tail(client, topic):
     request = pb.FetchRequest(
         partitions=[pb.FetchPartition(topic=topic, partition=p, offset=o) for p, o in ends.items()],
         max_wait_ms=500,
+        max_bytes=FETCH_BYTES,
         format=pb.RECORD_FORMAT_MESSAGES,
     )
     # A streaming fetch: the broker sends records as they arrive and moves on by itself.
@@ -295,6 +301,8 @@ def main():
     member.add_argument("--max", type=int, default=1 << 62)
     follow = sub.add_parser("tail")
     follow.add_argument("topic")
+    bench_read = sub.add_parser("bench-consume")
+    bench_read.add_argument("topic")
     bench = sub.add_parser("bench-produce")
     bench.add_argument("topic")
     bench.add_argument("--records", type=int, default=100000)
@@ -319,6 +327,20 @@ def main():
             group_member(client, args.group, args.topic, args.max)
         elif args.command == "tail":
             tail(client, args.topic)
+        elif args.command == "bench-consume":
+            start = time.monotonic()
+            count = 0
+            for partition, leader in client.partitions(args.topic):
+                offset = client.earliest(args.topic, partition, leader)
+                while True:
+                    messages, end = client.fetch(args.topic, partition, offset, leader, wait_ms=0)
+                    count += len(messages)
+                    if messages:
+                        offset = messages[-1].offset + 1
+                    if offset >= end:
+                        break
+            elapsed = time.monotonic() - start
+            print(f"{count} records in {elapsed:.2f} s: {count / elapsed:,.0f} records/s")
         elif args.command == "bench-produce":
             value = "x" * 100
             start = time.monotonic()

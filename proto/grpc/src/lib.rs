@@ -17,3 +17,17 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 
 /// Metadata key of the error code name in a failed call's status.
 pub const ERROR_CODE_METADATA_KEY: &str = "runnel-error-code";
+
+/// A failed call's status: `code` as its gRPC code, `error`'s name under
+/// [`ERROR_CODE_METADATA_KEY`], and `message` saying what was wrong and what to do.
+pub fn error_status(
+    code: tonic::Code,
+    error: v1::ErrorCode,
+    message: impl Into<String>,
+) -> tonic::Status {
+    let mut status = tonic::Status::new(code, message);
+    if let Ok(value) = error.as_str_name().parse() {
+        status.metadata_mut().insert(ERROR_CODE_METADATA_KEY, value);
+    }
+    status
+}
