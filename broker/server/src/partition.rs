@@ -359,8 +359,11 @@ impl Partition {
                 );
             }
             if let Some(log) = log.as_mut() {
+                // A leader whose epoch is not in its cache would answer followers'
+                // divergence checks wrongly: a storage failure, as any other (the
+                // controller then lets another in-sync replica lead).
                 if let Err(err) = log.assign_epoch(record.leader_epoch) {
-                    tracing::warn!(topic = %self.topic, partition = self.index, error = %err, "could not record the new leader epoch");
+                    let _ = self.fence(&err);
                 }
                 state.epoch_start_offset = log.log_end_offset();
             }
