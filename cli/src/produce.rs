@@ -31,6 +31,10 @@ pub struct ProduceArgs {
     /// paused or cut-off broker).
     #[arg(long, default_value_t = 30_000)]
     request_timeout_ms: u64,
+    /// Number batches per partition under a producer id so that a retry after a lost
+    /// answer writes nothing twice (Kafka's enable.idempotence).
+    #[arg(long)]
+    idempotent: bool,
 }
 
 pub fn parse_acks(input: &str) -> Result<Acks, String> {
@@ -58,6 +62,7 @@ pub async fn run(client: Client, args: ProduceArgs) -> anyhow::Result<ExitCode> 
             acks: args.acks,
             delivery_timeout: std::time::Duration::from_millis(args.delivery_timeout_ms),
             request_timeout: std::time::Duration::from_millis(args.request_timeout_ms),
+            idempotent: args.idempotent,
             ..ProducerConfig::default()
         },
     );

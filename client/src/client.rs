@@ -113,6 +113,11 @@ impl Client {
         })
     }
 
+    /// The channel to the broker the client first reached.
+    pub(crate) fn bootstrap_channel(&self) -> Channel {
+        self.inner.bootstrap.clone()
+    }
+
     pub(crate) fn admin_rpc(&self) -> AdminClient<Channel> {
         AdminClient::new(self.inner.bootstrap.clone())
     }

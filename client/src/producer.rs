@@ -12,7 +12,7 @@
 //! same batch, so a record may be written twice (at-least-once) and, with several requests
 //! in flight, retried batches may land after later ones.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -81,6 +81,11 @@ pub struct ProducerConfig {
     pub compression: Compression,
     /// Requests outstanding per broker stream.
     pub max_in_flight: usize,
+    /// Idempotent producing (Kafka's `enable.idempotence`): the producer takes a producer
+    /// id from the cluster and numbers its batches per partition, so a batch retried
+    /// after a lost answer is written once. A partition then has one batch in flight at a
+    /// time (batches to other partitions still go in parallel).
+    pub idempotent: bool,
 }
 
 impl Default for ProducerConfig {
@@ -97,6 +102,7 @@ impl Default for ProducerConfig {
             request_timeout: Duration::from_secs(30),
             compression: Compression::None,
             max_in_flight: 16,
+            idempotent: false,
         }
     }
 }
@@ -373,6 +379,11 @@ impl Producer {
             retries: VecDeque::new(),
             next_request_id: 0,
             next_stream_id: 0,
+            producer_id: None,
+            sequences: HashMap::new(),
+            busy: HashSet::new(),
+            queued: HashMap::new(),
+            released: Vec::new(),
         };
         tokio::spawn(task.run());
         Producer { shared }
@@ -644,6 +655,9 @@ struct Sent {
     first_sent: Instant,
     /// When the current attempt was sent: `request_timeout` counts from here.
     sent_at: Instant,
+    /// Idempotent: the batch's first sequence number, once numbered (at its first send;
+    /// retries resend the same numbers).
+    sequence: Option<i32>,
 }
 
 /// Whom a sent batch reports to.
@@ -768,6 +782,18 @@ struct Task {
     retries: VecDeque<(Instant, Sent)>,
     next_request_id: u64,
     next_stream_id: u64,
+    /// Idempotent: the producer id and epoch batches are numbered under; `None` until
+    /// the first batch, and again after a batch failed for good (its sequence numbers
+    /// left a gap: the next batches start over under a new id).
+    producer_id: Option<(i64, i16)>,
+    /// Idempotent: the next sequence number of each partition.
+    sequences: HashMap<(Arc<str>, u32), i32>,
+    /// Idempotent: partitions with a batch in flight or waiting for a retry.
+    busy: HashSet<(Arc<str>, u32)>,
+    /// Idempotent: batches waiting for their partition's batch in flight.
+    queued: HashMap<(Arc<str>, u32), VecDeque<Sent>>,
+    /// Idempotent: partitions whose batch finished; their next queued batch goes out.
+    released: Vec<(Arc<str>, u32)>,
 }
 
 fn now_ms() -> i64 {
@@ -786,7 +812,7 @@ impl Task {
                 (batches, deadline, acc.closed)
             };
             for (topic, partition, batch) in batches {
-                self.dispatch(Sent {
+                self.submit(Sent {
                     topic,
                     partition,
                     count: batch.builder.len() as u32,
@@ -798,11 +824,13 @@ impl Task {
                     size_bytes: batch.size_bytes,
                     first_sent: Instant::now(),
                     sent_at: Instant::now(),
+                    sequence: None,
                 })
                 .await;
             }
+            self.send_released().await;
             self.send_due_retries().await;
-            if self.in_flight.is_empty() && self.retries.is_empty() {
+            if self.in_flight.is_empty() && self.retries.is_empty() && self.queued.is_empty() {
                 let mut acc = self.shared.lock();
                 if acc.is_empty() {
                     for waiter in acc.flush_waiters.drain(..) {
@@ -868,8 +896,81 @@ impl Task {
         }
     }
 
+    /// A new batch: sent now, or (idempotent) once its partition's batch in flight is done.
+    async fn submit(&mut self, sent: Sent) {
+        if self.shared.config.idempotent {
+            let key = (sent.topic.clone(), sent.partition);
+            if !self.busy.insert(key.clone()) {
+                self.queued.entry(key).or_default().push_back(sent);
+                return;
+            }
+        }
+        self.dispatch(sent).await;
+    }
+
+    /// Sends the next queued batch of each partition whose batch just finished.
+    async fn send_released(&mut self) {
+        while let Some(key) = self.released.pop() {
+            let next = self.queued.get_mut(&key).and_then(VecDeque::pop_front);
+            if self.queued.get(&key).is_some_and(VecDeque::is_empty) {
+                self.queued.remove(&key);
+            }
+            match next {
+                Some(sent) => self.dispatch(sent).await,
+                None => {
+                    self.busy.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Idempotent: the batch's partition is free for its next batch.
+    fn release_partition(&mut self, topic: &Arc<str>, partition: u32) {
+        if self.shared.config.idempotent {
+            self.released.push((topic.clone(), partition));
+        }
+    }
+
+    /// Idempotent: numbers a batch at its first send, under the producer id (taken from
+    /// the cluster when there is none).
+    async fn number(&mut self, sent: &mut Sent) -> Result<(), ClientError> {
+        if !self.shared.config.idempotent || sent.sequence.is_some() {
+            return Ok(());
+        }
+        let (id, epoch) = match self.producer_id {
+            Some(producer) => producer,
+            None => {
+                let answer = self
+                    .shared
+                    .client
+                    .producer_rpc(self.shared.client.bootstrap_channel())
+                    .init_producer_id(v1::InitProducerIdRequest {})
+                    .await?
+                    .into_inner();
+                let epoch = i16::try_from(answer.producer_epoch).unwrap_or(0);
+                self.producer_id = Some((answer.producer_id, epoch));
+                self.sequences.clear();
+                (answer.producer_id, epoch)
+            }
+        };
+        let next = self
+            .sequences
+            .entry((sent.topic.clone(), sent.partition))
+            .or_insert(0);
+        let sequence = *next;
+        *next = wrapping_sequence(sequence, sent.count);
+        let mut bytes = BytesMut::from(&sent.records[..]);
+        runnel_batch::set_producer(&mut bytes, id, epoch, sequence);
+        sent.records = bytes.freeze();
+        sent.sequence = Some(sequence);
+        Ok(())
+    }
+
     /// Sends (or resends) a batch on its leader's stream.
     async fn dispatch(&mut self, mut sent: Sent) {
+        if let Err(err) = self.number(&mut sent).await {
+            return self.fail_or_retry(sent, err);
+        }
         let stream = match self.stream_for(&sent.topic, sent.partition).await {
             Ok((leader, id, stream)) => {
                 sent.leader = leader;
@@ -1042,6 +1143,7 @@ impl Task {
     }
 
     fn complete(&mut self, sent: Sent, base_offset: i64, log_append_time_ms: i64) {
+        self.release_partition(&sent.topic, sent.partition);
         self.release(sent.size_bytes, sent.records);
         let piece = Piece {
             first_index: sent.target.first_index(),
@@ -1058,40 +1160,76 @@ impl Task {
             Ok(halves) => halves,
             Err(err) => {
                 tracing::warn!(error = %err, "cannot split a refused batch");
+                if sent.sequence.is_some() {
+                    self.producer_id = None;
+                }
+                self.release_partition(&sent.topic, sent.partition);
                 self.release(sent.size_bytes, sent.records);
                 return sent
                     .target
                     .finish(&sent.topic, sent.partition, Err(refused));
             }
         };
+        // Idempotent: the halves keep the numbers the batch had (nothing of it was
+        // written), and the second waits for the first.
+        let numbered = sent.sequence.and_then(|sequence| {
+            let header = runnel_batch::parse_header(&sent.records).ok()?;
+            Some((header.producer_id, header.producer_epoch, sequence))
+        });
+        let stamp = |records: Bytes, sequence: i32| match numbered {
+            Some((id, epoch, _)) => {
+                let mut bytes = BytesMut::from(&records[..]);
+                runnel_batch::set_producer(&mut bytes, id, epoch, sequence);
+                (bytes.freeze(), Some(sequence))
+            }
+            None => (records, None),
+        };
+        let base = numbered.map_or(0, |(_, _, sequence)| sequence);
+        let (first, first_sequence) = stamp(first, base);
+        let (second, second_sequence) = stamp(second, wrapping_sequence(base, mid));
         tracing::debug!(topic = %sent.topic, partition = sent.partition, records = sent.count, "splitting a batch the broker refused as too large");
         let first_index = sent.target.first_index();
         let (first_target, second_target) = sent.target.split(first_index + mid);
         let first_size = sent.size_bytes / 2;
         let halves = [
-            (first, mid, first_target, first_size),
+            (first, mid, first_target, first_size, first_sequence),
             (
                 second,
                 sent.count - mid,
                 second_target,
                 sent.size_bytes - first_size,
+                second_sequence,
             ),
         ];
-        for (records, count, target, size_bytes) in halves {
-            self.dispatch(Sent {
-                topic: sent.topic.clone(),
-                partition: sent.partition,
-                records,
-                count,
-                target,
-                leader: 0,
-                stream: 0,
-                attempts: sent.attempts,
-                size_bytes,
-                first_sent: sent.first_sent,
-                sent_at: sent.sent_at,
-            })
-            .await;
+        let mut pieces =
+            halves
+                .into_iter()
+                .map(|(records, count, target, size_bytes, sequence)| Sent {
+                    topic: sent.topic.clone(),
+                    partition: sent.partition,
+                    records,
+                    count,
+                    target,
+                    leader: 0,
+                    stream: 0,
+                    attempts: sent.attempts,
+                    size_bytes,
+                    first_sent: sent.first_sent,
+                    sent_at: sent.sent_at,
+                    sequence,
+                });
+        let (Some(first), Some(second)) = (pieces.next(), pieces.next()) else {
+            return;
+        };
+        if numbered.is_some() {
+            self.queued
+                .entry((sent.topic.clone(), sent.partition))
+                .or_default()
+                .push_front(second);
+            self.dispatch(first).await;
+        } else {
+            self.dispatch(first).await;
+            self.dispatch(second).await;
         }
     }
 
@@ -1119,6 +1257,11 @@ impl Task {
             self.retries.push_back((at, sent));
             return;
         }
+        if self.shared.config.idempotent && sent.sequence.is_some() {
+            // Its numbers are a gap now: later batches start over under a new id.
+            self.producer_id = None;
+        }
+        self.release_partition(&sent.topic, sent.partition);
         self.release(sent.size_bytes, sent.records);
         sent.target.finish(&sent.topic, sent.partition, Err(err));
     }
@@ -1137,6 +1280,12 @@ impl Task {
             self.dispatch(sent).await;
         }
     }
+}
+
+/// The sequence number `count` records after `sequence` (sequences wrap at `i32::MAX`).
+fn wrapping_sequence(sequence: i32, count: u32) -> i32 {
+    let next = i64::from(sequence) + i64::from(count);
+    (next % (i64::from(i32::MAX) + 1)) as i32
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

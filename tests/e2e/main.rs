@@ -7,6 +7,7 @@ mod cluster;
 mod connect;
 mod coordinator;
 mod groups;
+mod idempotence;
 mod replication;
 mod runtimes;
 mod support;

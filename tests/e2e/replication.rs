@@ -31,12 +31,18 @@ struct CountingProducer {
 impl CountingProducer {
     /// Starts producing and returns once the first values are acknowledged.
     fn start(cluster: &Cluster, topic: &'static str) -> CountingProducer {
+        Self::start_with(cluster, topic, false)
+    }
+
+    /// Like [`CountingProducer::start`]; `idempotent` numbers its batches, so that no
+    /// retry writes a value twice.
+    fn start_with(cluster: &Cluster, topic: &'static str, idempotent: bool) -> CountingProducer {
         let stop = Arc::new(AtomicBool::new(false));
         let acknowledged = Arc::new(AtomicUsize::new(0));
         let brokers: Vec<String> = cluster.addresses().split(',').map(str::to_string).collect();
         let (stopping, progress) = (stop.clone(), acknowledged.clone());
         let thread = std::thread::spawn(move || {
-            crate::runtime().block_on(count(brokers, topic, &stopping, &progress))
+            crate::runtime().block_on(count(brokers, topic, idempotent, &stopping, &progress))
         });
         let producer = CountingProducer {
             stop,
@@ -67,6 +73,7 @@ impl CountingProducer {
 async fn count(
     brokers: Vec<String>,
     topic: &str,
+    idempotent: bool,
     stop: &AtomicBool,
     progress: &AtomicUsize,
 ) -> Counted {
@@ -83,6 +90,7 @@ async fn count(
             delivery_timeout: Duration::from_secs(15),
             // A leader cut off or paused answers nothing: retry elsewhere soon.
             request_timeout: Duration::from_secs(3),
+            idempotent,
             ..ProducerConfig::default()
         },
     );
@@ -219,7 +227,8 @@ fn acks_all_keeps_every_acknowledged_write_across_five_leader_kills() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cluster = Cluster::start(dir.path(), 3);
     create_topic(&cluster, "counts", 3, Some(2));
-    let producer = CountingProducer::start(&cluster, "counts");
+    // Idempotent: a batch retried across a failover is written once.
+    let producer = CountingProducer::start_with(&cluster, "counts", true);
     let mut kills = Vec::new();
     for round in 0..5 {
         let survivor_of = |victim: u32| (1..=3).find(|n| *n != victim).expect("a survivor");
@@ -261,6 +270,10 @@ fn acks_all_keeps_every_acknowledged_write_across_five_leader_kills() {
         read.len(),
         repeated,
         kills
+    );
+    assert_eq!(
+        repeated, 0,
+        "an idempotent producer's retries wrote values twice"
     );
     // Every replica holds the same records: read each one as the leader.
     for id in 1..=3 {

@@ -18,6 +18,17 @@ impl Dev {
         Self::start_on(data_dir, "127.0.0.1:0")
     }
 
+    /// Starts with `env` added to the server's environment (fault injection).
+    pub fn start_with_env(data_dir: &Path, env: &[(&str, &str)]) -> Dev {
+        let data_dir = data_dir.to_string_lossy();
+        let args = ["dev", "--data-dir", &data_dir, "--listen", "127.0.0.1:0"];
+        let (child, stdout) = spawn_server_with(None, &args, env);
+        Dev {
+            child,
+            addr: await_listening(stdout),
+        }
+    }
+
     /// Starts on `listen`, waiting until the process says where it listens.
     pub fn start_on(data_dir: &Path, listen: &str) -> Dev {
         let data_dir = data_dir.to_string_lossy();
@@ -124,6 +135,15 @@ pub fn spawn_server(args: &[&str]) -> (Child, ChildStdout) {
 
 /// Like [`spawn_server`], inside network namespace `netns` when one is given.
 pub fn spawn_server_in(netns: Option<&str>, args: &[&str]) -> (Child, ChildStdout) {
+    spawn_server_with(netns, args, &[])
+}
+
+/// Like [`spawn_server_in`], with `env` added to the server's environment.
+pub fn spawn_server_with(
+    netns: Option<&str>,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Child, ChildStdout) {
     let mut command = match netns {
         Some(netns) => {
             let mut command = Command::new("ip");
@@ -134,6 +154,7 @@ pub fn spawn_server_in(netns: Option<&str>, args: &[&str]) -> (Child, ChildStdou
     };
     let mut child = command
         .args(args)
+        .envs(env.iter().copied())
         .env(
             "RUNNEL_LOG",
             std::env::var("TEST_BROKER_LOG").unwrap_or("warn".into()),

@@ -96,7 +96,13 @@ pub struct ClusterMetadata {
     /// one finishes.
     #[serde(default)]
     pub reassignment_throttle_bytes: u64,
+    /// The first producer id not handed out yet.
+    #[serde(default)]
+    pub next_producer_id: i64,
 }
+
+/// Most producer ids one `AllocateProducerIds` hands out.
+pub const PRODUCER_ID_BLOCK_MAX: u32 = 100_000;
 
 /// Replicas of each internal topic partition, when as many brokers are live.
 pub const INTERNAL_REPLICATION_FACTOR: usize = 3;
@@ -194,6 +200,11 @@ pub enum Command {
         /// Bytes per second for catching up, over all reassignments; 0: no limit.
         throttle_bytes: u64,
     },
+    /// Hands a broker the next `count` producer ids (KIP-730): ids are unique in the
+    /// cluster because only the metadata log hands them out.
+    AllocateProducerIds {
+        count: u32,
+    },
 }
 
 /// What an applied command produced.
@@ -201,6 +212,11 @@ pub enum Command {
 pub enum Outcome {
     Done,
     Topic(TopicRecord),
+    /// Producer ids `first..first + count` belong to the proposer.
+    ProducerIds {
+        first: i64,
+        count: u32,
+    },
 }
 
 /// A command the metadata refused; the message says which rule was broken.
@@ -552,6 +568,18 @@ impl ClusterMetadata {
                     record.partition_epoch += 1;
                 }
                 Ok(Outcome::Done)
+            }
+            Command::AllocateProducerIds { count } => {
+                if count == 0 || count > PRODUCER_ID_BLOCK_MAX {
+                    return Err(MetadataError::InvalidRequest {
+                        reason: format!(
+                            "{count} producer ids asked; between 1 and {PRODUCER_ID_BLOCK_MAX} at a time"
+                        ),
+                    });
+                }
+                let first = self.next_producer_id;
+                self.next_producer_id += i64::from(count);
+                Ok(Outcome::ProducerIds { first, count })
             }
             Command::ElectPreferred { partitions } => {
                 for (topic, partition) in partitions {

@@ -37,6 +37,8 @@ const INTERNAL_REPLICATION_FACTOR: u32 =
     runnel_controller::state::INTERNAL_REPLICATION_FACTOR as u32;
 /// How long a starting cluster waits for brokers before creating its internal topics.
 const INTERNAL_TOPIC_WAIT: Duration = Duration::from_secs(10);
+/// Producer ids a broker takes from the controller at a time.
+const PRODUCER_ID_BLOCK: u32 = 1000;
 
 /// The partitions of one topic this broker holds a replica of.
 struct HostedTopic {
@@ -65,6 +67,8 @@ pub struct Broker {
     pub(crate) read_buffers: ReadBuffers,
     /// Picks the partition of the keyless records of a produce request with messages.
     keyless_partition: std::sync::atomic::AtomicU32,
+    /// Producer ids this broker may hand out: `next..end`, a block from the controller.
+    producer_ids: tokio::sync::Mutex<(i64, i64)>,
     /// What this leader may still send to replicas catching up for a reassignment.
     reassignment_throttle: crate::throttle::Throttle,
     pub(crate) replicas: crate::replica::ReplicaManager,
@@ -99,6 +103,7 @@ impl Broker {
             coordination: Mutex::new(HashMap::new()),
             reassignment_throttle: crate::throttle::Throttle::default(),
             keyless_partition: std::sync::atomic::AtomicU32::new(0),
+            producer_ids: tokio::sync::Mutex::new((0, 0)),
             read_buffers: ReadBuffers::new(
                 std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
             ),
@@ -721,6 +726,36 @@ impl Broker {
         self.produce_batches(request)
     }
 
+    /// A new idempotent producer's id (unique in the cluster: the controller hands this
+    /// broker blocks of them) and epoch 0.
+    ///
+    /// # Errors
+    /// The controller quorum did not answer.
+    pub async fn init_producer_id(&self) -> Result<v1::InitProducerIdResponse, BrokerError> {
+        let mut block = self.producer_ids.lock().await;
+        if block.0 >= block.1 {
+            let command = Command::AllocateProducerIds {
+                count: PRODUCER_ID_BLOCK,
+            };
+            match self.propose(command).await? {
+                Outcome::ProducerIds { first, count } => *block = (first, first + i64::from(count)),
+                other => {
+                    return Err(BrokerError::ControllerUnavailable {
+                        reason: format!(
+                            "the controller answered {other:?} to a producer id request"
+                        ),
+                    });
+                }
+            }
+        }
+        let producer_id = block.0;
+        block.0 += 1;
+        Ok(v1::InitProducerIdResponse {
+            producer_id,
+            producer_epoch: 0,
+        })
+    }
+
     fn produce_batches(
         self: &Arc<Self>,
         request: v1::ProduceRequest,
@@ -1261,7 +1296,9 @@ impl Broker {
         };
         let topic = match self.propose(command).await? {
             Outcome::Topic(topic) => topic,
-            Outcome::Done => self.image().metadata.topic(&name)?.clone(),
+            Outcome::Done | Outcome::ProducerIds { .. } => {
+                self.image().metadata.topic(&name)?.clone()
+            }
         };
         tracing::info!(topic = %name, partitions, replication_factor = rf, "created topic");
         Ok(v1::CreateTopicResponse {
@@ -1423,7 +1460,9 @@ impl Broker {
             .await?
         {
             Outcome::Topic(topic) => topic,
-            Outcome::Done => self.image().metadata.topic(name)?.clone(),
+            Outcome::Done | Outcome::ProducerIds { .. } => {
+                self.image().metadata.topic(name)?.clone()
+            }
         };
         Ok(v1::AddPartitionsResponse {
             topic: Some(topic_metadata(name, &topic, &self.log_defaults)),

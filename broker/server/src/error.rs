@@ -1,6 +1,7 @@
 //! Broker errors, and the one place where they become wire errors: an [`ErrorCode`] in a
 //! per-partition result, or a gRPC status with the code name in `runnel-error-code`.
 
+use runnel_broker_storage::producers::SequenceError;
 use runnel_broker_storage::{AppendError, ConfigError, ReadError, StorageError};
 use runnel_proto::v1::{self, ErrorCode};
 use tonic::{Code, Status};
@@ -111,6 +112,18 @@ pub enum BrokerError {
     },
     #[error("the controller quorum did not answer: {reason}")]
     ControllerUnavailable { reason: String },
+    #[error("{topic}-{partition}: {reason}")]
+    OutOfOrderSequence {
+        topic: String,
+        partition: u32,
+        reason: String,
+    },
+    #[error("{topic}-{partition}: {reason}")]
+    ProducerFenced {
+        topic: String,
+        partition: u32,
+        reason: String,
+    },
     #[error(
         "{topic}-{partition}: the batch was written at offset {base_offset}, but the in-sync replicas shrank to {isr} (min.insync.replicas is {min_insync}) before it was replicated; it may not survive a broker failure, and a retry may write it twice"
     )]
@@ -205,6 +218,8 @@ impl BrokerError {
             BrokerError::NotEnoughReplicasAfterAppend { .. } => {
                 ErrorCode::NotEnoughReplicasAfterAppend
             }
+            BrokerError::OutOfOrderSequence { .. } => ErrorCode::OutOfOrderSequence,
+            BrokerError::ProducerFenced { .. } => ErrorCode::ProducerFenced,
             BrokerError::ReplicationTimedOut { .. } => ErrorCode::RequestTimedOut,
             BrokerError::FencedLeaderEpoch { .. } => ErrorCode::FencedLeaderEpoch,
             BrokerError::UnknownLeaderEpoch { .. } => ErrorCode::UnknownLeaderEpoch,
@@ -273,6 +288,20 @@ impl BrokerError {
                 }
             }
             AppendError::Storage(err) => Self::from_storage(&topic, partition_id, &err),
+            AppendError::Sequence(err @ SequenceError::OutOfOrder { .. }) => {
+                BrokerError::OutOfOrderSequence {
+                    topic,
+                    partition: partition_id,
+                    reason: err.to_string(),
+                }
+            }
+            AppendError::Sequence(err @ SequenceError::Fenced { .. }) => {
+                BrokerError::ProducerFenced {
+                    topic,
+                    partition: partition_id,
+                    reason: err.to_string(),
+                }
+            }
         }
     }
 

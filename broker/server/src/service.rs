@@ -23,11 +23,37 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 #[derive(Clone)]
 pub struct Service {
     broker: Arc<Broker>,
+    /// Fault injection for tests of retries: with `RUNNEL_FAULT_CUT_PRODUCE_STREAM_EVERY=N`
+    /// in the environment, every Nth answer of a produce stream is replaced by the end of
+    /// the stream, after its batch was appended (a connection cut at the worst moment).
+    cut_produce_stream_every: u64,
+    produce_answers: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Service {
     pub fn new(broker: Arc<Broker>) -> Self {
-        Service { broker }
+        let cut_produce_stream_every = std::env::var("RUNNEL_FAULT_CUT_PRODUCE_STREAM_EVERY")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if cut_produce_stream_every > 0 {
+            tracing::warn!(
+                every = cut_produce_stream_every,
+                "fault injection: produce streams are cut after appends"
+            );
+        }
+        Service {
+            broker,
+            cut_produce_stream_every,
+            produce_answers: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        }
+    }
+
+    /// Whether this answer is one the fault injection drops.
+    fn cut_here(every: u64, answers: &std::sync::atomic::AtomicU64) -> bool {
+        every > 0
+            && (answers.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1)
+                .is_multiple_of(every)
     }
 }
 
@@ -53,6 +79,18 @@ impl producer_server::Producer for Service {
         Ok(Response::new(self.broker.produce(request).await))
     }
 
+    async fn init_producer_id(
+        &self,
+        _request: Request<v1::InitProducerIdRequest>,
+    ) -> Result<Response<v1::InitProducerIdResponse>, Status> {
+        Ok(Response::new(
+            self.broker
+                .init_producer_id()
+                .await
+                .map_err(|err| err.to_status())?,
+        ))
+    }
+
     type ProduceStreamStream = BoxStream<v1::ProduceResponse>;
 
     async fn produce_stream(
@@ -61,6 +99,7 @@ impl producer_server::Producer for Service {
     ) -> Result<Response<Self::ProduceStreamStream>, Status> {
         let mut incoming = request.into_inner();
         let broker = self.broker.clone();
+        let (every, answers) = (self.cut_produce_stream_every, self.produce_answers.clone());
         let (tx, rx) = tokio::sync::mpsc::channel(PRODUCE_IN_FLIGHT_MAX);
         tokio::spawn(async move {
             let mut in_flight = FuturesOrdered::new();
@@ -79,6 +118,10 @@ impl producer_server::Producer for Service {
                         None => open = false,
                     },
                     Some(response) = in_flight.next(), if !in_flight.is_empty() => {
+                        if Service::cut_here(every, &answers) {
+                            let _ = tx.send(Err(Status::unavailable("fault injection: the produce stream was cut after an append"))).await;
+                            return;
+                        }
                         if tx.send(Ok(response)).await.is_err() {
                             // The client is gone; appended batches stay appended.
                             return;

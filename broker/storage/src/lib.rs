@@ -79,6 +79,7 @@ mod compact;
 mod config;
 mod epoch;
 mod log;
+pub mod producers;
 mod segment;
 
 use std::io;
@@ -133,6 +134,9 @@ pub enum AppendError {
     InconsistentBatch { reason: String },
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// An idempotent producer's batch out of sequence, or from a fenced epoch.
+    #[error(transparent)]
+    Sequence(#[from] producers::SequenceError),
 }
 
 /// Why a read or lookup failed.

@@ -10,6 +10,7 @@ use runnel_batch::{BATCH_HEADER_BYTES, TimestampType, stamp_header, validate};
 
 use crate::checkpoint;
 use crate::epoch::{EpochEntry, LeaderEpochCache};
+use crate::producers::{ProducerStates, SequenceCheck};
 use crate::segment::{OpenMode, Segment, TruncatedTail};
 use crate::{AppendError, FlushPolicy, LogConfig, ReadError, StorageError};
 
@@ -24,6 +25,9 @@ pub struct AppendInfo {
     /// The broker's timestamp, when the topic uses `LogAppendTime`.
     pub log_append_time_ms: Option<i64>,
     pub record_count: u32,
+    /// An idempotent producer's retry of a batch this log holds: nothing was written, and
+    /// the offsets are those the batch got the first time.
+    pub duplicate: bool,
 }
 
 /// A flush prepared under the log's owner's lock, to be synced outside it (group commit:
@@ -70,6 +74,7 @@ pub struct Log {
     log_start_offset: i64,
     recovery_point: i64,
     epochs: LeaderEpochCache,
+    producers: ProducerStates,
     unflushed_records: u64,
     last_flush_ms: i64,
     recovered_tails: Vec<TruncatedTail>,
@@ -138,6 +143,7 @@ impl Log {
             log_start_offset: 0,
             recovery_point: recovery_point.max(0),
             epochs,
+            producers: ProducerStates::default(),
             unflushed_records: 0,
             last_flush_ms: now_ms,
             recovered_tails,
@@ -151,7 +157,51 @@ impl Log {
         log.epochs
             .truncate_from_end(end)
             .map_err(|source| StorageError::io(dir, source))?;
+        log.rebuild_producers()?;
         Ok(log)
+    }
+
+    /// Rebuilds the producers' state from the batches of the last two segments.
+    fn rebuild_producers(&mut self) -> Result<(), StorageError> {
+        self.producers.clear();
+        let end = self.log_end_offset();
+        let from = self
+            .segments
+            .keys()
+            .rev()
+            .nth(1)
+            .or_else(|| self.segments.keys().next())
+            .copied()
+            .unwrap_or(0)
+            .max(self.log_start_offset);
+        let mut offset = from;
+        let mut buf = BytesMut::new();
+        while offset < end {
+            buf.clear();
+            match self.read_into(offset, 4 * 1024 * 1024, end, &mut buf) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(ReadError::Storage(err)) => return Err(err),
+                Err(ReadError::OffsetOutOfRange { .. }) => break,
+            }
+            let before = offset;
+            for batch in runnel_batch::batches(&buf) {
+                let Ok((header, _)) = batch else {
+                    break;
+                };
+                self.producers.record(&header);
+                offset = offset.max(header.next_offset());
+            }
+            if offset == before {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// The idempotent producers this log knows.
+    pub fn producer_count(&self) -> usize {
+        self.producers.len()
     }
 
     pub fn dir(&self) -> &Path {
@@ -259,6 +309,15 @@ impl Log {
                 ),
             });
         }
+        if let SequenceCheck::Duplicate(kept) = self.producers.check(&header)? {
+            return Ok(AppendInfo {
+                base_offset: kept.base_offset,
+                last_offset: kept.last_offset,
+                log_append_time_ms: None,
+                record_count: header.record_count,
+                duplicate: true,
+            });
+        }
         let base_offset = self.log_end_offset();
         let log_append_time_ms = match self.config.timestamp_type {
             TimestampType::LogAppendTime => Some(now_ms),
@@ -274,12 +333,14 @@ impl Log {
                 .map_err(|source| StorageError::io(&self.dir, source))?;
         }
         self.active_mut().append(&stamped, records, &header)?;
+        self.producers.record(&header);
         self.unflushed_records += u64::from(header.record_count);
         Ok(AppendInfo {
             base_offset,
             last_offset: header.last_offset(),
             log_append_time_ms,
             record_count: header.record_count,
+            duplicate: false,
         })
     }
 
@@ -318,12 +379,14 @@ impl Log {
         }
         let (header_bytes, records) = batch.split_at(BATCH_HEADER_BYTES.min(batch.len()));
         self.active_mut().append(header_bytes, records, &header)?;
+        self.producers.record(&header);
         self.unflushed_records += u64::from(header.record_count);
         Ok(AppendInfo {
             base_offset: header.base_offset,
             last_offset: header.last_offset(),
             log_append_time_ms: None,
             record_count: header.record_count,
+            duplicate: false,
         })
     }
 
@@ -658,7 +721,8 @@ impl Log {
         }
         self.epochs
             .truncate_from_end(end)
-            .map_err(|source| StorageError::io(&self.dir, source))
+            .map_err(|source| StorageError::io(&self.dir, source))?;
+        self.rebuild_producers()
     }
 
     /// Deletes every segment and starts empty at `offset` (a replica whose leader's log
@@ -674,6 +738,7 @@ impl Log {
         let segment = Segment::create(&self.dir, offset, self.config.index_interval_bytes)
             .map_err(|source| StorageError::io(&self.dir, source))?;
         self.segments.insert(offset, segment);
+        self.producers.clear();
         self.set_log_start_offset(offset)
     }
 

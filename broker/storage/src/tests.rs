@@ -787,3 +787,42 @@ proptest! {
         }
     }
 }
+
+fn producer_batch(id: i64, epoch: i16, sequence: i32, values: &[&str]) -> Vec<u8> {
+    let records: Vec<Record> = values.iter().map(|v| rec(None, Some(v), 1)).collect();
+    let options = BatchOptions {
+        producer_id: id,
+        producer_epoch: epoch,
+        base_sequence: sequence,
+        ..BatchOptions::default()
+    };
+    encode(&records, options).to_vec()
+}
+
+#[test]
+fn a_retried_producer_batch_is_written_once_also_after_a_reopen_and_a_truncation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(dir.path(), LogConfig::default(), 0).expect("open");
+    let first = producer_batch(9, 0, 0, &["a", "b"]);
+    let second = producer_batch(9, 0, 2, &["c"]);
+    assert_eq!(log.append(&first, 0, 1).expect("append").base_offset, 0);
+    log.append(&second, 0, 1).expect("append");
+    // The retry of the first batch is answered with its offsets and not written.
+    let again = log.append(&first, 0, 1).expect("duplicate");
+    assert!(again.duplicate);
+    assert_eq!((again.base_offset, again.last_offset), (0, 1));
+    assert_eq!(log.log_end_offset(), 3);
+    // A gap is refused.
+    let gap = log.append(&producer_batch(9, 0, 7, &["x"]), 0, 1);
+    assert!(matches!(gap, Err(AppendError::Sequence(_))), "{gap:?}");
+    // The state is rebuilt from the log on open.
+    log.close().expect("close");
+    let mut log = Log::open(dir.path(), LogConfig::default(), 0).expect("reopen");
+    assert_eq!(log.producer_count(), 1);
+    assert!(log.append(&second, 0, 1).expect("duplicate").duplicate);
+    // After a truncation the second batch is gone: its retry is written again.
+    log.truncate_to(2).expect("truncate");
+    let rewritten = log.append(&second, 0, 1).expect("append");
+    assert!(!rewritten.duplicate);
+    assert_eq!(rewritten.base_offset, 2);
+}

@@ -388,6 +388,31 @@ pub fn set_log_append_time(batch: &mut [u8], append_time_ms: i64) {
     batch[CRC_POS..CRC_POS + 4].copy_from_slice(&crc.to_be_bytes());
 }
 
+/// Stamps an idempotent producer's id, epoch and the batch's first sequence number into
+/// `batch`, and recomputes its CRC (which covers those fields).
+///
+/// # Panics
+/// If `batch` is shorter than its header says: callers validate first.
+pub fn set_producer(batch: &mut [u8], producer_id: i64, producer_epoch: i16, base_sequence: i32) {
+    batch[PRODUCER_ID_POS..PRODUCER_ID_POS + 8].copy_from_slice(&producer_id.to_be_bytes());
+    batch[PRODUCER_EPOCH_POS..PRODUCER_EPOCH_POS + 2]
+        .copy_from_slice(&producer_epoch.to_be_bytes());
+    batch[BASE_SEQUENCE_POS..BASE_SEQUENCE_POS + 4].copy_from_slice(&base_sequence.to_be_bytes());
+    let crc = crc32c::crc32c(&batch[ATTRIBUTES_POS..]);
+    batch[CRC_POS..CRC_POS + 4].copy_from_slice(&crc.to_be_bytes());
+}
+
+impl BatchHeader {
+    /// The sequence number of the batch's last record (sequences wrap at `i32::MAX`).
+    pub fn last_sequence(&self) -> i32 {
+        if self.base_sequence < 0 {
+            return -1;
+        }
+        let last = i64::from(self.base_sequence) + i64::from(self.last_offset_delta);
+        (last % (i64::from(i32::MAX) + 1)) as i32
+    }
+}
+
 /// A copy of the batch's fixed header with the base offset and leader epoch stamped, and
 /// for `LogAppendTime` the append time and a CRC recomputed over the new header fields
 /// and the unchanged records. Writing this header followed by `batch[BATCH_HEADER_BYTES..]`

@@ -246,3 +246,23 @@ fn truncated_varints_are_errors() {
     assert_eq!(cursor.read_varint(), Ok(1));
     assert!(cursor.is_empty());
 }
+
+#[test]
+fn a_producer_stamped_later_keeps_the_batch_valid_and_the_records_unchanged() {
+    let records = [record(Some("k"), Some("a"), 5), record(None, Some("b"), 6)];
+    let mut batch = BytesMut::from(&encode(&records, BatchOptions::default())[..]);
+    set_producer(&mut batch, 42, 3, i32::MAX);
+    let header = validate(&batch).expect("still valid after the CRC is recomputed");
+    assert_eq!(
+        (
+            header.producer_id,
+            header.producer_epoch,
+            header.base_sequence
+        ),
+        (42, 3, i32::MAX)
+    );
+    // Sequences wrap: the second record's is 0.
+    assert_eq!(header.last_sequence(), 0);
+    let decoded = decode_records(&batch).expect("decode");
+    assert_eq!(decoded[1].value.as_deref(), Some(&b"b"[..]));
+}
