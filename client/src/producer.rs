@@ -12,7 +12,7 @@
 //! same batch, so a record may be written twice (at-least-once) and, with several requests
 //! in flight, retried batches may land after later ones.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -381,7 +381,9 @@ impl Producer {
             next_stream_id: 0,
             producer_id: None,
             sequences: HashMap::new(),
-            busy: HashSet::new(),
+            unacked: HashMap::new(),
+            recovering: HashMap::new(),
+            next_order: 0,
             queued: HashMap::new(),
             released: Vec::new(),
         };
@@ -658,6 +660,8 @@ struct Sent {
     /// Idempotent: the batch's first sequence number, once numbered (at its first send;
     /// retries resend the same numbers).
     sequence: Option<i32>,
+    /// Idempotent: where the batch stands among its partition's numbered batches.
+    order: u64,
 }
 
 /// Whom a sent batch reports to.
@@ -788,11 +792,19 @@ struct Task {
     producer_id: Option<(i64, i16)>,
     /// Idempotent: the next sequence number of each partition.
     sequences: HashMap<(Arc<str>, u32), i32>,
-    /// Idempotent: partitions with a batch in flight or waiting for a retry.
-    busy: HashSet<(Arc<str>, u32)>,
-    /// Idempotent: batches waiting for their partition's batch in flight.
+    /// Idempotent: the order of each partition's numbered batches that are neither
+    /// acknowledged nor failed for good (in flight, or waiting for a retry): at most
+    /// [`IDEMPOTENT_IN_FLIGHT_MAX`].
+    unacked: HashMap<(Arc<str>, u32), BTreeSet<u64>>,
+    /// Idempotent: the order of the next numbered batch (split halves take the orders
+    /// just after their batch's).
+    next_order: u64,
+    /// Idempotent: partitions recovering from a failed batch, with the last order that
+    /// was unacknowledged when it failed.
+    recovering: HashMap<(Arc<str>, u32), u64>,
+    /// Idempotent: batches waiting for room among their partition's unacknowledged ones.
     queued: HashMap<(Arc<str>, u32), VecDeque<Sent>>,
-    /// Idempotent: partitions whose batch finished; their next queued batch goes out.
+    /// Idempotent: partitions one of whose batches finished: their queued ones may go.
     released: Vec<(Arc<str>, u32)>,
 }
 
@@ -825,6 +837,7 @@ impl Task {
                     first_sent: Instant::now(),
                     sent_at: Instant::now(),
                     sequence: None,
+                    order: 0,
                 })
                 .await;
             }
@@ -896,11 +909,27 @@ impl Task {
         }
     }
 
-    /// A new batch: sent now, or (idempotent) once its partition's batch in flight is done.
+    /// Whether partition `key` may send another new batch: it has fewer than
+    /// [`IDEMPOTENT_IN_FLIGHT_MAX`] unacknowledged ones, and it is not recovering: after a
+    /// batch failed, no new one goes until every batch unacknowledged then is
+    /// acknowledged (those may be written already, and each new batch would move the
+    /// broker's window of five past them).
+    fn has_room(&self, key: &(Arc<str>, u32)) -> bool {
+        let unacked = self.unacked.get(key);
+        let recovering = self.recovering.get(key).is_some_and(|last| {
+            unacked
+                .and_then(BTreeSet::first)
+                .is_some_and(|first| first <= last)
+        });
+        !recovering && unacked.is_none_or(|u| u.len() < IDEMPOTENT_IN_FLIGHT_MAX)
+    }
+
+    /// A new batch: sent now, or (idempotent) once its partition has fewer than
+    /// [`IDEMPOTENT_IN_FLIGHT_MAX`] unacknowledged batches.
     async fn submit(&mut self, sent: Sent) {
         if self.shared.config.idempotent {
             let key = (sent.topic.clone(), sent.partition);
-            if !self.busy.insert(key.clone()) {
+            if self.queued.contains_key(&key) || !self.has_room(&key) {
                 self.queued.entry(key).or_default().push_back(sent);
                 return;
             }
@@ -908,27 +937,52 @@ impl Task {
         self.dispatch(sent).await;
     }
 
-    /// Sends the next queued batch of each partition whose batch just finished.
+    /// Sends the queued batches of partitions that have room again.
     async fn send_released(&mut self) {
         while let Some(key) = self.released.pop() {
-            let next = self.queued.get_mut(&key).and_then(VecDeque::pop_front);
-            if self.queued.get(&key).is_some_and(VecDeque::is_empty) {
-                self.queued.remove(&key);
-            }
-            match next {
-                Some(sent) => self.dispatch(sent).await,
-                None => {
-                    self.busy.remove(&key);
+            while self.has_room(&key) {
+                let Some(next) = self.queued.get_mut(&key).and_then(VecDeque::pop_front) else {
+                    break;
+                };
+                if self.queued.get(&key).is_some_and(VecDeque::is_empty) {
+                    self.queued.remove(&key);
                 }
+                self.dispatch(next).await;
             }
         }
     }
 
-    /// Idempotent: the batch's partition is free for its next batch.
-    fn release_partition(&mut self, topic: &Arc<str>, partition: u32) {
-        if self.shared.config.idempotent {
-            self.released.push((topic.clone(), partition));
+    /// Idempotent: a numbered batch is acknowledged or failed for good.
+    fn release_partition(&mut self, sent: &Sent) {
+        if !self.shared.config.idempotent || sent.sequence.is_none() {
+            return;
         }
+        let key = (sent.topic.clone(), sent.partition);
+        if let Some(unacked) = self.unacked.get_mut(&key) {
+            unacked.remove(&sent.order);
+            if unacked.is_empty() {
+                self.unacked.remove(&key);
+            }
+        }
+        let first = self.unacked.get(&key).and_then(BTreeSet::first).copied();
+        if self
+            .recovering
+            .get(&key)
+            .is_some_and(|last| first.is_none_or(|first| first > *last))
+        {
+            self.recovering.remove(&key);
+        }
+        self.released.push(key);
+    }
+
+    /// Idempotent: whether a batch of the same partition numbered before `sent` is
+    /// still unacknowledged (an OUT_OF_ORDER_SEQUENCE for `sent` then only means that one
+    /// is not written yet).
+    fn earlier_unacked(&self, sent: &Sent) -> bool {
+        self.unacked
+            .get(&(sent.topic.clone(), sent.partition))
+            .and_then(|u| u.first())
+            .is_some_and(|first| *first < sent.order)
     }
 
     /// Idempotent: numbers a batch at its first send, under the producer id (taken from
@@ -963,6 +1017,12 @@ impl Task {
         runnel_batch::set_producer(&mut bytes, id, epoch, sequence);
         sent.records = bytes.freeze();
         sent.sequence = Some(sequence);
+        sent.order = self.next_order;
+        self.next_order += ORDER_GAP;
+        self.unacked
+            .entry((sent.topic.clone(), sent.partition))
+            .or_default()
+            .insert(sent.order);
         Ok(())
     }
 
@@ -1143,7 +1203,7 @@ impl Task {
     }
 
     fn complete(&mut self, sent: Sent, base_offset: i64, log_append_time_ms: i64) {
-        self.release_partition(&sent.topic, sent.partition);
+        self.release_partition(&sent);
         self.release(sent.size_bytes, sent.records);
         let piece = Piece {
             first_index: sent.target.first_index(),
@@ -1163,7 +1223,7 @@ impl Task {
                 if sent.sequence.is_some() {
                     self.producer_id = None;
                 }
-                self.release_partition(&sent.topic, sent.partition);
+                self.release_partition(&sent);
                 self.release(sent.size_bytes, sent.records);
                 return sent
                     .target
@@ -1217,20 +1277,22 @@ impl Task {
                     first_sent: sent.first_sent,
                     sent_at: sent.sent_at,
                     sequence,
+                    order: sent.order,
                 });
-        let (Some(first), Some(second)) = (pieces.next(), pieces.next()) else {
+        let (Some(first), Some(mut second)) = (pieces.next(), pieces.next()) else {
             return;
         };
         if numbered.is_some() {
-            self.queued
+            // The halves stand where the batch stood: the first in its place, the
+            // second right after it (orders count records within a batch).
+            second.order = sent.order + u64::from(mid);
+            self.unacked
                 .entry((sent.topic.clone(), sent.partition))
                 .or_default()
-                .push_front(second);
-            self.dispatch(first).await;
-        } else {
-            self.dispatch(first).await;
-            self.dispatch(second).await;
+                .insert(second.order);
         }
+        self.dispatch(first).await;
+        self.dispatch(second).await;
     }
 
     fn fail_or_retry(&mut self, mut sent: Sent, err: ClientError) {
@@ -1247,11 +1309,23 @@ impl Task {
             err.code(),
             Some(v1::ErrorCode::UnknownTopic | v1::ErrorCode::UnknownPartition)
         );
-        if (err.is_retriable() || lagging)
+        // Idempotent: a batch after one that is not written yet is refused as out of
+        // order; it goes again after that one.
+        let behind =
+            err.code() == Some(v1::ErrorCode::OutOfOrderSequence) && self.earlier_unacked(&sent);
+        if (err.is_retriable() || lagging || behind)
             && sent.attempts < config.retries
             && at < sent.first_sent + config.delivery_timeout
         {
             sent.attempts += 1;
+            if sent.sequence.is_some() {
+                let key = (sent.topic.clone(), sent.partition);
+                if let Some(last) = self.unacked.get(&key).and_then(BTreeSet::last) {
+                    let last = *last;
+                    let entry = self.recovering.entry(key).or_insert(last);
+                    *entry = (*entry).max(last);
+                }
+            }
             self.shared.client.forget_topic(&sent.topic);
             tracing::debug!(topic = %sent.topic, partition = sent.partition, attempt = sent.attempts, error = %err, "retrying batch");
             self.retries.push_back((at, sent));
@@ -1261,7 +1335,7 @@ impl Task {
             // Its numbers are a gap now: later batches start over under a new id.
             self.producer_id = None;
         }
-        self.release_partition(&sent.topic, sent.partition);
+        self.release_partition(&sent);
         self.release(sent.size_bytes, sent.records);
         sent.target.finish(&sent.topic, sent.partition, Err(err));
     }
@@ -1272,15 +1346,45 @@ impl Task {
         if !self.retries.iter().any(|(at, _)| *at <= now) {
             return;
         }
-        let (due, waiting): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.retries)
+        let (mut due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retries)
             .into_iter()
             .partition(|(at, _)| *at <= now);
-        self.retries = waiting;
+        self.retries = waiting.into();
+        if self.shared.config.idempotent {
+            // A partition's numbered batches go again in their order: one whose earlier
+            // sibling still waits for its backoff waits with it.
+            due.sort_by_key(|(_, sent)| sent.order);
+            let mut held = Vec::new();
+            for (at, sent) in due {
+                let earlier_waits = self.retries.iter().any(|(_, other)| {
+                    other.sequence.is_some()
+                        && other.topic == sent.topic
+                        && other.partition == sent.partition
+                        && other.order < sent.order
+                });
+                if sent.sequence.is_some() && earlier_waits {
+                    held.push((at, sent));
+                } else {
+                    let key = (sent.topic.clone(), sent.partition);
+                    self.dispatch(sent).await;
+                    self.released.push(key);
+                }
+            }
+            self.retries.extend(held);
+            return;
+        }
         for (_, sent) in due {
             self.dispatch(sent).await;
         }
     }
 }
+
+/// Numbered batches a partition may have unacknowledged (in flight or retried): the
+/// broker remembers a producer's last five batches, so a retry is always one of them.
+const IDEMPOTENT_IN_FLIGHT_MAX: usize = 5;
+/// Room between the orders of two batches: a split half's order is its batch's plus
+/// the index of its first record.
+const ORDER_GAP: u64 = 1 << 32;
 
 /// The sequence number `count` records after `sequence` (sequences wrap at `i32::MAX`).
 fn wrapping_sequence(sequence: i32, count: u32) -> i32 {
