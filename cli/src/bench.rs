@@ -60,9 +60,9 @@ pub struct ProduceBench {
     /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
-    /// Produce idempotently (producer id and sequence numbers per partition).
-    #[arg(long, conflicts_with = "prebuilt_batches")]
-    idempotent: bool,
+    /// With --acks all, produce without idempotence (no producer id and sequence numbers).
+    #[arg(long)]
+    no_idempotence: bool,
     /// Encode one batch of --batch-size (at most the topic's limit) up front and send it
     /// again and again to partition 0 on the raw-batch path, as peers' load generators do:
     /// measures the broker's intake without the producer's per-record work.
@@ -201,7 +201,7 @@ async fn produce(
             acks: args.acks,
             batch_size_bytes: args.batch_size,
             linger: Duration::from_millis(args.linger_ms),
-            idempotent: args.idempotent,
+            idempotent: !args.no_idempotence,
             ..ProducerConfig::default()
         };
         let (topic, value, keys, bar) =

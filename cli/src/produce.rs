@@ -31,10 +31,10 @@ pub struct ProduceArgs {
     /// paused or cut-off broker).
     #[arg(long, default_value_t = 30_000)]
     request_timeout_ms: u64,
-    /// Number batches per partition under a producer id so that a retry after a lost
-    /// answer writes nothing twice (Kafka's enable.idempotence).
+    /// With --acks all, batches are numbered under a producer id so that a retry after a
+    /// lost answer writes nothing twice (Kafka's enable.idempotence); this turns that off.
     #[arg(long)]
-    idempotent: bool,
+    no_idempotence: bool,
 }
 
 pub fn parse_acks(input: &str) -> Result<Acks, String> {
@@ -62,7 +62,7 @@ pub async fn run(client: Client, args: ProduceArgs) -> anyhow::Result<ExitCode> 
             acks: args.acks,
             delivery_timeout: std::time::Duration::from_millis(args.delivery_timeout_ms),
             request_timeout: std::time::Duration::from_millis(args.request_timeout_ms),
-            idempotent: args.idempotent,
+            idempotent: !args.no_idempotence,
             ..ProducerConfig::default()
         },
     );

@@ -83,8 +83,10 @@ pub struct ProducerConfig {
     pub max_in_flight: usize,
     /// Idempotent producing (Kafka's `enable.idempotence`): the producer takes a producer
     /// id from the cluster and numbers its batches per partition, so a batch retried
-    /// after a lost answer is written once. A partition then has one batch in flight at a
-    /// time (batches to other partitions still go in parallel).
+    /// after a lost answer is written once; a partition then has at most five batches
+    /// unacknowledged. On by default, and in effect only with `acks: Acks::All` (as in
+    /// Kafka: with fewer acks an acknowledged batch can vanish in a failover, and the
+    /// next one would be refused as out of sequence).
     pub idempotent: bool,
 }
 
@@ -102,7 +104,7 @@ impl Default for ProducerConfig {
             request_timeout: Duration::from_secs(30),
             compression: Compression::None,
             max_in_flight: 16,
-            idempotent: false,
+            idempotent: true,
         }
     }
 }
@@ -361,7 +363,8 @@ enum Placement {
 
 impl Producer {
     /// Starts the producer's background sender on the current tokio runtime.
-    pub fn new(client: Client, config: ProducerConfig) -> Self {
+    pub fn new(client: Client, mut config: ProducerConfig) -> Self {
+        config.idempotent &= config.acks == Acks::All;
         let shared = Arc::new(Shared {
             client,
             config,
@@ -1013,7 +1016,10 @@ impl Task {
             .or_insert(0);
         let sequence = *next;
         *next = wrapping_sequence(sequence, sent.count);
-        let mut bytes = BytesMut::from(&sent.records[..]);
+        // A new batch's buffer is its own: stamped in place, not copied.
+        let mut bytes = std::mem::take(&mut sent.records)
+            .try_into_mut()
+            .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
         runnel_batch::set_producer(&mut bytes, id, epoch, sequence);
         sent.records = bytes.freeze();
         sent.sequence = Some(sequence);

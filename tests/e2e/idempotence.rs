@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use runnel_client::{Client, Producer, ProducerConfig, ProducerRecord};
+use runnel_client::{Acks, Client, Producer, ProducerConfig, ProducerRecord};
 
 use crate::support::Dev;
 
@@ -22,6 +22,7 @@ async fn send_and_count(
     let producer = Producer::new(
         client,
         ProducerConfig {
+            acks: Acks::All,
             batch_size_bytes: 2_000,
             linger: Duration::ZERO,
             retry_backoff: Duration::from_millis(20),
@@ -102,6 +103,7 @@ fn an_idempotent_batch_refused_as_too_large_is_split_under_its_own_sequence_numb
         let producer = Producer::new(
             client,
             ProducerConfig {
+                acks: Acks::All,
                 batch_size_bytes: 30_000,
                 linger: Duration::from_millis(20),
                 idempotent: true,
