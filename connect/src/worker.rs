@@ -765,16 +765,7 @@ impl store::Reconciler for Worker {
         let Some(dir) = self.inner.local_dir.clone() else {
             return Ok(());
         };
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            return Ok(());
-        };
-        for entry in entries {
-            let path = entry?.path();
-            if path.extension().is_none_or(|e| e != "json") {
-                continue;
-            }
-            let local: LocalSaved = serde_json::from_slice(&std::fs::read(&path)?)
-                .with_context(|| format!("reading {}", path.display()))?;
+        for (path, local) in store::saved_files::<LocalSaved>(&dir)? {
             let spec = spec::parse(&local.file, &local.yaml)?;
             if store
                 .snapshot()
@@ -804,7 +795,7 @@ impl store::Reconciler for Worker {
                     .await?;
                 tracing::info!(connector = %spec.name, "imported a connector saved on this broker into {}", store::TOPIC);
             }
-            std::fs::rename(&path, path.with_extension("json.imported"))?;
+            store::mark_imported(&path)?;
         }
         Ok(())
     }

@@ -278,16 +278,7 @@ impl store::Reconciler for Runtime {
     /// Moves deployments saved under `<data>/__transforms` into the store (unless it
     /// has one of that name), renaming each file to `.imported`.
     async fn import_local(&self, store: &Store) -> anyhow::Result<()> {
-        let Ok(entries) = std::fs::read_dir(&self.inner.local_dir) else {
-            return Ok(());
-        };
-        for entry in entries {
-            let path = entry?.path();
-            if path.extension().is_none_or(|e| e != "json") {
-                continue;
-            }
-            let local: LocalSaved = serde_json::from_slice(&std::fs::read(&path)?)
-                .with_context(|| format!("reading {}", path.display()))?;
+        for (path, local) in store::saved_files::<LocalSaved>(&self.inner.local_dir)? {
             let name = local.spec.name.clone();
             if store.snapshot().get(Kind::Transform, &name).is_none() {
                 let wasm_path = self
@@ -306,7 +297,7 @@ impl store::Reconciler for Runtime {
                     .await?;
                 tracing::info!(transform = %name, "imported a transform saved on this broker into {}", store::TOPIC);
             }
-            std::fs::rename(&path, path.with_extension("json.imported"))?;
+            store::mark_imported(&path)?;
         }
         Ok(())
     }

@@ -385,6 +385,40 @@ fn apply(snapshot: &mut Snapshot, record: &ConsumerRecord, wasm_dir: &Path) {
     }
 }
 
+/// The deployments an earlier version saved in `dir` (one JSON file each), to import
+/// into the store; hand each path to [`mark_imported`] once it is. None when `dir` does
+/// not exist.
+///
+/// # Errors
+/// A file that cannot be read or parsed.
+pub fn saved_files<T: serde::de::DeserializeOwned>(
+    dir: &Path,
+) -> anyhow::Result<Vec<(PathBuf, T)>> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(Vec::new());
+    };
+    let mut saved = Vec::new();
+    for entry in entries {
+        let path = entry?.path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let value: T = serde_json::from_slice(&std::fs::read(&path)?)
+            .with_context(|| format!("reading {}", path.display()))?;
+        saved.push((path, value));
+    }
+    Ok(saved)
+}
+
+/// Renames an imported file to `.json.imported`, so it is imported once.
+///
+/// # Errors
+/// The rename failed.
+pub fn mark_imported(path: &Path) -> anyhow::Result<()> {
+    std::fs::rename(path, path.with_extension("json.imported"))
+        .with_context(|| format!("renaming {}", path.display()))
+}
+
 /// A runtime that runs what the store defines.
 pub trait Reconciler: Clone + Send + Sync + 'static {
     /// Once, when the store is first caught up: takes in what an earlier version saved
