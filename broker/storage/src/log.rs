@@ -16,6 +16,8 @@ use crate::{AppendError, FlushPolicy, LogConfig, ReadError, StorageError};
 
 const LOG_START_FILE: &str = "log-start-offset";
 const RECOVERY_POINT_FILE: &str = "recovery-point";
+/// The idempotent producers' state as of an offset (`producers.rs`).
+const PRODUCER_SNAPSHOT_FILE: &str = "producer-snapshot";
 
 /// Where an appended batch landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,19 +163,37 @@ impl Log {
         Ok(log)
     }
 
-    /// Rebuilds the producers' state from the batches of the last two segments.
+    /// Rebuilds the producers' state: the snapshot when it does not reach past the log
+    /// end, else nothing, and then the batches after it (without a snapshot, those of the
+    /// last two segments).
     fn rebuild_producers(&mut self) -> Result<(), StorageError> {
         self.producers.clear();
         let end = self.log_end_offset();
-        let from = self
-            .segments
-            .keys()
-            .rev()
-            .nth(1)
-            .or_else(|| self.segments.keys().next())
-            .copied()
-            .unwrap_or(0)
-            .max(self.log_start_offset);
+        let path = self.dir.join(PRODUCER_SNAPSHOT_FILE);
+        let mut snapshot = fs::read_to_string(&path)
+            .ok()
+            .and_then(|text| ProducerStates::decode(&text));
+        if snapshot.as_ref().is_some_and(|(offset, _)| *offset > end) {
+            // Taken before a truncation: it holds batches the log no longer has, and
+            // must not come back once the log grows past it again.
+            fs::remove_file(&path).map_err(|source| StorageError::io(&path, source))?;
+            snapshot = None;
+        }
+        let from = match snapshot {
+            Some((offset, states)) => {
+                self.producers = states;
+                offset
+            }
+            None => self
+                .segments
+                .keys()
+                .rev()
+                .nth(1)
+                .or_else(|| self.segments.keys().next())
+                .copied()
+                .unwrap_or(0),
+        }
+        .max(self.log_start_offset);
         let mut offset = from;
         let mut buf = BytesMut::new();
         while offset < end {
@@ -197,6 +217,14 @@ impl Log {
             }
         }
         Ok(())
+    }
+
+    /// Writes the producers' state as of the log end (at a roll and a clean close).
+    fn snapshot_producers(&self) -> Result<(), StorageError> {
+        let path = self.dir.join(PRODUCER_SNAPSHOT_FILE);
+        let text = self.producers.encode(self.log_end_offset());
+        checkpoint::write_atomic(&path, text.as_bytes())
+            .map_err(|source| StorageError::io(&path, source))
     }
 
     /// The idempotent producers this log knows.
@@ -430,6 +458,9 @@ impl Log {
         }
         self.active_mut().seal()?;
         self.set_recovery_point(next)?;
+        if !self.producers.is_empty() {
+            self.snapshot_producers()?;
+        }
         let segment = Segment::create(&self.dir, next, self.config.index_interval_bytes)
             .map_err(|source| StorageError::io(&self.dir, source))?;
         checkpoint::sync_dir(&self.dir).map_err(|source| StorageError::io(&self.dir, source))?;
@@ -738,7 +769,12 @@ impl Log {
         let segment = Segment::create(&self.dir, offset, self.config.index_interval_bytes)
             .map_err(|source| StorageError::io(&self.dir, source))?;
         self.segments.insert(offset, segment);
+        // Nothing of the old log stays, and neither does what was known of its producers.
         self.producers.clear();
+        let snapshot = self.dir.join(PRODUCER_SNAPSHOT_FILE);
+        if snapshot.exists() {
+            fs::remove_file(&snapshot).map_err(|source| StorageError::io(&snapshot, source))?;
+        }
         self.set_log_start_offset(offset)
     }
 
@@ -749,6 +785,9 @@ impl Log {
     pub fn close(mut self) -> Result<(), StorageError> {
         self.active_mut().seal()?;
         let end = self.log_end_offset();
+        if !self.producers.is_empty() {
+            self.snapshot_producers()?;
+        }
         self.set_recovery_point(end)
     }
 

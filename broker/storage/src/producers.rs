@@ -5,14 +5,19 @@
 //! written again); a gap is refused; an older epoch is fenced.
 //!
 //! The state follows the log: the leader checks and records each batch it appends, a
-//! follower records what it copies (so that a new leader knows every producer), and after
-//! a truncation or at open it is rebuilt from the log's last two segments. A producer
-//! whose batches are all older than that is unknown, and its next batch is taken at
+//! follower records what it copies (so that a new leader knows every producer). A
+//! snapshot is written when a segment rolls and at a clean close; at open and after a
+//! truncation the state is the snapshot (when it does not reach past the log end) plus
+//! the batches after it, or without a usable snapshot the batches of the last two
+//! segments. A producer known to neither is unknown, and its next batch is taken at
 //! whatever sequence it has (no duplicate of a batch that old can still be in flight).
 
 use std::collections::{HashMap, VecDeque};
 
 use runnel_batch::BatchHeader;
+
+/// The first line of a snapshot file.
+const SNAPSHOT_MAGIC: &str = "runnel producer state 1";
 
 /// Batches remembered per producer: a producer keeps at most this many in flight per
 /// partition, so a retry is always of one of them.
@@ -157,6 +162,59 @@ impl ProducerStates {
         self.producers.clear();
     }
 
+    /// The state as a snapshot taken at log offset `offset` (it covers the batches
+    /// below it): a text file, one producer per line.
+    pub fn encode(&self, offset: i64) -> String {
+        let mut out = format!("{SNAPSHOT_MAGIC}\noffset {offset}\n");
+        let mut ids: Vec<&i64> = self.producers.keys().collect();
+        ids.sort_unstable();
+        for id in ids {
+            let producer = &self.producers[id];
+            out.push_str(&format!("p {id} {}", producer.epoch));
+            for b in &producer.batches {
+                out.push_str(&format!(
+                    " {} {} {} {}",
+                    b.first_sequence, b.last_sequence, b.base_offset, b.last_offset
+                ));
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    /// A snapshot written by [`ProducerStates::encode`], with its offset; `None` when it
+    /// is not one (damaged or from another version).
+    pub fn decode(text: &str) -> Option<(i64, ProducerStates)> {
+        let mut lines = text.lines();
+        if lines.next()? != SNAPSHOT_MAGIC {
+            return None;
+        }
+        let offset = lines.next()?.strip_prefix("offset ")?.parse().ok()?;
+        let mut states = ProducerStates::default();
+        for line in lines {
+            let mut fields = line.strip_prefix("p ")?.split(' ');
+            let id: i64 = fields.next()?.parse().ok()?;
+            let epoch: i16 = fields.next()?.parse().ok()?;
+            let numbers: Vec<i64> = fields.map(|f| f.parse().ok()).collect::<Option<_>>()?;
+            if !numbers.len().is_multiple_of(4) || numbers.len() / 4 > BATCHES_KEPT {
+                return None;
+            }
+            let batches = numbers
+                .chunks(4)
+                .map(|c| {
+                    Some(KeptBatch {
+                        first_sequence: i32::try_from(c[0]).ok()?,
+                        last_sequence: i32::try_from(c[1]).ok()?,
+                        base_offset: c[2],
+                        last_offset: c[3],
+                    })
+                })
+                .collect::<Option<VecDeque<_>>>()?;
+            states.producers.insert(id, Producer { epoch, batches });
+        }
+        Some((offset, states))
+    }
+
     /// How many producers are known.
     pub fn len(&self) -> usize {
         self.producers.len()
@@ -259,5 +317,27 @@ mod tests {
                 ..
             }))
         ));
+    }
+
+    #[test]
+    fn a_snapshot_round_trips_and_garbage_is_not_one() {
+        let mut states = ProducerStates::default();
+        for (i, id) in [3, 1, 2].into_iter().enumerate() {
+            states.record(&batch(id, 1, 0, 4, i as i64 * 10));
+            states.record(&batch(id, 1, 4, 2, i as i64 * 10 + 4));
+        }
+        let (offset, back) = ProducerStates::decode(&states.encode(77)).expect("decodes");
+        assert_eq!(offset, 77);
+        assert_eq!(back.encode(77), states.encode(77));
+        assert!(matches!(
+            back.check(&batch(2, 1, 4, 2, -1)),
+            Ok(SequenceCheck::Duplicate(KeptBatch {
+                base_offset: 24,
+                ..
+            }))
+        ));
+        for garbage in ["", "runnel producer state 1\noffset x\n", "something else"] {
+            assert!(ProducerStates::decode(garbage).is_none(), "{garbage:?}");
+        }
     }
 }

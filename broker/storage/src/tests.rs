@@ -826,3 +826,37 @@ fn a_retried_producer_batch_is_written_once_also_after_a_reopen_and_a_truncation
     assert!(!rewritten.duplicate);
     assert_eq!(rewritten.base_offset, 2);
 }
+
+#[test]
+fn producer_state_comes_back_from_its_snapshot_and_a_truncation_below_it_drops_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = LogConfig {
+        segment_bytes: 300,
+        ..LogConfig::default()
+    };
+    let mut log = Log::open(dir.path(), config.clone(), 0).expect("open");
+    // Producer 1 writes once, then producer 2 writes many batches: producer 1's batch
+    // is older than the last two segments, so only the snapshot remembers it.
+    let early = producer_batch(1, 0, 0, &["early"]);
+    log.append(&early, 0, 1).expect("append");
+    for i in 0..20 {
+        log.append(&producer_batch(2, 0, i, &["x"]), 0, 1)
+            .expect("append");
+    }
+    assert!(log.snapshot().segment_count > 3, "the log rolled");
+    drop(log); // a crash: no snapshot at close, the one of the last roll is used
+    let mut log = Log::open(dir.path(), config.clone(), 0).expect("reopen");
+    assert_eq!(log.producer_count(), 2);
+    assert!(log.append(&early, 0, 1).expect("duplicate").duplicate);
+    // Truncated below the snapshot: the snapshot goes, and the state is what the log
+    // still holds.
+    log.truncate_to(1).expect("truncate");
+    assert!(!dir.path().join("producer-snapshot").exists());
+    let rewritten = log
+        .append(&producer_batch(2, 0, 0, &["x"]), 0, 1)
+        .expect("append");
+    assert!(
+        !rewritten.duplicate,
+        "the truncated batch is not remembered"
+    );
+}
