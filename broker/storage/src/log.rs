@@ -209,7 +209,7 @@ impl Log {
                 let Ok((header, _)) = batch else {
                     break;
                 };
-                self.producers.record(&header);
+                self.producers.record(&header, header.max_timestamp_ms);
                 offset = offset.max(header.next_offset());
             }
             if offset == before {
@@ -361,7 +361,7 @@ impl Log {
                 .map_err(|source| StorageError::io(&self.dir, source))?;
         }
         self.active_mut().append(&stamped, records, &header)?;
-        self.producers.record(&header);
+        self.producers.record(&header, now_ms);
         self.unflushed_records += u64::from(header.record_count);
         Ok(AppendInfo {
             base_offset,
@@ -407,7 +407,7 @@ impl Log {
         }
         let (header_bytes, records) = batch.split_at(BATCH_HEADER_BYTES.min(batch.len()));
         self.active_mut().append(header_bytes, records, &header)?;
-        self.producers.record(&header);
+        self.producers.record(&header, now_ms);
         self.unflushed_records += u64::from(header.record_count);
         Ok(AppendInfo {
             base_offset: header.base_offset,
@@ -673,11 +673,14 @@ impl Log {
 
     /// Deletes old segments by `retention.ms` and `retention.bytes` when the cleanup
     /// policy includes `delete`. The active segment is never deleted. Returns how many
-    /// segments were deleted.
+    /// segments were deleted. Forgets the idempotent producers idle for
+    /// [`crate::producers::PRODUCER_EXPIRATION_MS`] too.
     ///
     /// # Errors
     /// I/O errors.
     pub fn enforce_retention(&mut self, now_ms: i64) -> Result<usize, StorageError> {
+        self.producers
+            .expire(now_ms, crate::producers::PRODUCER_EXPIRATION_MS);
         if !self.config.cleanup_policy.delete {
             return Ok(0);
         }

@@ -16,6 +16,10 @@ use std::collections::{HashMap, VecDeque};
 
 use runnel_batch::BatchHeader;
 
+/// How long a producer that writes nothing is remembered (Kafka's default
+/// `producer.id.expiration.ms`, one day).
+pub const PRODUCER_EXPIRATION_MS: i64 = 24 * 3600 * 1000;
+
 /// The first line of a snapshot file.
 const SNAPSHOT_MAGIC: &str = "runnel producer state 1";
 
@@ -36,6 +40,8 @@ pub struct KeptBatch {
 struct Producer {
     epoch: i16,
     batches: VecDeque<KeptBatch>,
+    /// When its last batch was written (ms since the Unix epoch).
+    last_ms: i64,
 }
 
 /// What to do with a producer's batch.
@@ -137,12 +143,13 @@ impl ProducerStates {
         })
     }
 
-    /// Records a batch written to the log (`header` carries its offsets).
-    pub fn record(&mut self, header: &BatchHeader) {
+    /// Records a batch written to the log at `now_ms` (`header` carries its offsets).
+    pub fn record(&mut self, header: &BatchHeader, now_ms: i64) {
         if header.producer_id < 0 || header.is_control() {
             return;
         }
         let producer = self.producers.entry(header.producer_id).or_default();
+        producer.last_ms = producer.last_ms.max(now_ms);
         if header.producer_epoch != producer.epoch {
             producer.epoch = header.producer_epoch;
             producer.batches.clear();
@@ -162,6 +169,13 @@ impl ProducerStates {
         self.producers.clear();
     }
 
+    /// Forgets the producers that wrote nothing for `expiration_ms` (Kafka's
+    /// `producer.id.expiration.ms`): a producer that comes back after that is unknown.
+    pub fn expire(&mut self, now_ms: i64, expiration_ms: i64) {
+        self.producers
+            .retain(|_, p| now_ms.saturating_sub(p.last_ms) <= expiration_ms);
+    }
+
     /// The state as a snapshot taken at log offset `offset` (it covers the batches
     /// below it): a text file, one producer per line.
     pub fn encode(&self, offset: i64) -> String {
@@ -170,7 +184,7 @@ impl ProducerStates {
         ids.sort_unstable();
         for id in ids {
             let producer = &self.producers[id];
-            out.push_str(&format!("p {id} {}", producer.epoch));
+            out.push_str(&format!("p {id} {} {}", producer.epoch, producer.last_ms));
             for b in &producer.batches {
                 out.push_str(&format!(
                     " {} {} {} {}",
@@ -195,6 +209,7 @@ impl ProducerStates {
             let mut fields = line.strip_prefix("p ")?.split(' ');
             let id: i64 = fields.next()?.parse().ok()?;
             let epoch: i16 = fields.next()?.parse().ok()?;
+            let last_ms: i64 = fields.next()?.parse().ok()?;
             let numbers: Vec<i64> = fields.map(|f| f.parse().ok()).collect::<Option<_>>()?;
             if !numbers.len().is_multiple_of(4) || numbers.len() / 4 > BATCHES_KEPT {
                 return None;
@@ -210,7 +225,14 @@ impl ProducerStates {
                     })
                 })
                 .collect::<Option<VecDeque<_>>>()?;
-            states.producers.insert(id, Producer { epoch, batches });
+            states.producers.insert(
+                id,
+                Producer {
+                    epoch,
+                    batches,
+                    last_ms,
+                },
+            );
         }
         Some((offset, states))
     }
@@ -257,10 +279,10 @@ mod tests {
         let mut states = ProducerStates::default();
         let first = batch(7, 0, 0, 10, 100);
         assert_eq!(states.check(&first), Ok(SequenceCheck::Append));
-        states.record(&first);
+        states.record(&first, 0);
         let second = batch(7, 0, 10, 5, 110);
         assert_eq!(states.check(&second), Ok(SequenceCheck::Append));
-        states.record(&second);
+        states.record(&second, 0);
         // The retry of the first batch is recognised, with the offsets it got.
         match states.check(&batch(7, 0, 0, 10, -1)) {
             Ok(SequenceCheck::Duplicate(kept)) => assert_eq!(kept.base_offset, 100),
@@ -275,7 +297,7 @@ mod tests {
             })
         ));
         // An older epoch is fenced; a newer one starts at 0.
-        states.record(&batch(7, 1, 0, 1, 120));
+        states.record(&batch(7, 1, 0, 1, 120), 0);
         assert!(matches!(
             states.check(&batch(7, 0, 15, 1, -1)),
             Err(SequenceError::Fenced { current: 1, .. })
@@ -303,7 +325,7 @@ mod tests {
         for _ in 0..8 {
             let next = batch(1, 0, sequence, 2, offset);
             assert_eq!(states.check(&next), Ok(SequenceCheck::Append), "{sequence}");
-            states.record(&next);
+            states.record(&next, 0);
             sequence = next_sequence(next.last_sequence());
             offset += 2;
         }
@@ -323,8 +345,8 @@ mod tests {
     fn a_snapshot_round_trips_and_garbage_is_not_one() {
         let mut states = ProducerStates::default();
         for (i, id) in [3, 1, 2].into_iter().enumerate() {
-            states.record(&batch(id, 1, 0, 4, i as i64 * 10));
-            states.record(&batch(id, 1, 4, 2, i as i64 * 10 + 4));
+            states.record(&batch(id, 1, 0, 4, i as i64 * 10), 0);
+            states.record(&batch(id, 1, 4, 2, i as i64 * 10 + 4), 0);
         }
         let (offset, back) = ProducerStates::decode(&states.encode(77)).expect("decodes");
         assert_eq!(offset, 77);
@@ -339,5 +361,21 @@ mod tests {
         for garbage in ["", "runnel producer state 1\noffset x\n", "something else"] {
             assert!(ProducerStates::decode(garbage).is_none(), "{garbage:?}");
         }
+    }
+
+    #[test]
+    fn an_idle_producer_is_forgotten_after_the_expiration() {
+        let mut states = ProducerStates::default();
+        states.record(&batch(5, 0, 0, 3, 0), 1_000);
+        states.expire(1_000 + PRODUCER_EXPIRATION_MS, PRODUCER_EXPIRATION_MS);
+        assert_eq!(states.len(), 1, "not idle long enough yet");
+        assert!(states.check(&batch(5, 0, 9, 1, -1)).is_err());
+        states.expire(1_001 + PRODUCER_EXPIRATION_MS, PRODUCER_EXPIRATION_MS);
+        assert!(states.is_empty());
+        // Unknown again: its next batch is taken at whatever sequence it has.
+        assert_eq!(
+            states.check(&batch(5, 0, 9, 1, -1)),
+            Ok(SequenceCheck::Append)
+        );
     }
 }
