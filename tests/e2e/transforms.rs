@@ -589,3 +589,54 @@ fn deployments_saved_on_a_brokers_disk_by_an_earlier_version_are_imported() {
     std::fs::write(root.join("in/app.log"), "one\ntwo\nthree\n").expect("write");
     assert_eq!(wait_for_lines(&dev, "dst", 3), ["one", "two", "three"]);
 }
+
+/// `wasm` with a custom section of `bytes` zeros appended: still a valid component.
+fn padded(wasm: &[u8], bytes: usize) -> Vec<u8> {
+    fn leb(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    let name = b"padding";
+    let mut body = Vec::new();
+    leb(name.len(), &mut body);
+    body.extend_from_slice(name);
+    body.resize(body.len() + bytes, 0);
+    let mut out = wasm.to_vec();
+    out.push(0);
+    leb(body.len(), &mut out);
+    out.extend_from_slice(&body);
+    out
+}
+
+#[test]
+fn a_component_of_megabytes_is_stored_in_the_cluster_and_read_back_after_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let dev = Dev::start(&data);
+    dev.ok(&["topic", "create", "src"], "");
+    dev.ok(&["topic", "create", "dst"], "");
+    // Larger than the producer's 1 MiB batches and the consumer's 4 MiB per partition.
+    let big = dir.path().join("big.wasm");
+    let identity = std::fs::read(wasm("identity")).expect("identity.wasm");
+    std::fs::write(&big, padded(&identity, 6 << 20)).expect("write");
+    let out = dev.ok(
+        &deploy("big", "src", "dst", &big.display().to_string(), &[]),
+        "",
+    );
+    assert!(out.contains("Running"), "{out}");
+    dev.ok(&["produce", "src"], "one\n");
+    assert_eq!(wait_for_lines(&dev, "dst", 1), ["one"]);
+    // The broker's own copy goes: it reads the component back from __deployments.
+    dev.stop();
+    std::fs::remove_dir_all(data.join("__deployments/wasm")).expect("remove the copy");
+    let dev = Dev::start(&data);
+    dev.ok(&["produce", "src"], "two\n");
+    assert_eq!(wait_for_lines(&dev, "dst", 2), ["one", "two"]);
+}
