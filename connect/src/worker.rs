@@ -331,12 +331,8 @@ impl Worker {
         ))
     }
 
-    /// The connectors the other live brokers report running (those that answer).
-    async fn running_elsewhere(&self, me: u32) -> BTreeSet<String> {
-        let live = match self.client().await {
-            Ok(client) => store::live_brokers(&client).await.unwrap_or_default(),
-            Err(_) => Vec::new(),
-        };
+    /// The connectors the other brokers of `live` report running (those that answer).
+    async fn running_elsewhere(live: &[v1::BrokerInfo], me: u32) -> BTreeSet<String> {
         let mut names = BTreeSet::new();
         for broker in live.iter().filter(|b| b.id != me) {
             if let Ok(Ok(list)) =
@@ -557,11 +553,9 @@ impl Worker {
             Ok(client) => store::live_brokers(&client).await.unwrap_or_default(),
             Err(_) => Vec::new(),
         };
+        let ids: Vec<u32> = live.iter().map(|b| b.id).collect();
         for broker in live.iter().filter(|b| b.id != me) {
-            let wanted = only.is_none_or(|o| {
-                let ids: Vec<u32> = live.iter().map(|b| b.id).collect();
-                store::owner(o, &ids) == Some(broker.id)
-            });
+            let wanted = only.is_none_or(|o| store::owner(o, &ids) == Some(broker.id));
             if !wanted {
                 continue;
             }
@@ -818,18 +812,17 @@ impl store::Reconciler for Worker {
         if !snapshot.caught_up {
             return;
         }
-        let live = match self.client().await {
-            Ok(client) => store::live_brokers(&client).await,
-            Err(err) => Err(runnel_client::ClientError::InvalidArgument(err.to_string())),
-        };
         // Without a view of the live brokers nothing moves: what runs goes on.
-        let Ok(live) = live else {
+        let Ok(client) = self.client().await else {
             return;
         };
-        let live: Vec<u32> = live.iter().map(|b| b.id).collect();
+        let Ok(live) = store::live_brokers(&client).await else {
+            return;
+        };
+        let ids: Vec<u32> = live.iter().map(|b| b.id).collect();
         let wanted: BTreeMap<String, Definition> = snapshot
             .of(Stored::Connector)
-            .filter(|(name, _)| store::owner(name, &live) == Some(me))
+            .filter(|(name, _)| store::owner(name, &ids) == Some(me))
             .map(|(name, d)| (name.clone(), d.clone()))
             .collect();
         let stale: Vec<String> = lock(&self.inner.connectors)
@@ -852,7 +845,7 @@ impl store::Reconciler for Worker {
         // broker sees the change within a reconcile interval, and until then the two
         // would read the same source twice.
         let elsewhere = if starting {
-            self.running_elsewhere(me).await
+            Self::running_elsewhere(&live, me).await
         } else {
             BTreeSet::new()
         };

@@ -428,9 +428,9 @@ impl Runtime {
         done: impl Fn(&v1::TransformStatus) -> bool,
     ) -> Result<v1::TransformStatus, DeployError> {
         let deadline = tokio::time::Instant::now() + SETTLE_TIMEOUT;
+        let live = self.live_count().await;
         loop {
             let status = self.status(name).await?;
-            let live = self.live_count().await;
             let everywhere = status.brokers.len() >= live;
             if (done(&status) && everywhere) || tokio::time::Instant::now() >= deadline {
                 return Ok(status);
