@@ -7,7 +7,13 @@
 //! has gaps. A tombstone (null value) that is the latest for its key is kept until its
 //! segment's largest timestamp is older than `delete.retention.ms`, so that consumers
 //! reading behind get to see the delete. Records without a key are kept; control batches
-//! are copied as they are. A batch whose records all survive is copied without decoding.
+//! (transaction markers) are copied as they are. A batch whose records all survive is
+//! copied without decoding.
+//!
+//! Transactions: records of aborted transactions are removed and never count as the
+//! latest of their key (an aborted write must not shadow a committed one); records from
+//! the first unstable offset on (open transactions, and everything after them) are kept
+//! and do not count either, since their transaction may still abort.
 //!
 //! A rewritten segment is written to `<base>.log.cleaned`, fsynced, then its index files
 //! are removed and it is renamed over the live file; a crash at any point leaves either the
@@ -19,13 +25,13 @@ use std::io::Write;
 
 use bytes::Bytes;
 use runnel_batch::{
-    BatchBuilder, BatchOptions, TimestampType, decode_records, parse_header, set_leader_epoch,
-    set_log_append_time,
+    BatchBuilder, BatchHeader, BatchOptions, TimestampType, decode_records, parse_header,
+    set_leader_epoch, set_log_append_time,
 };
 
 use crate::checkpoint;
 use crate::segment::{OpenMode, Segment};
-use crate::{Log, StorageError};
+use crate::{AbortedTxn, Log, StorageError};
 
 /// What one compaction pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -46,7 +52,11 @@ impl Log {
         if !self.config.cleanup_policy.compact || self.segments.len() < 2 {
             return Ok(stats);
         }
-        let latest = self.latest_offset_per_key()?;
+        let txns = Txns {
+            unstable_from: self.first_unstable_offset().unwrap_or(i64::MAX),
+            aborted: self.aborted_transactions(0, i64::MAX),
+        };
+        let latest = self.latest_offset_per_key(&txns)?;
         let sealed: Vec<i64> = self.segments.keys().copied().collect();
         let sealed = &sealed[..sealed.len() - 1];
         for &base in sealed {
@@ -55,7 +65,7 @@ impl Log {
             };
             let drop_tombstones =
                 now_ms.saturating_sub(segment.max_timestamp_ms()) > self.config.delete_retention_ms;
-            let (cleaned, removed) = rewrite(segment, &latest, drop_tombstones)?;
+            let (cleaned, removed) = rewrite(segment, &latest, &txns, drop_tombstones)?;
             stats.bytes_before += segment.size_bytes();
             if removed == 0 {
                 stats.bytes_after += segment.size_bytes();
@@ -74,10 +84,21 @@ impl Log {
         Ok(stats)
     }
 
-    fn latest_offset_per_key(&self) -> Result<HashMap<Bytes, i64>, StorageError> {
+    fn latest_offset_per_key(&self, txns: &Txns) -> Result<HashMap<Bytes, i64>, StorageError> {
         let mut latest = HashMap::new();
         for segment in self.segments.values() {
             segment.for_each_batch(|position, bytes| {
+                let header = parse_header(bytes).map_err(|err| StorageError::Corrupt {
+                    path: segment.log_path(),
+                    position,
+                    reason: err.to_string(),
+                })?;
+                if header.is_control()
+                    || header.base_offset >= txns.unstable_from
+                    || txns.is_aborted(&header)
+                {
+                    return Ok(());
+                }
                 let records = decode_records(bytes).map_err(|err| StorageError::Corrupt {
                     path: segment.log_path(),
                     position,
@@ -124,10 +145,32 @@ impl Log {
     }
 }
 
-/// The segment's bytes with superseded records removed, and how many were removed.
+/// What compaction must know of the log's transactions.
+struct Txns {
+    /// The first offset of the oldest open transaction (`i64::MAX` when none is open).
+    unstable_from: i64,
+    aborted: Vec<AbortedTxn>,
+}
+
+impl Txns {
+    /// Whether the batch belongs to an aborted transaction.
+    fn is_aborted(&self, header: &BatchHeader) -> bool {
+        header.is_transactional()
+            && !header.is_control()
+            && self.aborted.iter().any(|a| {
+                a.producer_id == header.producer_id
+                    && a.first_offset <= header.base_offset
+                    && header.base_offset < a.last_offset
+            })
+    }
+}
+
+/// The segment's bytes with superseded and aborted records removed, and how many were
+/// removed.
 fn rewrite(
     segment: &Segment,
     latest: &HashMap<Bytes, i64>,
+    txns: &Txns,
     drop_tombstones: bool,
 ) -> Result<(Vec<u8>, u64), StorageError> {
     let mut out = Vec::with_capacity(segment.size_bytes() as usize);
@@ -139,8 +182,12 @@ fn rewrite(
             reason,
         };
         let header = parse_header(bytes).map_err(|e| corrupt(e.to_string()))?;
-        if header.is_control() {
+        if header.is_control() || header.base_offset >= txns.unstable_from {
             out.extend_from_slice(bytes);
+            return Ok(());
+        }
+        if txns.is_aborted(&header) {
+            removed += u64::from(header.record_count);
             return Ok(());
         }
         let records = decode_records(bytes).map_err(|e| corrupt(e.to_string()))?;

@@ -81,6 +81,7 @@ mod epoch;
 mod log;
 pub mod producers;
 mod segment;
+mod txn_index;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -89,6 +90,7 @@ pub use compact::CompactionStats;
 pub use config::{CleanupPolicy, ConfigError, FlushPolicy, KNOWN_KEYS, LogConfig};
 pub use epoch::EpochEntry;
 pub use log::{AppendInfo, FlushHandle, Log, LogSnapshot};
+pub use producers::{AbortedTxn, OpenTxn};
 pub use segment::TruncatedTail;
 
 /// A failure of the storage itself: I/O, or damaged data on disk.

@@ -6,12 +6,15 @@ use std::path::{Path, PathBuf};
 
 use bytes::BytesMut;
 
-use runnel_batch::{BATCH_HEADER_BYTES, TimestampType, stamp_header, validate};
+use runnel_batch::{
+    BATCH_HEADER_BYTES, BatchHeader, ControlType, TimestampType, stamp_header, validate,
+};
 
 use crate::checkpoint;
 use crate::epoch::{EpochEntry, LeaderEpochCache};
-use crate::producers::{ProducerStates, SequenceCheck};
+use crate::producers::{AbortedTxn, OpenTxn, ProducerStates, SequenceCheck};
 use crate::segment::{OpenMode, Segment, TruncatedTail};
+use crate::txn_index::TxnIndex;
 use crate::{AppendError, FlushPolicy, LogConfig, ReadError, StorageError};
 
 const LOG_START_FILE: &str = "log-start-offset";
@@ -77,6 +80,7 @@ pub struct Log {
     recovery_point: i64,
     epochs: LeaderEpochCache,
     producers: ProducerStates,
+    aborted: TxnIndex,
     unflushed_records: u64,
     last_flush_ms: i64,
     recovered_tails: Vec<TruncatedTail>,
@@ -138,6 +142,11 @@ impl Log {
             segments.insert(base, segment);
         }
         let epochs = LeaderEpochCache::load(dir).map_err(|source| StorageError::io(dir, source))?;
+        let end = segments
+            .values()
+            .next_back()
+            .map_or(0, Segment::next_offset);
+        let aborted = TxnIndex::load(dir, end)?;
         let mut log = Log {
             dir: dir.to_path_buf(),
             config,
@@ -146,6 +155,7 @@ impl Log {
             recovery_point: recovery_point.max(0),
             epochs,
             producers: ProducerStates::default(),
+            aborted,
             unflushed_records: 0,
             last_flush_ms: now_ms,
             recovered_tails,
@@ -206,10 +216,10 @@ impl Log {
             }
             let before = offset;
             for batch in runnel_batch::batches(&buf) {
-                let Ok((header, _)) = batch else {
+                let Ok((header, bytes)) = batch else {
                     break;
                 };
-                self.producers.record(&header, header.max_timestamp_ms);
+                self.record_batch(&header, bytes, header.max_timestamp_ms)?;
                 offset = offset.max(header.next_offset());
             }
             if offset == before {
@@ -217,6 +227,76 @@ impl Log {
             }
         }
         Ok(())
+    }
+
+    /// Records an appended batch in the producers' state, and an abort marker in the
+    /// aborted-transaction index.
+    fn record_batch(
+        &mut self,
+        header: &BatchHeader,
+        batch: &[u8],
+        now_ms: i64,
+    ) -> Result<(), StorageError> {
+        if !header.is_control() {
+            self.producers.record(header, now_ms);
+            return Ok(());
+        }
+        // A control batch that is not a marker of a known kind changes nothing.
+        let Ok(kind) = runnel_batch::control_type(batch) else {
+            return Ok(());
+        };
+        match self.producers.record_marker(header, kind, now_ms) {
+            Some(aborted) => self.aborted.add(aborted),
+            None => Ok(()),
+        }
+    }
+
+    /// The first offset of the oldest open transaction: a `read_committed` reader reads
+    /// below the smaller of it and the high watermark (the last stable offset).
+    pub fn first_unstable_offset(&self) -> Option<i64> {
+        self.producers.first_unstable_offset()
+    }
+
+    /// The transactions open in this partition, oldest first.
+    pub fn open_transactions(&self) -> Vec<OpenTxn> {
+        self.producers.open_transactions()
+    }
+
+    /// The aborted transactions with records in `[from, to)`.
+    pub fn aborted_transactions(&self, from: i64, to: i64) -> Vec<AbortedTxn> {
+        self.aborted.overlapping(from, to)
+    }
+
+    /// Appends a transaction marker of `producer_id` at `producer_epoch` (the epoch the
+    /// coordinator bumped to when the transaction ended). Returns `None`, writing
+    /// nothing, when the marker ends no transaction open here (it is late or repeated,
+    /// or the transaction wrote nothing here).
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn append_marker(
+        &mut self,
+        kind: ControlType,
+        producer_id: i64,
+        producer_epoch: i16,
+        coordinator_epoch: i32,
+        leader_epoch: i32,
+        now_ms: i64,
+    ) -> Result<Option<AppendInfo>, AppendError> {
+        if !self
+            .producers
+            .marker_ends_transaction(producer_id, producer_epoch)
+        {
+            return Ok(None);
+        }
+        let batch = runnel_batch::control_batch(
+            kind,
+            producer_id,
+            producer_epoch,
+            coordinator_epoch,
+            now_ms,
+        );
+        self.append_checked(&batch, leader_epoch, now_ms).map(Some)
     }
 
     /// Writes the producers' state as of the log end (at a roll and a clean close).
@@ -337,6 +417,11 @@ impl Log {
                 ),
             });
         }
+        if header.is_control() {
+            return Err(AppendError::InconsistentBatch {
+                reason: "control batches (transaction markers) are written by the transaction coordinator only".into(),
+            });
+        }
         if let SequenceCheck::Duplicate(kept) = self.producers.check(&header)? {
             return Ok(AppendInfo {
                 base_offset: kept.base_offset,
@@ -346,6 +431,16 @@ impl Log {
                 duplicate: true,
             });
         }
+        self.append_checked(batch, leader_epoch, now_ms)
+    }
+
+    /// Stamps and appends a batch that passed the checks of [`Log::append`].
+    fn append_checked(
+        &mut self,
+        batch: &[u8],
+        leader_epoch: i32,
+        now_ms: i64,
+    ) -> Result<AppendInfo, AppendError> {
         let base_offset = self.log_end_offset();
         let log_append_time_ms = match self.config.timestamp_type {
             TimestampType::LogAppendTime => Some(now_ms),
@@ -361,7 +456,13 @@ impl Log {
                 .map_err(|source| StorageError::io(&self.dir, source))?;
         }
         self.active_mut().append(&stamped, records, &header)?;
-        self.producers.record(&header, now_ms);
+        if header.is_control() {
+            let mut whole = stamped.to_vec();
+            whole.extend_from_slice(records);
+            self.record_batch(&header, &whole, now_ms)?;
+        } else {
+            self.producers.record(&header, now_ms);
+        }
         self.unflushed_records += u64::from(header.record_count);
         Ok(AppendInfo {
             base_offset,
@@ -407,7 +508,7 @@ impl Log {
         }
         let (header_bytes, records) = batch.split_at(BATCH_HEADER_BYTES.min(batch.len()));
         self.active_mut().append(header_bytes, records, &header)?;
-        self.producers.record(&header, now_ms);
+        self.record_batch(&header, batch, now_ms)?;
         self.unflushed_records += u64::from(header.record_count);
         Ok(AppendInfo {
             base_offset: header.base_offset,
@@ -641,6 +742,7 @@ impl Log {
         if offset > self.log_start_offset {
             self.set_log_start_offset(offset)?;
             self.delete_segments_below_start()?;
+            self.aborted.trim(offset)?;
         }
         Ok(self.log_start_offset)
     }
@@ -708,7 +810,9 @@ impl Log {
                 self.set_log_start_offset(first_base)?;
             }
         }
-        Ok(deleted + self.delete_segments_below_start()?)
+        let deleted = deleted + self.delete_segments_below_start()?;
+        self.aborted.trim(self.log_start_offset)?;
+        Ok(deleted)
     }
 
     /// Removes every record at or after `offset` (whole batches: the end offset becomes
@@ -756,6 +860,7 @@ impl Log {
         self.epochs
             .truncate_from_end(end)
             .map_err(|source| StorageError::io(&self.dir, source))?;
+        self.aborted.truncate(end)?;
         self.rebuild_producers()
     }
 
@@ -774,6 +879,7 @@ impl Log {
         self.segments.insert(offset, segment);
         // Nothing of the old log stays, and neither does what was known of its producers.
         self.producers.clear();
+        self.aborted.clear()?;
         let snapshot = self.dir.join(PRODUCER_SNAPSHOT_FILE);
         if snapshot.exists() {
             fs::remove_file(&snapshot).map_err(|source| StorageError::io(&snapshot, source))?;

@@ -11,17 +11,30 @@
 //! the batches after it, or without a usable snapshot the batches of the last two
 //! segments. A producer known to neither is unknown, and its next batch is taken at
 //! whatever sequence it has (no duplicate of a batch that old can still be in flight).
+//!
+//! Transactions: a producer's first transactional batch opens its transaction at that
+//! offset; a marker (control batch) closes it. The first unstable offset is the first
+//! offset of the oldest open transaction: a `read_committed` reader stops there (the last
+//! stable offset). A marker carries the epoch the coordinator bumped to when the
+//! transaction ended, and becomes the producer's epoch here, so a late batch of the
+//! ended transaction is fenced. A marker closes an open transaction only when its epoch
+//! is above the epoch of that transaction's batches, so a late copy of an earlier marker
+//! (same epoch as the next transaction's batches) never ends the next transaction.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use runnel_batch::BatchHeader;
+use runnel_batch::{BatchHeader, ControlType};
 
 /// How long a producer that writes nothing is remembered (Kafka's default
 /// `producer.id.expiration.ms`, one day).
 pub const PRODUCER_EXPIRATION_MS: i64 = 24 * 3600 * 1000;
 
 /// The first line of a snapshot file.
-const SNAPSHOT_MAGIC: &str = "runnel producer state 1";
+const SNAPSHOT_MAGIC: &str = "runnel producer state 2";
+
+/// The first line of a snapshot written before transactions existed (no open
+/// transactions in it).
+const SNAPSHOT_MAGIC_V1: &str = "runnel producer state 1";
 
 /// Batches remembered per producer: a producer keeps at most this many in flight per
 /// partition, so a retry is always of one of them.
@@ -42,6 +55,28 @@ struct Producer {
     batches: VecDeque<KeptBatch>,
     /// When its last batch was written (ms since the Unix epoch).
     last_ms: i64,
+    /// The first offset of its open transaction.
+    txn_first: Option<i64>,
+}
+
+/// A transaction that ended with an abort marker: a `read_committed` reader skips the
+/// producer's transactional batches from `first_offset` up to the marker at
+/// `last_offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AbortedTxn {
+    pub producer_id: i64,
+    pub first_offset: i64,
+    pub last_offset: i64,
+}
+
+/// A transaction open in this partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenTxn {
+    pub producer_id: i64,
+    pub producer_epoch: i16,
+    pub first_offset: i64,
+    /// When the producer last wrote here (ms since the Unix epoch).
+    pub last_ms: i64,
 }
 
 /// What to do with a producer's batch.
@@ -78,6 +113,8 @@ pub enum SequenceError {
 #[derive(Debug, Clone, Default)]
 pub struct ProducerStates {
     producers: HashMap<i64, Producer>,
+    /// Open transactions: first offset → producer id.
+    open: BTreeMap<i64, i64>,
 }
 
 /// The sequence that follows `sequence` (sequences wrap at `i32::MAX`).
@@ -143,7 +180,41 @@ impl ProducerStates {
         })
     }
 
+    /// Whether a marker of `producer_id` at `epoch` would end a transaction here: one is
+    /// open and its batches have an older epoch. Otherwise the marker is a late or
+    /// repeated one, or the transaction wrote nothing here, and there is nothing to write.
+    pub fn marker_ends_transaction(&self, producer_id: i64, epoch: i16) -> bool {
+        self.producers
+            .get(&producer_id)
+            .is_some_and(|p| p.txn_first.is_some() && p.epoch < epoch)
+    }
+
+    /// Records a marker written to the log (`header` carries its offset); returns the
+    /// aborted transaction it closed, for the aborted-transaction index.
+    pub fn record_marker(
+        &mut self,
+        header: &BatchHeader,
+        kind: ControlType,
+        now_ms: i64,
+    ) -> Option<AbortedTxn> {
+        let producer = self.producers.entry(header.producer_id).or_default();
+        producer.last_ms = producer.last_ms.max(now_ms);
+        if header.producer_epoch <= producer.epoch && producer.txn_first.is_some() {
+            return None;
+        }
+        producer.epoch = producer.epoch.max(header.producer_epoch);
+        producer.batches.clear();
+        let first = producer.txn_first.take()?;
+        self.open.remove(&first);
+        (kind == ControlType::Abort).then_some(AbortedTxn {
+            producer_id: header.producer_id,
+            first_offset: first,
+            last_offset: header.base_offset,
+        })
+    }
+
     /// Records a batch written to the log at `now_ms` (`header` carries its offsets).
+    /// Markers go to [`ProducerStates::record_marker`].
     pub fn record(&mut self, header: &BatchHeader, now_ms: i64) {
         if header.producer_id < 0 || header.is_control() {
             return;
@@ -153,6 +224,10 @@ impl ProducerStates {
         if header.producer_epoch != producer.epoch {
             producer.epoch = header.producer_epoch;
             producer.batches.clear();
+        }
+        if header.is_transactional() && producer.txn_first.is_none() {
+            producer.txn_first = Some(header.base_offset);
+            self.open.insert(header.base_offset, header.producer_id);
         }
         producer.batches.push_back(KeptBatch {
             first_sequence: header.base_sequence,
@@ -167,13 +242,37 @@ impl ProducerStates {
 
     pub fn clear(&mut self) {
         self.producers.clear();
+        self.open.clear();
+    }
+
+    /// The first offset of the oldest open transaction.
+    pub fn first_unstable_offset(&self) -> Option<i64> {
+        self.open.keys().next().copied()
+    }
+
+    /// The open transactions, oldest first.
+    pub fn open_transactions(&self) -> Vec<OpenTxn> {
+        self.open
+            .iter()
+            .filter_map(|(&first_offset, id)| {
+                let p = self.producers.get(id)?;
+                Some(OpenTxn {
+                    producer_id: *id,
+                    producer_epoch: p.epoch,
+                    first_offset,
+                    last_ms: p.last_ms,
+                })
+            })
+            .collect()
     }
 
     /// Forgets the producers that wrote nothing for `expiration_ms` (Kafka's
     /// `producer.id.expiration.ms`): a producer that comes back after that is unknown.
+    /// A producer with an open transaction is kept until a marker closes it.
     pub fn expire(&mut self, now_ms: i64, expiration_ms: i64) {
-        self.producers
-            .retain(|_, p| now_ms.saturating_sub(p.last_ms) <= expiration_ms);
+        self.producers.retain(|_, p| {
+            p.txn_first.is_some() || now_ms.saturating_sub(p.last_ms) <= expiration_ms
+        });
     }
 
     /// The state as a snapshot taken at log offset `offset` (it covers the batches
@@ -184,7 +283,12 @@ impl ProducerStates {
         ids.sort_unstable();
         for id in ids {
             let producer = &self.producers[id];
-            out.push_str(&format!("p {id} {} {}", producer.epoch, producer.last_ms));
+            out.push_str(&format!(
+                "p {id} {} {} {}",
+                producer.epoch,
+                producer.last_ms,
+                producer.txn_first.unwrap_or(-1)
+            ));
             for b in &producer.batches {
                 out.push_str(&format!(
                     " {} {} {} {}",
@@ -200,9 +304,11 @@ impl ProducerStates {
     /// is not one (damaged or from another version).
     pub fn decode(text: &str) -> Option<(i64, ProducerStates)> {
         let mut lines = text.lines();
-        if lines.next()? != SNAPSHOT_MAGIC {
-            return None;
-        }
+        let with_transactions = match lines.next()? {
+            SNAPSHOT_MAGIC => true,
+            SNAPSHOT_MAGIC_V1 => false,
+            _ => return None,
+        };
         let offset = lines.next()?.strip_prefix("offset ")?.parse().ok()?;
         let mut states = ProducerStates::default();
         for line in lines {
@@ -210,6 +316,12 @@ impl ProducerStates {
             let id: i64 = fields.next()?.parse().ok()?;
             let epoch: i16 = fields.next()?.parse().ok()?;
             let last_ms: i64 = fields.next()?.parse().ok()?;
+            let txn_first = if with_transactions {
+                let first: i64 = fields.next()?.parse().ok()?;
+                (first >= 0).then_some(first)
+            } else {
+                None
+            };
             let numbers: Vec<i64> = fields.map(|f| f.parse().ok()).collect::<Option<_>>()?;
             if !numbers.len().is_multiple_of(4) || numbers.len() / 4 > BATCHES_KEPT {
                 return None;
@@ -225,12 +337,16 @@ impl ProducerStates {
                     })
                 })
                 .collect::<Option<VecDeque<_>>>()?;
+            if let Some(first) = txn_first {
+                states.open.insert(first, id);
+            }
             states.producers.insert(
                 id,
                 Producer {
                     epoch,
                     batches,
                     last_ms,
+                    txn_first,
                 },
             );
         }
@@ -358,9 +474,68 @@ mod tests {
                 ..
             }))
         ));
-        for garbage in ["", "runnel producer state 1\noffset x\n", "something else"] {
+        for garbage in ["", "runnel producer state 2\noffset x\n", "something else"] {
             assert!(ProducerStates::decode(garbage).is_none(), "{garbage:?}");
         }
+    }
+
+    fn transactional(mut header: BatchHeader) -> BatchHeader {
+        header.attributes |= 1 << 4;
+        header
+    }
+
+    fn marker(producer_id: i64, epoch: i16, offset: i64) -> BatchHeader {
+        let mut header = batch(producer_id, epoch, -1, 1, offset);
+        header.attributes |= 3 << 4;
+        header
+    }
+
+    #[test]
+    fn transactions_open_at_their_first_batch_and_markers_close_them() {
+        let mut states = ProducerStates::default();
+        states.record(&batch(1, 0, 0, 5, 0), 0);
+        assert_eq!(states.first_unstable_offset(), None, "not transactional");
+        states.record(&transactional(batch(2, 0, 0, 5, 5)), 0);
+        states.record(&transactional(batch(3, 4, 0, 5, 10)), 0);
+        states.record(&transactional(batch(2, 0, 5, 5, 15)), 0);
+        assert_eq!(states.first_unstable_offset(), Some(5));
+        assert_eq!(states.open_transactions().len(), 2);
+        // A marker with the transaction's own epoch is a late one of an earlier
+        // transaction: it ends nothing.
+        assert!(!states.marker_ends_transaction(2, 0));
+        assert!(states.marker_ends_transaction(2, 1));
+        assert!(!states.marker_ends_transaction(1, 1), "no open transaction");
+        let aborted = states.record_marker(&marker(2, 1, 20), ControlType::Abort, 0);
+        assert_eq!(
+            aborted,
+            Some(AbortedTxn {
+                producer_id: 2,
+                first_offset: 5,
+                last_offset: 20
+            })
+        );
+        assert_eq!(states.first_unstable_offset(), Some(10));
+        // The marker's epoch fences a late batch of the aborted transaction; the next
+        // transaction writes with that epoch from sequence 0.
+        assert!(matches!(
+            states.check(&transactional(batch(2, 0, 10, 1, -1))),
+            Err(SequenceError::Fenced { current: 1, .. })
+        ));
+        assert_eq!(
+            states.check(&transactional(batch(2, 1, 0, 1, -1))),
+            Ok(SequenceCheck::Append)
+        );
+        assert_eq!(
+            states.record_marker(&marker(3, 5, 21), ControlType::Commit, 0),
+            None
+        );
+        assert_eq!(states.first_unstable_offset(), None);
+        // Open transactions survive a snapshot and keep their producer from expiring.
+        states.record(&transactional(batch(2, 1, 0, 1, 22)), 0);
+        let (_, mut back) = ProducerStates::decode(&states.encode(23)).expect("decodes");
+        assert_eq!(back.first_unstable_offset(), Some(22));
+        back.expire(10 * PRODUCER_EXPIRATION_MS, PRODUCER_EXPIRATION_MS);
+        assert_eq!(back.len(), 1);
     }
 
     #[test]

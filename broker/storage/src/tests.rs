@@ -860,3 +860,125 @@ fn producer_state_comes_back_from_its_snapshot_and_a_truncation_below_it_drops_i
         "the truncated batch is not remembered"
     );
 }
+
+fn txn_batch(id: i64, epoch: i16, sequence: i32, records: &[Record]) -> Vec<u8> {
+    let options = BatchOptions {
+        producer_id: id,
+        producer_epoch: epoch,
+        base_sequence: sequence,
+        transactional: true,
+        ..BatchOptions::default()
+    };
+    encode(records, options).to_vec()
+}
+
+#[test]
+fn transactions_hold_the_stable_offset_and_aborts_are_indexed_across_a_crash() {
+    use runnel_batch::ControlType;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(dir.path(), small_config(), 0).expect("open");
+    append(&mut log, &[rec(None, Some("plain"), 1)], 1);
+    log.append(&txn_batch(1, 0, 0, &[rec(None, Some("a1"), 1)]), 0, 1)
+        .expect("append");
+    log.append(&txn_batch(2, 0, 0, &[rec(None, Some("b1"), 1)]), 0, 1)
+        .expect("append");
+    assert_eq!(log.first_unstable_offset(), Some(1));
+    assert_eq!(log.open_transactions().len(), 2);
+    // A client may not write markers.
+    let forged = runnel_batch::control_batch(ControlType::Commit, 1, 1, 0, 1);
+    assert!(log.append(&forged, 0, 1).is_err());
+    // A marker with the transaction's own epoch is late: nothing is written.
+    let late = log
+        .append_marker(ControlType::Abort, 1, 0, 0, 0, 1)
+        .expect("marker");
+    assert!(late.is_none());
+    let abort = log
+        .append_marker(ControlType::Abort, 1, 1, 0, 0, 1)
+        .expect("marker")
+        .expect("written");
+    assert_eq!(abort.base_offset, 3);
+    assert_eq!(log.first_unstable_offset(), Some(2));
+    // A repeated marker writes nothing.
+    assert!(
+        log.append_marker(ControlType::Abort, 1, 1, 0, 0, 1)
+            .expect("marker")
+            .is_none()
+    );
+    log.append_marker(ControlType::Commit, 2, 1, 0, 0, 1)
+        .expect("marker")
+        .expect("written");
+    assert_eq!(log.first_unstable_offset(), None);
+    // The aborted transaction's late batch is fenced by the marker's epoch.
+    let zombie = log.append(&txn_batch(1, 0, 1, &[rec(None, Some("a2"), 1)]), 0, 1);
+    assert!(
+        matches!(zombie, Err(AppendError::Sequence(_))),
+        "{zombie:?}"
+    );
+    // Producer 1's next transaction stays open through a crash.
+    log.append(&txn_batch(1, 1, 0, &[rec(None, Some("a3"), 1)]), 0, 1)
+        .expect("append");
+    let aborted = log.aborted_transactions(0, log.log_end_offset());
+    assert_eq!(
+        aborted,
+        vec![AbortedTxn {
+            producer_id: 1,
+            first_offset: 1,
+            last_offset: 3
+        }]
+    );
+    drop(log);
+    let mut log = Log::open(dir.path(), small_config(), 0).expect("reopen");
+    assert_eq!(log.aborted_transactions(0, 100), aborted);
+    assert_eq!(log.aborted_transactions(4, 100), vec![]);
+    assert_eq!(log.first_unstable_offset(), Some(5));
+    // A truncation below the abort marker takes its index entry away.
+    log.truncate_to(3).expect("truncate");
+    assert_eq!(log.aborted_transactions(0, 100), vec![]);
+    assert_eq!(log.first_unstable_offset(), Some(1));
+}
+
+#[test]
+fn compaction_drops_aborted_records_and_keeps_open_transactions() {
+    use runnel_batch::ControlType;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = LogConfig {
+        cleanup_policy: CleanupPolicy {
+            delete: false,
+            compact: true,
+        },
+        ..small_config()
+    };
+    let mut log = Log::open(dir.path(), config, 0).expect("open");
+    append(&mut log, &[rec(Some("k"), Some("committed"), 1)], 1);
+    log.append(
+        &txn_batch(1, 0, 0, &[rec(Some("k"), Some("aborted"), 1)]),
+        0,
+        1,
+    )
+    .expect("append");
+    log.append_marker(ControlType::Abort, 1, 1, 0, 0, 1)
+        .expect("marker")
+        .expect("written");
+    log.append(
+        &txn_batch(2, 0, 0, &[rec(Some("j"), Some("open"), 1)]),
+        0,
+        1,
+    )
+    .expect("append");
+    append(&mut log, &[rec(Some("j"), Some("after"), 1)], 1);
+    for i in 0..10 {
+        append(
+            &mut log,
+            &[rec(Some("filler"), Some(&format!("{i}")), 1)],
+            1,
+        );
+    }
+    log.roll().expect("roll");
+    log.compact(2).expect("compact");
+    let kept = values(&read_all(&log));
+    assert!(kept.contains(&"committed".to_string()), "{kept:?}");
+    assert!(!kept.contains(&"aborted".to_string()), "{kept:?}");
+    // From the open transaction on nothing is compacted: it may still abort.
+    assert!(kept.contains(&"open".to_string()), "{kept:?}");
+    assert!(kept.contains(&"after".to_string()), "{kept:?}");
+}

@@ -43,6 +43,14 @@
 //! Compression codes follow Kafka: 0 none, 3 lz4 (LZ4 frame). Gzip (1), snappy (2) and
 //! zstd (4) are recognised and refused with [`BatchError::UnsupportedCompression`].
 //!
+//! # Transaction markers
+//!
+//! A transaction's end is written to each partition it touched as a *control batch*
+//! (attributes bits 4 and 5 set, the producer's id and epoch, base sequence −1) holding
+//! one record: key = version (i16, 0) and type (i16: 0 abort, 1 commit), value = version
+//! (i16, 0) and the coordinator epoch (i32). Consumers never hand control records to
+//! applications.
+//!
 //! Every length read from a buffer is checked against the buffer and against the limits
 //! below; malformed input is a [`BatchError`], never a panic.
 
@@ -833,6 +841,84 @@ pub fn encode(records: &[Record], options: BatchOptions) -> Bytes {
         builder.push(record);
     }
     builder.build()
+}
+
+/// The kind of a transaction marker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlType {
+    Abort,
+    Commit,
+}
+
+impl ControlType {
+    fn code(self) -> i16 {
+        match self {
+            ControlType::Abort => 0,
+            ControlType::Commit => 1,
+        }
+    }
+}
+
+/// A transaction marker: a control batch of one record, with base offset 0 (the broker
+/// stamps the real one) and base sequence −1.
+pub fn control_batch(
+    kind: ControlType,
+    producer_id: i64,
+    producer_epoch: i16,
+    coordinator_epoch: i32,
+    timestamp_ms: i64,
+) -> Bytes {
+    let mut key = BytesMut::with_capacity(4);
+    key.put_i16(0);
+    key.put_i16(kind.code());
+    let mut value = BytesMut::with_capacity(6);
+    value.put_i16(0);
+    value.put_i32(coordinator_epoch);
+    let record = Record {
+        offset: 0,
+        timestamp_ms,
+        key: Some(key.freeze()),
+        value: Some(value.freeze()),
+        headers: Vec::new(),
+    };
+    encode(
+        &[record],
+        BatchOptions {
+            producer_id,
+            producer_epoch,
+            transactional: true,
+            control: true,
+            ..BatchOptions::default()
+        },
+    )
+}
+
+/// The marker a control batch holds (`batch` holds exactly that batch).
+///
+/// # Errors
+/// Not a control batch, or its record is not a marker.
+pub fn control_type(batch: &[u8]) -> Result<ControlType, BatchError> {
+    let header = parse_header(batch)?;
+    if !header.is_control() {
+        return Err(BatchError::InvalidHeader {
+            reason: "not a control batch",
+        });
+    }
+    let records = decode_records(batch)?;
+    let key = records
+        .first()
+        .and_then(|r| r.key.as_deref())
+        .filter(|k| k.len() >= 4)
+        .ok_or(BatchError::InvalidHeader {
+            reason: "a control batch without a marker key",
+        })?;
+    match read_i16(key, 2) {
+        0 => Ok(ControlType::Abort),
+        1 => Ok(ControlType::Commit),
+        _ => Err(BatchError::InvalidHeader {
+            reason: "a control record of an unknown type",
+        }),
+    }
 }
 
 #[cfg(test)]

@@ -266,3 +266,23 @@ fn a_producer_stamped_later_keeps_the_batch_valid_and_the_records_unchanged() {
     let decoded = decode_records(&batch).expect("decode");
     assert_eq!(decoded[1].value.as_deref(), Some(&b"b"[..]));
 }
+
+#[test]
+fn control_batches_round_trip_their_marker() {
+    for kind in [ControlType::Abort, ControlType::Commit] {
+        let batch = control_batch(kind, 42, 3, 7, 1_000);
+        let header = validate(&batch).expect("a valid batch");
+        assert!(header.is_control() && header.is_transactional());
+        assert_eq!(
+            (
+                header.producer_id,
+                header.producer_epoch,
+                header.base_sequence
+            ),
+            (42, 3, -1)
+        );
+        assert_eq!(control_type(&batch).expect("a marker"), kind);
+    }
+    let plain = encode(&[Record::default()], BatchOptions::default());
+    assert!(control_type(&plain).is_err());
+}
