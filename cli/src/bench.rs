@@ -307,7 +307,7 @@ async fn produce_prebuilt(client: Client, args: ProduceBench) -> anyhow::Result<
                 }],
                 acks: acks as i32,
                 timeout_ms: 0,
-                records: Vec::new(),
+                ..Default::default()
             };
             if tx.send(request).await.is_err() {
                 break;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use runnel_client::v1::IsolationLevel;
 use runnel_client::{
     Client, Consumer, ConsumerConfig, ConsumerRecord, GroupConfig, GroupConsumer, StartFrom,
 };
@@ -51,6 +52,20 @@ pub struct ConsumeArgs {
     /// Exit when no record arrives for this long.
     #[arg(long)]
     timeout_ms: Option<u64>,
+    /// read_uncommitted (everything written) or read_committed (only what committed
+    /// transactions and non-transactional producers wrote, up to the last stable offset).
+    #[arg(long, default_value = "read_uncommitted", value_parser = parse_isolation)]
+    isolation: IsolationLevel,
+}
+
+fn parse_isolation(input: &str) -> Result<IsolationLevel, String> {
+    match input {
+        "read_uncommitted" => Ok(IsolationLevel::ReadUncommitted),
+        "read_committed" => Ok(IsolationLevel::ReadCommitted),
+        other => Err(format!(
+            "isolation must be read_uncommitted or read_committed, not {other:?}"
+        )),
+    }
 }
 
 /// Where records come from: assigned partitions, or a group membership.
@@ -77,6 +92,7 @@ pub async fn run(client: Client, args: ConsumeArgs) -> anyhow::Result<ExitCode> 
     };
     let mut config = ConsumerConfig {
         auto_offset_reset: None,
+        isolation: args.isolation,
         ..ConsumerConfig::default()
     };
     if let Some(timeout) = args.timeout_ms {

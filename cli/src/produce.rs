@@ -35,6 +35,18 @@ pub struct ProduceArgs {
     /// lost answer writes nothing twice (Kafka's enable.idempotence); this turns that off.
     #[arg(long)]
     no_idempotence: bool,
+    /// Write in transactions under this transactional id (implies --acks all): a
+    /// read_committed consumer sees the lines of a transaction all at once, or never.
+    /// Another producer with the same id is fenced.
+    #[arg(long)]
+    transactional_id: Option<String>,
+    /// With --transactional-id: commit every N lines (and at the end of input); 0
+    /// commits once, at the end. Ctrl-C aborts the open transaction.
+    #[arg(long, default_value_t = 0, requires = "transactional_id")]
+    transaction_records: usize,
+    /// With --transactional-id: the coordinator aborts a transaction open longer.
+    #[arg(long, default_value_t = 60_000, requires = "transactional_id")]
+    transaction_timeout_ms: u64,
 }
 
 pub fn parse_acks(input: &str) -> Result<Acks, String> {
@@ -63,9 +75,19 @@ pub async fn run(client: Client, args: ProduceArgs) -> anyhow::Result<ExitCode> 
             delivery_timeout: std::time::Duration::from_millis(args.delivery_timeout_ms),
             request_timeout: std::time::Duration::from_millis(args.request_timeout_ms),
             idempotent: !args.no_idempotence,
+            transactional_id: args.transactional_id.clone(),
+            transaction_timeout: std::time::Duration::from_millis(args.transaction_timeout_ms),
             ..ProducerConfig::default()
         },
     );
+    let transactional = args.transactional_id.is_some();
+    if transactional {
+        if args.no_idempotence {
+            anyhow::bail!("--transactional-id needs idempotence; drop --no-idempotence");
+        }
+        producer.init_transactions().await?;
+        producer.begin_transaction()?;
+    }
     let (deliveries_tx, mut deliveries_rx) =
         tokio::sync::mpsc::channel::<(usize, Delivery)>(65_536);
     let reporter = tokio::spawn(async move {
@@ -81,8 +103,35 @@ pub async fn run(client: Client, args: ProduceArgs) -> anyhow::Result<ExitCode> 
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut number = 0usize;
     let mut input_error = None;
-    while let Some(line) = lines.next_line().await? {
+    let mut in_transaction = 0usize;
+    let mut committed = 0usize;
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
+    loop {
+        let line = tokio::select! {
+            line = lines.next_line() => line?,
+            _ = &mut interrupted => {
+                if transactional {
+                    producer.abort_transaction().await?;
+                    eprintln!("interrupted: the open transaction ({in_transaction} lines) was aborted; {committed} lines were committed before");
+                }
+                return Ok(ExitCode::FAILURE);
+            }
+        };
+        let Some(line) = line else {
+            break;
+        };
+        if transactional
+            && args.transaction_records > 0
+            && in_transaction == args.transaction_records
+        {
+            producer.commit_transaction().await?;
+            committed += in_transaction;
+            in_transaction = 0;
+            producer.begin_transaction()?;
+        }
         number += 1;
+        in_transaction += 1;
         let mut record = ProducerRecord::new(&args.topic);
         match &args.key_separator {
             Some(sep) => match line.split_once(sep.as_str()) {
@@ -105,10 +154,23 @@ pub async fn run(client: Client, args: ProduceArgs) -> anyhow::Result<ExitCode> 
         let delivery = producer.send(record).await?;
         deliveries_tx.send((number, delivery)).await?;
     }
-    producer.flush().await?;
+    if transactional {
+        if input_error.is_some() {
+            producer.abort_transaction().await?;
+        } else if let Err(err) = producer.commit_transaction().await {
+            let _ = producer.abort_transaction().await;
+            return Err(err.into());
+        }
+    } else {
+        producer.flush().await?;
+    }
     drop(deliveries_tx);
     let failed = reporter.await?;
     if let Some(err) = input_error {
+        if transactional {
+            eprintln!("error: {err} (the open transaction was aborted)");
+            return Ok(ExitCode::FAILURE);
+        }
         eprintln!("error: {err} (the lines before it were sent)");
         return Ok(ExitCode::FAILURE);
     }

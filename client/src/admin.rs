@@ -330,7 +330,12 @@ impl Admin {
             let latest = v1::offset_query::Spec::Latest(true);
             if let Ok(end) = self
                 .client
-                .offset_of(&row.topic, row.partition, latest)
+                .offset_of(
+                    &row.topic,
+                    row.partition,
+                    latest,
+                    v1::IsolationLevel::ReadUncommitted,
+                )
                 .await
             {
                 row.log_end_offset = end;

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use runnel_proto::v1::{
     self, admin_client::AdminClient, consumer_client::ConsumerClient, groups_client::GroupsClient,
-    producer_client::ProducerClient, transforms_client::TransformsClient,
+    producer_client::ProducerClient, transactions_client::TransactionsClient,
+    transforms_client::TransformsClient,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -20,6 +21,13 @@ pub const DEFAULT_BROKERS: &str = "127.0.0.1:7070";
 const METADATA_MAX_AGE: Duration = Duration::from_secs(300);
 /// Largest gRPC message the client sends or accepts.
 const GRPC_MESSAGE_BYTES_MAX: usize = 80 * 1024 * 1024;
+
+/// What a coordinator coordinates: a consumer group or a transactional id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Coordinated {
+    Group(String),
+    Transaction(String),
+}
 
 /// A handle on the cluster, cheap to clone. Routes requests to partition leaders using
 /// cached metadata, refreshed when a broker says it is not the leader.
@@ -37,7 +45,7 @@ struct Inner {
     topics: Mutex<HashMap<String, Arc<TopicInfo>>>,
     brokers: Mutex<HashMap<u32, String>>,
     /// Each group's coordinator, as FindCoordinator last said.
-    coordinators: Mutex<HashMap<String, Channel>>,
+    coordinators: Mutex<HashMap<Coordinated, Channel>>,
 }
 
 /// What the client knows of a topic.
@@ -122,53 +130,60 @@ impl Client {
         AdminClient::new(self.inner.bootstrap.clone())
     }
 
-    /// The coordinator of `group` (the leader of its `__consumer_offsets` partition), found
-    /// with FindCoordinator and cached until [`Client::forget_coordinator`].
-    ///
-    /// # Errors
-    /// No broker answered, or the group has no coordinator right now.
-    pub(crate) async fn coordinator(
-        &self,
-        group: &str,
-    ) -> Result<GroupsClient<Channel>, ClientError> {
+    /// The channel to the coordinator of `key`, found with FindCoordinator and cached.
+    async fn coordinator_channel(&self, key: &Coordinated) -> Result<Channel, ClientError> {
         let cached = self
             .inner
             .coordinators
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(group)
+            .get(key)
             .cloned();
-        let channel = match cached {
-            Some(channel) => channel,
-            None => {
+        if let Some(channel) = cached {
+            return Ok(channel);
+        }
+        let found = match key {
+            Coordinated::Group(group) => {
                 let request = v1::FindCoordinatorRequest {
-                    group_id: group.to_string(),
+                    group_id: group.clone(),
                 };
-                let found = self
-                    .ask_any(|channel| {
-                        let request = request.clone();
-                        async move { GroupsClient::new(channel).find_coordinator(request).await }
-                    })
-                    .await?;
-                let channel = endpoint(&found.address)?.connect_lazy();
-                self.inner
-                    .coordinators
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .insert(group.to_string(), channel.clone());
-                channel
+                self.ask_any(|channel| {
+                    let request = request.clone();
+                    async move { GroupsClient::new(channel).find_coordinator(request).await }
+                })
+                .await?
+            }
+            Coordinated::Transaction(id) => {
+                let request = v1::FindTransactionCoordinatorRequest {
+                    transactional_id: id.clone(),
+                };
+                self.ask_any(|channel| {
+                    let request = request.clone();
+                    async move {
+                        TransactionsClient::new(channel)
+                            .find_coordinator(request)
+                            .await
+                    }
+                })
+                .await?
             }
         };
-        Ok(GroupsClient::new(channel))
-    }
-
-    /// Forgets the cached coordinator of `group` (it moved, or its broker went away).
-    pub(crate) fn forget_coordinator(&self, group: &str) {
+        let channel = endpoint(&found.address)?.connect_lazy();
         self.inner
             .coordinators
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(group);
+            .insert(key.clone(), channel.clone());
+        Ok(channel)
+    }
+
+    /// Forgets a cached coordinator (it moved, or its broker went away).
+    fn forget(&self, key: &Coordinated) {
+        self.inner
+            .coordinators
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key);
     }
 
     /// Calls the coordinator of `group`. A retriable failure (the coordinator moved, is
@@ -187,11 +202,46 @@ impl Client {
         F: Fn(GroupsClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
+        let key = Coordinated::Group(group.to_string());
+        self.coordinated_call(key, timeout, |channel| call(GroupsClient::new(channel)))
+            .await
+    }
+
+    /// Calls the transaction coordinator of `transactional_id`, retrying as
+    /// [`Client::group_call`] does (also while the previous transaction completes).
+    ///
+    /// # Errors
+    /// The call's own error, or the last retriable one once the time is up.
+    pub(crate) async fn txn_call<T, F, Fut>(
+        &self,
+        transactional_id: &str,
+        timeout: Duration,
+        call: F,
+    ) -> Result<T, ClientError>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let key = Coordinated::Transaction(transactional_id.to_string());
+        self.coordinated_call(key, timeout, call).await
+    }
+
+    async fn coordinated_call<T, F, Fut>(
+        &self,
+        key: Coordinated,
+        timeout: Duration,
+        call: F,
+    ) -> Result<T, ClientError>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut backoff = Duration::from_millis(50);
         loop {
-            let result = match self.coordinator(group).await {
-                Ok(rpc) => call(rpc)
+            let channel = self.coordinator_channel(&key).await;
+            let result = match channel {
+                Ok(channel) => call(channel)
                     .await
                     .map(tonic::Response::into_inner)
                     .map_err(ClientError::from),
@@ -200,11 +250,11 @@ impl Client {
             match result {
                 Ok(value) => return Ok(value),
                 Err(err) if err.is_retriable() => {
-                    self.forget_coordinator(group);
+                    self.forget(&key);
                     if tokio::time::Instant::now() + backoff >= deadline {
                         return Err(err);
                     }
-                    tracing::debug!(group, error = %err, "group call failed; retrying");
+                    tracing::debug!(?key, error = %err, "coordinator call failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
@@ -430,6 +480,7 @@ impl Client {
         topic: &str,
         partition: u32,
         spec: v1::offset_query::Spec,
+        isolation: v1::IsolationLevel,
     ) -> Result<i64, ClientError> {
         let channel = self.leader_channel(topic, partition).await?;
         let answer = self
@@ -439,6 +490,7 @@ impl Client {
                     topic: topic.to_string(),
                     partition,
                     spec: Some(spec),
+                    isolation: isolation as i32,
                 }],
             })
             .await?

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use runnel_batch::{Header, batches, decode_records_shared};
+use runnel_batch::{AbortedFilter, Header, batches, decode_records_shared};
 use runnel_proto::v1::{self, ErrorCode};
 use tokio::sync::mpsc;
 
@@ -35,6 +35,10 @@ pub struct ConsumerConfig {
     /// What to do when a position falls outside the log (trimmed, or beyond the end):
     /// `Some` resets there, `None` returns the error.
     pub auto_offset_reset: Option<StartFrom>,
+    /// `ReadUncommitted` (the default, as in Kafka) returns everything up to the high
+    /// watermark; `ReadCommitted` only what committed transactions and non-transactional
+    /// producers wrote, up to the last stable offset.
+    pub isolation: v1::IsolationLevel,
 }
 
 impl Default for ConsumerConfig {
@@ -44,6 +48,7 @@ impl Default for ConsumerConfig {
             max_bytes: 16 * 1024 * 1024,
             partition_max_bytes: 4 * 1024 * 1024,
             auto_offset_reset: Some(StartFrom::Latest),
+            isolation: v1::IsolationLevel::ReadUncommitted,
         }
     }
 }
@@ -152,6 +157,7 @@ impl FetchSession {
                     min_bytes: 1,
                     max_bytes: config.max_bytes,
                     format: v1::RecordFormat::Batches as i32,
+                    isolation: config.isolation as i32,
                 })
                 .await?
                 .into_inner();
@@ -245,7 +251,9 @@ impl Consumer {
             StartFrom::Timestamp(ts) => v1::offset_query::Spec::TimestampMs(ts),
             StartFrom::Offset(offset) => return Ok(offset),
         };
-        self.client.offset_of(topic, partition, spec).await
+        self.client
+            .offset_of(topic, partition, spec, self.config.isolation)
+            .await
     }
 
     /// Stops reading a partition.
@@ -262,7 +270,8 @@ impl Consumer {
         self.positions.keys().cloned().collect()
     }
 
-    /// The latest offsets (high watermarks) of the assigned partitions.
+    /// The latest offsets of the assigned partitions: the high watermarks, or with
+    /// `ReadCommitted` the last stable offsets.
     ///
     /// # Errors
     /// An offset lookup failure.
@@ -394,12 +403,18 @@ impl Consumer {
             return Ok(());
         };
         let topic: Arc<str> = Arc::from(key.0.as_str());
+        let mut aborted = AbortedFilter::new(
+            fetched
+                .aborted_transactions
+                .iter()
+                .map(|a| (a.producer_id, a.first_offset)),
+        );
         let mut at = 0usize;
         for batch in batches(&fetched.records) {
             let (header, raw) = batch.map_err(|err| ClientError::Corrupt(err.to_string()))?;
             let shared = fetched.records.slice(at..at + raw.len());
             at += raw.len();
-            if header.is_control() {
+            if !aborted.keep(&header, raw) {
                 *position = (*position).max(header.next_offset());
                 continue;
             }

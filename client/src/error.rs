@@ -45,6 +45,7 @@ impl ClientError {
                     | ErrorCode::CoordinatorNotAvailable
                     | ErrorCode::CoordinatorLoadInProgress
                     | ErrorCode::RuntimeNotAvailable
+                    | ErrorCode::ConcurrentTransactions
                     // The replica's storage failed (a full disk): the controller moves
                     // the leadership to a healthy replica; a retry goes there.
                     | ErrorCode::StorageError

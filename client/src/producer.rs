@@ -30,6 +30,8 @@ use crate::client::Client;
 use crate::error::{ClientError, check};
 use runnel_batch::partition_for_key;
 
+mod transaction;
+
 /// What the producer waits for before a record counts as written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Acks {
@@ -88,6 +90,12 @@ pub struct ProducerConfig {
     /// Kafka: with fewer acks an acknowledged batch can vanish in a failover, and the
     /// next one would be refused as out of sequence).
     pub idempotent: bool,
+    /// Makes the producer transactional (Kafka's `transactional.id`; implies
+    /// idempotence and acks=all): see [`Producer::init_transactions`].
+    pub transactional_id: Option<String>,
+    /// How long a transaction may stay open before the coordinator aborts it (Kafka's
+    /// `transaction.timeout.ms`, 60 s).
+    pub transaction_timeout: Duration,
 }
 
 impl Default for ProducerConfig {
@@ -105,6 +113,8 @@ impl Default for ProducerConfig {
             compression: Compression::None,
             max_in_flight: 16,
             idempotent: true,
+            transactional_id: None,
+            transaction_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -305,6 +315,8 @@ pub struct Producer {
 struct Shared {
     client: Client,
     config: ProducerConfig,
+    /// A transactional producer's state.
+    txn: Option<transaction::Txn>,
     state: Mutex<Accumulator>,
     /// Wakes the sender: a batch is full, a new batch started its linger, a flush, a close.
     wake: Notify,
@@ -364,10 +376,19 @@ enum Placement {
 impl Producer {
     /// Starts the producer's background sender on the current tokio runtime.
     pub fn new(client: Client, mut config: ProducerConfig) -> Self {
+        let txn = config
+            .transactional_id
+            .clone()
+            .map(|id| transaction::Txn::new(id, config.transaction_timeout));
+        if txn.is_some() {
+            config.acks = Acks::All;
+            config.idempotent = true;
+        }
         config.idempotent &= config.acks == Acks::All;
         let shared = Arc::new(Shared {
             client,
             config,
+            txn,
             state: Mutex::new(Accumulator::default()),
             wake: Notify::new(),
             space: Notify::new(),
@@ -405,6 +426,9 @@ impl Producer {
             return Err(ClientError::InvalidArgument(
                 "the record has no topic".into(),
             ));
+        }
+        if let Some(txn) = &self.shared.txn {
+            txn.check_send()?;
         }
         let mut record = Some(record);
         let mut refreshed = false;
@@ -492,6 +516,7 @@ impl Producer {
         let size = record.size_bytes();
         state.pending_bytes += size;
         let compression = config.compression;
+        let transactional = self.shared.txn.is_some();
         let record = Record {
             offset: 0,
             timestamp_ms,
@@ -525,6 +550,7 @@ impl Producer {
             wake = true;
             let options = BatchOptions {
                 compression,
+                transactional,
                 ..BatchOptions::default()
             };
             let builder = match spare_buffers.pop() {
@@ -758,6 +784,7 @@ fn split_batch(batch: &Bytes) -> Result<(Bytes, Bytes, u32), ClientError> {
     let records = runnel_batch::decode_records_shared(batch).map_err(corrupt)?;
     let options = BatchOptions {
         compression: header.compression().map_err(corrupt)?,
+        transactional: header.is_transactional(),
         ..BatchOptions::default()
     };
     let mid = records.len() / 2;
@@ -994,14 +1021,25 @@ impl Task {
         if !self.shared.config.idempotent || sent.sequence.is_some() {
             return Ok(());
         }
-        let (id, epoch) = match self.producer_id {
-            Some(producer) => producer,
-            None => {
+        let (id, epoch) = match (self.producer_id, &self.shared.txn) {
+            (_, Some(txn)) => {
+                let producer = txn.producer().ok_or_else(|| {
+                    ClientError::InvalidArgument("call init_transactions first".into())
+                })?;
+                if self.producer_id != Some(producer) {
+                    // A new epoch (a transaction ended): sequences start again.
+                    self.producer_id = Some(producer);
+                    self.sequences.clear();
+                }
+                producer
+            }
+            (Some(producer), None) => producer,
+            (None, None) => {
                 let answer = self
                     .shared
                     .client
                     .producer_rpc(self.shared.client.bootstrap_channel())
-                    .init_producer_id(v1::InitProducerIdRequest {})
+                    .init_producer_id(v1::InitProducerIdRequest::default())
                     .await?
                     .into_inner();
                 let epoch = i16::try_from(answer.producer_epoch).unwrap_or(0);
@@ -1059,6 +1097,12 @@ impl Task {
             acks: self.shared.config.acks.to_proto() as i32,
             timeout_ms: 0,
             records: Vec::new(),
+            transactional_id: self
+                .shared
+                .config
+                .transactional_id
+                .clone()
+                .unwrap_or_default(),
         };
         let (leader, stream_id) = (sent.leader, sent.stream);
         self.in_flight.insert(request_id, sent);
@@ -1227,7 +1271,7 @@ impl Task {
             Err(err) => {
                 tracing::warn!(error = %err, "cannot split a refused batch");
                 if sent.sequence.is_some() {
-                    self.producer_id = None;
+                    self.lose_sequence(&refused);
                 }
                 self.release_partition(&sent);
                 self.release(sent.size_bytes, sent.records);
@@ -1338,12 +1382,21 @@ impl Task {
             return;
         }
         if self.shared.config.idempotent && sent.sequence.is_some() {
-            // Its numbers are a gap now: later batches start over under a new id.
-            self.producer_id = None;
+            self.lose_sequence(&err);
         }
         self.release_partition(&sent);
         self.release(sent.size_bytes, sent.records);
         sent.target.finish(&sent.topic, sent.partition, Err(err));
+    }
+
+    /// A numbered batch failed for good, leaving a gap in its partition's sequence:
+    /// later batches start over under a new producer id; a transaction can only abort
+    /// (which starts a new epoch).
+    fn lose_sequence(&mut self, err: &ClientError) {
+        match &self.shared.txn {
+            Some(txn) => txn.batch_failed(err),
+            None => self.producer_id = None,
+        }
     }
 
     /// Resends the batches whose backoff is over, in the order they failed.

@@ -707,7 +707,7 @@ fn streaming_fetch_pushes_records_as_they_arrive() {
                 max_wait_ms: 200,
                 min_bytes: 1,
                 max_bytes: 0,
-                format: 0,
+                ..Default::default()
             })
             .await
             .expect("stream opens")

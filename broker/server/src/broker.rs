@@ -72,6 +72,9 @@ pub struct Broker {
     /// What this leader may still send to replicas catching up for a reassignment.
     reassignment_throttle: crate::throttle::Throttle,
     pub(crate) replicas: crate::replica::ReplicaManager,
+    pub(crate) txn_coordinator: Mutex<crate::txn_ops::TxnCoordinator>,
+    /// Channels to other brokers (transaction coordinators and partition leaders).
+    pub(crate) peers: Mutex<HashMap<u32, (String, tonic::transport::Channel)>>,
 }
 
 fn partition_dir(data_dir: &Path, topic: &str, partition: u32) -> PathBuf {
@@ -107,6 +110,8 @@ impl Broker {
             read_buffers: ReadBuffers::new(
                 std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
             ),
+            txn_coordinator: Mutex::new(crate::txn_ops::TxnCoordinator::default()),
+            peers: Mutex::new(HashMap::new()),
             replicas: crate::replica::ReplicaManager::new(
                 config.node_id,
                 crate::replica::ReplicationSettings::from_config(&config),
@@ -233,6 +238,7 @@ impl Broker {
         self.applied.send_replace(image);
         self.replicas.follow(by_leader, &self.applied);
         self.sync_coordination();
+        self.sync_txn_coordination();
     }
 
     /// Controlled shutdown: asks the controller to move this broker's leaderships to
@@ -338,9 +344,9 @@ impl Broker {
     }
 
     /// Creates the compacted internal topics once the cluster is bootstrapped:
-    /// `__consumer_offsets` (written by the broker), `__connect_offsets` (written by
-    /// connect workers) and `__deployments` (written by the streams and connect
-    /// runtimes). Creating one that exists is not an error.
+    /// `__consumer_offsets` and `__transaction_state` (written by the broker),
+    /// `__connect_offsets` (written by connect workers) and `__deployments` (written by
+    /// the streams and connect runtimes). Creating one that exists is not an error.
     ///
     /// # Errors
     /// The controller quorum did not answer.
@@ -350,10 +356,16 @@ impl Broker {
             DEPLOYMENTS_TOPIC, DEPLOYMENTS_TOPIC_PARTITIONS, OFFSETS_TOPIC,
             OFFSETS_TOPIC_PARTITIONS,
         };
+        use crate::txn::{TXN_TOPIC, TXN_TOPIC_PARTITIONS};
         let missing = |image: &MetadataImage| {
-            [OFFSETS_TOPIC, CONNECT_OFFSETS_TOPIC, DEPLOYMENTS_TOPIC]
-                .iter()
-                .any(|name| !image.metadata.topics.contains_key(*name))
+            [
+                OFFSETS_TOPIC,
+                CONNECT_OFFSETS_TOPIC,
+                DEPLOYMENTS_TOPIC,
+                TXN_TOPIC,
+            ]
+            .iter()
+            .any(|name| !image.metadata.topics.contains_key(*name))
         };
         if !missing(&self.image()) {
             return Ok(());
@@ -363,6 +375,7 @@ impl Broker {
             (OFFSETS_TOPIC, OFFSETS_TOPIC_PARTITIONS),
             (CONNECT_OFFSETS_TOPIC, CONNECT_OFFSETS_TOPIC_PARTITIONS),
             (DEPLOYMENTS_TOPIC, DEPLOYMENTS_TOPIC_PARTITIONS),
+            (TXN_TOPIC, TXN_TOPIC_PARTITIONS),
         ] {
             if self.image().metadata.topics.contains_key(name) {
                 continue;
@@ -726,6 +739,34 @@ impl Broker {
         self.produce_batches(request)
     }
 
+    /// [`Broker::produce`], after the partitions where the request's transactional
+    /// batches start a transaction joined it at the coordinator. Awaiting this before
+    /// the next request of a stream keeps the stream's order.
+    pub async fn produce_joining(
+        self: &Arc<Self>,
+        request: v1::ProduceRequest,
+    ) -> BoxFuture<'static, v1::ProduceResponse> {
+        if let Err(err) = self.join_transactions(&request).await {
+            let response = v1::ProduceResponse {
+                request_id: request.request_id,
+                partitions: request
+                    .partitions
+                    .iter()
+                    .map(|data| v1::PartitionProduceResult {
+                        partition: data.partition,
+                        base_offset: -1,
+                        log_append_time_ms: -1,
+                        log_start_offset: -1,
+                        error: Some(err.to_proto()),
+                    })
+                    .collect(),
+                ..Default::default()
+            };
+            return async move { response }.boxed();
+        }
+        self.produce(request)
+    }
+
     /// A new idempotent producer's id (unique in the cluster: the controller hands this
     /// broker blocks of them) and epoch 0.
     ///
@@ -944,6 +985,7 @@ impl Broker {
         watchers: &mut Vec<tokio::sync::watch::Receiver<i64>>,
     ) -> v1::FetchResponse {
         let mut budget = fetch_budget(request.max_bytes);
+        let committed = request.isolation == v1::IsolationLevel::ReadCommitted as i32;
         let mut partitions = Vec::with_capacity(request.partitions.len());
         for wanted in &request.partitions {
             let mut out = v1::FetchedPartition {
@@ -964,14 +1006,14 @@ impl Broker {
                     };
                     let fetched = if budget == 0 {
                         partition
-                            .read(wanted.offset, 0, &self.read_buffers)
+                            .read(wanted.offset, 0, committed, &self.read_buffers)
                             .map(|mut f| {
                                 f.records = bytes::Bytes::new();
                                 f.next_offset = wanted.offset;
                                 f
                             })
                     } else {
-                        partition.read(wanted.offset, max.max(1), &self.read_buffers)
+                        partition.read(wanted.offset, max.max(1), committed, &self.read_buffers)
                     }?;
                     watchers.push(watcher);
                     Ok(fetched)
@@ -980,6 +1022,15 @@ impl Broker {
                 Ok(fetched) => {
                     budget = budget.saturating_sub(fetched.records.len());
                     out.high_watermark = fetched.high_watermark;
+                    out.last_stable_offset = fetched.last_stable_offset;
+                    out.aborted_transactions = fetched
+                        .aborted
+                        .iter()
+                        .map(|a| v1::AbortedTransaction {
+                            producer_id: a.producer_id,
+                            first_offset: a.first_offset,
+                        })
+                        .collect();
                     out.log_start_offset = fetched.log_start_offset;
                     out.next_offset = fetched.next_offset;
                     out.records = fetched.records;
@@ -1144,7 +1195,12 @@ impl Broker {
                         .and_then(|p| match &query.spec {
                             Some(v1::offset_query::Spec::Earliest(_)) => Ok(p.log_start_offset()),
                             Some(v1::offset_query::Spec::Latest(_)) | None => {
-                                Ok(p.high_watermark())
+                                let high_watermark = p.high_watermark();
+                                if query.isolation == v1::IsolationLevel::ReadCommitted as i32 {
+                                    Ok(p.last_stable_offset(high_watermark))
+                                } else {
+                                    Ok(high_watermark)
+                                }
                             }
                             Some(v1::offset_query::Spec::TimestampMs(ts)) => {
                                 p.offset_for_timestamp(*ts)
@@ -1352,6 +1408,7 @@ impl Broker {
                     log_start_offset: -1,
                     log_end_offset: -1,
                     high_watermark: -1,
+                    last_stable_offset: -1,
                     ..Default::default()
                 };
                 if let Some(partition) = self.hosted_partition(name, index as u32) {
@@ -1359,6 +1416,18 @@ impl Broker {
                         description.log_start_offset = snapshot.log_start_offset;
                         description.log_end_offset = snapshot.log_end_offset;
                         description.high_watermark = partition.high_watermark();
+                        description.last_stable_offset =
+                            partition.last_stable_offset(description.high_watermark);
+                        description.open_transactions = partition
+                            .open_transactions()
+                            .into_iter()
+                            .map(|t| v1::OpenTransaction {
+                                producer_id: t.producer_id,
+                                producer_epoch: i32::from(t.producer_epoch),
+                                first_offset: t.first_offset,
+                                last_write_ms: t.last_ms,
+                            })
+                            .collect();
                         description.size_bytes = snapshot.size_bytes;
                         description.segment_count = snapshot.segment_count as u32;
                     }

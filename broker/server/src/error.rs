@@ -143,6 +143,33 @@ pub enum BrokerError {
         base_offset: i64,
         timeout_ms: u64,
     },
+    #[error(
+        "this broker does not coordinate transactional id {id:?} ({coordinator}); ask Transactions.FindCoordinator and retry there"
+    )]
+    TxnNotCoordinator { id: String, coordinator: String },
+    #[error("transactional id {id:?} has no coordinator: {reason}; retry")]
+    TxnCoordinatorNotAvailable { id: String, reason: String },
+    #[error("the coordinator of transactional id {id:?} is loading its state from {topic}; retry", topic = crate::txn::TXN_TOPIC)]
+    TxnCoordinatorLoading { id: String },
+    #[error("transactional id {id:?}: {reason}")]
+    TxnFenced { id: String, reason: String },
+    #[error(
+        "transactional id {id:?}: the previous transaction is still being completed; retry shortly"
+    )]
+    ConcurrentTransactions { id: String },
+    #[error("transactional id {id:?}: {reason}")]
+    InvalidTxnState { id: String, reason: String },
+    #[error(
+        "unknown transactional id {id:?}: call InitProducerId with it first (it may also have expired after a week unused)"
+    )]
+    UnknownTransactionalId { id: String },
+    /// A call this broker made to another broker for the request failed there.
+    #[error("broker {broker}: {message}")]
+    Peer {
+        broker: u32,
+        code: ErrorCode,
+        message: String,
+    },
     #[error("{topic}-{partition}: leader epoch {requested} is older than the leader's {current}")]
     FencedLeaderEpoch {
         topic: String,
@@ -222,6 +249,14 @@ impl BrokerError {
             BrokerError::ProducerFenced { .. } => ErrorCode::ProducerFenced,
             BrokerError::ReplicationTimedOut { .. } => ErrorCode::RequestTimedOut,
             BrokerError::FencedLeaderEpoch { .. } => ErrorCode::FencedLeaderEpoch,
+            BrokerError::Peer { code, .. } => *code,
+            BrokerError::TxnNotCoordinator { .. } => ErrorCode::NotCoordinator,
+            BrokerError::TxnCoordinatorNotAvailable { .. } => ErrorCode::CoordinatorNotAvailable,
+            BrokerError::TxnCoordinatorLoading { .. } => ErrorCode::CoordinatorLoadInProgress,
+            BrokerError::TxnFenced { .. } => ErrorCode::ProducerFenced,
+            BrokerError::ConcurrentTransactions { .. } => ErrorCode::ConcurrentTransactions,
+            BrokerError::InvalidTxnState { .. } => ErrorCode::InvalidTxnState,
+            BrokerError::UnknownTransactionalId { .. } => ErrorCode::UnknownTransactionalId,
             BrokerError::UnknownLeaderEpoch { .. } => ErrorCode::UnknownLeaderEpoch,
         }
     }
@@ -237,9 +272,10 @@ impl BrokerError {
     /// The whole-call form.
     pub fn to_status(&self) -> Status {
         let code = match self.code() {
-            ErrorCode::UnknownTopic | ErrorCode::UnknownPartition | ErrorCode::UnknownGroup => {
-                Code::NotFound
-            }
+            ErrorCode::UnknownTopic
+            | ErrorCode::UnknownPartition
+            | ErrorCode::UnknownGroup
+            | ErrorCode::UnknownTransactionalId => Code::NotFound,
             ErrorCode::UnknownMemberId | ErrorCode::FencedMember | ErrorCode::GroupNotEmpty => {
                 Code::FailedPrecondition
             }
@@ -254,7 +290,9 @@ impl BrokerError {
             | ErrorCode::ControllerNotAvailable
             | ErrorCode::NotCoordinator
             | ErrorCode::CoordinatorNotAvailable
-            | ErrorCode::CoordinatorLoadInProgress => Code::Unavailable,
+            | ErrorCode::CoordinatorLoadInProgress
+            | ErrorCode::ConcurrentTransactions => Code::Unavailable,
+            ErrorCode::ProducerFenced | ErrorCode::InvalidTxnState => Code::FailedPrecondition,
             ErrorCode::StorageError => Code::Internal,
             ErrorCode::RequestTimedOut => Code::DeadlineExceeded,
             ErrorCode::TopicDeletionInProgress => Code::FailedPrecondition,
@@ -322,6 +360,38 @@ impl BrokerError {
             partition,
             reason: err.to_string(),
         }
+    }
+}
+
+impl BrokerError {
+    /// The error of a failed call to broker `broker`.
+    pub(crate) fn from_peer(broker: u32, status: &Status) -> Self {
+        BrokerError::Peer {
+            broker,
+            code: runnel_proto::status_error_code(status).unwrap_or(ErrorCode::LeaderNotAvailable),
+            message: status.message().to_string(),
+        }
+    }
+
+    /// Whether a retry may succeed (the error is about where things are or a moment's
+    /// unavailability, not about the request).
+    pub fn is_retriable(&self) -> bool {
+        matches!(
+            self.code(),
+            ErrorCode::NotLeader
+                | ErrorCode::LeaderNotAvailable
+                | ErrorCode::NotEnoughReplicas
+                | ErrorCode::NotEnoughReplicasAfterAppend
+                | ErrorCode::RequestTimedOut
+                | ErrorCode::ControllerNotAvailable
+                | ErrorCode::NotCoordinator
+                | ErrorCode::CoordinatorNotAvailable
+                | ErrorCode::CoordinatorLoadInProgress
+                | ErrorCode::ConcurrentTransactions
+                | ErrorCode::FencedLeaderEpoch
+                | ErrorCode::UnknownLeaderEpoch
+                | ErrorCode::StorageError
+        )
     }
 }
 

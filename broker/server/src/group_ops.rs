@@ -261,18 +261,19 @@ impl Broker {
         Ok(())
     }
 
-    /// Appends records to a `__consumer_offsets` partition this broker leads, refusing
-    /// when fewer replicas are in sync than the topic's `min.insync.replicas`.
-    fn append_internal(
+    /// Appends records to a partition of an internal topic this broker leads
+    /// (`__consumer_offsets`, `__transaction_state`), refusing when fewer replicas are
+    /// in sync than the topic's `min.insync.replicas`.
+    pub(crate) fn append_internal(
         &self,
         partition: &Partition,
         records: &[Record],
     ) -> Result<Appended, BrokerError> {
-        let min_insync = self.min_insync_replicas(OFFSETS_TOPIC)?;
+        let min_insync = self.min_insync_replicas(&partition.topic)?;
         let isr = partition.isr_len();
         if isr < min_insync {
             return Err(BrokerError::NotEnoughReplicas {
-                topic: OFFSETS_TOPIC.to_string(),
+                topic: partition.topic.clone(),
                 partition: partition.index,
                 isr,
                 min_insync,
@@ -282,9 +283,13 @@ impl Broker {
     }
 
     /// Waits until everything below `end` is durable here and on every in-sync replica.
-    async fn await_internal(&self, partition: &Partition, end: i64) -> Result<(), BrokerError> {
+    pub(crate) async fn await_internal(
+        &self,
+        partition: &Partition,
+        end: i64,
+    ) -> Result<(), BrokerError> {
         partition.wait_durable(end).await?;
-        let min_insync = self.min_insync_replicas(OFFSETS_TOPIC)?;
+        let min_insync = self.min_insync_replicas(&partition.topic)?;
         let timeout = Duration::from_millis(self.config.request_timeout_ms);
         partition
             .wait_replicated(end, end, min_insync, timeout)

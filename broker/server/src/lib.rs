@@ -24,6 +24,8 @@ mod service;
 #[cfg(test)]
 mod simulation;
 mod throttle;
+pub mod txn;
+mod txn_ops;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,6 +36,7 @@ use runnel_controller::{ControllerClient, MetadataImage, Quorum, QuorumConfig};
 use runnel_proto::v1::{
     admin_server::AdminServer, consumer_server::ConsumerServer, groups_server::GroupsServer,
     producer_server::ProducerServer, replication_server::ReplicationServer,
+    transactions_server::TransactionsServer,
 };
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -55,6 +58,8 @@ pub const HTTP2_FRAME_BYTES_MAX: u32 = 1024 * 1024;
 const FLUSH_TICK_MS: u64 = 100;
 /// Longest a stopping broker waits for its leaderships to move.
 const CONTROLLED_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often transaction coordinators look for timed-out and unfinished transactions.
+const TXN_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 /// How often a leader checks whether its ISR should shrink or grow.
 const ISR_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -153,6 +158,9 @@ pub async fn start_with(
     health_reporter
         .set_serving::<GroupsServer<service::Service>>()
         .await;
+    health_reporter
+        .set_serving::<TransactionsServer<service::Service>>()
+        .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(runnel_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -175,6 +183,7 @@ pub async fn start_with(
     )
     .add_service(AdminServer::new(service.clone()))
     .add_service(GroupsServer::new(service.clone()))
+    .add_service(TransactionsServer::new(service.clone()))
     .add_service(health_service)
     .add_service(reflection_v1)
     .add_service(reflection_v1alpha);
@@ -229,6 +238,14 @@ pub async fn start_with(
         tokio::spawn(apply_images(broker.clone(), images)),
     ];
     if config.is_broker() {
+        let resolver = broker.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(TXN_CHECK_INTERVAL);
+            loop {
+                tick.tick().await;
+                resolver.expire_transactions();
+            }
+        }));
         tasks.push(tokio::spawn(heartbeat(broker.clone())));
         tasks.push(tokio::spawn(replica::maintain_isr(
             broker.clone(),

@@ -14,7 +14,10 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use runnel_broker_storage::{FlushPolicy, Log, LogConfig, LogSnapshot, StorageError};
+use runnel_batch::ControlType;
+use runnel_broker_storage::{
+    AbortedTxn, FlushPolicy, Log, LogConfig, LogSnapshot, OpenTxn, StorageError,
+};
 use runnel_controller::state::PartitionRecord;
 use tokio::sync::watch;
 
@@ -87,8 +90,12 @@ impl ReadBuffers {
 pub struct Fetched {
     pub records: Bytes,
     pub high_watermark: i64,
+    /// Below it no transaction is open.
+    pub last_stable_offset: i64,
     pub log_start_offset: i64,
     pub next_offset: i64,
+    /// A `read_committed` read: the aborted transactions with records in `records`.
+    pub aborted: Vec<AbortedTxn>,
 }
 
 /// What a follower's fetch got from the leader's log.
@@ -1015,8 +1022,9 @@ impl Partition {
         }
     }
 
-    /// Whole batches from `offset` up to the high watermark, at most `max_bytes` (but at
-    /// least one batch), read into one of `buffers`.
+    /// Whole batches from `offset` up to the high watermark (`read_committed`: up to the
+    /// last stable offset, with the aborted transactions in what was read), at most
+    /// `max_bytes` (but at least one batch), read into one of `buffers`.
     ///
     /// # Errors
     /// Offset out of range, or a storage failure (corruption fences the partition).
@@ -1024,9 +1032,100 @@ impl Partition {
         &self,
         offset: i64,
         max_bytes: usize,
+        read_committed: bool,
         buffers: &ReadBuffers,
     ) -> Result<Fetched, BrokerError> {
-        self.read_below(offset, max_bytes, self.high_watermark(), buffers)
+        let high_watermark = self.high_watermark();
+        let limit = if read_committed {
+            self.last_stable_offset(high_watermark)
+        } else {
+            high_watermark
+        };
+        let mut fetched = self.read_below(offset, max_bytes, limit, buffers)?;
+        if read_committed {
+            fetched.aborted =
+                self.with_log(|log| log.aborted_transactions(offset, fetched.next_offset))?;
+        }
+        Ok(fetched)
+    }
+
+    /// The last stable offset under `high_watermark`: the first offset of the oldest open
+    /// transaction, or the high watermark when it is lower or none is open.
+    pub fn last_stable_offset(&self, high_watermark: i64) -> i64 {
+        self.with_log(Log::first_unstable_offset)
+            .ok()
+            .flatten()
+            .map_or(high_watermark, |first| first.min(high_watermark))
+    }
+
+    /// The epoch of the producer's open transaction here, if one is open.
+    pub fn open_transaction_epoch(&self, producer_id: i64) -> Option<i16> {
+        self.with_log(|log| log.open_transaction_epoch(producer_id))
+            .ok()
+            .flatten()
+    }
+
+    /// The transactions open here, oldest first.
+    pub fn open_transactions(&self) -> Vec<OpenTxn> {
+        self.with_log(Log::open_transactions).unwrap_or_default()
+    }
+
+    /// Appends a transaction marker as the leader (see [`Log::append_marker`]); `None`
+    /// when it was not needed. The caller waits for replication.
+    ///
+    /// # Errors
+    /// Not the leader, or a storage failure (which fences the partition).
+    pub fn append_marker(
+        &self,
+        kind: ControlType,
+        producer_id: i64,
+        producer_epoch: i16,
+        coordinator_epoch: i32,
+    ) -> Result<Option<Appended>, BrokerError> {
+        self.check_fenced()?;
+        let now = now_ms();
+        let mut guard = self.log_write();
+        let Some(log) = guard.as_mut() else {
+            return Err(self.fenced_error());
+        };
+        if !self.is_leader() {
+            return Err(BrokerError::LeaderNotAvailable {
+                topic: self.topic.clone(),
+                partition: self.index,
+                reason: "leadership moved while the marker was in flight; retry".into(),
+            });
+        }
+        let info = log
+            .append_marker(
+                kind,
+                producer_id,
+                producer_epoch,
+                coordinator_epoch,
+                self.leader_epoch.load(Ordering::Acquire),
+                now,
+            )
+            .map_err(|err| match err {
+                runnel_broker_storage::AppendError::Storage(err) => self.fence(&err),
+                other => BrokerError::from_append(&self.topic, self.index, other),
+            })?;
+        let Some(info) = info else {
+            return Ok(None);
+        };
+        let end_offset = log.log_end_offset();
+        let log_start_offset = log.log_start_offset();
+        let interval = matches!(log.config().flush, FlushPolicy::Interval { .. });
+        drop(guard);
+        self.log_end.send_replace(end_offset);
+        if interval {
+            self.advance_durable_end(end_offset);
+        }
+        Ok(Some(Appended {
+            base_offset: info.base_offset,
+            log_append_time_ms: info.log_append_time_ms,
+            log_start_offset,
+            end_offset,
+            flush_due: false,
+        }))
     }
 
     /// Like [`Partition::read`], but up to `limit` instead of the high watermark: the
@@ -1060,11 +1159,16 @@ impl Partition {
         for (header, _) in runnel_batch::batches(&bytes).flatten() {
             next_offset = header.next_offset();
         }
+        let last_stable_offset = log
+            .first_unstable_offset()
+            .map_or(high_watermark, |first| first.min(high_watermark));
         Ok(Fetched {
             records: bytes,
             high_watermark,
+            last_stable_offset,
             log_start_offset: log.log_start_offset(),
             next_offset,
+            aborted: Vec::new(),
         })
     }
 

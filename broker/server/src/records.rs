@@ -133,11 +133,16 @@ pub(crate) fn record_results(
 pub(crate) fn decode_fetched(fetched: &mut v1::FetchedPartition, from: i64) {
     let records = std::mem::take(&mut fetched.records);
     let base = records.as_ptr() as usize;
+    let mut filter = runnel_batch::AbortedFilter::new(
+        std::mem::take(&mut fetched.aborted_transactions)
+            .into_iter()
+            .map(|a| (a.producer_id, a.first_offset)),
+    );
     for batch in runnel_batch::batches(&records) {
         let decoded = batch
             .map_err(|e| e.to_string())
             .and_then(|(header, bytes)| {
-                if header.is_control() {
+                if !filter.keep(&header, bytes) {
                     return Ok(Vec::new());
                 }
                 let start = bytes.as_ptr() as usize - base;

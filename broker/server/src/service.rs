@@ -6,6 +6,7 @@ use std::sync::Arc;
 use futures::stream::{FuturesOrdered, StreamExt};
 use runnel_proto::v1::{
     self, admin_server, consumer_server, groups_server, producer_server, replication_server,
+    transactions_server,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
@@ -76,19 +77,27 @@ impl producer_server::Producer for Service {
         let request = request.into_inner();
         require_topic(&request.topic)?;
         self.broker.auto_create(&request.topic).await;
-        Ok(Response::new(self.broker.produce(request).await))
+        Ok(Response::new(
+            self.broker.produce_joining(request).await.await,
+        ))
     }
 
     async fn init_producer_id(
         &self,
-        _request: Request<v1::InitProducerIdRequest>,
+        request: Request<v1::InitProducerIdRequest>,
     ) -> Result<Response<v1::InitProducerIdResponse>, Status> {
-        Ok(Response::new(
+        let request = request.into_inner();
+        let answer = if request.transactional_id.is_empty() {
+            self.broker.init_producer_id().await
+        } else {
             self.broker
-                .init_producer_id()
+                .init_transactional_producer(
+                    &request.transactional_id,
+                    request.transaction_timeout_ms,
+                )
                 .await
-                .map_err(|err| err.to_status())?,
-        ))
+        };
+        Ok(Response::new(answer?))
     }
 
     type ProduceStreamStream = BoxStream<v1::ProduceResponse>;
@@ -109,7 +118,7 @@ impl producer_server::Producer for Service {
                     next = incoming.next(), if open && in_flight.len() < PRODUCE_IN_FLIGHT_MAX => match next {
                         Some(Ok(request)) => {
                             broker.auto_create(&request.topic).await;
-                            in_flight.push_back(broker.produce(request));
+                            in_flight.push_back(broker.produce_joining(request).await);
                         }
                         Some(Err(status)) => {
                             tracing::debug!(%status, "produce stream ended by the client");
@@ -158,6 +167,84 @@ impl replication_server::Replication for Service {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+
+    async fn write_txn_marker(
+        &self,
+        request: Request<v1::WriteTxnMarkerRequest>,
+    ) -> Result<Response<v1::WriteTxnMarkerResponse>, Status> {
+        Ok(Response::new(
+            self.broker.write_txn_marker(request.into_inner()).await?,
+        ))
+    }
+}
+
+#[tonic::async_trait]
+impl transactions_server::Transactions for Service {
+    async fn find_coordinator(
+        &self,
+        request: Request<v1::FindTransactionCoordinatorRequest>,
+    ) -> Result<Response<v1::FindCoordinatorResponse>, Status> {
+        Ok(Response::new(self.broker.find_txn_coordinator(
+            &request.into_inner().transactional_id,
+        )?))
+    }
+
+    async fn end_transaction(
+        &self,
+        request: Request<v1::EndTransactionRequest>,
+    ) -> Result<Response<v1::EndTransactionResponse>, Status> {
+        Ok(Response::new(
+            self.broker.end_transaction(request.into_inner()).await?,
+        ))
+    }
+
+    async fn add_partitions(
+        &self,
+        request: Request<v1::AddPartitionsToTransactionRequest>,
+    ) -> Result<Response<v1::AddPartitionsToTransactionResponse>, Status> {
+        self.broker
+            .add_partitions_to_txn(request.into_inner())
+            .await?;
+        Ok(Response::new(v1::AddPartitionsToTransactionResponse {}))
+    }
+
+    async fn list_transactions(
+        &self,
+        _request: Request<v1::ListTransactionsRequest>,
+    ) -> Result<Response<v1::ListTransactionsResponse>, Status> {
+        Ok(Response::new(self.broker.list_transactions()))
+    }
+
+    async fn describe_transaction(
+        &self,
+        request: Request<v1::DescribeTransactionRequest>,
+    ) -> Result<Response<v1::TransactionDescription>, Status> {
+        Ok(Response::new(self.broker.describe_transaction(
+            &request.into_inner().transactional_id,
+        )?))
+    }
+
+    async fn abort_transaction(
+        &self,
+        request: Request<v1::AbortTransactionRequest>,
+    ) -> Result<Response<v1::TransactionDescription>, Status> {
+        Ok(Response::new(
+            self.broker
+                .abort_transaction(&request.into_inner().transactional_id)
+                .await?,
+        ))
+    }
+
+    async fn abort_partition_transaction(
+        &self,
+        request: Request<v1::AbortPartitionTransactionRequest>,
+    ) -> Result<Response<v1::AbortPartitionTransactionResponse>, Status> {
+        Ok(Response::new(
+            self.broker
+                .abort_partition_transaction(request.into_inner())
+                .await?,
+        ))
     }
 }
 

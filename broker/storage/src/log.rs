@@ -257,6 +257,11 @@ impl Log {
         self.producers.first_unstable_offset()
     }
 
+    /// The epoch of the producer's open transaction here, if one is open.
+    pub fn open_transaction_epoch(&self, producer_id: i64) -> Option<i16> {
+        self.producers.open_transaction_epoch(producer_id)
+    }
+
     /// The transactions open in this partition, oldest first.
     pub fn open_transactions(&self) -> Vec<OpenTxn> {
         self.producers.open_transactions()
@@ -269,8 +274,8 @@ impl Log {
 
     /// Appends a transaction marker of `producer_id` at `producer_epoch` (the epoch the
     /// coordinator bumped to when the transaction ended). Returns `None`, writing
-    /// nothing, when the marker ends no transaction open here (it is late or repeated,
-    /// or the transaction wrote nothing here).
+    /// nothing, when the producer's epoch here is that one or newer (a late or repeated
+    /// marker).
     ///
     /// # Errors
     /// I/O errors.
@@ -283,10 +288,7 @@ impl Log {
         leader_epoch: i32,
         now_ms: i64,
     ) -> Result<Option<AppendInfo>, AppendError> {
-        if !self
-            .producers
-            .marker_ends_transaction(producer_id, producer_epoch)
-        {
+        if !self.producers.marker_needed(producer_id, producer_epoch) {
             return Ok(None);
         }
         let batch = runnel_batch::control_batch(

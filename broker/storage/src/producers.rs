@@ -180,13 +180,15 @@ impl ProducerStates {
         })
     }
 
-    /// Whether a marker of `producer_id` at `epoch` would end a transaction here: one is
-    /// open and its batches have an older epoch. Otherwise the marker is a late or
-    /// repeated one, or the transaction wrote nothing here, and there is nothing to write.
-    pub fn marker_ends_transaction(&self, producer_id: i64, epoch: i16) -> bool {
+    /// Whether a marker of `producer_id` at `epoch` is to be written: its epoch is newer
+    /// than the producer's here. It then closes the open transaction, if any, and fences
+    /// the older epoch (also where the transaction wrote nothing yet, so a late batch of
+    /// it cannot open a transaction no marker will close). A marker at the producer's
+    /// epoch or older is a late or repeated one.
+    pub fn marker_needed(&self, producer_id: i64, epoch: i16) -> bool {
         self.producers
             .get(&producer_id)
-            .is_some_and(|p| p.txn_first.is_some() && p.epoch < epoch)
+            .is_none_or(|p| p.epoch < epoch)
     }
 
     /// Records a marker written to the log (`header` carries its offset); returns the
@@ -197,12 +199,12 @@ impl ProducerStates {
         kind: ControlType,
         now_ms: i64,
     ) -> Option<AbortedTxn> {
-        let producer = self.producers.entry(header.producer_id).or_default();
-        producer.last_ms = producer.last_ms.max(now_ms);
-        if header.producer_epoch <= producer.epoch && producer.txn_first.is_some() {
+        if !self.marker_needed(header.producer_id, header.producer_epoch) {
             return None;
         }
-        producer.epoch = producer.epoch.max(header.producer_epoch);
+        let producer = self.producers.entry(header.producer_id).or_default();
+        producer.last_ms = producer.last_ms.max(now_ms);
+        producer.epoch = header.producer_epoch;
         producer.batches.clear();
         let first = producer.txn_first.take()?;
         self.open.remove(&first);
@@ -248,6 +250,14 @@ impl ProducerStates {
     /// The first offset of the oldest open transaction.
     pub fn first_unstable_offset(&self) -> Option<i64> {
         self.open.keys().next().copied()
+    }
+
+    /// The epoch of the producer's open transaction, if one is open.
+    pub fn open_transaction_epoch(&self, producer_id: i64) -> Option<i16> {
+        self.producers
+            .get(&producer_id)
+            .filter(|p| p.txn_first.is_some())
+            .map(|p| p.epoch)
     }
 
     /// The open transactions, oldest first.
@@ -502,9 +512,12 @@ mod tests {
         assert_eq!(states.open_transactions().len(), 2);
         // A marker with the transaction's own epoch is a late one of an earlier
         // transaction: it ends nothing.
-        assert!(!states.marker_ends_transaction(2, 0));
-        assert!(states.marker_ends_transaction(2, 1));
-        assert!(!states.marker_ends_transaction(1, 1), "no open transaction");
+        assert!(!states.marker_needed(2, 0));
+        assert!(states.marker_needed(2, 1));
+        assert!(
+            states.marker_needed(1, 1),
+            "fences the epoch without a transaction"
+        );
         let aborted = states.record_marker(&marker(2, 1, 20), ControlType::Abort, 0);
         assert_eq!(
             aborted,

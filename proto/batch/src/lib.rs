@@ -921,5 +921,50 @@ pub fn control_type(batch: &[u8]) -> Result<ControlType, BatchError> {
     }
 }
 
+/// How a `read_committed` reader drops the records of aborted transactions (Kafka's
+/// algorithm): the fetch lists each aborted transaction in range as (producer id, first
+/// offset); from that offset on, the producer's transactional batches are dropped until
+/// its abort marker. Control batches are never records for the application.
+#[derive(Debug, Default)]
+pub struct AbortedFilter {
+    /// Not reached yet, sorted by first offset (largest first, popped from the end).
+    pending: Vec<(i64, i64)>,
+    /// Producers whose batches are being dropped.
+    active: Vec<i64>,
+}
+
+impl AbortedFilter {
+    /// A filter for one fetched range, from its list of (producer id, first offset).
+    pub fn new(aborted: impl IntoIterator<Item = (i64, i64)>) -> Self {
+        let mut pending: Vec<(i64, i64)> = aborted.into_iter().collect();
+        pending.sort_by_key(|&(_, first)| std::cmp::Reverse(first));
+        AbortedFilter {
+            pending,
+            active: Vec::new(),
+        }
+    }
+
+    /// Whether the batch's records go to the application (`batch` holds exactly it);
+    /// batches are passed in offset order.
+    pub fn keep(&mut self, header: &BatchHeader, batch: &[u8]) -> bool {
+        while let Some(&(producer, first)) = self.pending.last() {
+            if first > header.last_offset() {
+                break;
+            }
+            self.pending.pop();
+            if !self.active.contains(&producer) {
+                self.active.push(producer);
+            }
+        }
+        if header.is_control() {
+            if control_type(batch) == Ok(ControlType::Abort) {
+                self.active.retain(|&p| p != header.producer_id);
+            }
+            return false;
+        }
+        !(header.is_transactional() && self.active.contains(&header.producer_id))
+    }
+}
+
 #[cfg(test)]
 mod tests;

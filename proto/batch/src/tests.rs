@@ -286,3 +286,46 @@ fn control_batches_round_trip_their_marker() {
     let plain = encode(&[Record::default()], BatchOptions::default());
     assert!(control_type(&plain).is_err());
 }
+
+#[test]
+fn the_aborted_filter_drops_an_aborted_producer_until_its_marker() {
+    let txn = |producer_id: i64, base_offset: i64| {
+        let mut batch = encode(
+            &[Record::default()],
+            BatchOptions {
+                producer_id,
+                producer_epoch: 0,
+                base_sequence: 0,
+                transactional: true,
+                ..BatchOptions::default()
+            },
+        )
+        .to_vec();
+        set_base_offset(&mut batch, base_offset);
+        batch
+    };
+    let marker = |kind, producer_id: i64, base_offset: i64| {
+        let mut batch = control_batch(kind, producer_id, 1, 0, 0).to_vec();
+        set_base_offset(&mut batch, base_offset);
+        batch
+    };
+    // Producer 1 aborts (offsets 0 and 2, marker at 4), producer 2 commits (1, marker
+    // 3), producer 1 writes again after its abort (5).
+    let log = [
+        txn(1, 0),
+        txn(2, 1),
+        txn(1, 2),
+        marker(ControlType::Commit, 2, 3),
+        marker(ControlType::Abort, 1, 4),
+        txn(1, 5),
+    ];
+    let mut filter = AbortedFilter::new([(1, 0)]);
+    let kept: Vec<i64> = log
+        .iter()
+        .filter_map(|batch| {
+            let header = parse_header(batch).expect("header");
+            filter.keep(&header, batch).then_some(header.base_offset)
+        })
+        .collect();
+    assert_eq!(kept, vec![1, 5]);
+}

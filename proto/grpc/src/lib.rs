@@ -31,3 +31,13 @@ pub fn error_status(
     }
     status
 }
+
+/// The error code a failed call's status carries under [`ERROR_CODE_METADATA_KEY`].
+pub fn status_error_code(status: &tonic::Status) -> Option<v1::ErrorCode> {
+    let name = status
+        .metadata()
+        .get(ERROR_CODE_METADATA_KEY)?
+        .to_str()
+        .ok()?;
+    v1::ErrorCode::from_str_name(name)
+}
