@@ -11,6 +11,7 @@ mod group;
 mod produce;
 mod server;
 mod topic;
+mod transaction;
 mod transform;
 
 use std::process::ExitCode;
@@ -55,6 +56,9 @@ enum Command {
     /// Consumer groups: list, describe with lag, reset offsets, delete.
     #[command(subcommand)]
     Group(group::GroupCommand),
+    /// Transactions: list, describe, abort (also a hanging one), find hanging ones.
+    #[command(subcommand)]
+    Transaction(transaction::TransactionCommand),
     /// Deploy and manage Wasm transforms; test one on sample records.
     #[command(subcommand)]
     Transform(transform::TransformCommand),
@@ -103,6 +107,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Produce(args) => produce::run(connect(&cli.brokers).await?, args).await,
         Command::Consume(args) => consume::run(connect(&cli.brokers).await?, args).await,
         Command::Group(command) => group::run(connect(&cli.brokers).await?, command).await,
+        Command::Transaction(command) => {
+            transaction::run(connect(&cli.brokers).await?, command).await
+        }
         Command::Transform(command) => transform::run(&cli.brokers, command).await,
         Command::Connect(command) => connect::run(&cli.brokers, command).await,
         Command::Connector(connect::ConnectorCommand::Builtins) => connect::connector_builtins(),

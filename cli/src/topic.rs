@@ -280,7 +280,7 @@ fn describe(d: &v1::DescribeTopicResponse, filter: PartitionFilter) {
         }
     );
     println!(
-        "{:<10} {:>6} {:>6} {:<10} {:<10} {:>14} {:>14} {:>14} {:>12}",
+        "{:<10} {:>6} {:>6} {:<10} {:<10} {:>14} {:>14} {:>14} {:>14} {:>12}",
         "PARTITION",
         "LEADER",
         "EPOCH",
@@ -289,11 +289,12 @@ fn describe(d: &v1::DescribeTopicResponse, filter: PartitionFilter) {
         "LOG-START",
         "LOG-END",
         "HIGH-WATERMARK",
+        "STABLE-OFFSET",
         "SIZE-BYTES"
     );
     for p in d.partitions.iter().filter(|p| filter.keeps(p)) {
         println!(
-            "{:<10} {:>6} {:>6} {:<10} {:<10} {:>14} {:>14} {:>14} {:>12}",
+            "{:<10} {:>6} {:>6} {:<10} {:<10} {:>14} {:>14} {:>14} {:>14} {:>12}",
             p.partition,
             p.leader,
             p.leader_epoch,
@@ -302,8 +303,15 @@ fn describe(d: &v1::DescribeTopicResponse, filter: PartitionFilter) {
             p.log_start_offset,
             p.log_end_offset,
             p.high_watermark,
+            p.last_stable_offset,
             p.size_bytes
         );
+        for open in &p.open_transactions {
+            println!(
+                "  partition {}: producer {} (epoch {}) has a transaction open since offset {}",
+                p.partition, open.producer_id, open.producer_epoch, open.first_offset
+            );
+        }
         if !p.target.is_empty() {
             let catching = catching_up(p);
             println!(

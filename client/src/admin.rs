@@ -6,6 +6,7 @@ use std::time::Duration;
 use runnel_proto::v1;
 use runnel_proto::v1::admin_client::AdminClient;
 use runnel_proto::v1::groups_client::GroupsClient;
+use runnel_proto::v1::transactions_client::TransactionsClient;
 
 use crate::client::Client;
 use crate::error::ClientError;
@@ -145,6 +146,8 @@ impl Admin {
                     row.log_start_offset = theirs.log_start_offset;
                     row.log_end_offset = theirs.log_end_offset;
                     row.high_watermark = theirs.high_watermark;
+                    row.last_stable_offset = theirs.last_stable_offset;
+                    row.open_transactions.clone_from(&theirs.open_transactions);
                     row.size_bytes = theirs.size_bytes;
                     row.segment_count = theirs.segment_count;
                 }
@@ -613,5 +616,103 @@ impl Admin {
             .delete(v1::ConnectorName { name: name.into() })
             .await?;
         Ok(())
+    }
+
+    /// Every transactional id the cluster's coordinators know, with its state.
+    ///
+    /// # Errors
+    /// No broker answered.
+    pub async fn list_transactions(&self) -> Result<Vec<v1::TransactionDescription>, ClientError> {
+        let mut transactions: BTreeMap<String, v1::TransactionDescription> = BTreeMap::new();
+        let mut answered = false;
+        let mut last_error = None;
+        for (_, address) in self.client.brokers().await? {
+            let Some(channel) = Client::connect_to(&address).await else {
+                continue;
+            };
+            match TransactionsClient::new(channel)
+                .list_transactions(v1::ListTransactionsRequest {})
+                .await
+            {
+                Ok(response) => {
+                    answered = true;
+                    for txn in response.into_inner().transactions {
+                        transactions.insert(txn.transactional_id.clone(), txn);
+                    }
+                }
+                Err(status) => last_error = Some(ClientError::from(status)),
+            }
+        }
+        match (answered, last_error) {
+            (false, Some(err)) => Err(err),
+            _ => Ok(transactions.into_values().collect()),
+        }
+    }
+
+    /// # Errors
+    /// An unknown transactional id, or its coordinator did not answer in time.
+    pub async fn describe_transaction(
+        &self,
+        transactional_id: &str,
+    ) -> Result<v1::TransactionDescription, ClientError> {
+        let request = v1::DescribeTransactionRequest {
+            transactional_id: transactional_id.to_string(),
+        };
+        self.client
+            .txn_call(transactional_id, ADMIN_GROUP_TIMEOUT, |channel| {
+                let request = request.clone();
+                async move {
+                    TransactionsClient::new(channel)
+                        .describe_transaction(request)
+                        .await
+                }
+            })
+            .await
+    }
+
+    /// Aborts the transactional id's open transaction (its producer is fenced).
+    ///
+    /// # Errors
+    /// An unknown transactional id, or its coordinator did not answer in time.
+    pub async fn abort_transaction(
+        &self,
+        transactional_id: &str,
+    ) -> Result<v1::TransactionDescription, ClientError> {
+        let request = v1::AbortTransactionRequest {
+            transactional_id: transactional_id.to_string(),
+        };
+        self.client
+            .txn_call(transactional_id, ADMIN_GROUP_TIMEOUT, |channel| {
+                let request = request.clone();
+                async move {
+                    TransactionsClient::new(channel)
+                        .abort_transaction(request)
+                        .await
+                }
+            })
+            .await
+    }
+
+    /// Writes an abort marker for a producer's open (hanging) transaction on one
+    /// partition; returns the marker's offset.
+    ///
+    /// # Errors
+    /// No such open transaction, or the partition's leader did not answer.
+    pub async fn abort_partition_transaction(
+        &self,
+        topic: &str,
+        partition: u32,
+        producer_id: i64,
+    ) -> Result<i64, ClientError> {
+        let channel = self.client.leader_channel(topic, partition).await?;
+        Ok(TransactionsClient::new(channel)
+            .abort_partition_transaction(v1::AbortPartitionTransactionRequest {
+                topic: topic.to_string(),
+                partition,
+                producer_id,
+            })
+            .await?
+            .into_inner()
+            .offset)
     }
 }

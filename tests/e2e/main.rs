@@ -11,6 +11,7 @@ mod idempotence;
 mod replication;
 mod runtimes;
 mod support;
+mod transactions;
 mod transforms;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -160,7 +160,7 @@ pub enum BrokerError {
     #[error("transactional id {id:?}: {reason}")]
     InvalidTxnState { id: String, reason: String },
     #[error(
-        "unknown transactional id {id:?}: call InitProducerId with it first (it may also have expired after a week unused)"
+        "unknown transactional id {id:?}: call InitProducerId with it first (an id unused for 7 days is forgotten)"
     )]
     UnknownTransactionalId { id: String },
     /// A call this broker made to another broker for the request failed there.

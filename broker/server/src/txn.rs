@@ -34,6 +34,10 @@ pub const DEFAULT_TIMEOUT_MS: u32 = 60_000;
 /// The longest timeout a producer may ask for (Kafka's `transaction.max.timeout.ms`).
 pub const MAX_TIMEOUT_MS: u32 = 900_000;
 
+/// A transactional id with no transaction open is forgotten after this long unused
+/// (Kafka's `transactional.id.expiration.ms`, 7 days).
+pub const ID_EXPIRATION_MS: i64 = 7 * 24 * 3600 * 1000;
+
 /// The `__transaction_state` partition of a transactional id.
 pub fn partition_for_txn(id: &str) -> u32 {
     runnel_batch::partition_for_key(id.as_bytes(), TXN_TOPIC_PARTITIONS)
@@ -278,6 +282,11 @@ impl TxnMeta {
     /// (an epoch bump per transaction end leaves room for three more).
     pub fn epoch_exhausted(&self) -> bool {
         self.producer_epoch >= i16::MAX - 3
+    }
+
+    /// Whether the id has been unused for [`ID_EXPIRATION_MS`] with no transaction open.
+    pub fn expired(&self, now: i64) -> bool {
+        self.state.is_idle() && now.saturating_sub(self.update_ms) > ID_EXPIRATION_MS
     }
 
     /// Whether the open transaction outlived its timeout at `now`.

@@ -595,7 +595,8 @@ impl Broker {
                 .metas
                 .iter()
                 .filter(|(id, meta)| {
-                    (meta.timed_out(now) || meta.state.is_prepared()) && !txns.busy.contains(*id)
+                    (meta.timed_out(now) || meta.state.is_prepared() || meta.expired(now))
+                        && !txns.busy.contains(*id)
                 })
                 .map(|(id, _)| id.clone())
                 .collect();
@@ -622,6 +623,23 @@ impl Broker {
         let Some(mut meta) = self.txn_meta(id) else {
             return Ok(());
         };
+        if meta.expired(now_ms()) {
+            tracing::info!(
+                transactional_id = id,
+                "forgetting a transactional id unused for transactional.id.expiration.ms"
+            );
+            let tombstone = Record {
+                offset: 0,
+                timestamp_ms: now_ms(),
+                key: Some(bytes::Bytes::copy_from_slice(id.as_bytes())),
+                value: None,
+                headers: Vec::new(),
+            };
+            let appended = self.append_internal(&partition, &[tombstone])?;
+            self.await_internal(&partition, appended.end_offset).await?;
+            self.txns().metas.remove(id);
+            return Ok(());
+        }
         if meta.timed_out(now_ms())
             && let Some(aborting) = meta.abort(now_ms())
         {
