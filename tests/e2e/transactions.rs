@@ -280,7 +280,7 @@ fn run_producer(
             for delivery in deliveries {
                 sent_ok &= delivery.await.is_ok();
             }
-            if txn % 7 == 0 {
+            if txn.is_multiple_of(7) {
                 // A crash mid-transaction: the next instance fences this one.
                 drop(producer);
                 history.aborted.push(values);
