@@ -46,6 +46,7 @@ impl ClientError {
                     | ErrorCode::CoordinatorLoadInProgress
                     | ErrorCode::RuntimeNotAvailable
                     | ErrorCode::ConcurrentTransactions
+                    | ErrorCode::UnstableOffsetCommit
                     // The replica's storage failed (a full disk): the controller moves
                     // the leadership to a healthy replica; a retry goes there.
                     | ErrorCode::StorageError

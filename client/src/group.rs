@@ -89,6 +89,16 @@ fn from_proto(partitions: &[v1::TopicPartitions]) -> BTreeSet<TopicPartition> {
         .collect()
 }
 
+/// Who a group member is, for offsets committed in a transaction
+/// ([`crate::Producer::send_offsets_to_transaction`]): the coordinator accepts them only
+/// from a member that owns the partitions (a member of an older generation is fenced).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupMetadata {
+    pub group_id: String,
+    pub member_id: String,
+    pub member_epoch: i32,
+}
+
 pub struct GroupConsumer {
     client: Client,
     group: String,
@@ -278,6 +288,23 @@ impl GroupConsumer {
             .collect()
     }
 
+    /// This member's identity, for [`crate::Producer::send_offsets_to_transaction`].
+    pub fn group_metadata(&self) -> GroupMetadata {
+        let state = self.state();
+        GroupMetadata {
+            group_id: self.group.clone(),
+            member_id: state.member_id.clone(),
+            member_epoch: state.epoch,
+        }
+    }
+
+    /// The positions to commit for every owned partition (the offset after the last
+    /// record `poll` returned): what a consume-transform-produce loop sends with
+    /// [`crate::Producer::send_offsets_to_transaction`].
+    pub fn owned_positions(&self) -> BTreeMap<TopicPartition, i64> {
+        self.positions(&self.owned)
+    }
+
     /// The group's committed offsets.
     ///
     /// # Errors
@@ -340,6 +367,7 @@ impl GroupConsumer {
                     metadata: String::new(),
                 })
                 .collect(),
+            ..Default::default()
         };
         self.client
             .group_call(&self.group, GROUP_CALL_TIMEOUT, |mut rpc| {

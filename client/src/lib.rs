@@ -25,7 +25,7 @@ pub use admin::Admin;
 pub use client::{Client, DEFAULT_BROKERS};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, StartFrom, next_offsets};
 pub use error::ClientError;
-pub use group::{GroupConfig, GroupConsumer};
+pub use group::{GroupConfig, GroupConsumer, GroupMetadata};
 pub use producer::{Acks, Delivery, Producer, ProducerConfig, ProducerRecord, RecordMetadata};
 pub use runnel_batch::{Compression, Header};
 pub use runnel_batch::{murmur2, partition_for_key};

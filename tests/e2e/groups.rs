@@ -466,6 +466,7 @@ fn a_member_that_lost_its_partitions_cannot_commit_over_the_new_owner() {
                 offset: 0,
                 metadata: String::new(),
             }],
+            ..Default::default()
         };
         let err = groups
             .commit_offsets(commit(old.member_id.clone(), old.member_epoch))

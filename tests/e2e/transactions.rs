@@ -513,3 +513,131 @@ fn transactions_stay_whole_across_coordinator_and_leader_kills() {
     );
     assert!(aborted > 5, "the producers aborted: {aborted}");
 }
+
+/// One pass of a consume-transform-produce loop: reads `in` as a member of group
+/// `copy`, writes each value upper-cased to `out` and commits its input position in the
+/// same transaction. Stops after `batches` transactions or `records` records; with
+/// `crash`, leaves the last transaction open (the process "dies" before committing it).
+async fn copy_loop(brokers: &[String], batches: usize, records: usize, crash: bool) -> usize {
+    use runnel_client::{GroupConfig, GroupConsumer};
+    let client = Client::connect(brokers).await.expect("connect");
+    let mut member = GroupConsumer::join(
+        client.clone(),
+        "copy",
+        &["in".to_string()],
+        GroupConfig {
+            auto_commit_interval: None,
+            commit_on_revoke: false,
+            auto_offset_reset: StartFrom::Earliest,
+            // A crashed member's partitions move after this long.
+            session_timeout: Duration::from_secs(3),
+            consumer: ConsumerConfig {
+                isolation: IsolationLevel::ReadCommitted,
+                max_bytes: 1_000,
+                partition_max_bytes: 500,
+                ..ConsumerConfig::default()
+            },
+            ..GroupConfig::default()
+        },
+    )
+    .await
+    .expect("join");
+    let producer = Producer::new(
+        client,
+        ProducerConfig {
+            transactional_id: Some("copier".into()),
+            linger: Duration::from_millis(1),
+            ..ProducerConfig::default()
+        },
+    );
+    producer.init_transactions().await.expect("init");
+    let mut copied = 0;
+    let mut done = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while done < batches && copied < records && tokio::time::Instant::now() < deadline {
+        let polled = member.poll().await.expect("poll");
+        if polled.is_empty() {
+            continue;
+        }
+        producer.begin_transaction().expect("begin");
+        for record in &polled {
+            let value =
+                String::from_utf8_lossy(record.value.as_deref().unwrap_or_default()).to_uppercase();
+            producer
+                .send(ProducerRecord::new("out").value(value))
+                .await
+                .expect("send");
+        }
+        producer
+            .send_offsets_to_transaction(&member.owned_positions(), &member.group_metadata())
+            .await
+            .expect("offsets");
+        done += 1;
+        if crash && done == batches {
+            producer.flush().await.expect("flush");
+            return copied;
+        }
+        producer.commit_transaction().await.expect("commit");
+        copied += polled.len();
+    }
+    member.close().await.expect("leave");
+    copied
+}
+
+#[test]
+fn a_consume_transform_produce_loop_copies_each_record_once_across_a_crash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dev = Dev::start(dir.path());
+    dev.ok(&["topic", "create", "in", "--partitions", "2"], "");
+    dev.ok(&["topic", "create", "out"], "");
+    let brokers = [dev.addr.clone()];
+    // Small batches: a poll returns a few records, so a pass makes many transactions.
+    crate::runtime().block_on(async {
+        let client = Client::connect(&brokers).await.expect("connect");
+        let producer = Producer::new(
+            client,
+            ProducerConfig {
+                batch_size_bytes: 300,
+                linger: Duration::ZERO,
+                ..ProducerConfig::default()
+            },
+        );
+        for i in 0..300 {
+            producer
+                .send(ProducerRecord::new("in").value(format!("v{i:03}")))
+                .await
+                .expect("send");
+        }
+        producer.flush().await.expect("flush");
+    });
+    let first = crate::runtime().block_on(copy_loop(&brokers, 3, 300, true));
+    // The crashed loop's last transaction (records and offsets) is aborted when the
+    // next instance initialises; the next one starts at the committed position.
+    let second = crate::runtime().block_on(copy_loop(&brokers, usize::MAX, 300 - first, false));
+    let out = dev.ok(
+        &[
+            "consume",
+            "out",
+            "--from-beginning",
+            "--isolation",
+            "read_committed",
+            "--timeout-ms",
+            "1500",
+        ],
+        "",
+    );
+    let mut values: Vec<&str> = out.lines().collect();
+    values.sort_unstable();
+    let expected: Vec<String> = (0..300).map(|i| format!("V{i:03}")).collect();
+    assert_eq!(values, expected, "each input record is copied exactly once");
+    assert_eq!(first + second, 300, "{first} + {second}");
+    let everything = dev.ok(
+        &["consume", "out", "--from-beginning", "--timeout-ms", "1500"],
+        "",
+    );
+    assert!(
+        everything.lines().count() > 300,
+        "the crashed transaction's copies are in the log, aborted: {} lines, first {first}, second {second}",
+        everything.lines().count()
+    );
+}

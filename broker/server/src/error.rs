@@ -163,6 +163,14 @@ pub enum BrokerError {
         "unknown transactional id {id:?}: call InitProducerId with it first (an id unused for 7 days is forgotten)"
     )]
     UnknownTransactionalId { id: String },
+    #[error(
+        "group {group:?}: an open transaction commits offsets for {topic}-{partition}; its committed offset is known once it ends; retry"
+    )]
+    UnstableOffsetCommit {
+        group: String,
+        topic: String,
+        partition: u32,
+    },
     /// A call this broker made to another broker for the request failed there.
     #[error("broker {broker}: {message}")]
     Peer {
@@ -257,6 +265,7 @@ impl BrokerError {
             BrokerError::ConcurrentTransactions { .. } => ErrorCode::ConcurrentTransactions,
             BrokerError::InvalidTxnState { .. } => ErrorCode::InvalidTxnState,
             BrokerError::UnknownTransactionalId { .. } => ErrorCode::UnknownTransactionalId,
+            BrokerError::UnstableOffsetCommit { .. } => ErrorCode::UnstableOffsetCommit,
             BrokerError::UnknownLeaderEpoch { .. } => ErrorCode::UnknownLeaderEpoch,
         }
     }
@@ -291,7 +300,8 @@ impl BrokerError {
             | ErrorCode::NotCoordinator
             | ErrorCode::CoordinatorNotAvailable
             | ErrorCode::CoordinatorLoadInProgress
-            | ErrorCode::ConcurrentTransactions => Code::Unavailable,
+            | ErrorCode::ConcurrentTransactions
+            | ErrorCode::UnstableOffsetCommit => Code::Unavailable,
             ErrorCode::ProducerFenced | ErrorCode::InvalidTxnState => Code::FailedPrecondition,
             ErrorCode::StorageError => Code::Internal,
             ErrorCode::RequestTimedOut => Code::DeadlineExceeded,
@@ -388,6 +398,7 @@ impl BrokerError {
                 | ErrorCode::CoordinatorNotAvailable
                 | ErrorCode::CoordinatorLoadInProgress
                 | ErrorCode::ConcurrentTransactions
+                | ErrorCode::UnstableOffsetCommit
                 | ErrorCode::FencedLeaderEpoch
                 | ErrorCode::UnknownLeaderEpoch
                 | ErrorCode::StorageError

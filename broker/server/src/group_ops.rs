@@ -243,6 +243,11 @@ impl Broker {
         if records.is_empty() {
             return Ok(());
         }
+        if !request.transactional_id.is_empty() {
+            return self
+                .commit_txn_offsets(&partition, request, records, now)
+                .await;
+        }
         let appended = self.append_internal(&partition, &records)?;
         self.await_internal(&partition, appended.end_offset).await?;
         let mut store = self.offset_store();
@@ -259,6 +264,74 @@ impl Broker {
             );
         }
         Ok(())
+    }
+
+    /// A commit inside a producer's transaction: the partition joins the transaction,
+    /// the records are appended as the producer's transactional batch, and the offsets
+    /// wait for the transaction's marker.
+    async fn commit_txn_offsets(
+        &self,
+        partition: &Arc<Partition>,
+        request: v1::CommitOffsetsRequest,
+        records: Vec<Record>,
+        now: i64,
+    ) -> Result<(), BrokerError> {
+        let epoch =
+            i16::try_from(request.producer_epoch).map_err(|_| BrokerError::InvalidRequest {
+                reason: format!("producer epoch {} is out of range", request.producer_epoch),
+            })?;
+        let producer_id = request.producer_id;
+        if partition.open_transaction_epoch(producer_id) != Some(epoch) {
+            self.add_to_transaction(
+                &request.transactional_id,
+                producer_id,
+                epoch,
+                OFFSETS_TOPIC,
+                vec![partition.index],
+            )
+            .await?;
+        }
+        let min_insync = self.min_insync_replicas(OFFSETS_TOPIC)?;
+        let isr = partition.isr_len();
+        if isr < min_insync {
+            return Err(BrokerError::NotEnoughReplicas {
+                topic: OFFSETS_TOPIC.to_string(),
+                partition: partition.index,
+                isr,
+                min_insync,
+            });
+        }
+        let options = BatchOptions {
+            producer_id,
+            producer_epoch: epoch,
+            base_sequence: partition.next_sequence(producer_id, epoch),
+            transactional: true,
+            ..BatchOptions::default()
+        };
+        let appended = partition.append(&runnel_batch::encode(&records, options))?;
+        self.await_internal(partition, appended.end_offset).await?;
+        let mut store = self.offset_store();
+        for commit in request.offsets {
+            store.stage(
+                producer_id,
+                &request.group_id,
+                &commit.topic,
+                commit.partition,
+                Committed {
+                    offset: commit.offset,
+                    metadata: commit.metadata,
+                    commit_timestamp_ms: now,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// A transaction's marker reached `__consumer_offsets` partition `index`: the
+    /// offsets it committed there take effect (commit) or are dropped (abort).
+    pub(crate) fn end_txn_offsets(&self, producer_id: i64, commit: bool, index: u32) {
+        self.offset_store()
+            .end_transaction(producer_id, commit, index);
     }
 
     /// Appends records to a partition of an internal topic this broker leads
@@ -304,6 +377,16 @@ impl Broker {
     ) -> Result<v1::FetchOffsetsResponse, BrokerError> {
         self.check_coordinator(&request.group_id)?;
         let store = self.offset_store();
+        if let Some((topic, partition)) = store
+            .pending_partitions(&request.group_id)
+            .find(|(topic, _)| request.topics.is_empty() || request.topics.contains(topic))
+        {
+            return Err(BrokerError::UnstableOffsetCommit {
+                group: request.group_id.clone(),
+                topic,
+                partition,
+            });
+        }
         let offsets = store
             .group(&request.group_id)
             .into_iter()
@@ -500,6 +583,7 @@ impl Broker {
                 member_id: String::new(),
                 member_epoch: 0,
                 offsets,
+                ..Default::default()
             })
             .await?;
         }
@@ -542,6 +626,14 @@ impl Broker {
         }
         Ok(())
     }
+}
+
+/// What replaying a `__consumer_offsets` partition finds, in log order.
+enum Replayed {
+    /// A record, with the producer id when a transaction wrote it.
+    Stored(Option<i64>, Stored),
+    /// A producer's transaction ended (commit or abort).
+    End(i64, bool),
 }
 
 impl Broker {
@@ -711,16 +803,27 @@ impl Broker {
                 break;
             }
             for batch in runnel_batch::batches(&fetched.records) {
-                let records = batch
-                    .and_then(|(_, raw)| runnel_batch::decode_records(raw))
-                    .map_err(|err| BrokerError::Storage {
-                        topic: OFFSETS_TOPIC.to_string(),
-                        partition: partition.index,
-                        reason: err.to_string(),
-                    })?;
+                let corrupt = |err: runnel_batch::BatchError| BrokerError::Storage {
+                    topic: OFFSETS_TOPIC.to_string(),
+                    partition: partition.index,
+                    reason: err.to_string(),
+                };
+                let (header, raw) = batch.map_err(corrupt)?;
+                if header.next_offset() <= offset {
+                    continue;
+                }
+                if header.is_control() {
+                    if let Ok(kind) = runnel_batch::control_type(raw) {
+                        let commit = kind == runnel_batch::ControlType::Commit;
+                        stored.push(Replayed::End(header.producer_id, commit));
+                    }
+                    continue;
+                }
+                let records = runnel_batch::decode_records(raw).map_err(corrupt)?;
+                let producer = header.is_transactional().then_some(header.producer_id);
                 for record in records.into_iter().filter(|r| r.offset >= offset) {
                     match decode_record(record.key.as_deref(), record.value.as_deref()) {
-                        Some(item) => stored.push(item),
+                        Some(item) => stored.push(Replayed::Stored(producer, item)),
                         None => tracing::warn!(
                             partition = partition.index,
                             offset = record.offset,
@@ -738,17 +841,28 @@ impl Broker {
         let mut store = self.offset_store();
         for item in stored {
             match item {
-                Stored::Offset {
-                    group,
-                    topic,
-                    partition,
-                    value,
-                } => {
-                    store.apply(&group, &topic, partition, value);
+                Replayed::Stored(
+                    producer,
+                    Stored::Offset {
+                        group,
+                        topic,
+                        partition: index,
+                        value,
+                    },
+                ) => {
+                    match (producer, value) {
+                        (Some(producer), Some(value)) => {
+                            store.stage(producer, &group, &topic, index, value);
+                        }
+                        (_, value) => store.apply(&group, &topic, index, value),
+                    }
                     groups.insert(group);
                 }
-                Stored::Group { group, value } => {
+                Replayed::Stored(_, Stored::Group { group, value }) => {
                     memberships.insert(group, value);
+                }
+                Replayed::End(producer, commit) => {
+                    store.end_transaction(producer, commit, partition.index);
                 }
             }
         }

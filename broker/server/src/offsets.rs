@@ -259,6 +259,9 @@ pub fn decode_value(bytes: &[u8]) -> Option<Committed> {
 #[derive(Debug, Default)]
 pub struct OffsetStore {
     groups: BTreeMap<String, BTreeMap<(String, u32), Committed>>,
+    /// Commits of open transactions, per producer id: (group, topic, partition, offset).
+    /// They take effect at the transaction's commit marker on the group's partition.
+    pending: BTreeMap<i64, Vec<(String, String, u32, Committed)>>,
 }
 
 impl OffsetStore {
@@ -282,9 +285,67 @@ impl OffsetStore {
         }
     }
 
+    /// Holds a commit of producer `producer_id`'s open transaction.
+    pub fn stage(
+        &mut self,
+        producer_id: i64,
+        group: &str,
+        topic: &str,
+        partition: u32,
+        committed: Committed,
+    ) {
+        self.pending.entry(producer_id).or_default().push((
+            group.to_string(),
+            topic.to_string(),
+            partition,
+            committed,
+        ));
+    }
+
+    /// The producer's transaction ended with a marker on `__consumer_offsets` partition
+    /// `index`: its commits for the groups of that partition take effect or are dropped.
+    pub fn end_transaction(&mut self, producer_id: i64, commit: bool, index: u32) {
+        let Some(staged) = self.pending.remove(&producer_id) else {
+            return;
+        };
+        let (ended, other): (Vec<_>, Vec<_>) = staged
+            .into_iter()
+            .partition(|(group, ..)| partition_for_group(group) == index);
+        if !other.is_empty() {
+            self.pending.insert(producer_id, other);
+        }
+        if commit {
+            for (group, topic, partition, committed) in ended {
+                self.apply(&group, &topic, partition, Some(committed));
+            }
+        }
+    }
+
+    /// Whether an open transaction commits an offset for the group's partition.
+    pub fn is_pending(&self, group: &str, topic: &str, partition: u32) -> bool {
+        self.pending_partitions(group)
+            .any(|(t, p)| t == topic && p == partition)
+    }
+
+    /// The group's partitions for which an open transaction commits an offset.
+    pub fn pending_partitions<'a>(
+        &'a self,
+        group: &'a str,
+    ) -> impl Iterator<Item = (String, u32)> + 'a {
+        self.pending
+            .values()
+            .flatten()
+            .filter(move |(g, ..)| g == group)
+            .map(|(_, t, p, _)| (t.clone(), *p))
+    }
+
     /// Forgets the groups `keep` refuses (their coordination moved elsewhere).
     pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
         self.groups.retain(|id, _| keep(id));
+        for staged in self.pending.values_mut() {
+            staged.retain(|(group, ..)| keep(group));
+        }
+        self.pending.retain(|_, staged| !staged.is_empty());
     }
 
     pub fn group(&self, group: &str) -> Option<&BTreeMap<(String, u32), Committed>> {
@@ -298,6 +359,38 @@ impl OffsetStore {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn transactional_commits_take_effect_at_their_commit_marker_only() {
+        let mut store = OffsetStore::default();
+        let at = |offset| Committed {
+            offset,
+            metadata: String::new(),
+            commit_timestamp_ms: 0,
+        };
+        let index = partition_for_group("g");
+        store.apply("g", "t", 0, Some(at(5)));
+        store.stage(7, "g", "t", 0, at(9));
+        store.stage(8, "g", "t", 1, at(3));
+        assert!(store.is_pending("g", "t", 0));
+        assert_eq!(
+            store.group("g").map(|o| o[&("t".to_string(), 0)].offset),
+            Some(5)
+        );
+        store.end_transaction(7, true, index);
+        assert!(!store.is_pending("g", "t", 0));
+        assert_eq!(
+            store.group("g").map(|o| o[&("t".to_string(), 0)].offset),
+            Some(9)
+        );
+        store.end_transaction(8, false, index);
+        assert!(!store.is_pending("g", "t", 1));
+        assert!(
+            store
+                .group("g")
+                .is_some_and(|o| !o.contains_key(&("t".to_string(), 1)))
+        );
+    }
+
     use super::*;
 
     #[test]

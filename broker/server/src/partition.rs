@@ -1065,6 +1065,12 @@ impl Partition {
             .flatten()
     }
 
+    /// The sequence the producer's next batch at `epoch` must start with here.
+    pub fn next_sequence(&self, producer_id: i64, epoch: i16) -> i32 {
+        self.with_log(|log| log.next_sequence(producer_id, epoch))
+            .unwrap_or(0)
+    }
+
     /// The transactions open here, oldest first.
     pub fn open_transactions(&self) -> Vec<OpenTxn> {
         self.with_log(Log::open_transactions).unwrap_or_default()

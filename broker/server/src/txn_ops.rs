@@ -518,6 +518,9 @@ impl Broker {
         partition
             .wait_replicated(base, end, min_insync, timeout)
             .await?;
+        if request.topic == crate::offsets::OFFSETS_TOPIC {
+            self.end_txn_offsets(request.producer_id, request.commit, request.partition);
+        }
         Ok(v1::WriteTxnMarkerResponse {
             written: appended.is_some(),
         })
@@ -565,16 +568,39 @@ impl Broker {
         let (Some((producer_id, epoch)), false) = (producer, joining.is_empty()) else {
             return Ok(());
         };
+        self.add_to_transaction(
+            &request.transactional_id,
+            producer_id,
+            epoch,
+            &request.topic,
+            joining,
+        )
+        .await
+    }
+
+    /// Adds partitions to a producer's transaction at its coordinator (here or on
+    /// another broker).
+    ///
+    /// # Errors
+    /// The coordinator refused or could not be reached.
+    pub(crate) async fn add_to_transaction(
+        &self,
+        transactional_id: &str,
+        producer_id: i64,
+        epoch: i16,
+        topic: &str,
+        partitions: Vec<u32>,
+    ) -> Result<(), BrokerError> {
         let add = v1::AddPartitionsToTransactionRequest {
-            transactional_id: request.transactional_id.clone(),
+            transactional_id: transactional_id.to_string(),
             producer_id,
             producer_epoch: i32::from(epoch),
             partitions: vec![v1::TopicPartitions {
-                topic: request.topic.clone(),
-                partitions: joining,
+                topic: topic.to_string(),
+                partitions,
             }],
         };
-        let coordinator = self.txn_coordinator_of(&request.transactional_id)?;
+        let coordinator = self.txn_coordinator_of(transactional_id)?;
         if coordinator == self.config.node_id {
             return self.add_partitions_to_txn(add).await;
         }

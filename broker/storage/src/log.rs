@@ -257,6 +257,11 @@ impl Log {
         self.producers.first_unstable_offset()
     }
 
+    /// The sequence the producer's next batch at `epoch` must start with here.
+    pub fn next_sequence(&self, producer_id: i64, epoch: i16) -> i32 {
+        self.producers.next_sequence(producer_id, epoch)
+    }
+
     /// The epoch of the producer's open transaction here, if one is open.
     pub fn open_transaction_epoch(&self, producer_id: i64) -> Option<i16> {
         self.producers.open_transaction_epoch(producer_id)

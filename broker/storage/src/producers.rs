@@ -252,6 +252,16 @@ impl ProducerStates {
         self.open.keys().next().copied()
     }
 
+    /// The sequence a batch of the producer at `epoch` written here next must start with
+    /// (a broker writing for a producer: transactional offset commits).
+    pub fn next_sequence(&self, producer_id: i64, epoch: i16) -> i32 {
+        self.producers
+            .get(&producer_id)
+            .filter(|p| p.epoch == epoch)
+            .and_then(|p| p.batches.back())
+            .map_or(0, |b| next_sequence(b.last_sequence))
+    }
+
     /// The epoch of the producer's open transaction, if one is open.
     pub fn open_transaction_epoch(&self, producer_id: i64) -> Option<i16> {
         self.producers

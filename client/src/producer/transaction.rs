@@ -9,6 +9,7 @@
 //! is acknowledged; the coordinator then writes the markers and answers with the epoch
 //! of the next transaction, under which every partition's sequence starts again at 0.
 
+use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use runnel_proto::v1::transactions_client::TransactionsClient;
 
 use super::Producer;
 use crate::error::ClientError;
+use crate::group::GroupMetadata;
 
 /// Where a transactional producer stands.
 #[derive(Debug, Clone)]
@@ -201,6 +203,64 @@ impl Producer {
         }
         self.flush().await?;
         self.end_transaction(txn, false).await
+    }
+
+    /// Commits a consumer group's offsets as part of the open transaction (Kafka's
+    /// `sendOffsetsToTransaction`): they take effect when it commits, and never if it
+    /// aborts, so a consume-transform-produce loop moves its input position exactly
+    /// when its output becomes visible. `offsets` are the next offsets to read.
+    ///
+    /// # Errors
+    /// No transaction open; the member does not own a partition (it was fenced by a
+    /// rebalance); the producer was fenced; the coordinator did not answer in time.
+    pub async fn send_offsets_to_transaction(
+        &self,
+        offsets: &BTreeMap<(String, u32), i64>,
+        group: &GroupMetadata,
+    ) -> Result<(), ClientError> {
+        let txn = self.txn()?;
+        txn.check_send()?;
+        let Some((producer_id, epoch)) = txn.producer() else {
+            return Err(ClientError::InvalidArgument(
+                "call init_transactions first".into(),
+            ));
+        };
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        let request = v1::CommitOffsetsRequest {
+            group_id: group.group_id.clone(),
+            member_id: group.member_id.clone(),
+            member_epoch: group.member_epoch,
+            offsets: offsets
+                .iter()
+                .map(|((topic, partition), offset)| v1::OffsetCommit {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    offset: *offset,
+                    metadata: String::new(),
+                })
+                .collect(),
+            transactional_id: txn.id.clone(),
+            producer_id,
+            producer_epoch: i32::from(epoch),
+        };
+        let result = self
+            .shared
+            .client
+            .group_call(
+                &group.group_id,
+                self.shared.config.delivery_timeout,
+                |mut rpc| {
+                    let request = request.clone();
+                    async move { rpc.commit_offsets(request).await }
+                },
+            )
+            .await;
+        if let Err(err) = &result {
+            txn.batch_failed(err);
+        }
+        result.map(|_| ())
     }
 
     async fn end_transaction(&self, txn: &Txn, commit: bool) -> Result<(), ClientError> {
