@@ -68,6 +68,13 @@ pub struct ProduceBench {
     /// measures the broker's intake without the producer's per-record work.
     #[arg(long, conflicts_with_all = ["producers", "key_cardinality", "rate"])]
     prebuilt_batches: bool,
+    /// Produce in transactions: producer i uses the transactional id ID-i (implies
+    /// --acks all) and commits every --transaction-records records; the commit latency
+    /// is reported.
+    #[arg(long, conflicts_with_all = ["prebuilt_batches", "no_idempotence"])]
+    transactional_id: Option<String>,
+    #[arg(long, default_value_t = 1000, requires = "transactional_id")]
+    transaction_records: u64,
 }
 
 #[derive(Args)]
@@ -85,6 +92,9 @@ pub struct ConsumeBench {
     /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
+    /// read_uncommitted or read_committed.
+    #[arg(long, default_value = "read_uncommitted", value_parser = crate::consume::parse_isolation)]
+    isolation: runnel_client::v1::IsolationLevel,
 }
 
 pub async fn run(
@@ -158,6 +168,8 @@ async fn clients(brokers: &[String], first: Client, n: u32) -> anyhow::Result<Ve
 /// What one producer of the benchmark saw.
 struct ProducerRun {
     latencies: Histogram<u64>,
+    /// Transactional runs: how long each commit took, in microseconds.
+    commits: Histogram<u64>,
     failures: u64,
     first_error: Option<String>,
 }
@@ -202,19 +214,37 @@ async fn produce(
             batch_size_bytes: args.batch_size,
             linger: Duration::from_millis(args.linger_ms),
             idempotent: !args.no_idempotence,
+            transactional_id: args
+                .transactional_id
+                .as_ref()
+                .map(|id| format!("{id}-{index}")),
             ..ProducerConfig::default()
         };
         let (topic, value, keys, bar) =
             (args.topic.clone(), value.clone(), keys.clone(), bar.clone());
+        let per_transaction = args
+            .transactional_id
+            .is_some()
+            .then_some(args.transaction_records.max(1));
         runs.push(async move {
             let producer = Producer::new(client, config);
             produce_one(
-                &producer, &topic, count, rate, started, value, &keys, index, producers, &bar,
+                &producer,
+                &topic,
+                count,
+                rate,
+                started,
+                value,
+                &keys,
+                (index, producers),
+                per_transaction,
+                &bar,
             )
             .await
         });
     }
     let mut latencies = histogram();
+    let mut commits = histogram();
     let mut failures = 0;
     let mut first_error = None;
     // The send loops run here, on this thread, beside the runtime's workers (which run
@@ -222,6 +252,7 @@ async fn produce(
     for run in futures::future::join_all(runs).await {
         let run = run?;
         latencies.add(&run.latencies)?;
+        commits.add(&run.commits)?;
         failures += run.failures;
         first_error = first_error.or(run.first_error);
     }
@@ -229,25 +260,32 @@ async fn produce(
     bar.finish_and_clear();
     let sent = args.records - failures;
     let mb = (sent as f64 * args.record_size as f64) / (1024.0 * 1024.0);
-    print_result(
-        args.json,
-        &serde_json::json!({
-            "records": sent,
-            "failed": failures,
-            "seconds": elapsed,
-            "records_per_second": sent as f64 / elapsed,
-            "mib_per_second": mb / elapsed,
-            "producers": args.producers,
-            "record_size": args.record_size,
-            "ack_latency_ms": latency_json(&latencies),
-        }),
-        format!(
-            "{sent} records sent, {:.1} records/s ({:.2} MB/s), latency {}",
-            sent as f64 / elapsed,
-            mb / elapsed,
-            latency_text(&latencies),
-        ),
+    let mut object = serde_json::json!({
+        "records": sent,
+        "failed": failures,
+        "seconds": elapsed,
+        "records_per_second": sent as f64 / elapsed,
+        "mib_per_second": mb / elapsed,
+        "producers": args.producers,
+        "record_size": args.record_size,
+        "ack_latency_ms": latency_json(&latencies),
+    });
+    let mut text = format!(
+        "{sent} records sent, {:.1} records/s ({:.2} MB/s), latency {}",
+        sent as f64 / elapsed,
+        mb / elapsed,
+        latency_text(&latencies),
     );
+    if args.transactional_id.is_some() {
+        object["transactions"] = commits.len().into();
+        object["commit_latency_ms"] = latency_json(&commits);
+        text.push_str(&format!(
+            "; {} transactions, commit latency {}",
+            commits.len(),
+            latency_text(&commits)
+        ));
+    }
+    print_result(args.json, &object, text);
     if let Some(err) = first_error {
         eprintln!("error: {failures} records failed; first error: {err}");
         return Ok(ExitCode::FAILURE);
@@ -382,15 +420,21 @@ async fn produce_one(
     started: Instant,
     value: Bytes,
     keys: &[Bytes],
-    index: u64,
-    producers: u64,
+    (index, producers): (u64, u64),
+    per_transaction: Option<u64>,
     bar: &ProgressBar,
 ) -> anyhow::Result<ProducerRun> {
+    let mut commits = histogram();
+    if per_transaction.is_some() {
+        producer.init_transactions().await?;
+        producer.begin_transaction()?;
+    }
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Instant, Delivery)>(1 << 16);
     let collector_bar = bar.clone();
     let collector = tokio::spawn(async move {
         let mut run = ProducerRun {
             latencies: histogram(),
+            commits: histogram(),
             failures: 0,
             first_error: None,
         };
@@ -441,12 +485,29 @@ async fn produce_one(
             let n = (i * producers + index) % keys.len() as u64;
             record = record.key(keys[n as usize].clone());
         }
+        if let Some(every) = per_transaction
+            && i > 0
+            && i % every == 0
+        {
+            let committing = Instant::now();
+            producer.commit_transaction().await?;
+            let _ = commits.record(committing.elapsed().as_micros().max(1) as u64);
+            producer.begin_transaction()?;
+        }
         let delivery = producer.send(record).await?;
         tx.send((stamp, delivery)).await?;
     }
-    producer.flush().await?;
+    if per_transaction.is_some() {
+        let committing = Instant::now();
+        producer.commit_transaction().await?;
+        let _ = commits.record(committing.elapsed().as_micros().max(1) as u64);
+    } else {
+        producer.flush().await?;
+    }
     drop(tx);
-    Ok(collector.await?)
+    let mut run = collector.await?;
+    run.commits = commits;
+    Ok(run)
 }
 
 /// What one consumer of the benchmark saw.
@@ -480,7 +541,13 @@ async fn consume(
         let mine: Vec<u32> = (0..partitions)
             .filter(|p| p % consumers == index as u32)
             .collect();
-        let mut consumer = Consumer::new(client, ConsumerConfig::default());
+        let mut consumer = Consumer::new(
+            client,
+            ConsumerConfig {
+                isolation: args.isolation,
+                ..ConsumerConfig::default()
+            },
+        );
         consumer
             .assign(&args.topic, Some(mine), StartFrom::Earliest)
             .await?;

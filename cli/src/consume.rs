@@ -58,7 +58,7 @@ pub struct ConsumeArgs {
     isolation: IsolationLevel,
 }
 
-fn parse_isolation(input: &str) -> Result<IsolationLevel, String> {
+pub fn parse_isolation(input: &str) -> Result<IsolationLevel, String> {
     match input {
         "read_uncommitted" => Ok(IsolationLevel::ReadUncommitted),
         "read_committed" => Ok(IsolationLevel::ReadCommitted),
