@@ -1,3 +1,4 @@
+use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::path::Path;
@@ -981,4 +982,106 @@ fn compaction_drops_aborted_records_and_keeps_open_transactions() {
     // From the open transaction on nothing is compacted: it may still abort.
     assert!(kept.contains(&"open".to_string()), "{kept:?}");
     assert!(kept.contains(&"after".to_string()), "{kept:?}");
+}
+
+#[derive(Debug, Clone)]
+enum TxnOp {
+    /// A transactional batch of producer N (0..3).
+    Write(u8),
+    /// A non-transactional batch.
+    Plain,
+    /// The coordinator ends producer N's transaction (commit or abort), with the bumped
+    /// epoch; also when it wrote nothing here.
+    End(u8, bool),
+    /// A marker repeated late, with the producer's current epoch: must write nothing.
+    LateMarker(u8),
+    Roll,
+    Reopen {
+        clean: bool,
+    },
+}
+
+fn txn_op() -> impl Strategy<Value = TxnOp> {
+    prop_oneof![
+        5 => (0u8..3).prop_map(TxnOp::Write),
+        2 => Just(TxnOp::Plain),
+        3 => (0u8..3, any::<bool>()).prop_map(|(p, c)| TxnOp::End(p, c)),
+        1 => (0u8..3).prop_map(TxnOp::LateMarker),
+        1 => Just(TxnOp::Roll),
+        1 => any::<bool>().prop_map(|clean| TxnOp::Reopen { clean }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Open transactions, the first unstable offset and the aborted-transaction index
+    /// agree with a model through markers, late markers, rolls and crashes.
+    #[test]
+    fn transaction_state_agrees_with_a_model(ops in proptest::collection::vec(txn_op(), 1..50)) {
+        use runnel_batch::ControlType;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = LogConfig { segment_bytes: 300, ..LogConfig::default() };
+        let mut log = Some(Log::open(dir.path(), config.clone(), 0).expect("open"));
+        let mut epochs = [0i16; 3];
+        let mut sequences = [0i32; 3];
+        let mut open: BTreeMap<i64, i64> = BTreeMap::new(); // producer -> first offset
+        let mut aborted: Vec<AbortedTxn> = Vec::new();
+        for op in ops {
+            let l = log.as_mut().expect("log");
+            match op {
+                TxnOp::Write(p) => {
+                    let id = i64::from(p) + 1;
+                    let at = l.log_end_offset();
+                    let batch = txn_batch(id, epochs[p as usize], sequences[p as usize], &[rec(None, Some("v"), 1)]);
+                    l.append(&batch, 0, 1).expect("append");
+                    sequences[p as usize] += 1;
+                    open.entry(id).or_insert(at);
+                }
+                TxnOp::Plain => {
+                    append(l, &[rec(None, Some("p"), 1)], 1);
+                }
+                TxnOp::End(p, commit) => {
+                    let id = i64::from(p) + 1;
+                    let kind = if commit { ControlType::Commit } else { ControlType::Abort };
+                    epochs[p as usize] += 1;
+                    sequences[p as usize] = 0;
+                    let written = l
+                        .append_marker(kind, id, epochs[p as usize], 0, 0, 1)
+                        .expect("marker")
+                        .expect("a newer epoch is written");
+                    if let Some(first) = open.remove(&id)
+                        && !commit
+                    {
+                        aborted.push(AbortedTxn { producer_id: id, first_offset: first, last_offset: written.base_offset });
+                    }
+                }
+                TxnOp::LateMarker(p) => {
+                    let id = i64::from(p) + 1;
+                    let late = l
+                        .append_marker(ControlType::Abort, id, epochs[p as usize], 0, 0, 1)
+                        .expect("marker");
+                    // A producer never ended here is unknown at epoch 0: its "late"
+                    // marker is a first one. Otherwise nothing is written.
+                    if epochs[p as usize] > 0 || open.contains_key(&id) {
+                        prop_assert!(late.is_none());
+                    } else if let Some(written) = late {
+                        // Unknown producer, epoch 0: written, closing nothing.
+                        prop_assert!(written.base_offset >= 0);
+                    }
+                }
+                TxnOp::Roll => l.roll().expect("roll"),
+                TxnOp::Reopen { clean } => {
+                    let old = log.take().expect("log");
+                    if clean { old.close().expect("close") } else { drop(old) }
+                    log = Some(Log::open(dir.path(), config.clone(), 1).expect("reopen"));
+                }
+            }
+            let l = log.as_ref().expect("log");
+            prop_assert_eq!(l.first_unstable_offset(), open.values().min().copied());
+            let got: BTreeMap<i64, i64> = l.open_transactions().iter().map(|t| (t.producer_id, t.first_offset)).collect();
+            prop_assert_eq!(&got, &open);
+            prop_assert_eq!(l.aborted_transactions(0, i64::MAX), aborted.clone());
+        }
+    }
 }
