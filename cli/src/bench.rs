@@ -551,19 +551,24 @@ async fn consume(
         consumer
             .assign(&args.topic, Some(mine), StartFrom::Earliest)
             .await?;
-        for ((topic, partition), end) in consumer.end_offsets().await? {
-            available += end - consumer.position(&topic, partition).unwrap_or(end);
+        let ends = consumer.end_offsets().await?;
+        for ((topic, partition), end) in &ends {
+            available += end - consumer.position(topic, *partition).unwrap_or(*end);
         }
-        assigned.push(consumer);
+        assigned.push((consumer, ends));
     }
     let target = args.records.unwrap_or(available.max(0) as u64);
     let bar = progress(target, args.json);
     let remaining = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(target as i64));
     let started = Instant::now();
     let mut runs = Vec::new();
-    for mut consumer in assigned {
+    let until_end = args.records.is_none();
+    for (mut consumer, ends) in assigned {
         let (remaining, bar) = (remaining.clone(), bar.clone());
-        runs.push(async move { consume_one(&mut consumer, &remaining, &bar).await });
+        // Without --records: until the end offsets of the start (offsets that are
+        // transaction markers hold no record, so counting records would wait forever).
+        let ends = until_end.then_some(ends);
+        runs.push(async move { consume_one(&mut consumer, ends, &remaining, &bar).await });
     }
     let mut count = 0;
     let mut bytes = 0;
@@ -600,6 +605,7 @@ async fn consume(
 /// Reads until the benchmark's shared count of wanted records reaches zero.
 async fn consume_one(
     consumer: &mut Consumer,
+    ends: Option<std::collections::BTreeMap<(String, u32), i64>>,
     remaining: &std::sync::atomic::AtomicI64,
     bar: &ProgressBar,
 ) -> anyhow::Result<ConsumerRun> {
@@ -610,7 +616,14 @@ async fn consume_one(
         latencies: histogram(),
     };
     let mut idle_since = Instant::now();
-    while remaining.load(Ordering::Relaxed) > 0 {
+    let at_end = |consumer: &Consumer| {
+        ends.as_ref().is_some_and(|ends| {
+            ends.iter().all(|((topic, partition), end)| {
+                consumer.position(topic, *partition).unwrap_or(*end) >= *end
+            })
+        })
+    };
+    while remaining.load(Ordering::Relaxed) > 0 && !at_end(consumer) {
         let records = consumer.poll().await?;
         if records.is_empty() {
             if idle_since.elapsed() > Duration::from_secs(10) {

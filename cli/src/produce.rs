@@ -14,8 +14,9 @@ pub struct ProduceArgs {
     /// Split each line at the first SEP: the text before is the key, after is the value.
     #[arg(long)]
     key_separator: Option<String>,
-    /// 0 (no wait), 1 (the leader has it, durable under its flush policy) or all.
-    #[arg(long, default_value = "1", value_parser = parse_acks)]
+    /// 0 (no wait), 1 (the leader has it, durable under its flush policy) or all (every
+    /// in-sync replica has it; the default, and what makes the producer idempotent).
+    #[arg(long, default_value = "all", value_parser = parse_acks)]
     acks: Acks,
     /// Send every record to this partition instead of choosing by key.
     #[arg(long)]

@@ -38,9 +38,10 @@ pub enum Acks {
     /// Do not wait for durability (acks=0).
     None,
     /// The leader appended it under its flush policy (acks=1).
-    #[default]
     Leader,
-    /// Every in-sync replica has it (acks=all).
+    /// Every in-sync replica has it (acks=all): the default, as in Kafka 3, and what
+    /// makes the producer idempotent.
+    #[default]
     All,
 }
 
@@ -101,7 +102,7 @@ pub struct ProducerConfig {
 impl Default for ProducerConfig {
     fn default() -> Self {
         ProducerConfig {
-            acks: Acks::Leader,
+            acks: Acks::All,
             linger: Duration::from_millis(5),
             batch_size_bytes: 1024 * 1024,
             buffer_bytes: 64 * 1024 * 1024,

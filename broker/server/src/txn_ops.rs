@@ -234,17 +234,27 @@ impl Broker {
         id: &str,
         meta: TxnMeta,
     ) -> Result<TxnMeta, BrokerError> {
+        let end = self.append_txn(partition, id, &meta)?;
+        self.await_internal(partition, end).await?;
+        self.txns().metas.insert(id.to_string(), meta.clone());
+        Ok(meta)
+    }
+
+    /// Appends an id's state record; returns the log end after it.
+    fn append_txn(
+        &self,
+        partition: &Partition,
+        id: &str,
+        meta: &TxnMeta,
+    ) -> Result<i64, BrokerError> {
         let record = Record {
             offset: 0,
             timestamp_ms: now_ms(),
             key: Some(bytes::Bytes::copy_from_slice(id.as_bytes())),
-            value: Some(crate::txn::encode(&meta).into()),
+            value: Some(crate::txn::encode(meta).into()),
             headers: Vec::new(),
         };
-        let appended = self.append_internal(partition, &[record])?;
-        self.await_internal(partition, appended.end_offset).await?;
-        self.txns().metas.insert(id.to_string(), meta.clone());
-        Ok(meta)
+        Ok(self.append_internal(partition, &[record])?.end_offset)
     }
 
     fn txn_meta(&self, id: &str) -> Option<TxnMeta> {
@@ -405,7 +415,21 @@ impl Broker {
         for result in futures::future::join_all(writes).await {
             result?;
         }
-        self.store_txn(partition, id, meta.complete(now_ms())).await
+        // The outcome is durable already (the Prepare record and every marker): the
+        // Complete record is appended but not waited for. The next state change of any
+        // id in this partition waits for it; should it be lost, the next coordinator
+        // replays the Prepare record and finds every marker written.
+        let complete = meta.complete(now_ms());
+        match self.append_txn(partition, id, &complete) {
+            Ok(_) => {
+                self.txns().metas.insert(id.to_string(), complete.clone());
+            }
+            // The state stays Prepare*: the background check completes it again.
+            Err(err) => {
+                tracing::warn!(transactional_id = id, error = %err, "could not append the Complete record; retrying later")
+            }
+        }
+        Ok(complete)
     }
 
     /// Writes one marker, retrying while the partition cannot take it (no leader, too
