@@ -73,6 +73,7 @@ pub(crate) struct PartitionRow {
     pub(crate) isr: Vec<u32>,
     pub(crate) log_end: i64,
     pub(crate) high_watermark: i64,
+    pub(crate) last_stable_offset: i64,
     pub(crate) size_bytes: u64,
 }
 
@@ -98,7 +99,8 @@ pub(crate) fn partition_rows(describe: &str) -> Vec<PartitionRow> {
                 isr: ids(cols.get(4)?),
                 log_end: cols.get(6)?.parse().ok()?,
                 high_watermark: cols.get(7)?.parse().ok()?,
-                size_bytes: cols.get(8)?.parse().ok()?,
+                last_stable_offset: cols.get(8)?.parse().ok()?,
+                size_bytes: cols.get(9)?.parse().ok()?,
             })
         })
         .collect()

@@ -15,7 +15,7 @@ use runnel_client::{
     StartFrom,
 };
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, partition_rows};
 use crate::support::{Dev, wait_until};
 
 fn sorted(output: &str) -> Vec<String> {
@@ -173,18 +173,11 @@ fn the_cli_commits_aborts_and_reads_committed_and_zombies_are_fenced() {
     });
     let row = |dev: &Dev| {
         let out = dev.ok(&["topic", "describe", "orders"], "");
-        let line = out
-            .lines()
-            .find(|l| l.starts_with("1 "))
-            .map(str::to_string)
+        let row = partition_rows(&out)
+            .into_iter()
+            .find(|r| r.partition == 1)
             .expect("partition 1");
-        let cols: Vec<i64> = line
-            .split_whitespace()
-            .skip(5)
-            .take(4)
-            .map(|c| c.parse().expect("a number"))
-            .collect();
-        (cols[2], cols[3], out)
+        (row.high_watermark, row.last_stable_offset, out)
     };
     let (high_watermark, stable, out) = row(&dev);
     assert!(

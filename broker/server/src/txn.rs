@@ -392,6 +392,104 @@ mod tests {
         assert_eq!((fresh.producer_id, fresh.producer_epoch), (99, 0));
     }
 
+    #[derive(Debug, Clone)]
+    enum Op {
+        Add(u32),
+        /// The current producer (or, with `stale`, the previous epoch) ends.
+        End {
+            commit: bool,
+            stale: bool,
+        },
+        Abort,
+        Complete,
+        Reinitialise,
+        Tick(u16),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (0u32..3).prop_map(Op::Add),
+            3 => (any::<bool>(), proptest::bool::weighted(0.2)).prop_map(|(commit, stale)| Op::End { commit, stale }),
+            1 => Just(Op::Abort),
+            3 => Just(Op::Complete),
+            1 => Just(Op::Reinitialise),
+            1 => any::<u16>().prop_map(Op::Tick),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Through any sequence of calls: the epoch never goes back, a transaction is
+        /// prepared only from Ongoing and with a bumped epoch, nothing joins while one is
+        /// prepared, idle states hold no partitions, and a stale producer changes
+        /// nothing.
+        #[test]
+        fn the_state_machine_keeps_its_invariants(ops in proptest::collection::vec(op(), 1..80)) {
+            let mut meta = TxnMeta::new(1, 1_000, 0);
+            let mut now = 0i64;
+            for op in ops {
+                let before = meta.clone();
+                match op {
+                    Op::Add(p) => match meta.add_partitions(1, meta.producer_epoch, &[tp("t", p)], now) {
+                        Ok(Some(next)) => {
+                            proptest::prop_assert!(!before.state.is_prepared());
+                            proptest::prop_assert_eq!(next.state, TxnState::Ongoing);
+                            meta = next;
+                        }
+                        Ok(None) => proptest::prop_assert_eq!(before.state, TxnState::Ongoing),
+                        Err(TxnError::Concurrent) => proptest::prop_assert!(before.state.is_prepared()),
+                        Err(other) => proptest::prop_assert!(false, "{other:?}"),
+                    },
+                    Op::End { commit, stale } => {
+                        let epoch = if stale { meta.producer_epoch - 1 } else { meta.producer_epoch };
+                        match meta.end(1, epoch, commit, now) {
+                            Ok(EndDecision::Prepare(next)) => {
+                                proptest::prop_assert!(!stale);
+                                proptest::prop_assert_eq!(before.state, TxnState::Ongoing);
+                                proptest::prop_assert_eq!(next.producer_epoch, before.producer_epoch + 1);
+                                proptest::prop_assert!(next.state.is_prepared());
+                                meta = next;
+                            }
+                            Ok(EndDecision::Repeat { epoch }) | Ok(EndDecision::Nothing { epoch }) => {
+                                proptest::prop_assert_eq!(epoch, meta.producer_epoch);
+                            }
+                            Err(_) => {}
+                        }
+                    }
+                    Op::Abort => {
+                        if let Some(next) = meta.abort(now) {
+                            proptest::prop_assert_eq!(before.state, TxnState::Ongoing);
+                            proptest::prop_assert_eq!(next.producer_epoch, before.producer_epoch + 1);
+                            meta = next;
+                        }
+                    }
+                    Op::Complete => {
+                        if meta.state.is_prepared() {
+                            meta = meta.complete(now);
+                        }
+                    }
+                    Op::Reinitialise => {
+                        if !meta.state.is_prepared() && meta.state != TxnState::Ongoing {
+                            meta = meta.reinitialise(None, 1_000, now);
+                            proptest::prop_assert_eq!(meta.producer_epoch, before.producer_epoch + 1);
+                        }
+                    }
+                    Op::Tick(ms) => {
+                        now += i64::from(ms);
+                        if meta.timed_out(now) {
+                            meta = meta.abort(now).expect("an open transaction");
+                        }
+                    }
+                }
+                proptest::prop_assert!(meta.producer_epoch >= before.producer_epoch);
+                if meta.state.is_idle() {
+                    proptest::prop_assert!(meta.partitions.is_empty());
+                    proptest::prop_assert_eq!(meta.start_ms, -1);
+                }
+            }
+        }
+    }
+
     #[test]
     fn states_round_trip_and_garbage_is_refused() {
         let meta = TxnMeta::new(1, 5, 2)
