@@ -69,6 +69,14 @@ pub struct DeployArgs {
     memory_limit_mb: Option<u64>,
     #[arg(long)]
     cpu_limit_ms: Option<u32>,
+    /// at-least-once, or exactly-once: output and input offsets commit in one
+    /// transaction every --commit-interval-ms (read the outputs with
+    /// `--isolation read_committed`).
+    #[arg(long, default_value = "at-least-once")]
+    processing: String,
+    /// With exactly-once: how often the open transaction commits (default 100 ms).
+    #[arg(long)]
+    commit_interval_ms: Option<u32>,
 }
 
 #[derive(Args)]
@@ -140,6 +148,19 @@ fn print_status(s: &v1::TransformStatus) {
         format!(" -> {}", spec.dead_letter_topic)
     };
     println!("Errors:      {}{dlq}", spec::policy_name(policy));
+    let processing =
+        v1::Processing::try_from(spec.processing).unwrap_or(v1::Processing::AtLeastOnce);
+    match processing {
+        v1::Processing::ExactlyOnce => println!(
+            "Processing:  exactly-once (commit every {} ms)",
+            if spec.commit_interval_ms == 0 {
+                100
+            } else {
+                spec.commit_interval_ms
+            }
+        ),
+        v1::Processing::AtLeastOnce => println!("Processing:  at-least-once"),
+    }
     println!("Start:       {}", spec.start);
     let mut config: Vec<String> = spec
         .config
@@ -182,6 +203,7 @@ pub async fn run(brokers: &[String], command: TransformCommand) -> anyhow::Resul
                 Some(file) => spec::TransformFile::load(file)?,
                 None => {
                     let policy = spec::parse_policy(&args.error_policy)?;
+                    let processing = spec::parse_processing(&args.processing)?;
                     let spec = v1::TransformSpec {
                         name: args.name.unwrap_or_default(),
                         input_topic: args.input.unwrap_or_default(),
@@ -192,6 +214,8 @@ pub async fn run(brokers: &[String], command: TransformCommand) -> anyhow::Resul
                         start: args.start,
                         memory_limit_bytes: args.memory_limit_mb.unwrap_or(0) * 1024 * 1024,
                         cpu_limit_ms: args.cpu_limit_ms.unwrap_or(0),
+                        processing: processing as i32,
+                        commit_interval_ms: args.commit_interval_ms.unwrap_or(0),
                     };
                     spec::validate(&spec)?;
                     (spec, args.wasm.unwrap_or_default())

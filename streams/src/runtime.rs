@@ -87,6 +87,10 @@ struct Saved {
     start: String,
     memory_limit_bytes: u64,
     cpu_limit_ms: u32,
+    #[serde(default)]
+    processing: i32,
+    #[serde(default)]
+    commit_interval_ms: u32,
     #[serde(skip)]
     sha256: String,
     #[serde(skip)]
@@ -118,6 +122,8 @@ impl Saved {
             start: spec.start.clone(),
             memory_limit_bytes: spec.memory_limit_bytes,
             cpu_limit_ms: spec.cpu_limit_ms,
+            processing: spec.processing,
+            commit_interval_ms: spec.commit_interval_ms,
             sha256: String::new(),
             version: 0,
             paused: false,
@@ -158,6 +164,8 @@ impl Saved {
             start: self.start.clone(),
             memory_limit_bytes: self.memory_limit_bytes,
             cpu_limit_ms: self.cpu_limit_ms,
+            processing: self.processing,
+            commit_interval_ms: self.commit_interval_ms,
         }
     }
 
@@ -773,6 +781,10 @@ impl Runtime {
     }
 }
 
+/// How often an exactly-once deployment commits when its spec says 0 (Kafka Streams'
+/// `commit.interval.ms` under exactly-once).
+const COMMIT_INTERVAL_MS_DEFAULT: u64 = 100;
+
 pub fn group_name(transform: &str) -> String {
     format!("transform-{transform}")
 }
@@ -855,6 +867,134 @@ impl Pending {
     }
 }
 
+/// How a deployment commits what it processed.
+enum Commits {
+    /// Batch k's output is acknowledged while batch k+1 is read and processed; then its
+    /// input offsets are committed.
+    AtLeastOnce(Option<Pending>),
+    /// The batches of a commit interval go into one transaction with their input
+    /// offsets (`None` between transactions).
+    ExactlyOnce {
+        interval: Duration,
+        open: Option<(std::time::Instant, Pending)>,
+    },
+}
+
+impl Commits {
+    /// Before a batch's output is sent: opens a transaction if none is.
+    fn begin(&mut self, producer: &Producer) -> anyhow::Result<()> {
+        if let Commits::ExactlyOnce { open, .. } = self
+            && open.is_none()
+        {
+            producer.begin_transaction()?;
+            *open = Some((
+                std::time::Instant::now(),
+                Pending {
+                    deliveries: Vec::new(),
+                    offsets: BTreeMap::new(),
+                    emitted: 0,
+                },
+            ));
+        }
+        Ok(())
+    }
+
+    /// A batch's output was sent.
+    async fn sent(
+        &mut self,
+        batch: Pending,
+        producer: &Producer,
+        member: &mut GroupConsumer,
+        stats: &Stats,
+    ) -> anyhow::Result<()> {
+        match self {
+            Commits::AtLeastOnce(pending) => {
+                if let Some(done) = pending.take() {
+                    done.finish(member, stats).await?;
+                }
+                *pending = Some(batch);
+                Ok(())
+            }
+            Commits::ExactlyOnce { interval, open } => {
+                if let Some((_, txn)) = open.as_mut() {
+                    txn.deliveries.extend(batch.deliveries);
+                    txn.offsets.extend(batch.offsets);
+                    txn.emitted += batch.emitted;
+                }
+                let due = open
+                    .as_ref()
+                    .is_some_and(|(since, _)| since.elapsed() >= *interval);
+                if due {
+                    self.settle(producer, member, stats).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Commits everything outstanding (idle, pausing, stopping).
+    async fn settle(
+        &mut self,
+        producer: &Producer,
+        member: &mut GroupConsumer,
+        stats: &Stats,
+    ) -> anyhow::Result<()> {
+        match self {
+            Commits::AtLeastOnce(pending) => match pending.take() {
+                Some(done) => done.finish(member, stats).await,
+                None => Ok(()),
+            },
+            Commits::ExactlyOnce { open, .. } => {
+                let Some((_, txn)) = open.take() else {
+                    return Ok(());
+                };
+                // Records read from a partition this member no longer owns must not
+                // commit without their offsets: the new owner reads them again.
+                let owned: std::collections::BTreeSet<(String, u32)> =
+                    member.assignment().into_iter().collect();
+                if let Some((topic, partition)) = txn.offsets.keys().find(|tp| !owned.contains(*tp))
+                {
+                    producer.abort_transaction().await?;
+                    // Leave, so that the restart joins again at once.
+                    member.leave().await;
+                    anyhow::bail!(
+                        "{topic}-{partition} was reassigned during the transaction; it was aborted and the new owner processes those records"
+                    );
+                }
+                producer
+                    .send_offsets_to_transaction(&txn.offsets, &member.group_metadata())
+                    .await
+                    .context("committing input offsets in the transaction")?;
+                producer
+                    .commit_transaction()
+                    .await
+                    .context("committing the transaction")?;
+                stats.records_out.fetch_add(txn.emitted, Ordering::Relaxed);
+                Ok(())
+            }
+        }
+    }
+
+    /// Drops the open transaction's work (a batch the fail policy stops on).
+    async fn abandon(
+        &mut self,
+        producer: &Producer,
+        member: &mut GroupConsumer,
+        stats: &Stats,
+    ) -> anyhow::Result<()> {
+        match self {
+            // The batches before it were good: they are committed.
+            Commits::AtLeastOnce(_) => self.settle(producer, member, stats).await,
+            Commits::ExactlyOnce { open, .. } => {
+                if open.take().is_some() {
+                    producer.abort_transaction().await?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
     let client = loop {
         match runtime.client().await {
@@ -871,6 +1011,7 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
         Start::Offset(o) => StartFrom::Offset(o),
         Start::Timestamp(t) => StartFrom::Timestamp(t),
     };
+    let exactly_once = task.saved.processing == v1::Processing::ExactlyOnce as i32;
     let mut member = GroupConsumer::join(
         client.clone(),
         &group_name(&task.saved.name),
@@ -886,31 +1027,60 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
             consumer: ConsumerConfig {
                 max_wait: Duration::from_millis(200),
                 auto_offset_reset: Some(start),
+                isolation: if exactly_once {
+                    v1::IsolationLevel::ReadCommitted
+                } else {
+                    v1::IsolationLevel::ReadUncommitted
+                },
                 ..ConsumerConfig::default()
             },
         },
     )
     .await?;
+    let node_id = runtime.store().map_or(0, |(_, id)| id);
     let producer = Producer::new(
         client,
         ProducerConfig {
-            acks: Acks::Leader,
+            acks: if exactly_once {
+                Acks::All
+            } else {
+                Acks::Leader
+            },
             linger: Duration::from_millis(1),
+            // One transactional id per broker's member: a restarted member fences its
+            // previous instance; a member of another broker that lost the partitions
+            // cannot commit their offsets (the group coordinator checks ownership).
+            transactional_id: exactly_once
+                .then(|| format!("transform-{}-{node_id}", task.saved.name)),
+            // A member that dies with a transaction open holds its partitions' stable
+            // offsets back until this passes (Kafka Streams' exactly-once default).
+            transaction_timeout: Duration::from_secs(10),
             ..ProducerConfig::default()
         },
     );
+    let mut commits = if exactly_once {
+        producer
+            .init_transactions()
+            .await
+            .context("initialising the transactional producer")?;
+        Commits::ExactlyOnce {
+            interval: Duration::from_millis(match task.saved.commit_interval_ms {
+                0 => COMMIT_INTERVAL_MS_DEFAULT,
+                ms => u64::from(ms),
+            }),
+            open: None,
+        }
+    } else {
+        Commits::AtLeastOnce(None)
+    };
     let policy =
         v1::ErrorPolicy::try_from(task.saved.error_policy).unwrap_or(v1::ErrorPolicy::Fail);
     let config: Vec<(String, String)> = task.saved.config.clone().into_iter().collect();
     let mut instance: Option<Instance> = None;
-    // Batch k's output is acknowledged while batch k+1 is read and processed.
-    let mut pending: Option<Pending> = None;
     loop {
         let control = *task.control.borrow_and_update();
-        if control != Control::Run
-            && let Some(done) = pending.take()
-        {
-            done.finish(&mut member, &task.stats).await?;
+        if control != Control::Run {
+            commits.settle(&producer, &mut member, &task.stats).await?;
         }
         match control {
             Control::Stop => {
@@ -931,9 +1101,7 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
             _ = task.control.changed() => continue,
         };
         if records.is_empty() {
-            if let Some(done) = pending.take() {
-                done.finish(&mut member, &task.stats).await?;
-            }
+            commits.settle(&producer, &mut member, &task.stats).await?;
             continue;
         }
         task.stats
@@ -968,9 +1136,7 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
             // Emit nothing of this batch and commit nothing: the next version starts at it.
             let record = &records[*index];
             task.stats.record_errors.fetch_add(1, Ordering::Relaxed);
-            if let Some(done) = pending.take() {
-                done.finish(&mut member, &task.stats).await?;
-            }
+            commits.abandon(&producer, &mut member, &task.stats).await?;
             member.leave().await;
             return Err(PolicyFailure(format!(
                 "transform {:?} failed on input {}-{}@{}: {reason}",
@@ -979,6 +1145,7 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
             .into());
         }
         let emitted = processed.outputs.len() as u64;
+        commits.begin(&producer)?;
         let mut deliveries: Vec<Delivery> = Vec::with_capacity(processed.outputs.len());
         for (_, record) in processed.outputs {
             deliveries.push(producer.send(record).await?);
@@ -1002,14 +1169,14 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
                     .push(format!("[runtime] skipped input {where_}: {reason}"));
             }
         }
-        if let Some(done) = pending.take() {
-            done.finish(&mut member, &task.stats).await?;
-        }
-        pending = Some(Pending {
+        let batch = Pending {
             deliveries,
             offsets: next_offsets(&records),
             emitted,
-        });
+        };
+        commits
+            .sent(batch, &producer, &mut member, &task.stats)
+            .await?;
     }
 }
 

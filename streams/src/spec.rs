@@ -43,6 +43,11 @@ pub struct TransformFile {
     pub memory_limit_mb: Option<u64>,
     #[serde(default)]
     pub cpu_limit_ms: Option<u32>,
+    /// `at-least-once` (the default) or `exactly-once`.
+    #[serde(default)]
+    pub processing: Option<String>,
+    #[serde(default)]
+    pub commit_interval_ms: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -64,6 +69,27 @@ pub fn parse_policy(text: &str) -> anyhow::Result<v1::ErrorPolicy> {
         "skip" => Ok(v1::ErrorPolicy::Skip),
         "dead-letter" => Ok(v1::ErrorPolicy::DeadLetter),
         other => anyhow::bail!("error policy must be fail, skip or dead-letter, not {other:?}"),
+    }
+}
+
+/// Parses `at-least-once` or `exactly-once`.
+///
+/// # Errors
+/// Anything else, with the accepted values.
+pub fn parse_processing(text: &str) -> anyhow::Result<v1::Processing> {
+    match text {
+        "at-least-once" => Ok(v1::Processing::AtLeastOnce),
+        "exactly-once" => Ok(v1::Processing::ExactlyOnce),
+        other => {
+            anyhow::bail!("processing must be at-least-once or exactly-once, not {other:?}")
+        }
+    }
+}
+
+pub fn processing_name(processing: v1::Processing) -> &'static str {
+    match processing {
+        v1::Processing::AtLeastOnce => "at-least-once",
+        v1::Processing::ExactlyOnce => "exactly-once",
     }
 }
 
@@ -92,6 +118,8 @@ impl TransformFile {
         };
         let policy = parse_policy(file.errors.policy.as_deref().unwrap_or("fail"))
             .with_context(|| format!("{}: errors.policy", path.display()))?;
+        let processing = parse_processing(file.processing.as_deref().unwrap_or("at-least-once"))
+            .with_context(|| format!("{}: processing", path.display()))?;
         let spec = v1::TransformSpec {
             name: file.name,
             input_topic: file.input,
@@ -102,6 +130,8 @@ impl TransformFile {
             start: file.start.unwrap_or_else(|| "earliest".into()),
             memory_limit_bytes: file.memory_limit_mb.unwrap_or(0) * 1024 * 1024,
             cpu_limit_ms: file.cpu_limit_ms.unwrap_or(0),
+            processing: processing as i32,
+            commit_interval_ms: file.commit_interval_ms.unwrap_or(0),
         };
         validate(&spec).with_context(|| format!("invalid deployment file {}", path.display()))?;
         Ok((spec, wasm))

@@ -177,3 +177,124 @@ fn a_transform_and_a_connector_survive_the_death_of_the_broker_that_ran_them() {
         assert!(!list.contains("copy"), "{list}");
     }
 }
+
+#[test]
+fn an_exactly_once_transform_writes_each_record_once_across_broker_kills() {
+    use runnel_client::{Client, Producer, ProducerConfig, ProducerRecord};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Cluster::start(dir.path(), 3);
+    for topic in ["events", "mirrored"] {
+        cluster.ok(
+            1,
+            &[
+                "topic",
+                "create",
+                topic,
+                "--partitions",
+                "3",
+                "--replication-factor",
+                "3",
+                "--config",
+                "min.insync.replicas=2",
+            ],
+            "",
+        );
+    }
+    let wasm = crate::transforms::components().join("identity.wasm");
+    let deployed = cluster.ok(
+        2,
+        &[
+            "transform",
+            "deploy",
+            "--name",
+            "mirror",
+            "--input",
+            "events",
+            "--output",
+            "mirrored",
+            "--wasm",
+            &wasm.display().to_string(),
+            "--processing",
+            "exactly-once",
+        ],
+        "",
+    );
+    assert!(deployed.contains("on brokers 1,2,3"), "{deployed}");
+    let described = cluster.ok(1, &["transform", "describe", "mirror"], "");
+    assert!(described.contains("exactly-once"), "{described}");
+    let brokers: Vec<String> = cluster.addresses().split(',').map(str::to_string).collect();
+    let total = 3_000;
+    let writer = std::thread::spawn(move || {
+        crate::runtime().block_on(async move {
+            let client = Client::connect(&brokers).await.expect("connect");
+            let producer = Producer::new(
+                client,
+                ProducerConfig {
+                    linger: Duration::from_millis(2),
+                    request_timeout: Duration::from_secs(3),
+                    ..ProducerConfig::default()
+                },
+            );
+            for chunk in 0..30 {
+                let mut deliveries = Vec::new();
+                for i in 0..total / 30 {
+                    let value = format!("e-{}", chunk * (total / 30) + i);
+                    let record = ProducerRecord::new("events")
+                        .key(value.clone())
+                        .value(value);
+                    deliveries.push(producer.send(record).await.expect("send"));
+                }
+                for delivery in deliveries {
+                    delivery.await.expect("every input record is acknowledged");
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        });
+    });
+    // Kill brokers running members of the transform while input flows.
+    for victim in [3, 1] {
+        std::thread::sleep(Duration::from_secs(3));
+        cluster.kill9(victim);
+        std::thread::sleep(Duration::from_secs(2));
+        cluster.restart(victim);
+    }
+    writer.join().expect("the writer");
+    let read = |on: u32| -> Vec<String> {
+        cluster
+            .ok(
+                on,
+                &[
+                    "consume",
+                    "mirrored",
+                    "--from-beginning",
+                    "--isolation",
+                    "read_committed",
+                    "--timeout-ms",
+                    "1500",
+                ],
+                "",
+            )
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    wait_until(
+        "every input record to be mirrored",
+        Duration::from_secs(90),
+        || read(2).len() >= total,
+    );
+    let mirrored = read(2);
+    let distinct: BTreeSet<&String> = mirrored.iter().collect();
+    let expected: BTreeSet<String> = (0..total).map(|i| format!("e-{i}")).collect();
+    assert_eq!(
+        distinct.len(),
+        mirrored.len(),
+        "a record was written twice: {} records, {} distinct",
+        mirrored.len(),
+        distinct.len()
+    );
+    assert_eq!(
+        distinct.into_iter().cloned().collect::<BTreeSet<String>>(),
+        expected
+    );
+}
