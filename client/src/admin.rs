@@ -281,29 +281,41 @@ impl Admin {
     /// # Errors
     /// No broker can be reached.
     pub async fn list_groups(&self) -> Result<Vec<v1::GroupSummary>, ClientError> {
-        let mut groups: BTreeMap<String, v1::GroupSummary> = BTreeMap::new();
-        let mut answered = false;
+        let answers = self
+            .ask_every_broker(|channel| async move {
+                GroupsClient::new(channel)
+                    .list_groups(v1::ListGroupsRequest {})
+                    .await
+            })
+            .await?;
+        let groups: BTreeMap<String, v1::GroupSummary> = answers
+            .into_iter()
+            .flat_map(|answer| answer.groups)
+            .map(|group| (group.group_id.clone(), group))
+            .collect();
+        Ok(groups.into_values().collect())
+    }
+
+    /// The answers of every broker that answered `call`; an error only when none did.
+    async fn ask_every_broker<T, F, Fut>(&self, call: F) -> Result<Vec<T>, ClientError>
+    where
+        F: Fn(tonic::transport::Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut answers = Vec::new();
         let mut last_error = None;
         for (_, address) in self.client.brokers().await? {
             let Some(channel) = Client::connect_to(&address).await else {
                 continue;
             };
-            match GroupsClient::new(channel)
-                .list_groups(v1::ListGroupsRequest {})
-                .await
-            {
-                Ok(response) => {
-                    answered = true;
-                    for group in response.into_inner().groups {
-                        groups.insert(group.group_id.clone(), group);
-                    }
-                }
+            match call(channel).await {
+                Ok(response) => answers.push(response.into_inner()),
                 Err(status) => last_error = Some(ClientError::from(status)),
             }
         }
-        match (answered, last_error) {
-            (false, Some(err)) => Err(err),
-            _ => Ok(groups.into_values().collect()),
+        match (answers.is_empty(), last_error) {
+            (true, Some(err)) => Err(err),
+            _ => Ok(answers),
         }
     }
 
@@ -623,30 +635,19 @@ impl Admin {
     /// # Errors
     /// No broker answered.
     pub async fn list_transactions(&self) -> Result<Vec<v1::TransactionDescription>, ClientError> {
-        let mut transactions: BTreeMap<String, v1::TransactionDescription> = BTreeMap::new();
-        let mut answered = false;
-        let mut last_error = None;
-        for (_, address) in self.client.brokers().await? {
-            let Some(channel) = Client::connect_to(&address).await else {
-                continue;
-            };
-            match TransactionsClient::new(channel)
-                .list_transactions(v1::ListTransactionsRequest {})
-                .await
-            {
-                Ok(response) => {
-                    answered = true;
-                    for txn in response.into_inner().transactions {
-                        transactions.insert(txn.transactional_id.clone(), txn);
-                    }
-                }
-                Err(status) => last_error = Some(ClientError::from(status)),
-            }
-        }
-        match (answered, last_error) {
-            (false, Some(err)) => Err(err),
-            _ => Ok(transactions.into_values().collect()),
-        }
+        let answers = self
+            .ask_every_broker(|channel| async move {
+                TransactionsClient::new(channel)
+                    .list_transactions(v1::ListTransactionsRequest {})
+                    .await
+            })
+            .await?;
+        let transactions: BTreeMap<String, v1::TransactionDescription> = answers
+            .into_iter()
+            .flat_map(|answer| answer.transactions)
+            .map(|txn| (txn.transactional_id.clone(), txn))
+            .collect();
+        Ok(transactions.into_values().collect())
     }
 
     /// # Errors

@@ -933,19 +933,7 @@ impl Partition {
                 })?;
             first.get_or_insert(info);
         }
-        let end_offset = log.log_end_offset();
-        let log_start_offset = log.log_start_offset();
-        let mut flush_due = false;
-        let interval = matches!(log.config().flush, FlushPolicy::Interval { .. });
-        if interval {
-            // The fsync runs elsewhere, without the log: appends and reads go on meanwhile.
-            flush_due = log.flush_due(now);
-        }
-        drop(guard);
-        self.log_end.send_replace(end_offset);
-        if interval {
-            self.advance_durable_end(end_offset);
-        }
+        let (end_offset, log_start_offset, flush_due) = self.appended(guard, now);
         let first = first.expect("at least one batch was appended");
         Ok(Appended {
             base_offset: first.base_offset,
@@ -954,6 +942,26 @@ impl Partition {
             end_offset,
             flush_due,
         })
+    }
+
+    /// After an append under `guard`: releases the log, wakes followers and (under an
+    /// interval flush policy) counts what was appended as durable. Returns the log end
+    /// and start offsets and whether an interval flush is due.
+    fn appended(&self, guard: RwLockWriteGuard<'_, Option<Log>>, now: i64) -> (i64, i64, bool) {
+        let Some(log) = guard.as_ref() else {
+            return (-1, -1, false);
+        };
+        let end_offset = log.log_end_offset();
+        let log_start_offset = log.log_start_offset();
+        let interval = matches!(log.config().flush, FlushPolicy::Interval { .. });
+        // The fsync runs elsewhere, without the log: appends and reads go on meanwhile.
+        let flush_due = interval && log.flush_due(now);
+        drop(guard);
+        self.log_end.send_replace(end_offset);
+        if interval {
+            self.advance_durable_end(end_offset);
+        }
+        (end_offset, log_start_offset, flush_due)
     }
 
     /// Syncs what was appended when the interval flush policy says it is time, with the
@@ -1117,20 +1125,13 @@ impl Partition {
         let Some(info) = info else {
             return Ok(None);
         };
-        let end_offset = log.log_end_offset();
-        let log_start_offset = log.log_start_offset();
-        let interval = matches!(log.config().flush, FlushPolicy::Interval { .. });
-        drop(guard);
-        self.log_end.send_replace(end_offset);
-        if interval {
-            self.advance_durable_end(end_offset);
-        }
+        let (end_offset, log_start_offset, flush_due) = self.appended(guard, now);
         Ok(Some(Appended {
             base_offset: info.base_offset,
             log_append_time_ms: info.log_append_time_ms,
             log_start_offset,
             end_offset,
-            flush_due: false,
+            flush_due,
         }))
     }
 

@@ -292,17 +292,15 @@ impl Broker {
                 let producer_id = self.init_producer_id().await?.producer_id;
                 TxnMeta::new(producer_id, timeout_ms, now)
             }
-            Some(mut meta) => {
-                if let Some(aborting) = meta.abort(now) {
-                    tracing::info!(
-                        transactional_id = id,
-                        "a new instance initialised: aborting the transaction the previous one left open"
-                    );
-                    meta = self.store_txn(&partition, id, aborting).await?;
-                }
-                if meta.state.is_prepared() {
-                    meta = self.complete_txn(&partition, id, meta).await?;
-                }
+            Some(meta) => {
+                let meta = self
+                    .settle_txn(
+                        &partition,
+                        id,
+                        meta,
+                        "a new instance initialised: aborting the transaction the previous one left open",
+                    )
+                    .await?;
                 let new_id = if meta.epoch_exhausted() {
                     Some(self.init_producer_id().await?.producer_id)
                 } else {
@@ -389,6 +387,26 @@ impl Broker {
         Ok(v1::EndTransactionResponse {
             producer_epoch: i32::from(done.producer_epoch),
         })
+    }
+
+    /// Leaves no transaction of the id open or half-ended: aborts an open one (saying
+    /// `why`, bumping the epoch) and completes a prepared one. Called with the id's lock
+    /// held.
+    async fn settle_txn(
+        &self,
+        partition: &Partition,
+        id: &str,
+        mut meta: TxnMeta,
+        why: &str,
+    ) -> Result<TxnMeta, BrokerError> {
+        if let Some(aborting) = meta.abort(now_ms()) {
+            tracing::info!(transactional_id = id, "{why}");
+            meta = self.store_txn(partition, id, aborting).await?;
+        }
+        if meta.state.is_prepared() {
+            meta = self.complete_txn(partition, id, meta).await?;
+        }
+        Ok(meta)
     }
 
     /// Writes the markers of a `Prepare*` transaction to all its partitions, then stores
@@ -670,7 +688,7 @@ impl Broker {
         let lock = self.txn_lock(id);
         let _held = lock.lock().await;
         let partition = self.check_txn_coordinator(id)?;
-        let Some(mut meta) = self.txn_meta(id) else {
+        let Some(meta) = self.txn_meta(id) else {
             return Ok(());
         };
         if meta.expired(now_ms()) {
@@ -690,17 +708,15 @@ impl Broker {
             self.txns().metas.remove(id);
             return Ok(());
         }
-        if meta.timed_out(now_ms())
-            && let Some(aborting) = meta.abort(now_ms())
-        {
-            tracing::info!(
-                transactional_id = id,
-                timeout_ms = meta.timeout_ms,
-                "the transaction outlived its timeout: aborting it and fencing its producer"
-            );
-            meta = self.store_txn(&partition, id, aborting).await?;
-        }
-        if meta.state.is_prepared() {
+        if meta.timed_out(now_ms()) {
+            self.settle_txn(
+                &partition,
+                id,
+                meta,
+                "the transaction outlived its timeout: aborting it and fencing its producer",
+            )
+            .await?;
+        } else if meta.state.is_prepared() {
             self.complete_txn(&partition, id, meta).await?;
         }
         Ok(())
@@ -719,19 +735,17 @@ impl Broker {
         let lock = self.txn_lock(id);
         let _held = lock.lock().await;
         let partition = self.check_txn_coordinator(id)?;
-        let mut meta = self
+        let meta = self
             .txn_meta(id)
             .ok_or_else(|| BrokerError::UnknownTransactionalId { id: id.to_string() })?;
-        if let Some(aborting) = meta.abort(now_ms()) {
-            tracing::info!(
-                transactional_id = id,
-                "aborting the transaction at an administrator's request"
-            );
-            meta = self.store_txn(&partition, id, aborting).await?;
-        }
-        if meta.state.is_prepared() {
-            meta = self.complete_txn(&partition, id, meta).await?;
-        }
+        let meta = self
+            .settle_txn(
+                &partition,
+                id,
+                meta,
+                "aborting the transaction at an administrator's request",
+            )
+            .await?;
         Ok(describe(id, &meta, self.config.node_id))
     }
 
