@@ -355,6 +355,101 @@ fn read_committed(brokers: &[String], topic: &str) -> BTreeMap<u32, Vec<String>>
     })
 }
 
+/// What the leaders' logs hold around `lost` values: every batch of their producer, the
+/// markers, and the aborted transactions a read_committed fetch reports.
+fn raw_log(cluster: &Cluster, topic: &str, lost: &[&String]) -> String {
+    let mut out = String::new();
+    let rows = cluster.describe(cluster.running()[0], topic);
+    crate::runtime().block_on(async {
+        for row in rows {
+            let addr = &cluster.node(row.leader).addr;
+            let Ok(mut rpc) = runnel_client::v1::consumer_client::ConsumerClient::connect(format!(
+                "http://{addr}"
+            ))
+            .await
+            else {
+                continue;
+            };
+            let mut offset = 0;
+            let mut producers = BTreeSet::new();
+            let mut batches = Vec::new();
+            while offset < row.high_watermark {
+                let Ok(response) = rpc
+                    .fetch(runnel_client::v1::FetchRequest {
+                        partitions: vec![runnel_client::v1::FetchPartition {
+                            topic: topic.to_string(),
+                            partition: row.partition,
+                            offset,
+                            max_bytes: 0,
+                        }],
+                        max_wait_ms: 100,
+                        min_bytes: 1,
+                        max_bytes: 0,
+                        isolation: IsolationLevel::ReadCommitted as i32,
+                        ..Default::default()
+                    })
+                    .await
+                else {
+                    break;
+                };
+                let Some(fetched) = response.into_inner().partitions.pop() else {
+                    break;
+                };
+                out.push_str(&format!(
+                    "partition {} from {offset}: aborted {:?}\n",
+                    row.partition,
+                    fetched
+                        .aborted_transactions
+                        .iter()
+                        .map(|a| (a.producer_id, a.first_offset))
+                        .collect::<Vec<_>>()
+                ));
+                if fetched.next_offset <= offset {
+                    break;
+                }
+                offset = fetched.next_offset;
+                for batch in runnel_batch::batches(&fetched.records).flatten() {
+                    let (header, raw) = batch;
+                    let values: Vec<String> = runnel_batch::decode_records(raw)
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|r| {
+                            String::from_utf8_lossy(r.value.as_deref().unwrap_or_default())
+                                .to_string()
+                        })
+                        .collect();
+                    if values.iter().any(|v| lost.contains(&v)) {
+                        producers.insert(header.producer_id);
+                    }
+                    let kind = if header.is_control() {
+                        format!("{:?}", runnel_batch::control_type(raw))
+                    } else {
+                        values.join(",")
+                    };
+                    batches.push((
+                        header.producer_id,
+                        format!(
+                            "  {}..{} pid {} epoch {} seq {} txn {} {kind}\n",
+                            header.base_offset,
+                            header.last_offset(),
+                            header.producer_id,
+                            header.producer_epoch,
+                            header.base_sequence,
+                            header.is_transactional()
+                        ),
+                    ));
+                }
+            }
+            for (producer, line) in batches {
+                if producers.contains(&producer) {
+                    out.push_str(&line);
+                }
+            }
+        }
+    });
+    out
+}
+
 #[test]
 fn transactions_stay_whole_across_coordinator_and_leader_kills() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -452,10 +547,13 @@ fn transactions_stay_whole_across_coordinator_and_leader_kills() {
                 .iter()
                 .filter(|v| !seen.contains_key(v.as_str()))
                 .collect();
-            assert!(
-                missing.is_empty(),
-                "a committed transaction lost {missing:?}"
-            );
+            if !missing.is_empty() {
+                let log = raw_log(&cluster, "ledger", &missing);
+                panic!(
+                    "a committed transaction lost {missing:?} of {txn:?}; the topic: {}\n{log}",
+                    cluster.ok(1, &["topic", "describe", "ledger"], "")
+                );
+            }
         }
         for txn in &history.aborted {
             aborted += 1;

@@ -132,6 +132,16 @@ impl Broker {
     pub fn apply_image(&self, image: Arc<MetadataImage>) {
         let me = self.config.node_id;
         let hosts = self.config.is_broker();
+        // A restarted broker first applies the metadata it had (its controller log
+        // replays from old images): it leads nothing until the image registers this
+        // process, which comes after every leadership move made while it was away.
+        // Otherwise it would take appends, coordinate groups and transactions, and answer
+        // from stale state for as long as it takes to catch up.
+        let registered = !hosts
+            || image
+                .metadata
+                .broker(me)
+                .is_some_and(|b| !b.fenced && b.incarnation == self.incarnation);
         let mut removed = Vec::new();
         let mut by_leader: HashMap<u32, Vec<crate::replica::Followed>> = HashMap::new();
         {
@@ -204,14 +214,20 @@ impl Broker {
                             record,
                         ))
                     });
-                    let leading = record.leader == me;
+                    let leading = registered && record.leader == me;
                     if leading != partition.is_leader()
                         || record.leader_epoch != partition.leader_epoch()
                     {
                         tracing::info!(topic = %name, partition = index, leader = record.leader, leader_epoch = record.leader_epoch, isr = ?record.isr, "leadership changed");
                     }
-                    partition.set_replication(me, record);
-                    if !leading && record.leader != NO_LEADER {
+                    if record.leader == me && !leading {
+                        let mut waiting = record.clone();
+                        waiting.leader = NO_LEADER;
+                        partition.set_replication(me, &waiting);
+                    } else {
+                        partition.set_replication(me, record);
+                    }
+                    if !leading && record.leader != NO_LEADER && record.leader != me {
                         by_leader.entry(record.leader).or_default().push(
                             crate::replica::Followed {
                                 topic: name.clone(),
