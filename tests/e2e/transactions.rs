@@ -104,6 +104,48 @@ fn the_cli_commits_aborts_and_reads_committed_and_zombies_are_fenced() {
         everything.contains("aborted-1"),
         "read_uncommitted sees the aborted record: {everything}"
     );
+    // Clients without a batch codec: the broker filters aborted records from messages.
+    let as_messages = |isolation: IsolationLevel| -> Vec<String> {
+        crate::runtime().block_on(async {
+            let mut rpc = runnel_client::v1::consumer_client::ConsumerClient::connect(format!(
+                "http://{}",
+                dev.addr
+            ))
+            .await
+            .expect("connect");
+            let mut values = Vec::new();
+            for partition in 0..2 {
+                let response = rpc
+                    .fetch(runnel_client::v1::FetchRequest {
+                        partitions: vec![runnel_client::v1::FetchPartition {
+                            topic: "orders".into(),
+                            partition,
+                            offset: 0,
+                            max_bytes: 0,
+                        }],
+                        max_wait_ms: 100,
+                        format: runnel_client::v1::RecordFormat::Messages as i32,
+                        isolation: isolation as i32,
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("fetch")
+                    .into_inner();
+                for fetched in response.partitions {
+                    values.extend(fetched.messages.into_iter().map(|m| {
+                        String::from_utf8_lossy(m.value.as_deref().unwrap_or_default()).to_string()
+                    }));
+                }
+            }
+            values.sort();
+            values
+        })
+    };
+    assert_eq!(as_messages(IsolationLevel::ReadCommitted), expected);
+    assert!(
+        as_messages(IsolationLevel::ReadUncommitted).contains(&"aborted-1".to_string()),
+        "read_uncommitted messages include the aborted record"
+    );
     let list = dev.ok(&["transaction", "list"], "");
     assert!(
         list.contains("cli") && list.contains("CompleteAbort"),
