@@ -88,11 +88,31 @@ fn init_tracing(default_level: &str) {
         .unwrap_or_else(|_| {
             tracing_subscriber::EnvFilter::new(format!("{default_level},openraft=warn"))
         });
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match std::env::var("RUNNEL_LOG_FORMAT").as_deref() {
+        // One JSON object per line: time, level, target, message and the event's fields
+        // (topic, partition, group, transform, connector, ...) at the top level.
+        Ok("json") => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+        other => {
+            builder
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .init();
+            if let Ok(value) = other
+                && value != "text"
+            {
+                tracing::warn!(
+                    value,
+                    "RUNNEL_LOG_FORMAT must be text or json; logging as text"
+                );
+            }
+        }
+    }
 }
 
 async fn connect(brokers: &[String]) -> anyhow::Result<Client> {

@@ -917,3 +917,58 @@ fn output_piped_into_a_reader_that_goes_away_ends_quietly() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+#[test]
+fn logs_come_as_json_lines_with_the_events_fields_when_asked() {
+    use std::io::{BufRead, BufReader, Read};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut child = std::process::Command::new(support::RUNNEL)
+        .args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .env("RUNNEL_LOG", "info,openraft=warn")
+        .env("RUNNEL_LOG_FORMAT", "json")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("runnel starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut first = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut first)
+        .expect("the server prints its address");
+    assert!(first.contains("listening on"), "{first}");
+    let addr = first
+        .split("listening on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("an address");
+    let created = support::runnel_at(addr, &["topic", "create", "logged"], "");
+    assert!(created.status.success());
+    child.kill().expect("kill");
+    let mut logs = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut logs)
+        .expect("read the logs");
+    let _ = child.wait();
+    let events: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}")))
+        .collect();
+    assert!(!events.is_empty(), "no log lines");
+    assert!(
+        events
+            .iter()
+            .all(|e| e["level"].is_string() && e["message"].is_string())
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["topic"] == "logged" && e["partition"].is_number()),
+        "the events' fields are fields of the JSON object: {logs}"
+    );
+}
