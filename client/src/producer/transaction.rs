@@ -41,6 +41,8 @@ pub(super) struct Txn {
     pub(super) id: String,
     timeout: Duration,
     state: Mutex<(Option<(i64, i16)>, Phase)>,
+    /// Whether the open transaction sent anything (records or offsets).
+    wrote: std::sync::atomic::AtomicBool,
 }
 
 impl Txn {
@@ -49,6 +51,7 @@ impl Txn {
             id,
             timeout,
             state: Mutex::new((None, Phase::Uninitialised)),
+            wrote: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -56,6 +59,12 @@ impl Txn {
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// No transaction has written yet.
+    fn wrote_nothing(&self) {
+        self.wrote
+            .store(false, std::sync::atomic::Ordering::Release);
     }
 
     /// The producer id and epoch batches are stamped with.
@@ -76,10 +85,13 @@ impl Txn {
         };
     }
 
-    /// Whether records may be sent now.
+    /// Whether records may be sent now (they then belong to the open transaction).
     pub(super) fn check_send(&self) -> Result<(), ClientError> {
         match &self.lock().1 {
-            Phase::InTransaction => Ok(()),
+            Phase::InTransaction => {
+                self.wrote.store(true, std::sync::atomic::Ordering::Release);
+                Ok(())
+            }
             Phase::Uninitialised => Err(ClientError::InvalidArgument(
                 "call init_transactions before sending with a transactional id".into(),
             )),
@@ -127,6 +139,7 @@ impl Producer {
             ClientError::Corrupt(format!("producer epoch {}", answer.producer_epoch))
         })?;
         *txn.lock() = (Some((answer.producer_id, epoch)), Phase::Ready);
+        txn.wrote_nothing();
         Ok(())
     }
 
@@ -140,6 +153,7 @@ impl Producer {
         match &state.1 {
             Phase::Ready => {
                 state.1 = Phase::InTransaction;
+                txn.wrote_nothing();
                 Ok(())
             }
             Phase::InTransaction | Phase::Failed(_) => Err(ClientError::InvalidArgument(
@@ -219,15 +233,15 @@ impl Producer {
         group: &GroupMetadata,
     ) -> Result<(), ClientError> {
         let txn = self.txn()?;
+        if offsets.is_empty() {
+            return Ok(());
+        }
         txn.check_send()?;
         let Some((producer_id, epoch)) = txn.producer() else {
             return Err(ClientError::InvalidArgument(
                 "call init_transactions first".into(),
             ));
         };
-        if offsets.is_empty() {
-            return Ok(());
-        }
         let request = v1::CommitOffsetsRequest {
             group_id: group.group_id.clone(),
             member_id: group.member_id.clone(),
@@ -302,6 +316,20 @@ impl Producer {
         let next = i16::try_from(answer.producer_epoch).map_err(|_| {
             ClientError::Corrupt(format!("producer epoch {}", answer.producer_epoch))
         })?;
+        let wrote = txn.wrote.swap(false, std::sync::atomic::Ordering::AcqRel);
+        if commit && wrote && next == epoch {
+            // Every transaction that wrote ends with a new epoch: the coordinator did not
+            // know this one. Never report such a commit as done.
+            let err = ClientError::Broker {
+                code: v1::ErrorCode::InvalidTxnState,
+                message: format!(
+                    "the coordinator of {:?} knew no open transaction although this one wrote; its outcome is unknown: call init_transactions (which ends what is open) and start again",
+                    txn.id
+                ),
+            };
+            txn.lock().1 = Phase::Fenced(err.clone());
+            return Err(err);
+        }
         *txn.lock() = (Some((producer_id, next)), Phase::Ready);
         Ok(())
     }
