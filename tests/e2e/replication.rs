@@ -127,9 +127,28 @@ async fn count(
 /// Creates `topic` with one partition, `rf` replicas and, when given, a
 /// `min.insync.replicas`.
 pub(crate) fn create_topic(cluster: &Cluster, topic: &str, rf: u32, min_insync: Option<u32>) {
-    let rf = rf.to_string();
+    create_topic_with(cluster, topic, 1, rf, min_insync);
+}
+
+/// Like [`create_topic`], with `partitions` partitions.
+pub(crate) fn create_topic_with(
+    cluster: &Cluster,
+    topic: &str,
+    partitions: u32,
+    rf: u32,
+    min_insync: Option<u32>,
+) {
+    let (partitions, rf) = (partitions.to_string(), rf.to_string());
     let min_insync = min_insync.map(|m| format!("min.insync.replicas={m}"));
-    let mut args = vec!["topic", "create", topic, "--replication-factor", &rf];
+    let mut args = vec![
+        "topic",
+        "create",
+        topic,
+        "--partitions",
+        &partitions,
+        "--replication-factor",
+        &rf,
+    ];
     if let Some(config) = &min_insync {
         args.extend(["--config", config.as_str()]);
     }

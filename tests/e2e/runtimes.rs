@@ -7,7 +7,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use crate::cluster::Cluster;
-use crate::replication::create_topic;
+use crate::replication::{create_topic, create_topic_with};
 use crate::support::wait_until;
 
 /// The BROKER column of `connector list` for `name`, asked of node `on` (0: none).
@@ -184,21 +184,7 @@ fn an_exactly_once_transform_writes_each_record_once_across_broker_kills() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cluster = Cluster::start(dir.path(), 3);
     for topic in ["events", "mirrored"] {
-        cluster.ok(
-            1,
-            &[
-                "topic",
-                "create",
-                topic,
-                "--partitions",
-                "3",
-                "--replication-factor",
-                "3",
-                "--config",
-                "min.insync.replicas=2",
-            ],
-            "",
-        );
+        create_topic_with(&cluster, topic, 3, 3, Some(2));
     }
     let wasm = crate::transforms::components().join("identity.wasm");
     let deployed = cluster.ok(

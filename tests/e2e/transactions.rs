@@ -16,6 +16,7 @@ use runnel_client::{
 };
 
 use crate::cluster::{Cluster, partition_rows};
+use crate::replication::create_topic_with;
 use crate::support::{Dev, wait_until};
 
 fn sorted(output: &str) -> Vec<String> {
@@ -496,24 +497,7 @@ fn raw_log(cluster: &Cluster, topic: &str, lost: &[&String]) -> String {
 fn transactions_stay_whole_across_coordinator_and_leader_kills() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cluster = Cluster::start(dir.path(), 3);
-    cluster.ok(
-        1,
-        &[
-            "topic",
-            "create",
-            "ledger",
-            "--partitions",
-            "3",
-            "--replication-factor",
-            "3",
-            "--config",
-            "min.insync.replicas=2",
-        ],
-        "",
-    );
-    for id in cluster.running() {
-        cluster.describe(id, "ledger");
-    }
+    create_topic_with(&cluster, "ledger", 3, 3, Some(2));
     let brokers: Vec<String> = cluster.addresses().split(',').map(str::to_string).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let producers: Vec<_> = (0..3)

@@ -276,10 +276,7 @@ impl Broker {
         records: Vec<Record>,
         now: i64,
     ) -> Result<(), BrokerError> {
-        let epoch =
-            i16::try_from(request.producer_epoch).map_err(|_| BrokerError::InvalidRequest {
-                reason: format!("producer epoch {} is out of range", request.producer_epoch),
-            })?;
+        let epoch = crate::txn_ops::producer_epoch(request.producer_epoch)?;
         let producer_id = request.producer_id;
         if partition.open_transaction_epoch(producer_id) != Some(epoch) {
             self.add_to_transaction(

@@ -764,10 +764,8 @@ impl Partition {
                 if header.next_offset() <= log.log_end_offset() {
                     continue;
                 }
-                log.append_replica(bytes, now).map_err(|err| match err {
-                    runnel_broker_storage::AppendError::Storage(err) => self.fence(&err),
-                    other => BrokerError::from_append(&self.topic, self.index, other),
-                })?;
+                log.append_replica(bytes, now)
+                    .map_err(|err| self.append_error(err))?;
                 appended = true;
             }
             if appended {
@@ -900,20 +898,10 @@ impl Partition {
             });
         }
         let now = now_ms();
-        let mut guard = self.log_write();
+        let mut guard = self.leader_log()?;
         let Some(log) = guard.as_mut() else {
             return Err(self.fenced_error());
         };
-        // Checked under the log's lock: leadership changes take the same lock.
-        if !self.is_leader() {
-            return Err(BrokerError::LeaderNotAvailable {
-                topic: self.topic.clone(),
-                partition: self.index,
-                reason:
-                    "leadership moved while the request was in flight; refresh metadata and retry"
-                        .into(),
-            });
-        }
         let max = log.config().max_message_bytes;
         if let Some(big) = batches.iter().find(|b| b.len() > max) {
             return Err(BrokerError::RecordTooLarge {
@@ -927,10 +915,7 @@ impl Partition {
         for batch in &batches {
             let info = log
                 .append(batch, self.leader_epoch.load(Ordering::Acquire), now)
-                .map_err(|err| match err {
-                    runnel_broker_storage::AppendError::Storage(err) => self.fence(&err),
-                    other => BrokerError::from_append(&self.topic, self.index, other),
-                })?;
+                .map_err(|err| self.append_error(err))?;
             first.get_or_insert(info);
         }
         let (end_offset, log_start_offset, flush_due) = self.appended(guard, now);
@@ -942,6 +927,33 @@ impl Partition {
             end_offset,
             flush_due,
         })
+    }
+
+    /// The log's write lock, when this broker leads the partition (checked under the
+    /// lock: leadership changes take the same lock).
+    ///
+    /// # Errors
+    /// Leadership moved while the request was in flight.
+    fn leader_log(&self) -> Result<RwLockWriteGuard<'_, Option<Log>>, BrokerError> {
+        let guard = self.log_write();
+        if !self.is_leader() {
+            return Err(BrokerError::LeaderNotAvailable {
+                topic: self.topic.clone(),
+                partition: self.index,
+                reason:
+                    "leadership moved while the request was in flight; refresh metadata and retry"
+                        .into(),
+            });
+        }
+        Ok(guard)
+    }
+
+    /// A failed append as the client sees it; a storage failure fences the partition.
+    fn append_error(&self, err: runnel_broker_storage::AppendError) -> BrokerError {
+        match err {
+            runnel_broker_storage::AppendError::Storage(err) => self.fence(&err),
+            other => BrokerError::from_append(&self.topic, self.index, other),
+        }
     }
 
     /// After an append under `guard`: releases the log, wakes followers and (under an
@@ -1098,17 +1110,10 @@ impl Partition {
     ) -> Result<Option<Appended>, BrokerError> {
         self.check_fenced()?;
         let now = now_ms();
-        let mut guard = self.log_write();
+        let mut guard = self.leader_log()?;
         let Some(log) = guard.as_mut() else {
             return Err(self.fenced_error());
         };
-        if !self.is_leader() {
-            return Err(BrokerError::LeaderNotAvailable {
-                topic: self.topic.clone(),
-                partition: self.index,
-                reason: "leadership moved while the marker was in flight; retry".into(),
-            });
-        }
         let info = log
             .append_marker(
                 kind,
@@ -1118,10 +1123,7 @@ impl Partition {
                 self.leader_epoch.load(Ordering::Acquire),
                 now,
             )
-            .map_err(|err| match err {
-                runnel_broker_storage::AppendError::Storage(err) => self.fence(&err),
-                other => BrokerError::from_append(&self.topic, self.index, other),
-            })?;
+            .map_err(|err| self.append_error(err))?;
         let Some(info) = info else {
             return Ok(None);
         };

@@ -74,7 +74,7 @@ fn txn_error(id: &str, err: TxnError) -> BrokerError {
     }
 }
 
-fn producer_epoch(epoch: i32) -> Result<i16, BrokerError> {
+pub(crate) fn producer_epoch(epoch: i32) -> Result<i16, BrokerError> {
     i16::try_from(epoch).map_err(|_| BrokerError::InvalidRequest {
         reason: format!("producer epoch {epoch} is out of range (0..=32767)"),
     })
@@ -261,6 +261,25 @@ impl Broker {
         self.txns().metas.get(id).cloned()
     }
 
+    /// The id's state, which must exist.
+    fn known_txn(&self, id: &str) -> Result<TxnMeta, BrokerError> {
+        self.txn_meta(id)
+            .ok_or_else(|| BrokerError::UnknownTransactionalId { id: id.to_string() })
+    }
+
+    /// Takes the id's lock, checking before (not to queue for an id coordinated
+    /// elsewhere) and after (the leadership may have moved meanwhile) that this broker
+    /// coordinates it; returns the lock's guard and the id's `__transaction_state`
+    /// partition.
+    async fn lock_txn(
+        &self,
+        id: &str,
+    ) -> Result<(tokio::sync::OwnedMutexGuard<()>, Arc<Partition>), BrokerError> {
+        self.check_txn_coordinator(id)?;
+        let held = self.txn_lock(id).lock_owned().await;
+        Ok((held, self.check_txn_coordinator(id)?))
+    }
+
     /// InitProducerId with a transactional id: the id's producer id with a new epoch
     /// (fencing older instances), after finishing or aborting what they left open.
     ///
@@ -282,10 +301,7 @@ impl Broker {
             }
             ms => ms,
         };
-        self.check_txn_coordinator(id)?;
-        let lock = self.txn_lock(id);
-        let _held = lock.lock().await;
-        let partition = self.check_txn_coordinator(id)?;
+        let (_held, partition) = self.lock_txn(id).await?;
         let now = now_ms();
         let meta = match self.txn_meta(id) {
             None => {
@@ -327,19 +343,14 @@ impl Broker {
         request: v1::AddPartitionsToTransactionRequest,
     ) -> Result<(), BrokerError> {
         let id = request.transactional_id.as_str();
-        self.check_txn_coordinator(id)?;
         let epoch = producer_epoch(request.producer_epoch)?;
         let partitions: Vec<(String, u32)> = request
             .partitions
             .iter()
             .flat_map(|tp| tp.partitions.iter().map(|p| (tp.topic.clone(), *p)))
             .collect();
-        let lock = self.txn_lock(id);
-        let _held = lock.lock().await;
-        let partition = self.check_txn_coordinator(id)?;
-        let meta = self
-            .txn_meta(id)
-            .ok_or_else(|| BrokerError::UnknownTransactionalId { id: id.to_string() })?;
+        let (_held, partition) = self.lock_txn(id).await?;
+        let meta = self.known_txn(id)?;
         let changed = meta
             .add_partitions(request.producer_id, epoch, &partitions, now_ms())
             .map_err(|err| txn_error(id, err))?;
@@ -360,14 +371,9 @@ impl Broker {
         request: v1::EndTransactionRequest,
     ) -> Result<v1::EndTransactionResponse, BrokerError> {
         let id = request.transactional_id.as_str();
-        self.check_txn_coordinator(id)?;
         let epoch = producer_epoch(request.producer_epoch)?;
-        let lock = self.txn_lock(id);
-        let _held = lock.lock().await;
-        let partition = self.check_txn_coordinator(id)?;
-        let meta = self
-            .txn_meta(id)
-            .ok_or_else(|| BrokerError::UnknownTransactionalId { id: id.to_string() })?;
+        let (_held, partition) = self.lock_txn(id).await?;
+        let meta = self.known_txn(id)?;
         let decision = meta
             .end(request.producer_id, epoch, request.commit, now_ms())
             .map_err(|err| txn_error(id, err))?;
@@ -685,9 +691,7 @@ impl Broker {
     /// Aborts an id's open transaction if its timeout passed, and completes it if it is
     /// prepared.
     async fn resolve_txn(&self, id: &str) -> Result<(), BrokerError> {
-        let lock = self.txn_lock(id);
-        let _held = lock.lock().await;
-        let partition = self.check_txn_coordinator(id)?;
+        let (_held, partition) = self.lock_txn(id).await?;
         let Some(meta) = self.txn_meta(id) else {
             return Ok(());
         };
@@ -731,13 +735,8 @@ impl Broker {
         &self,
         id: &str,
     ) -> Result<v1::TransactionDescription, BrokerError> {
-        self.check_txn_coordinator(id)?;
-        let lock = self.txn_lock(id);
-        let _held = lock.lock().await;
-        let partition = self.check_txn_coordinator(id)?;
-        let meta = self
-            .txn_meta(id)
-            .ok_or_else(|| BrokerError::UnknownTransactionalId { id: id.to_string() })?;
+        let (_held, partition) = self.lock_txn(id).await?;
+        let meta = self.known_txn(id)?;
         let meta = self
             .settle_txn(
                 &partition,
@@ -756,9 +755,7 @@ impl Broker {
         id: &str,
     ) -> Result<v1::TransactionDescription, BrokerError> {
         self.check_txn_coordinator(id)?;
-        let meta = self
-            .txn_meta(id)
-            .ok_or_else(|| BrokerError::UnknownTransactionalId { id: id.to_string() })?;
+        let meta = self.known_txn(id)?;
         Ok(describe(id, &meta, self.config.node_id))
     }
 

@@ -126,11 +126,7 @@ impl TxnIndex {
     /// Forgets everything (the log was reset).
     pub(crate) fn clear(&mut self) -> Result<(), StorageError> {
         self.entries.clear();
-        match fs::remove_file(&self.path) {
-            Ok(()) => Ok(()),
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(StorageError::io(&self.path, source)),
-        }
+        self.rewrite()
     }
 
     fn rewrite(&self) -> Result<(), StorageError> {
