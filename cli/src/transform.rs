@@ -28,10 +28,17 @@ pub enum TransformCommand {
     Resume {
         name: String,
     },
-    /// Stop and remove a deployment (its committed position stays with its group).
+    /// Stop and remove a deployment. Its committed position and (stateful) its state
+    /// stay, so a new deployment of the name continues; --delete-state deletes both.
     Remove {
         name: String,
+        /// Also delete the state: changelog topics, every broker's local stores, and
+        /// the committed input offsets.
+        #[arg(long)]
+        delete_state: bool,
     },
+    /// Read a stateful deployment's store (committed state): one key, or a key range.
+    State(StateArgs),
     /// The deployment's recent log: the guest's own lines and the runtime's.
     Logs {
         name: String,
@@ -77,6 +84,33 @@ pub struct DeployArgs {
     /// With exactly-once: how often the open transaction commits (default 100 ms).
     #[arg(long)]
     commit_interval_ms: Option<u32>,
+    /// A state store of a stateful (runnel:transform@0.2.0) component; repeatable, in
+    /// the order the component names them.
+    #[arg(long = "store")]
+    stores: Vec<String>,
+    /// The watermark is the largest timestamp seen minus this (event-time timers and
+    /// windows wait for late records this long).
+    #[arg(long, default_value_t = 0)]
+    allowed_lateness_ms: i64,
+}
+
+#[derive(Args)]
+pub struct StateArgs {
+    name: String,
+    #[arg(long)]
+    store: String,
+    /// One key (text).
+    #[arg(long, conflicts_with_all = ["from", "to"])]
+    key: Option<String>,
+    /// With --to, or alone: keys from this one on (text; default: the first).
+    #[arg(long)]
+    from: Option<String>,
+    /// Keys below this one (text; default: no bound).
+    #[arg(long)]
+    to: Option<String>,
+    /// At most this many entries.
+    #[arg(long, default_value_t = 1000)]
+    limit: u32,
 }
 
 #[derive(Args)]
@@ -93,6 +127,13 @@ pub struct TestArgs {
     /// Output topic names the transform may emit to; repeatable.
     #[arg(long = "output", default_value = "output")]
     outputs: Vec<String>,
+    /// A state store of a stateful component; repeatable. Each record is then its own
+    /// batch, and timers fire after each record as they would on a broker.
+    #[arg(long = "store")]
+    stores: Vec<String>,
+    /// The watermark is the largest timestamp seen minus this.
+    #[arg(long, default_value_t = 0)]
+    allowed_lateness_ms: i64,
 }
 
 fn read_wasm(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
@@ -108,7 +149,11 @@ fn test(args: TestArgs) -> anyhow::Result<ExitCode> {
     let wasm = read_wasm(&args.wasm)?;
     let input = std::fs::read_to_string(&args.input)
         .with_context(|| format!("reading {}", args.input.display()))?;
-    for line in runnel_streams::harness::run(&wasm, &input, &args.configs, &args.outputs)? {
+    let state = runnel_streams::harness::StateOptions {
+        stores: args.stores,
+        allowed_lateness_ms: args.allowed_lateness_ms,
+    };
+    for line in runnel_streams::harness::run(&wasm, &input, &args.configs, &args.outputs, &state)? {
         println!("{line}");
     }
     Ok(ExitCode::SUCCESS)
@@ -189,6 +234,34 @@ fn print_status(s: &v1::TransformStatus) {
         }
     );
     println!("Component:   sha256 {}", s.wasm_sha256);
+    if !spec.stores.is_empty() || !s.tasks.is_empty() {
+        println!(
+            "Stores:      {} (allowed lateness {} ms)",
+            if spec.stores.is_empty() {
+                "none".to_string()
+            } else {
+                spec.stores.join(", ")
+            },
+            spec.allowed_lateness_ms
+        );
+        let mut tasks = s.tasks.clone();
+        tasks.sort_by_key(|t| t.partition);
+        for t in tasks {
+            if t.state == "Restoring" {
+                println!(
+                    "  task {}: broker {}, restoring {}/{} changelog records",
+                    t.partition, t.broker, t.restored, t.restore_total
+                );
+            } else {
+                println!(
+                    "  task {}: broker {}, {}",
+                    t.partition,
+                    t.broker,
+                    t.state.to_lowercase()
+                );
+            }
+        }
+    }
 }
 
 /// Runs a transform command; only `test` works without a broker.
@@ -216,6 +289,8 @@ pub async fn run(brokers: &[String], command: TransformCommand) -> anyhow::Resul
                         cpu_limit_ms: args.cpu_limit_ms.unwrap_or(0),
                         processing: processing as i32,
                         commit_interval_ms: args.commit_interval_ms.unwrap_or(0),
+                        stores: args.stores,
+                        allowed_lateness_ms: args.allowed_lateness_ms,
                     };
                     spec::validate(&spec)?;
                     (spec, args.wasm.unwrap_or_default())
@@ -277,9 +352,42 @@ pub async fn run(brokers: &[String], command: TransformCommand) -> anyhow::Resul
             admin.pause_transform(&name, false).await?;
             println!("Resumed transform {name}.");
         }
-        TransformCommand::Remove { name } => {
-            admin.remove_transform(&name).await?;
-            println!("Removed transform {name}.");
+        TransformCommand::Remove { name, delete_state } => {
+            admin.remove_transform(&name, delete_state).await?;
+            if delete_state {
+                println!("Removed transform {name} and deleted its state and committed offsets.");
+            } else {
+                println!(
+                    "Removed transform {name} (its state and committed offsets are kept; --delete-state deletes them)."
+                );
+            }
+        }
+        TransformCommand::State(args) => {
+            let query = v1::StateQuery {
+                name: args.name,
+                store: args.store,
+                key: args.key.map(|k| k.into_bytes().into()),
+                from: args.from.map(|f| f.into_bytes().into()).unwrap_or_default(),
+                to: args.to.map(|t| t.into_bytes().into()),
+                limit: args.limit,
+                local: false,
+            };
+            let single = query.key.is_some();
+            let entries = admin.query_state(query).await?;
+            if single && entries.is_empty() {
+                println!("(no value)");
+            }
+            for entry in entries {
+                if single {
+                    println!("{}", String::from_utf8_lossy(&entry.value));
+                } else {
+                    println!(
+                        "{}\t{}",
+                        String::from_utf8_lossy(&entry.key),
+                        String::from_utf8_lossy(&entry.value)
+                    );
+                }
+            }
         }
         TransformCommand::Logs { name } => {
             for line in admin.transform_logs(&name).await? {

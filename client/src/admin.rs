@@ -518,14 +518,61 @@ impl Admin {
         Ok(response.into_inner())
     }
 
+    /// Removes a transform; with `delete_state`, also its changelogs, local stores and
+    /// committed input offsets.
+    ///
     /// # Errors
     /// Unknown transform.
-    pub async fn remove_transform(&self, name: &str) -> Result<(), ClientError> {
+    pub async fn remove_transform(
+        &self,
+        name: &str,
+        delete_state: bool,
+    ) -> Result<(), ClientError> {
         self.client
             .transforms_rpc()
-            .remove(v1::TransformName { name: name.into() })
+            .remove(v1::RemoveTransformRequest {
+                name: name.into(),
+                delete_state,
+            })
             .await?;
         Ok(())
+    }
+
+    /// Reads a transform's state store (committed state): `query.local` asks only the
+    /// broker this client reaches first.
+    ///
+    /// # Errors
+    /// Unknown transform or store, or a stateless transform.
+    pub async fn query_state(
+        &self,
+        query: v1::StateQuery,
+    ) -> Result<Vec<v1::StateEntry>, ClientError> {
+        Ok(self
+            .client
+            .transforms_rpc()
+            .query_state(query)
+            .await?
+            .into_inner()
+            .entries)
+    }
+
+    /// Reads the state of the tasks broker `address` runs itself.
+    ///
+    /// # Errors
+    /// The broker cannot be reached, or refused the query.
+    pub async fn local_state(
+        address: &str,
+        mut query: v1::StateQuery,
+    ) -> Result<Vec<v1::StateEntry>, ClientError> {
+        let channel = connect_to_broker(address).await?;
+        query.local = true;
+        Ok(
+            runnel_proto::v1::transforms_client::TransformsClient::new(channel)
+                .query_state(query)
+                .await?
+                .into_inner()
+                .entries,
+        )
     }
 
     /// # Errors

@@ -19,6 +19,8 @@ pub const DEFAULT_BROKERS: &str = "127.0.0.1:7070";
 /// `metadata.max.age.ms`, 5 minutes), so a client learns of leadership moves and new
 /// partitions even when no request failed.
 const METADATA_MAX_AGE: Duration = Duration::from_secs(300);
+/// Tries of an offset lookup whose leader moved or went away (200 ms apart).
+const OFFSET_LOOKUP_ATTEMPTS: u32 = 50;
 /// Largest gRPC message the client sends or accepts.
 const GRPC_MESSAGE_BYTES_MAX: usize = 80 * 1024 * 1024;
 
@@ -474,8 +476,30 @@ impl Client {
     /// watermark) or the first at a timestamp.
     ///
     /// # Errors
-    /// Unknown topic or partition, or the leader cannot be reached.
+    /// Unknown topic or partition, or a leader still unreachable after retries.
     pub(crate) async fn offset_of(
+        &self,
+        topic: &str,
+        partition: u32,
+        spec: v1::offset_query::Spec,
+        isolation: v1::IsolationLevel,
+    ) -> Result<i64, ClientError> {
+        // A leader that moved or a broker that went away is looked up again, for a
+        // while: lookups come between fetches, which ride out the same faults.
+        let mut attempts = 0;
+        loop {
+            match self.offset_once(topic, partition, spec, isolation).await {
+                Err(err) if err.is_retriable() && attempts < OFFSET_LOOKUP_ATTEMPTS => {
+                    attempts += 1;
+                    self.forget_topic(topic);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn offset_once(
         &self,
         topic: &str,
         partition: u32,

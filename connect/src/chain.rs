@@ -5,14 +5,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use runnel_streams::host::{GuestFailure, Instance, Limits, LogBuffer, WasmHost};
+use runnel_streams::host::{GuestFailure, Instance, Limits, LogBuffer, Setup, WasmHost};
 use runnel_streams::runtime::write_flat_input;
 
 use crate::task::{Chained, Rec, Stop};
 
 /// One step of the transform chain.
 pub(crate) struct Step {
-    pub(crate) pre: Arc<runnel_streams::host::TransformerPre<runnel_streams::host::GuestState>>,
+    pub(crate) pre: Arc<runnel_streams::host::Prepared>,
     pub(crate) config: Vec<(String, String)>,
     pub(crate) instance: Option<Instance>,
 }
@@ -32,14 +32,18 @@ pub(crate) fn chain_blocking(
                 let fresh = host
                     .instantiate(
                         &step.pre,
-                        name,
-                        &step.config,
-                        &[String::from("out")],
-                        Limits {
-                            memory_bytes: runnel_streams::host::MEMORY_LIMIT_BYTES_DEFAULT,
-                            cpu_ms: runnel_streams::host::CPU_LIMIT_MS_DEFAULT,
+                        Setup {
+                            name,
+                            config: &step.config,
+                            outputs: &[String::from("out")],
+                            stores: &[],
+                            allowed_lateness_ms: 0,
+                            limits: Limits {
+                                memory_bytes: runnel_streams::host::MEMORY_LIMIT_BYTES_DEFAULT,
+                                cpu_ms: runnel_streams::host::CPU_LIMIT_MS_DEFAULT,
+                            },
+                            log: log.clone(),
                         },
-                        log.clone(),
                     )
                     .map_err(|e| Stop::Failed(format!("transforms[{i}]: {}", e.0)))?;
                 step.instance = Some(fresh);

@@ -370,7 +370,8 @@ impl Worker {
             .check(&components.connector, spec.kind)
             .map_err(|m| ConnectError::Invalid(format!("connector {:?}: {m}", spec.name)))?;
         for (i, wasm) in components.transforms.iter().enumerate() {
-            self.inner
+            let pre = self
+                .inner
                 .transforms
                 .prepare(&hex(&Sha256::digest(wasm)), wasm)
                 .map_err(|e| {
@@ -379,6 +380,12 @@ impl Worker {
                         spec.name, e.0
                     ))
                 })?;
+            if pre.is_stateful() {
+                return Err(ConnectError::Invalid(format!(
+                    "connector {:?}: transforms[{i}] is a stateful runnel:transform@0.2.0 component; a connector's transforms are stateless (deploy it with `runnel transform deploy` between topics instead)",
+                    spec.name
+                )));
+            }
         }
         Ok(())
     }

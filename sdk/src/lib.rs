@@ -31,7 +31,9 @@
 //! bad: what it emitted is dropped and the deployment's error policy decides what happens
 //! (fail, skip, or dead-letter).
 //!
-//! The contract is `proto/wit/transform.wit`; bindings are generated from it.
+//! The contract is `proto/wit/transform.wit`; bindings are generated from it. Transforms
+//! with state (stores, timers, windows) implement [`stateful::StatefulTransform`]
+//! instead, against `proto/wit/transform-0.2/transform.wit`.
 
 // The generated bindings name this crate by its public path, also from inside it.
 extern crate self as runnel_sdk;
@@ -78,6 +80,20 @@ pub mod __bindings {
         runtime_path: "runnel_sdk::__wit_bindgen::rt",
     });
 }
+
+#[doc(hidden)]
+pub mod __bindings_v2 {
+    wit_bindgen::generate!({
+        world: "runnel:transform/stateful-transformer@0.2.0",
+        path: "../proto/wit/transform-0.2",
+        pub_export_macro: true,
+        export_macro_name: "__export_stateful_transformer",
+        default_bindings_module: "runnel_sdk::__bindings_v2",
+        runtime_path: "runnel_sdk::__wit_bindgen::rt",
+    });
+}
+
+pub mod stateful;
 
 use __bindings::runnel::transform::types::{Output as BatchOutput, RecordError};
 
@@ -184,13 +200,13 @@ pub struct Emit<'a> {
 pub struct Output {
     pub(crate) buf: Vec<u8>,
     outputs: Vec<String>,
-    input_index: u32,
-    input_timestamp_ms: i64,
+    pub(crate) input_index: u32,
+    pub(crate) input_timestamp_ms: i64,
     scratch: Vec<u8>,
 }
 
 impl Output {
-    fn new(outputs: Vec<String>) -> Self {
+    pub(crate) fn new(outputs: Vec<String>) -> Self {
         Output {
             buf: Vec::new(),
             outputs,

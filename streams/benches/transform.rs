@@ -8,7 +8,7 @@ use std::process::Command;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use runnel_flat::{FlatRecord, NO_HEADERS};
-use runnel_streams::host::{Limits, LogBuffer, WasmHost};
+use runnel_streams::host::{Limits, LogBuffer, Setup, WasmHost};
 
 const BATCH_RECORDS: usize = 10_000;
 
@@ -77,14 +77,19 @@ fn transforms(c: &mut Criterion) {
     ] {
         let wasm = std::fs::read(dir.join(format!("{name}.wasm"))).expect("component");
         let pre = host.prepare(name, &wasm).expect("compiles");
+        let outputs = ["out".to_string()];
         let mut instance = host
             .instantiate(
                 &pre,
-                name,
-                &config,
-                &["out".to_string()],
-                limits,
-                LogBuffer::default(),
+                Setup {
+                    name,
+                    config: &config,
+                    outputs: &outputs,
+                    stores: &[],
+                    allowed_lateness_ms: 0,
+                    limits,
+                    log: LogBuffer::default(),
+                },
             )
             .expect("instantiates");
         group.throughput(Throughput::Elements(BATCH_RECORDS as u64));

@@ -11,7 +11,14 @@ use bytes::Bytes;
 use runnel_client::{ConsumerRecord, Header};
 use serde::Deserialize;
 
+use std::sync::Arc;
+
+use runnel_proto::v1;
+
 use crate::host::{LogBuffer, WasmHost};
+use crate::runtime::{FROM_TIMER, Guest, Processed, Saved, process};
+use crate::state::TaskState;
+use crate::tasks::{self, Tasks};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -30,7 +37,19 @@ struct InputLine {
     offset: Option<i64>,
 }
 
+/// A stateful component's deployment, for the harness.
+#[derive(Debug, Clone, Default)]
+pub struct StateOptions {
+    pub stores: Vec<String>,
+    pub allowed_lateness_ms: i64,
+}
+
 /// Runs `wasm` over the JSON lines in `input`, returns the output lines.
+///
+/// A stateless component gets every record in one batch. A stateful one gets one
+/// record per batch, in stores of its partition that live as long as the run (in a
+/// temporary directory), with its timers fired after each record as the runtime fires
+/// them; records a timer emitted show `"input": "timer"`.
 ///
 /// # Errors
 /// A malformed input line (with its number), a component that does not load, or a trap.
@@ -39,6 +58,7 @@ pub fn run(
     input: &str,
     config: &[(String, String)],
     outputs: &[String],
+    state: &StateOptions,
 ) -> anyhow::Result<Vec<String>> {
     let mut records = Vec::new();
     for (number, line) in input
@@ -65,46 +85,106 @@ pub fn run(
                 .collect(),
         });
     }
-    let host = WasmHost::new()?;
+    let host = Arc::new(WasmHost::new()?);
     let pre = host
         .prepare("test", wasm)
         .map_err(|e| anyhow::anyhow!(e.0))?;
+    if !pre.is_stateful() && !state.stores.is_empty() {
+        anyhow::bail!(
+            "stores were given but the component is a stateless runnel:transform@0.1.0 one"
+        );
+    }
     let log = LogBuffer::default();
-    let limits = crate::host::Limits {
-        memory_bytes: crate::host::MEMORY_LIMIT_BYTES_DEFAULT,
-        cpu_ms: crate::host::CPU_LIMIT_MS_DEFAULT,
+    let spec = v1::TransformSpec {
+        name: "test".into(),
+        input_topic: "input".into(),
+        output_topics: outputs.to_vec(),
+        config: config.iter().cloned().collect(),
+        stores: state.stores.clone(),
+        allowed_lateness_ms: state.allowed_lateness_ms,
+        ..v1::TransformSpec::default()
     };
-    let mut instance = host
-        .instantiate(&pre, "test", config, outputs, limits, log.clone())
-        .map_err(|e| anyhow::anyhow!(e.0))?;
-    let result = instance
-        .process(&crate::runtime::flat_input(records.iter()))
-        .map_err(|e| anyhow::anyhow!("guest {}", e.0))?;
-    let mut lines: Vec<String> = log.lines();
-    let text = |b: Option<&[u8]>| b.map(|b| String::from_utf8_lossy(b).into_owned());
-    for output in runnel_flat::read_outputs(&result.records) {
-        let output = output.map_err(|e| anyhow::anyhow!("guest wrote {e}"))?;
-        let topic = outputs
-            .get(output.output_index as usize)
-            .cloned()
-            .unwrap_or_else(|| format!("<undeclared #{}>", output.output_index));
-        let headers: BTreeMap<&str, Option<String>> = runnel_flat::headers(output.headers)
-            .map(|(k, v)| (k, text(v)))
+    crate::spec::validate(&spec)?;
+    let guest = Guest {
+        host,
+        pre: pre.clone(),
+        saved: Saved::from_spec(&spec),
+        config: config.to_vec(),
+        log: log.clone(),
+    };
+    let mut instance = None;
+    let mut lines = Vec::new();
+    if !pre.is_stateful() {
+        let processed = process(&guest, &mut instance, &records, None, 0)?;
+        report(&processed, &mut lines);
+        return Ok(log.lines().into_iter().chain(lines).collect());
+    }
+    let dir = tempfile::tempdir().context("a temporary directory for the stores")?;
+    let tasks = Tasks::new(dir.path(), "test", &state.stores);
+    let mut partitions: Vec<u32> = records.iter().map(|r| r.partition).collect();
+    partitions.sort_unstable();
+    partitions.dedup();
+    for partition in partitions {
+        let task = TaskState::open(
+            &dir.path().join(partition.to_string()),
+            partition,
+            &state.stores,
+        )?;
+        tasks::lock(&tasks).put_back(task);
+    }
+    for (unit, record) in records.iter().enumerate() {
+        let unit = unit as u64;
+        let mut processed = process(
+            &guest,
+            &mut instance,
+            std::slice::from_ref(record),
+            Some(&tasks),
+            unit,
+        )?;
+        for (index, _) in &mut processed.outputs {
+            if *index != FROM_TIMER {
+                *index = unit as u32;
+            }
+        }
+        for (index, _) in &mut processed.failures {
+            *index = unit as usize;
+        }
+        tasks::lock(&tasks).commit(unit, &BTreeMap::new())?;
+        report(&processed, &mut lines);
+    }
+    Ok(log.lines().into_iter().chain(lines).collect())
+}
+
+/// One JSON line per emitted record, refused record and dropped timer.
+fn report(processed: &Processed, lines: &mut Vec<String>) {
+    let text = |b: Option<&Bytes>| b.map(|b| String::from_utf8_lossy(b).into_owned());
+    for (index, record) in &processed.outputs {
+        let headers: BTreeMap<&str, Option<String>> = record
+            .headers
+            .iter()
+            .map(|h| (h.key.as_str(), text(h.value.as_ref())))
             .collect();
+        let input = if *index == FROM_TIMER {
+            serde_json::json!("timer")
+        } else {
+            serde_json::json!(index)
+        };
         lines.push(
             serde_json::json!({
-                "input": output.input_index,
-                "topic": topic,
-                "key": text(output.key),
-                "value": text(output.value),
+                "input": input,
+                "topic": record.topic,
+                "key": text(record.key.as_ref()),
+                "value": text(record.value.as_ref()),
                 "headers": headers,
-                "timestamp": output.timestamp_ms,
+                "timestamp": record.timestamp_ms,
             })
             .to_string(),
         );
     }
-    for (index, message) in result.errors {
+    for (index, message) in &processed.failures {
         lines.push(serde_json::json!({ "input": index, "error": message }).to_string());
     }
-    Ok(lines)
+    for message in &processed.timer_failures {
+        lines.push(serde_json::json!({ "input": "timer", "error": message }).to_string());
+    }
 }

@@ -9,7 +9,9 @@ pub mod host;
 pub mod runtime;
 pub mod service;
 pub mod spec;
+pub mod state;
 pub mod store;
+pub mod tasks;
 
 pub use runtime::Runtime;
 pub use service::Service;

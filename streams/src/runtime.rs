@@ -34,11 +34,16 @@ use crate::host::{
     BatchResult, CPU_LIMIT_MS_DEFAULT, GuestFailure, Instance, Limits, LogBuffer,
     MEMORY_LIMIT_BYTES_DEFAULT, WasmHost,
 };
+use crate::host::{Prepared, Setup};
 use crate::spec::{self, Start};
+use crate::state::{self, ChangelogWrite, TaskState, Timer};
 use crate::store::{self, Definition, Kind, Reconciler, Store};
+use crate::tasks::{self, SharedTasks};
 
 /// How long a command waits for the live brokers to run what it changed.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a runtime looks for local state of removed deployments.
+const GARBAGE_INTERVAL: Duration = Duration::from_secs(10);
 /// How long a broker waits for another's status.
 const PEER_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -77,7 +82,7 @@ enum State {
 /// The spec of a deployment as stored, with (not stored in the spec itself) the
 /// component, version and pause flag of the definition it came from.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Saved {
+pub(crate) struct Saved {
     name: String,
     input_topic: String,
     output_topics: Vec<String>,
@@ -91,6 +96,10 @@ struct Saved {
     processing: i32,
     #[serde(default)]
     commit_interval_ms: u32,
+    #[serde(default)]
+    stores: Vec<String>,
+    #[serde(default)]
+    allowed_lateness_ms: i64,
     #[serde(skip)]
     sha256: String,
     #[serde(skip)]
@@ -111,7 +120,7 @@ struct LocalSaved {
 }
 
 impl Saved {
-    fn from_spec(spec: &v1::TransformSpec) -> Saved {
+    pub(crate) fn from_spec(spec: &v1::TransformSpec) -> Saved {
         Saved {
             name: spec.name.clone(),
             input_topic: spec.input_topic.clone(),
@@ -124,6 +133,8 @@ impl Saved {
             cpu_limit_ms: spec.cpu_limit_ms,
             processing: spec.processing,
             commit_interval_ms: spec.commit_interval_ms,
+            stores: spec.stores.clone(),
+            allowed_lateness_ms: spec.allowed_lateness_ms,
             sha256: String::new(),
             version: 0,
             paused: false,
@@ -166,6 +177,20 @@ impl Saved {
             cpu_limit_ms: self.cpu_limit_ms,
             processing: self.processing,
             commit_interval_ms: self.commit_interval_ms,
+            stores: self.stores.clone(),
+            allowed_lateness_ms: self.allowed_lateness_ms,
+        }
+    }
+
+    fn setup<'a>(&'a self, config: &'a [(String, String)], log: LogBuffer) -> Setup<'a> {
+        Setup {
+            name: &self.name,
+            config,
+            outputs: &self.output_topics,
+            stores: &self.stores,
+            allowed_lateness_ms: self.allowed_lateness_ms,
+            limits: self.limits(),
+            log,
         }
     }
 
@@ -187,6 +212,8 @@ impl Saved {
 
 struct Deployment {
     saved: Saved,
+    /// Stateful components: this broker's tasks.
+    tasks: Option<SharedTasks>,
     stats: Arc<Stats>,
     state: Arc<Mutex<State>>,
     control: watch::Sender<Control>,
@@ -201,9 +228,11 @@ pub struct Runtime {
 }
 
 struct Inner {
-    host: WasmHost,
+    host: Arc<WasmHost>,
     /// Where deployments were saved before the store (imported once).
     local_dir: PathBuf,
+    /// The broker's data directory (tasks keep their stores under `__state`).
+    data_dir: PathBuf,
     brokers: std::sync::OnceLock<Vec<String>>,
     client: tokio::sync::OnceCell<Client>,
     store: std::sync::OnceLock<(Store, u32)>,
@@ -226,8 +255,9 @@ impl Runtime {
     pub fn new(data_dir: &std::path::Path) -> anyhow::Result<Self> {
         Ok(Runtime {
             inner: Arc::new(Inner {
-                host: WasmHost::new()?,
+                host: Arc::new(WasmHost::new()?),
                 local_dir: data_dir.join("__transforms"),
+                data_dir: data_dir.to_path_buf(),
                 brokers: std::sync::OnceLock::new(),
                 client: tokio::sync::OnceCell::new(),
                 store: std::sync::OnceLock::new(),
@@ -277,7 +307,9 @@ impl Runtime {
             .store
             .set((store.clone(), node_id))
             .map_err(|_| anyhow::anyhow!("the streams runtime is started already"))?;
-        store::spawn_reconciler(store, self.clone(), None);
+        // Also periodically: another broker may have deleted a removed deployment's
+        // changelogs, which frees this broker's copy of its state.
+        store::spawn_reconciler(store, self.clone(), Some(GARBAGE_INTERVAL));
         Ok(())
     }
 }
@@ -358,6 +390,7 @@ impl store::Reconciler for Runtime {
                 }
             }
         }
+        self.collect_garbage().await;
     }
 }
 
@@ -405,15 +438,16 @@ impl Runtime {
         let config: Vec<(String, String)> = saved.config.clone().into_iter().collect();
         self.inner
             .host
-            .instantiate(
-                &pre,
-                &saved.name,
-                &config,
-                &saved.output_topics,
-                saved.limits(),
-                LogBuffer::default(),
-            )
+            .instantiate(&pre, saved.setup(&config, LogBuffer::default()))
             .map_err(|e| DeployError::Invalid(e.0))?;
+        if pre.is_stateful() {
+            create_changelogs(&admin, &saved).await?;
+        } else if !saved.stores.is_empty() {
+            return Err(DeployError::Invalid(format!(
+                "the deployment declares stores {:?} but the component is a stateless runnel:transform@0.1.0 one; build it with runnel_sdk::export_stateful_transform! or declare no stores",
+                saved.stores
+            )));
+        }
         let (store, _) = self.store()?;
         let snapshot = store.caught_up().await?;
         saved.version = snapshot
@@ -473,6 +507,9 @@ impl Runtime {
         }));
         let (control, control_rx) = watch::channel(initial);
         let log = LogBuffer::default();
+        let tasks = pre
+            .is_stateful()
+            .then(|| tasks::Tasks::new(&self.inner.data_dir, &saved.name, &saved.stores));
         log.push(format!(
             "[runtime] version {} started (component sha256 {})",
             saved.version, saved.sha256
@@ -481,6 +518,7 @@ impl Runtime {
             self.clone(),
             Task {
                 saved: saved.clone(),
+                tasks: tasks.clone(),
                 pre,
                 stats: stats.clone(),
                 state: state.clone(),
@@ -492,6 +530,7 @@ impl Runtime {
             saved.name.clone(),
             Deployment {
                 saved,
+                tasks,
                 stats,
                 state,
                 control,
@@ -504,6 +543,7 @@ impl Runtime {
 
     /// What this broker runs, as it runs it (no lag: that is the cluster's).
     pub fn local_list(&self) -> Vec<v1::TransformStatus> {
+        let own = self.store().map_or(0, |(_, id)| id);
         lock(&self.inner.deployments)
             .values()
             .map(|d| {
@@ -523,6 +563,11 @@ impl Runtime {
                     version: d.saved.version,
                     wasm_sha256: d.saved.sha256.clone(),
                     brokers: Vec::new(),
+                    tasks: d
+                        .tasks
+                        .as_ref()
+                        .map(|t| tasks::lock(t).statuses(own))
+                        .unwrap_or_default(),
                 }
             })
             .collect()
@@ -611,6 +656,7 @@ impl Runtime {
                 status.records_in += member.records_in;
                 status.records_out += member.records_out;
                 status.record_errors += member.record_errors;
+                status.tasks.extend(member.tasks.iter().cloned());
                 if member.state == "Failed" {
                     failures.push(format!("broker {broker}: {}", member.error));
                 }
@@ -719,15 +765,205 @@ impl Runtime {
     ///
     /// # Errors
     /// Unknown transform, or a store that cannot be written.
-    pub async fn remove(&self, name: &str) -> Result<(), DeployError> {
+    pub async fn remove(&self, name: &str, delete_state: bool) -> Result<(), DeployError> {
         let (store, _) = self.store()?;
         let snapshot = store.caught_up().await?;
-        if snapshot.get(Kind::Transform, name).is_none() {
-            return Err(DeployError::Unknown(name.to_string()));
-        }
+        let definition = snapshot
+            .get(Kind::Transform, name)
+            .ok_or_else(|| DeployError::Unknown(name.to_string()))?;
+        let saved = Saved::from_definition(definition)?;
         store.put(Kind::Transform, name, None).await?;
         self.reconcile().await;
+        if delete_state {
+            self.delete_state(&saved).await?;
+        }
         Ok(())
+    }
+
+    /// Deletes a removed deployment's state once no broker runs it: its changelogs
+    /// (every broker then deletes its local stores, see [`Runtime::collect_garbage`])
+    /// and its committed input offsets.
+    async fn delete_state(&self, saved: &Saved) -> Result<(), DeployError> {
+        let deadline = tokio::time::Instant::now() + SETTLE_TIMEOUT;
+        loop {
+            let (running, _) = self.gather(None).await;
+            let still = running.values().any(|list| {
+                list.iter()
+                    .any(|s| s.spec.as_ref().is_some_and(|sp| sp.name == saved.name))
+            });
+            if !still {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(DeployError::Internal(anyhow::anyhow!(
+                    "transform {:?} was removed, but a broker still runs it after {} s; its state was kept: run the remove with --delete-state again",
+                    saved.name,
+                    SETTLE_TIMEOUT.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let admin = Admin::new(self.client().await?);
+        for topic in state::changelog_topics(&saved.name, &saved.stores) {
+            match admin.delete_topic(&topic).await {
+                Ok(()) => {}
+                Err(err) if err.code() == Some(v1::ErrorCode::UnknownTopic) => {}
+                Err(err) => {
+                    return Err(DeployError::Internal(anyhow::anyhow!(
+                        "deleting changelog {topic}: {err}"
+                    )));
+                }
+            }
+        }
+        if let Err(err) = admin.delete_group(&group_name(&saved.name)).await {
+            tracing::debug!(transform = %saved.name, error = %err, "no committed offsets to delete");
+        }
+        self.collect_garbage().await;
+        Ok(())
+    }
+
+    /// Deletes local stores of deployments that are not defined and whose changelogs are
+    /// gone (removed with `--delete-state`, on this broker or another).
+    async fn collect_garbage(&self) {
+        let Ok((store, _)) = self.store() else {
+            return;
+        };
+        let root = self.inner.data_dir.join("__state");
+        let Ok(entries) = std::fs::read_dir(&root) else {
+            return;
+        };
+        let Ok(client) = self.client().await else {
+            return;
+        };
+        let admin = Admin::new(client);
+        let snapshot = store.snapshot();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if snapshot.get(Kind::Transform, &name).is_some()
+                || lock(&self.inner.deployments).contains_key(&name)
+            {
+                continue;
+            }
+            let internal = state::changelog_topic(&name, state::INTERNAL_STORE);
+            if let Err(err) = admin.describe_topic(&internal).await
+                && err.code() == Some(v1::ErrorCode::UnknownTopic)
+            {
+                match std::fs::remove_dir_all(entry.path()) {
+                    Ok(()) => {
+                        tracing::info!(transform = %name, "deleted the local state of a removed transform")
+                    }
+                    Err(err) => {
+                        tracing::warn!(transform = %name, error = %err, "cannot delete the local state of a removed transform")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads a deployment's store: committed state of the tasks that own the key (or
+    /// of every task, for a range), on this broker only with `query.local`.
+    ///
+    /// # Errors
+    /// Unknown transform or store; no broker has the key's task open.
+    pub async fn query_state(
+        &self,
+        query: v1::StateQuery,
+    ) -> Result<Vec<v1::StateEntry>, DeployError> {
+        let (store, own) = self.store()?;
+        let definition = store
+            .snapshot()
+            .get(Kind::Transform, &query.name)
+            .cloned()
+            .ok_or_else(|| DeployError::Unknown(query.name.clone()))?;
+        let saved = Saved::from_definition(&definition)?;
+        if !saved.stores.contains(&query.store) {
+            return Err(DeployError::Invalid(format!(
+                "transform {:?} has no store {:?}; its stores: {:?}",
+                query.name, query.store, saved.stores
+            )));
+        }
+        let limit = match query.limit {
+            0 => 1_000,
+            n => n.min(state::RANGE_LIMIT_MAX),
+        } as usize;
+        let client = self.client().await?;
+        let partition = match &query.key {
+            Some(key) => {
+                let count = Admin::new(client.clone())
+                    .describe_topic(&saved.input_topic)
+                    .await
+                    .map_err(|err| DeployError::Internal(err.into()))?
+                    .partitions
+                    .len() as u32;
+                Some(runnel_client::partition_for_key(key, count))
+            }
+            None => None,
+        };
+        let (from, to): (Vec<u8>, Option<Vec<u8>>) = match &query.key {
+            Some(key) => {
+                let mut next = key.to_vec();
+                next.push(0);
+                (key.to_vec(), Some(next))
+            }
+            None => (query.from.to_vec(), query.to.as_ref().map(|t| t.to_vec())),
+        };
+        let local = lock(&self.inner.deployments)
+            .get(&query.name)
+            .and_then(|d| d.tasks.clone());
+        let mut entries = Vec::new();
+        if let Some(tasks) = local {
+            let store_name = query.store.clone();
+            let found = tokio::task::spawn_blocking(move || {
+                tasks::lock(&tasks).query(&store_name, partition, &from, to.as_deref(), limit)
+            })
+            .await
+            .map_err(|err| DeployError::Internal(err.into()))??;
+            entries.extend(
+                found
+                    .into_iter()
+                    .map(|(partition, (key, value))| v1::StateEntry {
+                        key: key.into(),
+                        value: value.into(),
+                        partition,
+                    }),
+            );
+        }
+        if query.local {
+            return Ok(entries);
+        }
+        let live = store::live_brokers(&client).await.unwrap_or_default();
+        for broker in live.into_iter().filter(|b| b.id != own) {
+            match tokio::time::timeout(
+                PEER_TIMEOUT,
+                Admin::local_state(&broker.address, query.clone()),
+            )
+            .await
+            {
+                Ok(Ok(found)) => entries.extend(found),
+                Ok(Err(err)) => {
+                    tracing::debug!(broker = broker.id, error = %err, "no state from the broker")
+                }
+                Err(_) => tracing::debug!(broker = broker.id, "no state from the broker in time"),
+            }
+        }
+        entries.sort_by(|a, b| a.key.cmp(&b.key));
+        entries.truncate(limit);
+        if let Some(partition) = partition
+            && entries.is_empty()
+        {
+            let status = self.status(&query.name).await?;
+            let open = status
+                .tasks
+                .iter()
+                .any(|t| t.partition == partition && t.state == "Running");
+            if !open {
+                return Err(DeployError::Invalid(format!(
+                    "no broker has the task of partition {partition} of transform {:?} open (it is restoring, moving, or the transform is not running); try again",
+                    query.name
+                )));
+            }
+        }
+        Ok(entries)
     }
 
     /// Stops this broker's member of a deployment, letting it commit what was
@@ -791,7 +1027,8 @@ pub fn group_name(transform: &str) -> String {
 
 struct Task {
     saved: Saved,
-    pre: Arc<crate::host::TransformerPre<crate::host::GuestState>>,
+    tasks: Option<SharedTasks>,
+    pre: Arc<Prepared>,
     stats: Arc<Stats>,
     state: Arc<Mutex<State>>,
     control: watch::Receiver<Control>,
@@ -832,69 +1069,102 @@ async fn run(runtime: Runtime, mut task: Task) {
     }
 }
 
-/// The outcome of a batch after isolating traps: what to emit, and the bad records.
-struct Processed {
-    outputs: Vec<(u32, ProducerRecord)>,
-    failures: Vec<(usize, String)>,
+/// The outcome of a batch after isolating traps: what to emit (by input index, or
+/// [`FROM_TIMER`]), the bad records, and (stateful components) the state writes for the
+/// changelogs.
+#[derive(Default)]
+pub(crate) struct Processed {
+    pub(crate) outputs: Vec<(u32, ProducerRecord)>,
+    pub(crate) failures: Vec<(usize, String)>,
+    /// (partition, write) of the calls that succeeded.
+    pub(crate) changelog: Vec<(u32, ChangelogWrite)>,
+    /// Timers the guest refused or trapped on (they are dropped).
+    pub(crate) timer_failures: Vec<String>,
 }
 
-/// A batch whose output was sent but not yet acknowledged: its input offsets are
-/// committed once every delivery is.
+/// The input index of a record a timer emitted.
+pub(crate) const FROM_TIMER: u32 = u32::MAX;
+
+/// Work sent to the broker whose commit is outstanding: a batch (at-least-once) or a
+/// transaction (exactly-once).
 struct Pending {
     deliveries: Vec<Delivery>,
+    /// (partition, store, delivery) of changelog records.
+    changelog: Vec<(u32, u32, Delivery)>,
     offsets: BTreeMap<(String, u32), i64>,
     emitted: u64,
+    /// The commit unit its state writes belong to.
+    unit: u64,
 }
 
 impl Pending {
-    async fn finish(self, member: &mut GroupConsumer, stats: &Stats) -> anyhow::Result<()> {
-        for delivery in self.deliveries {
+    fn empty(unit: u64) -> Self {
+        Pending {
+            deliveries: Vec::new(),
+            changelog: Vec::new(),
+            offsets: BTreeMap::new(),
+            emitted: 0,
+            unit,
+        }
+    }
+
+    fn absorb(&mut self, batch: Pending) {
+        self.deliveries.extend(batch.deliveries);
+        self.changelog.extend(batch.changelog);
+        self.offsets.extend(batch.offsets);
+        self.emitted += batch.emitted;
+    }
+
+    /// Waits until every record is acknowledged; returns the changelog offsets reached
+    /// (partition → store → next offset).
+    async fn acknowledged(&mut self) -> anyhow::Result<BTreeMap<u32, BTreeMap<u32, i64>>> {
+        for delivery in self.deliveries.drain(..) {
             delivery.await.context("producing the transform's output")?;
         }
-        stats.records_out.fetch_add(self.emitted, Ordering::Relaxed);
-        // A partition revoked meanwhile is re-read by its new owner instead.
-        let owned: std::collections::BTreeSet<(String, u32)> =
-            member.assignment().into_iter().collect();
-        let offsets = self
-            .offsets
-            .into_iter()
-            .filter(|(tp, _)| owned.contains(tp))
-            .collect();
-        member
-            .commit_offsets(offsets)
-            .await
-            .context("committing input offsets")
+        let mut checkpoints: BTreeMap<u32, BTreeMap<u32, i64>> = BTreeMap::new();
+        for (partition, store, delivery) in self.changelog.drain(..) {
+            let written = delivery.await.context("writing a state changelog")?;
+            let next = checkpoints
+                .entry(partition)
+                .or_default()
+                .entry(store)
+                .or_insert(0);
+            *next = (*next).max(written.offset + 1);
+        }
+        Ok(checkpoints)
     }
 }
 
 /// How a deployment commits what it processed.
-enum Commits {
-    /// Batch k's output is acknowledged while batch k+1 is read and processed; then its
-    /// input offsets are committed.
-    AtLeastOnce(Option<Pending>),
-    /// The batches of a commit interval go into one transaction with their input
-    /// offsets (`None` between transactions).
-    ExactlyOnce {
-        interval: Duration,
-        open: Option<(std::time::Instant, Pending)>,
-    },
+struct Commits {
+    /// Exactly-once: the commit interval.
+    exactly_once: Option<Duration>,
+    /// At-least-once: batch k, acknowledged while batch k+1 is read and processed, then
+    /// its input offsets are committed. Exactly-once: the open transaction, with the
+    /// batches of a commit interval and their input offsets.
+    pending: Option<Pending>,
+    opened: Option<std::time::Instant>,
+    /// The commit unit of the next batch's state writes: a batch (at-least-once) or a
+    /// transaction (exactly-once).
+    unit: u64,
+    tasks: Option<SharedTasks>,
 }
 
 impl Commits {
+    /// The commit unit of a batch about to be processed.
+    fn unit_for_batch(&mut self) -> u64 {
+        if self.exactly_once.is_none() {
+            self.unit += 1;
+        }
+        self.unit
+    }
+
     /// Before a batch's output is sent: opens a transaction if none is.
     fn begin(&mut self, producer: &Producer) -> anyhow::Result<()> {
-        if let Commits::ExactlyOnce { open, .. } = self
-            && open.is_none()
-        {
+        if self.exactly_once.is_some() && self.pending.is_none() {
             producer.begin_transaction()?;
-            *open = Some((
-                std::time::Instant::now(),
-                Pending {
-                    deliveries: Vec::new(),
-                    offsets: BTreeMap::new(),
-                    emitted: 0,
-                },
-            ));
+            self.pending = Some(Pending::empty(self.unit));
+            self.opened = Some(std::time::Instant::now());
         }
         Ok(())
     }
@@ -907,29 +1177,54 @@ impl Commits {
         member: &mut GroupConsumer,
         stats: &Stats,
     ) -> anyhow::Result<()> {
-        match self {
-            Commits::AtLeastOnce(pending) => {
-                if let Some(done) = pending.take() {
-                    done.finish(member, stats).await?;
+        match self.exactly_once {
+            None => {
+                if let Some(done) = self.pending.take() {
+                    self.finish(done, member, stats).await?;
                 }
-                *pending = Some(batch);
+                self.pending = Some(batch);
                 Ok(())
             }
-            Commits::ExactlyOnce { interval, open } => {
-                if let Some((_, txn)) = open.as_mut() {
-                    txn.deliveries.extend(batch.deliveries);
-                    txn.offsets.extend(batch.offsets);
-                    txn.emitted += batch.emitted;
+            Some(interval) => {
+                if let Some(txn) = self.pending.as_mut() {
+                    txn.absorb(batch);
                 }
-                let due = open
-                    .as_ref()
-                    .is_some_and(|(since, _)| since.elapsed() >= *interval);
-                if due {
+                if self.opened.is_some_and(|since| since.elapsed() >= interval) {
                     self.settle(producer, member, stats).await?;
                 }
                 Ok(())
             }
         }
+    }
+
+    /// At-least-once: once batch `done` is acknowledged, writes its state and commits
+    /// its input offsets.
+    async fn finish(
+        &mut self,
+        mut done: Pending,
+        member: &mut GroupConsumer,
+        stats: &Stats,
+    ) -> anyhow::Result<()> {
+        let checkpoints = done.acknowledged().await?;
+        stats.records_out.fetch_add(done.emitted, Ordering::Relaxed);
+        if let Some(tasks) = &self.tasks {
+            tasks::lock(tasks).commit(done.unit, &checkpoints)?;
+        }
+        // A partition revoked meanwhile is re-read by its new owner instead.
+        let owned: std::collections::BTreeSet<(String, u32)> =
+            member.assignment().into_iter().collect();
+        let offsets: BTreeMap<(String, u32), i64> = done
+            .offsets
+            .into_iter()
+            .filter(|(tp, _)| owned.contains(tp))
+            .collect();
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        member
+            .commit_offsets(offsets)
+            .await
+            .context("committing input offsets")
     }
 
     /// Commits everything outstanding (idle, pausing, stopping).
@@ -939,40 +1234,46 @@ impl Commits {
         member: &mut GroupConsumer,
         stats: &Stats,
     ) -> anyhow::Result<()> {
-        match self {
-            Commits::AtLeastOnce(pending) => match pending.take() {
-                Some(done) => done.finish(member, stats).await,
-                None => Ok(()),
-            },
-            Commits::ExactlyOnce { open, .. } => {
-                let Some((_, txn)) = open.take() else {
-                    return Ok(());
-                };
-                // Records read from a partition this member no longer owns must not
-                // commit without their offsets: the new owner reads them again.
-                let owned: std::collections::BTreeSet<(String, u32)> =
-                    member.assignment().into_iter().collect();
-                if let Some((topic, partition)) = txn.offsets.keys().find(|tp| !owned.contains(*tp))
-                {
-                    producer.abort_transaction().await?;
-                    // Leave, so that the restart joins again at once.
-                    member.leave().await;
-                    anyhow::bail!(
-                        "{topic}-{partition} was reassigned during the transaction; it was aborted and the new owner processes those records"
-                    );
-                }
-                producer
-                    .send_offsets_to_transaction(&txn.offsets, &member.group_metadata())
-                    .await
-                    .context("committing input offsets in the transaction")?;
-                producer
-                    .commit_transaction()
-                    .await
-                    .context("committing the transaction")?;
-                stats.records_out.fetch_add(txn.emitted, Ordering::Relaxed);
-                Ok(())
-            }
+        let Some(mut txn) = self.pending.take() else {
+            return Ok(());
+        };
+        if self.exactly_once.is_none() {
+            return self.finish(txn, member, stats).await;
         }
+        self.opened = None;
+        let unit = self.unit;
+        self.unit += 1;
+        // Records read from a partition this member no longer owns must not
+        // commit without their offsets: the new owner reads them again.
+        let owned: std::collections::BTreeSet<(String, u32)> =
+            member.assignment().into_iter().collect();
+        if let Some((topic, partition)) = txn.offsets.keys().find(|tp| !owned.contains(*tp)) {
+            producer.abort_transaction().await?;
+            if let Some(tasks) = &self.tasks {
+                tasks::lock(tasks).abort();
+            }
+            // Leave, so that the restart joins again at once.
+            member.leave().await;
+            anyhow::bail!(
+                "{topic}-{partition} was reassigned during the transaction; it was aborted and the new owner processes those records"
+            );
+        }
+        let checkpoints = txn.acknowledged().await?;
+        if !txn.offsets.is_empty() {
+            producer
+                .send_offsets_to_transaction(&txn.offsets, &member.group_metadata())
+                .await
+                .context("committing input offsets in the transaction")?;
+        }
+        producer
+            .commit_transaction()
+            .await
+            .context("committing the transaction")?;
+        stats.records_out.fetch_add(txn.emitted, Ordering::Relaxed);
+        if let Some(tasks) = &self.tasks {
+            tasks::lock(tasks).commit(unit, &checkpoints)?;
+        }
+        Ok(())
     }
 
     /// Drops the open transaction's work (a batch the fail policy stops on).
@@ -982,16 +1283,18 @@ impl Commits {
         member: &mut GroupConsumer,
         stats: &Stats,
     ) -> anyhow::Result<()> {
-        match self {
+        if self.exactly_once.is_none() {
             // The batches before it were good: they are committed.
-            Commits::AtLeastOnce(_) => self.settle(producer, member, stats).await,
-            Commits::ExactlyOnce { open, .. } => {
-                if open.take().is_some() {
-                    producer.abort_transaction().await?;
-                }
-                Ok(())
-            }
+            self.settle(producer, member, stats).await?;
+        } else if self.pending.take().is_some() {
+            self.opened = None;
+            self.unit += 1;
+            producer.abort_transaction().await?;
         }
+        if let Some(tasks) = &self.tasks {
+            tasks::lock(tasks).abort();
+        }
+        Ok(())
     }
 }
 
@@ -1005,6 +1308,10 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
             }
         }
     };
+    // Starting over: what the tasks hold uncommitted is gone with the old transaction.
+    if let Some(tasks) = &task.tasks {
+        tasks::lock(tasks).close_all();
+    }
     let start = match spec::parse_start(&task.saved.start)? {
         Start::Earliest => StartFrom::Earliest,
         Start::Latest => StartFrom::Latest,
@@ -1039,9 +1346,10 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
     .await?;
     let node_id = runtime.store().map_or(0, |(_, id)| id);
     let producer = Producer::new(
-        client,
+        client.clone(),
         ProducerConfig {
-            acks: if exactly_once {
+            // State must survive a leader's death: changelogs are written with acks=all.
+            acks: if exactly_once || task.tasks.is_some() {
                 Acks::All
             } else {
                 Acks::Leader
@@ -1058,21 +1366,24 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
             ..ProducerConfig::default()
         },
     );
-    let mut commits = if exactly_once {
+    let mut commits = Commits {
+        exactly_once: None,
+        pending: None,
+        opened: None,
+        unit: 0,
+        tasks: task.tasks.clone(),
+    };
+    if exactly_once {
         producer
             .init_transactions()
             .await
             .context("initialising the transactional producer")?;
-        Commits::ExactlyOnce {
-            interval: Duration::from_millis(match task.saved.commit_interval_ms {
-                0 => COMMIT_INTERVAL_MS_DEFAULT,
-                ms => u64::from(ms),
-            }),
-            open: None,
-        }
-    } else {
-        Commits::AtLeastOnce(None)
-    };
+        commits.exactly_once = Some(Duration::from_millis(match task.saved.commit_interval_ms {
+            0 => COMMIT_INTERVAL_MS_DEFAULT,
+            ms => u64::from(ms),
+        }));
+    }
+    let changelogs = state::changelog_topics(&task.saved.name, &task.saved.stores);
     let policy =
         v1::ErrorPolicy::try_from(task.saved.error_policy).unwrap_or(v1::ErrorPolicy::Fail);
     let config: Vec<(String, String)> = task.saved.config.clone().into_iter().collect();
@@ -1100,55 +1411,100 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
             records = member.poll() => records?,
             _ = task.control.changed() => continue,
         };
-        if records.is_empty() {
+        if let Some(tasks) = &task.tasks {
+            let assigned: Vec<u32> = member.assignment().into_iter().map(|(_, p)| p).collect();
+            if commits.pending.is_none() {
+                tasks::lock(tasks).close_unassigned(&assigned);
+            }
+            // Every assigned task restores before anything is processed, so that its
+            // state can be queried and its timers fire even while its input is quiet.
+            let mut wanted: Vec<u32> = records.iter().map(|r| r.partition).collect();
+            wanted.extend(&assigned);
+            wanted.sort_unstable();
+            wanted.dedup();
+            for partition in wanted {
+                if !tasks::lock(tasks).is_open(partition) {
+                    task.log.push(format!(
+                        "[runtime] opening the state of partition {partition}"
+                    ));
+                    tasks::open(tasks, &client, partition)
+                        .await
+                        .with_context(|| format!("restoring the state of partition {partition}"))?;
+                }
+            }
+        } else if records.is_empty() {
             commits.settle(&producer, &mut member, &task.stats).await?;
             continue;
         }
         task.stats
             .records_in
             .fetch_add(records.len() as u64, Ordering::Relaxed);
+        let unit = commits.unit_for_batch();
         let (records, processed) = {
-            let runtime = runtime.clone();
-            let pre = task.pre.clone();
-            let saved = task.saved.clone();
-            let config = config.clone();
-            let log = task.log.clone();
+            let guest = Guest {
+                host: runtime.inner.host.clone(),
+                pre: task.pre.clone(),
+                saved: task.saved.clone(),
+                config: config.clone(),
+                log: task.log.clone(),
+            };
+            let tasks = task.tasks.clone();
             let mut current = instance.take();
             let (current, records, processed) = tokio::task::spawn_blocking(move || {
-                let processed = process(
-                    &runtime,
-                    &pre,
-                    &saved,
-                    &config,
-                    &log,
-                    &mut current,
-                    &records,
-                );
+                let processed = process(&guest, &mut current, &records, tasks.as_ref(), unit);
                 (current, records, processed)
             })
             .await?;
             instance = current;
             (records, processed?)
         };
-        if policy == v1::ErrorPolicy::Fail
-            && let Some((index, reason)) = processed.failures.first()
-        {
-            // Emit nothing of this batch and commit nothing: the next version starts at it.
-            let record = &records[*index];
-            task.stats.record_errors.fetch_add(1, Ordering::Relaxed);
-            commits.abandon(&producer, &mut member, &task.stats).await?;
-            member.leave().await;
-            return Err(PolicyFailure(format!(
-                "transform {:?} failed on input {}-{}@{}: {reason}",
-                task.saved.name, record.topic, record.partition, record.offset
-            ))
-            .into());
+        if policy == v1::ErrorPolicy::Fail {
+            let failure = match (processed.failures.first(), processed.timer_failures.first()) {
+                (Some((index, reason)), _) => {
+                    let record = &records[*index];
+                    Some(format!(
+                        "transform {:?} failed on input {}-{}@{}: {reason}",
+                        task.saved.name, record.topic, record.partition, record.offset
+                    ))
+                }
+                (None, Some(reason)) => Some(format!(
+                    "transform {:?} failed on a timer: {reason}",
+                    task.saved.name
+                )),
+                (None, None) => None,
+            };
+            if let Some(failure) = failure {
+                // Emit nothing of this batch and commit nothing: the next version starts
+                // at it.
+                task.stats.record_errors.fetch_add(1, Ordering::Relaxed);
+                commits.abandon(&producer, &mut member, &task.stats).await?;
+                member.leave().await;
+                return Err(PolicyFailure(failure).into());
+            }
+        }
+        if records.is_empty() && processed.outputs.is_empty() && processed.changelog.is_empty() {
+            commits.settle(&producer, &mut member, &task.stats).await?;
+            continue;
         }
         let emitted = processed.outputs.len() as u64;
         commits.begin(&producer)?;
         let mut deliveries: Vec<Delivery> = Vec::with_capacity(processed.outputs.len());
         for (_, record) in processed.outputs {
             deliveries.push(producer.send(record).await?);
+        }
+        let mut changelog = Vec::with_capacity(processed.changelog.len());
+        for (partition, write) in processed.changelog {
+            let topic = changelogs
+                .get(write.store as usize)
+                .context("a state write names no store")?;
+            let mut record = ProducerRecord::new(topic.clone()).partition(partition);
+            record.key = Some(Bytes::from(write.key));
+            record.value = write.value.map(Bytes::from);
+            changelog.push((partition, write.store, producer.send(record).await?));
+        }
+        for reason in &processed.timer_failures {
+            task.stats.record_errors.fetch_add(1, Ordering::Relaxed);
+            task.log.push(format!("[runtime] dropped timers: {reason}"));
         }
         for (index, reason) in &processed.failures {
             let record = &records[*index];
@@ -1171,13 +1527,68 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
         }
         let batch = Pending {
             deliveries,
+            changelog,
             offsets: next_offsets(&records),
             emitted,
+            unit,
         };
         commits
             .sent(batch, &producer, &mut member, &task.stats)
             .await?;
     }
+}
+
+/// Creates the changelogs of a stateful deployment: compacted, one partition per input
+/// partition, at the brokers' default replication factor. Existing ones are kept if
+/// their partition count fits.
+async fn create_changelogs(admin: &Admin, saved: &Saved) -> Result<(), DeployError> {
+    let partitions = admin
+        .describe_topic(&saved.input_topic)
+        .await
+        .map_err(|err| DeployError::Invalid(format!("topic {:?}: {err}", saved.input_topic)))?
+        .partitions
+        .len() as u32;
+    let mut seen = std::collections::BTreeSet::new();
+    for store in &saved.stores {
+        if store.is_empty() || store == state::INTERNAL_STORE || !seen.insert(store) {
+            return Err(DeployError::Invalid(format!(
+                "store names must be unique, not empty and not {:?}; got {:?}",
+                state::INTERNAL_STORE,
+                saved.stores
+            )));
+        }
+    }
+    for topic in state::changelog_topics(&saved.name, &saved.stores) {
+        match admin.describe_topic(&topic).await {
+            Ok(existing) if existing.partitions.len() as u32 == partitions => continue,
+            Ok(existing) => {
+                return Err(DeployError::Invalid(format!(
+                    "changelog {topic} has {} partitions but input {} has {partitions}; remove the transform with --delete-state (or deploy under a new name)",
+                    existing.partitions.len(),
+                    saved.input_topic
+                )));
+            }
+            Err(err) if err.code() == Some(v1::ErrorCode::UnknownTopic) => {}
+            Err(err) => return Err(DeployError::Internal(err.into())),
+        }
+        let configs = std::collections::HashMap::from([(
+            "cleanup.policy".to_string(),
+            "compact".to_string(),
+        )]);
+        match admin
+            .create_topic(&topic, Some(partitions), None, configs)
+            .await
+        {
+            Ok(_) => {}
+            Err(err) if err.code() == Some(v1::ErrorCode::TopicAlreadyExists) => {}
+            Err(err) => {
+                return Err(DeployError::Invalid(format!(
+                    "cannot create changelog {topic}: {err}"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn dead_letter(saved: &Saved, record: &ConsumerRecord, reason: &str) -> ProducerRecord {
@@ -1246,67 +1657,254 @@ pub fn write_flat_input(
     );
 }
 
-/// Runs the guest over `records`; on a trap, runs them one by one in fresh instances to
-/// find the records that trap.
-fn process(
-    runtime: &Runtime,
-    pre: &crate::host::TransformerPre<crate::host::GuestState>,
-    saved: &Saved,
-    config: &[(String, String)],
-    log: &LogBuffer,
-    instance: &mut Option<Instance>,
-    records: &[ConsumerRecord],
-) -> anyhow::Result<Processed> {
-    let run = |instance: &mut Option<Instance>,
-               input: &[u8]|
-     -> anyhow::Result<Result<BatchResult, GuestFailure>> {
+/// What a guest call needs besides its input.
+pub(crate) struct Guest {
+    pub(crate) host: Arc<WasmHost>,
+    pub(crate) pre: Arc<Prepared>,
+    pub(crate) saved: Saved,
+    pub(crate) config: Vec<(String, String)>,
+    pub(crate) log: LogBuffer,
+}
+
+impl Guest {
+    /// Calls the guest on `input` (or with `timers`), in `task`'s stores for a stateful
+    /// component, making a fresh instance if there is none.
+    fn call(
+        &self,
+        instance: &mut Option<Instance>,
+        task: &mut Option<TaskState>,
+        input: Input<'_>,
+    ) -> anyhow::Result<Result<BatchResult, GuestFailure>> {
         if instance.is_none() {
-            let fresh = runtime
-                .inner
+            let fresh = self
                 .host
-                .instantiate(
-                    pre,
-                    &saved.name,
-                    config,
-                    &saved.output_topics,
-                    saved.limits(),
-                    log.clone(),
-                )
+                .instantiate(&self.pre, self.saved.setup(&self.config, self.log.clone()))
                 .map_err(|e| anyhow::anyhow!(e.0))?;
             *instance = Some(fresh);
         }
         let Some(live) = instance.as_mut() else {
             anyhow::bail!("no instance");
         };
-        let result = live.process(input);
+        if let Some(state) = task.take() {
+            live.enter(state);
+        }
+        let result = match input {
+            Input::Records(flat) => live.process(flat),
+            Input::Timers(timers) => live.fire(timers),
+        };
+        *task = live.leave();
         if result.is_err() {
             // A trapped instance is never called again.
             *instance = None;
         }
         Ok(result)
+    }
+}
+
+enum Input<'a> {
+    Records(&'a [u8]),
+    Timers(&'a [Timer]),
+}
+
+/// Timers handed to one `fire` call.
+const TIMERS_PER_CALL: usize = 1_000;
+/// `fire` calls per task and batch, so that a flood of timers cannot starve the input.
+const TIMER_CALLS_MAX: usize = 10;
+
+/// Runs the guest over `records`: a stateful component partition by partition in each
+/// partition's stores, then over the timers that came due in every open task.
+pub(crate) fn process(
+    guest: &Guest,
+    instance: &mut Option<Instance>,
+    records: &[ConsumerRecord],
+    tasks: Option<&SharedTasks>,
+    unit: u64,
+) -> anyhow::Result<Processed> {
+    let mut processed = Processed::default();
+    let Some(tasks) = tasks else {
+        process_records(guest, instance, &mut None, records, 0, unit, &mut processed)?;
+        return Ok(processed);
     };
-    let mut processed = Processed {
-        outputs: Vec::new(),
-        failures: Vec::new(),
-    };
-    match run(instance, &flat_input(records.iter()))? {
-        Ok(result) => collect(saved, result, 0, records.len(), &mut processed),
+    let mut tasks = tasks::lock(tasks);
+    let mut newest: BTreeMap<u32, i64> = BTreeMap::new();
+    let mut base = 0;
+    for chunk in records.chunk_by(|a, b| a.partition == b.partition) {
+        let partition = chunk[0].partition;
+        let mut task = Some(
+            tasks
+                .take(partition)
+                .with_context(|| format!("the state of partition {partition} is not open"))?,
+        );
+        let result = process_records(
+            guest,
+            instance,
+            &mut task,
+            chunk,
+            base,
+            unit,
+            &mut processed,
+        );
+        if let Some(task) = task {
+            tasks.put_back(task);
+        }
+        result?;
+        let newest_here = chunk
+            .iter()
+            .map(|r| r.timestamp_ms)
+            .max()
+            .unwrap_or(i64::MIN);
+        let entry = newest.entry(partition).or_insert(i64::MIN);
+        *entry = (*entry).max(newest_here);
+        base += chunk.len();
+    }
+    for partition in tasks.open_partitions() {
+        let mut task = tasks.take(partition);
+        let result = fire_timers(
+            guest,
+            instance,
+            &mut task,
+            newest.get(&partition).copied(),
+            unit,
+            &mut processed,
+        );
+        if let Some(task) = task {
+            tasks.put_back(task);
+        }
+        result?;
+    }
+    Ok(processed)
+}
+
+/// Keeps or drops the running call's state writes.
+fn end_call(task: &mut Option<TaskState>, keep: bool, unit: u64, processed: &mut Processed) {
+    if let Some(task) = task.as_mut() {
+        let partition = task.partition();
+        let writes = task.end_call(keep, unit);
+        processed
+            .changelog
+            .extend(writes.into_iter().map(|w| (partition, w)));
+    }
+}
+
+/// Runs the guest over `records` (input indexes from `base`); on a trap, runs them one by
+/// one in fresh instances to find the records that trap. State writes of a call that
+/// trapped vanish.
+fn process_records(
+    guest: &Guest,
+    instance: &mut Option<Instance>,
+    task: &mut Option<TaskState>,
+    records: &[ConsumerRecord],
+    base: usize,
+    unit: u64,
+    processed: &mut Processed,
+) -> anyhow::Result<()> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let flat = flat_input(records.iter());
+    match guest.call(instance, task, Input::Records(&flat))? {
+        Ok(result) => {
+            end_call(task, true, unit, processed);
+            collect(&guest.saved, result, base, records.len(), processed);
+        }
         Err(failure) => {
-            log.push(format!(
+            end_call(task, false, unit, processed);
+            guest.log.push(format!(
                 "[runtime] guest {}; isolating the record",
                 failure.0
             ));
             for (index, record) in records.iter().enumerate() {
-                match run(instance, &flat_input(std::iter::once(record)))? {
-                    Ok(result) => collect(saved, result, index, 1, &mut processed),
-                    Err(failure) => processed
-                        .failures
-                        .push((index, format!("guest {}", failure.0))),
+                let flat = flat_input(std::iter::once(record));
+                match guest.call(instance, task, Input::Records(&flat))? {
+                    Ok(result) => {
+                        end_call(task, true, unit, processed);
+                        collect(&guest.saved, result, base + index, 1, processed);
+                    }
+                    Err(failure) => {
+                        end_call(task, false, unit, processed);
+                        processed
+                            .failures
+                            .push((base + index, format!("guest {}", failure.0)));
+                    }
                 }
             }
         }
     }
-    Ok(processed)
+    Ok(())
+}
+
+/// Advances a task's event time to `newest` and calls the guest with the timers that
+/// came due (event time against the watermark, wall clock against now). A timer is
+/// deleted as it is handed over, in the same call's writes.
+fn fire_timers(
+    guest: &Guest,
+    instance: &mut Option<Instance>,
+    task: &mut Option<TaskState>,
+    newest: Option<i64>,
+    unit: u64,
+    processed: &mut Processed,
+) -> anyhow::Result<()> {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    for _ in 0..TIMER_CALLS_MAX {
+        let Some(state) = task.as_mut() else {
+            return Ok(());
+        };
+        if let Some(newest) = newest {
+            state.observe_timestamp(newest);
+        }
+        let watermark =
+            crate::host::watermark(state.max_timestamp_ms(), guest.saved.allowed_lateness_ms);
+        let mut due = state.due_timers(0, watermark, TIMERS_PER_CALL)?;
+        if due.len() < TIMERS_PER_CALL {
+            due.extend(state.due_timers(1, now_ms, TIMERS_PER_CALL - due.len())?);
+        }
+        if due.is_empty() {
+            end_call(task, true, unit, processed);
+            return Ok(());
+        }
+        let drop_due = |state: &mut TaskState| -> anyhow::Result<()> {
+            for timer in &due {
+                state.cancel(timer)?;
+            }
+            Ok(())
+        };
+        drop_due(state)?;
+        match guest.call(instance, task, Input::Timers(&due))? {
+            Ok(result) => {
+                end_call(task, true, unit, processed);
+                let mut fired = Processed::default();
+                collect(&guest.saved, result, 0, due.len(), &mut fired);
+                processed
+                    .outputs
+                    .extend(fired.outputs.into_iter().map(|(_, r)| (FROM_TIMER, r)));
+                processed
+                    .timer_failures
+                    .extend(fired.failures.into_iter().map(|(i, reason)| {
+                        format!(
+                            "timer at {} ms: {reason}",
+                            due.get(i).map_or(0, |t| t.at_ms)
+                        )
+                    }));
+            }
+            Err(failure) => {
+                // The call's writes vanish; the timers are dropped all the same.
+                end_call(task, false, unit, processed);
+                if let Some(state) = task.as_mut() {
+                    if let Some(newest) = newest {
+                        state.observe_timestamp(newest);
+                    }
+                    drop_due(state)?;
+                }
+                end_call(task, true, unit, processed);
+                processed
+                    .timer_failures
+                    .push(format!("{} timers: guest {}", due.len(), failure.0));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Turns a batch result for `count` inputs starting at `base` into output records and

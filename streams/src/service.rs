@@ -121,13 +121,26 @@ impl transforms_server::Transforms for Service {
 
     async fn remove(
         &self,
-        request: Request<v1::TransformName>,
+        request: Request<v1::RemoveTransformRequest>,
     ) -> Result<Response<v1::RemoveTransformResponse>, Status> {
+        let request = request.into_inner();
         self.runtime
-            .remove(&request.into_inner().name)
+            .remove(&request.name, request.delete_state)
             .await
             .map_err(status)?;
         Ok(Response::new(v1::RemoveTransformResponse {}))
+    }
+
+    async fn query_state(
+        &self,
+        request: Request<v1::StateQuery>,
+    ) -> Result<Response<v1::StateEntries>, Status> {
+        let entries = self
+            .runtime
+            .query_state(request.into_inner())
+            .await
+            .map_err(status)?;
+        Ok(Response::new(v1::StateEntries { entries }))
     }
 
     async fn logs(

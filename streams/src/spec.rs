@@ -14,6 +14,9 @@
 //! start: earliest                # earliest | latest | offset:N | timestamp:MS
 //! memory-limit-mb: 64
 //! cpu-limit-ms: 2000
+//! processing: exactly-once       # at-least-once | exactly-once
+//! stores: [counts]               # runnel:transform@0.2.0 components only
+//! allowed-lateness-ms: 5000      # watermark = largest timestamp seen - this
 //! ```
 
 use std::collections::BTreeMap;
@@ -48,6 +51,11 @@ pub struct TransformFile {
     pub processing: Option<String>,
     #[serde(default)]
     pub commit_interval_ms: Option<u32>,
+    /// State stores (stateful components).
+    #[serde(default)]
+    pub stores: Vec<String>,
+    #[serde(default)]
+    pub allowed_lateness_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -132,6 +140,8 @@ impl TransformFile {
             cpu_limit_ms: file.cpu_limit_ms.unwrap_or(0),
             processing: processing as i32,
             commit_interval_ms: file.commit_interval_ms.unwrap_or(0),
+            stores: file.stores,
+            allowed_lateness_ms: file.allowed_lateness_ms.unwrap_or(0),
         };
         validate(&spec).with_context(|| format!("invalid deployment file {}", path.display()))?;
         Ok((spec, wasm))
@@ -198,6 +208,26 @@ pub fn validate(spec: &v1::TransformSpec) -> anyhow::Result<()> {
         anyhow::bail!("the dead-letter policy needs a dead-letter topic (--dead-letter-topic)");
     }
     parse_start(&spec.start)?;
+    let mut stores = std::collections::BTreeSet::new();
+    for store in &spec.stores {
+        if store.is_empty()
+            || store.len() > NAME_LENGTH_MAX
+            || store.starts_with("__")
+            || !store
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            anyhow::bail!(
+                "invalid store name {store:?}: use 1 to {NAME_LENGTH_MAX} ASCII letters, digits, '.', '_' or '-', not starting with \"__\""
+            );
+        }
+        if !stores.insert(store) {
+            anyhow::bail!("store {store:?} is declared twice");
+        }
+    }
+    if spec.allowed_lateness_ms < 0 {
+        anyhow::bail!("allowed lateness must not be negative");
+    }
     Ok(())
 }
 
@@ -232,5 +262,23 @@ mod tests {
         let err = format!("{:#}", TransformFile::load(&path).expect_err("no dlq"));
         assert!(err.contains("dead-letter topic"), "{err}");
         assert!(parse_start("yesterday").is_err());
+        std::fs::write(&path, "name: wc\ninput: words\noutputs: [counts]\nwasm: wc.wasm\nstores: [counts, seen]\nallowed-lateness-ms: 500\n").expect("write");
+        let (spec, _) = TransformFile::load(&path).expect("stateful");
+        assert_eq!(spec.stores, ["counts", "seen"]);
+        assert_eq!(spec.allowed_lateness_ms, 500);
+        std::fs::write(
+            &path,
+            "name: wc\ninput: words\noutputs: [counts]\nwasm: wc.wasm\nstores: [counts, counts]\n",
+        )
+        .expect("write");
+        let err = format!("{:#}", TransformFile::load(&path).expect_err("twice"));
+        assert!(err.contains("declared twice"), "{err}");
+        std::fs::write(
+            &path,
+            "name: wc\ninput: words\noutputs: [counts]\nwasm: wc.wasm\nstores: [__runnel]\n",
+        )
+        .expect("write");
+        let err = format!("{:#}", TransformFile::load(&path).expect_err("reserved"));
+        assert!(err.contains("invalid store name"), "{err}");
     }
 }

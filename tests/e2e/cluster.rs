@@ -227,6 +227,11 @@ impl Cluster {
         }
     }
 
+    /// Node `id`'s data directory.
+    pub(crate) fn data_dir(&self, id: u32) -> &Path {
+        &self.node(id).data_dir
+    }
+
     pub(crate) fn restart(&mut self, id: u32) {
         let (child, stdout) = spawn(self.node(id), &self.quorum, &self.extra);
         self.nodes[id as usize - 1].child = Some(child);

@@ -10,6 +10,7 @@ mod groups;
 mod idempotence;
 mod replication;
 mod runtimes;
+mod stateful;
 mod support;
 mod transactions;
 mod transforms;

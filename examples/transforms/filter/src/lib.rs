@@ -82,7 +82,9 @@ fn parse_number(text: &[u8]) -> Option<f64> {
         _ => (false, text),
     };
     if !digits.is_empty() && digits.len() <= 15 && digits.iter().all(u8::is_ascii_digit) {
-        let n = digits.iter().fold(0i64, |n, d| n * 10 + i64::from(d - b'0'));
+        let n = digits
+            .iter()
+            .fold(0i64, |n, d| n * 10 + i64::from(d - b'0'));
         return Some(if negative { -n } else { n } as f64);
     }
     std::str::from_utf8(text).ok()?.parse().ok()
@@ -95,7 +97,9 @@ impl Transform for Filter {
         Ok(Filter {
             quoted_field: format!("\"{field}\"").into_bytes(),
             field,
-            min: min.parse().map_err(|_| format!("min must be a number, got {min:?}"))?,
+            min: min
+                .parse()
+                .map_err(|_| format!("min must be a number, got {min:?}"))?,
         })
     }
 
@@ -120,9 +124,18 @@ mod tests {
     #[test]
     fn finds_only_top_level_numbers() {
         let q = b"\"amount\"";
-        assert_eq!(top_level_number(br#"{"id":1,"amount":150}"#, q), Ok(Some(150.0)));
-        assert_eq!(top_level_number(br#" { "amount" : -2.5e1 }"#, q), Ok(Some(-25.0)));
-        assert_eq!(top_level_number(br#"{"x":{"amount":5},"y":"\"amount\":7"}"#, q), Ok(None));
+        assert_eq!(
+            top_level_number(br#"{"id":1,"amount":150}"#, q),
+            Ok(Some(150.0))
+        );
+        assert_eq!(
+            top_level_number(br#" { "amount" : -2.5e1 }"#, q),
+            Ok(Some(-25.0))
+        );
+        assert_eq!(
+            top_level_number(br#"{"x":{"amount":5},"y":"\"amount\":7"}"#, q),
+            Ok(None)
+        );
         assert_eq!(top_level_number(br#"{"amount":"high"}"#, q), Ok(None));
         assert!(top_level_number(b"[1,2]", q).is_err());
         assert!(top_level_number(b"plain text", q).is_err());

@@ -28,8 +28,10 @@ impl Transform for Router {
 
     fn process(&mut self, record: &Record<'_>, out: &mut Output) -> Result<(), String> {
         let value = record.value().ok_or("tombstone: nothing to route")?;
-        let json: serde_json::Value = serde_json::from_slice(value).map_err(|e| format!("not JSON: {e}"))?;
-        let hit = json.get(&self.field).and_then(serde_json::Value::as_str) == Some(self.value.as_str());
+        let json: serde_json::Value =
+            serde_json::from_slice(value).map_err(|e| format!("not JSON: {e}"))?;
+        let hit =
+            json.get(&self.field).and_then(serde_json::Value::as_str) == Some(self.value.as_str());
         out.forward_to(if hit { &self.matched } else { &self.other }, record)
     }
 }

@@ -1,0 +1,295 @@
+//! The tasks of a stateful deployment on one broker: one per input partition this
+//! broker's member owns, each with its stores (`state.rs`).
+//!
+//! A task opens when the first records of its partition arrive: its stores are opened
+//! and replayed from their changelogs, from each store's checkpoint to the changelog's
+//! last stable offset, before any record of the partition is processed (a store whose
+//! checkpoint lies outside its changelog is wiped and replayed from the start). A task
+//! closes when its partition is no longer assigned and it holds nothing uncommitted.
+//!
+//! **Invariant:** no record of a partition is processed before its task has replayed
+//! every changelog to the end it had when the replay began; the group coordinator's
+//! stable offsets (a pending transactional offset commit blocks the fetch) make that end
+//! cover every transaction that committed the offsets the member starts from.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use runnel_client::{Client, Consumer, ConsumerConfig, StartFrom, v1};
+
+use crate::state::{self, Entry, TaskState};
+
+/// Changelog records applied to RocksDB per write batch during a replay.
+const RESTORE_BATCH_RECORDS: usize = 20_000;
+
+/// Restore progress of a task: records replayed, of how many.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Progress {
+    pub restored: u64,
+    pub total: u64,
+}
+
+/// The open tasks of one deployment on this broker.
+pub struct Tasks {
+    deployment: String,
+    dir: PathBuf,
+    stores: Vec<String>,
+    open: BTreeMap<u32, TaskState>,
+    restoring: BTreeMap<u32, Progress>,
+}
+
+pub type SharedTasks = Arc<Mutex<Tasks>>;
+
+pub fn lock(tasks: &SharedTasks) -> std::sync::MutexGuard<'_, Tasks> {
+    tasks
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Tasks {
+    pub fn new(data_dir: &std::path::Path, deployment: &str, stores: &[String]) -> SharedTasks {
+        Arc::new(Mutex::new(Tasks {
+            deployment: deployment.to_string(),
+            dir: state::deployment_dir(data_dir, deployment),
+            stores: stores.to_vec(),
+            open: BTreeMap::new(),
+            restoring: BTreeMap::new(),
+        }))
+    }
+
+    pub fn is_open(&self, partition: u32) -> bool {
+        self.open.contains_key(&partition)
+    }
+
+    pub fn take(&mut self, partition: u32) -> Option<TaskState> {
+        self.open.remove(&partition)
+    }
+
+    pub fn put_back(&mut self, task: TaskState) {
+        self.open.insert(task.partition(), task);
+    }
+
+    pub fn open_partitions(&self) -> Vec<u32> {
+        self.open.keys().copied().collect()
+    }
+
+    pub fn each(&mut self) -> impl Iterator<Item = &mut TaskState> {
+        self.open.values_mut()
+    }
+
+    /// Closes every task (a member starting over reopens them from what is committed).
+    pub fn close_all(&mut self) {
+        self.open.clear();
+    }
+
+    /// Drops every uncommitted write of every task.
+    pub fn abort(&mut self) {
+        for task in self.open.values_mut() {
+            task.abort();
+        }
+    }
+
+    /// Writes commit unit `unit` of every task to RocksDB, with the changelog offsets
+    /// `checkpoints` (partition → store → next offset).
+    ///
+    /// # Errors
+    /// RocksDB failed; the tasks are closed, so they reopen (and replay) next time.
+    pub fn commit(
+        &mut self,
+        unit: u64,
+        checkpoints: &BTreeMap<u32, BTreeMap<u32, i64>>,
+    ) -> anyhow::Result<()> {
+        let none = BTreeMap::new();
+        let mut failed = None;
+        for (partition, task) in &mut self.open {
+            if let Err(err) = task.commit(unit, checkpoints.get(partition).unwrap_or(&none)) {
+                failed = Some(err.context(format!("writing the state of partition {partition}")));
+                break;
+            }
+        }
+        match failed {
+            Some(err) => {
+                self.open.clear();
+                Err(err)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Closes the tasks of partitions not in `assigned` that hold nothing uncommitted.
+    pub fn close_unassigned(&mut self, assigned: &[u32]) {
+        self.open
+            .retain(|partition, task| assigned.contains(partition) || task.has_pending());
+    }
+
+    /// What this broker's tasks report for `transform describe`.
+    pub fn statuses(&self, broker: u32) -> Vec<v1::TaskStatus> {
+        let running = self.open.keys().map(|p| v1::TaskStatus {
+            partition: *p,
+            broker,
+            state: "Running".into(),
+            restored: 0,
+            restore_total: 0,
+        });
+        let restoring = self.restoring.iter().map(|(p, progress)| v1::TaskStatus {
+            partition: *p,
+            broker,
+            state: "Restoring".into(),
+            restored: progress.restored,
+            restore_total: progress.total,
+        });
+        running.chain(restoring).collect()
+    }
+
+    /// Committed entries of `store` in `[from, to)` over the open tasks (only
+    /// `partition`'s with `Some`), each with its partition.
+    ///
+    /// # Errors
+    /// Unknown store.
+    pub fn query(
+        &self,
+        store: &str,
+        partition: Option<u32>,
+        from: &[u8],
+        to: Option<&[u8]>,
+        limit: usize,
+    ) -> anyhow::Result<Vec<(u32, Entry)>> {
+        if !self.stores.iter().any(|s| s == store) {
+            anyhow::bail!(
+                "transform {:?} has no store {store:?}; its stores: {:?}",
+                self.deployment,
+                self.stores
+            );
+        }
+        let mut out = Vec::new();
+        for (p, task) in &self.open {
+            if partition.is_some_and(|wanted| wanted != *p) {
+                continue;
+            }
+            for entry in task.committed_range(store, from, to, limit)? {
+                out.push((*p, entry));
+            }
+        }
+        out.sort_by(|a, b| a.1.0.cmp(&b.1.0));
+        out.truncate(limit);
+        Ok(out)
+    }
+}
+
+/// Opens task `partition` of `tasks` and replays its changelogs; progress shows in
+/// [`Tasks::statuses`] meanwhile.
+///
+/// # Errors
+/// A changelog cannot be read, or the local stores cannot be written.
+pub async fn open(tasks: &SharedTasks, client: &Client, partition: u32) -> anyhow::Result<()> {
+    let (dir, deployment, stores) = {
+        let tasks = lock(tasks);
+        (
+            tasks.dir.join(partition.to_string()),
+            tasks.deployment.clone(),
+            tasks.stores.clone(),
+        )
+    };
+    lock(tasks).restoring.insert(partition, Progress::default());
+    let result = replay(tasks, client, &dir, &deployment, &stores, partition).await;
+    let mut locked = lock(tasks);
+    locked.restoring.remove(&partition);
+    let task = result?;
+    locked.open.insert(partition, task);
+    Ok(())
+}
+
+async fn replay(
+    tasks: &SharedTasks,
+    client: &Client,
+    dir: &std::path::Path,
+    deployment: &str,
+    stores: &[String],
+    partition: u32,
+) -> anyhow::Result<TaskState> {
+    let mut task = TaskState::open(dir, partition, stores)?;
+    let topics = state::changelog_topics(deployment, stores);
+    let mut plan = Vec::new();
+    for (store, topic) in topics.iter().enumerate() {
+        let store = store as u32;
+        let mut consumer = Consumer::new(
+            client.clone(),
+            ConsumerConfig {
+                max_wait: Duration::from_millis(200),
+                auto_offset_reset: None,
+                isolation: v1::IsolationLevel::ReadCommitted,
+                ..ConsumerConfig::default()
+            },
+        );
+        consumer
+            .assign(topic, Some(vec![partition]), StartFrom::Earliest)
+            .await
+            .with_context(|| format!("changelog {topic} partition {partition}"))?;
+        let start = consumer.position(topic, partition).unwrap_or(0);
+        let end = consumer
+            .end_offsets()
+            .await?
+            .get(&(topic.clone(), partition))
+            .copied()
+            .unwrap_or(0);
+        let checkpoint = task.checkpoint(store)?;
+        let from = if checkpoint < start || checkpoint > end {
+            if checkpoint != 0 {
+                tracing::warn!(transform = %deployment, partition, store = %topic, checkpoint, start, end, "local state lies outside its changelog; restoring from the start");
+            }
+            task.wipe(store)?;
+            start
+        } else {
+            checkpoint
+        };
+        if from < end {
+            consumer
+                .seek(topic, partition, StartFrom::Offset(from))
+                .await?;
+            plan.push((store, topic.clone(), consumer, end, (end - from) as u64));
+        }
+    }
+    let total: u64 = plan.iter().map(|p| p.4).sum();
+    if total > 0 {
+        tracing::info!(transform = %deployment, partition, records = total, "restoring state from the changelogs");
+    }
+    set_progress(tasks, partition, 0, total);
+    let mut restored = 0u64;
+    for (store, topic, mut consumer, end, _) in plan {
+        let mut pending: Vec<(bytes::Bytes, Option<bytes::Bytes>)> = Vec::new();
+        loop {
+            let position = consumer.position(&topic, partition).unwrap_or(end);
+            if position >= end || pending.len() >= RESTORE_BATCH_RECORDS {
+                restored += pending.len() as u64;
+                task.restore(
+                    store,
+                    pending
+                        .iter()
+                        .map(|(k, v)| (k.as_ref(), v.as_ref().map(AsRef::as_ref))),
+                    position,
+                )?;
+                pending.clear();
+                set_progress(tasks, partition, restored, total);
+                if position >= end {
+                    break;
+                }
+            }
+            for record in consumer.poll().await? {
+                // Keyless records cannot come from a store; skip them.
+                if let Some(key) = record.key {
+                    pending.push((key, record.value));
+                }
+            }
+        }
+    }
+    Ok(task)
+}
+
+fn set_progress(tasks: &SharedTasks, partition: u32, restored: u64, total: u64) {
+    if let Some(progress) = lock(tasks).restoring.get_mut(&partition) {
+        *progress = Progress { restored, total };
+    }
+}

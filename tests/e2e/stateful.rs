@@ -1,0 +1,401 @@
+//! Stateful transforms on a cluster: the word-count example with RocksDB stores and
+//! exactly-once commits, checked against the counts computed from its input while the
+//! brokers running its tasks are killed, while a broker's local state is deleted (its
+//! tasks restore from the changelogs), and through interactive queries.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::cluster::Cluster;
+use crate::replication::create_topic_with;
+use crate::support::wait_until;
+
+/// Words the writer sends, keyed by themselves.
+const WORDS: [&str; 12] = [
+    "apple", "birch", "cedar", "delta", "ember", "fjord", "grove", "heron", "iris", "juniper",
+    "kelp", "larch",
+];
+
+/// A small deterministic generator (xorshift), so a failing kill schedule can be rerun.
+struct Dice(u64);
+
+impl Dice {
+    fn next(&mut self, below: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % below
+    }
+}
+
+/// (key, value) of every record of `topic`, read_committed, in partition order.
+fn read_keyed(cluster: &Cluster, on: u32, topic: &str) -> Vec<(String, String)> {
+    cluster
+        .ok(
+            on,
+            &[
+                "consume",
+                topic,
+                "--from-beginning",
+                "--isolation",
+                "read_committed",
+                "--print-key",
+                "--key-separator",
+                "|",
+                "--timeout-ms",
+                "1500",
+            ],
+            "",
+        )
+        .lines()
+        .filter_map(|l| l.split_once('|'))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Words per count of the input as it is in the log.
+fn expected_counts(cluster: &Cluster, on: u32) -> BTreeMap<String, u64> {
+    let mut counts = BTreeMap::new();
+    for (word, _) in read_keyed(cluster, on, "words") {
+        *counts.entry(word).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Checks the word-count output against the input: per word, the counts emitted go
+/// 1, 2, 3, ... up to the number of input records of that word: a repeat is a double
+/// count, a gap a lost update, and a short sequence a missing one.
+fn check_counts(output: &[(String, String)], expected: &BTreeMap<String, u64>) {
+    let mut seen: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+    for (word, count) in output {
+        let count: u64 = count.parse().expect("a count");
+        seen.entry(word).or_default().push(count);
+    }
+    for (word, total) in expected {
+        let counts = seen.get(word.as_str()).cloned().unwrap_or_default();
+        let wanted: Vec<u64> = (1..=*total).collect();
+        if counts != wanted {
+            let first_bad = counts
+                .iter()
+                .zip(&wanted)
+                .position(|(a, b)| a != b)
+                .unwrap_or(counts.len().min(wanted.len()));
+            panic!(
+                "word {word:?}: {} counts emitted for {total} input records; first difference at #{first_bad}: emitted {:?}, expected {:?}",
+                counts.len(),
+                counts.get(first_bad.saturating_sub(2)..(first_bad + 3).min(counts.len())),
+                wanted.get(first_bad.saturating_sub(2)..(first_bad + 3).min(wanted.len())),
+            );
+        }
+    }
+    assert_eq!(
+        seen.len(),
+        expected.len(),
+        "counts emitted for words never sent"
+    );
+}
+
+/// Sends `total` words from a thread, in chunks with pauses, acknowledged; returns
+/// the thread.
+fn write_words(cluster: &Cluster, start: usize, total: usize) -> std::thread::JoinHandle<()> {
+    use runnel_client::{Client, Producer, ProducerConfig, ProducerRecord};
+    let brokers: Vec<String> = cluster.addresses().split(',').map(str::to_string).collect();
+    std::thread::spawn(move || {
+        crate::runtime().block_on(async move {
+            let client = Client::connect(&brokers).await.expect("connect");
+            let producer = Producer::new(
+                client,
+                ProducerConfig {
+                    linger: Duration::from_millis(2),
+                    request_timeout: Duration::from_secs(5),
+                    ..ProducerConfig::default()
+                },
+            );
+            let chunks = 40;
+            for chunk in 0..chunks {
+                let mut deliveries = Vec::new();
+                for i in 0..total / chunks {
+                    let n = start + chunk * (total / chunks) + i;
+                    let word = WORDS[((n as u64 * 2_654_435_761) >> 9) as usize % WORDS.len()];
+                    let record = ProducerRecord::new("words").key(word).value(word);
+                    deliveries.push(producer.send(record).await.expect("send"));
+                }
+                for delivery in deliveries {
+                    // A write that fails while a broker is down is simply not in the
+                    // input: the expected counts are computed from the log itself.
+                    let _ = delivery.await;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        });
+    })
+}
+
+fn deploy_word_count(cluster: &Cluster) {
+    let wasm = crate::transforms::components().join("word_count.wasm");
+    let deployed = cluster.ok(
+        1,
+        &[
+            "transform",
+            "deploy",
+            "--name",
+            "wc",
+            "--input",
+            "words",
+            "--output",
+            "counts",
+            "--wasm",
+            &wasm.display().to_string(),
+            "--store",
+            "counts",
+            "--processing",
+            "exactly-once",
+        ],
+        "",
+    );
+    assert!(deployed.contains("on brokers 1,2,3"), "{deployed}");
+}
+
+/// The output converged: every word's last emitted count is its input count.
+fn wait_for_counts(cluster: &Cluster, on: u32) -> Vec<(String, String)> {
+    let mut output = Vec::new();
+    wait_until(
+        "the counts to reach the input's",
+        Duration::from_secs(90),
+        || {
+            let expected = expected_counts(cluster, on);
+            output = read_keyed(cluster, on, "counts");
+            let mut last: BTreeMap<&str, u64> = BTreeMap::new();
+            for (word, count) in &output {
+                last.insert(word, count.parse().unwrap_or(0));
+            }
+            expected
+                .iter()
+                .all(|(w, n)| last.get(w.as_str()) == Some(n))
+        },
+    );
+    output
+}
+
+#[test]
+fn word_count_is_exact_across_ten_kills_a_lost_local_state_and_queries() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Cluster::start(dir.path(), 3);
+    create_topic_with(&cluster, "words", 3, 3, Some(2));
+    create_topic_with(&cluster, "counts", 3, 3, Some(2));
+    deploy_word_count(&cluster);
+    // The changelogs were created at deploy: compacted, one partition per input partition.
+    let changelog = cluster.ok(2, &["topic", "describe", "wc-counts-changelog"], "");
+    assert!(changelog.contains("cleanup.policy=compact"), "{changelog}");
+
+    // Ten kills of brokers running tasks, at random points while input flows.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+        | 1;
+    eprintln!("kill schedule seed {seed}");
+    let mut dice = Dice(seed);
+    let writer = write_words(&cluster, 0, 6_000);
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(400 + dice.next(1_200)));
+        let victim = 1 + dice.next(3) as u32;
+        cluster.kill9(victim);
+        std::thread::sleep(Duration::from_millis(200 + dice.next(800)));
+        cluster.restart(victim);
+    }
+    writer.join().expect("the writer");
+    let survivor = 1 + dice.next(3) as u32;
+    let output = wait_for_counts(&cluster, survivor);
+    let expected = expected_counts(&cluster, survivor);
+    assert!(
+        expected.values().sum::<u64>() > 1_000,
+        "too little input got through: {expected:?}"
+    );
+    check_counts(&output, &expected);
+
+    // Interactive queries answer from the task that owns the key, on any broker.
+    // (While a rebalance moves a task, its key is unavailable: the query says so.)
+    for word in ["apple", "kelp", "larch"] {
+        let mut answer = String::new();
+        wait_until(
+            "the query to answer from the key's task",
+            Duration::from_secs(20),
+            || {
+                let output = crate::support::runnel_at(
+                    &cluster.node(3).addr,
+                    &[
+                        "transform",
+                        "state",
+                        "wc",
+                        "--store",
+                        "counts",
+                        "--key",
+                        word,
+                    ],
+                    "",
+                );
+                answer = String::from_utf8_lossy(&output.stdout).trim().to_string();
+                output.status.success()
+            },
+        );
+        assert_eq!(answer, expected[word].to_string(), "state of {word:?}");
+    }
+    let all = cluster.ok(2, &["transform", "state", "wc", "--store", "counts"], "");
+    let listed: BTreeMap<String, u64> = all
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(k, v)| (k.to_string(), v.parse().expect("a count")))
+        .collect();
+    assert_eq!(listed, expected, "the whole store, over every task");
+    let bad = crate::support::runnel_at(
+        &cluster.node(1).addr,
+        &["transform", "state", "wc", "--store", "nope", "--key", "x"],
+        "",
+    );
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && stderr.contains("no store \"nope\""),
+        "{stderr}"
+    );
+
+    // A broker that lost its local stores restores them from the changelogs.
+    cluster.kill9(2);
+    let state_dir = cluster.data_dir(2).join("__state").join("wc");
+    assert!(state_dir.exists(), "broker 2 kept no local state");
+    std::fs::remove_dir_all(&state_dir).expect("delete the local state");
+    cluster.restart(2);
+    let writer = write_words(&cluster, 6_000, 1_200);
+    writer.join().expect("the writer");
+    let output = wait_for_counts(&cluster, 1);
+    check_counts(&output, &expected_counts(&cluster, 1));
+    let described = cluster.ok(1, &["transform", "describe", "wc"], "");
+    assert!(described.contains("Stores:      counts"), "{described}");
+
+    // Removing with --delete-state deletes the changelogs and every broker's stores.
+    cluster.ok(1, &["transform", "remove", "wc", "--delete-state"], "");
+    let topics = cluster.ok(3, &["topic", "list"], "");
+    assert!(!topics.contains("wc-counts-changelog"), "{topics}");
+    wait_until(
+        "every broker to delete its stores",
+        Duration::from_secs(40),
+        || (1..=3).all(|id| !cluster.data_dir(id).join("__state").join("wc").exists()),
+    );
+}
+
+/// `runnel transform test` of a stateful component with these stores and lateness.
+fn harness(component: &str, stores: &[&str], extra: &[&str], input: &str) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("input.jsonl");
+    std::fs::write(&path, input).expect("write");
+    let wasm = crate::transforms::components().join(format!("{component}.wasm"));
+    let wasm = wasm.display().to_string();
+    let path = path.display().to_string();
+    let mut args = vec!["transform", "test", "--wasm", &wasm, "--input", &path];
+    for store in stores {
+        args.extend(["--store", store]);
+    }
+    args.extend(extra);
+    let output = std::process::Command::new(crate::support::RUNNEL)
+        .args(&args)
+        .output()
+        .expect("runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// (input, key, value) of each emitted record, and (input, error) of each refused one.
+fn emitted(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| match v.get("error") {
+            Some(error) => format!("{} error: {}", v["input"], error.as_str().unwrap_or("")),
+            None => format!(
+                "{} {}={} @{}",
+                v["input"],
+                v["key"].as_str().unwrap_or("-"),
+                v["value"].as_str().unwrap_or("-"),
+                v["timestamp"]
+            ),
+        })
+        .collect()
+}
+
+#[test]
+fn the_stateful_examples_emit_exactly_their_expected_outputs() {
+    // Word count: per key, per partition; a record without a key is refused and
+    // changes nothing.
+    let lines = harness(
+        "word_count",
+        &["counts"],
+        &[],
+        r#"{"key": "a", "value": "a"}
+{"key": "b", "value": "b"}
+{"key": "a", "value": "a"}
+{"value": "no key"}
+{"key": "a", "value": "a"}
+{"key": "a", "value": "a", "partition": 1}
+"#,
+    );
+    let out = emitted(&lines);
+    assert_eq!(out[..3], ["0 a=1 @0", "1 b=1 @0", "2 a=2 @0"], "{lines:?}");
+    assert!(
+        out[3].starts_with("3 error: the record has no UTF-8 key"),
+        "{lines:?}"
+    );
+    assert_eq!(out[4..], ["4 a=3 @0", "5 a=1 @0"], "{lines:?}");
+
+    // Running total: a value that is not a number is refused and leaves the total.
+    let lines = harness(
+        "running_total",
+        &["totals"],
+        &[],
+        r#"{"key": "x", "value": "5"}
+{"key": "x", "value": "7"}
+{"key": "x", "value": "seven"}
+{"key": "y", "value": "1"}
+{"key": "x", "value": "-2"}
+"#,
+    );
+    let out = emitted(&lines);
+    assert_eq!(out[..2], ["0 x=5 @0", "1 x=12 @0"], "{lines:?}");
+    assert!(
+        out[2].contains("\"seven\" is not a whole number"),
+        "{lines:?}"
+    );
+    assert_eq!(out[3..], ["3 y=1 @0", "4 x=10 @0"], "{lines:?}");
+
+    // Tumbling counts of 1 s windows with 500 ms of allowed lateness: a window is
+    // emitted once, when the watermark passes its end, with the late records that came
+    // inside the grace period, and without those that came after it.
+    let lines = harness(
+        "tumbling_count",
+        &["windows", "late"],
+        &["--config", "window-ms=1000", "--allowed-lateness-ms", "500"],
+        r#"{"key": "a", "timestamp": 100}
+{"key": "a", "timestamp": 900}
+{"key": "b", "timestamp": 1200}
+{"key": "a", "timestamp": 1400}
+{"key": "a", "timestamp": 950}
+{"key": "b", "timestamp": 1600}
+{"key": "a", "timestamp": 200}
+{"key": "c", "timestamp": 3000}
+"#,
+    );
+    assert_eq!(
+        emitted(&lines),
+        [
+            "\"timer\" a=0-1000 3 @999",
+            "\"timer\" a=1000-2000 1 @1999",
+            "\"timer\" b=1000-2000 2 @1999",
+        ],
+        "{lines:?}"
+    );
+}
