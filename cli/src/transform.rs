@@ -20,6 +20,9 @@ pub enum TransformCommand {
     /// One deployment in detail.
     Describe {
         name: String,
+        /// While tasks restore their state, show a progress bar until every task runs.
+        #[arg(long)]
+        watch: bool,
     },
     /// Stop reading until resumed (the position is kept).
     Pause {
@@ -264,6 +267,35 @@ fn print_status(s: &v1::TransformStatus) {
     }
 }
 
+/// Shows the tasks' restore progress (changelog records replayed of those to replay)
+/// until no task restores.
+async fn watch_restores(admin: &Admin, name: &str) -> anyhow::Result<()> {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "restoring {msg} {bar:40} {pos}/{len} records {per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    loop {
+        let status = admin.describe_transform(name).await?;
+        let restoring: Vec<&v1::TaskStatus> = status
+            .tasks
+            .iter()
+            .filter(|t| t.state == "Restoring")
+            .collect();
+        if restoring.is_empty() {
+            bar.finish_and_clear();
+            println!("Every task of {name} runs ({} tasks).", status.tasks.len());
+            return Ok(());
+        }
+        bar.set_length(restoring.iter().map(|t| t.restore_total).sum());
+        bar.set_position(restoring.iter().map(|t| t.restored).sum());
+        bar.set_message(format!("{} tasks", restoring.len()));
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
 /// Runs a transform command; only `test` works without a broker.
 pub async fn run(brokers: &[String], command: TransformCommand) -> anyhow::Result<ExitCode> {
     if let TransformCommand::Test(args) = command {
@@ -341,8 +373,12 @@ pub async fn run(brokers: &[String], command: TransformCommand) -> anyhow::Resul
                 );
             }
         }
-        TransformCommand::Describe { name } => {
-            print_status(&admin.describe_transform(&name).await?)
+        TransformCommand::Describe { name, watch } => {
+            let status = admin.describe_transform(&name).await?;
+            print_status(&status);
+            if watch {
+                watch_restores(&admin, &name).await?;
+            }
         }
         TransformCommand::Pause { name } => {
             admin.pause_transform(&name, true).await?;

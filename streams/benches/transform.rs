@@ -1,5 +1,7 @@
 //! Transform throughput inside the runtime: flat batches of 100-byte JSON records through
-//! the identity and filter example components, and the cost of one host-to-guest call.
+//! the identity and filter example components, the cost of one host-to-guest call, and
+//! the word-count example's state get and put per record (RocksDB stores in a temporary
+//! directory, committed after each batch as the runtime commits them).
 //!
 //! Run with `cargo bench -p runnel-streams`; it builds the example components first.
 
@@ -9,6 +11,7 @@ use std::process::Command;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use runnel_flat::{FlatRecord, NO_HEADERS};
 use runnel_streams::host::{Limits, LogBuffer, Setup, WasmHost};
+use runnel_streams::state::TaskState;
 
 const BATCH_RECORDS: usize = 10_000;
 
@@ -104,5 +107,77 @@ fn transforms(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, transforms);
+/// Keyed records: `keys` distinct words over the batch.
+fn keyed_batch(keys: usize) -> Vec<u8> {
+    let mut buf = Vec::new();
+    for i in 0..BATCH_RECORDS {
+        let key = format!("word-{}", (i * 7919) % keys);
+        runnel_flat::write_input(
+            &mut buf,
+            &FlatRecord {
+                partition: 0,
+                offset: i as i64,
+                timestamp_ms: 1_700_000_000_000,
+                key: Some(key.as_bytes()),
+                value: Some(key.as_bytes()),
+                headers: NO_HEADERS,
+            },
+        );
+    }
+    buf
+}
+
+fn state(c: &mut Criterion) {
+    let dir = components();
+    let host = WasmHost::new().expect("host");
+    let wasm = std::fs::read(dir.join("word_count.wasm")).expect("component");
+    let pre = host.prepare("word_count", &wasm).expect("compiles");
+    let outputs = ["out".to_string()];
+    let stores = ["counts".to_string()];
+    let mut instance = host
+        .instantiate(
+            &pre,
+            Setup {
+                name: "word_count",
+                config: &[],
+                outputs: &outputs,
+                stores: &stores,
+                allowed_lateness_ms: 0,
+                limits: Limits {
+                    memory_bytes: 256 * 1024 * 1024,
+                    cpu_ms: 10_000,
+                },
+                log: LogBuffer::default(),
+            },
+        )
+        .expect("instantiates");
+    let state_dir = tempfile::tempdir().expect("tempdir");
+    let mut task = Some(TaskState::open(state_dir.path(), 0, &stores).expect("opens"));
+    let mut unit = 0;
+    let mut group = c.benchmark_group("state");
+    group.sample_size(20);
+    group.throughput(Throughput::Elements(BATCH_RECORDS as u64));
+    for keys in [1_000, 100_000] {
+        let input = keyed_batch(keys);
+        group.bench_function(
+            format!("word-count get+put+emit/{keys} keys x {BATCH_RECORDS}"),
+            |b| {
+                b.iter(|| {
+                    instance.enter(task.take().expect("task"));
+                    instance.process(&input).expect("runs");
+                    let mut state = instance.leave().expect("task back");
+                    unit += 1;
+                    state.end_call(true, unit);
+                    state
+                        .commit(unit, &std::collections::BTreeMap::new())
+                        .expect("commits");
+                    task = Some(state);
+                });
+            },
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, transforms, state);
 criterion_main!(benches);

@@ -1424,12 +1424,17 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
             wanted.dedup();
             for partition in wanted {
                 if !tasks::lock(tasks).is_open(partition) {
-                    task.log.push(format!(
-                        "[runtime] opening the state of partition {partition}"
-                    ));
-                    tasks::open(tasks, &client, partition)
+                    let began = std::time::Instant::now();
+                    let restored = tasks::open(tasks, &client, partition)
                         .await
                         .with_context(|| format!("restoring the state of partition {partition}"))?;
+                    let elapsed = began.elapsed();
+                    let rate = restored as f64 / elapsed.as_secs_f64().max(1e-6);
+                    tracing::info!(transform = %task.saved.name, partition, restored, elapsed_ms = elapsed.as_millis() as u64, "opened the state of a task");
+                    task.log.push(format!(
+                        "[runtime] opened the state of partition {partition}: replayed {restored} changelog records in {} ms ({rate:.0} records/s)",
+                        elapsed.as_millis()
+                    ));
                 }
             }
         } else if records.is_empty() {

@@ -180,11 +180,11 @@ impl Tasks {
 }
 
 /// Opens task `partition` of `tasks` and replays its changelogs; progress shows in
-/// [`Tasks::statuses`] meanwhile.
+/// [`Tasks::statuses`] meanwhile. Returns the changelog records replayed.
 ///
 /// # Errors
 /// A changelog cannot be read, or the local stores cannot be written.
-pub async fn open(tasks: &SharedTasks, client: &Client, partition: u32) -> anyhow::Result<()> {
+pub async fn open(tasks: &SharedTasks, client: &Client, partition: u32) -> anyhow::Result<u64> {
     let (dir, deployment, stores) = {
         let tasks = lock(tasks);
         (
@@ -197,9 +197,9 @@ pub async fn open(tasks: &SharedTasks, client: &Client, partition: u32) -> anyho
     let result = replay(tasks, client, &dir, &deployment, &stores, partition).await;
     let mut locked = lock(tasks);
     locked.restoring.remove(&partition);
-    let task = result?;
+    let (task, restored) = result?;
     locked.open.insert(partition, task);
-    Ok(())
+    Ok(restored)
 }
 
 async fn replay(
@@ -209,7 +209,7 @@ async fn replay(
     deployment: &str,
     stores: &[String],
     partition: u32,
-) -> anyhow::Result<TaskState> {
+) -> anyhow::Result<(TaskState, u64)> {
     let mut task = TaskState::open(dir, partition, stores)?;
     let topics = state::changelog_topics(deployment, stores);
     let mut plan = Vec::new();
@@ -285,7 +285,7 @@ async fn replay(
             }
         }
     }
-    Ok(task)
+    Ok((task, restored))
 }
 
 fn set_progress(tasks: &SharedTasks, partition: u32, restored: u64, total: u64) {

@@ -131,7 +131,7 @@ fn write_words(cluster: &Cluster, start: usize, total: usize) -> std::thread::Jo
     })
 }
 
-fn deploy_word_count(cluster: &Cluster) {
+fn deploy_word_count(cluster: &Cluster, processing: &str) {
     let wasm = crate::transforms::components().join("word_count.wasm");
     let deployed = cluster.ok(
         1,
@@ -149,7 +149,7 @@ fn deploy_word_count(cluster: &Cluster) {
             "--store",
             "counts",
             "--processing",
-            "exactly-once",
+            processing,
         ],
         "",
     );
@@ -183,7 +183,7 @@ fn word_count_is_exact_across_ten_kills_a_lost_local_state_and_queries() {
     let mut cluster = Cluster::start(dir.path(), 3);
     create_topic_with(&cluster, "words", 3, 3, Some(2));
     create_topic_with(&cluster, "counts", 3, 3, Some(2));
-    deploy_word_count(&cluster);
+    deploy_word_count(&cluster, "exactly-once");
     // The changelogs were created at deploy: compacted, one partition per input partition.
     let changelog = cluster.ok(2, &["topic", "describe", "wc-counts-changelog"], "");
     assert!(changelog.contains("cleanup.policy=compact"), "{changelog}");
@@ -280,6 +280,64 @@ fn word_count_is_exact_across_ten_kills_a_lost_local_state_and_queries() {
         Duration::from_secs(40),
         || (1..=3).all(|id| !cluster.data_dir(id).join("__state").join("wc").exists()),
     );
+}
+
+#[test]
+fn at_least_once_word_count_loses_no_count_across_kills() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Cluster::start(dir.path(), 3);
+    create_topic_with(&cluster, "words", 3, 3, Some(2));
+    create_topic_with(&cluster, "counts", 3, 3, Some(2));
+    deploy_word_count(&cluster, "at-least-once");
+    let writer = write_words(&cluster, 0, 3_000);
+    for victim in [2, 3, 1] {
+        std::thread::sleep(Duration::from_millis(1_500));
+        cluster.kill9(victim);
+        std::thread::sleep(Duration::from_millis(500));
+        cluster.restart(victim);
+    }
+    writer.join().expect("the writer");
+    // At-least-once promises that nothing is lost, not that nothing is counted twice:
+    // every count from 1 to the word's input count was emitted, and the state holds at
+    // least that count.
+    let mut output = Vec::new();
+    let mut expected = BTreeMap::new();
+    wait_until("every count to be emitted", Duration::from_secs(90), || {
+        expected = expected_counts(&cluster, 1);
+        output = read_keyed(&cluster, 1, "counts");
+        expected.iter().all(|(word, total)| {
+            let seen: std::collections::BTreeSet<u64> = output
+                .iter()
+                .filter(|(w, _)| w == word)
+                .filter_map(|(_, c)| c.parse().ok())
+                .collect();
+            (1..=*total).all(|n| seen.contains(&n))
+        })
+    });
+    for (word, total) in &expected {
+        let mut held = 0;
+        wait_until("the query to answer", Duration::from_secs(20), || {
+            let output = crate::support::runnel_at(
+                &cluster.node(2).addr,
+                &[
+                    "transform",
+                    "state",
+                    "wc",
+                    "--store",
+                    "counts",
+                    "--key",
+                    word,
+                ],
+                "",
+            );
+            held = String::from_utf8_lossy(&output.stdout)
+                .trim()
+                .parse()
+                .unwrap_or(0);
+            output.status.success()
+        });
+        assert!(held >= *total, "{word}: the state holds {held} of {total}");
+    }
 }
 
 /// `runnel transform test` of a stateful component with these stores and lateness.
