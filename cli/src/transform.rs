@@ -91,6 +91,10 @@ pub struct DeployArgs {
     /// the order the component names them.
     #[arg(long = "store")]
     stores: Vec<String>,
+    /// A read-only store kept from a compacted topic partitioned like the input,
+    /// STORE=TOPIC; repeatable (a stream-table join).
+    #[arg(long = "table", value_parser = parse_key_value)]
+    tables: Vec<(String, String)>,
     /// The watermark is the largest timestamp seen minus this (event-time timers and
     /// windows wait for late records this long).
     #[arg(long, default_value_t = 0)]
@@ -237,7 +241,7 @@ fn print_status(s: &v1::TransformStatus) {
         }
     );
     println!("Component:   sha256 {}", s.wasm_sha256);
-    if !spec.stores.is_empty() || !s.tasks.is_empty() {
+    if !spec.stores.is_empty() || !spec.tables.is_empty() || !s.tasks.is_empty() {
         println!(
             "Stores:      {} (allowed lateness {} ms)",
             if spec.stores.is_empty() {
@@ -247,6 +251,15 @@ fn print_status(s: &v1::TransformStatus) {
             },
             spec.allowed_lateness_ms
         );
+        let mut tables: Vec<String> = spec
+            .tables
+            .iter()
+            .map(|(store, topic)| format!("{store} <- {topic}"))
+            .collect();
+        tables.sort();
+        if !tables.is_empty() {
+            println!("Tables:      {}", tables.join(", "));
+        }
         let mut tasks = s.tasks.clone();
         tasks.sort_by_key(|t| t.partition);
         for t in tasks {
@@ -322,6 +335,7 @@ pub async fn run(brokers: &[String], command: TransformCommand) -> anyhow::Resul
                         processing: processing as i32,
                         commit_interval_ms: args.commit_interval_ms.unwrap_or(0),
                         stores: args.stores,
+                        tables: args.tables.into_iter().collect(),
                         allowed_lateness_ms: args.allowed_lateness_ms,
                     };
                     spec::validate(&spec)?;

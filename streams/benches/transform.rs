@@ -11,7 +11,7 @@ use std::process::Command;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use runnel_flat::{FlatRecord, NO_HEADERS};
 use runnel_streams::host::{Limits, LogBuffer, Setup, WasmHost};
-use runnel_streams::state::TaskState;
+use runnel_streams::state::{Layout, TaskState};
 
 const BATCH_RECORDS: usize = 10_000;
 
@@ -152,7 +152,11 @@ fn state(c: &mut Criterion) {
         )
         .expect("instantiates");
     let state_dir = tempfile::tempdir().expect("tempdir");
-    let mut task = Some(TaskState::open(state_dir.path(), 0, &stores).expect("opens"));
+    let layout = Layout {
+        declared: stores.to_vec(),
+        tables: Vec::new(),
+    };
+    let mut task = Some(TaskState::open(state_dir.path(), 0, &layout).expect("opens"));
     let mut unit = 0;
     let mut group = c.benchmark_group("state");
     group.sample_size(20);

@@ -120,16 +120,16 @@ pub fn run(
         return Ok(log.lines().into_iter().chain(lines).collect());
     }
     let dir = tempfile::tempdir().context("a temporary directory for the stores")?;
-    let tasks = Tasks::new(dir.path(), "test", &state.stores);
+    let layout = crate::state::Layout {
+        declared: state.stores.clone(),
+        tables: Vec::new(),
+    };
+    let tasks = Tasks::new(dir.path(), "test", &layout);
     let mut partitions: Vec<u32> = records.iter().map(|r| r.partition).collect();
     partitions.sort_unstable();
     partitions.dedup();
     for partition in partitions {
-        let task = TaskState::open(
-            &dir.path().join(partition.to_string()),
-            partition,
-            &state.stores,
-        )?;
+        let task = TaskState::open(&dir.path().join(partition.to_string()), partition, &layout)?;
         tasks::lock(&tasks).put_back(task);
     }
     for (unit, record) in records.iter().enumerate() {

@@ -98,6 +98,9 @@ pub(crate) struct Saved {
     commit_interval_ms: u32,
     #[serde(default)]
     stores: Vec<String>,
+    /// Table stores: store → the compacted topic it is kept from.
+    #[serde(default)]
+    tables: BTreeMap<String, String>,
     #[serde(default)]
     allowed_lateness_ms: i64,
     #[serde(skip)]
@@ -134,6 +137,7 @@ impl Saved {
             processing: spec.processing,
             commit_interval_ms: spec.commit_interval_ms,
             stores: spec.stores.clone(),
+            tables: spec.tables.clone().into_iter().collect(),
             allowed_lateness_ms: spec.allowed_lateness_ms,
             sha256: String::new(),
             version: 0,
@@ -178,16 +182,34 @@ impl Saved {
             processing: self.processing,
             commit_interval_ms: self.commit_interval_ms,
             stores: self.stores.clone(),
+            tables: self.tables.clone().into_iter().collect(),
             allowed_lateness_ms: self.allowed_lateness_ms,
         }
     }
 
-    fn setup<'a>(&'a self, config: &'a [(String, String)], log: LogBuffer) -> Setup<'a> {
+    pub(crate) fn layout(&self) -> state::Layout {
+        state::Layout {
+            declared: self.stores.clone(),
+            tables: self
+                .tables
+                .iter()
+                .map(|(store, topic)| (store.clone(), topic.clone()))
+                .collect(),
+        }
+    }
+
+    /// `stores`: the layout's guest names.
+    fn setup<'a>(
+        &'a self,
+        config: &'a [(String, String)],
+        stores: &'a [String],
+        log: LogBuffer,
+    ) -> Setup<'a> {
         Setup {
             name: &self.name,
             config,
             outputs: &self.output_topics,
-            stores: &self.stores,
+            stores,
             allowed_lateness_ms: self.allowed_lateness_ms,
             limits: self.limits(),
             log,
@@ -438,14 +460,17 @@ impl Runtime {
         let config: Vec<(String, String)> = saved.config.clone().into_iter().collect();
         self.inner
             .host
-            .instantiate(&pre, saved.setup(&config, LogBuffer::default()))
+            .instantiate(
+                &pre,
+                saved.setup(&config, &saved.layout().guest_names(), LogBuffer::default()),
+            )
             .map_err(|e| DeployError::Invalid(e.0))?;
         if pre.is_stateful() {
             create_changelogs(&admin, &saved).await?;
-        } else if !saved.stores.is_empty() {
+        } else if !saved.layout().guest_names().is_empty() {
             return Err(DeployError::Invalid(format!(
                 "the deployment declares stores {:?} but the component is a stateless runnel:transform@0.1.0 one; build it with runnel_sdk::export_stateful_transform! or declare no stores",
-                saved.stores
+                saved.layout().guest_names()
             )));
         }
         let (store, _) = self.store()?;
@@ -509,7 +534,7 @@ impl Runtime {
         let log = LogBuffer::default();
         let tasks = pre
             .is_stateful()
-            .then(|| tasks::Tasks::new(&self.inner.data_dir, &saved.name, &saved.stores));
+            .then(|| tasks::Tasks::new(&self.inner.data_dir, &saved.name, &saved.layout()));
         log.push(format!(
             "[runtime] version {} started (component sha256 {})",
             saved.version, saved.sha256
@@ -804,7 +829,7 @@ impl Runtime {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let admin = Admin::new(self.client().await?);
-        for topic in state::changelog_topics(&saved.name, &saved.stores) {
+        for topic in saved.layout().produced(&saved.name) {
             match admin.delete_topic(&topic).await {
                 Ok(()) => {}
                 Err(err) if err.code() == Some(v1::ErrorCode::UnknownTopic) => {}
@@ -876,10 +901,11 @@ impl Runtime {
             .cloned()
             .ok_or_else(|| DeployError::Unknown(query.name.clone()))?;
         let saved = Saved::from_definition(&definition)?;
-        if !saved.stores.contains(&query.store) {
+        let stores = saved.layout().guest_names();
+        if !stores.contains(&query.store) {
             return Err(DeployError::Invalid(format!(
-                "transform {:?} has no store {:?}; its stores: {:?}",
-                query.name, query.store, saved.stores
+                "transform {:?} has no store {:?}; its stores: {stores:?}",
+                query.name, query.store
             )));
         }
         let limit = match query.limit {
@@ -1383,7 +1409,8 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
             ms => u64::from(ms),
         }));
     }
-    let changelogs = state::changelog_topics(&task.saved.name, &task.saved.stores);
+    let changelogs = task.saved.layout().topics(&task.saved.name);
+    let has_tables = !task.saved.tables.is_empty();
     let policy =
         v1::ErrorPolicy::try_from(task.saved.error_policy).unwrap_or(v1::ErrorPolicy::Fail);
     let config: Vec<(String, String)> = task.saved.config.clone().into_iter().collect();
@@ -1435,6 +1462,15 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
                         "[runtime] opened the state of partition {partition}: replayed {restored} changelog records in {} ms ({rate:.0} records/s)",
                         elapsed.as_millis()
                     ));
+                }
+            }
+            if has_tables {
+                let mut with_records: Vec<u32> = records.iter().map(|r| r.partition).collect();
+                with_records.dedup();
+                for partition in with_records {
+                    tasks::catch_up_tables(tasks, &client, partition)
+                        .await
+                        .with_context(|| format!("reading the tables of partition {partition}"))?;
                 }
             }
         } else if records.is_empty() {
@@ -1553,17 +1589,32 @@ async fn create_changelogs(admin: &Admin, saved: &Saved) -> Result<(), DeployErr
         .map_err(|err| DeployError::Invalid(format!("topic {:?}: {err}", saved.input_topic)))?
         .partitions
         .len() as u32;
+    let layout = saved.layout();
+    let names = layout.guest_names();
     let mut seen = std::collections::BTreeSet::new();
-    for store in &saved.stores {
+    for store in &names {
         if store.is_empty() || store == state::INTERNAL_STORE || !seen.insert(store) {
             return Err(DeployError::Invalid(format!(
-                "store names must be unique, not empty and not {:?}; got {:?}",
+                "store names (stores and tables) must be unique, not empty and not {:?}; got {names:?}",
                 state::INTERNAL_STORE,
-                saved.stores
             )));
         }
     }
-    for topic in state::changelog_topics(&saved.name, &saved.stores) {
+    // A table's partition P holds the keys of input partition P (co-partitioned), as in
+    // a Kafka Streams KStream-KTable join.
+    for (store, topic) in &layout.tables {
+        let table = admin.describe_topic(topic).await.map_err(|err| {
+            DeployError::Invalid(format!("table {store:?}: topic {topic:?}: {err}"))
+        })?;
+        if table.partitions.len() as u32 != partitions {
+            return Err(DeployError::Invalid(format!(
+                "table {store:?}: topic {topic:?} has {} partitions but input {} has {partitions}; a table must be partitioned like the input (same count, keyed the same way)",
+                table.partitions.len(),
+                saved.input_topic
+            )));
+        }
+    }
+    for topic in layout.produced(&saved.name) {
         match admin.describe_topic(&topic).await {
             Ok(existing) if existing.partitions.len() as u32 == partitions => continue,
             Ok(existing) => {
@@ -1683,7 +1734,14 @@ impl Guest {
         if instance.is_none() {
             let fresh = self
                 .host
-                .instantiate(&self.pre, self.saved.setup(&self.config, self.log.clone()))
+                .instantiate(
+                    &self.pre,
+                    self.saved.setup(
+                        &self.config,
+                        &self.saved.layout().guest_names(),
+                        self.log.clone(),
+                    ),
+                )
                 .map_err(|e| anyhow::anyhow!(e.0))?;
             *instance = Some(fresh);
         }

@@ -16,6 +16,7 @@
 //! cpu-limit-ms: 2000
 //! processing: exactly-once       # at-least-once | exactly-once
 //! stores: [counts]               # runnel:transform@0.2.0 components only
+//! tables: {customers: customers} # read-only store kept from a compacted topic
 //! allowed-lateness-ms: 5000      # watermark = largest timestamp seen - this
 //! ```
 
@@ -54,6 +55,9 @@ pub struct TransformFile {
     /// State stores (stateful components).
     #[serde(default)]
     pub stores: Vec<String>,
+    /// Table stores: store name → the compacted topic it is kept from.
+    #[serde(default)]
+    pub tables: BTreeMap<String, String>,
     #[serde(default)]
     pub allowed_lateness_ms: Option<i64>,
 }
@@ -141,6 +145,7 @@ impl TransformFile {
             processing: processing as i32,
             commit_interval_ms: file.commit_interval_ms.unwrap_or(0),
             stores: file.stores,
+            tables: file.tables.into_iter().collect(),
             allowed_lateness_ms: file.allowed_lateness_ms.unwrap_or(0),
         };
         validate(&spec).with_context(|| format!("invalid deployment file {}", path.display()))?;
@@ -209,7 +214,7 @@ pub fn validate(spec: &v1::TransformSpec) -> anyhow::Result<()> {
     }
     parse_start(&spec.start)?;
     let mut stores = std::collections::BTreeSet::new();
-    for store in &spec.stores {
+    for store in spec.stores.iter().chain(spec.tables.keys()) {
         if store.is_empty()
             || store.len() > NAME_LENGTH_MAX
             || store.starts_with("__")
@@ -223,6 +228,16 @@ pub fn validate(spec: &v1::TransformSpec) -> anyhow::Result<()> {
         }
         if !stores.insert(store) {
             anyhow::bail!("store {store:?} is declared twice");
+        }
+    }
+    for (store, topic) in &spec.tables {
+        if topic.is_empty() {
+            anyhow::bail!("table {store:?} names no topic");
+        }
+        if *topic == spec.input_topic || spec.output_topics.contains(topic) {
+            anyhow::bail!(
+                "table {store:?} is kept from topic {topic:?}, which is also the input or an output"
+            );
         }
     }
     if spec.allowed_lateness_ms < 0 {

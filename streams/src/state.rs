@@ -55,14 +55,58 @@ pub fn changelog_topic(deployment: &str, store: &str) -> String {
     format!("{deployment}-{store}-changelog")
 }
 
-/// The changelog topics of a deployment with these declared stores (internal last).
-pub fn changelog_topics(deployment: &str, stores: &[String]) -> Vec<String> {
-    stores
-        .iter()
-        .map(String::as_str)
-        .chain([INTERNAL_STORE])
-        .map(|store| changelog_topic(deployment, store))
-        .collect()
+/// The stores of a deployment, in the order the guest and the tasks number them: the
+/// declared ones, the tables (kept from compacted topics, read-only to the guest), and
+/// the internal one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Layout {
+    pub declared: Vec<String>,
+    /// (store, topic): the topic is the table's changelog; the runtime writes none.
+    pub tables: Vec<(String, String)>,
+}
+
+impl Layout {
+    /// The stores the guest sees (`init`'s list).
+    pub fn guest_names(&self) -> Vec<String> {
+        self.declared
+            .iter()
+            .cloned()
+            .chain(self.tables.iter().map(|(store, _)| store.clone()))
+            .collect()
+    }
+
+    /// Every store, the internal one last.
+    pub fn names(&self) -> Vec<String> {
+        let mut names = self.guest_names();
+        names.push(INTERNAL_STORE.to_string());
+        names
+    }
+
+    /// The changelog of every store, by store number.
+    pub fn topics(&self, deployment: &str) -> Vec<String> {
+        self.declared
+            .iter()
+            .map(|store| changelog_topic(deployment, store))
+            .chain(self.tables.iter().map(|(_, topic)| topic.clone()))
+            .chain([changelog_topic(deployment, INTERNAL_STORE)])
+            .collect()
+    }
+
+    /// The changelogs the runtime writes (and creates, and deletes with the state).
+    pub fn produced(&self, deployment: &str) -> Vec<String> {
+        self.declared
+            .iter()
+            .map(String::as_str)
+            .chain([INTERNAL_STORE])
+            .map(|store| changelog_topic(deployment, store))
+            .collect()
+    }
+
+    /// Numbers of the table stores.
+    pub fn table_stores(&self) -> std::ops::Range<u32> {
+        let first = self.declared.len() as u32;
+        first..first + self.tables.len() as u32
+    }
 }
 
 /// Where a deployment's task directories live.
@@ -75,6 +119,8 @@ pub fn deployment_dir(data_dir: &Path, deployment: &str) -> PathBuf {
 pub enum StateError {
     #[error("store #{store} is not declared; the deployment declares {declared:?}")]
     UnknownStore { store: u32, declared: Vec<String> },
+    #[error("store {store:?} is a table kept from topic {topic:?}: it is read-only")]
+    ReadOnly { store: String, topic: String },
     #[error("key of {size_bytes} bytes is larger than the limit of {size_bytes_max} bytes")]
     KeyTooLarge {
         size_bytes: usize,
@@ -165,8 +211,10 @@ fn order_preserving(value: i64) -> [u8; 8] {
 pub struct TaskState {
     partition: u32,
     dir: PathBuf,
-    /// Declared stores, then [`INTERNAL_STORE`].
+    /// Declared stores, tables, then [`INTERNAL_STORE`].
     stores: Vec<String>,
+    /// Table stores: (store, topic), numbered after the declared ones.
+    tables: Vec<(String, String)>,
     db: rocksdb::DB,
     /// Finished calls' writes not committed yet, by commit unit, oldest first.
     pending: VecDeque<(u64, Layer)>,
@@ -190,9 +238,8 @@ impl TaskState {
     ///
     /// # Errors
     /// The directory cannot be created or RocksDB cannot open a fresh instance.
-    pub fn open(dir: &Path, partition: u32, declared: &[String]) -> anyhow::Result<Self> {
-        let mut stores: Vec<String> = declared.to_vec();
-        stores.push(INTERNAL_STORE.to_string());
+    pub fn open(dir: &Path, partition: u32, layout: &Layout) -> anyhow::Result<Self> {
+        let stores = layout.names();
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let db = match open_db(dir, &stores) {
             Ok(db) => db,
@@ -210,6 +257,7 @@ impl TaskState {
             dir: dir.to_path_buf(),
             call: Layer::new(stores.len()),
             stores,
+            tables: layout.tables.clone(),
             db,
             pending: VecDeque::new(),
             max_timestamp_ms: i64::MIN,
@@ -257,6 +305,19 @@ impl TaskState {
         }
     }
 
+    /// A store the guest may write: not a table.
+    fn writable_store(&self, store: u32) -> Result<u32, StateError> {
+        let store = self.guest_store(store)?;
+        let first_table = self.stores.len() - 1 - self.tables.len();
+        match (store as usize).checked_sub(first_table) {
+            Some(table) => {
+                let (store, topic) = self.tables[table].clone();
+                Err(StateError::ReadOnly { store, topic })
+            }
+            None => Ok(store),
+        }
+    }
+
     /// The next changelog offset store `store` has applied (0 when never written).
     ///
     /// # Errors
@@ -297,7 +358,7 @@ impl TaskState {
     /// # Errors
     /// Undeclared store, or a key or value beyond the limits.
     pub fn put(&mut self, store: u32, key: Vec<u8>, value: Vec<u8>) -> Result<(), StateError> {
-        let store = self.guest_store(store)?;
+        let store = self.writable_store(store)?;
         check_key(&key)?;
         if value.len() > VALUE_BYTES_MAX {
             return Err(StateError::ValueTooLarge {
@@ -312,7 +373,7 @@ impl TaskState {
     /// # Errors
     /// Undeclared store, or a key beyond the limit.
     pub fn delete(&mut self, store: u32, key: Vec<u8>) -> Result<(), StateError> {
-        let store = self.guest_store(store)?;
+        let store = self.writable_store(store)?;
         check_key(&key)?;
         self.call.stores[store as usize].insert(key, None);
         Ok(())

@@ -20,7 +20,7 @@ use std::time::Duration;
 use anyhow::Context;
 use runnel_client::{Client, Consumer, ConsumerConfig, StartFrom, v1};
 
-use crate::state::{self, Entry, TaskState};
+use crate::state::{self, Entry, Layout, TaskState};
 
 /// Changelog records applied to RocksDB per write batch during a replay.
 const RESTORE_BATCH_RECORDS: usize = 20_000;
@@ -36,7 +36,7 @@ pub struct Progress {
 pub struct Tasks {
     deployment: String,
     dir: PathBuf,
-    stores: Vec<String>,
+    layout: Layout,
     open: BTreeMap<u32, TaskState>,
     restoring: BTreeMap<u32, Progress>,
 }
@@ -50,11 +50,11 @@ pub fn lock(tasks: &SharedTasks) -> std::sync::MutexGuard<'_, Tasks> {
 }
 
 impl Tasks {
-    pub fn new(data_dir: &std::path::Path, deployment: &str, stores: &[String]) -> SharedTasks {
+    pub fn new(data_dir: &std::path::Path, deployment: &str, layout: &Layout) -> SharedTasks {
         Arc::new(Mutex::new(Tasks {
             deployment: deployment.to_string(),
             dir: state::deployment_dir(data_dir, deployment),
-            stores: stores.to_vec(),
+            layout: layout.clone(),
             open: BTreeMap::new(),
             restoring: BTreeMap::new(),
         }))
@@ -157,11 +157,11 @@ impl Tasks {
         to: Option<&[u8]>,
         limit: usize,
     ) -> anyhow::Result<Vec<(u32, Entry)>> {
-        if !self.stores.iter().any(|s| s == store) {
+        let stores = self.layout.guest_names();
+        if !stores.iter().any(|s| s == store) {
             anyhow::bail!(
-                "transform {:?} has no store {store:?}; its stores: {:?}",
-                self.deployment,
-                self.stores
+                "transform {:?} has no store {store:?}; its stores: {stores:?}",
+                self.deployment
             );
         }
         let mut out = Vec::new();
@@ -185,16 +185,16 @@ impl Tasks {
 /// # Errors
 /// A changelog cannot be read, or the local stores cannot be written.
 pub async fn open(tasks: &SharedTasks, client: &Client, partition: u32) -> anyhow::Result<u64> {
-    let (dir, deployment, stores) = {
+    let (dir, deployment, layout) = {
         let tasks = lock(tasks);
         (
             tasks.dir.join(partition.to_string()),
             tasks.deployment.clone(),
-            tasks.stores.clone(),
+            tasks.layout.clone(),
         )
     };
     lock(tasks).restoring.insert(partition, Progress::default());
-    let result = replay(tasks, client, &dir, &deployment, &stores, partition).await;
+    let result = replay(tasks, client, &dir, &deployment, &layout, partition).await;
     let mut locked = lock(tasks);
     locked.restoring.remove(&partition);
     let (task, restored) = result?;
@@ -207,14 +207,75 @@ async fn replay(
     client: &Client,
     dir: &std::path::Path,
     deployment: &str,
-    stores: &[String],
+    layout: &Layout,
     partition: u32,
 ) -> anyhow::Result<(TaskState, u64)> {
-    let mut task = TaskState::open(dir, partition, stores)?;
-    let topics = state::changelog_topics(deployment, stores);
+    let mut task = TaskState::open(dir, partition, layout)?;
+    let topics = layout.topics(deployment);
+    let stores: Vec<u32> = (0..topics.len() as u32).collect();
+    let restored = replay_stores(
+        &mut task,
+        client,
+        deployment,
+        &topics,
+        &stores,
+        &mut |done, total| {
+            set_progress(tasks, partition, done, total);
+        },
+    )
+    .await?;
+    Ok((task, restored))
+}
+
+/// Brings task `partition`'s tables up to their topics' last stable offsets (before a
+/// batch of that partition is processed). Returns the records applied.
+///
+/// # Errors
+/// A table topic cannot be read, or the stores cannot be written.
+pub async fn catch_up_tables(
+    tasks: &SharedTasks,
+    client: &Client,
+    partition: u32,
+) -> anyhow::Result<u64> {
+    let (deployment, layout, task) = {
+        let mut tasks = lock(tasks);
+        let task = tasks.take(partition);
+        (tasks.deployment.clone(), tasks.layout.clone(), task)
+    };
+    let Some(mut task) = task else {
+        return Ok(0);
+    };
+    let topics = layout.topics(&deployment);
+    let tables: Vec<u32> = layout.table_stores().collect();
+    let result = replay_stores(
+        &mut task,
+        client,
+        &deployment,
+        &topics,
+        &tables,
+        &mut |_, _| {},
+    )
+    .await;
+    lock(tasks).put_back(task);
+    result
+}
+
+/// Replays `stores` of `task` from their checkpoints to their changelogs' last stable
+/// offsets (`topics[store]`), reporting (done, total) records as it goes.
+async fn replay_stores(
+    task: &mut TaskState,
+    client: &Client,
+    deployment: &str,
+    topics: &[String],
+    stores: &[u32],
+    progress: &mut (dyn FnMut(u64, u64) + Send),
+) -> anyhow::Result<u64> {
+    let partition = task.partition();
     let mut plan = Vec::new();
-    for (store, topic) in topics.iter().enumerate() {
-        let store = store as u32;
+    for &store in stores {
+        let topic = topics
+            .get(store as usize)
+            .with_context(|| format!("store #{store} has no changelog"))?;
         let mut consumer = Consumer::new(
             client.clone(),
             ConsumerConfig {
@@ -254,9 +315,9 @@ async fn replay(
     }
     let total: u64 = plan.iter().map(|p| p.4).sum();
     if total > 0 {
-        tracing::info!(transform = %deployment, partition, records = total, "restoring state from the changelogs");
+        tracing::debug!(transform = %deployment, partition, records = total, "replaying changelogs");
     }
-    set_progress(tasks, partition, 0, total);
+    progress(0, total);
     let mut restored = 0u64;
     for (store, topic, mut consumer, end, _) in plan {
         let mut pending: Vec<(bytes::Bytes, Option<bytes::Bytes>)> = Vec::new();
@@ -272,7 +333,7 @@ async fn replay(
                     position,
                 )?;
                 pending.clear();
-                set_progress(tasks, partition, restored, total);
+                progress(restored, total);
                 if position >= end {
                     break;
                 }
@@ -285,7 +346,7 @@ async fn replay(
             }
         }
     }
-    Ok((task, restored))
+    Ok(restored)
 }
 
 fn set_progress(tasks: &SharedTasks, partition: u32, restored: u64, total: u64) {

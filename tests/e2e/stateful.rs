@@ -430,6 +430,40 @@ fn the_stateful_examples_emit_exactly_their_expected_outputs() {
     );
     assert_eq!(out[3..], ["3 y=1 @0", "4 x=10 @0"], "{lines:?}");
 
+    // De-duplication of ids (keys) within 1 s of event time: a repeat inside the window
+    // is dropped, and the id is forgotten once its window passed.
+    let lines = harness(
+        "dedup",
+        &["seen"],
+        &["--config", "window-ms=1000"],
+        r#"{"key": "a", "value": "1", "timestamp": 0}
+{"key": "a", "value": "2", "timestamp": 500}
+{"key": "b", "value": "3", "timestamp": 600}
+{"key": "a", "value": "4", "timestamp": 999}
+{"key": "a", "value": "5", "timestamp": 1000}
+{"key": "a", "value": "6", "timestamp": 1500}
+{"key": "c", "value": "7", "timestamp": 2700}
+{"key": "b", "value": "8", "timestamp": 2800}
+{"value": "no id", "timestamp": 2900}
+"#,
+    );
+    let out = emitted(&lines);
+    assert_eq!(
+        out[..5],
+        [
+            "0 a=1 @0",
+            "2 b=3 @600",
+            "4 a=5 @1000",
+            "6 c=7 @2700",
+            "7 b=8 @2800"
+        ],
+        "{lines:?}"
+    );
+    assert!(
+        out[5].starts_with("8 error: the record carries no id"),
+        "{lines:?}"
+    );
+
     // Tumbling counts of 1 s windows with 500 ms of allowed lateness: a window is
     // emitted once, when the watermark passes its end, with the late records that came
     // inside the grace period, and without those that came after it.
@@ -456,4 +490,124 @@ fn the_stateful_examples_emit_exactly_their_expected_outputs() {
         ],
         "{lines:?}"
     );
+}
+
+#[test]
+fn a_stream_table_join_reads_the_table_as_it_is_when_each_record_is_processed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dev = crate::support::Dev::start(dir.path());
+    for topic in ["orders", "enriched"] {
+        dev.ok(&["topic", "create", topic, "--partitions", "2"], "");
+    }
+    dev.ok(
+        &[
+            "topic",
+            "create",
+            "customers",
+            "--partitions",
+            "2",
+            "--config",
+            "cleanup.policy=compact",
+        ],
+        "",
+    );
+    let produce = |topic: &str, lines: &str| {
+        dev.ok(&["produce", topic, "--key-separator", "|"], lines);
+    };
+    produce(
+        "customers",
+        "c1|{\"name\":\"Ada\"}\nc2|{\"name\":\"Grace\"}\n",
+    );
+    let wasm = crate::transforms::components().join("join_customers.wasm");
+    let deployed = dev.ok(
+        &[
+            "transform",
+            "deploy",
+            "--name",
+            "join",
+            "--input",
+            "orders",
+            "--output",
+            "enriched",
+            "--wasm",
+            &wasm.display().to_string(),
+            "--table",
+            "customers=customers",
+            "--processing",
+            "exactly-once",
+        ],
+        "",
+    );
+    assert!(deployed.contains("Deployed transform join"), "{deployed}");
+    let read = || -> BTreeMap<String, Vec<String>> {
+        let out = dev.ok(
+            &[
+                "consume",
+                "enriched",
+                "--from-beginning",
+                "--isolation",
+                "read_committed",
+                "--timeout-ms",
+                "700",
+            ],
+            "",
+        );
+        let mut by_order: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for line in out.lines() {
+            let value: serde_json::Value = serde_json::from_str(line).expect("JSON");
+            by_order
+                .entry(value["order"]["id"].to_string())
+                .or_default()
+                .push(value["customer"]["name"].to_string());
+        }
+        by_order
+    };
+    produce("orders", "c1|{\"id\":1}\nc2|{\"id\":2}\nc3|{\"id\":3}\n");
+    wait_until("three joined orders", Duration::from_secs(30), || {
+        read().len() == 3
+    });
+    // The table changes; orders processed afterwards see the change.
+    produce(
+        "customers",
+        "c1|{\"name\":\"Ada L.\"}\nc3|{\"name\":\"Edsger\"}\n",
+    );
+    produce("orders", "c1|{\"id\":4}\nc3|{\"id\":5}\n");
+    wait_until("five joined orders", Duration::from_secs(30), || {
+        read().len() == 5
+    });
+    let joined = read();
+    let names = |id: &str| joined[id].join(",");
+    assert_eq!(names("1"), "\"Ada\"");
+    assert_eq!(names("2"), "\"Grace\"");
+    assert_eq!(
+        names("3"),
+        "null",
+        "a left join: c3 was not in the table yet"
+    );
+    assert_eq!(names("4"), "\"Ada L.\"");
+    assert_eq!(names("5"), "\"Edsger\"");
+    // The table is a store like the others for queries, and read-only to the guest.
+    let c1 = dev.ok(
+        &[
+            "transform",
+            "state",
+            "join",
+            "--store",
+            "customers",
+            "--key",
+            "c1",
+        ],
+        "",
+    );
+    assert_eq!(c1.trim(), "{\"name\":\"Ada L.\"}");
+    let described = dev.ok(&["transform", "describe", "join"], "");
+    assert!(
+        described.contains("Tables:      customers <- customers"),
+        "{described}"
+    );
+    // Removing with --delete-state deletes the changelogs it wrote, never the table.
+    dev.ok(&["transform", "remove", "join", "--delete-state"], "");
+    let topics = dev.ok(&["topic", "list"], "");
+    assert!(topics.contains("customers"), "{topics}");
+    assert!(!topics.contains("join-__runnel-changelog"), "{topics}");
 }

@@ -1,8 +1,11 @@
 use super::*;
 use proptest::prelude::*;
 
-fn stores() -> Vec<String> {
-    vec!["counts".to_string(), "totals".to_string()]
+fn stores() -> Layout {
+    Layout {
+        declared: vec!["counts".to_string(), "totals".to_string()],
+        tables: Vec::new(),
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -127,6 +130,36 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn tables_are_read_only_to_the_guest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let layout = Layout {
+        declared: vec!["counts".to_string()],
+        tables: vec![("customers".to_string(), "customers-topic".to_string())],
+    };
+    assert_eq!(
+        layout.topics("app"),
+        [
+            "app-counts-changelog",
+            "customers-topic",
+            "app-__runnel-changelog"
+        ]
+    );
+    assert_eq!(
+        layout.produced("app"),
+        ["app-counts-changelog", "app-__runnel-changelog"]
+    );
+    let mut task = TaskState::open(dir.path(), 0, &layout).expect("opens");
+    assert!(matches!(
+        task.put(1, b"c1".to_vec(), b"{}".to_vec()),
+        Err(StateError::ReadOnly { .. })
+    ));
+    let records: [(&[u8], Option<&[u8]>); 1] = [(b"c1", Some(b"ada"))];
+    task.restore(1, records.into_iter(), 1).expect("restores");
+    assert_eq!(task.get(1, b"c1").expect("reads"), Some(b"ada".to_vec()));
+    task.put(0, b"k".to_vec(), b"1".to_vec()).expect("writes");
 }
 
 #[test]
