@@ -424,6 +424,54 @@ pub mod windows {
         }
     }
 
+    /// Sessions: activity of a key separated by gaps of at least `gap_ms`. A session is
+    /// `[first, last]` record timestamp; it closes when the watermark reaches
+    /// `last + gap_ms`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Session {
+        pub gap_ms: i64,
+    }
+
+    impl Session {
+        /// The session a record at `timestamp_ms` belongs to, given the key's open
+        /// sessions: returns it, and the existing sessions it absorbs (a late record can
+        /// bridge two sessions into one). Keep sessions in a store keyed by
+        /// (key, start); delete the absorbed ones and put the returned one.
+        pub fn assign(
+            &self,
+            open: &[(i64, i64)],
+            timestamp_ms: i64,
+        ) -> ((i64, i64), Vec<(i64, i64)>) {
+            let mut merged = (timestamp_ms, timestamp_ms);
+            let mut absorbed = Vec::new();
+            let mut sorted = open.to_vec();
+            sorted.sort_unstable();
+            // Merging can extend the session to reach further ones: repeat until stable.
+            loop {
+                let before = absorbed.len();
+                for &(start, end) in &sorted {
+                    if absorbed.contains(&(start, end)) {
+                        continue;
+                    }
+                    if start.saturating_sub(self.gap_ms) < merged.1
+                        && merged.0 < end.saturating_add(self.gap_ms)
+                    {
+                        merged = (merged.0.min(start), merged.1.max(end));
+                        absorbed.push((start, end));
+                    }
+                }
+                if absorbed.len() == before {
+                    return (merged, absorbed);
+                }
+            }
+        }
+
+        /// When session `(start, end)` closes: `end + gap_ms`.
+        pub fn closes_at(&self, session: (i64, i64)) -> i64 {
+            session.1.saturating_add(self.gap_ms)
+        }
+    }
+
     /// Whether a window ending at `end_ms` is closed (its grace period is over).
     pub fn closed(end_ms: i64) -> bool {
         end_ms <= super::watermark()
@@ -451,6 +499,26 @@ pub mod windows {
                 advance_ms: 10,
             };
             assert_eq!(tumble.windows_of(12), vec![(10, 20)]);
+        }
+
+        #[test]
+        fn sessions_grow_and_merge_within_the_gap() {
+            let sessions = Session { gap_ms: 10 };
+            assert_eq!(sessions.assign(&[], 100), ((100, 100), vec![]));
+            assert_eq!(
+                sessions.assign(&[(100, 100)], 105),
+                ((100, 105), vec![(100, 100)])
+            );
+            // A gap of exactly gap_ms starts a new session.
+            assert_eq!(sessions.assign(&[(100, 105)], 115), ((115, 115), vec![]));
+            // A late record bridges two sessions.
+            let (merged, mut absorbed) = sessions.assign(&[(100, 105), (120, 130)], 112);
+            absorbed.sort_unstable();
+            assert_eq!(
+                (merged, absorbed),
+                ((100, 130), vec![(100, 105), (120, 130)])
+            );
+            assert_eq!(sessions.closes_at((100, 130)), 140);
         }
     }
 }
