@@ -587,7 +587,13 @@ fn transactions_stay_whole_across_coordinator_and_leader_kills() {
                 .iter()
                 .filter(|v| seen.contains_key(v.as_str()))
                 .collect();
-            assert!(read.is_empty(), "aborted values were read: {read:?}");
+            if !read.is_empty() {
+                let log = raw_log(&cluster, "ledger", &read);
+                panic!(
+                    "aborted values were read: {read:?} of {txn:?}; the topic: {}\n{log}",
+                    cluster.ok(1, &["topic", "describe", "ledger"], "")
+                );
+            }
         }
         for txn in &history.indeterminate {
             indeterminate += 1;
