@@ -111,8 +111,11 @@ pub enum EndDecision {
     Prepare(TxnMeta),
     /// A repeat of the call that ended it: answer with this epoch once it is complete.
     Repeat { epoch: i16 },
-    /// Nothing was written in the transaction: nothing to end, the epoch stays.
-    Nothing { epoch: i16 },
+    /// Nothing was written in the transaction: store this state, which bumps the epoch
+    /// all the same (KIP-890 part 2: every end bumps it), so that a join of the ended
+    /// transaction still on its way (a leader slow to append the producer's batch) is
+    /// fenced instead of opening a transaction the next one would merge into.
+    Empty(TxnMeta),
 }
 
 impl TxnMeta {
@@ -222,9 +225,18 @@ impl TxnMeta {
                 Ok(EndDecision::Prepare(next))
             }
             TxnState::Empty | TxnState::CompleteCommit | TxnState::CompleteAbort => {
-                Ok(EndDecision::Nothing {
-                    epoch: self.producer_epoch,
-                })
+                let mut next = self.clone();
+                next.state = if commit {
+                    TxnState::CompleteCommit
+                } else {
+                    TxnState::CompleteAbort
+                };
+                next.partitions.clear();
+                next.start_ms = -1;
+                next.last_epoch = self.producer_epoch;
+                next.producer_epoch = self.producer_epoch.saturating_add(1);
+                next.update_ms = now;
+                Ok(EndDecision::Empty(next))
             }
             TxnState::PrepareCommit | TxnState::PrepareAbort => Err(TxnError::Concurrent),
         }
@@ -354,10 +366,19 @@ mod tests {
             Err(TxnError::Fenced(_))
         ));
         assert!(done.add_partitions(7, 1, &[tp("a", 0)], 31).is_ok());
-        // Ending a transaction that wrote nothing changes nothing.
+        // Ending a transaction that wrote nothing bumps the epoch all the same, so a
+        // late join of it is fenced; a repeat of that end answers the same epoch.
+        let Ok(EndDecision::Empty(empty)) = done.end(7, 1, false, 32) else {
+            panic!("an empty end");
+        };
+        assert_eq!(empty.producer_epoch, 2);
+        assert!(matches!(
+            empty.add_partitions(7, 1, &[tp("a", 0)], 33),
+            Err(TxnError::Fenced(_))
+        ));
         assert_eq!(
-            done.end(7, 1, true, 32),
-            Ok(EndDecision::Nothing { epoch: 1 })
+            empty.end(7, 1, false, 34),
+            Ok(EndDecision::Repeat { epoch: 2 })
         );
     }
 
@@ -450,8 +471,15 @@ mod tests {
                                 proptest::prop_assert!(next.state.is_prepared());
                                 meta = next;
                             }
-                            Ok(EndDecision::Repeat { epoch }) | Ok(EndDecision::Nothing { epoch }) => {
+                            Ok(EndDecision::Repeat { epoch }) => {
                                 proptest::prop_assert_eq!(epoch, meta.producer_epoch);
+                            }
+                            Ok(EndDecision::Empty(next)) => {
+                                proptest::prop_assert!(!stale);
+                                proptest::prop_assert!(!before.state.is_prepared() && before.state != TxnState::Ongoing);
+                                proptest::prop_assert_eq!(next.producer_epoch, before.producer_epoch + 1);
+                                proptest::prop_assert!(next.partitions.is_empty());
+                                meta = next;
                             }
                             Err(_) => {}
                         }

@@ -378,9 +378,11 @@ impl Broker {
             .end(request.producer_id, epoch, request.commit, now_ms())
             .map_err(|err| txn_error(id, err))?;
         let done = match decision {
-            EndDecision::Nothing { epoch } => {
+            EndDecision::Empty(next) => {
+                let stored = self.store_txn(&partition, id, next).await?;
                 return Ok(v1::EndTransactionResponse {
-                    producer_epoch: i32::from(epoch),
+                    producer_epoch: i32::from(stored.producer_epoch),
+                    ended_open: false,
                 });
             }
             EndDecision::Repeat { .. } if !meta.state.is_prepared() => meta,
@@ -392,6 +394,7 @@ impl Broker {
         };
         Ok(v1::EndTransactionResponse {
             producer_epoch: i32::from(done.producer_epoch),
+            ended_open: true,
         })
     }
 

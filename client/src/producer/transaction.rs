@@ -317,9 +317,9 @@ impl Producer {
             ClientError::Corrupt(format!("producer epoch {}", answer.producer_epoch))
         })?;
         let wrote = txn.wrote.swap(false, std::sync::atomic::Ordering::AcqRel);
-        if commit && wrote && next == epoch {
-            // Every transaction that wrote ends with a new epoch: the coordinator did not
-            // know this one. Never report such a commit as done.
+        if commit && wrote && !answer.ended_open {
+            // The coordinator knew no open transaction although this one wrote: never
+            // report such a commit as done.
             let err = ClientError::Broker {
                 code: v1::ErrorCode::InvalidTxnState,
                 message: format!(
