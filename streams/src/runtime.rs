@@ -435,7 +435,7 @@ impl Runtime {
     ) -> Result<v1::TransformStatus, DeployError> {
         spec::validate(&spec).map_err(|err| DeployError::Invalid(format!("{err:#}")))?;
         let client = self.client().await?;
-        let admin = Admin::new(client);
+        let admin = Admin::new(client.clone());
         let mut topics: Vec<&String> = spec
             .output_topics
             .iter()
@@ -466,7 +466,7 @@ impl Runtime {
             )
             .map_err(|e| DeployError::Invalid(e.0))?;
         if pre.is_stateful() {
-            create_changelogs(&admin, &saved).await?;
+            create_changelogs(&client, &admin, &saved).await?;
         } else if !saved.layout().guest_names().is_empty() {
             return Err(DeployError::Invalid(format!(
                 "the deployment declares stores {:?} but the component is a stateless runnel:transform@0.1.0 one; build it with runnel_sdk::export_stateful_transform! or declare no stores",
@@ -1579,10 +1579,18 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
     }
 }
 
-/// Creates the changelogs of a stateful deployment: compacted, one partition per input
-/// partition, at the brokers' default replication factor. Existing ones are kept if
-/// their partition count fits.
-async fn create_changelogs(admin: &Admin, saved: &Saved) -> Result<(), DeployError> {
+/// Replicas of a changelog (fewer when fewer brokers are live), as of the internal topics.
+const CHANGELOG_REPLICATION_FACTOR: u32 = 3;
+
+/// Creates the changelogs of a stateful deployment: compacted, never deleted by time,
+/// one partition per input partition, with 3 replicas and `min.insync.replicas` 2 (or
+/// as many replicas as brokers are live, and 1). Existing ones are kept if their
+/// partition count fits.
+async fn create_changelogs(
+    client: &Client,
+    admin: &Admin,
+    saved: &Saved,
+) -> Result<(), DeployError> {
     let partitions = admin
         .describe_topic(&saved.input_topic)
         .await
@@ -1627,12 +1635,24 @@ async fn create_changelogs(admin: &Admin, saved: &Saved) -> Result<(), DeployErr
             Err(err) if err.code() == Some(v1::ErrorCode::UnknownTopic) => {}
             Err(err) => return Err(DeployError::Internal(err.into())),
         }
-        let configs = std::collections::HashMap::from([(
-            "cleanup.policy".to_string(),
-            "compact".to_string(),
-        )]);
+        // Replicated like the internal topics: state must outlive any one broker.
+        let live = match store::live_brokers(client).await {
+            Ok(live) => live.len() as u32,
+            Err(err) => return Err(DeployError::Internal(err.into())),
+        };
+        let replication_factor = live.clamp(1, CHANGELOG_REPLICATION_FACTOR);
+        let min_insync = if replication_factor >= CHANGELOG_REPLICATION_FACTOR {
+            "2"
+        } else {
+            "1"
+        };
+        let configs = std::collections::HashMap::from([
+            ("cleanup.policy".to_string(), "compact".to_string()),
+            ("retention.ms".to_string(), "-1".to_string()),
+            ("min.insync.replicas".to_string(), min_insync.to_string()),
+        ]);
         match admin
-            .create_topic(&topic, Some(partitions), None, configs)
+            .create_topic(&topic, Some(partitions), Some(replication_factor), configs)
             .await
         {
             Ok(_) => {}

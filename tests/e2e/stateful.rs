@@ -187,6 +187,8 @@ fn word_count_is_exact_across_ten_kills_a_lost_local_state_and_queries() {
     // The changelogs were created at deploy: compacted, one partition per input partition.
     let changelog = cluster.ok(2, &["topic", "describe", "wc-counts-changelog"], "");
     assert!(changelog.contains("cleanup.policy=compact"), "{changelog}");
+    assert!(changelog.contains("ReplicationFactor: 3"), "{changelog}");
+    assert!(changelog.contains("min.insync.replicas=2"), "{changelog}");
 
     // Ten kills of brokers running tasks, at random points while input flows.
     let seed = std::time::SystemTime::now()

@@ -460,8 +460,9 @@ impl Broker {
     }
 
     /// Writes one marker, retrying while the partition cannot take it (no leader, too
-    /// few in-sync replicas), as long as this broker still coordinates in the same
-    /// epoch. A deleted topic needs no marker.
+    /// few in-sync replicas, a leader behind on metadata), as long as this broker still
+    /// coordinates in the same epoch. A topic deleted in this broker's metadata needs no
+    /// marker.
     #[allow(clippy::too_many_arguments)]
     async fn write_marker(
         &self,
@@ -516,9 +517,12 @@ impl Broker {
                     Err(err) => Err(err),
                 }
             };
+            // A leader that answers "unknown topic" is behind on metadata (a broker that
+            // just restarted replays it): retry. Only this broker's own metadata decides
+            // that the topic is gone (above); skipping a marker on a peer's word would
+            // leave the transaction open there, for the next one's marker to end.
             match result {
                 Ok(()) => return Ok(()),
-                Err(err) if err.code() == v1::ErrorCode::UnknownTopic => return Ok(()),
                 Err(err) => {
                     tracing::debug!(topic, partition = index, error = %err, "marker not written yet; retrying");
                     tokio::time::sleep(MARKER_RETRY).await;
