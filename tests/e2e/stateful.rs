@@ -131,6 +131,34 @@ fn write_words(cluster: &Cluster, start: usize, total: usize) -> std::thread::Jo
     })
 }
 
+/// The count of `word` in the word-count store, asked of node `on` until the key's task
+/// answers (while a rebalance moves it, the query says to try again).
+fn queried_count(cluster: &Cluster, on: u32, word: &str) -> u64 {
+    let mut answer = String::new();
+    wait_until(
+        "the query to answer from the key's task",
+        Duration::from_secs(20),
+        || {
+            let output = crate::support::runnel_at(
+                &cluster.node(on).addr,
+                &[
+                    "transform",
+                    "state",
+                    "wc",
+                    "--store",
+                    "counts",
+                    "--key",
+                    word,
+                ],
+                "",
+            );
+            answer = String::from_utf8_lossy(&output.stdout).trim().to_string();
+            output.status.success()
+        },
+    );
+    answer.parse().expect("a count")
+}
+
 fn deploy_word_count(cluster: &Cluster, processing: &str) {
     let wasm = crate::transforms::components().join("word_count.wasm");
     let deployed = cluster.ok(
@@ -218,29 +246,11 @@ fn word_count_is_exact_across_ten_kills_a_lost_local_state_and_queries() {
     // Interactive queries answer from the task that owns the key, on any broker.
     // (While a rebalance moves a task, its key is unavailable: the query says so.)
     for word in ["apple", "kelp", "larch"] {
-        let mut answer = String::new();
-        wait_until(
-            "the query to answer from the key's task",
-            Duration::from_secs(20),
-            || {
-                let output = crate::support::runnel_at(
-                    &cluster.node(3).addr,
-                    &[
-                        "transform",
-                        "state",
-                        "wc",
-                        "--store",
-                        "counts",
-                        "--key",
-                        word,
-                    ],
-                    "",
-                );
-                answer = String::from_utf8_lossy(&output.stdout).trim().to_string();
-                output.status.success()
-            },
+        assert_eq!(
+            queried_count(&cluster, 3, word),
+            expected[word],
+            "state of {word:?}"
         );
-        assert_eq!(answer, expected[word].to_string(), "state of {word:?}");
     }
     let all = cluster.ok(2, &["transform", "state", "wc", "--store", "counts"], "");
     let listed: BTreeMap<String, u64> = all
@@ -317,27 +327,7 @@ fn at_least_once_word_count_loses_no_count_across_kills() {
         })
     });
     for (word, total) in &expected {
-        let mut held = 0;
-        wait_until("the query to answer", Duration::from_secs(20), || {
-            let output = crate::support::runnel_at(
-                &cluster.node(2).addr,
-                &[
-                    "transform",
-                    "state",
-                    "wc",
-                    "--store",
-                    "counts",
-                    "--key",
-                    word,
-                ],
-                "",
-            );
-            held = String::from_utf8_lossy(&output.stdout)
-                .trim()
-                .parse()
-                .unwrap_or(0);
-            output.status.success()
-        });
+        let held = queried_count(&cluster, 2, word);
         assert!(held >= *total, "{word}: the state holds {held} of {total}");
     }
 }
