@@ -42,6 +42,10 @@ pub type Entry = (Vec<u8>, Vec<u8>);
 /// An entry as RocksDB's iterator yields it.
 type RawEntry = (Box<[u8]>, Box<[u8]>);
 
+/// Committed entries a task keeps in memory (values read or written recently), over all
+/// its stores; past this the cache starts again empty.
+const CACHE_ENTRIES_MAX: usize = 200_000;
+
 /// Column family of the checkpoints.
 const META_CF: &str = "default";
 
@@ -220,6 +224,11 @@ pub struct TaskState {
     pending: VecDeque<(u64, Layer)>,
     /// The running call's writes.
     call: Layer,
+    /// Committed values (`None`: absent) per store, as in RocksDB: a read that misses the
+    /// layers is answered from here when it can, since a RocksDB lookup searches a
+    /// memtable holding every version written since its last flush.
+    cache: Vec<std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>>,
+    cached: usize,
     /// Largest record timestamp seen, as committed or pending.
     max_timestamp_ms: i64,
 }
@@ -256,6 +265,8 @@ impl TaskState {
             partition,
             dir: dir.to_path_buf(),
             call: Layer::new(stores.len()),
+            cache: vec![std::collections::HashMap::new(); stores.len()],
+            cached: 0,
             stores,
             tables: layout.tables.clone(),
             db,
@@ -340,19 +351,43 @@ impl TaskState {
 
     /// # Errors
     /// Undeclared store, or RocksDB failed.
-    pub fn get(&self, store: u32, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
+    pub fn get(&mut self, store: u32, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
         let store = self.guest_store(store)?;
         self.read(store, key)
     }
 
-    fn read(&self, store: u32, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
+    fn read(&mut self, store: u32, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
         let layers = std::iter::once(&self.call).chain(self.pending.iter().rev().map(|(_, l)| l));
         for layer in layers {
             if let Some(value) = layer.stores[store as usize].get(key) {
                 return Ok(value.clone());
             }
         }
-        self.db.get_cf(self.cf(store)?, key).map_err(storage)
+        if let Some(value) = self.cache.get(store as usize).and_then(|c| c.get(key)) {
+            return Ok(value.clone());
+        }
+        let value = self.db.get_cf(self.cf(store)?, key).map_err(storage)?;
+        self.remember(store as usize, key.to_vec(), value.clone());
+        Ok(value)
+    }
+
+    /// Caches a committed value (see [`TaskState::read`]).
+    fn remember(&mut self, store: usize, key: Vec<u8>, value: Option<Vec<u8>>) {
+        if self.cached >= CACHE_ENTRIES_MAX {
+            self.forget_all();
+        }
+        if let Some(cache) = self.cache.get_mut(store)
+            && cache.insert(key, value).is_none()
+        {
+            self.cached += 1;
+        }
+    }
+
+    fn forget_all(&mut self) {
+        for cache in &mut self.cache {
+            cache.clear();
+        }
+        self.cached = 0;
     }
 
     /// # Errors
@@ -462,7 +497,7 @@ impl TaskState {
         self.max_timestamp_ms
     }
 
-    fn read_max_timestamp(&self) -> Result<i64, StateError> {
+    fn read_max_timestamp(&mut self) -> Result<i64, StateError> {
         Ok(self
             .read(self.internal_store(), MAX_TIMESTAMP_KEY)?
             .and_then(|raw| <[u8; 8]>::try_from(raw.as_slice()).ok())
@@ -567,6 +602,7 @@ impl TaskState {
     pub fn commit(&mut self, unit: u64, checkpoints: &BTreeMap<u32, i64>) -> anyhow::Result<()> {
         let mut batch = rocksdb::WriteBatch::default();
         let mut any = false;
+        let mut written = Vec::new();
         while self.pending.front().is_some_and(|(u, _)| *u <= unit) {
             let Some((_, layer)) = self.pending.pop_front() else {
                 break;
@@ -581,6 +617,7 @@ impl TaskState {
                     }
                 }
             }
+            written.push(layer);
         }
         for (store, next) in checkpoints {
             if let Some(name) = self.stores.get(*store as usize) {
@@ -588,8 +625,16 @@ impl TaskState {
                 batch.put(checkpoint_key(name), next.to_be_bytes());
             }
         }
-        if any {
-            self.db.write(batch).map_err(storage)?;
+        if any && let Err(err) = self.db.write(batch) {
+            self.forget_all();
+            return Err(storage(err).into());
+        }
+        for layer in written {
+            for (store, writes) in layer.stores.into_iter().enumerate() {
+                for (key, value) in writes {
+                    self.remember(store, key, value);
+                }
+            }
         }
         Ok(())
     }
@@ -626,6 +671,7 @@ impl TaskState {
             checkpoint_key(&self.stores[store as usize]),
             next_offset.to_be_bytes(),
         );
+        self.forget_all();
         self.db.write(batch).map_err(storage)?;
         if store == self.internal_store() {
             self.max_timestamp_ms = self.read_max_timestamp()?;
@@ -639,6 +685,7 @@ impl TaskState {
     /// RocksDB failed.
     pub fn wipe(&mut self, store: u32) -> anyhow::Result<()> {
         let name = cf_name(self.stores.get(store as usize).context("no such store")?);
+        self.forget_all();
         self.db.drop_cf(&name).map_err(storage)?;
         self.db
             .create_cf(&name, &rocksdb::Options::default())
