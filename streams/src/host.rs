@@ -183,7 +183,7 @@ impl v2::runnel::transform::state::Host for GuestState {
 use v2::runnel::transform::timers::{Clock, Timer as GuestTimer};
 
 /// The internal encoding of a timer's clock.
-pub fn clock_id(clock: Clock) -> u8 {
+fn clock_id(clock: Clock) -> u8 {
     match clock {
         Clock::EventTime => 0,
         Clock::WallClock => 1,

@@ -214,7 +214,6 @@ fn order_preserving(value: i64) -> [u8; 8] {
 /// The stores of one task.
 pub struct TaskState {
     partition: u32,
-    dir: PathBuf,
     /// Declared stores, tables, then [`INTERNAL_STORE`].
     stores: Vec<String>,
     /// Table stores: (store, topic), numbered after the declared ones.
@@ -228,7 +227,6 @@ pub struct TaskState {
     /// layers is answered from here when it can, since a RocksDB lookup searches a
     /// memtable holding every version written since its last flush.
     cache: Vec<std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>>,
-    cached: usize,
     /// Largest record timestamp seen, as committed or pending.
     max_timestamp_ms: i64,
 }
@@ -263,10 +261,8 @@ impl TaskState {
         };
         let mut task = TaskState {
             partition,
-            dir: dir.to_path_buf(),
             call: Layer::new(stores.len()),
             cache: vec![std::collections::HashMap::new(); stores.len()],
-            cached: 0,
             stores,
             tables: layout.tables.clone(),
             db,
@@ -279,11 +275,6 @@ impl TaskState {
 
     pub fn partition(&self) -> u32 {
         self.partition
-    }
-
-    /// Declared stores, then the internal one.
-    pub fn stores(&self) -> &[String] {
-        &self.stores
     }
 
     pub fn internal_store(&self) -> u32 {
@@ -373,13 +364,11 @@ impl TaskState {
 
     /// Caches a committed value (see [`TaskState::read`]).
     fn remember(&mut self, store: usize, key: Vec<u8>, value: Option<Vec<u8>>) {
-        if self.cached >= CACHE_ENTRIES_MAX {
+        if self.cache.iter().map(|c| c.len()).sum::<usize>() >= CACHE_ENTRIES_MAX {
             self.forget_all();
         }
-        if let Some(cache) = self.cache.get_mut(store)
-            && cache.insert(key, value).is_none()
-        {
-            self.cached += 1;
+        if let Some(cache) = self.cache.get_mut(store) {
+            cache.insert(key, value);
         }
     }
 
@@ -387,7 +376,6 @@ impl TaskState {
         for cache in &mut self.cache {
             cache.clear();
         }
-        self.cached = 0;
     }
 
     /// # Errors
@@ -732,10 +720,6 @@ impl TaskState {
             out.push((key.into_vec(), value.into_vec()));
         }
         Ok(out)
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 }
 

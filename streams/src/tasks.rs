@@ -76,10 +76,6 @@ impl Tasks {
         self.open.keys().copied().collect()
     }
 
-    pub fn each(&mut self) -> impl Iterator<Item = &mut TaskState> {
-        self.open.values_mut()
-    }
-
     /// Closes every task (a member starting over reopens them from what is committed).
     pub fn close_all(&mut self) {
         self.open.clear();
