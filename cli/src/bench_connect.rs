@@ -68,7 +68,7 @@ pub async fn run(
         .create_topic(&topic, Some(1), Some(1), HashMap::new())
         .await?;
     let worker = Worker::new(None)?;
-    worker.connect_to(brokers.to_vec());
+    worker.connect_to(brokers.to_vec(), None);
     let start = |yaml: String, file: &str| -> anyhow::Result<_> {
         let spec = spec::parse(&dir.join(file).display().to_string(), &yaml)?;
         let components = Components::load(&spec)?;

@@ -64,7 +64,7 @@ pub async fn run(brokers: &[String], command: ConnectCommand) -> anyhow::Result<
         loaded.push((spec, yaml, components));
     }
     let worker = runnel_connect::Worker::new(None)?;
-    worker.connect_to(brokers.to_vec());
+    worker.connect_to(brokers.to_vec(), None);
     let mut names = Vec::new();
     for (spec, yaml, components) in loaded {
         let name = spec.name.clone();

@@ -191,15 +191,16 @@ async fn start_node(config: BrokerConfig) -> anyhow::Result<Node> {
     let is_broker = config.is_broker();
     // Before anything reads or writes the directory: one process at a time.
     let lock = runnel_broker::DataDirLock::acquire(&data_dir)?;
-    // The streams runtime lives in the broker process and reaches the broker as a client.
+    // The streams runtime lives in the broker process and reaches the broker as a client
+    // (through the broker itself for the partitions it leads).
     let runtime = runnel_streams::Runtime::new(&data_dir)?;
     // So is the connect runtime, for connectors created with `runnel connector create`.
     let worker = runnel_connect::Worker::new(Some(&data_dir))?;
     let service_runtime = runtime.clone();
     let service_worker = worker.clone();
-    let running = runnel_broker::start_with(config, move |addr, routes| {
-        service_runtime.connect_to(vec![addr.to_string()]);
-        service_worker.connect_to(vec![addr.to_string()]);
+    let running = runnel_broker::start_with(config, move |addr, local, routes| {
+        service_runtime.connect_to(vec![addr.to_string()], Some(local.clone()));
+        service_worker.connect_to(vec![addr.to_string()], Some(local));
         routes
             .add_service(runnel_streams::Service::server(service_runtime))
             .add_service(runnel_connect::service::Service::server(service_worker))

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use runnel_proto::local::LocalBroker;
 use runnel_proto::v1::{
     self, admin_client::AdminClient, consumer_client::ConsumerClient, groups_client::GroupsClient,
     producer_client::ProducerClient, transactions_client::TransactionsClient,
@@ -48,6 +49,9 @@ struct Inner {
     brokers: Mutex<HashMap<u32, String>>,
     /// Each group's coordinator, as FindCoordinator last said.
     coordinators: Mutex<HashMap<Coordinated, Channel>>,
+    /// The broker in this process, if any: the produce and fetch streams of the
+    /// partitions it leads go to it directly.
+    local: Option<Arc<dyn LocalBroker>>,
 }
 
 /// What the client knows of a topic.
@@ -94,6 +98,26 @@ impl Client {
     /// # Errors
     /// No broker could be reached, or an address is malformed.
     pub async fn connect(brokers: &[String]) -> Result<Self, ClientError> {
+        Self::connect_with(brokers, None).await
+    }
+
+    /// Like [`Client::connect`], for a client in the process of the broker `local`
+    /// (the streams and connect runtimes): the produce and fetch streams of the
+    /// partitions it leads skip the network.
+    ///
+    /// # Errors
+    /// As [`Client::connect`].
+    pub async fn connect_in_process(
+        brokers: &[String],
+        local: Arc<dyn LocalBroker>,
+    ) -> Result<Self, ClientError> {
+        Self::connect_with(brokers, Some(local)).await
+    }
+
+    async fn connect_with(
+        brokers: &[String],
+        local: Option<Arc<dyn LocalBroker>>,
+    ) -> Result<Self, ClientError> {
         let list = brokers.join(",");
         let mut last_error = "no broker address given".to_string();
         for address in brokers.iter().map(|b| b.trim()).filter(|b| !b.is_empty()) {
@@ -111,6 +135,7 @@ impl Client {
                             topics: Mutex::new(HashMap::new()),
                             brokers: Mutex::new(HashMap::new()),
                             coordinators: Mutex::new(HashMap::new()),
+                            local,
                         }),
                     });
                 }
@@ -121,6 +146,14 @@ impl Client {
             brokers: list,
             reason: last_error,
         })
+    }
+
+    /// The broker in this process, when it is `leader`.
+    pub(crate) fn local(&self, leader: u32) -> Option<&Arc<dyn LocalBroker>> {
+        self.inner
+            .local
+            .as_ref()
+            .filter(|local| local.node_id() == leader)
     }
 
     /// The channel to the broker the client first reached.
@@ -579,5 +612,41 @@ impl Client {
             }
         };
         self.channel_to(leader)
+    }
+}
+
+/// Where a broker is, for a runtime built before the broker listens: the addresses,
+/// and the broker itself when it runs in this process.
+type Target = (Vec<String>, Option<Arc<dyn LocalBroker>>);
+
+/// A client connected on first use, for the streams and connect runtimes: they are
+/// built before their broker listens, and told where it is once it does.
+#[derive(Default)]
+pub struct LazyClient {
+    target: std::sync::OnceLock<Target>,
+    client: tokio::sync::OnceCell<Client>,
+}
+
+impl LazyClient {
+    /// Where the broker is; `local` is the broker itself when it runs in this process.
+    /// Only the first call counts.
+    pub fn connect_to(&self, brokers: Vec<String>, local: Option<Arc<dyn LocalBroker>>) {
+        let _ = self.target.set((brokers, local));
+    }
+
+    /// The client, connected on the first call.
+    ///
+    /// # Errors
+    /// Not told where the broker is yet, or it cannot be reached.
+    pub async fn get(&self) -> Result<Client, ClientError> {
+        let (brokers, local) = self.target.get().ok_or_else(|| ClientError::Connect {
+            brokers: "(none yet)".into(),
+            reason: "the runtime was not told where its broker listens".into(),
+        })?;
+        let client = self
+            .client
+            .get_or_try_init(|| Client::connect_with(brokers, local.clone()))
+            .await?;
+        Ok(client.clone())
     }
 }

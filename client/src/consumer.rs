@@ -5,9 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use runnel_batch::{AbortedFilter, Header, batches, decode_records_shared};
+use runnel_batch::{AbortedFilter, Header, decode_records_shared};
 use runnel_proto::v1::{self, ErrorCode};
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tonic::codegen::BoxStream;
 
 use crate::client::Client;
 use crate::error::{ClientError, check};
@@ -107,8 +109,71 @@ pub struct Consumer {
 /// The open fetch streams and the positions their next responses continue from.
 struct FetchSession {
     expected: Positions,
-    responses: mpsc::Receiver<Result<v1::FetchResponse, ClientError>>,
+    responses: mpsc::Receiver<Result<Vec<Fetched>, ClientError>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// One partition of a fetch response, decoded by its stream's task: decoding overlaps
+/// the caller's handling of the records before.
+enum Fetched {
+    /// The broker answered the partition with an error.
+    Failed(v1::FetchedPartition),
+    Read {
+        topic: String,
+        partition: u32,
+        /// Each batch's records (none for a control batch or an aborted transaction's
+        /// batch), and the offset after the batch.
+        batches: Vec<(Vec<ConsumerRecord>, i64)>,
+    },
+}
+
+/// Decodes a fetch response's records, leaving out what aborted transactions wrote.
+fn decode_response(response: v1::FetchResponse) -> Result<Vec<Fetched>, ClientError> {
+    let mut decoded = Vec::with_capacity(response.partitions.len());
+    for fetched in response.partitions {
+        if fetched.error.is_some() {
+            decoded.push(Fetched::Failed(fetched));
+            continue;
+        }
+        let topic: Arc<str> = Arc::from(fetched.topic.as_str());
+        let mut aborted = AbortedFilter::new(
+            fetched
+                .aborted_transactions
+                .iter()
+                .map(|a| (a.producer_id, a.first_offset)),
+        );
+        let mut batches = Vec::new();
+        let mut at = 0usize;
+        for batch in runnel_batch::batches(&fetched.records) {
+            let (header, raw) = batch.map_err(|err| ClientError::Corrupt(err.to_string()))?;
+            let shared = fetched.records.slice(at..at + raw.len());
+            at += raw.len();
+            if !aborted.keep(&header, raw) {
+                batches.push((Vec::new(), header.next_offset()));
+                continue;
+            }
+            let records = decode_records_shared(&shared)
+                .map_err(|err| ClientError::Corrupt(err.to_string()))?
+                .into_iter()
+                .map(|record| ConsumerRecord {
+                    topic: topic.clone(),
+                    partition: fetched.partition,
+                    offset: record.offset,
+                    timestamp_ms: record.timestamp_ms,
+                    key: record.key,
+                    value: record.value,
+                    headers: record.headers,
+                })
+                .collect();
+            batches.push((records, header.next_offset()));
+        }
+        decoded.push(Fetched::Read {
+            topic: fetched.topic,
+            partition: fetched.partition,
+            batches,
+        });
+    }
+    Ok(decoded)
 }
 
 impl Drop for FetchSession {
@@ -148,29 +213,34 @@ impl FetchSession {
             tasks: Vec::with_capacity(by_leader.len()),
         };
         for (leader, partitions) in by_leader {
-            let channel = client.channel_to(leader)?;
-            let mut stream = client
-                .consumer_rpc(channel)
-                .fetch_stream(v1::FetchRequest {
-                    partitions,
-                    max_wait_ms: config.max_wait.as_millis().clamp(1, u128::from(u32::MAX)) as u32,
-                    min_bytes: 1,
-                    max_bytes: config.max_bytes,
-                    format: v1::RecordFormat::Batches as i32,
-                    isolation: config.isolation as i32,
-                })
-                .await?
-                .into_inner();
+            let request = v1::FetchRequest {
+                partitions,
+                max_wait_ms: config.max_wait.as_millis().clamp(1, u128::from(u32::MAX)) as u32,
+                min_bytes: 1,
+                max_bytes: config.max_bytes,
+                format: v1::RecordFormat::Batches as i32,
+                isolation: config.isolation as i32,
+            };
+            let mut stream: BoxStream<v1::FetchResponse> = match client.local(leader) {
+                Some(local) => local.fetch_stream(request),
+                None => Box::pin(
+                    client
+                        .consumer_rpc(client.channel_to(leader)?)
+                        .fetch_stream(request)
+                        .await?
+                        .into_inner(),
+                ),
+            };
             let tx = tx.clone();
             session.tasks.push(tokio::spawn(async move {
                 loop {
-                    let item = match stream.message().await {
-                        Ok(Some(response)) => Ok(response),
-                        Ok(None) => Err(ClientError::Transport {
+                    let item = match stream.next().await {
+                        Some(Ok(response)) => decode_response(response),
+                        None => Err(ClientError::Transport {
                             code: tonic::Code::Unavailable,
                             message: format!("broker {leader} ended the fetch stream"),
                         }),
-                        Err(status) => Err(status.into()),
+                        Some(Err(status)) => Err(status.into()),
                     };
                     let failed = item.is_err();
                     if tx.send(item).await.is_err() || failed {
@@ -348,21 +418,22 @@ impl Consumer {
                 });
             }
         };
-        let (failed, fetched): (Vec<_>, Vec<_>) = response
-            .partitions
+        let (failed, read): (Vec<_>, Vec<_>) = response
             .into_iter()
-            .partition(|p| p.error.is_some());
+            .partition(|p| matches!(p, Fetched::Failed(_)));
         if !failed.is_empty() {
             // The streams would repeat the error: close them, deal with it, reopen.
             self.session = None;
             for partition in failed {
-                self.recover(partition).await?;
+                if let Fetched::Failed(partition) = partition {
+                    self.recover(partition).await?;
+                }
             }
             return Ok(Vec::new());
         }
         let mut records = Vec::new();
-        for partition in fetched {
-            self.take(partition, &mut records)?;
+        for partition in read {
+            self.take(partition, &mut records);
         }
         if let Some(session) = self.session.as_mut() {
             session.expected.clone_from(&self.positions);
@@ -392,50 +463,28 @@ impl Consumer {
         }
     }
 
-    /// Decodes a partition's records from its position on and advances the position.
-    fn take(
-        &mut self,
-        fetched: v1::FetchedPartition,
-        out: &mut Vec<ConsumerRecord>,
-    ) -> Result<(), ClientError> {
-        let key = (fetched.topic, fetched.partition);
-        let Some(position) = self.positions.get_mut(&key) else {
-            return Ok(());
+    /// Takes a partition's records from its position on and advances the position.
+    fn take(&mut self, fetched: Fetched, out: &mut Vec<ConsumerRecord>) {
+        let Fetched::Read {
+            topic,
+            partition,
+            batches,
+        } = fetched
+        else {
+            return;
         };
-        let topic: Arc<str> = Arc::from(key.0.as_str());
-        let mut aborted = AbortedFilter::new(
-            fetched
-                .aborted_transactions
-                .iter()
-                .map(|a| (a.producer_id, a.first_offset)),
-        );
-        let mut at = 0usize;
-        for batch in batches(&fetched.records) {
-            let (header, raw) = batch.map_err(|err| ClientError::Corrupt(err.to_string()))?;
-            let shared = fetched.records.slice(at..at + raw.len());
-            at += raw.len();
-            if !aborted.keep(&header, raw) {
-                *position = (*position).max(header.next_offset());
-                continue;
+        let Some(position) = self.positions.get_mut(&(topic, partition)) else {
+            return;
+        };
+        for (records, next_offset) in batches {
+            if out.is_empty() && records.first().is_some_and(|r| r.offset >= *position) {
+                // The common case: the whole batch is new, and nothing came before it.
+                *out = records;
+            } else {
+                out.reserve(records.len());
+                out.extend(records.into_iter().filter(|r| r.offset >= *position));
             }
-            for record in decode_records_shared(&shared)
-                .map_err(|err| ClientError::Corrupt(err.to_string()))?
-            {
-                if record.offset < *position {
-                    continue;
-                }
-                out.push(ConsumerRecord {
-                    topic: topic.clone(),
-                    partition: key.1,
-                    offset: record.offset,
-                    timestamp_ms: record.timestamp_ms,
-                    key: record.key,
-                    value: record.value,
-                    headers: record.headers,
-                });
-            }
-            *position = (*position).max(header.next_offset());
+            *position = (*position).max(next_offset);
         }
-        Ok(())
     }
 }

@@ -22,12 +22,13 @@ mod group;
 mod producer;
 
 pub use admin::Admin;
-pub use client::{Client, DEFAULT_BROKERS};
+pub use client::{Client, DEFAULT_BROKERS, LazyClient};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, StartFrom, next_offsets};
 pub use error::ClientError;
 pub use group::{GroupConfig, GroupConsumer, GroupMetadata};
 pub use producer::{Acks, Delivery, Producer, ProducerConfig, ProducerRecord, RecordMetadata};
-pub use runnel_batch::{Compression, Header};
+pub use runnel_batch::{BatchBuilder, BatchOptions, Compression, Header, Record};
 pub use runnel_batch::{murmur2, partition_for_key};
+pub use runnel_proto::local::LocalBroker;
 pub use runnel_proto::v1;
 pub use runnel_proto::v1::ErrorCode;

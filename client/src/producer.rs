@@ -25,6 +25,7 @@ use runnel_proto::v1;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_stream::StreamExt;
+use tonic::codegen::BoxStream;
 
 use crate::client::Client;
 use crate::error::{ClientError, check};
@@ -590,6 +591,92 @@ impl Producer {
         Placement::Done(delivery)
     }
 
+    /// How this producer's batches are encoded (compression, transactional): a batch
+    /// given to [`Producer::send_batch`] must be built with these.
+    pub fn batch_options(&self) -> BatchOptions {
+        BatchOptions {
+            compression: self.shared.config.compression,
+            transactional: self.shared.txn.is_some(),
+            ..BatchOptions::default()
+        }
+    }
+
+    /// Sends records the caller encoded into a batch for `topic`-`partition` (for
+    /// example on another thread), after the records sent to that partition before. The
+    /// delivery settles when the whole batch is acknowledged (its metadata is the last
+    /// record's) or failed. A batch the broker refuses as too large is split, as the
+    /// producer's own are.
+    ///
+    /// # Errors
+    /// A closed producer, a transaction not begun, an empty batch, or a partition the
+    /// topic does not have.
+    pub async fn send_batch(
+        &self,
+        topic: &str,
+        partition: u32,
+        builder: BatchBuilder,
+    ) -> Result<Delivery, ClientError> {
+        if builder.is_empty() {
+            return Err(ClientError::InvalidArgument(
+                "the batch has no records".into(),
+            ));
+        }
+        if let Some(txn) = &self.shared.txn {
+            txn.check_send()?;
+        }
+        let count = self.shared.client.partition_count(topic).await?;
+        if partition >= count {
+            return Err(ClientError::Broker {
+                code: v1::ErrorCode::UnknownPartition,
+                message: format!(
+                    "topic {topic:?} has {count} partitions (0..={}); partition {partition} does not exist",
+                    count.saturating_sub(1)
+                ),
+            });
+        }
+        let size_bytes = builder.size_bytes();
+        loop {
+            {
+                let mut acc = self.shared.lock();
+                if acc.closed {
+                    return Err(ClientError::ProducerClosed);
+                }
+                if acc.pending_bytes < self.shared.config.buffer_bytes {
+                    let state = &mut *acc;
+                    state.pending_bytes += size_bytes;
+                    let name: Arc<str> = match state.topics.get_mut(topic) {
+                        Some(known) => {
+                            // Records placed before go first.
+                            if let Some(open) = known.open.remove(&partition) {
+                                state.ready.push((known.name.clone(), partition, open));
+                            }
+                            known.name.clone()
+                        }
+                        None => Arc::from(topic),
+                    };
+                    let batch = OpenBatch {
+                        builder,
+                        settle: Settle(Arc::new(Outcome::default())),
+                        started: Instant::now(),
+                        size_bytes,
+                    };
+                    let delivery = Delivery {
+                        outcome: batch.settle.0.clone(),
+                        index: batch.builder.len() as u32 - 1,
+                        timestamp_ms: batch.builder.max_timestamp_ms(),
+                    };
+                    state.ready.push((name, partition, batch));
+                    drop(acc);
+                    self.shared.wake.notify_one();
+                    return Ok(delivery);
+                }
+            }
+            // Completions notify; the timeout covers a notification that raced us.
+            let _ =
+                tokio::time::timeout(Duration::from_millis(10), self.shared.space.notified()).await;
+        }
+    }
+
     /// Sends everything buffered now and waits until every record sent so far is
     /// acknowledged or has failed.
     ///
@@ -1140,21 +1227,28 @@ impl Task {
         }
         let id = self.next_stream_id;
         self.next_stream_id += 1;
-        let channel = client.channel_to(leader)?;
         let (tx, rx) = mpsc::channel(self.shared.config.max_in_flight.max(1));
-        let mut rpc = client.producer_rpc(channel);
-        let opening = rpc.produce_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
-        let timeout = self.shared.config.request_timeout;
-        let mut responses = tokio::time::timeout(timeout, opening)
-            .await
-            .map_err(|_| ClientError::Transport {
-                code: tonic::Code::Unavailable,
-                message: format!(
-                    "broker {leader} did not open a produce stream within the request timeout ({} ms)",
-                    timeout.as_millis()
-                ),
-            })??
-            .into_inner();
+        let requests = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let mut responses: BoxStream<v1::ProduceResponse> = match client.local(leader) {
+            Some(local) => local.produce_stream(Box::pin(requests)),
+            None => {
+                let mut rpc = client.producer_rpc(client.channel_to(leader)?);
+                let opening = rpc.produce_stream(requests);
+                let timeout = self.shared.config.request_timeout;
+                Box::pin(
+                    tokio::time::timeout(timeout, opening)
+                        .await
+                        .map_err(|_| ClientError::Transport {
+                            code: tonic::Code::Unavailable,
+                            message: format!(
+                                "broker {leader} did not open a produce stream within the request timeout ({} ms)",
+                                timeout.as_millis()
+                            ),
+                        })??
+                        .into_inner(),
+                )
+            }
+        };
         let events = self.events_tx.clone();
         tokio::spawn(async move {
             while let Some(item) = responses.next().await {

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use runnel_client::{Admin, Client, v1};
+use runnel_client::{Admin, Client, LazyClient, LocalBroker, v1};
 use runnel_streams::host::{LogBuffer, WasmHost};
 use runnel_streams::store::{self, Definition, Kind as Stored, Reconciler, Store};
 use serde::{Deserialize, Serialize};
@@ -148,8 +148,7 @@ pub struct Worker {
 pub(crate) struct Inner {
     pub(crate) host: ConnectorHost,
     pub(crate) transforms: WasmHost,
-    brokers: std::sync::OnceLock<Vec<String>>,
-    client: tokio::sync::OnceCell<Client>,
+    client: LazyClient,
     /// Where connectors were saved on this broker before the store (imported once).
     local_dir: Option<PathBuf>,
     store: std::sync::OnceLock<(Store, u32)>,
@@ -206,8 +205,7 @@ impl Worker {
             inner: Arc::new(Inner {
                 host: ConnectorHost::new()?,
                 transforms: WasmHost::new()?,
-                brokers: std::sync::OnceLock::new(),
-                client: tokio::sync::OnceCell::new(),
+                client: LazyClient::default(),
                 local_dir: data_dir.map(|d| d.join("__connect")),
                 store: std::sync::OnceLock::new(),
                 connectors: Mutex::new(BTreeMap::new()),
@@ -217,24 +215,14 @@ impl Worker {
         })
     }
 
-    /// Where the worker reaches the broker.
-    pub fn connect_to(&self, brokers: Vec<String>) {
-        let _ = self.inner.brokers.set(brokers);
+    /// Where the worker reaches the broker; `local` is the broker when it runs in this
+    /// process.
+    pub fn connect_to(&self, brokers: Vec<String>, local: Option<Arc<dyn LocalBroker>>) {
+        self.inner.client.connect_to(brokers, local);
     }
 
     pub(crate) async fn client(&self) -> anyhow::Result<Client> {
-        let brokers = self
-            .inner
-            .brokers
-            .get()
-            .cloned()
-            .ok_or_else(|| anyhow::anyhow!("the worker does not know where the broker is"))?;
-        let client = self
-            .inner
-            .client
-            .get_or_try_init(|| async move { Client::connect(&brokers).await })
-            .await?;
-        Ok(client.clone())
+        Ok(self.inner.client.get().await?)
     }
 
     fn store(&self) -> Option<(&Store, u32)> {

@@ -24,8 +24,9 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::Bytes;
 use runnel_client::{
-    Acks, Admin, Client, ConsumerConfig, ConsumerRecord, Delivery, GroupConfig, GroupConsumer,
-    Header, Producer, ProducerConfig, ProducerRecord, StartFrom, next_offsets, v1,
+    Acks, Admin, BatchBuilder, BatchOptions, Client, ConsumerConfig, ConsumerRecord, Delivery,
+    GroupConfig, GroupConsumer, Header, LazyClient, LocalBroker, Producer, ProducerConfig,
+    ProducerRecord, Record, StartFrom, next_offsets, v1,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -255,8 +256,7 @@ struct Inner {
     local_dir: PathBuf,
     /// The broker's data directory (tasks keep their stores under `__state`).
     data_dir: PathBuf,
-    brokers: std::sync::OnceLock<Vec<String>>,
-    client: tokio::sync::OnceCell<Client>,
+    client: LazyClient,
     store: std::sync::OnceLock<(Store, u32)>,
     deployments: Mutex<BTreeMap<String, Deployment>>,
     /// One reconciliation at a time.
@@ -280,8 +280,7 @@ impl Runtime {
                 host: Arc::new(WasmHost::new()?),
                 local_dir: data_dir.join("__transforms"),
                 data_dir: data_dir.to_path_buf(),
-                brokers: std::sync::OnceLock::new(),
-                client: tokio::sync::OnceCell::new(),
+                client: LazyClient::default(),
                 store: std::sync::OnceLock::new(),
                 deployments: Mutex::new(BTreeMap::new()),
                 reconciling: tokio::sync::Mutex::new(()),
@@ -290,24 +289,14 @@ impl Runtime {
         })
     }
 
-    /// Where the runtime reaches the broker (as a client).
-    pub fn connect_to(&self, brokers: Vec<String>) {
-        let _ = self.inner.brokers.set(brokers);
+    /// Where the runtime reaches the broker (as a client); `local` is the broker when it
+    /// runs in this process.
+    pub fn connect_to(&self, brokers: Vec<String>, local: Option<Arc<dyn LocalBroker>>) {
+        self.inner.client.connect_to(brokers, local);
     }
 
     async fn client(&self) -> anyhow::Result<Client> {
-        let brokers = self
-            .inner
-            .brokers
-            .get()
-            .cloned()
-            .ok_or_else(|| anyhow::anyhow!("the runtime does not know where the broker is"))?;
-        let client = self
-            .inner
-            .client
-            .get_or_try_init(|| async move { Client::connect(&brokers).await })
-            .await?;
-        Ok(client.clone())
+        Ok(self.inner.client.get().await?)
     }
 
     fn store(&self) -> Result<(&Store, u32), DeployError> {
@@ -1324,6 +1313,86 @@ impl Commits {
     }
 }
 
+/// Upper bound of an output batch (or the topic's `max.message.bytes` when smaller).
+const OUTPUT_BATCH_BYTES: usize = 1024 * 1024;
+
+/// What encoding output for a topic needs to know of it.
+struct OutputTopic {
+    name: String,
+    partitions: u32,
+    batch_bytes_max: usize,
+}
+
+/// Output records encoded for one partition.
+struct OutputBatch {
+    topic: String,
+    partition: u32,
+    builder: BatchBuilder,
+}
+
+/// Encodes a batch's output records into record batches per partition, in their order:
+/// a record's partition is its own, else its key's, else `sticky`'s.
+fn encode_outputs(
+    records: Vec<(u32, ProducerRecord)>,
+    topics: &[OutputTopic],
+    options: BatchOptions,
+    sticky: u32,
+) -> anyhow::Result<Vec<OutputBatch>> {
+    let mut done: Vec<OutputBatch> = Vec::new();
+    let mut open: BTreeMap<(usize, u32), BatchBuilder> = BTreeMap::new();
+    for (_, record) in records {
+        let index = topics
+            .iter()
+            .position(|t| t.name == record.topic)
+            .with_context(|| format!("output to undeclared topic {:?}", record.topic))?;
+        let topic = &topics[index];
+        let count = topic.partitions.max(1);
+        let partition = match (record.partition, &record.key) {
+            (Some(p), _) if p < count => p,
+            (Some(p), _) => anyhow::bail!(
+                "output topic {:?} has {count} partitions; partition {p} does not exist",
+                topic.name
+            ),
+            (None, Some(key)) => runnel_client::partition_for_key(key, count),
+            (None, None) => sticky % count,
+        };
+        let record = Record {
+            offset: 0,
+            timestamp_ms: record.timestamp_ms.unwrap_or_default(),
+            key: record.key,
+            value: record.value,
+            headers: record.headers,
+        };
+        let builder = open
+            .entry((index, partition))
+            .or_insert_with(|| BatchBuilder::with_capacity(options, topic.batch_bytes_max));
+        if !builder.push_within(&record, topic.batch_bytes_max) {
+            let full = std::mem::replace(
+                builder,
+                BatchBuilder::with_capacity(options, topic.batch_bytes_max),
+            );
+            builder.push(&record);
+            done.push(OutputBatch {
+                topic: topic.name.clone(),
+                partition,
+                builder: full,
+            });
+        }
+    }
+    done.extend(
+        open.into_iter()
+            .map(|((index, partition), builder)| OutputBatch {
+                topic: topics[index].name.clone(),
+                partition,
+                builder,
+            }),
+    );
+    Ok(done)
+}
+
+/// Upper bound of one fetch of a transform's input, and so of one batch.
+const TRANSFORM_FETCH_BYTES_MAX: u32 = 1024 * 1024;
+
 async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
     let client = loop {
         match runtime.client().await {
@@ -1359,13 +1428,17 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
             auto_offset_reset: start,
             consumer: ConsumerConfig {
                 max_wait: Duration::from_millis(200),
+                // Batches of a megabyte or so: each batch's buffers (the records, the
+                // guest's input and output, the records to send) are reused by the
+                // allocator, where tens of megabytes would be mapped afresh every time.
+                max_bytes: TRANSFORM_FETCH_BYTES_MAX,
+                partition_max_bytes: TRANSFORM_FETCH_BYTES_MAX,
                 auto_offset_reset: Some(start),
                 isolation: if exactly_once {
                     v1::IsolationLevel::ReadCommitted
                 } else {
                     v1::IsolationLevel::ReadUncommitted
                 },
-                ..ConsumerConfig::default()
             },
         },
     )
@@ -1415,6 +1488,8 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
         v1::ErrorPolicy::try_from(task.saved.error_policy).unwrap_or(v1::ErrorPolicy::Fail);
     let config: Vec<(String, String)> = task.saved.config.clone().into_iter().collect();
     let mut instance: Option<Instance> = None;
+    // Where keyless output goes: one partition per batch, the next one each batch.
+    let mut sticky: u32 = 0;
     loop {
         let control = *task.control.borrow_and_update();
         if control != Control::Run {
@@ -1481,7 +1556,20 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
             .records_in
             .fetch_add(records.len() as u64, Ordering::Relaxed);
         let unit = commits.unit_for_batch();
-        let (records, processed) = {
+        let mut outputs_info = Vec::with_capacity(task.saved.output_topics.len());
+        for topic in &task.saved.output_topics {
+            outputs_info.push(OutputTopic {
+                name: topic.clone(),
+                partitions: client.partition_count(topic).await?,
+                batch_bytes_max: client
+                    .max_message_bytes(topic)
+                    .await?
+                    .min(OUTPUT_BATCH_BYTES),
+            });
+        }
+        let options = producer.batch_options();
+        sticky = sticky.wrapping_add(1);
+        let (records, processed, batches) = {
             let guest = Guest {
                 host: runtime.inner.host.clone(),
                 pre: task.pre.clone(),
@@ -1491,13 +1579,21 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
             };
             let tasks = task.tasks.clone();
             let mut current = instance.take();
-            let (current, records, processed) = tokio::task::spawn_blocking(move || {
-                let processed = process(&guest, &mut current, &records, tasks.as_ref(), unit);
-                (current, records, processed)
+            let (current, records, result) = tokio::task::spawn_blocking(move || {
+                let result = process(&guest, &mut current, &records, tasks.as_ref(), unit)
+                    .and_then(|mut processed| {
+                        // Encoded here, beside the guest, so that the loop only hands
+                        // batches on.
+                        let outputs = std::mem::take(&mut processed.outputs);
+                        let batches = encode_outputs(outputs, &outputs_info, options, sticky)?;
+                        Ok((processed, batches))
+                    });
+                (current, records, result)
             })
             .await?;
             instance = current;
-            (records, processed?)
+            let (processed, batches) = result?;
+            (records, processed, batches)
         };
         if policy == v1::ErrorPolicy::Fail {
             let failure = match (processed.failures.first(), processed.timer_failures.first()) {
@@ -1523,15 +1619,19 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
                 return Err(PolicyFailure(failure).into());
             }
         }
-        if records.is_empty() && processed.outputs.is_empty() && processed.changelog.is_empty() {
+        if records.is_empty() && batches.is_empty() && processed.changelog.is_empty() {
             commits.settle(&producer, &mut member, &task.stats).await?;
             continue;
         }
-        let emitted = processed.outputs.len() as u64;
+        let emitted: u64 = batches.iter().map(|b| b.builder.len() as u64).sum();
         commits.begin(&producer)?;
-        let mut deliveries: Vec<Delivery> = Vec::with_capacity(processed.outputs.len());
-        for (_, record) in processed.outputs {
-            deliveries.push(producer.send(record).await?);
+        let mut deliveries: Vec<Delivery> = Vec::with_capacity(batches.len());
+        for batch in batches {
+            deliveries.push(
+                producer
+                    .send_batch(&batch.topic, batch.partition, batch.builder)
+                    .await?,
+            );
         }
         let mut changelog = Vec::with_capacity(processed.changelog.len());
         for (partition, write) in processed.changelog {
@@ -1688,9 +1788,26 @@ fn dead_letter(saved: &Saved, record: &ConsumerRecord, reason: &str) -> Producer
     out
 }
 
+/// Bytes of a flat input record besides its key, value and headers: partition, offset,
+/// timestamp, two lengths and the header count.
+const FLAT_RECORD_OVERHEAD: usize = 4 + 8 + 8 + 4 + 4 + 4;
+
 /// Encodes records in the flat input format.
-pub fn flat_input<'a>(records: impl Iterator<Item = &'a ConsumerRecord>) -> Vec<u8> {
-    let mut buf = Vec::new();
+pub fn flat_input<'a>(records: impl Iterator<Item = &'a ConsumerRecord> + Clone) -> Vec<u8> {
+    // Sized up front: a batch's buffer grown by doubling is copied again and again.
+    let size: usize = records
+        .clone()
+        .map(|r| {
+            FLAT_RECORD_OVERHEAD
+                + r.key.as_ref().map_or(0, |k| k.len())
+                + r.value.as_ref().map_or(0, |v| v.len())
+                + r.headers
+                    .iter()
+                    .map(|h| 8 + h.key.len() + h.value.as_ref().map_or(0, |v| v.len()))
+                    .sum::<usize>()
+        })
+        .sum();
+    let mut buf = Vec::with_capacity(size);
     let mut scratch = Vec::new();
     for r in records {
         write_flat_input(
@@ -2008,7 +2125,7 @@ fn collect(
         }
     }
     let records = Bytes::from(result.records);
-    let mut emitted: Vec<(usize, ProducerRecord)> = Vec::new();
+    let mut emitted: Vec<(usize, ProducerRecord)> = Vec::with_capacity(count);
     for output in runnel_flat::read_outputs(&records) {
         let output = match output {
             Ok(output) => output,
@@ -2047,6 +2164,7 @@ fn collect(
             .collect();
         emitted.push((input, record));
     }
+    processed.outputs.reserve(emitted.len());
     processed.outputs.extend(
         emitted
             .into_iter()

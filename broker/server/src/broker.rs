@@ -121,6 +121,10 @@ impl Broker {
     }
 
     /// The metadata this broker acts on.
+    pub fn node_id(&self) -> u32 {
+        self.config.node_id
+    }
+
     pub fn image(&self) -> Arc<MetadataImage> {
         self.applied.borrow().clone()
     }

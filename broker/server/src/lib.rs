@@ -84,17 +84,22 @@ pub struct RunningBroker {
 /// # Errors
 /// The address cannot be bound, the config is invalid, or a partition cannot be opened.
 pub async fn start(config: BrokerConfig) -> anyhow::Result<RunningBroker> {
-    start_with(config, |_, routes| routes).await
+    start_with(config, |_, _, routes| routes).await
 }
 
 /// Like [`start`], and `extend` may add services (the streams runtime's) to the server;
-/// it gets the bound address so that those services can reach the broker as clients.
+/// it gets the bound address and the broker's in-process data path, so that those
+/// services can reach the broker as clients.
 ///
 /// # Errors
 /// As [`start`].
 pub async fn start_with(
     config: BrokerConfig,
-    extend: impl FnOnce(SocketAddr, tonic::service::Routes) -> tonic::service::Routes,
+    extend: impl FnOnce(
+        SocketAddr,
+        Arc<dyn runnel_proto::local::LocalBroker>,
+        tonic::service::Routes,
+    ) -> tonic::service::Routes,
 ) -> anyhow::Result<RunningBroker> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -196,7 +201,7 @@ pub async fn start_with(
         Some(quorum) => routes.add_service(quorum.service()),
         None => routes,
     };
-    let routes = extend(local_addr, routes);
+    let routes = extend(local_addr, Arc::new(service.clone()), routes);
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         // HTTP/2's default 64 KiB windows would stall every large batch for window

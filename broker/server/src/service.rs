@@ -4,6 +4,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::stream::{FuturesOrdered, StreamExt};
+use runnel_proto::local::{LocalBroker, Requests};
 use runnel_proto::v1::{
     self, admin_server, consumer_server, groups_server, producer_server, replication_server,
     transactions_server,
@@ -106,7 +107,17 @@ impl producer_server::Producer for Service {
         &self,
         request: Request<Streaming<v1::ProduceRequest>>,
     ) -> Result<Response<Self::ProduceStreamStream>, Status> {
-        let mut incoming = request.into_inner();
+        Ok(Response::new(self.produce_responses(request.into_inner())))
+    }
+}
+
+impl Service {
+    /// Appends the requests of a produce stream in order and answers each, up to
+    /// [`PRODUCE_IN_FLIGHT_MAX`] waiting for their acknowledgement at once.
+    fn produce_responses(
+        &self,
+        mut incoming: impl Stream<Item = Result<v1::ProduceRequest, Status>> + Send + Unpin + 'static,
+    ) -> BoxStream<v1::ProduceResponse> {
         let broker = self.broker.clone();
         let (every, answers) = (self.cut_produce_stream_every, self.produce_answers.clone());
         let (tx, rx) = tokio::sync::mpsc::channel(PRODUCE_IN_FLIGHT_MAX);
@@ -139,9 +150,54 @@ impl producer_server::Producer for Service {
                 }
             }
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
+
+    /// Answers a fetch over and over, each time from where the last answer ended; only
+    /// answers with records or errors are sent.
+    fn fetch_responses(&self, mut request: v1::FetchRequest) -> BoxStream<v1::FetchResponse> {
+        if request.max_wait_ms == 0 {
+            request.max_wait_ms = 500;
+        }
+        let broker = self.broker.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(FETCH_STREAM_BUFFER);
+        tokio::spawn(async move {
+            loop {
+                let response = tokio::select! {
+                    response = broker.fetch(&request) => response,
+                    () = tx.closed() => return,
+                };
+                for (wanted, got) in request.partitions.iter_mut().zip(&response.partitions) {
+                    if got.error.is_none() {
+                        wanted.offset = got.next_offset;
+                    }
+                }
+                let has_data = response
+                    .partitions
+                    .iter()
+                    .any(|p| !p.records.is_empty() || !p.messages.is_empty() || p.error.is_some());
+                if has_data && tx.send(Ok(response)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
+}
+
+/// The streams and connect runtimes inside the broker's process reach it through this:
+/// the same produce and fetch streams as the gRPC services serve.
+impl LocalBroker for Service {
+    fn node_id(&self) -> u32 {
+        self.broker.node_id()
+    }
+
+    fn produce_stream(&self, requests: Requests) -> BoxStream<v1::ProduceResponse> {
+        self.produce_responses(requests.map(Ok))
+    }
+
+    fn fetch_stream(&self, request: v1::FetchRequest) -> BoxStream<v1::FetchResponse> {
+        self.fetch_responses(request)
     }
 }
 
@@ -264,35 +320,7 @@ impl consumer_server::Consumer for Service {
         &self,
         request: Request<v1::FetchRequest>,
     ) -> Result<Response<Self::FetchStreamStream>, Status> {
-        let mut request = request.into_inner();
-        if request.max_wait_ms == 0 {
-            request.max_wait_ms = 500;
-        }
-        let broker = self.broker.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel(FETCH_STREAM_BUFFER);
-        tokio::spawn(async move {
-            loop {
-                let response = tokio::select! {
-                    response = broker.fetch(&request) => response,
-                    () = tx.closed() => return,
-                };
-                for (wanted, got) in request.partitions.iter_mut().zip(&response.partitions) {
-                    if got.error.is_none() {
-                        wanted.offset = got.next_offset;
-                    }
-                }
-                let has_data = response
-                    .partitions
-                    .iter()
-                    .any(|p| !p.records.is_empty() || !p.messages.is_empty() || p.error.is_some());
-                if has_data && tx.send(Ok(response)).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        Ok(Response::new(self.fetch_responses(request.into_inner())))
     }
 
     async fn list_offsets(

@@ -679,6 +679,11 @@ impl BatchBuilder {
         self.buf.len()
     }
 
+    /// The largest record timestamp so far (-1 while empty).
+    pub fn max_timestamp_ms(&self) -> i64 {
+        self.max_timestamp_ms
+    }
+
     /// Bytes `record` would add to the batch (uncompressed), its length prefix included.
     pub fn record_size_bytes(&self, record: &Record) -> usize {
         let (_, body) = self.next_record_body(record, self.last_offset_delta + 1);

@@ -41,3 +41,27 @@ pub fn status_error_code(status: &tonic::Status) -> Option<v1::ErrorCode> {
         .ok()?;
     v1::ErrorCode::from_str_name(name)
 }
+
+/// The in-process transport: a broker's data path for a client in the same process.
+pub mod local {
+    use super::v1;
+    use tonic::codegen::BoxStream;
+    use tonic::codegen::tokio_stream::Stream;
+
+    /// Produce requests, in the order they are sent.
+    pub type Requests = std::pin::Pin<Box<dyn Stream<Item = v1::ProduceRequest> + Send>>;
+
+    /// A broker running in the client's process (the streams and connect runtimes run
+    /// inside the broker). A client that has one sends the produce and fetch streams of
+    /// the partitions this broker leads to it directly: the same answers as over gRPC,
+    /// without encoding, HTTP/2 and the loopback socket in between.
+    pub trait LocalBroker: Send + Sync {
+        /// The broker's node id, as metadata names partition leaders.
+        fn node_id(&self) -> u32;
+        /// Answers `requests` in order, as the `ProduceStream` RPC does.
+        fn produce_stream(&self, requests: Requests) -> BoxStream<v1::ProduceResponse>;
+        /// Answers `request` over and over from where the last answer ended, as the
+        /// `FetchStream` RPC does.
+        fn fetch_stream(&self, request: v1::FetchRequest) -> BoxStream<v1::FetchResponse>;
+    }
+}
