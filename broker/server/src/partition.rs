@@ -889,7 +889,7 @@ impl Partition {
                 reason: err.to_string(),
             })?;
             let (batch, tail) = rest.split_at(header.size_bytes());
-            batches.push(batch);
+            batches.push((batch, header));
             rest = tail;
         }
         if batches.is_empty() {
@@ -903,7 +903,7 @@ impl Partition {
             return Err(self.fenced_error());
         };
         let max = log.config().max_message_bytes;
-        if let Some(big) = batches.iter().find(|b| b.len() > max) {
+        if let Some((big, _)) = batches.iter().find(|(b, _)| b.len() > max) {
             return Err(BrokerError::RecordTooLarge {
                 topic: self.topic.clone(),
                 partition: self.index,
@@ -912,9 +912,15 @@ impl Partition {
             });
         }
         let mut first = None;
-        for batch in &batches {
+        for (batch, header) in &batches {
+            // Validated above: the checksum is not computed twice.
             let info = log
-                .append(batch, self.leader_epoch.load(Ordering::Acquire), now)
+                .append_validated(
+                    batch,
+                    header,
+                    self.leader_epoch.load(Ordering::Acquire),
+                    now,
+                )
                 .map_err(|err| self.append_error(err))?;
             first.get_or_insert(info);
         }

@@ -397,13 +397,28 @@ impl Log {
         leader_epoch: i32,
         now_ms: i64,
     ) -> Result<AppendInfo, AppendError> {
+        let header = validate(batch)?;
+        self.append_validated(batch, &header, leader_epoch, now_ms)
+    }
+
+    /// [`Log::append`] of a batch whose checksum the caller verified with
+    /// [`runnel_batch::validate`], which returned `header`.
+    ///
+    /// # Errors
+    /// As [`Log::append`].
+    pub fn append_validated(
+        &mut self,
+        batch: &[u8],
+        header: &BatchHeader,
+        leader_epoch: i32,
+        now_ms: i64,
+    ) -> Result<AppendInfo, AppendError> {
         if batch.len() > self.config.max_message_bytes {
             return Err(AppendError::RecordTooLarge {
                 size_bytes: batch.len(),
                 size_bytes_max: self.config.max_message_bytes,
             });
         }
-        let header = validate(batch)?;
         if header.size_bytes() != batch.len() {
             return Err(AppendError::InconsistentBatch {
                 reason: format!(
@@ -429,7 +444,7 @@ impl Log {
                 reason: "control batches (transaction markers) are written by the transaction coordinator only".into(),
             });
         }
-        if let SequenceCheck::Duplicate(kept) = self.producers.check(&header)? {
+        if let SequenceCheck::Duplicate(kept) = self.producers.check(header)? {
             return Ok(AppendInfo {
                 base_offset: kept.base_offset,
                 last_offset: kept.last_offset,
