@@ -1154,10 +1154,12 @@ impl Pending {
 struct Commits {
     /// Exactly-once: the commit interval.
     exactly_once: Option<Duration>,
-    /// At-least-once: batch k, acknowledged while batch k+1 is read and processed, then
-    /// its input offsets are committed. Exactly-once: the open transaction, with the
+    /// At-least-once: the batch sent last. Exactly-once: the open transaction, with the
     /// batches of a commit interval and their input offsets.
     pending: Option<Pending>,
+    /// At-least-once: the batch sent before the last, acknowledged while the next one is
+    /// processed, then its state written and its input offsets committed.
+    due: Option<Pending>,
     opened: Option<std::time::Instant>,
     /// The commit unit of the next batch's state writes: a batch (at-least-once) or a
     /// transaction (exactly-once).
@@ -1194,10 +1196,9 @@ impl Commits {
     ) -> anyhow::Result<()> {
         match self.exactly_once {
             None => {
-                if let Some(done) = self.pending.take() {
-                    self.finish(done, member, stats).await?;
-                }
-                self.pending = Some(batch);
+                // Batches finish in order: one still due finishes first.
+                self.finish_due(member, stats).await?;
+                self.due = self.pending.replace(batch);
                 Ok(())
             }
             Some(interval) => {
@@ -1209,6 +1210,19 @@ impl Commits {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// At-least-once: finishes the batch sent before the last, if it is not yet; the
+    /// task loop runs this while the guest processes the next batch.
+    async fn finish_due(
+        &mut self,
+        member: &mut GroupConsumer,
+        stats: &Stats,
+    ) -> anyhow::Result<()> {
+        match self.due.take() {
+            Some(done) => self.finish(done, member, stats).await,
+            None => Ok(()),
         }
     }
 
@@ -1249,6 +1263,7 @@ impl Commits {
         member: &mut GroupConsumer,
         stats: &Stats,
     ) -> anyhow::Result<()> {
+        self.finish_due(member, stats).await?;
         let Some(mut txn) = self.pending.take() else {
             return Ok(());
         };
@@ -1468,6 +1483,7 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
     let mut commits = Commits {
         exactly_once: None,
         pending: None,
+        due: None,
         opened: None,
         unit: 0,
         tasks: task.tasks.clone(),
@@ -1515,7 +1531,7 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
         };
         if let Some(tasks) = &task.tasks {
             let assigned: Vec<u32> = member.assignment().into_iter().map(|(_, p)| p).collect();
-            if commits.pending.is_none() {
+            if commits.pending.is_none() && commits.due.is_none() {
                 tasks::lock(tasks).close_unassigned(&assigned);
             }
             // Every assigned task restores before anything is processed, so that its
@@ -1579,7 +1595,12 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
             };
             let tasks = task.tasks.clone();
             let mut current = instance.take();
-            let (current, records, result) = tokio::task::spawn_blocking(move || {
+            if tasks.is_some() {
+                // Writing state waits for the stores, which the guest holds while it
+                // works: finish first.
+                commits.finish_due(&mut member, &task.stats).await?;
+            }
+            let processing = tokio::task::spawn_blocking(move || {
                 let result = process(&guest, &mut current, &records, tasks.as_ref(), unit)
                     .and_then(|mut processed| {
                         // Encoded here, beside the guest, so that the loop only hands
@@ -1589,8 +1610,13 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
                         Ok((processed, batches))
                     });
                 (current, records, result)
-            })
-            .await?;
+            });
+            // The batch before the last finishes (acknowledgements, state, offsets)
+            // while the guest works.
+            let (processed, finished) =
+                tokio::join!(processing, commits.finish_due(&mut member, &task.stats));
+            let (current, records, result) = processed?;
+            finished?;
             instance = current;
             let (processed, batches) = result?;
             (records, processed, batches)
