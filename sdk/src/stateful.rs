@@ -477,9 +477,47 @@ pub mod windows {
         end_ms <= super::watermark()
     }
 
+    /// When a windowed result is emitted.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub enum EmitWhen {
+        /// Once, when the window closes, with its final value (Kafka Streams'
+        /// `suppress(untilWindowCloses)`): downstream sees no intermediate results.
+        #[default]
+        Closed,
+        /// At every update, with the value so far: results come at once, and a window
+        /// is emitted as often as it changes. Nothing more is emitted when it closes.
+        Updated,
+    }
+
+    impl EmitWhen {
+        /// Reads `closed` or `updates` (a deployment's config value, say), saying what
+        /// is accepted otherwise.
+        ///
+        /// # Errors
+        /// Any other text.
+        pub fn parse(text: &str) -> Result<Self, String> {
+            match text {
+                "closed" | "final" => Ok(EmitWhen::Closed),
+                "updates" | "updated" => Ok(EmitWhen::Updated),
+                other => Err(format!(
+                    "emit must be `closed` (once per window, when it closes) or `updates` (at every change), not {other:?}"
+                )),
+            }
+        }
+    }
+
     #[cfg(test)]
     mod tests {
         use super::*;
+
+        #[test]
+        fn emit_modes_parse_and_refuse_the_unknown() {
+            assert_eq!(EmitWhen::parse("closed"), Ok(EmitWhen::Closed));
+            assert_eq!(EmitWhen::parse("updates"), Ok(EmitWhen::Updated));
+            assert_eq!(EmitWhen::default(), EmitWhen::Closed);
+            let refused = EmitWhen::parse("sometimes").unwrap_err();
+            assert!(refused.contains("\"sometimes\""), "{refused}");
+        }
 
         #[test]
         fn timestamps_fall_in_their_windows() {

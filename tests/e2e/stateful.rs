@@ -463,15 +463,7 @@ fn the_stateful_examples_emit_exactly_their_expected_outputs() {
         "tumbling_count",
         &["windows", "late"],
         &["--config", "window-ms=1000", "--allowed-lateness-ms", "500"],
-        r#"{"key": "a", "timestamp": 100}
-{"key": "a", "timestamp": 900}
-{"key": "b", "timestamp": 1200}
-{"key": "a", "timestamp": 1400}
-{"key": "a", "timestamp": 950}
-{"key": "b", "timestamp": 1600}
-{"key": "a", "timestamp": 200}
-{"key": "c", "timestamp": 3000}
-"#,
+        TUMBLING_INPUT,
     );
     assert_eq!(
         emitted(&lines),
@@ -482,7 +474,48 @@ fn the_stateful_examples_emit_exactly_their_expected_outputs() {
         ],
         "{lines:?}"
     );
+
+    // The same with `emit=updates`: each counted record emits its window's count so far,
+    // the late one emits nothing, and closing a window emits nothing more.
+    let lines = harness(
+        "tumbling_count",
+        &["windows", "late"],
+        &[
+            "--config",
+            "window-ms=1000",
+            "--config",
+            "emit=updates",
+            "--allowed-lateness-ms",
+            "500",
+        ],
+        TUMBLING_INPUT,
+    );
+    assert_eq!(
+        emitted(&lines),
+        [
+            "0 a=0-1000 1 @100",
+            "1 a=0-1000 2 @900",
+            "2 b=1000-2000 1 @1200",
+            "3 a=1000-2000 1 @1400",
+            "4 a=0-1000 3 @950",
+            "5 b=1000-2000 2 @1600",
+            "7 c=3000-4000 1 @3000",
+        ],
+        "{lines:?}"
+    );
 }
+
+/// Records for the tumbling-count example: two windows of `a`, one of `b`, a late `a`
+/// within the grace period (950) and one after it (200).
+const TUMBLING_INPUT: &str = r#"{"key": "a", "timestamp": 100}
+{"key": "a", "timestamp": 900}
+{"key": "b", "timestamp": 1200}
+{"key": "a", "timestamp": 1400}
+{"key": "a", "timestamp": 950}
+{"key": "b", "timestamp": 1600}
+{"key": "a", "timestamp": 200}
+{"key": "c", "timestamp": 3000}
+"#;
 
 #[test]
 fn a_stream_table_join_reads_the_table_as_it_is_when_each_record_is_processed() {
