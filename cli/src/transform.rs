@@ -141,6 +141,11 @@ pub struct TestArgs {
     /// The watermark is the largest timestamp seen minus this.
     #[arg(long, default_value_t = 0)]
     allowed_lateness_ms: i64,
+    /// A table store and its rows, STORE=FILE; repeatable. FILE holds JSON lines
+    /// {"key": .., "value": .., "partition": 0}, loaded before the first record as if
+    /// read from the table's topic (a null value deletes the key).
+    #[arg(long = "table", value_parser = parse_key_value)]
+    tables: Vec<(String, String)>,
 }
 
 fn read_wasm(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
@@ -156,9 +161,16 @@ fn test(args: TestArgs) -> anyhow::Result<ExitCode> {
     let wasm = read_wasm(&args.wasm)?;
     let input = std::fs::read_to_string(&args.input)
         .with_context(|| format!("reading {}", args.input.display()))?;
+    let mut tables = Vec::with_capacity(args.tables.len());
+    for (store, file) in args.tables {
+        let rows = std::fs::read_to_string(&file)
+            .with_context(|| format!("reading the rows of table {store:?} from {file}"))?;
+        tables.push((store, rows));
+    }
     let state = runnel_streams::harness::StateOptions {
         stores: args.stores,
         allowed_lateness_ms: args.allowed_lateness_ms,
+        tables,
     };
     for line in runnel_streams::harness::run(&wasm, &input, &args.configs, &args.outputs, &state)? {
         println!("{line}");

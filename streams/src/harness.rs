@@ -37,11 +37,26 @@ struct InputLine {
     offset: Option<i64>,
 }
 
+/// A row of a table given to the harness: `{"key": "...", "value": "...",
+/// "partition": 0}`; a missing or null value deletes the key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TableLine {
+    key: String,
+    #[serde(default)]
+    value: Option<String>,
+    #[serde(default)]
+    partition: u32,
+}
+
 /// A stateful component's deployment, for the harness.
 #[derive(Debug, Clone, Default)]
 pub struct StateOptions {
     pub stores: Vec<String>,
     pub allowed_lateness_ms: i64,
+    /// (store, JSON lines): table stores and their rows, loaded before the first record
+    /// as if read from the table's topic.
+    pub tables: Vec<(String, String)>,
 }
 
 /// Runs `wasm` over the JSON lines in `input`, returns the output lines.
@@ -89,9 +104,9 @@ pub fn run(
     let pre = host
         .prepare("test", wasm)
         .map_err(|e| anyhow::anyhow!(e.0))?;
-    if !pre.is_stateful() && !state.stores.is_empty() {
+    if !pre.is_stateful() && (!state.stores.is_empty() || !state.tables.is_empty()) {
         anyhow::bail!(
-            "stores were given but the component is a stateless runnel:transform@0.1.0 one"
+            "stores or tables were given but the component is a stateless runnel:transform@0.1.0 one"
         );
     }
     let log = LogBuffer::default();
@@ -102,6 +117,12 @@ pub fn run(
         config: config.iter().cloned().collect(),
         stores: state.stores.clone(),
         allowed_lateness_ms: state.allowed_lateness_ms,
+        // A table's topic is named after its store: the harness reads no topic.
+        tables: state
+            .tables
+            .iter()
+            .map(|(store, _)| (store.clone(), store.clone()))
+            .collect(),
         ..v1::TransformSpec::default()
     };
     crate::spec::validate(&spec)?;
@@ -120,16 +141,49 @@ pub fn run(
         return Ok(log.lines().into_iter().chain(lines).collect());
     }
     let dir = tempfile::tempdir().context("a temporary directory for the stores")?;
-    let layout = crate::state::Layout {
-        declared: state.stores.clone(),
-        tables: Vec::new(),
-    };
+    let layout = Saved::from_spec(&spec).layout();
+    let mut rows: Vec<(u32, u32, TableLine)> = Vec::new();
+    for (store, text) in &state.tables {
+        let index = layout
+            .guest_names()
+            .iter()
+            .position(|name| name == store)
+            .with_context(|| format!("table {store:?} is not a store of the deployment"))?
+            as u32;
+        for (number, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let row: TableLine = serde_json::from_str(line).with_context(|| {
+                format!(
+                    "line {} of table {store:?} is not a row ({{\"key\": .., \"value\": .., \"partition\": ..}})",
+                    number + 1
+                )
+            })?;
+            rows.push((index, row.partition, row));
+        }
+    }
     let tasks = Tasks::new(dir.path(), "test", &layout);
     let mut partitions: Vec<u32> = records.iter().map(|r| r.partition).collect();
     partitions.sort_unstable();
     partitions.dedup();
     for partition in partitions {
-        let task = TaskState::open(&dir.path().join(partition.to_string()), partition, &layout)?;
+        let mut task =
+            TaskState::open(&dir.path().join(partition.to_string()), partition, &layout)?;
+        for store in layout.table_stores() {
+            let mine: Vec<&TableLine> = rows
+                .iter()
+                .filter(|(s, p, _)| *s == store && *p == partition)
+                .map(|(_, _, row)| row)
+                .collect();
+            task.restore(
+                store,
+                mine.iter()
+                    .map(|row| (row.key.as_bytes(), row.value.as_deref().map(str::as_bytes))),
+                mine.len() as i64,
+            )?;
+        }
         tasks::lock(&tasks).put_back(task);
     }
     for (unit, record) in records.iter().enumerate() {

@@ -505,6 +505,59 @@ fn the_stateful_examples_emit_exactly_their_expected_outputs() {
     );
 }
 
+#[test]
+fn transform_test_loads_table_rows_for_a_stream_table_join() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let table = dir.path().join("customers.jsonl");
+    std::fs::write(
+        &table,
+        "{\"key\": \"c1\", \"value\": \"{\\\"name\\\":\\\"Ada\\\"}\"}\n\
+         {\"key\": \"c2\", \"value\": \"{\\\"name\\\":\\\"Grace\\\"}\"}\n\
+         {\"key\": \"c2\", \"value\": null}\n",
+    )
+    .expect("write");
+    let table_arg = format!("customers={}", table.display());
+    // c1 is in the table, c2 was deleted (a tombstone), c3 never was: a left join.
+    let lines = harness(
+        "join_customers",
+        &[],
+        &["--table", &table_arg],
+        r#"{"key": "c1", "value": "{\"item\":\"book\"}"}
+{"key": "c2", "value": "{\"item\":\"pen\"}"}
+{"key": "c3", "value": "{\"item\":\"ink\"}"}
+"#,
+    );
+    assert_eq!(
+        emitted(&lines),
+        [
+            r#"0 c1={"customer":{"name":"Ada"},"order":{"item":"book"}} @0"#,
+            r#"1 c2={"customer":null,"order":{"item":"pen"}} @0"#,
+            r#"2 c3={"customer":null,"order":{"item":"ink"}} @0"#,
+        ],
+        "{lines:?}"
+    );
+
+    // A row that is not one is refused with its line number.
+    std::fs::write(&table, "{\"value\": \"no key\"}\n").expect("write");
+    let input = dir.path().join("orders.jsonl");
+    std::fs::write(&input, "{\"key\": \"c1\"}\n").expect("write");
+    let wasm = crate::transforms::components().join("join_customers.wasm");
+    let output = std::process::Command::new(crate::support::RUNNEL)
+        .args(["transform", "test", "--wasm"])
+        .arg(&wasm)
+        .arg("--input")
+        .arg(&input)
+        .args(["--table", &table_arg])
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("line 1 of table \"customers\" is not a row"),
+        "{stderr}"
+    );
+}
+
 /// Records for the tumbling-count example: two windows of `a`, one of `b`, a late `a`
 /// within the grace period (950) and one after it (200).
 const TUMBLING_INPUT: &str = r#"{"key": "a", "timestamp": 100}
