@@ -477,6 +477,26 @@ impl Client {
         })
     }
 
+    /// The end of a partition: its high watermark, or with `ReadCommitted` its last
+    /// stable offset (what a read_committed consumer can read up to).
+    ///
+    /// # Errors
+    /// Unknown topic or partition, or a leader still unreachable after retries.
+    pub async fn end_offset(
+        &self,
+        topic: &str,
+        partition: u32,
+        isolation: v1::IsolationLevel,
+    ) -> Result<i64, ClientError> {
+        self.offset_of(
+            topic,
+            partition,
+            v1::offset_query::Spec::Latest(true),
+            isolation,
+        )
+        .await
+    }
+
     /// Number of partitions of `topic`.
     ///
     /// # Errors
