@@ -1355,11 +1355,16 @@ fn encode_outputs(
 ) -> anyhow::Result<Vec<OutputBatch>> {
     let mut done: Vec<OutputBatch> = Vec::new();
     let mut open: BTreeMap<(usize, u32), BatchBuilder> = BTreeMap::new();
+    let mut last = 0;
     for (_, record) in records {
-        let index = topics
-            .iter()
-            .position(|t| t.name == record.topic)
-            .with_context(|| format!("output to undeclared topic {:?}", record.topic))?;
+        // Runs of records go to one topic: the last one is tried first.
+        if topics.get(last).is_none_or(|t| t.name != record.topic) {
+            last = topics
+                .iter()
+                .position(|t| t.name == record.topic)
+                .with_context(|| format!("output to undeclared topic {:?}", record.topic))?;
+        }
+        let index = last;
         let topic = &topics[index];
         let count = topic.partitions.max(1);
         let partition = match (record.partition, &record.key) {

@@ -334,6 +334,25 @@ fn at_least_once_word_count_loses_no_count_across_kills() {
 
 /// `runnel transform test` of a stateful component with these stores and lateness.
 fn harness(component: &str, stores: &[&str], extra: &[&str], input: &str) -> Vec<String> {
+    let output = run_harness(component, stores, extra, input);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// `runnel transform test` of an example component over `input`, as it exited.
+fn run_harness(
+    component: &str,
+    stores: &[&str],
+    extra: &[&str],
+    input: &str,
+) -> std::process::Output {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("input.jsonl");
     std::fs::write(&path, input).expect("write");
@@ -345,19 +364,10 @@ fn harness(component: &str, stores: &[&str], extra: &[&str], input: &str) -> Vec
         args.extend(["--store", store]);
     }
     args.extend(extra);
-    let output = std::process::Command::new(crate::support::RUNNEL)
+    std::process::Command::new(crate::support::RUNNEL)
         .args(&args)
         .output()
-        .expect("runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect()
+        .expect("runs")
 }
 
 /// (input, key, value) of each emitted record, and (input, error) of each refused one.
@@ -539,17 +549,12 @@ fn transform_test_loads_table_rows_for_a_stream_table_join() {
 
     // A row that is not one is refused with its line number.
     std::fs::write(&table, "{\"value\": \"no key\"}\n").expect("write");
-    let input = dir.path().join("orders.jsonl");
-    std::fs::write(&input, "{\"key\": \"c1\"}\n").expect("write");
-    let wasm = crate::transforms::components().join("join_customers.wasm");
-    let output = std::process::Command::new(crate::support::RUNNEL)
-        .args(["transform", "test", "--wasm"])
-        .arg(&wasm)
-        .arg("--input")
-        .arg(&input)
-        .args(["--table", &table_arg])
-        .output()
-        .expect("runs");
+    let output = run_harness(
+        "join_customers",
+        &[],
+        &["--table", &table_arg],
+        "{\"key\": \"c1\"}\n",
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{stderr}");
     assert!(
