@@ -111,6 +111,7 @@ pub async fn run(client: Client, args: ConsumeArgs) -> anyhow::Result<ExitCode> 
                     auto_offset_reset: Some(start),
                     ..config
                 },
+                standby_replicas: 0,
             };
             let member = GroupConsumer::join(
                 client,

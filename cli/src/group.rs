@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{ArgGroup, Subcommand};
-use runnel_client::{Admin, Client, v1::reset_offsets_request::To};
+use runnel_client::{Admin, Client, v1, v1::reset_offsets_request::To};
 
 #[derive(Subcommand)]
 pub enum GroupCommand {
@@ -106,25 +106,23 @@ pub async fn run(client: Client, command: GroupCommand) -> anyhow::Result<ExitCo
                     "CONSUMER-ID", "HOST", "CLIENT-ID", "EPOCH"
                 );
                 for m in &d.members {
-                    let assignment: Vec<String> = m
-                        .assignment
-                        .iter()
-                        .flat_map(|tp| {
-                            tp.partitions
-                                .iter()
-                                .map(move |p| format!("{}-{p}", tp.topic))
-                        })
-                        .collect();
+                    let assignment = listed(&m.assignment);
+                    let standby = listed(&m.standby);
                     println!(
-                        "{:<40} {:<16} {:<28} {:>6}  {}",
+                        "{:<40} {:<16} {:<28} {:>6}  {}{}",
                         m.member_id,
                         m.host,
                         m.client_id,
                         m.member_epoch,
                         if assignment.is_empty() {
-                            "(none)".to_string()
+                            "(none)"
                         } else {
-                            assignment.join(",")
+                            assignment.as_str()
+                        },
+                        if standby.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" (standby: {standby})")
                         }
                     );
                 }
@@ -171,4 +169,17 @@ pub async fn run(client: Client, command: GroupCommand) -> anyhow::Result<ExitCo
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `topic-partition` pairs, comma separated.
+fn listed(partitions: &[v1::TopicPartitions]) -> String {
+    partitions
+        .iter()
+        .flat_map(|tp| {
+            tp.partitions
+                .iter()
+                .map(move |p| format!("{}-{p}", tp.topic))
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }

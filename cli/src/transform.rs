@@ -99,6 +99,10 @@ pub struct DeployArgs {
     /// windows wait for late records this long).
     #[arg(long, default_value_t = 0)]
     allowed_lateness_ms: i64,
+    /// Brokers besides a task's own that keep a warm copy of its stores (following the
+    /// changelogs), so that a task moved by a failure resumes without a full restore.
+    #[arg(long, default_value_t = 0)]
+    standby_replicas: u32,
 }
 
 #[derive(Args)]
@@ -272,6 +276,12 @@ fn print_status(s: &v1::TransformStatus) {
         if !tables.is_empty() {
             println!("Tables:      {}", tables.join(", "));
         }
+        if spec.standby_replicas > 0 {
+            println!(
+                "Standbys:    {} per task (warm copies on other brokers)",
+                spec.standby_replicas
+            );
+        }
         let mut tasks = s.tasks.clone();
         tasks.sort_by_key(|t| t.partition);
         for t in tasks {
@@ -279,6 +289,16 @@ fn print_status(s: &v1::TransformStatus) {
                 println!(
                     "  task {}: broker {}, restoring {}/{} changelog records",
                     t.partition, t.broker, t.restored, t.restore_total
+                );
+            } else if t.state == "Standby" && t.restored < t.restore_total {
+                println!(
+                    "  task {}: broker {}, standby catching up {}/{} changelog records",
+                    t.partition, t.broker, t.restored, t.restore_total
+                );
+            } else if t.state == "Standby" {
+                println!(
+                    "  task {}: broker {}, standby (following the changelogs)",
+                    t.partition, t.broker
                 );
             } else {
                 println!(
@@ -349,6 +369,7 @@ pub async fn run(brokers: &[String], command: TransformCommand) -> anyhow::Resul
                         stores: args.stores,
                         tables: args.tables.into_iter().collect(),
                         allowed_lateness_ms: args.allowed_lateness_ms,
+                        standby_replicas: args.standby_replicas,
                     };
                     spec::validate(&spec)?;
                     (spec, args.wasm.unwrap_or_default())

@@ -38,6 +38,11 @@ pub struct GroupConfig {
     /// Where a partition starts when the group has no committed offset for it.
     pub auto_offset_reset: StartFrom,
     pub consumer: ConsumerConfig,
+    /// Members besides its owner that should keep each partition's state warm (standby
+    /// replicas): the coordinator names them in [`GroupConsumer::standby`], and prefers a
+    /// member that reports a partition warm ([`GroupConsumer::set_warm`]) when the
+    /// partition must move. 0: none.
+    pub standby_replicas: u32,
 }
 
 impl Default for GroupConfig {
@@ -49,6 +54,7 @@ impl Default for GroupConfig {
             commit_on_revoke: true,
             auto_offset_reset: StartFrom::Latest,
             consumer: ConsumerConfig::default(),
+            standby_replicas: 0,
         }
     }
 }
@@ -62,6 +68,10 @@ struct Membership {
     assignment: BTreeSet<TopicPartition>,
     /// What `poll` reads now; reported in heartbeats.
     owned: BTreeSet<TopicPartition>,
+    /// Partitions to keep warm, as the broker last said.
+    standby: BTreeSet<TopicPartition>,
+    /// Partitions kept warm, reported in heartbeats.
+    warm: BTreeSet<TopicPartition>,
     /// The broker forgot this member: drop everything without committing, rejoin.
     fenced: bool,
     error: Option<ClientError>,
@@ -108,6 +118,8 @@ pub struct GroupConsumer {
     wake: Arc<Notify>,
     heartbeat: tokio::task::JoinHandle<()>,
     owned: BTreeSet<TopicPartition>,
+    /// The standbys the broker named with the assignment `owned` was last brought to.
+    standby: BTreeSet<TopicPartition>,
     last_commit: Instant,
 }
 
@@ -151,6 +163,7 @@ impl GroupConsumer {
             wake,
             heartbeat,
             owned: BTreeSet::new(),
+            standby: BTreeSet::new(),
             last_commit: Instant::now(),
         };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -190,6 +203,19 @@ impl GroupConsumer {
         self.owned.iter().cloned().collect()
     }
 
+    /// The partitions whose state this member should keep warm (with
+    /// [`GroupConfig::standby_replicas`]): owned by other members, none of this one's.
+    /// Named in the same answer as the assignment `poll` last applied.
+    pub fn standby(&self) -> BTreeSet<TopicPartition> {
+        self.standby.clone()
+    }
+
+    /// Reports the partitions this member keeps a current copy of state for; the next
+    /// heartbeat tells the coordinator.
+    pub fn set_warm(&self, warm: BTreeSet<TopicPartition>) {
+        self.state().warm = warm;
+    }
+
     /// How many heartbeats the broker has answered.
     pub fn heartbeats(&self) -> u64 {
         self.state().heartbeats
@@ -221,14 +247,15 @@ impl GroupConsumer {
     }
 
     async fn reconcile(&mut self) -> Result<(), ClientError> {
-        let (assignment, fenced) = {
+        let (assignment, standby, fenced) = {
             let mut state = self.state();
             if let Some(err) = state.error.take() {
                 return Err(err);
             }
             let fenced = std::mem::take(&mut state.fenced);
-            (state.assignment.clone(), fenced)
+            (state.assignment.clone(), state.standby.clone(), fenced)
         };
+        self.standby = standby;
         if fenced {
             // Another member may own these now: stop without committing.
             for (topic, partition) in std::mem::take(&mut self.owned) {
@@ -446,6 +473,8 @@ async fn heartbeat_loop(
                 topics: topics.clone(),
                 session_timeout_ms: config.session_timeout.as_millis() as u32,
                 owned: to_proto(&state.owned),
+                standby_replicas: config.standby_replicas,
+                warm: to_proto(&state.warm),
             }
         };
         let sent = client
@@ -461,6 +490,7 @@ async fn heartbeat_loop(
                 state.member_id = response.member_id;
                 state.epoch = response.member_epoch;
                 state.assignment = from_proto(&response.assignment);
+                state.standby = from_proto(&response.standby);
                 state.heartbeats += 1;
                 interval = Duration::from_millis(u64::from(response.heartbeat_interval_ms.max(50)));
             }
@@ -472,6 +502,7 @@ async fn heartbeat_loop(
                         state.member_id.clear();
                         state.epoch = 0;
                         state.assignment.clear();
+                        state.standby.clear();
                         state.fenced = true;
                         continue;
                     }
@@ -482,6 +513,7 @@ async fn heartbeat_loop(
                         state.member_id.clear();
                         state.epoch = 0;
                         state.assignment.clear();
+                        state.standby.clear();
                         state.fenced = true;
                         last_answer = Instant::now();
                     }

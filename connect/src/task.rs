@@ -612,6 +612,7 @@ impl Task {
                     auto_offset_reset: Some(StartFrom::Earliest),
                     ..ConsumerConfig::default()
                 },
+                standby_replicas: 0,
             },
         )
         .await?;

@@ -9,6 +9,7 @@ pub mod host;
 pub mod runtime;
 pub mod service;
 pub mod spec;
+pub mod standby;
 pub mod state;
 pub mod store;
 pub mod tasks;

@@ -15,7 +15,7 @@
 //! reconciles what it runs with what the store says. Status, list and logs gather what
 //! every live broker reports.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -37,6 +37,7 @@ use crate::host::{
 };
 use crate::host::{Prepared, Setup};
 use crate::spec::{self, Start};
+use crate::standby::Standbys;
 use crate::state::{self, ChangelogWrite, TaskState, Timer};
 use crate::store::{self, Definition, Kind, Reconciler, Store};
 use crate::tasks::{self, SharedTasks};
@@ -104,6 +105,8 @@ pub(crate) struct Saved {
     tables: BTreeMap<String, String>,
     #[serde(default)]
     allowed_lateness_ms: i64,
+    #[serde(default)]
+    standby_replicas: u32,
     #[serde(skip)]
     sha256: String,
     #[serde(skip)]
@@ -140,6 +143,7 @@ impl Saved {
             stores: spec.stores.clone(),
             tables: spec.tables.clone().into_iter().collect(),
             allowed_lateness_ms: spec.allowed_lateness_ms,
+            standby_replicas: spec.standby_replicas,
             sha256: String::new(),
             version: 0,
             paused: false,
@@ -185,6 +189,7 @@ impl Saved {
             stores: self.stores.clone(),
             tables: self.tables.clone().into_iter().collect(),
             allowed_lateness_ms: self.allowed_lateness_ms,
+            standby_replicas: self.standby_replicas,
         }
     }
 
@@ -524,6 +529,10 @@ impl Runtime {
         let tasks = pre
             .is_stateful()
             .then(|| tasks::Tasks::new(&self.inner.data_dir, &saved.name, &saved.layout()));
+        let standbys = tasks
+            .as_ref()
+            .filter(|_| saved.standby_replicas > 0)
+            .map(|tasks| Standbys::new(tasks.clone(), &saved.name));
         log.push(format!(
             "[runtime] version {} started (component sha256 {})",
             saved.version, saved.sha256
@@ -533,6 +542,7 @@ impl Runtime {
             Task {
                 saved: saved.clone(),
                 tasks: tasks.clone(),
+                standbys,
                 pre,
                 stats: stats.clone(),
                 state: state.clone(),
@@ -1043,6 +1053,8 @@ pub fn group_name(transform: &str) -> String {
 struct Task {
     saved: Saved,
     tasks: Option<SharedTasks>,
+    /// With standby replicas: the warm copies this broker keeps of others' tasks.
+    standbys: Option<Standbys>,
     pre: Arc<Prepared>,
     stats: Arc<Stats>,
     state: Arc<Mutex<State>>,
@@ -1056,9 +1068,16 @@ struct Task {
 struct PolicyFailure(String);
 
 async fn run(runtime: Runtime, mut task: Task) {
+    run_until_stopped(&runtime, &mut task).await;
+    if let Some(standbys) = &mut task.standbys {
+        standbys.stop_all().await;
+    }
+}
+
+async fn run_until_stopped(runtime: &Runtime, task: &mut Task) {
     let name = task.saved.name.clone();
     loop {
-        match run_inner(&runtime, &mut task).await {
+        match run_inner(runtime, task).await {
             Ok(()) => return,
             Err(err) if err.downcast_ref::<PolicyFailure>().is_some() => {
                 let reason = format!("{err:#}");
@@ -1460,6 +1479,11 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
                     v1::IsolationLevel::ReadUncommitted
                 },
             },
+            standby_replicas: if task.standbys.is_some() {
+                task.saved.standby_replicas
+            } else {
+                0
+            },
         },
     )
     .await?;
@@ -1545,17 +1569,40 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
             wanted.extend(&assigned);
             wanted.sort_unstable();
             wanted.dedup();
+            if let Some(standbys) = &mut task.standbys {
+                let input = &task.saved.input_topic;
+                let standby: BTreeSet<u32> = member
+                    .standby()
+                    .into_iter()
+                    .filter(|(topic, _)| topic == input)
+                    .map(|(_, p)| p)
+                    .collect();
+                let here = |p: u32| wanted.contains(&p) || tasks::lock(tasks).is_open(p);
+                standbys.reconcile(&client, &standby, here).await;
+                member.set_warm(
+                    standbys
+                        .warm()
+                        .into_iter()
+                        .map(|p| (input.clone(), p))
+                        .collect(),
+                );
+            }
             for partition in wanted {
                 if !tasks::lock(tasks).is_open(partition) {
+                    let warm = match &mut task.standbys {
+                        Some(standbys) => standbys.stop(partition).await,
+                        None => false,
+                    };
                     let began = std::time::Instant::now();
                     let restored = tasks::open(tasks, &client, partition)
                         .await
                         .with_context(|| format!("restoring the state of partition {partition}"))?;
                     let elapsed = began.elapsed();
                     let rate = restored as f64 / elapsed.as_secs_f64().max(1e-6);
-                    tracing::info!(transform = %task.saved.name, partition, restored, elapsed_ms = elapsed.as_millis() as u64, "opened the state of a task");
+                    tracing::info!(transform = %task.saved.name, partition, restored, from_standby = warm, elapsed_ms = elapsed.as_millis() as u64, "opened the state of a task");
                     task.log.push(format!(
-                        "[runtime] opened the state of partition {partition}: replayed {restored} changelog records in {} ms ({rate:.0} records/s)",
+                        "[runtime] opened the state of partition {partition}{}: replayed {restored} changelog records in {} ms ({rate:.0} records/s)",
+                        if warm { " kept by its standby" } else { "" },
                         elapsed.as_millis()
                     ));
                 }

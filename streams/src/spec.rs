@@ -29,6 +29,8 @@ use serde::Deserialize;
 
 /// Longest deployment name.
 pub const NAME_LENGTH_MAX: usize = 100;
+/// Most standby replicas a deployment may ask for.
+pub const STANDBY_REPLICAS_MAX: u32 = 8;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -60,6 +62,9 @@ pub struct TransformFile {
     pub tables: BTreeMap<String, String>,
     #[serde(default)]
     pub allowed_lateness_ms: Option<i64>,
+    /// Brokers besides a task's own that keep its stores warm.
+    #[serde(default)]
+    pub standby_replicas: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -147,6 +152,7 @@ impl TransformFile {
             stores: file.stores,
             tables: file.tables.into_iter().collect(),
             allowed_lateness_ms: file.allowed_lateness_ms.unwrap_or(0),
+            standby_replicas: file.standby_replicas.unwrap_or(0),
         };
         validate(&spec).with_context(|| format!("invalid deployment file {}", path.display()))?;
         Ok((spec, wasm))
@@ -243,6 +249,17 @@ pub fn validate(spec: &v1::TransformSpec) -> anyhow::Result<()> {
     if spec.allowed_lateness_ms < 0 {
         anyhow::bail!("allowed lateness must not be negative");
     }
+    if spec.standby_replicas > 0 && spec.stores.is_empty() && spec.tables.is_empty() {
+        anyhow::bail!(
+            "standby replicas keep warm copies of state stores, and this transform declares none: add --store (or --table) or leave out --standby-replicas"
+        );
+    }
+    if spec.standby_replicas > STANDBY_REPLICAS_MAX {
+        anyhow::bail!(
+            "at most {STANDBY_REPLICAS_MAX} standby replicas, not {} (each is a full copy of the state on another broker)",
+            spec.standby_replicas
+        );
+    }
     Ok(())
 }
 
@@ -295,5 +312,15 @@ mod tests {
         .expect("write");
         let err = format!("{:#}", TransformFile::load(&path).expect_err("reserved"));
         assert!(err.contains("invalid store name"), "{err}");
+        std::fs::write(&path, "name: wc\ninput: words\noutputs: [counts]\nwasm: wc.wasm\nstores: [counts]\nstandby-replicas: 1\n").expect("write");
+        let (spec, _) = TransformFile::load(&path).expect("with a standby");
+        assert_eq!(spec.standby_replicas, 1);
+        std::fs::write(
+            &path,
+            "name: up\ninput: words\noutputs: [upper]\nwasm: up.wasm\nstandby-replicas: 1\n",
+        )
+        .expect("write");
+        let err = format!("{:#}", TransformFile::load(&path).expect_err("no stores"));
+        assert!(err.contains("declares none"), "{err}");
     }
 }

@@ -1,11 +1,16 @@
 //! The tasks of a stateful deployment on one broker: one per input partition this
 //! broker's member owns, each with its stores (`state.rs`).
 //!
-//! A task opens when the first records of its partition arrive: its stores are opened
+//! A task opens when its partition is assigned: its stores are opened
 //! and replayed from their changelogs, from each store's checkpoint to the changelog's
 //! last stable offset, before any record of the partition is processed (a store whose
 //! checkpoint lies outside its changelog is wiped and replayed from the start). A task
 //! closes when its partition is no longer assigned and it holds nothing uncommitted.
+//!
+//! A standby ([`follow`]) keeps the stores of a task another broker runs warm in the same
+//! directory: it replays the changelogs like an opening task, then goes on applying what
+//! they receive, each write batch with its checkpoint. So when the task comes here, its
+//! open replays only what the standby had not applied yet.
 //!
 //! **Invariant:** no record of a partition is processed before its task has replayed
 //! every changelog to the end it had when the replay began; the group coordinator's
@@ -39,6 +44,9 @@ pub struct Tasks {
     layout: Layout,
     open: BTreeMap<u32, TaskState>,
     restoring: BTreeMap<u32, Progress>,
+    /// Standbys following their changelogs, with their catch-up progress and whether
+    /// they reached the changelogs' ends.
+    standby: BTreeMap<u32, (Progress, bool)>,
 }
 
 pub type SharedTasks = Arc<Mutex<Tasks>>;
@@ -57,6 +65,7 @@ impl Tasks {
             layout: layout.clone(),
             open: BTreeMap::new(),
             restoring: BTreeMap::new(),
+            standby: BTreeMap::new(),
         }))
     }
 
@@ -74,6 +83,15 @@ impl Tasks {
 
     pub fn open_partitions(&self) -> Vec<u32> {
         self.open.keys().copied().collect()
+    }
+
+    /// Standbys that caught up with their changelogs once (and follow them since).
+    pub fn warm(&self) -> Vec<u32> {
+        self.standby
+            .iter()
+            .filter(|(_, (_, warm))| *warm)
+            .map(|(p, _)| *p)
+            .collect()
     }
 
     /// Closes every task (a member starting over reopens them from what is committed).
@@ -137,7 +155,17 @@ impl Tasks {
             restored: progress.restored,
             restore_total: progress.total,
         });
-        running.chain(restoring).collect()
+        let standby = self
+            .standby
+            .iter()
+            .map(|(p, (progress, _))| v1::TaskStatus {
+                partition: *p,
+                broker,
+                state: "Standby".into(),
+                restored: progress.restored,
+                restore_total: progress.total,
+            });
+        running.chain(restoring).chain(standby).collect()
     }
 
     /// Committed entries of `store` in `[from, to)` over the open tasks (only
@@ -221,6 +249,118 @@ async fn replay(
     )
     .await?;
     Ok((task, restored))
+}
+
+/// Keeps the stores of task `partition`, which another broker runs, warm here until
+/// `stop` changes or closes: replays its changelogs (progress shows in
+/// [`Tasks::statuses`] as a standby), then applies what they receive, read_committed.
+/// The stores are closed when it returns.
+///
+/// # Errors
+/// A changelog cannot be read, or the local stores cannot be opened or written.
+pub async fn follow(
+    tasks: &SharedTasks,
+    client: &Client,
+    partition: u32,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let (dir, deployment, layout) = {
+        let mut tasks = lock(tasks);
+        tasks
+            .standby
+            .insert(partition, (Progress::default(), false));
+        (
+            tasks.dir.join(partition.to_string()),
+            tasks.deployment.clone(),
+            tasks.layout.clone(),
+        )
+    };
+    let followed = async {
+        let mut task = TaskState::open(&dir, partition, &layout)?;
+        let topics = layout.topics(&deployment);
+        let stores: Vec<u32> = (0..topics.len() as u32).collect();
+        let mut progress = |restored, total| {
+            if let Some(status) = lock(tasks).standby.get_mut(&partition) {
+                status.0 = Progress { restored, total };
+            }
+        };
+        let caught_up = replay_stores(
+            &mut task,
+            client,
+            &deployment,
+            &topics,
+            &stores,
+            &mut progress,
+        );
+        tokio::select! {
+            replayed = caught_up => replayed?,
+            _ = stop.changed() => return Ok(()),
+        };
+        if let Some(status) = lock(tasks).standby.get_mut(&partition) {
+            // (The total counts offsets, markers of transactions among them.)
+            status.0.restored = status.0.total;
+            status.1 = true;
+        }
+        let mut consumer = Consumer::new(
+            client.clone(),
+            ConsumerConfig {
+                max_wait: Duration::from_millis(500),
+                auto_offset_reset: None,
+                isolation: v1::IsolationLevel::ReadCommitted,
+                ..ConsumerConfig::default()
+            },
+        );
+        let mut store_of: BTreeMap<String, u32> = BTreeMap::new();
+        for &store in &stores {
+            let topic = &topics[store as usize];
+            consumer
+                .assign(
+                    topic,
+                    Some(vec![partition]),
+                    StartFrom::Offset(task.checkpoint(store)?),
+                )
+                .await
+                .with_context(|| format!("changelog {topic} partition {partition}"))?;
+            store_of.insert(topic.clone(), store);
+        }
+        loop {
+            let records = tokio::select! {
+                records = consumer.poll() => records?,
+                _ = stop.changed() => return Ok(()),
+            };
+            let mut writes: BTreeMap<u32, Vec<(bytes::Bytes, Option<bytes::Bytes>)>> =
+                BTreeMap::new();
+            let applied = records.len() as u64;
+            for record in records {
+                if let (Some(store), Some(key)) = (store_of.get(&*record.topic), record.key) {
+                    writes.entry(*store).or_default().push((key, record.value));
+                }
+            }
+            for (topic, &store) in &store_of {
+                let Some(position) = consumer.position(topic, partition) else {
+                    continue;
+                };
+                let entries = writes.remove(&store).unwrap_or_default();
+                // A position that moved over control records or aborted ones is kept too.
+                if !entries.is_empty() || position != task.checkpoint(store)? {
+                    task.restore(
+                        store,
+                        entries
+                            .iter()
+                            .map(|(k, v)| (k.as_ref(), v.as_ref().map(AsRef::as_ref))),
+                        position,
+                    )?;
+                }
+            }
+            if let Some(status) = lock(tasks).standby.get_mut(&partition) {
+                status.0.restored += applied;
+                status.0.total += applied;
+            }
+        }
+    };
+    let result: anyhow::Result<()> = followed.await;
+    lock(tasks).standby.remove(&partition);
+    result
 }
 
 /// Brings task `partition`'s tables up to their topics' last stable offsets (before a

@@ -423,6 +423,7 @@ fn a_member_that_lost_its_partitions_cannot_commit_over_the_new_owner() {
                 topics: vec!["t".into()],
                 session_timeout_ms: 1000,
                 owned,
+                ..Default::default()
             };
         let old = groups
             .heartbeat(join(String::new(), 0, vec![]))

@@ -159,28 +159,27 @@ fn queried_count(cluster: &Cluster, on: u32, word: &str) -> u64 {
     answer.parse().expect("a count")
 }
 
-fn deploy_word_count(cluster: &Cluster, processing: &str) {
+fn deploy_word_count(cluster: &Cluster, processing: &str, extra: &[&str]) {
     let wasm = crate::transforms::components().join("word_count.wasm");
-    let deployed = cluster.ok(
-        1,
-        &[
-            "transform",
-            "deploy",
-            "--name",
-            "wc",
-            "--input",
-            "words",
-            "--output",
-            "counts",
-            "--wasm",
-            &wasm.display().to_string(),
-            "--store",
-            "counts",
-            "--processing",
-            processing,
-        ],
-        "",
-    );
+    let wasm = wasm.display().to_string();
+    let mut args = vec![
+        "transform",
+        "deploy",
+        "--name",
+        "wc",
+        "--input",
+        "words",
+        "--output",
+        "counts",
+        "--wasm",
+        &wasm,
+        "--store",
+        "counts",
+        "--processing",
+        processing,
+    ];
+    args.extend(extra);
+    let deployed = cluster.ok(1, &args, "");
     assert!(deployed.contains("on brokers 1,2,3"), "{deployed}");
 }
 
@@ -211,7 +210,7 @@ fn word_count_is_exact_across_ten_kills_a_lost_local_state_and_queries() {
     let mut cluster = Cluster::start(dir.path(), 3);
     create_topic_with(&cluster, "words", 3, 3, Some(2));
     create_topic_with(&cluster, "counts", 3, 3, Some(2));
-    deploy_word_count(&cluster, "exactly-once");
+    deploy_word_count(&cluster, "exactly-once", &[]);
     // The changelogs were created at deploy: compacted, one partition per input partition.
     let changelog = cluster.ok(2, &["topic", "describe", "wc-counts-changelog"], "");
     assert!(changelog.contains("cleanup.policy=compact"), "{changelog}");
@@ -294,13 +293,127 @@ fn word_count_is_exact_across_ten_kills_a_lost_local_state_and_queries() {
     );
 }
 
+/// (partition, broker, what) of each task line of `transform describe wc`.
+fn task_lines(cluster: &Cluster, on: u32) -> Vec<(u32, u32, String)> {
+    let described = cluster.ok(on, &["transform", "describe", "wc"], "");
+    described
+        .lines()
+        .filter_map(|line| {
+            let rest = line.trim().strip_prefix("task ")?;
+            let (partition, rest) = rest.split_once(": broker ")?;
+            let (broker, what) = rest.split_once(", ")?;
+            Some((
+                partition.parse().ok()?,
+                broker.parse().ok()?,
+                what.to_string(),
+            ))
+        })
+        .collect()
+}
+
+/// The committed end of `topic`'s `partition`.
+fn end_offset(cluster: &Cluster, topic: &str, partition: u32) -> i64 {
+    use runnel_client::{Client, v1};
+    let brokers: Vec<String> = cluster.addresses().split(',').map(str::to_string).collect();
+    let topic = topic.to_string();
+    crate::runtime().block_on(async move {
+        let client = Client::connect(&brokers).await.expect("connect");
+        client
+            .end_offset(&topic, partition, v1::IsolationLevel::ReadCommitted)
+            .await
+            .expect("end offset")
+    })
+}
+
+#[test]
+fn a_standby_takes_over_a_killed_brokers_task_without_replaying_its_changelog() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Cluster::start(dir.path(), 3);
+    create_topic_with(&cluster, "words", 3, 3, Some(2));
+    create_topic_with(&cluster, "counts", 3, 3, Some(2));
+    deploy_word_count(&cluster, "exactly-once", &["--standby-replicas", "1"]);
+    let described = cluster.ok(2, &["transform", "describe", "wc"], "");
+    assert!(described.contains("Standbys:    1 per task"), "{described}");
+    write_words(&cluster, 0, 4_000).join().expect("the writer");
+    wait_for_counts(&cluster, 1);
+
+    // Every task runs on one broker and has a standby on another that follows its
+    // changelogs.
+    let mut owners: BTreeMap<u32, u32> = BTreeMap::new();
+    wait_until(
+        "each task to run with a current standby elsewhere",
+        Duration::from_secs(30),
+        || {
+            let lines = task_lines(&cluster, 1);
+            owners = lines
+                .iter()
+                .filter(|(_, _, what)| what == "running")
+                .map(|(p, b, _)| (*p, *b))
+                .collect();
+            let standbys: BTreeMap<u32, u32> = lines
+                .iter()
+                .filter(|(_, _, what)| what == "standby (following the changelogs)")
+                .map(|(p, b, _)| (*p, *b))
+                .collect();
+            owners.len() == 3
+                && standbys.len() == 3
+                && standbys.iter().all(|(p, b)| owners.get(p) != Some(b))
+        },
+    );
+
+    // Kill the broker running the task with the longest changelog.
+    let ends: BTreeMap<u32, i64> = (0..3)
+        .map(|p| (p, end_offset(&cluster, "wc-counts-changelog", p)))
+        .collect();
+    let (&partition, &full) = ends.iter().max_by_key(|(_, end)| **end).expect("3");
+    assert!(full >= 100, "changelog ends {ends:?}");
+    let victim = owners[&partition];
+    cluster.kill9(victim);
+    let survivor = (1..=3).find(|b| *b != victim).expect("a survivor");
+
+    // The task moves to its standby's broker, which replays (next to) nothing.
+    let mut replayed = None;
+    wait_until(
+        "the task to open on the broker of its standby",
+        Duration::from_secs(40),
+        || {
+            let output = crate::support::runnel_at(
+                &cluster.node(survivor).addr,
+                &["transform", "logs", "wc"],
+                "",
+            );
+            let logs = String::from_utf8_lossy(&output.stdout);
+            let opened =
+                format!("opened the state of partition {partition} kept by its standby: replayed ");
+            replayed = logs.lines().find_map(|line| {
+                let (_, rest) = line.split_once(&opened)?;
+                rest.split_whitespace().next()?.parse::<i64>().ok()
+            });
+            replayed.is_some()
+        },
+    );
+    let replayed = replayed.expect("found");
+    assert!(
+        replayed * 10 < full,
+        "the task replayed {replayed} of its changelog's {full} records"
+    );
+
+    // The state the standby kept is the task's: counting goes on exactly.
+    write_words(&cluster, 4_000, 1_200)
+        .join()
+        .expect("the writer");
+    let output = wait_for_counts(&cluster, survivor);
+    check_counts(&output, &expected_counts(&cluster, survivor));
+    cluster.restart(victim);
+}
+
 #[test]
 fn at_least_once_word_count_loses_no_count_across_kills() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cluster = Cluster::start(dir.path(), 3);
     create_topic_with(&cluster, "words", 3, 3, Some(2));
     create_topic_with(&cluster, "counts", 3, 3, Some(2));
-    deploy_word_count(&cluster, "at-least-once");
+    deploy_word_count(&cluster, "at-least-once", &[]);
     let writer = write_words(&cluster, 0, 3_000);
     for victim in [2, 3, 1] {
         std::thread::sleep(Duration::from_millis(1_500));

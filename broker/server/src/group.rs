@@ -38,6 +38,10 @@ pub struct Member {
     pub assigned: BTreeSet<TopicPartition>,
     /// What the member last said it reads.
     pub owned: BTreeSet<TopicPartition>,
+    /// Partitions it last said it keeps a current copy of without reading them.
+    pub warm: BTreeSet<TopicPartition>,
+    /// Warm copies it wants of each partition (the group uses the largest value).
+    pub standby_replicas: u32,
 }
 
 impl Member {
@@ -55,6 +59,8 @@ pub struct Group {
     pub target: BTreeMap<TopicPartition, String>,
     /// The partitions of the subscribed topics the target was computed for.
     subscribed: BTreeSet<TopicPartition>,
+    /// Which members keep a warm copy of each partition of the target (never its owner).
+    pub standby: BTreeMap<TopicPartition, BTreeSet<String>>,
 }
 
 impl Group {
@@ -80,8 +86,23 @@ impl Group {
         if target != self.target {
             self.epoch += 1;
         }
-        self.target = target;
+        // Previous owners hold current state: they make good standbys.
+        let previous = std::mem::replace(&mut self.target, target);
         self.subscribed = partitions;
+        self.standby = compute_standbys(&self.members, &self.target, &previous, &self.standby);
+    }
+
+    /// The partitions `member_id` should keep warm: those it is standby for and holds
+    /// in no other way.
+    pub fn standby_of(&self, member_id: &str) -> BTreeSet<TopicPartition> {
+        let Some(member) = self.members.get(member_id) else {
+            return BTreeSet::new();
+        };
+        self.standby
+            .iter()
+            .filter(|(tp, members)| members.contains(member_id) && !member.holds(tp))
+            .map(|(tp, _)| tp.clone())
+            .collect()
     }
 
     /// The part of `member`'s target it may have now: partitions no other member holds.
@@ -112,6 +133,8 @@ pub struct Heartbeat {
     pub topics: Vec<String>,
     pub session_timeout_ms: u32,
     pub owned: BTreeSet<TopicPartition>,
+    pub standby_replicas: u32,
+    pub warm: BTreeSet<TopicPartition>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,6 +143,8 @@ pub enum HeartbeatOutcome {
         member_id: String,
         epoch: i32,
         assignment: BTreeSet<TopicPartition>,
+        /// Partitions to keep warm copies of.
+        standby: BTreeSet<TopicPartition>,
     },
     Left,
 }
@@ -242,6 +267,10 @@ impl Coordinator {
                     epoch: m.epoch,
                     assigned: m.holds.clone(),
                     owned: m.holds.clone(),
+                    // Standbys are not stored: members report their warm copies again
+                    // and are given standbys once they say how many they want.
+                    warm: BTreeSet::new(),
+                    standby_replicas: 0,
                 },
             );
         }
@@ -324,6 +353,8 @@ impl Coordinator {
                 epoch: 0,
                 assigned: BTreeSet::new(),
                 owned: BTreeSet::new(),
+                warm: BTreeSet::new(),
+                standby_replicas: 0,
             });
         member.last_seen_ms = now_ms;
         member.session_timeout_ms = session_timeout_ms;
@@ -332,6 +363,9 @@ impl Coordinator {
         let claimable: BTreeSet<TopicPartition> =
             member.assigned.union(&member.owned).cloned().collect();
         member.owned = hb.owned.intersection(&claimable).cloned().collect();
+        member.warm = hb.warm.difference(&member.owned).cloned().collect();
+        let standbys_changed = member.standby_replicas != hb.standby_replicas;
+        member.standby_replicas = hb.standby_replicas;
         let subscription_changed = member.topics != topics;
         member.topics = topics;
         let wanted: BTreeSet<String> = group
@@ -347,8 +381,12 @@ impl Coordinator {
         }
         if joined || subscription_changed || partitions_now != group.subscribed {
             group.recompute(partitions_now);
+        } else if standbys_changed {
+            group.standby =
+                compute_standbys(&group.members, &group.target, &group.target, &group.standby);
         }
         let grant = group.grant(&member_id);
+        let standby = group.standby_of(&member_id);
         let member = group
             .members
             .get_mut(&member_id)
@@ -361,6 +399,7 @@ impl Coordinator {
             member_id,
             epoch: member.epoch,
             assignment: grant,
+            standby,
         })
     }
 
@@ -436,8 +475,8 @@ impl Coordinator {
 }
 
 /// A balanced, sticky assignment of `partitions` to the members subscribed to their
-/// topics: members keep current partitions up to their quota, the rest go to the least
-/// loaded eligible member.
+/// topics: members keep current partitions up to their quota, the rest go to an eligible
+/// member with room that keeps the partition warm, else to the least loaded one.
 fn compute_target(
     members: &BTreeMap<String, Member>,
     partitions: &BTreeSet<TopicPartition>,
@@ -488,13 +527,16 @@ fn compute_target(
         if target.contains_key(tp) {
             continue;
         }
+        // Any member may take one of the `extra` partitions above `base` that are left,
+        // so a warm member is not passed over because its quota came out one short.
+        let above_base = counts.values().filter(|c| **c > base).count();
         let pick = subscribers
             .iter()
             .filter(|m| eligible(m, tp))
             .min_by_key(|m| {
                 let count = counts.get(m.member_id.as_str()).copied().unwrap_or(0);
-                let full = count >= quota.get(m.member_id.as_str()).copied().unwrap_or(0);
-                (full, count, m.member_id.clone())
+                let full = count > base || (count == base && above_base >= extra);
+                (full, !m.warm.contains(tp), count, m.member_id.clone())
             });
         if let Some(member) = pick {
             *counts.entry(member.member_id.as_str()).or_default() += 1;
@@ -502,6 +544,59 @@ fn compute_target(
         }
     }
     target
+}
+
+/// Standby replicas of every partition of `target`: as many members as the largest
+/// `standby_replicas` of the group asks (fewer when fewer members are eligible), never
+/// the partition's owner. Each place goes to the eligible member with the fewest
+/// standbys so far, and among those to one that keeps the partition warm, is its
+/// standby already, or owned it in `previous`; so standbys stay balanced and stay put
+/// while nothing changes.
+fn compute_standbys(
+    members: &BTreeMap<String, Member>,
+    target: &BTreeMap<TopicPartition, String>,
+    previous: &BTreeMap<TopicPartition, String>,
+    current: &BTreeMap<TopicPartition, BTreeSet<String>>,
+) -> BTreeMap<TopicPartition, BTreeSet<String>> {
+    let wanted = members
+        .values()
+        .map(|m| m.standby_replicas as usize)
+        .max()
+        .unwrap_or(0);
+    let mut load: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut standby: BTreeMap<TopicPartition, BTreeSet<String>> = BTreeMap::new();
+    if wanted == 0 {
+        return standby;
+    }
+    for (tp, owner) in target {
+        let mut chosen: BTreeSet<String> = BTreeSet::new();
+        while chosen.len() < wanted {
+            let pick = members
+                .values()
+                .filter(|m| {
+                    m.member_id != *owner
+                        && m.topics.contains(&tp.0)
+                        && !chosen.contains(&m.member_id)
+                })
+                .min_by_key(|m| {
+                    let warm = m.warm.contains(tp)
+                        || current.get(tp).is_some_and(|s| s.contains(&m.member_id))
+                        || previous.get(tp) == Some(&m.member_id);
+                    (
+                        load.get(m.member_id.as_str()).copied().unwrap_or(0),
+                        !warm,
+                        m.member_id.clone(),
+                    )
+                });
+            let Some(member) = pick else { break };
+            *load.entry(member.member_id.as_str()).or_default() += 1;
+            chosen.insert(member.member_id.clone());
+        }
+        if !chosen.is_empty() {
+            standby.insert(tp.clone(), chosen);
+        }
+    }
+    standby
 }
 
 #[cfg(test)]
@@ -519,6 +614,8 @@ mod tests {
             topics: vec!["t".into()],
             session_timeout_ms: 1000,
             owned: owned.clone(),
+            standby_replicas: 0,
+            warm: BTreeSet::new(),
         }
     }
 
@@ -593,6 +690,161 @@ mod tests {
         assert!(matches!(stale, Err(BrokerError::UnknownMemberId { .. })));
     }
 
+    /// Heartbeats of every member until nothing moves, each reporting its standbys warm.
+    fn settle(c: &mut Coordinator, members: &[&str], partitions: u32, now: &mut i64) {
+        for _ in 0..4 {
+            for id in members {
+                *now += 1;
+                let group = c.group("g").expect("g");
+                let owned = group.members[*id].assigned.clone();
+                let warm = group.standby_of(id);
+                let beat = Heartbeat {
+                    standby_replicas: 1,
+                    warm,
+                    ..hb("g", id, 0, &owned)
+                };
+                c.heartbeat(beat, &|_| Some(partitions), *now).expect("hb");
+            }
+        }
+    }
+
+    #[test]
+    fn a_dead_members_partitions_go_to_the_members_that_keep_them_warm() {
+        let mut c = Coordinator::default();
+        let mut now = 0;
+        let none = BTreeSet::new();
+        let join = |c: &mut Coordinator, now: i64| {
+            let beat = Heartbeat {
+                standby_replicas: 1,
+                ..hb("g", "", 0, &none)
+            };
+            member_of(c.heartbeat(beat, &|_| Some(6), now).expect("join")).0
+        };
+        let a = join(&mut c, now);
+        let b = join(&mut c, now);
+        settle(&mut c, &[&a, &b], 6, &mut now);
+        let group = c.group("g").expect("g");
+        assert_eq!(group.state(), "Stable");
+        let b_owned = group.members[&b].assigned.clone();
+        assert_eq!(b_owned.len(), 3);
+        // Each keeps the other's partitions warm, and nothing of its own.
+        assert_eq!(group.standby_of(&a), b_owned);
+        assert!(group.standby_of(&b).is_disjoint(&b_owned));
+        assert_eq!(group.standby_of(&b).len(), 3);
+
+        // A third member joins: standbys spread, none is its partition's owner.
+        let cc = join(&mut c, now);
+        settle(&mut c, &[&a, &b, &cc], 6, &mut now);
+        let group = c.group("g").expect("g");
+        for (tp, owner) in &group.target {
+            let standbys = &group.standby[tp];
+            assert_eq!(standbys.len(), 1, "{tp:?}");
+            assert!(!standbys.contains(owner), "{tp:?}");
+        }
+
+        // B dies: each of its partitions goes to the member that kept it warm unless that
+        // one is full (a quota of 3 each), and gets a new standby.
+        let b_owned = group.members[&b].assigned.clone();
+        let warm_for: BTreeMap<TopicPartition, String> = b_owned
+            .iter()
+            .map(|tp| {
+                (
+                    tp.clone(),
+                    group.standby[tp].iter().next().cloned().expect("one"),
+                )
+            })
+            .collect();
+        now += 2_000;
+        for id in [&a, &cc] {
+            let group = c.group("g").expect("g");
+            let beat = Heartbeat {
+                standby_replicas: 1,
+                warm: group.standby_of(id),
+                ..hb("g", id, 0, &group.members[id].assigned.clone())
+            };
+            c.heartbeat(beat, &|_| Some(6), now).expect("hb");
+        }
+        c.expire(now);
+        settle(&mut c, &[&a, &cc], 6, &mut now);
+        let group = c.group("g").expect("g");
+        let mut went_warm = 0;
+        for (tp, standby) in &warm_for {
+            let owner = &group.target[tp];
+            let full = group.target.values().filter(|o| *o == standby).count() == 3;
+            assert!(owner == standby || full, "{tp:?} went to a cold member");
+            went_warm += usize::from(owner == standby);
+        }
+        assert!(went_warm >= 1, "{warm_for:?} {:?}", group.target);
+        for (tp, owner) in &group.target {
+            assert_eq!(group.standby[tp].len(), 1, "{tp:?}");
+            assert!(!group.standby[tp].contains(owner), "{tp:?}");
+        }
+        // Without standbys asked for, nobody is given any.
+        let beat = |id: &str| {
+            hb(
+                "g",
+                id,
+                0,
+                &c.group("g").expect("g").members[id].assigned.clone(),
+            )
+        };
+        let (a_beat, c_beat) = (beat(&a), beat(&cc));
+        c.heartbeat(a_beat, &|_| Some(6), now + 1).expect("hb");
+        c.heartbeat(c_beat, &|_| Some(6), now + 2).expect("hb");
+        assert!(c.group("g").expect("g").standby.is_empty());
+    }
+
+    fn member(id: &str, warm: &[u32]) -> Member {
+        Member {
+            member_id: id.into(),
+            client_id: "c".into(),
+            host: "h".into(),
+            topics: ["t".to_string()].into(),
+            session_timeout_ms: 1000,
+            last_seen_ms: 0,
+            epoch: 1,
+            assigned: BTreeSet::new(),
+            owned: BTreeSet::new(),
+            warm: warm.iter().map(|p| ("t".to_string(), *p)).collect(),
+            standby_replicas: 1,
+        }
+    }
+
+    #[test]
+    fn an_orphaned_partition_prefers_a_warm_member_over_the_least_loaded() {
+        let tp = |p: u32| ("t".to_string(), p);
+        let partitions: BTreeSet<TopicPartition> = (0..4).map(tp).collect();
+        // "a" and "b" hold one partition each; "gone" held 2 and 3, and "b" keeps 2 warm.
+        let current: BTreeMap<TopicPartition, String> = [
+            (tp(0), "a".to_string()),
+            (tp(1), "b".to_string()),
+            (tp(2), "gone".to_string()),
+            (tp(3), "gone".to_string()),
+        ]
+        .into();
+        let members: BTreeMap<String, Member> = [
+            ("a".to_string(), member("a", &[])),
+            ("b".to_string(), member("b", &[2])),
+        ]
+        .into();
+        let target = compute_target(&members, &partitions, &current);
+        assert_eq!(target[&tp(2)], "b", "{target:?}");
+        assert_eq!(target[&tp(3)], "a", "{target:?}");
+        // Cold, "a" would have had 2 (equally loaded: the lower id first).
+        let cold: BTreeMap<String, Member> = [
+            ("a".to_string(), member("a", &[])),
+            ("b".to_string(), member("b", &[])),
+        ]
+        .into();
+        assert_eq!(compute_target(&cold, &partitions, &current)[&tp(2)], "a");
+        assert_eq!(compute_target(&cold, &partitions, &current)[&tp(3)], "b");
+        let standbys = compute_standbys(&members, &target, &current, &BTreeMap::new());
+        for (tp, owner) in &target {
+            assert_eq!(standbys[tp].len(), 1);
+            assert!(!standbys[tp].contains(owner));
+        }
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Join,
@@ -619,9 +871,11 @@ mod tests {
             let mut partitions = 3u32;
             let mut members: Vec<String> = Vec::new();
             let mut now = 0i64;
+            // Every member wants one standby per partition and reports its standbys warm.
             let beat = |c: &mut Coordinator, id: &str, now: i64, partitions: u32| {
                 let owned = c.group("g").and_then(|g| g.members.get(id)).map(|m| m.assigned.clone()).unwrap_or_default();
-                c.heartbeat(hb("g", id, 0, &owned), &|_| Some(partitions), now)
+                let warm = c.group("g").map(|g| g.standby_of(id)).unwrap_or_default();
+                c.heartbeat(Heartbeat { standby_replicas: 1, warm, ..hb("g", id, 0, &owned) }, &|_| Some(partitions), now)
             };
             for op in ops {
                 now += 10;
@@ -681,6 +935,11 @@ mod tests {
                 let (min, max) = (counts.iter().min().copied().unwrap_or(0), counts.iter().max().copied().unwrap_or(0));
                 prop_assert!(max - min <= 1, "unbalanced {counts:?}");
                 prop_assert_eq!(group.state(), "Stable");
+                for (tp, owner) in &group.target {
+                    let standbys = group.standby.get(tp).cloned().unwrap_or_default();
+                    prop_assert!(!standbys.contains(owner), "{tp:?}: its owner is its standby");
+                    prop_assert_eq!(standbys.len(), 1.min(members.len() - 1), "{:?}: standbys {:?}", tp, standbys);
+                }
             }
         }
     }

@@ -102,6 +102,8 @@ impl Broker {
             topics: request.topics,
             session_timeout_ms: request.session_timeout_ms,
             owned: from_proto(&request.owned),
+            standby_replicas: request.standby_replicas,
+            warm: from_proto(&request.warm),
         };
         let counts = |topic: &str| self.partition_count(topic);
         let (outcome, end) = {
@@ -129,11 +131,13 @@ impl Broker {
                 member_id,
                 epoch,
                 assignment,
+                standby,
             } => v1::HeartbeatResponse {
                 member_id,
                 member_epoch: epoch,
                 heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS,
                 assignment: to_proto(&assignment),
+                standby: to_proto(&standby),
             },
             HeartbeatOutcome::Left => v1::HeartbeatResponse {
                 member_epoch: -1,
@@ -457,6 +461,7 @@ impl Broker {
                     member_epoch: member.epoch,
                     topics: member.topics.iter().cloned().collect(),
                     assignment: to_proto(&member.assigned),
+                    standby: to_proto(&group.standby_of(&member.member_id)),
                 });
             }
         }
