@@ -17,6 +17,11 @@ pub struct DevArgs {
     /// Address to listen on (port 0 picks a free one).
     #[arg(long, default_value = DEFAULT_LISTEN)]
     listen: SocketAddr,
+    /// Where Prometheus scrapes /metrics (HOST:PORT, or off). Default: the listen host
+    /// on port 9644 (9644 + i for broker i+1 of --brokers N; a free port when the listen
+    /// port is 0).
+    #[arg(long)]
+    metrics_listen: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -68,6 +73,10 @@ pub struct StartArgs {
     /// replicas once those are in sync again; 0 turns that off.
     #[arg(long)]
     leader_imbalance_check_interval_ms: Option<u64>,
+    /// Where Prometheus scrapes /metrics: HOST:PORT, or off. Default: the listen host
+    /// on port 9644 (a free port when the listen port is 0).
+    #[arg(long)]
+    metrics_listen: Option<String>,
 }
 
 /// Most nodes `runnel dev --brokers N` starts.
@@ -83,6 +92,7 @@ pub async fn dev(args: DevArgs, brokers: &[String]) -> anyhow::Result<ExitCode> 
     let Some(count) = count.filter(|n| *n > 1) else {
         let mut config = BrokerConfig::new(&args.data_dir);
         config.listen = args.listen;
+        config.metrics_listen = args.metrics_listen;
         return serve(vec![config], "Runnel dev").await;
     };
     if count > DEV_BROKERS_MAX {
@@ -119,10 +129,35 @@ pub async fn dev(args: DevArgs, brokers: &[String]) -> anyhow::Result<ExitCode> 
             config.controller_quorum = Some(quorum.clone());
             // A local cluster is for trying failover: topics are replicated by default.
             config.default_replication_factor = count.min(3);
-            config
+            config.metrics_listen = match &args.metrics_listen {
+                Some(text) if text.trim() == "off" => Some("off".into()),
+                Some(text) => Some(next_port(text, i as u32)?),
+                None if listen.port() == 0 => None,
+                None => Some(format!(
+                    "{}:{}",
+                    listen.ip(),
+                    runnel_broker::config::METRICS_PORT + i as u16
+                )),
+            };
+            Ok(config)
         })
-        .collect();
+        .collect::<anyhow::Result<Vec<_>>>()?;
     serve(configs, "Runnel dev").await
+}
+
+/// `HOST:PORT` with its port moved up by `i` (port 0 stays 0).
+fn next_port(address: &str, i: u32) -> anyhow::Result<String> {
+    let mut parsed: SocketAddr = address.trim().parse().map_err(|_| {
+        anyhow::anyhow!("--metrics-listen must be HOST:PORT or off, not {address:?}")
+    })?;
+    if parsed.port() != 0 {
+        let port = parsed
+            .port()
+            .checked_add(i as u16)
+            .with_context(|| format!("port {} + {i} is beyond 65535", parsed.port()))?;
+        parsed.set_port(port);
+    }
+    Ok(parsed.to_string())
 }
 
 pub async fn broker(command: BrokerCommand) -> anyhow::Result<ExitCode> {
@@ -171,6 +206,9 @@ pub async fn broker(command: BrokerCommand) -> anyhow::Result<ExitCode> {
         Some(ms) => config.leader_imbalance_check_interval_ms = ms,
         None => {}
     }
+    if args.metrics_listen.is_some() {
+        config.metrics_listen = args.metrics_listen;
+    }
     serve(vec![config], "Runnel broker").await
 }
 
@@ -182,6 +220,8 @@ struct Node {
     worker: runnel_connect::Worker,
     store: Option<runnel_streams::store::Store>,
     data_dir: PathBuf,
+    /// Where Prometheus scrapes this node, when it may.
+    metrics: Option<SocketAddr>,
     _lock: runnel_broker::DataDirLock,
 }
 
@@ -198,7 +238,7 @@ async fn start_node(config: BrokerConfig) -> anyhow::Result<Node> {
     let worker = runnel_connect::Worker::new(Some(&data_dir))?;
     let service_runtime = runtime.clone();
     let service_worker = worker.clone();
-    let running = runnel_broker::start_with(config, move |addr, local, routes| {
+    let mut running = runnel_broker::start_with(config, move |addr, local, routes| {
         service_runtime.connect_to(vec![addr.to_string()], Some(local.clone()));
         service_worker.connect_to(vec![addr.to_string()], Some(local));
         routes
@@ -219,6 +259,17 @@ async fn start_node(config: BrokerConfig) -> anyhow::Result<Node> {
     } else {
         None
     };
+    let (metrics_runtime, metrics_worker) = (runtime.clone(), worker.clone());
+    let metrics = running
+        .serve_metrics(vec![
+            std::sync::Arc::new(move |out: &mut runnel_metrics::Exposition| {
+                metrics_runtime.collect_metrics(out);
+            }),
+            std::sync::Arc::new(move |out: &mut runnel_metrics::Exposition| {
+                metrics_worker.collect_metrics(out);
+            }),
+        ])
+        .await?;
     let data_dir = std::fs::canonicalize(&data_dir).unwrap_or(data_dir);
     Ok(Node {
         running,
@@ -226,6 +277,7 @@ async fn start_node(config: BrokerConfig) -> anyhow::Result<Node> {
         worker,
         store,
         data_dir,
+        metrics,
         _lock: lock,
     })
 }
@@ -242,9 +294,12 @@ async fn serve(configs: Vec<BrokerConfig>, what: &str) -> anyhow::Result<ExitCod
     let mut out = std::io::stdout();
     let text = match nodes.as_slice() {
         [node] => format!(
-            "{what} listening on {} (data in {})\nTry: runnel --brokers {} topic create hello\nStop with Ctrl-C.",
+            "{what} listening on {} (data in {}){}\nTry: runnel --brokers {} topic create hello\nStop with Ctrl-C.",
             addresses[0],
             node.data_dir.display(),
+            node.metrics
+                .map(|m| format!("\nPrometheus metrics on http://{m}/metrics"))
+                .unwrap_or_default(),
             addresses[0]
         ),
         _ => {
@@ -253,10 +308,13 @@ async fn serve(configs: Vec<BrokerConfig>, what: &str) -> anyhow::Result<ExitCod
                 .enumerate()
                 .map(|(i, n)| {
                     format!(
-                        "  broker {} on {} (data in {})",
+                        "  broker {} on {} (data in {}{})",
                         i + 1,
                         addresses[i],
-                        n.data_dir.display()
+                        n.data_dir.display(),
+                        n.metrics
+                            .map(|m| format!(", metrics on http://{m}/metrics"))
+                            .unwrap_or_default()
                     )
                 })
                 .collect();

@@ -735,6 +735,37 @@ impl Worker {
         }
     }
 
+    /// Writes each connector's state, records and errors (Prometheus).
+    pub fn collect_metrics(&self, out: &mut runnel_metrics::Exposition) {
+        for running in lock(&self.inner.connectors).values() {
+            let status = describe(running);
+            let labels = [
+                ("connector", status.name.as_str()),
+                ("kind", status.kind.as_str()),
+            ];
+            out.counter(
+                "runnel_connector_records_total",
+                "Records a connector moved between its outside system and its topics.",
+                &labels,
+                status.records,
+            );
+            out.counter(
+                "runnel_connector_record_errors_total",
+                "Records a connector's error policy handled.",
+                &labels,
+                status.record_errors,
+            );
+            for state in ["Running", "Retrying", "Paused", "Failed"] {
+                out.gauge(
+                    "runnel_connector_state",
+                    "1 for the state a connector run by this broker is in (Running, Retrying, Paused or Failed).",
+                    &[labels[0], labels[1], ("state", state)],
+                    f64::from(u8::from(status.state == state)),
+                );
+            }
+        }
+    }
+
     /// `(name, state, error)` of every connector.
     pub fn states(&self) -> Vec<(String, String, String)> {
         lock(&self.inner.connectors)

@@ -72,6 +72,8 @@ struct Stats {
     records_in: AtomicU64,
     records_out: AtomicU64,
     record_errors: AtomicU64,
+    /// How long the guest took per batch (state and output encoding included).
+    batch_duration: runnel_metrics::Histogram,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -563,6 +565,61 @@ impl Runtime {
             },
         );
         Ok(())
+    }
+
+    /// Writes each deployment this broker runs: records in and out, errors, state,
+    /// tasks and batch durations (Prometheus).
+    pub fn collect_metrics(&self, out: &mut runnel_metrics::Exposition) {
+        for status in self.local_list() {
+            let Some(spec) = &status.spec else { continue };
+            let labels = [("transform", spec.name.as_str())];
+            let Some(deployment) = lock(&self.inner.deployments)
+                .get(&spec.name)
+                .map(|d| d.stats.clone())
+            else {
+                continue;
+            };
+            out.counter(
+                "runnel_transform_records_in_total",
+                "Input records a transform's member on this broker processed.",
+                &labels,
+                status.records_in,
+            );
+            out.counter(
+                "runnel_transform_records_out_total",
+                "Records a transform's member on this broker emitted.",
+                &labels,
+                status.records_out,
+            );
+            out.counter(
+                "runnel_transform_record_errors_total",
+                "Records and timers a transform's error policy handled on this broker.",
+                &labels,
+                status.record_errors,
+            );
+            for state in ["Running", "Paused", "Failed"] {
+                out.gauge(
+                    "runnel_transform_state",
+                    "1 for the state a transform's member on this broker is in (Running, Paused or Failed).",
+                    &[labels[0], ("state", state)],
+                    f64::from(u8::from(status.state == state)),
+                );
+            }
+            for state in ["Running", "Restoring", "Standby"] {
+                out.gauge(
+                    "runnel_transform_tasks",
+                    "Tasks (input partitions) of a stateful transform on this broker, by state.",
+                    &[labels[0], ("state", state)],
+                    status.tasks.iter().filter(|t| t.state == state).count() as f64,
+                );
+            }
+            out.histogram(
+                "runnel_transform_batch_duration_seconds",
+                "Time the guest took per batch, state and output encoding included.",
+                &labels,
+                &deployment.batch_duration,
+            );
+        }
     }
 
     /// What this broker runs, as it runs it (no lag: that is the cluster's).
@@ -1652,7 +1709,9 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
                 // works: finish first.
                 commits.finish_due(&mut member, &task.stats).await?;
             }
+            let stats = task.stats.clone();
             let processing = tokio::task::spawn_blocking(move || {
+                let began = std::time::Instant::now();
                 let result = process(&guest, &mut current, &records, tasks.as_ref(), unit)
                     .and_then(|mut processed| {
                         // Encoded here, beside the guest, so that the loop only hands
@@ -1661,6 +1720,9 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
                         let batches = encode_outputs(outputs, &outputs_info, options, sticky)?;
                         Ok((processed, batches))
                     });
+                if !records.is_empty() {
+                    stats.batch_duration.observe(began.elapsed());
+                }
                 (current, records, result)
             });
             // The batch before the last finishes (acknowledgements, state, offsets)

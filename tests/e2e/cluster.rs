@@ -51,6 +51,9 @@ fn spawn(node: &Node, quorum: &str, extra: &[String]) -> (Child, ChildStdout) {
         "3000",
         "--broker-heartbeat-interval-ms",
         "200",
+        // Brokers of a cluster share a host here: each scrape port is picked free.
+        "--metrics-listen",
+        "127.0.0.1:0",
     ];
     args.extend(extra.iter().map(String::as_str));
     spawn_server_in(node.netns.as_deref(), &args)

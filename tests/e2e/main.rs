@@ -8,6 +8,7 @@ mod connect;
 mod coordinator;
 mod groups;
 mod idempotence;
+mod metrics;
 mod replication;
 mod runtimes;
 mod stateful;

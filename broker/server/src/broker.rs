@@ -75,6 +75,8 @@ pub struct Broker {
     pub(crate) txn_coordinator: Mutex<crate::txn_ops::TxnCoordinator>,
     /// Channels to other brokers (transaction coordinators and partition leaders).
     pub(crate) peers: Mutex<HashMap<u32, (String, tonic::transport::Channel)>>,
+    /// What Prometheus scrapes (`metrics.rs`).
+    pub metrics: crate::metrics::BrokerMetrics,
 }
 
 fn partition_dir(data_dir: &Path, topic: &str, partition: u32) -> PathBuf {
@@ -112,6 +114,7 @@ impl Broker {
             ),
             txn_coordinator: Mutex::new(crate::txn_ops::TxnCoordinator::default()),
             peers: Mutex::new(HashMap::new()),
+            metrics: crate::metrics::BrokerMetrics::default(),
             replicas: crate::replica::ReplicaManager::new(
                 config.node_id,
                 crate::replica::ReplicationSettings::from_config(&config),

@@ -20,6 +20,7 @@
 //! unclean_leader_election_enable = false
 //! auto_leader_rebalance_enable = true        # give leadership back to preferred replicas
 //! leader_imbalance_check_interval_ms = 30000
+//! metrics_listen = "0.0.0.0:9644"           # Prometheus /metrics; "off" to turn it off
 //!
 //! [topic_defaults]          # defaults for every topic's configs
 //! "retention.ms" = "604800000"
@@ -95,7 +96,14 @@ pub struct BrokerConfig {
     /// How often it checks.
     #[serde(default = "default_leader_imbalance_check_ms")]
     pub leader_imbalance_check_interval_ms: u64,
+    /// Where Prometheus scrapes `/metrics`: `HOST:PORT`, or `off`. Unset: the listen
+    /// address's host on port [`METRICS_PORT`] (a free port when the listen port is 0).
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
 }
+
+/// The metrics port when none is configured (Redpanda's admin and metrics port).
+pub const METRICS_PORT: u16 = 9644;
 
 fn default_true() -> bool {
     true
@@ -196,6 +204,29 @@ impl BrokerConfig {
             unclean_leader_election_enable: false,
             auto_leader_rebalance_enable: true,
             leader_imbalance_check_interval_ms: default_leader_imbalance_check_ms(),
+            metrics_listen: None,
+        }
+    }
+
+    /// Where the metrics endpoint listens; `None` when it is off.
+    ///
+    /// # Errors
+    /// A value that is neither `HOST:PORT` nor `off`.
+    pub fn metrics_address(&self) -> anyhow::Result<Option<SocketAddr>> {
+        match self.metrics_listen.as_deref().map(str::trim) {
+            Some("off") => Ok(None),
+            Some(text) => text.parse().map(Some).map_err(|_| {
+                anyhow::anyhow!(
+                    "metrics_listen must be HOST:PORT (for example 0.0.0.0:{METRICS_PORT}) or off, not {text:?}"
+                )
+            }),
+            None => {
+                let mut address = self.listen;
+                if address.port() != 0 {
+                    address.set_port(METRICS_PORT);
+                }
+                Ok(Some(address))
+            }
         }
     }
 

@@ -16,6 +16,7 @@ pub mod data_dir;
 pub mod error;
 pub mod group;
 mod group_ops;
+pub mod metrics;
 pub mod offsets;
 pub mod partition;
 mod records;
@@ -203,6 +204,7 @@ pub async fn start_with(
     };
     let routes = extend(local_addr, Arc::new(service.clone()), routes);
     let router = tonic::transport::Server::builder()
+        .layer(metrics::MeasureLayer(broker.clone()))
         .tcp_nodelay(true)
         // HTTP/2's default 64 KiB windows would stall every large batch for window
         // updates; these let many batches be in flight on one stream.
@@ -363,6 +365,29 @@ impl RunningBroker {
         tokio::task::spawn_blocking(move || broker.close()).await?;
         served??;
         Ok(())
+    }
+
+    /// Serves the Prometheus endpoint where the config says (nothing when it is off):
+    /// this broker's metrics, the process's, and those `collectors` add. Returns the
+    /// bound address.
+    ///
+    /// # Errors
+    /// An invalid metrics address, or one that cannot be bound.
+    pub async fn serve_metrics(
+        &mut self,
+        collectors: Vec<metrics::Collector>,
+    ) -> anyhow::Result<Option<SocketAddr>> {
+        let Some(address) = self.broker.config.metrics_address()? else {
+            return Ok(None);
+        };
+        let listener = metrics::bind(address).await?;
+        let bound = listener.local_addr()?;
+        self.tasks.push(tokio::spawn(metrics::serve(
+            listener,
+            self.broker.clone(),
+            collectors,
+        )));
+        Ok(Some(bound))
     }
 
     /// Waits until the server stops by itself (it does not, unless it fails).

@@ -194,6 +194,16 @@ pub struct Partition {
     /// When the log was last reopened after a storage failure (ms).
     reopened_at_ms: AtomicI64,
     replication: Mutex<ReplicaState>,
+    /// What went in and out since this broker opened the partition (metrics).
+    pub traffic: Traffic,
+}
+
+/// Records and bytes through a partition, for the metrics.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    pub records_in: runnel_metrics::Counter,
+    pub bytes_in: runnel_metrics::Counter,
+    pub bytes_out: runnel_metrics::Counter,
 }
 
 impl Partition {
@@ -234,6 +244,7 @@ impl Partition {
             failure_reported: AtomicBool::new(false),
             reopened_at_ms: AtomicI64::new(0),
             replication: Mutex::new(ReplicaState::default()),
+            traffic: Traffic::default(),
         })
     }
 
@@ -256,6 +267,7 @@ impl Partition {
             failure_reported: AtomicBool::new(false),
             reopened_at_ms: AtomicI64::new(0),
             replication: Mutex::new(ReplicaState::default()),
+            traffic: Traffic::default(),
         }
     }
 
@@ -926,6 +938,13 @@ impl Partition {
         }
         let (end_offset, log_start_offset, flush_due) = self.appended(guard, now);
         let first = first.expect("at least one batch was appended");
+        self.traffic.records_in.add(
+            batches
+                .iter()
+                .map(|(_, header)| u64::from(header.record_count))
+                .sum(),
+        );
+        self.traffic.bytes_in.add(records.len() as u64);
         Ok(Appended {
             base_offset: first.base_offset,
             log_append_time_ms: first.log_append_time_ms,
@@ -1068,6 +1087,7 @@ impl Partition {
             high_watermark
         };
         let mut fetched = self.read_below(offset, max_bytes, limit, buffers)?;
+        self.traffic.bytes_out.add(fetched.records.len() as u64);
         if read_committed {
             fetched.aborted =
                 self.with_log(|log| log.aborted_transactions(offset, fetched.next_offset))?;

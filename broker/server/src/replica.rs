@@ -342,6 +342,7 @@ pub(crate) async fn maintain_isr(broker: Arc<Broker>, period: Duration) {
                 topic = %partition.topic, partition = partition.index, isr = ?change.isr,
                 leader_epoch = change.leader_epoch, "proposing an ISR change"
             );
+            let shrinks = change.isr.len() < partition.isr_len();
             let command = Command::AlterIsr {
                 topic: partition.topic.clone(),
                 partition: partition.index,
@@ -355,7 +356,8 @@ pub(crate) async fn maintain_isr(broker: Arc<Broker>, period: Duration) {
                 .propose(command, ISR_PROPOSAL_TIMEOUT)
                 .await
             {
-                Ok((_, Ok(_))) => {}
+                Ok((_, Ok(_))) if shrinks => broker.metrics.isr_shrinks.add(1),
+                Ok((_, Ok(_))) => broker.metrics.isr_expands.add(1),
                 Ok((_, Err(err))) => {
                     tracing::info!(topic = %partition.topic, partition = partition.index, error = %err, "ISR change refused");
                     partition.isr_change_failed(&change);

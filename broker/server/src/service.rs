@@ -2,6 +2,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use futures::stream::{FuturesOrdered, StreamExt};
 use runnel_proto::local::{LocalBroker, Requests};
@@ -128,8 +129,17 @@ impl Service {
                 tokio::select! {
                     next = incoming.next(), if open && in_flight.len() < PRODUCE_IN_FLIGHT_MAX => match next {
                         Some(Ok(request)) => {
+                            let received = std::time::Instant::now();
+                            broker.metrics.produce_in_flight.fetch_add(1, Ordering::Relaxed);
                             broker.auto_create(&request.topic).await;
-                            in_flight.push_back(broker.produce_joining(request).await);
+                            let answer = broker.produce_joining(request).await;
+                            let measured = broker.clone();
+                            in_flight.push_back(async move {
+                                let response = answer.await;
+                                measured.metrics.produce_latency.observe(received.elapsed());
+                                measured.metrics.produce_in_flight.fetch_sub(1, Ordering::Relaxed);
+                                response
+                            });
                         }
                         Some(Err(status)) => {
                             tracing::debug!(%status, "produce stream ended by the client");
@@ -162,6 +172,8 @@ impl Service {
         let broker = self.broker.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(FETCH_STREAM_BUFFER);
         tokio::spawn(async move {
+            broker.metrics.fetch_streams.fetch_add(1, Ordering::Relaxed);
+            let _open = OpenStream(broker.clone());
             loop {
                 let response = tokio::select! {
                     response = broker.fetch(&request) => response,
@@ -182,6 +194,15 @@ impl Service {
             }
         });
         Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
+}
+
+/// Counts a fetch stream as open until its task ends, however it ends.
+struct OpenStream(Arc<Broker>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.metrics.fetch_streams.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
