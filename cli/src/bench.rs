@@ -98,14 +98,14 @@ pub struct ConsumeBench {
 }
 
 pub async fn run(
-    brokers: &[String],
+    target: &crate::Target,
     client: Client,
     command: BenchCommand,
 ) -> anyhow::Result<ExitCode> {
     match command {
-        BenchCommand::Connect(args) => crate::bench_connect::run(brokers, client, args).await,
-        BenchCommand::Produce(args) => produce(brokers, client, args).await,
-        BenchCommand::Consume(args) => consume(brokers, client, args).await,
+        BenchCommand::Connect(args) => crate::bench_connect::run(target, client, args).await,
+        BenchCommand::Produce(args) => produce(target, client, args).await,
+        BenchCommand::Consume(args) => consume(target, client, args).await,
     }
 }
 
@@ -157,10 +157,10 @@ fn latency_text(latencies: &Histogram<u64>) -> String {
 }
 
 /// Connections for `n` clients: the one given, then new ones.
-async fn clients(brokers: &[String], first: Client, n: u32) -> anyhow::Result<Vec<Client>> {
+async fn clients(target: &crate::Target, first: Client, n: u32) -> anyhow::Result<Vec<Client>> {
     let mut all = vec![first];
     for _ in 1..n {
-        all.push(Client::connect(brokers).await?);
+        all.push(target.client().await?);
     }
     Ok(all)
 }
@@ -175,7 +175,7 @@ struct ProducerRun {
 }
 
 async fn produce(
-    brokers: &[String],
+    target: &crate::Target,
     client: Client,
     args: ProduceBench,
 ) -> anyhow::Result<ExitCode> {
@@ -200,7 +200,7 @@ async fn produce(
     let producers = u64::from(args.producers);
     let started = Instant::now();
     let mut runs = Vec::new();
-    for (index, client) in clients(brokers, client, args.producers)
+    for (index, client) in clients(target, client, args.producers)
         .await?
         .into_iter()
         .enumerate()
@@ -519,7 +519,7 @@ struct ConsumerRun {
 }
 
 async fn consume(
-    brokers: &[String],
+    target: &crate::Target,
     client: Client,
     args: ConsumeBench,
 ) -> anyhow::Result<ExitCode> {
@@ -533,7 +533,7 @@ async fn consume(
     }
     let mut assigned = Vec::new();
     let mut available = 0i64;
-    for (index, client) in clients(brokers, client, consumers)
+    for (index, client) in clients(target, client, consumers)
         .await?
         .into_iter()
         .enumerate()

@@ -44,7 +44,7 @@ fn report(what: &str, lines: u64, bytes: u64, elapsed: Duration) {
 }
 
 pub async fn run(
-    brokers: &[String],
+    target: &crate::Target,
     client: Client,
     args: ConnectBench,
 ) -> anyhow::Result<ExitCode> {
@@ -68,7 +68,7 @@ pub async fn run(
         .create_topic(&topic, Some(1), Some(1), HashMap::new())
         .await?;
     let worker = Worker::new(None)?;
-    worker.connect_to(brokers.to_vec(), None);
+    worker.connect_to(target.brokers.clone(), target.options());
     let start = |yaml: String, file: &str| -> anyhow::Result<_> {
         let spec = spec::parse(&dir.join(file).display().to_string(), &yaml)?;
         let components = Components::load(&spec)?;

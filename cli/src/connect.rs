@@ -54,7 +54,8 @@ pub enum ConnectorCommand {
     Builtins,
 }
 
-pub async fn run(brokers: &[String], command: ConnectCommand) -> anyhow::Result<ExitCode> {
+pub async fn run(target: &crate::Target, command: ConnectCommand) -> anyhow::Result<ExitCode> {
+    let brokers = &target.brokers;
     let ConnectCommand::Run { files } = command;
     let mut loaded = Vec::new();
     for file in &files {
@@ -64,7 +65,7 @@ pub async fn run(brokers: &[String], command: ConnectCommand) -> anyhow::Result<
         loaded.push((spec, yaml, components));
     }
     let worker = runnel_connect::Worker::new(None)?;
-    worker.connect_to(brokers.to_vec(), None);
+    worker.connect_to(brokers.to_vec(), target.options());
     let mut names = Vec::new();
     for (spec, yaml, components) in loaded {
         let name = spec.name.clone();

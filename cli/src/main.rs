@@ -17,7 +17,7 @@ mod transform;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use runnel_client::{Admin, Client, DEFAULT_BROKERS};
+use runnel_client::{Admin, Client, ClientTls, ConnectOptions, DEFAULT_BROKERS};
 
 /// mimalloc keeps freed memory for reuse: with the system allocator every large fetch or
 /// produce buffer was fresh pages, and page faults cost the consumer a third of its time.
@@ -35,8 +35,77 @@ struct Cli {
     /// to start (`runnel dev --brokers 3` runs a local three-node cluster).
     #[arg(long, global = true, env = "RUNNEL_BROKERS", default_value = DEFAULT_BROKERS, value_delimiter = ',')]
     brokers: Vec<String>,
+    /// Connect over TLS, trusting this CA (PEM) for the brokers' certificates.
+    #[arg(long, global = true, env = "RUNNEL_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// With --tls-ca, for brokers that require mutual TLS: this client's certificate (PEM).
+    #[arg(long, global = true, env = "RUNNEL_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, global = true, env = "RUNNEL_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The brokers a command talks to, and how it connects to them.
+#[derive(Clone)]
+pub struct Target {
+    pub brokers: Vec<String>,
+    pub tls: Option<ClientTls>,
+}
+
+impl Target {
+    fn from_cli(cli: &Cli) -> anyhow::Result<Self> {
+        let tls = match (&cli.tls_ca, &cli.tls_cert) {
+            (Some(ca), cert) => Some(ClientTls::from_files(
+                ca,
+                cert.as_deref(),
+                cli.tls_key.as_deref(),
+            )?),
+            (None, Some(_)) => anyhow::bail!(
+                "--tls-cert needs --tls-ca: the CA that signed the brokers' certificates"
+            ),
+            (None, None) => None,
+        };
+        Ok(Target {
+            brokers: cli.brokers.clone(),
+            tls,
+        })
+    }
+
+    pub fn options(&self) -> ConnectOptions {
+        ConnectOptions {
+            tls: self.tls.clone(),
+            local: None,
+        }
+    }
+
+    /// A client of the brokers; a failure says how to fix the usual causes.
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        match Client::connect_with(&self.brokers, self.options()).await {
+            Ok(client) => Ok(client),
+            Err(err) => {
+                let text = err.to_string();
+                let hint = match &self.tls {
+                    None => {
+                        " (if the brokers require TLS, give --tls-ca with the CA that signed their certificates)"
+                    }
+                    Some(_)
+                        if text.contains("UnknownIssuer")
+                            || text.contains("invalid peer certificate") =>
+                    {
+                        " (the broker's certificate is not signed by the --tls-ca given, or not for this address)"
+                    }
+                    Some(tls) if !tls.has_identity() => {
+                        " (if the brokers require mutual TLS, give --tls-cert and --tls-key)"
+                    }
+                    Some(_) => "",
+                };
+                Err(anyhow::anyhow!("{text}{hint}"))
+            }
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -115,31 +184,22 @@ fn init_tracing(default_level: &str) {
     }
 }
 
-async fn connect(brokers: &[String]) -> anyhow::Result<Client> {
-    Ok(Client::connect(brokers).await?)
-}
-
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let target = Target::from_cli(&cli)?;
     match cli.command {
         Command::Dev(args) => server::dev(args, &cli.brokers).await,
         Command::Broker(command) => server::broker(command).await,
-        Command::Topic(command) => topic::run(connect(&cli.brokers).await?, command).await,
-        Command::Produce(args) => produce::run(connect(&cli.brokers).await?, args).await,
-        Command::Consume(args) => consume::run(connect(&cli.brokers).await?, args).await,
-        Command::Group(command) => group::run(connect(&cli.brokers).await?, command).await,
-        Command::Transaction(command) => {
-            transaction::run(connect(&cli.brokers).await?, command).await
-        }
-        Command::Transform(command) => transform::run(&cli.brokers, command).await,
-        Command::Connect(command) => connect::run(&cli.brokers, command).await,
+        Command::Topic(command) => topic::run(target.client().await?, command).await,
+        Command::Produce(args) => produce::run(target.client().await?, args).await,
+        Command::Consume(args) => consume::run(target.client().await?, args).await,
+        Command::Group(command) => group::run(target.client().await?, command).await,
+        Command::Transaction(command) => transaction::run(target.client().await?, command).await,
+        Command::Transform(command) => transform::run(&target, command).await,
+        Command::Connect(command) => connect::run(&target, command).await,
         Command::Connector(connect::ConnectorCommand::Builtins) => connect::connector_builtins(),
-        Command::Connector(command) => {
-            connect::connector(connect(&cli.brokers).await?, command).await
-        }
+        Command::Connector(command) => connect::connector(target.client().await?, command).await,
         Command::Cluster(ClusterCommand::Info) => {
-            let info = Admin::new(connect(&cli.brokers).await?)
-                .cluster_info()
-                .await?;
+            let info = Admin::new(target.client().await?).cluster_info().await?;
             println!("Cluster id:  {}", info.cluster_id);
             println!("Version:     {}", info.version);
             match info.controller_id {
@@ -181,9 +241,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("Partitions:  {}", info.partition_count);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench(command) => {
-            bench::run(&cli.brokers, connect(&cli.brokers).await?, command).await
-        }
+        Command::Bench(command) => bench::run(&target, target.client().await?, command).await,
     }
 }
 

@@ -238,9 +238,25 @@ async fn start_node(config: BrokerConfig) -> anyhow::Result<Node> {
     let worker = runnel_connect::Worker::new(Some(&data_dir))?;
     let service_runtime = runtime.clone();
     let service_worker = worker.clone();
+    // The runtimes reach their broker as clients: over TLS when it serves TLS, at the
+    // address its certificate names (the advertised one).
+    let tls = config.client_tls()?;
+    let advertised = config.advertised_address.clone();
+    let own_address = std::sync::Arc::new(std::sync::OnceLock::new());
+    let address_of_broker = own_address.clone();
+    let runtimes_tls = tls.clone();
     let mut running = runnel_broker::start_with(config, move |addr, local, routes| {
-        service_runtime.connect_to(vec![addr.to_string()], Some(local.clone()));
-        service_worker.connect_to(vec![addr.to_string()], Some(local));
+        let address = match (&runtimes_tls, advertised) {
+            (Some(_), Some(advertised)) => advertised,
+            _ => addr.to_string(),
+        };
+        let _ = address_of_broker.set(address.clone());
+        let options = |local| runnel_client::ConnectOptions {
+            tls: runtimes_tls.clone(),
+            local: Some(local),
+        };
+        service_runtime.connect_to(vec![address.clone()], options(local.clone()));
+        service_worker.connect_to(vec![address], options(local));
         routes
             .add_service(runnel_streams::Service::server(service_runtime))
             .add_service(runnel_connect::service::Service::server(service_worker))
@@ -248,7 +264,15 @@ async fn start_node(config: BrokerConfig) -> anyhow::Result<Node> {
     .await?;
     let store = if is_broker {
         // Both runtimes run from the cluster's deployment store, read by this broker.
-        let client = runnel_client::Client::connect(&[running.local_addr.to_string()]).await?;
+        let address = own_address
+            .get()
+            .cloned()
+            .unwrap_or_else(|| running.local_addr.to_string());
+        let client = runnel_client::Client::connect_with(
+            &[address],
+            runnel_client::ConnectOptions { tls, local: None },
+        )
+        .await?;
         let store = runnel_streams::store::Store::open(
             client,
             &data_dir.join(runnel_streams::store::TOPIC),

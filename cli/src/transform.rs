@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use runnel_client::{Admin, Client, v1};
+use runnel_client::{Admin, v1};
 use runnel_streams::spec;
 
 use crate::parse_key_value;
@@ -342,11 +342,11 @@ async fn watch_restores(admin: &Admin, name: &str) -> anyhow::Result<()> {
 }
 
 /// Runs a transform command; only `test` works without a broker.
-pub async fn run(brokers: &[String], command: TransformCommand) -> anyhow::Result<ExitCode> {
+pub async fn run(target: &crate::Target, command: TransformCommand) -> anyhow::Result<ExitCode> {
     if let TransformCommand::Test(args) = command {
         return test(args);
     }
-    let admin = Admin::new(Client::connect(brokers).await?);
+    let admin = Admin::new(target.client().await?);
     match command {
         TransformCommand::Deploy(args) => {
             let (spec, wasm_path) = match &args.file {

@@ -14,16 +14,6 @@ use crate::error::ClientError;
 /// How long group administration retries while the group's coordinator moves.
 const ADMIN_GROUP_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// A channel to the broker at `address`.
-async fn connect_to_broker(address: &str) -> Result<tonic::transport::Channel, ClientError> {
-    Client::connect_to(address)
-        .await
-        .ok_or_else(|| ClientError::Connect {
-            brokers: address.to_string(),
-            reason: "unreachable".into(),
-        })
-}
-
 /// The admin API: topics, configs, offsets and cluster information.
 #[derive(Clone)]
 pub struct Admin {
@@ -33,6 +23,20 @@ pub struct Admin {
 impl Admin {
     pub fn new(client: Client) -> Self {
         Admin { client }
+    }
+
+    /// A channel to the broker at `address`, as this client connects (TLS or not).
+    async fn connect_to_broker(
+        &self,
+        address: &str,
+    ) -> Result<tonic::transport::Channel, ClientError> {
+        self.client
+            .connect_to(address)
+            .await
+            .ok_or_else(|| ClientError::Connect {
+                brokers: address.to_string(),
+                reason: "unreachable".into(),
+            })
     }
 
     /// Creates a topic; `None` takes the broker's default partitions or replication
@@ -305,7 +309,7 @@ impl Admin {
         let mut answers = Vec::new();
         let mut last_error = None;
         for (_, address) in self.client.brokers().await? {
-            let Some(channel) = Client::connect_to(&address).await else {
+            let Some(channel) = self.client.connect_to(&address).await else {
                 continue;
             };
             match call(channel).await {
@@ -446,10 +450,11 @@ impl Admin {
     /// # Errors
     /// The broker cannot be reached.
     pub async fn local_transforms(
+        &self,
         address: &str,
         logs_of: Option<&str>,
     ) -> Result<(Vec<v1::TransformStatus>, Vec<String>), ClientError> {
-        let channel = connect_to_broker(address).await?;
+        let channel = self.connect_to_broker(address).await?;
         let mut rpc = runnel_proto::v1::transforms_client::TransformsClient::new(channel);
         let transforms = rpc
             .list_transforms(v1::ListTransformsRequest { local: true })
@@ -477,8 +482,11 @@ impl Admin {
     ///
     /// # Errors
     /// The broker cannot be reached.
-    pub async fn local_connectors(address: &str) -> Result<Vec<v1::ConnectorStatus>, ClientError> {
-        let channel = connect_to_broker(address).await?;
+    pub async fn local_connectors(
+        &self,
+        address: &str,
+    ) -> Result<Vec<v1::ConnectorStatus>, ClientError> {
+        let channel = self.connect_to_broker(address).await?;
         Ok(
             runnel_proto::v1::connectors_client::ConnectorsClient::new(channel)
                 .list_connectors(v1::ListConnectorsRequest { local: true })
@@ -561,10 +569,11 @@ impl Admin {
     /// # Errors
     /// The broker cannot be reached, or refused the query.
     pub async fn local_state(
+        &self,
         address: &str,
         mut query: v1::StateQuery,
     ) -> Result<Vec<v1::StateEntry>, ClientError> {
-        let channel = connect_to_broker(address).await?;
+        let channel = self.connect_to_broker(address).await?;
         query.local = true;
         Ok(
             runnel_proto::v1::transforms_client::TransformsClient::new(channel)

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use runnel_proto::local::LocalBroker;
+use runnel_proto::tls::ClientTls;
 use runnel_proto::v1::{
     self, admin_client::AdminClient, consumer_client::ConsumerClient, groups_client::GroupsClient,
     producer_client::ProducerClient, transactions_client::TransactionsClient,
@@ -52,6 +53,7 @@ struct Inner {
     /// The broker in this process, if any: the produce and fetch streams of the
     /// partitions it leads go to it directly.
     local: Option<Arc<dyn LocalBroker>>,
+    tls: Option<ClientTls>,
 }
 
 /// What the client knows of a topic.
@@ -64,32 +66,46 @@ pub(crate) struct TopicInfo {
     pub(crate) max_message_bytes: usize,
 }
 
-fn endpoint(address: &str) -> Result<Endpoint, ClientError> {
-    let uri = if address.contains("://") {
-        address.to_string()
-    } else {
-        format!("http://{address}")
-    };
-    Endpoint::from_shared(uri)
-        .map(|e| {
-            // Large HTTP/2 windows: with the 64 KiB default every large batch or fetch
-            // response waits for window updates.
-            e.connect_timeout(Duration::from_secs(5))
-                // A broker cut off without a reset (a network partition) is noticed
-                // within seconds, not at the TCP timeout: requests on it fail and are
-                // retried elsewhere, and the channel redials.
-                .http2_keep_alive_interval(Duration::from_secs(2))
-                .keep_alive_timeout(Duration::from_secs(3))
-                .keep_alive_while_idle(true)
-                .tcp_nodelay(true)
-                .initial_stream_window_size(16 * 1024 * 1024)
-                .initial_connection_window_size(64 * 1024 * 1024)
-                // Large frames: fetch responses arrive in a few reads, not one per 16 KiB.
-                .max_frame_size(1024 * 1024)
-        })
-        .map_err(|err| {
-            ClientError::InvalidArgument(format!("broker address {address:?} is invalid: {err}"))
-        })
+fn endpoint(address: &str, tls: Option<&ClientTls>) -> Result<Endpoint, ClientError> {
+    runnel_proto::tls::endpoint(address, tls).map_err(|err| {
+        ClientError::InvalidArgument(format!("broker address {address:?} is invalid: {err}"))
+    })
+}
+
+/// An error with its causes, `a: b: c` (tonic's transport errors say little at the top).
+pub(crate) fn with_causes(err: &dyn std::error::Error) -> String {
+    causes(err.to_string(), err.source())
+}
+
+/// A failed call's message with the causes of its failure.
+fn status_with_causes(status: &tonic::Status) -> String {
+    causes(
+        status.message().to_string(),
+        std::error::Error::source(status),
+    )
+}
+
+fn causes(mut text: String, mut source: Option<&(dyn std::error::Error + 'static)>) -> String {
+    while let Some(cause) = source {
+        let next = cause.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// How a client connects: over TLS or not, and through a broker in its own process.
+#[derive(Clone, Default)]
+pub struct ConnectOptions {
+    /// TLS towards every broker (the CA to trust, and a client certificate for mutual
+    /// TLS); `None`: plaintext.
+    pub tls: Option<ClientTls>,
+    /// The broker in this process (the streams and connect runtimes run inside one):
+    /// the produce and fetch streams of the partitions it leads skip the network.
+    pub local: Option<Arc<dyn LocalBroker>>,
 }
 
 impl Client {
@@ -98,30 +114,40 @@ impl Client {
     /// # Errors
     /// No broker could be reached, or an address is malformed.
     pub async fn connect(brokers: &[String]) -> Result<Self, ClientError> {
-        Self::connect_with(brokers, None).await
+        Self::connect_with(brokers, ConnectOptions::default()).await
     }
 
-    /// Like [`Client::connect`], for a client in the process of the broker `local`
-    /// (the streams and connect runtimes): the produce and fetch streams of the
-    /// partitions it leads skip the network.
+    /// Like [`Client::connect`], over TLS and/or through a broker in this process.
     ///
     /// # Errors
-    /// As [`Client::connect`].
-    pub async fn connect_in_process(
+    /// As [`Client::connect`]; a TLS handshake that fails says why (an unknown CA, a
+    /// certificate for another name, a client certificate the broker requires).
+    pub async fn connect_with(
         brokers: &[String],
-        local: Arc<dyn LocalBroker>,
+        options: ConnectOptions,
     ) -> Result<Self, ClientError> {
-        Self::connect_with(brokers, Some(local)).await
-    }
-
-    async fn connect_with(
-        brokers: &[String],
-        local: Option<Arc<dyn LocalBroker>>,
-    ) -> Result<Self, ClientError> {
+        let ConnectOptions { tls, local } = options;
         let list = brokers.join(",");
         let mut last_error = "no broker address given".to_string();
         for address in brokers.iter().map(|b| b.trim()).filter(|b| !b.is_empty()) {
-            match endpoint(address)?.connect().await {
+            let connected = match endpoint(address, tls.as_ref())?.connect().await {
+                // A first call: a TLS handshake the broker refuses (plaintext towards TLS,
+                // no client certificate where one is required) fails here, not at the
+                // caller's first request.
+                Ok(channel) => match AdminClient::new(channel.clone())
+                    .metadata(v1::MetadataRequest { topics: Vec::new() })
+                    .await
+                {
+                    // Every answer of a broker carries its error code; a failure
+                    // without one never reached a broker's code (TLS, HTTP/2).
+                    Err(status) if runnel_proto::status_error_code(&status).is_none() => {
+                        Err(status_with_causes(&status))
+                    }
+                    _ => Ok(channel),
+                },
+                Err(err) => Err(with_causes(&err)),
+            };
+            match connected {
                 Ok(channel) => {
                     return Ok(Client {
                         inner: Arc::new(Inner {
@@ -136,10 +162,11 @@ impl Client {
                             brokers: Mutex::new(HashMap::new()),
                             coordinators: Mutex::new(HashMap::new()),
                             local,
+                            tls,
                         }),
                     });
                 }
-                Err(err) => last_error = format!("{address}: {err}"),
+                Err(reason) => last_error = format!("{address}: {reason}"),
             }
         }
         Err(ClientError::Connect {
@@ -203,7 +230,7 @@ impl Client {
                 .await?
             }
         };
-        let channel = endpoint(&found.address)?.connect_lazy();
+        let channel = endpoint(&found.address, self.inner.tls.as_ref())?.connect_lazy();
         self.inner
             .coordinators
             .lock()
@@ -314,8 +341,12 @@ impl Client {
     }
 
     /// A connected channel to `address`, or `None` when it cannot be reached.
-    pub(crate) async fn connect_to(address: &str) -> Option<Channel> {
-        endpoint(address).ok()?.connect().await.ok()
+    pub(crate) async fn connect_to(&self, address: &str) -> Option<Channel> {
+        endpoint(address, self.inner.tls.as_ref())
+            .ok()?
+            .connect()
+            .await
+            .ok()
     }
 
     /// The connect runtime's service (hosted by the broker process).
@@ -431,7 +462,7 @@ impl Client {
             }
         }
         for address in addresses {
-            let Some(channel) = Self::connect_to(&address).await else {
+            let Some(channel) = self.connect_to(&address).await else {
                 continue;
             };
             if let Ok(response) = call(channel).await {
@@ -599,7 +630,7 @@ impl Client {
             .get(&id)
             .cloned();
         let channel = match address {
-            Some(address) => endpoint(&address)?.connect_lazy(),
+            Some(address) => endpoint(&address, self.inner.tls.as_ref())?.connect_lazy(),
             None => self.inner.bootstrap.clone(),
         };
         self.inner
@@ -637,7 +668,7 @@ impl Client {
 
 /// Where a broker is, for a runtime built before the broker listens: the addresses,
 /// and the broker itself when it runs in this process.
-type Target = (Vec<String>, Option<Arc<dyn LocalBroker>>);
+type Target = (Vec<String>, ConnectOptions);
 
 /// A client connected on first use, for the streams and connect runtimes: they are
 /// built before their broker listens, and told where it is once it does.
@@ -648,10 +679,10 @@ pub struct LazyClient {
 }
 
 impl LazyClient {
-    /// Where the broker is; `local` is the broker itself when it runs in this process.
-    /// Only the first call counts.
-    pub fn connect_to(&self, brokers: Vec<String>, local: Option<Arc<dyn LocalBroker>>) {
-        let _ = self.target.set((brokers, local));
+    /// Where the broker is, and how to connect (`options.local`: the broker itself,
+    /// when it runs in this process). Only the first call counts.
+    pub fn connect_to(&self, brokers: Vec<String>, options: ConnectOptions) {
+        let _ = self.target.set((brokers, options));
     }
 
     /// The client, connected on the first call.
@@ -659,13 +690,13 @@ impl LazyClient {
     /// # Errors
     /// Not told where the broker is yet, or it cannot be reached.
     pub async fn get(&self) -> Result<Client, ClientError> {
-        let (brokers, local) = self.target.get().ok_or_else(|| ClientError::Connect {
+        let (brokers, options) = self.target.get().ok_or_else(|| ClientError::Connect {
             brokers: "(none yet)".into(),
             reason: "the runtime was not told where its broker listens".into(),
         })?;
         let client = self
             .client
-            .get_or_try_init(|| Client::connect_with(brokers, local.clone()))
+            .get_or_try_init(|| Client::connect_with(brokers, options.clone()))
             .await?;
         Ok(client.clone())
     }

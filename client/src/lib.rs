@@ -22,7 +22,7 @@ mod group;
 mod producer;
 
 pub use admin::Admin;
-pub use client::{Client, DEFAULT_BROKERS, LazyClient};
+pub use client::{Client, ConnectOptions, DEFAULT_BROKERS, LazyClient};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, StartFrom, next_offsets};
 pub use error::ClientError;
 pub use group::{GroupConfig, GroupConsumer, GroupMetadata};
@@ -30,5 +30,6 @@ pub use producer::{Acks, Delivery, Producer, ProducerConfig, ProducerRecord, Rec
 pub use runnel_batch::{BatchBuilder, BatchOptions, Compression, Header, Record};
 pub use runnel_batch::{murmur2, partition_for_key};
 pub use runnel_proto::local::LocalBroker;
+pub use runnel_proto::tls::ClientTls;
 pub use runnel_proto::v1;
 pub use runnel_proto::v1::ErrorCode;

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use runnel_client::{Admin, Client, LazyClient, LocalBroker, v1};
+use runnel_client::{Admin, Client, ConnectOptions, LazyClient, v1};
 use runnel_streams::host::{LogBuffer, WasmHost};
 use runnel_streams::store::{self, Definition, Kind as Stored, Reconciler, Store};
 use serde::{Deserialize, Serialize};
@@ -215,10 +215,10 @@ impl Worker {
         })
     }
 
-    /// Where the worker reaches the broker; `local` is the broker when it runs in this
-    /// process.
-    pub fn connect_to(&self, brokers: Vec<String>, local: Option<Arc<dyn LocalBroker>>) {
-        self.inner.client.connect_to(brokers, local);
+    /// Where the worker reaches the broker, and how (`options.local`: the broker when it
+    /// runs in this process).
+    pub fn connect_to(&self, brokers: Vec<String>, options: ConnectOptions) {
+        self.inner.client.connect_to(brokers, options);
     }
 
     pub(crate) async fn client(&self) -> anyhow::Result<Client> {
@@ -320,11 +320,15 @@ impl Worker {
     }
 
     /// The connectors the other brokers of `live` report running (those that answer).
-    async fn running_elsewhere(live: &[v1::BrokerInfo], me: u32) -> BTreeSet<String> {
+    async fn running_elsewhere(&self, live: &[v1::BrokerInfo], me: u32) -> BTreeSet<String> {
         let mut names = BTreeSet::new();
+        let Ok(client) = self.client().await else {
+            return names;
+        };
+        let admin = Admin::new(client);
         for broker in live.iter().filter(|b| b.id != me) {
             if let Ok(Ok(list)) =
-                tokio::time::timeout(PEER_TIMEOUT, Admin::local_connectors(&broker.address)).await
+                tokio::time::timeout(PEER_TIMEOUT, admin.local_connectors(&broker.address)).await
             {
                 names.extend(list.into_iter().map(|s| s.name));
             }
@@ -544,17 +548,20 @@ impl Worker {
         for status in self.local_list().await.into_iter().filter(keep) {
             reported.insert(status.name.clone(), status);
         }
-        let live = match self.client().await {
-            Ok(client) => store::live_brokers(&client).await.unwrap_or_default(),
-            Err(_) => Vec::new(),
+        let (live, admin) = match self.client().await {
+            Ok(client) => (
+                store::live_brokers(&client).await.unwrap_or_default(),
+                Some(Admin::new(client)),
+            ),
+            Err(_) => (Vec::new(), None),
         };
         let ids: Vec<u32> = live.iter().map(|b| b.id).collect();
         for broker in live.iter().filter(|b| b.id != me) {
             let wanted = only.is_none_or(|o| store::owner(o, &ids) == Some(broker.id));
-            if !wanted {
+            let Some(admin) = admin.as_ref().filter(|_| wanted) else {
                 continue;
-            }
-            match tokio::time::timeout(PEER_TIMEOUT, Admin::local_connectors(&broker.address)).await
+            };
+            match tokio::time::timeout(PEER_TIMEOUT, admin.local_connectors(&broker.address)).await
             {
                 Ok(Ok(list)) => {
                     for status in list.into_iter().filter(keep) {
@@ -871,7 +878,7 @@ impl store::Reconciler for Worker {
         // broker sees the change within a reconcile interval, and until then the two
         // would read the same source twice.
         let elsewhere = if starting {
-            Self::running_elsewhere(&live, me).await
+            self.running_elsewhere(&live, me).await
         } else {
             BTreeSet::new()
         };

@@ -24,9 +24,9 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::Bytes;
 use runnel_client::{
-    Acks, Admin, BatchBuilder, BatchOptions, Client, ConsumerConfig, ConsumerRecord, Delivery,
-    GroupConfig, GroupConsumer, Header, LazyClient, LocalBroker, Producer, ProducerConfig,
-    ProducerRecord, Record, StartFrom, next_offsets, v1,
+    Acks, Admin, BatchBuilder, BatchOptions, Client, ConnectOptions, ConsumerConfig,
+    ConsumerRecord, Delivery, GroupConfig, GroupConsumer, Header, LazyClient, Producer,
+    ProducerConfig, ProducerRecord, Record, StartFrom, next_offsets, v1,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -296,10 +296,10 @@ impl Runtime {
         })
     }
 
-    /// Where the runtime reaches the broker (as a client); `local` is the broker when it
-    /// runs in this process.
-    pub fn connect_to(&self, brokers: Vec<String>, local: Option<Arc<dyn LocalBroker>>) {
-        self.inner.client.connect_to(brokers, local);
+    /// Where the runtime reaches the broker (as a client), and how (`options.local`:
+    /// the broker when it runs in this process).
+    pub fn connect_to(&self, brokers: Vec<String>, options: ConnectOptions) {
+        self.inner.client.connect_to(brokers, options);
     }
 
     async fn client(&self) -> anyhow::Result<Client> {
@@ -669,14 +669,18 @@ impl Runtime {
         {
             lines.extend(local.into_iter().map(|l| format!("[broker {own}] {l}")));
         }
-        let live = match self.client().await {
-            Ok(client) => store::live_brokers(&client).await.unwrap_or_default(),
-            Err(_) => Vec::new(),
+        let (live, admin) = match self.client().await {
+            Ok(client) => (
+                store::live_brokers(&client).await.unwrap_or_default(),
+                Some(Admin::new(client)),
+            ),
+            Err(_) => (Vec::new(), None),
         };
         for broker in live.into_iter().filter(|b| b.id != own) {
+            let Some(admin) = &admin else { break };
             let asked = tokio::time::timeout(
                 PEER_TIMEOUT,
-                Admin::local_transforms(&broker.address, logs_of),
+                admin.local_transforms(&broker.address, logs_of),
             )
             .await;
             match asked {
@@ -1014,10 +1018,11 @@ impl Runtime {
             return Ok(entries);
         }
         let live = store::live_brokers(&client).await.unwrap_or_default();
+        let admin = Admin::new(client);
         for broker in live.into_iter().filter(|b| b.id != own) {
             match tokio::time::timeout(
                 PEER_TIMEOUT,
-                Admin::local_state(&broker.address, query.clone()),
+                admin.local_state(&broker.address, query.clone()),
             )
             .await
             {

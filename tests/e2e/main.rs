@@ -13,6 +13,7 @@ mod replication;
 mod runtimes;
 mod stateful;
 mod support;
+mod tls;
 mod transactions;
 mod transforms;
 

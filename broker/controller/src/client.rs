@@ -39,6 +39,7 @@ pub struct ControllerClient {
     local: Option<Arc<Quorum>>,
     leader: Mutex<Option<BrokerId>>,
     channels: Mutex<HashMap<BrokerId, QuorumClient<Channel>>>,
+    tls: Option<runnel_proto::tls::ClientTls>,
 }
 
 enum Attempt<T> {
@@ -47,13 +48,18 @@ enum Attempt<T> {
 }
 
 impl ControllerClient {
-    /// `local` is this node's own voter, when it is one.
-    pub fn new(voters: BTreeMap<BrokerId, String>, local: Option<Arc<Quorum>>) -> Self {
+    /// `local` is this node's own voter, when it is one; `tls` how to reach the others.
+    pub fn new(
+        voters: BTreeMap<BrokerId, String>,
+        local: Option<Arc<Quorum>>,
+        tls: Option<runnel_proto::tls::ClientTls>,
+    ) -> Self {
         ControllerClient {
             voters,
             local,
             leader: Mutex::new(None),
             channels: Mutex::new(HashMap::new()),
+            tls,
         }
     }
 
@@ -81,7 +87,8 @@ impl ControllerClient {
             return Some(client.clone());
         }
         let address = self.voters.get(&id)?;
-        let channel = crate::network::channel(address, Duration::from_secs(1)).ok()?;
+        let channel =
+            crate::network::channel(address, Duration::from_secs(1), self.tls.as_ref()).ok()?;
         let client = QuorumClient::new(channel)
             .max_decoding_message_size(crate::MESSAGE_BYTES_MAX)
             .max_encoding_message_size(crate::MESSAGE_BYTES_MAX);

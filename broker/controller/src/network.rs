@@ -18,6 +18,8 @@ use runnel_proto::v1::{RaftMessage, quorum_client::QuorumClient};
 use serde::{Serialize, de::DeserializeOwned};
 use tonic::transport::Channel;
 
+use runnel_proto::tls::ClientTls;
+
 use crate::{Node, NodeId, TypeConfig};
 
 pub(crate) const KIND_APPEND: &str = "append_entries";
@@ -29,23 +31,22 @@ pub(crate) const KIND_SNAPSHOT: &str = "install_snapshot";
 pub(crate) fn channel(
     address: &str,
     timeout: Duration,
+    tls: Option<&ClientTls>,
 ) -> Result<Channel, tonic::transport::Error> {
-    Ok(
-        tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
-            .connect_timeout(timeout)
-            .tcp_nodelay(true)
-            // A peer cut off without a reset (a network partition) is noticed within
-            // seconds instead of at the TCP timeout: the channel then redials.
-            .http2_keep_alive_interval(Duration::from_secs(1))
-            .keep_alive_timeout(Duration::from_secs(2))
-            .keep_alive_while_idle(true)
-            .connect_lazy(),
-    )
+    Ok(runnel_proto::tls::endpoint(address, tls)?
+        .connect_timeout(timeout)
+        // A peer cut off without a reset (a network partition) is noticed within
+        // seconds instead of at the TCP timeout: the channel then redials.
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(2))
+        .connect_lazy())
 }
 
 #[derive(Clone)]
 pub(crate) struct Network {
     pub(crate) rpc_timeout: Duration,
+    /// TLS towards the other voters, when the cluster uses it.
+    pub(crate) tls: Option<ClientTls>,
 }
 
 pub(crate) struct Peer {
@@ -58,7 +59,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: NodeId, node: &Node) -> Peer {
-        let client = channel(&node.addr, self.rpc_timeout)
+        let client = channel(&node.addr, self.rpc_timeout, self.tls.as_ref())
             .ok()
             .map(QuorumClient::new);
         Peer {

@@ -44,6 +44,8 @@ pub struct QuorumConfig {
     /// `leader.imbalance.check.interval.seconds`) and gives internal topics created on
     /// fewer brokers more replicas; `None`: never.
     pub leader_rebalance_interval: Option<Duration>,
+    /// TLS towards the other voters; `None`: plaintext.
+    pub tls: Option<runnel_proto::tls::ClientTls>,
 }
 
 impl QuorumConfig {
@@ -58,6 +60,7 @@ impl QuorumConfig {
             import: None,
             unclean_leader_election: false,
             leader_rebalance_interval: Some(Duration::from_secs(30)),
+            tls: None,
         }
     }
 }
@@ -129,6 +132,7 @@ impl Quorum {
         let pristine = log.last_index() == 0;
         let network = Network {
             rpc_timeout: Duration::from_millis(heartbeat_ms.max(100) * 10),
+            tls: config.tls.clone(),
         };
         let raft = Raft::new(
             u64::from(config.node_id),
@@ -317,7 +321,11 @@ impl Quorum {
         let Some(metadata) = self.pending().clone() else {
             return;
         };
-        let client = ControllerClient::new(self.config.voters.clone(), Some(this.clone()));
+        let client = ControllerClient::new(
+            self.config.voters.clone(),
+            Some(this.clone()),
+            self.config.tls.clone(),
+        );
         let command = Command::Bootstrap {
             cluster_id: new_id("runnel"),
             import: Some(metadata),

@@ -77,6 +77,8 @@ pub struct Broker {
     pub(crate) peers: Mutex<HashMap<u32, (String, tonic::transport::Channel)>>,
     /// What Prometheus scrapes (`metrics.rs`).
     pub metrics: crate::metrics::BrokerMetrics,
+    /// How this broker reaches other brokers: over TLS when the cluster uses it.
+    pub client_tls: Option<runnel_proto::tls::ClientTls>,
 }
 
 fn partition_dir(data_dir: &Path, topic: &str, partition: u32) -> PathBuf {
@@ -95,6 +97,7 @@ impl Broker {
         quorum: Option<Arc<Quorum>>,
     ) -> anyhow::Result<Self> {
         let log_defaults = config.log_defaults()?;
+        let client_tls = config.client_tls()?;
         Ok(Broker {
             log_defaults,
             applied: watch::Sender::new(Arc::new(MetadataImage::default())),
@@ -118,7 +121,9 @@ impl Broker {
             replicas: crate::replica::ReplicaManager::new(
                 config.node_id,
                 crate::replica::ReplicationSettings::from_config(&config),
+                client_tls.clone(),
             ),
+            client_tls,
             config,
         })
     }

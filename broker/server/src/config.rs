@@ -100,6 +100,26 @@ pub struct BrokerConfig {
     /// address's host on port [`METRICS_PORT`] (a free port when the listen port is 0).
     #[serde(default)]
     pub metrics_listen: Option<String>,
+    /// TLS on the listener and towards the other brokers and voters; unset: plaintext.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// The `[tls]` table: PEM files.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// This broker's certificate (chain), presented to clients and, with mutual TLS,
+    /// to the brokers and voters it connects to.
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// The CA that signed the brokers' certificates (and clients', with client_auth):
+    /// this broker trusts it when it connects to other brokers and voters.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Mutual TLS: clients must present a certificate signed by `ca_file`.
+    #[serde(default)]
+    pub client_auth: bool,
 }
 
 /// The metrics port when none is configured (Redpanda's admin and metrics port).
@@ -205,7 +225,28 @@ impl BrokerConfig {
             auto_leader_rebalance_enable: true,
             leader_imbalance_check_interval_ms: default_leader_imbalance_check_ms(),
             metrics_listen: None,
+            tls: None,
         }
+    }
+
+    /// How this broker connects to the other brokers and voters: over TLS, trusting
+    /// `ca_file` and presenting its own certificate, when TLS is configured.
+    ///
+    /// # Errors
+    /// TLS without a CA file, or files that cannot be read.
+    pub fn client_tls(&self) -> anyhow::Result<Option<runnel_proto::tls::ClientTls>> {
+        let Some(tls) = &self.tls else {
+            return Ok(None);
+        };
+        let ca = tls
+            .ca_file
+            .as_ref()
+            .context("tls.ca_file is needed: brokers check each other's certificates against it")?;
+        Ok(Some(runnel_proto::tls::ClientTls::from_files(
+            ca,
+            Some(&tls.cert_file),
+            Some(&tls.key_file),
+        )?))
     }
 
     /// Where the metrics endpoint listens; `None` when it is off.

@@ -25,6 +25,7 @@ mod service;
 #[cfg(test)]
 mod simulation;
 mod throttle;
+pub mod tls;
 pub mod txn;
 mod txn_ops;
 
@@ -102,6 +103,9 @@ pub async fn start_with(
         tonic::service::Routes,
     ) -> tonic::service::Routes,
 ) -> anyhow::Result<RunningBroker> {
+    // TLS files are checked before anything else starts.
+    let server_tls = config.tls.as_ref().map(tls::ServerTls::load).transpose()?;
+    let client_tls = config.client_tls()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
@@ -126,6 +130,7 @@ pub async fn start_with(
         quorum_config.leader_rebalance_interval = config
             .auto_leader_rebalance_enable
             .then(|| Duration::from_millis(config.leader_imbalance_check_interval_ms.max(100)));
+        quorum_config.tls = client_tls.clone();
         Some(
             Quorum::start(quorum_config)
                 .await
@@ -134,7 +139,7 @@ pub async fn start_with(
     } else {
         None
     };
-    let controller = Arc::new(ControllerClient::new(voters, quorum.clone()));
+    let controller = Arc::new(ControllerClient::new(voters, quorum.clone(), client_tls));
     let images = match &quorum {
         Some(quorum) => quorum.images(),
         None => {
@@ -215,10 +220,19 @@ pub async fn start_with(
     // Nagle's algorithm would hold small answers (acks, a follower's next fetch) for the
     // peer's delayed ACK, 40 ms: the builder's `tcp_nodelay` covers only listeners it
     // binds itself.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+    let shutdown = async {
         let _ = shutdown_rx.await;
-    }));
+    };
+    let server = match server_tls {
+        Some(server_tls) => tokio::spawn(
+            router.serve_with_incoming_shutdown(tls::incoming(listener, server_tls), shutdown),
+        ),
+        None => {
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
+        }
+    };
 
     let keeper = broker.clone();
     let housekeeping = tokio::spawn(async move {

@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use runnel_controller::MetadataImage;
 use runnel_controller::state::Command;
+use runnel_proto::tls::ClientTls;
 use runnel_proto::v1;
 use runnel_proto::v1::replication_client::ReplicationClient;
 use tokio::sync::{mpsc, watch};
@@ -80,15 +81,18 @@ pub struct ReplicaManager {
     pub(crate) settings: ReplicationSettings,
     runtime: Option<tokio::runtime::Handle>,
     fetchers: Mutex<HashMap<u32, Fetcher>>,
+    /// TLS towards the leaders, when the cluster uses it.
+    tls: Option<ClientTls>,
 }
 
 impl ReplicaManager {
-    pub fn new(node_id: u32, settings: ReplicationSettings) -> Self {
+    pub fn new(node_id: u32, settings: ReplicationSettings, tls: Option<ClientTls>) -> Self {
         ReplicaManager {
             node_id,
             settings,
             runtime: tokio::runtime::Handle::try_current().ok(),
             fetchers: Mutex::new(HashMap::new()),
+            tls,
         }
     }
 
@@ -127,6 +131,7 @@ impl ReplicaManager {
                 rx,
                 images.subscribe(),
                 self.settings,
+                self.tls.clone(),
             ));
             fetchers.insert(leader, Fetcher { followed: tx, task });
         }
@@ -152,6 +157,7 @@ async fn run_fetcher(
     mut followed: watch::Receiver<Vec<Followed>>,
     images: watch::Receiver<Arc<MetadataImage>>,
     settings: ReplicationSettings,
+    tls: Option<ClientTls>,
 ) {
     let mut backoff: HashMap<(u64, u32), Instant> = HashMap::new();
     let mut failing = false;
@@ -168,18 +174,21 @@ async fn run_fetcher(
             .broker(leader)
             .map(|b| b.address.clone());
         let result = match address {
-            Some(address) => {
-                session(
-                    leader,
-                    me,
-                    &address,
-                    &mut followed,
-                    &mut backoff,
-                    settings,
-                    &mut failing,
-                )
-                .await
-            }
+            Some(address) => match connect(&address, tls.as_ref()).await {
+                Ok(channel) => {
+                    session(
+                        leader,
+                        me,
+                        channel,
+                        &mut followed,
+                        &mut backoff,
+                        settings,
+                        &mut failing,
+                    )
+                    .await
+                }
+                Err(err) => Err(err),
+            },
             None => Err(anyhow::anyhow!("broker {leader} is not in the metadata")),
         };
         if let Err(err) = result {
@@ -192,27 +201,32 @@ async fn run_fetcher(
     }
 }
 
+/// A channel to the leader at `address`.
+async fn connect(
+    address: &str,
+    tls: Option<&ClientTls>,
+) -> anyhow::Result<tonic::transport::Channel> {
+    Ok(runnel_proto::tls::endpoint(address, tls)?
+        .connect_timeout(Duration::from_secs(2))
+        // A leader cut off without a reset is noticed within seconds.
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(2))
+        .initial_stream_window_size(crate::HTTP2_STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(crate::HTTP2_CONNECTION_WINDOW_BYTES)
+        .connect()
+        .await?)
+}
+
 /// One fetch stream to the leader, until it fails or nothing is followed there.
 async fn session(
     leader: u32,
     me: u32,
-    address: &str,
+    channel: tonic::transport::Channel,
     followed: &mut watch::Receiver<Vec<Followed>>,
     backoff: &mut HashMap<(u64, u32), Instant>,
     settings: ReplicationSettings,
     failing: &mut bool,
 ) -> anyhow::Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
-        .connect_timeout(Duration::from_secs(2))
-        // A leader cut off without a reset is noticed within seconds.
-        .http2_keep_alive_interval(Duration::from_secs(1))
-        .keep_alive_timeout(Duration::from_secs(2))
-        .keep_alive_while_idle(true)
-        .tcp_nodelay(true)
-        .initial_stream_window_size(crate::HTTP2_STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(crate::HTTP2_CONNECTION_WINDOW_BYTES)
-        .connect()
-        .await?;
     let mut client = ReplicationClient::new(channel)
         .max_decoding_message_size(crate::GRPC_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(crate::GRPC_MESSAGE_BYTES_MAX);

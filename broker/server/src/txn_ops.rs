@@ -135,7 +135,7 @@ impl Broker {
         {
             return Ok(channel.clone());
         }
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        let channel = runnel_proto::tls::endpoint(&address, self.client_tls.as_ref())
             .map_err(|err| BrokerError::InvalidRequest {
                 reason: format!("broker {node} has an invalid address {address:?}: {err}"),
             })?
@@ -143,7 +143,6 @@ impl Broker {
             .timeout(Duration::from_millis(
                 self.config.request_timeout_ms + 5_000,
             ))
-            .tcp_nodelay(true)
             .connect_lazy();
         peers.insert(node, (address, channel.clone()));
         Ok(channel)

@@ -5,6 +5,7 @@
 #![allow(clippy::all, clippy::pedantic, missing_docs)]
 
 pub mod codec;
+pub mod tls;
 
 /// Version 1 of the API.
 pub mod v1 {
