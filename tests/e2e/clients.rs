@@ -33,13 +33,13 @@ fn setup(dir: &str) {
 }
 
 /// How to start one of the example clients.
-struct Example {
+pub(crate) struct Example {
     program: PathBuf,
     script: PathBuf,
 }
 
 impl Example {
-    fn python() -> Example {
+    pub(crate) fn python() -> Example {
         setup("python");
         Example {
             program: example("python").join(".venv/bin/python"),
@@ -47,7 +47,7 @@ impl Example {
         }
     }
 
-    fn node() -> Example {
+    pub(crate) fn node() -> Example {
         setup("node");
         Example {
             program: PathBuf::from("node"),
@@ -64,7 +64,7 @@ impl Example {
         command
     }
 
-    fn run(&self, broker: &str, args: &[&str], stdin: &str) -> Output {
+    pub(crate) fn run(&self, broker: &str, args: &[&str], stdin: &str) -> Output {
         let mut child = self
             .command(broker, args)
             .stdin(Stdio::piped())
@@ -79,7 +79,7 @@ impl Example {
         child.wait_with_output().expect("the example runs")
     }
 
-    fn ok(&self, broker: &str, args: &[&str], stdin: &str) -> String {
+    pub(crate) fn ok(&self, broker: &str, args: &[&str], stdin: &str) -> String {
         let output = self.run(broker, args, stdin);
         assert!(
             output.status.success(),

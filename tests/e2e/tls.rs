@@ -1,7 +1,8 @@
 //! TLS: a broker that requires it refuses plaintext and clients that do not trust its
 //! CA, with messages that say what to give; it takes a rotated certificate without a
 //! restart; and a three-broker cluster with mutual TLS replicates, elects and serves
-//! clients that present certificates, and refuses one that does not.
+//! clients that present certificates, and refuses one that does not; the example clients
+//! in Python and Node.js connect with mutual TLS too.
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -280,4 +281,65 @@ fn a_cluster_replicates_and_fails_over_with_mutual_tls() {
         );
     }
     cluster.restart(leader);
+}
+
+#[test]
+fn the_example_clients_connect_with_mutual_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path(), "examples");
+    let (cert, key) = pki.issue("broker");
+    let (client_cert, client_key) = pki.issue("client");
+    let ca = dir.path().join("examples-ca.pem");
+    let config = dir.path().join("runnel.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"off\"\n[tls]\ncert_file = {:?}\nkey_file = {:?}\nca_file = {:?}\nclient_auth = true\n",
+            path(&dir.path().join("data")),
+            path(&cert),
+            path(&key),
+            path(&ca)
+        ),
+    )
+    .expect("write");
+    let (mut child, addr) = spawn_listening(&["broker", "start", "--config", &path(&config)]);
+    let tls = [
+        "--tls-ca".to_string(),
+        path(&ca),
+        "--tls-cert".to_string(),
+        path(&client_cert),
+        "--tls-key".to_string(),
+        path(&client_key),
+    ];
+    for (example, topic) in [
+        (crate::clients::Example::python(), "from-python"),
+        (crate::clients::Example::node(), "from-node"),
+    ] {
+        let with_tls = |args: &[&str]| -> Vec<String> {
+            tls.iter()
+                .cloned()
+                .chain(args.iter().map(|a| (*a).to_string()))
+                .collect()
+        };
+        let args = with_tls(&["create-topic", topic]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        example.ok(&addr, &args, "");
+        let args = with_tls(&["produce", topic]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        example.ok(&addr, &args, "a\nb\n");
+        let read = run(
+            &addr,
+            &tls.iter().map(String::as_str).collect::<Vec<_>>(),
+            &["consume", topic, "--from-beginning", "--max-messages", "2"],
+        );
+        assert_eq!(String::from_utf8_lossy(&read.stdout), "a\nb\n", "{topic}");
+        // Without the client certificate the broker refuses it.
+        let refused = example.run(&addr, &["--tls-ca", &path(&ca), "create-topic", "nope"], "");
+        assert!(
+            !refused.status.success(),
+            "{topic}: accepted without a certificate"
+        );
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }

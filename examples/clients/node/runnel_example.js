@@ -9,6 +9,7 @@
 // Run ./setup.sh first (npm packages); the stubs are built from proto/ at start.
 'use strict';
 
+const fs = require('fs');
 const path = require('path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
@@ -50,15 +51,23 @@ function check(error) {
 }
 
 class Runnel {
-  constructor(address) {
+  // tls: { ca, cert, key } file paths to connect over TLS (cert and key for mutual TLS).
+  constructor(address, tls = null) {
     this.address = address;
     this.stubs = new Map();
+    this.credentials = tls && tls.ca
+      ? grpc.credentials.createSsl(
+        fs.readFileSync(tls.ca),
+        tls.key ? fs.readFileSync(tls.key) : null,
+        tls.cert ? fs.readFileSync(tls.cert) : null,
+      )
+      : grpc.credentials.createInsecure();
   }
 
   stub(service, address = this.address) {
     const key = `${service}@${address}`;
     if (!this.stubs.has(key)) {
-      this.stubs.set(key, new v1[service](address, grpc.credentials.createInsecure()));
+      this.stubs.set(key, new v1[service](address, this.credentials));
     }
     return this.stubs.get(key);
   }
@@ -277,15 +286,19 @@ async function main() {
   const options = {};
   const positional = [];
   const headers = {};
+  const tls = {};
   for (let i = 0; i < args.length; i += 1) {
     if (args[i] === '--broker') broker = args[++i];
+    else if (args[i] === '--tls-ca') tls.ca = args[++i];
+    else if (args[i] === '--tls-cert') tls.cert = args[++i];
+    else if (args[i] === '--tls-key') tls.key = args[++i];
     else if (args[i] === '--header') {
       const [k, ...v] = args[++i].split('=');
       headers[k] = v.join('=');
     } else if (args[i].startsWith('--')) options[args[i].slice(2)] = Number(args[++i]);
     else positional.push(args[i]);
   }
-  const client = new Runnel(broker);
+  const client = new Runnel(broker, tls);
   const [command, ...rest] = positional;
   const max = options.max || Number.MAX_SAFE_INTEGER;
   switch (command) {

@@ -59,10 +59,24 @@ def check(error):
         raise RunnelError(pb.ErrorCode.Name(error.code), error.message)
 
 
+def read_file(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
 class Runnel:
-    def __init__(self, broker):
+    def __init__(self, broker, tls_ca=None, tls_cert=None, tls_key=None):
         self.address = broker
-        self.channel = grpc.insecure_channel(broker)
+        # Over TLS: trust the CA that signed the brokers' certificates, and present a
+        # client certificate when the brokers require mutual TLS.
+        self.credentials = None
+        if tls_ca is not None:
+            self.credentials = grpc.ssl_channel_credentials(
+                root_certificates=read_file(tls_ca),
+                private_key=read_file(tls_key) if tls_key else None,
+                certificate_chain=read_file(tls_cert) if tls_cert else None,
+            )
+        self.channel = self.open_channel(broker)
         self.admin = rpc.AdminStub(self.channel)
         self.producer = rpc.ProducerStub(self.channel)
         self.consumer = rpc.ConsumerStub(self.channel)
@@ -85,10 +99,15 @@ class Runnel:
                 return [(p.partition, brokers.get(p.leader, self.address)) for p in t.partitions]
         raise RunnelError("UNKNOWN_TOPIC", f"no topic {topic!r}")
 
+    def open_channel(self, address):
+        if self.credentials is None:
+            return grpc.insecure_channel(address)
+        return grpc.secure_channel(address, self.credentials)
+
     def stub_for(self, address, kind):
         key = (address, kind)
         if key not in self.leaders:
-            channel = self.channel if address == self.address else grpc.insecure_channel(address)
+            channel = self.channel if address == self.address else self.open_channel(address)
             self.leaders[key] = kind(channel)
         return self.leaders[key]
 
@@ -285,6 +304,9 @@ def tail(client, topic):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--broker", default="127.0.0.1:7070")
+    parser.add_argument("--tls-ca", help="connect over TLS, trusting this CA (PEM)")
+    parser.add_argument("--tls-cert", help="client certificate (PEM), for mutual TLS")
+    parser.add_argument("--tls-key", help="key of --tls-cert (PEM)")
     sub = parser.add_subparsers(dest="command", required=True)
     create = sub.add_parser("create-topic")
     create.add_argument("name")
@@ -308,7 +330,7 @@ def main():
     bench.add_argument("--records", type=int, default=100000)
     bench.add_argument("--batch", type=int, default=1000)
     args = parser.parse_args()
-    client = Runnel(args.broker)
+    client = Runnel(args.broker, args.tls_ca, args.tls_cert, args.tls_key)
     try:
         if args.command == "create-topic":
             topic = client.create_topic(args.name, args.partitions)
