@@ -2,15 +2,30 @@
 //! another broker or a controller voter) needs to connect over TLS, and the channel
 //! endpoint every one of them builds with it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 /// The CA that signed the brokers' certificates and, for mutual TLS, this client's own
-/// certificate and key; all PEM.
+/// certificate and key; all PEM. Read from files, they are read again each time a
+/// channel is built with them (a broker's replica fetchers, which build one per
+/// connection, pick up its rotated certificate when they reconnect); a read that fails
+/// keeps the last good ones.
 #[derive(Clone)]
 pub struct ClientTls {
+    files: Option<Arc<Files>>,
+    loaded: Arc<Mutex<Loaded>>,
+}
+
+struct Files {
+    ca: PathBuf,
+    identity: Option<(PathBuf, PathBuf)>,
+}
+
+#[derive(Clone)]
+struct Loaded {
     ca: Vec<u8>,
     identity: Option<(Vec<u8>, Vec<u8>)>,
 }
@@ -18,7 +33,7 @@ pub struct ClientTls {
 impl std::fmt::Debug for ClientTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClientTls")
-            .field("client_certificate", &self.identity.is_some())
+            .field("client_certificate", &self.has_identity())
             .finish_non_exhaustive()
     }
 }
@@ -62,12 +77,8 @@ impl ClientTls {
         cert: Option<&Path>,
         key: Option<&Path>,
     ) -> Result<Self, TlsFileError> {
-        let ca = read_pem(ca, "CERTIFICATE")?;
         let identity = match (cert, key) {
-            (Some(cert), Some(key)) => Some((
-                read_pem(cert, "CERTIFICATE")?,
-                read_pem(key, "PRIVATE KEY")?,
-            )),
+            (Some(cert), Some(key)) => Some((cert.to_path_buf(), key.to_path_buf())),
             (None, None) => None,
             _ => {
                 return Err(TlsFileError(
@@ -75,19 +86,65 @@ impl ClientTls {
                 ));
             }
         };
-        Ok(ClientTls { ca, identity })
+        let files = Files {
+            ca: ca.to_path_buf(),
+            identity,
+        };
+        let loaded = files.load()?;
+        Ok(ClientTls {
+            files: Some(Arc::new(files)),
+            loaded: Arc::new(Mutex::new(loaded)),
+        })
+    }
+
+    /// From PEM bytes held in memory: the CA, and for mutual TLS the certificate and key.
+    pub fn from_pem(ca: Vec<u8>, identity: Option<(Vec<u8>, Vec<u8>)>) -> Self {
+        ClientTls {
+            files: None,
+            loaded: Arc::new(Mutex::new(Loaded { ca, identity })),
+        }
     }
 
     pub fn has_identity(&self) -> bool {
-        self.identity.is_some()
+        self.current().identity.is_some()
+    }
+
+    fn current(&self) -> Loaded {
+        self.loaded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     fn config(&self) -> ClientTlsConfig {
-        let config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca));
-        match &self.identity {
+        if let Some(files) = &self.files
+            && let Ok(fresh) = files.load()
+        {
+            *self
+                .loaded
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+        }
+        let loaded = self.current();
+        let config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&loaded.ca));
+        match &loaded.identity {
             Some((cert, key)) => config.identity(Identity::from_pem(cert, key)),
             None => config,
         }
+    }
+}
+
+impl Files {
+    fn load(&self) -> Result<Loaded, TlsFileError> {
+        let ca = read_pem(&self.ca, "CERTIFICATE")?;
+        let identity = match &self.identity {
+            Some((cert, key)) => Some((
+                read_pem(cert, "CERTIFICATE")?,
+                read_pem(key, "PRIVATE KEY")?,
+            )),
+            None => None,
+        };
+        Ok(Loaded { ca, identity })
     }
 }
 
