@@ -429,6 +429,8 @@ pub async fn serve(
     });
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            // Out of file descriptors, say: try again shortly rather than spin.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
         let render = render.clone();

@@ -169,7 +169,12 @@ pub fn incoming(
     });
     tokio::spawn(async move {
         loop {
-            let (stream, peer) = match listener.accept().await {
+            // The server stopped taking connections: the listener closes with this task.
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = tx.closed() => return,
+            };
+            let (stream, peer) = match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
                     tracing::debug!(error = %err, "accepting a connection failed");
@@ -177,9 +182,6 @@ pub fn incoming(
                     continue;
                 }
             };
-            if tx.is_closed() {
-                return;
-            }
             let _ = stream.set_nodelay(true);
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
             let tx = tx.clone();
