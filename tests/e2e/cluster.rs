@@ -51,9 +51,11 @@ fn spawn(node: &Node, quorum: &str, extra: &[String]) -> (Child, ChildStdout) {
         "3000",
         "--broker-heartbeat-interval-ms",
         "200",
-        // Brokers of a cluster share a host here: each scrape port is picked free.
+        // No metrics listener: one more port bound beside those picked by `free_port`
+        // makes a collision between concurrent tests likelier (tests/e2e/metrics.rs
+        // scrapes a broker of its own).
         "--metrics-listen",
-        "127.0.0.1:0",
+        "off",
     ];
     args.extend(extra.iter().map(String::as_str));
     spawn_server_in(node.netns.as_deref(), &args)

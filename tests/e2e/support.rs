@@ -21,7 +21,15 @@ impl Dev {
     /// Starts with `env` added to the server's environment (fault injection).
     pub fn start_with_env(data_dir: &Path, env: &[(&str, &str)]) -> Dev {
         let data_dir = data_dir.to_string_lossy();
-        let args = ["dev", "--data-dir", &data_dir, "--listen", "127.0.0.1:0"];
+        let args = [
+            "dev",
+            "--data-dir",
+            &data_dir,
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "off",
+        ];
         let (child, stdout) = spawn_server_with(None, &args, env);
         Dev {
             child,
@@ -32,7 +40,15 @@ impl Dev {
     /// Starts on `listen`, waiting until the process says where it listens.
     pub fn start_on(data_dir: &Path, listen: &str) -> Dev {
         let data_dir = data_dir.to_string_lossy();
-        let (child, addr) = spawn_listening(&["dev", "--data-dir", &data_dir, "--listen", listen]);
+        let (child, addr) = spawn_listening(&[
+            "dev",
+            "--data-dir",
+            &data_dir,
+            "--listen",
+            listen,
+            "--metrics-listen",
+            "off",
+        ]);
         Dev { child, addr }
     }
 
