@@ -4,10 +4,10 @@
 //! and consumed.
 
 use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::Duration;
 
-use crate::support::{runnel_at, wait_until};
+use crate::support::{Dev, wait_until};
 
 fn monitoring() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/monitoring")
@@ -52,15 +52,6 @@ fn sum(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn the_metrics_endpoint_counts_what_clients_transforms_and_connectors_did() {
     let setup = Command::new("bash")
@@ -75,7 +66,7 @@ fn the_metrics_endpoint_counts_what_clients_transforms_and_connectors_did() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data").to_string_lossy().to_string();
     let metrics_addr = format!("127.0.0.1:{}", crate::cluster::free_port());
-    let (child, addr) = crate::support::spawn_listening(&[
+    let dev = Dev::spawn(&[
         "dev",
         "--data-dir",
         &data,
@@ -84,17 +75,8 @@ fn the_metrics_endpoint_counts_what_clients_transforms_and_connectors_did() {
         "--metrics-listen",
         &metrics_addr,
     ]);
-    let _server = Server(child);
     let url = format!("http://{metrics_addr}/metrics");
-    let run = |args: &[&str], stdin: &str| {
-        let output = runnel_at(&addr, args, stdin);
-        assert!(
-            output.status.success(),
-            "runnel {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).to_string()
-    };
+    let run = |args: &[&str], stdin: &str| dev.ok(args, stdin);
 
     run(&["topic", "create", "orders", "--partitions", "2"], "");
     run(&["topic", "create", "copies", "--partitions", "2"], "");
@@ -207,7 +189,7 @@ fn the_metrics_endpoint_counts_what_clients_transforms_and_connectors_did() {
             &[("method", "CreateTopic")]
         ) >= 2.0
     );
-    let refused = runnel_at(&addr, &["topic", "create", "orders"], "");
+    let refused = dev.run(&["topic", "create", "orders"], "");
     assert!(!refused.status.success());
     let after = scrape(&url);
     assert!(

@@ -18,6 +18,13 @@ impl Dev {
         Self::start_on(data_dir, "127.0.0.1:0")
     }
 
+    /// Runs `runnel ARGS` (a `dev` or `broker start` with flags of the test's own),
+    /// waiting until it says where it listens.
+    pub fn spawn(args: &[&str]) -> Dev {
+        let (child, addr) = spawn_listening(args);
+        Dev { child, addr }
+    }
+
     /// Starts with `env` added to the server's environment (fault injection).
     pub fn start_with_env(data_dir: &Path, env: &[(&str, &str)]) -> Dev {
         let data_dir = data_dir.to_string_lossy();

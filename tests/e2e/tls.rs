@@ -11,7 +11,7 @@ use std::time::Duration;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 
 use crate::cluster::{Cluster, partition_rows};
-use crate::support::{runnel_at, spawn_listening, wait_until};
+use crate::support::{Dev, runnel_at, wait_until};
 
 /// A CA and certificates it signed, written as PEM files under one directory.
 struct Pki {
@@ -69,25 +69,32 @@ fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).to_string()
 }
 
+/// A broker serving TLS with `cert` and `key`, trusting `ca` (and requiring client
+/// certificates it signed with `client_auth`); killed when dropped.
+fn tls_broker(dir: &Path, cert: &Path, key: &Path, ca: &Path, client_auth: bool) -> Dev {
+    let config = dir.join("runnel.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"off\"\n[tls]\ncert_file = {:?}\nkey_file = {:?}\nca_file = {:?}\nclient_auth = {client_auth}\n",
+            path(&dir.join("data")),
+            path(cert),
+            path(key),
+            path(ca)
+        ),
+    )
+    .expect("write");
+    Dev::spawn(&["broker", "start", "--config", &path(&config)])
+}
+
 #[test]
 fn tls_refuses_plaintext_and_unknown_cas_and_rotates_its_certificate() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::new(dir.path(), "first");
     let (cert, key) = pki.issue("broker");
     let ca = dir.path().join("first-ca.pem");
-    let config = dir.path().join("runnel.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"off\"\n[tls]\ncert_file = {:?}\nkey_file = {:?}\nca_file = {:?}\n",
-            path(&dir.path().join("data")),
-            path(&cert),
-            path(&key),
-            path(&ca)
-        ),
-    )
-    .expect("write");
-    let (mut child, addr) = spawn_listening(&["broker", "start", "--config", &path(&config)]);
+    let broker = tls_broker(dir.path(), &cert, &key, &ca, false);
+    let addr = broker.addr.clone();
     let tls = ["--tls-ca", &path(&ca)];
     let tls: Vec<&str> = tls.to_vec();
 
@@ -135,7 +142,11 @@ fn tls_refuses_plaintext_and_unknown_cas_and_rotates_its_certificate() {
         stderr(&wrong)
     );
     // A file that is not PEM is refused before any connection.
-    let bad = run(&addr, &["--tls-ca", &path(&config)], &["topic", "list"]);
+    let bad = run(
+        &addr,
+        &["--tls-ca", &path(&dir.path().join("runnel.toml"))],
+        &["topic", "list"],
+    );
     assert!(
         stderr(&bad).contains("holds no PEM CERTIFICATE"),
         "{}",
@@ -160,8 +171,6 @@ fn tls_refuses_plaintext_and_unknown_cas_and_rotates_its_certificate() {
     );
     let old = run(&addr, &tls, &["topic", "list"]);
     assert!(!old.status.success(), "the old CA still works");
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 #[test]
@@ -290,19 +299,8 @@ fn the_example_clients_connect_with_mutual_tls() {
     let (cert, key) = pki.issue("broker");
     let (client_cert, client_key) = pki.issue("client");
     let ca = dir.path().join("examples-ca.pem");
-    let config = dir.path().join("runnel.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"off\"\n[tls]\ncert_file = {:?}\nkey_file = {:?}\nca_file = {:?}\nclient_auth = true\n",
-            path(&dir.path().join("data")),
-            path(&cert),
-            path(&key),
-            path(&ca)
-        ),
-    )
-    .expect("write");
-    let (mut child, addr) = spawn_listening(&["broker", "start", "--config", &path(&config)]);
+    let broker = tls_broker(dir.path(), &cert, &key, &ca, true);
+    let addr = broker.addr.clone();
     let tls = [
         "--tls-ca".to_string(),
         path(&ca),
@@ -340,6 +338,4 @@ fn the_example_clients_connect_with_mutual_tls() {
             "{topic}: accepted without a certificate"
         );
     }
-    let _ = child.kill();
-    let _ = child.wait();
 }
