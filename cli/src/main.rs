@@ -9,6 +9,7 @@ mod connect;
 mod consume;
 mod group;
 mod produce;
+mod security;
 mod server;
 mod topic;
 mod transaction;
@@ -44,6 +45,25 @@ struct Cli {
     /// The key of --tls-cert (PEM).
     #[arg(long, global = true, env = "RUNNEL_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<std::path::PathBuf>,
+    /// Authenticate as this SCRAM user (brokers with `require_authentication`).
+    #[arg(long, global = true, env = "RUNNEL_USER", requires = "password")]
+    user: Option<String>,
+    /// The user's password.
+    #[arg(long, global = true, env = "RUNNEL_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    /// SCRAM-SHA-256 (the default) or SCRAM-SHA-512.
+    #[arg(long, global = true, env = "RUNNEL_SCRAM_MECHANISM", value_parser = security::parse_mechanism)]
+    scram_mechanism: Option<runnel_client::Mechanism>,
+    /// Act as the cluster itself (a super user) with the brokers' shared secret file
+    /// (`auth.cluster_secret_file`): how an operator on a broker's host creates the
+    /// first users and ACLs.
+    #[arg(
+        long,
+        global = true,
+        env = "RUNNEL_CLUSTER_SECRET_FILE",
+        conflicts_with = "user"
+    )]
+    cluster_secret_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -53,6 +73,8 @@ struct Cli {
 pub struct Target {
     pub brokers: Vec<String>,
     pub tls: Option<ClientTls>,
+    pub login: Option<runnel_client::Password>,
+    pub cluster_secret: Option<std::sync::Arc<runnel_client::Credentials>>,
 }
 
 impl Target {
@@ -68,16 +90,43 @@ impl Target {
             ),
             (None, None) => None,
         };
+        let login = match (&cli.user, &cli.password) {
+            (Some(user), Some(password)) => Some(runnel_client::Password {
+                user: user.clone(),
+                password: password.clone(),
+                mechanism: cli
+                    .scram_mechanism
+                    .unwrap_or(runnel_client::Mechanism::Sha256),
+            }),
+            (None, Some(_)) => anyhow::bail!("--password needs --user (or RUNNEL_USER)"),
+            _ => None,
+        };
+        let cluster_secret = match &cli.cluster_secret_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|err| {
+                    anyhow::anyhow!("reading the cluster secret {}: {err}", path.display())
+                })?;
+                Some(runnel_client::Credentials::cluster(&text).map_err(anyhow::Error::msg)?)
+            }
+            None => None,
+        };
         Ok(Target {
             brokers: cli.brokers.clone(),
             tls,
+            login,
+            cluster_secret,
         })
     }
 
     pub fn options(&self) -> ConnectOptions {
-        ConnectOptions {
+        let options = ConnectOptions {
             tls: self.tls.clone(),
-            local: None,
+            credentials: self.cluster_secret.clone(),
+            ..ConnectOptions::default()
+        };
+        match &self.login {
+            Some(login) => options.with_password(login.clone()),
+            None => options,
         }
     }
 
@@ -88,6 +137,10 @@ impl Target {
             Err(err) => {
                 let text = err.to_string();
                 let hint = match &self.tls {
+                    _ if err.code() == Some(runnel_client::ErrorCode::AuthenticationRequired) => "",
+                    _ if err.code() == Some(runnel_client::ErrorCode::AuthenticationFailed) => {
+                        " (check --user and --password, or RUNNEL_USER and RUNNEL_PASSWORD; `runnel user set-password` changes a password)"
+                    }
                     None => {
                         " (if the brokers require TLS, give --tls-ca with the CA that signed their certificates)"
                     }
@@ -140,6 +193,12 @@ enum Command {
     /// Cluster information.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// SCRAM users: create, set-password, delete, list, whoami.
+    #[command(subcommand)]
+    User(security::UserCommand),
+    /// ACLs (Kafka's model): add, list, remove.
+    #[command(subcommand)]
+    Acl(security::AclCommand),
     /// Load generators: producer and consumer throughput and latency.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -242,6 +301,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(command) => bench::run(&target, target.client().await?, command).await,
+        Command::User(command) => security::user(target.client().await?, command).await,
+        Command::Acl(command) => security::acl(target.client().await?, command).await,
     }
 }
 

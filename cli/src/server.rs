@@ -245,15 +245,19 @@ async fn start_node(config: BrokerConfig) -> anyhow::Result<Node> {
     let own_address = std::sync::Arc::new(std::sync::OnceLock::new());
     let address_of_broker = own_address.clone();
     let runtimes_tls = tls.clone();
-    let mut running = runnel_broker::start_with(config, move |addr, local, routes| {
+    let own_credentials = std::sync::Arc::new(std::sync::OnceLock::new());
+    let credentials_of_broker = own_credentials.clone();
+    let mut running = runnel_broker::start_with(config, move |addr, local, credentials, routes| {
         let address = match (&runtimes_tls, advertised) {
             (Some(_), Some(advertised)) => advertised,
             _ => addr.to_string(),
         };
         let _ = address_of_broker.set(address.clone());
+        let _ = credentials_of_broker.set(credentials.clone());
         let options = |local| runnel_client::ConnectOptions {
             tls: runtimes_tls.clone(),
             local: Some(local),
+            credentials: credentials.clone(),
         };
         service_runtime.connect_to(vec![address.clone()], options(local.clone()));
         service_worker.connect_to(vec![address], options(local));
@@ -270,7 +274,11 @@ async fn start_node(config: BrokerConfig) -> anyhow::Result<Node> {
             .unwrap_or_else(|| running.local_addr.to_string());
         let client = runnel_client::Client::connect_with(
             &[address],
-            runnel_client::ConnectOptions { tls, local: None },
+            runnel_client::ConnectOptions {
+                tls,
+                local: None,
+                credentials: own_credentials.get().cloned().flatten(),
+            },
         )
         .await?;
         let store = runnel_streams::store::Store::open(

@@ -14,7 +14,7 @@ use crate::parse_key_value;
 pub enum TransformCommand {
     /// Deploy a transform from a YAML file or from flags; deploying an existing name
     /// replaces it, continuing from its committed position.
-    Deploy(DeployArgs),
+    Deploy(Box<DeployArgs>),
     /// Deployments with their state, lag, records in and out, and errors.
     List,
     /// One deployment in detail.
@@ -103,6 +103,11 @@ pub struct DeployArgs {
     /// changelogs), so that a task moved by a failure resumes without a full restore.
     #[arg(long, default_value_t = 0)]
     standby_replicas: u32,
+    /// The principal the tasks act as (`User:NAME`): their reads, writes and commits are
+    /// checked against its ACLs. Default: the cluster's rights, checked against yours
+    /// at deploy time.
+    #[arg(long)]
+    principal: Option<String>,
 }
 
 #[derive(Args)]
@@ -257,6 +262,9 @@ fn print_status(s: &v1::TransformStatus) {
         }
     );
     println!("Component:   sha256 {}", s.wasm_sha256);
+    if !spec.principal.is_empty() {
+        println!("Principal:   {}", spec.principal);
+    }
     if !spec.stores.is_empty() || !spec.tables.is_empty() || !s.tasks.is_empty() {
         println!(
             "Stores:      {} (allowed lateness {} ms)",
@@ -370,6 +378,7 @@ pub async fn run(target: &crate::Target, command: TransformCommand) -> anyhow::R
                         tables: args.tables.into_iter().collect(),
                         allowed_lateness_ms: args.allowed_lateness_ms,
                         standby_replicas: args.standby_replicas,
+                        principal: args.principal.unwrap_or_default(),
                     };
                     spec::validate(&spec)?;
                     (spec, args.wasm.unwrap_or_default())

@@ -29,7 +29,7 @@ impl Admin {
     async fn connect_to_broker(
         &self,
         address: &str,
-    ) -> Result<tonic::transport::Channel, ClientError> {
+    ) -> Result<runnel_proto::auth::Conn, ClientError> {
         self.client
             .connect_to(address)
             .await
@@ -66,6 +66,115 @@ impl Admin {
         response
             .topic
             .ok_or_else(|| ClientError::Corrupt("create topic response without a topic".into()))
+    }
+
+    /// The caller's principal, as the broker sees it.
+    ///
+    /// # Errors
+    /// The broker cannot be reached, or refused the credentials.
+    pub async fn who_am_i(&self) -> Result<v1::WhoAmIResponse, ClientError> {
+        Ok(self
+            .client
+            .security_rpc()
+            .who_am_i(v1::WhoAmIRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// Creates a user (`create_only`) or sets its password for `mechanism`. The
+    /// credential is derived here: the password is not sent.
+    ///
+    /// # Errors
+    /// An invalid name, an existing user with `create_only`, or no ALTER on the cluster.
+    pub async fn upsert_user(
+        &self,
+        name: &str,
+        password: &str,
+        mechanism: crate::Mechanism,
+        iterations: u32,
+        create_only: bool,
+    ) -> Result<(), ClientError> {
+        runnel_proto::scram::validate_user_name(name)
+            .map_err(|err| ClientError::InvalidArgument(err.to_string()))?;
+        if password.is_empty() {
+            return Err(ClientError::InvalidArgument("the password is empty".into()));
+        }
+        let credential = runnel_proto::scram::Credential::derive(mechanism, password, iterations);
+        self.client
+            .security_rpc()
+            .upsert_user(v1::UpsertUserRequest {
+                name: name.to_string(),
+                credential: Some(v1::ScramCredential {
+                    mechanism: runnel_proto::auth::mechanism_proto(mechanism) as i32,
+                    iterations: credential.iterations,
+                    salt: credential.salt.into(),
+                    stored_key: credential.stored_key.into(),
+                    server_key: credential.server_key.into(),
+                }),
+                create_only,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// # Errors
+    /// Unknown user, or no ALTER on the cluster.
+    pub async fn delete_user(&self, name: &str) -> Result<(), ClientError> {
+        self.client
+            .security_rpc()
+            .delete_user(v1::DeleteUserRequest {
+                name: name.to_string(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// # Errors
+    /// No DESCRIBE on the cluster.
+    pub async fn list_users(&self) -> Result<Vec<v1::UserDescription>, ClientError> {
+        Ok(self
+            .client
+            .security_rpc()
+            .list_users(v1::ListUsersRequest {})
+            .await?
+            .into_inner()
+            .users)
+    }
+
+    /// # Errors
+    /// An invalid ACL, or no ALTER on the cluster.
+    pub async fn create_acls(&self, acls: Vec<v1::Acl>) -> Result<(), ClientError> {
+        self.client
+            .security_rpc()
+            .create_acls(v1::CreateAclsRequest { acls })
+            .await?;
+        Ok(())
+    }
+
+    /// Removes the ACLs `filter` matches; returns them.
+    ///
+    /// # Errors
+    /// No ALTER on the cluster.
+    pub async fn delete_acls(&self, filter: v1::AclFilter) -> Result<Vec<v1::Acl>, ClientError> {
+        Ok(self
+            .client
+            .security_rpc()
+            .delete_acls(filter)
+            .await?
+            .into_inner()
+            .acls)
+    }
+
+    /// # Errors
+    /// No DESCRIBE on the cluster.
+    pub async fn list_acls(&self, filter: v1::AclFilter) -> Result<Vec<v1::Acl>, ClientError> {
+        Ok(self
+            .client
+            .security_rpc()
+            .list_acls(filter)
+            .await?
+            .into_inner()
+            .acls)
     }
 
     /// # Errors
@@ -303,7 +412,7 @@ impl Admin {
     /// The answers of every broker that answered `call`; an error only when none did.
     async fn ask_every_broker<T, F, Fut>(&self, call: F) -> Result<Vec<T>, ClientError>
     where
-        F: Fn(tonic::transport::Channel) -> Fut,
+        F: Fn(runnel_proto::auth::Conn) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let mut answers = Vec::new();

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use runnel_proto::auth::{Conn, Credentials, Password};
 use runnel_proto::local::LocalBroker;
 use runnel_proto::tls::ClientTls;
 use runnel_proto::v1::{
@@ -11,7 +12,7 @@ use runnel_proto::v1::{
     producer_client::ProducerClient, transactions_client::TransactionsClient,
     transforms_client::TransformsClient,
 };
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::error::{ClientError, check};
 
@@ -41,19 +42,20 @@ pub struct Client {
 }
 
 struct Inner {
-    bootstrap: Channel,
+    bootstrap: Conn,
     /// The addresses the client was given, for metadata when the bootstrap broker is
     /// down.
     bootstrap_addresses: Vec<String>,
-    channels: Mutex<HashMap<u32, Channel>>,
+    channels: Mutex<HashMap<u32, Conn>>,
     topics: Mutex<HashMap<String, Arc<TopicInfo>>>,
     brokers: Mutex<HashMap<u32, String>>,
     /// Each group's coordinator, as FindCoordinator last said.
-    coordinators: Mutex<HashMap<Coordinated, Channel>>,
+    coordinators: Mutex<HashMap<Coordinated, Conn>>,
     /// The broker in this process, if any: the produce and fetch streams of the
     /// partitions it leads go to it directly.
     local: Option<Arc<dyn LocalBroker>>,
     tls: Option<ClientTls>,
+    credentials: Option<Arc<Credentials>>,
 }
 
 /// What the client knows of a topic.
@@ -106,6 +108,18 @@ pub struct ConnectOptions {
     /// The broker in this process (the streams and connect runtimes run inside one):
     /// the produce and fetch streams of the partitions it leads skip the network.
     pub local: Option<Arc<dyn LocalBroker>>,
+    /// Who the client is: a SCRAM user (it authenticates on its first call and again
+    /// before its session expires), or a broker's own runtimes (the cluster secret).
+    /// `None`: anonymous, or the client certificate's name under mutual TLS.
+    pub credentials: Option<Arc<Credentials>>,
+}
+
+impl ConnectOptions {
+    /// Authenticates as `password.user` with SCRAM.
+    pub fn with_password(mut self, password: Password) -> Self {
+        self.credentials = Some(Credentials::scram(password));
+        self
+    }
 }
 
 impl Client {
@@ -126,11 +140,19 @@ impl Client {
         brokers: &[String],
         options: ConnectOptions,
     ) -> Result<Self, ClientError> {
-        let ConnectOptions { tls, local } = options;
+        let ConnectOptions {
+            tls,
+            local,
+            credentials,
+        } = options;
         let list = brokers.join(",");
         let mut last_error = "no broker address given".to_string();
         for address in brokers.iter().map(|b| b.trim()).filter(|b| !b.is_empty()) {
-            let connected = match endpoint(address, tls.as_ref())?.connect().await {
+            let connected = match endpoint(address, tls.as_ref())?
+                .connect()
+                .await
+                .map(|channel| Conn::new(channel, credentials.clone()))
+            {
                 // A first call: a TLS handshake the broker refuses (plaintext towards TLS,
                 // no client certificate where one is required) fails here, not at the
                 // caller's first request.
@@ -142,6 +164,18 @@ impl Client {
                     // without one never reached a broker's code (TLS, HTTP/2).
                     Err(status) if runnel_proto::status_error_code(&status).is_none() => {
                         Err(status_with_causes(&status))
+                    }
+                    // Refused credentials fail the connection, with the broker's words.
+                    Err(status)
+                        if matches!(
+                            runnel_proto::status_error_code(&status),
+                            Some(
+                                v1::ErrorCode::AuthenticationFailed
+                                    | v1::ErrorCode::AuthenticationRequired
+                            )
+                        ) =>
+                    {
+                        return Err(ClientError::from(status));
                     }
                     _ => Ok(channel),
                 },
@@ -163,6 +197,7 @@ impl Client {
                             coordinators: Mutex::new(HashMap::new()),
                             local,
                             tls,
+                            credentials,
                         }),
                     });
                 }
@@ -175,6 +210,47 @@ impl Client {
         })
     }
 
+    /// The same cluster, reached as `principal` (`User:NAME`): a broker's transform or
+    /// connector whose calls are checked against that principal's ACLs. Only a client
+    /// holding the cluster's credentials can act for another principal; any other client
+    /// is returned as it is.
+    pub fn run_as(&self, principal: &str) -> Client {
+        let Some(credentials) = self
+            .inner
+            .credentials
+            .as_ref()
+            .and_then(|c| c.run_as(principal))
+        else {
+            return self.clone();
+        };
+        let lock = |m: &Mutex<HashMap<u32, String>>| {
+            m.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+        };
+        Client {
+            inner: Arc::new(Inner {
+                bootstrap: self
+                    .inner
+                    .bootstrap
+                    .with_credentials(Some(credentials.clone())),
+                bootstrap_addresses: self.inner.bootstrap_addresses.clone(),
+                channels: Mutex::new(HashMap::new()),
+                topics: Mutex::new(HashMap::new()),
+                brokers: Mutex::new(lock(&self.inner.brokers)),
+                coordinators: Mutex::new(HashMap::new()),
+                local: self.inner.local.clone(),
+                tls: self.inner.tls.clone(),
+                credentials: Some(credentials),
+            }),
+        }
+    }
+
+    /// The principal this client acts as for the broker in its process.
+    pub(crate) fn acting_as(&self) -> Option<&str> {
+        self.inner.credentials.as_ref().and_then(|c| c.acting_as())
+    }
+
     /// The broker in this process, when it is `leader`.
     pub(crate) fn local(&self, leader: u32) -> Option<&Arc<dyn LocalBroker>> {
         self.inner
@@ -184,16 +260,16 @@ impl Client {
     }
 
     /// The channel to the broker the client first reached.
-    pub(crate) fn bootstrap_channel(&self) -> Channel {
+    pub(crate) fn bootstrap_channel(&self) -> Conn {
         self.inner.bootstrap.clone()
     }
 
-    pub(crate) fn admin_rpc(&self) -> AdminClient<Channel> {
+    pub(crate) fn admin_rpc(&self) -> AdminClient<Conn> {
         AdminClient::new(self.inner.bootstrap.clone())
     }
 
     /// The channel to the coordinator of `key`, found with FindCoordinator and cached.
-    async fn coordinator_channel(&self, key: &Coordinated) -> Result<Channel, ClientError> {
+    async fn coordinator_channel(&self, key: &Coordinated) -> Result<Conn, ClientError> {
         let cached = self
             .inner
             .coordinators
@@ -230,7 +306,7 @@ impl Client {
                 .await?
             }
         };
-        let channel = endpoint(&found.address, self.inner.tls.as_ref())?.connect_lazy();
+        let channel = self.lazy(&found.address)?;
         self.inner
             .coordinators
             .lock()
@@ -261,7 +337,7 @@ impl Client {
         call: F,
     ) -> Result<T, ClientError>
     where
-        F: Fn(GroupsClient<Channel>) -> Fut,
+        F: Fn(GroupsClient<Conn>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let key = Coordinated::Group(group.to_string());
@@ -281,7 +357,7 @@ impl Client {
         call: F,
     ) -> Result<T, ClientError>
     where
-        F: Fn(Channel) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let key = Coordinated::Transaction(transactional_id.to_string());
@@ -295,7 +371,7 @@ impl Client {
         call: F,
     ) -> Result<T, ClientError>
     where
-        F: Fn(Channel) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let deadline = tokio::time::Instant::now() + timeout;
@@ -341,35 +417,48 @@ impl Client {
     }
 
     /// A connected channel to `address`, or `None` when it cannot be reached.
-    pub(crate) async fn connect_to(&self, address: &str) -> Option<Channel> {
-        endpoint(address, self.inner.tls.as_ref())
+    pub(crate) async fn connect_to(&self, address: &str) -> Option<Conn> {
+        let channel = endpoint(address, self.inner.tls.as_ref())
             .ok()?
             .connect()
             .await
-            .ok()
+            .ok()?;
+        Some(Conn::new(channel, self.inner.credentials.clone()))
+    }
+
+    /// A channel to `address` that connects on its first call.
+    fn lazy(&self, address: &str) -> Result<Conn, ClientError> {
+        Ok(Conn::new(
+            endpoint(address, self.inner.tls.as_ref())?.connect_lazy(),
+            self.inner.credentials.clone(),
+        ))
     }
 
     /// The connect runtime's service (hosted by the broker process).
     pub(crate) fn connectors_rpc(
         &self,
-    ) -> runnel_proto::v1::connectors_client::ConnectorsClient<Channel> {
+    ) -> runnel_proto::v1::connectors_client::ConnectorsClient<Conn> {
         runnel_proto::v1::connectors_client::ConnectorsClient::new(self.inner.bootstrap.clone())
             .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX)
     }
 
+    pub(crate) fn security_rpc(&self) -> v1::security_client::SecurityClient<Conn> {
+        v1::security_client::SecurityClient::new(self.inner.bootstrap.clone())
+    }
+
     /// The streams runtime's service (hosted by the broker process).
-    pub(crate) fn transforms_rpc(&self) -> TransformsClient<Channel> {
+    pub(crate) fn transforms_rpc(&self) -> TransformsClient<Conn> {
         TransformsClient::new(self.inner.bootstrap.clone())
             .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX)
     }
 
-    pub(crate) fn producer_rpc(&self, channel: Channel) -> ProducerClient<Channel> {
+    pub(crate) fn producer_rpc(&self, channel: Conn) -> ProducerClient<Conn> {
         ProducerClient::new(channel)
             .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX)
     }
 
-    pub(crate) fn consumer_rpc(&self, channel: Channel) -> ConsumerClient<Channel> {
+    pub(crate) fn consumer_rpc(&self, channel: Conn) -> ConsumerClient<Conn> {
         ConsumerClient::new(channel)
             .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX)
@@ -434,7 +523,7 @@ impl Client {
     /// those it was given), until one answers.
     async fn ask_any<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
     where
-        F: Fn(Channel) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let first = match call(self.inner.bootstrap.clone()).await {
@@ -612,7 +701,7 @@ impl Client {
     }
 
     /// A channel to broker `id`, or to the bootstrap broker when its address is unknown.
-    pub(crate) fn channel_to(&self, id: u32) -> Result<Channel, ClientError> {
+    pub(crate) fn channel_to(&self, id: u32) -> Result<Conn, ClientError> {
         if let Some(channel) = self
             .inner
             .channels
@@ -630,7 +719,7 @@ impl Client {
             .get(&id)
             .cloned();
         let channel = match address {
-            Some(address) => endpoint(&address, self.inner.tls.as_ref())?.connect_lazy(),
+            Some(address) => self.lazy(&address)?,
             None => self.inner.bootstrap.clone(),
         };
         self.inner
@@ -646,7 +735,7 @@ impl Client {
         &self,
         topic: &str,
         partition: u32,
-    ) -> Result<Channel, ClientError> {
+    ) -> Result<Conn, ClientError> {
         let info = self.topic(topic).await?;
         let leader = match info.leaders.get(partition as usize) {
             Some(leader) => *leader,

@@ -222,7 +222,7 @@ impl FetchSession {
                 isolation: config.isolation as i32,
             };
             let mut stream: BoxStream<v1::FetchResponse> = match client.local(leader) {
-                Some(local) => local.fetch_stream(request),
+                Some(local) => local.fetch_stream(request, client.acting_as()),
                 None => Box::pin(
                     client
                         .consumer_rpc(client.channel_to(leader)?)

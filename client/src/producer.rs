@@ -1230,7 +1230,7 @@ impl Task {
         let (tx, rx) = mpsc::channel(self.shared.config.max_in_flight.max(1));
         let requests = tokio_stream::wrappers::ReceiverStream::new(rx);
         let mut responses: BoxStream<v1::ProduceResponse> = match client.local(leader) {
-            Some(local) => local.produce_stream(Box::pin(requests)),
+            Some(local) => local.produce_stream(Box::pin(requests), client.acting_as()),
             None => {
                 let mut rpc = client.producer_rpc(client.channel_to(leader)?);
                 let opening = rpc.produce_stream(requests);

@@ -2,8 +2,11 @@
 
 use std::collections::BTreeMap;
 
+use runnel_proto::auth::{access, check, may};
 use runnel_proto::error_status;
-use runnel_proto::v1::{self, ErrorCode, connectors_server};
+use runnel_proto::v1::{
+    self, AclOperation as Op, ErrorCode, ResourceType as Res, connectors_server,
+};
 use tonic::{Code, Request, Response, Status};
 
 use crate::spec;
@@ -51,9 +54,41 @@ impl connectors_server::Connectors for Service {
         &self,
         request: Request<v1::CreateConnectorRequest>,
     ) -> Result<Response<v1::ConnectorStatus>, Status> {
+        let access = access(&request)?.clone();
         let request = request.into_inner();
         let spec = spec::parse(&request.file_name, &request.yaml)
             .map_err(|e| error_status(Code::InvalidArgument, ErrorCode::InvalidRequest, e.0))?;
+        access.check(Op::Create, Res::Connector, &spec.name)?;
+        // The connector needs the rights it will use: its principal's (acting as
+        // another principal than one's own is an administrator's act), or without one
+        // the creator's (it then acts with the cluster's rights).
+        let runs_as = match &spec.principal {
+            None => access.clone(),
+            Some(principal) => {
+                if *principal != access.principal {
+                    access.check(
+                        Op::Alter,
+                        Res::Cluster,
+                        runnel_proto::auth::CLUSTER_RESOURCE,
+                    )?;
+                }
+                let runs_as = access.as_principal(principal);
+                if spec.kind == spec::Kind::Sink {
+                    runs_as.check(Op::Read, Res::Group, &crate::worker::group_name(&spec.name))?;
+                }
+                runs_as
+            }
+        };
+        let operation = match spec.kind {
+            spec::Kind::Source => Op::Write,
+            spec::Kind::Sink => Op::Read,
+        };
+        for topic in &spec.topics {
+            runs_as.check(operation, Res::Topic, topic)?;
+        }
+        if let Some(topic) = &spec.dead_letter_topic {
+            runs_as.check(Op::Write, Res::Topic, topic)?;
+        }
         let uploaded: BTreeMap<String, Vec<u8>> = request
             .components
             .into_iter()
@@ -72,11 +107,12 @@ impl connectors_server::Connectors for Service {
         &self,
         request: Request<v1::ListConnectorsRequest>,
     ) -> Result<Response<v1::ListConnectorsResponse>, Status> {
-        let connectors = if request.into_inner().local {
+        let mut connectors = if request.get_ref().local {
             self.worker.local_list().await
         } else {
             self.worker.list().await
         };
+        connectors.retain(|c| may(&request, Op::Describe, Res::Connector, &c.name));
         Ok(Response::new(v1::ListConnectorsResponse { connectors }))
     }
 
@@ -84,6 +120,12 @@ impl connectors_server::Connectors for Service {
         &self,
         request: Request<v1::ConnectorName>,
     ) -> Result<Response<v1::ConnectorStatus>, Status> {
+        check(
+            &request,
+            Op::Describe,
+            Res::Connector,
+            &request.get_ref().name,
+        )?;
         let name = request.into_inner().name;
         Ok(Response::new(
             self.worker.status(&name).await.map_err(status)?,
@@ -94,6 +136,7 @@ impl connectors_server::Connectors for Service {
         &self,
         request: Request<v1::ConnectorName>,
     ) -> Result<Response<v1::ConnectorStatus>, Status> {
+        check(&request, Op::Alter, Res::Connector, &request.get_ref().name)?;
         let name = request.into_inner().name;
         Ok(Response::new(
             self.worker.set_paused(&name, true).await.map_err(status)?,
@@ -104,6 +147,7 @@ impl connectors_server::Connectors for Service {
         &self,
         request: Request<v1::ConnectorName>,
     ) -> Result<Response<v1::ConnectorStatus>, Status> {
+        check(&request, Op::Alter, Res::Connector, &request.get_ref().name)?;
         let name = request.into_inner().name;
         Ok(Response::new(
             self.worker.set_paused(&name, false).await.map_err(status)?,
@@ -114,6 +158,7 @@ impl connectors_server::Connectors for Service {
         &self,
         request: Request<v1::ConnectorName>,
     ) -> Result<Response<v1::ConnectorStatus>, Status> {
+        check(&request, Op::Alter, Res::Connector, &request.get_ref().name)?;
         let name = request.into_inner().name;
         Ok(Response::new(
             self.worker.restart(&name).await.map_err(status)?,
@@ -124,6 +169,12 @@ impl connectors_server::Connectors for Service {
         &self,
         request: Request<v1::ConnectorName>,
     ) -> Result<Response<v1::DeleteConnectorResponse>, Status> {
+        check(
+            &request,
+            Op::Delete,
+            Res::Connector,
+            &request.get_ref().name,
+        )?;
         let name = request.into_inner().name;
         self.worker.delete(&name).await.map_err(status)?;
         Ok(Response::new(v1::DeleteConnectorResponse {}))

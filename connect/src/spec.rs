@@ -24,6 +24,7 @@
 //! batch-records: 10000
 //! call-timeout-ms: 60000
 //! memory-limit-mb: 64
+//! principal: User:etl                   # hosted connectors: act as this principal
 //! ```
 
 use std::collections::BTreeMap;
@@ -142,6 +143,7 @@ struct ConnectorFile {
     batch_records: Option<u32>,
     call_timeout_ms: Option<u32>,
     memory_limit_mb: Option<u64>,
+    principal: Option<Spanned<String>>,
 }
 
 /// Where a connector's or transform's component comes from.
@@ -232,6 +234,9 @@ pub struct ConnectorSpec {
     pub batch_records: u32,
     pub call_timeout_ms: u32,
     pub memory_limit_bytes: u64,
+    /// A hosted connector's principal (`User:NAME`): its reads, writes and group calls
+    /// are checked against that principal's ACLs.
+    pub principal: Option<String>,
 }
 
 /// A connector file error: the file, line and field, and what to do.
@@ -491,7 +496,15 @@ pub fn parse(file: &str, text: &str) -> Result<ConnectorSpec, SpecError> {
             "{file}: batch-records: must be at least 1"
         )));
     }
+    let principal = match &parsed.principal {
+        Some(p) if !p.value.starts_with("User:") || p.value.len() <= "User:".len() => {
+            return Err(at(file, p, "principal", "must be User:NAME"));
+        }
+        Some(p) => Some(p.value.clone()),
+        None => None,
+    };
     Ok(ConnectorSpec {
+        principal,
         file: file.to_string(),
         name: parsed.name.value.clone(),
         kind: parsed.kind,

@@ -311,11 +311,20 @@ impl Task {
         Ok(())
     }
 
+    /// The worker's client, acting as the connector's principal when it names one.
+    async fn client(&self) -> anyhow::Result<runnel_client::Client> {
+        let client = self.worker.client().await?;
+        Ok(match &self.spec.principal {
+            Some(principal) => client.run_as(principal),
+            None => client,
+        })
+    }
+
     async fn run_source(&mut self) -> Result<Stop, Interrupted> {
         if let Err(stop) = self.load_secrets() {
             return Ok(stop);
         }
-        let client = self.worker.client().await?;
+        let client = self.client().await?;
         let topic = self.spec.topics[0].clone();
         let position = read_position(&client, &self.spec.name).await?;
         if let Some((p, records)) = &position {
@@ -596,7 +605,7 @@ impl Task {
         if let Err(stop) = self.load_secrets() {
             return Ok(stop);
         }
-        let client = self.worker.client().await?;
+        let client = self.client().await?;
         let mut member = GroupConsumer::join(
             client.clone(),
             &group_name(&self.spec.name),

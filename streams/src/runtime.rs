@@ -109,6 +109,8 @@ pub(crate) struct Saved {
     allowed_lateness_ms: i64,
     #[serde(default)]
     standby_replicas: u32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    principal: String,
     #[serde(skip)]
     sha256: String,
     #[serde(skip)]
@@ -146,6 +148,7 @@ impl Saved {
             tables: spec.tables.clone().into_iter().collect(),
             allowed_lateness_ms: spec.allowed_lateness_ms,
             standby_replicas: spec.standby_replicas,
+            principal: spec.principal.clone(),
             sha256: String::new(),
             version: 0,
             paused: false,
@@ -192,6 +195,7 @@ impl Saved {
             tables: self.tables.clone().into_iter().collect(),
             allowed_lateness_ms: self.allowed_lateness_ms,
             standby_replicas: self.standby_replicas,
+            principal: self.principal.clone(),
         }
     }
 
@@ -1497,7 +1501,8 @@ const TRANSFORM_FETCH_BYTES_MAX: u32 = 1024 * 1024;
 async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
     let client = loop {
         match runtime.client().await {
-            Ok(client) => break client,
+            Ok(client) if task.saved.principal.is_empty() => break client,
+            Ok(client) => break client.run_as(&task.saved.principal),
             Err(err) => {
                 tracing::debug!(error = %err, "waiting for the broker");
                 tokio::time::sleep(Duration::from_millis(200)).await;

@@ -1,7 +1,10 @@
 //! The `runnel.v1.Transforms` gRPC service, served by the broker process.
 
+use runnel_proto::auth::{access, check, may};
 use runnel_proto::error_status;
-use runnel_proto::v1::{self, ErrorCode, transforms_server};
+use runnel_proto::v1::{
+    self, AclOperation as Op, ErrorCode, ResourceType as Res, transforms_server,
+};
 use tonic::{Code, Request, Response, Status};
 
 use crate::runtime::{DeployError, Runtime};
@@ -50,10 +53,65 @@ impl transforms_server::Transforms for Service {
         &self,
         request: Request<v1::DeployTransformRequest>,
     ) -> Result<Response<v1::DeployTransformResponse>, Status> {
+        let access = access(&request)?.clone();
         let request = request.into_inner();
         let spec = request
             .spec
             .ok_or_else(|| invalid("the deploy request has no spec"))?;
+        access.check(Op::Create, Res::Transform, &spec.name)?;
+        // The transform needs the rights it will use: its principal's (acting as another
+        // principal than one's own is an administrator's act), or without one the
+        // deployer's (the tasks then act with the cluster's rights).
+        let runs_as = if spec.principal.is_empty() {
+            access.clone()
+        } else {
+            let principal = spec.principal.trim().to_string();
+            if !principal.starts_with("User:") || principal.len() <= "User:".len() {
+                return Err(invalid(format!(
+                    "principal {principal:?} is not of the form User:NAME"
+                )));
+            }
+            if principal != access.principal {
+                access.check(
+                    Op::Alter,
+                    Res::Cluster,
+                    runnel_proto::auth::CLUSTER_RESOURCE,
+                )?;
+            }
+            access.as_principal(&principal)
+        };
+        runs_as.check(Op::Read, Res::Topic, &spec.input_topic)?;
+        for output in spec
+            .output_topics
+            .iter()
+            .chain(Some(&spec.dead_letter_topic).filter(|t| !t.is_empty()))
+        {
+            runs_as.check(Op::Write, Res::Topic, output)?;
+        }
+        for table in spec.tables.values() {
+            runs_as.check(Op::Read, Res::Topic, table)?;
+        }
+        if !spec.principal.is_empty() {
+            // What the tasks do besides: consume in their group, keep their stores'
+            // changelogs, and commit in transactions with exactly-once.
+            runs_as.check(
+                Op::Read,
+                Res::Group,
+                &crate::runtime::group_name(&spec.name),
+            )?;
+            for store in &spec.stores {
+                let changelog = crate::state::changelog_topic(&spec.name, store);
+                runs_as.check(Op::Write, Res::Topic, &changelog)?;
+                runs_as.check(Op::Read, Res::Topic, &changelog)?;
+            }
+            if spec.processing == v1::Processing::ExactlyOnce as i32 {
+                runs_as.check(
+                    Op::Write,
+                    Res::TransactionalId,
+                    &format!("{}-", crate::runtime::group_name(&spec.name)),
+                )?;
+            }
+        }
         if request.wasm.len() > crate::WASM_BYTES_MAX {
             return Err(invalid(format!(
                 "the component has {} bytes; at most {}",
@@ -75,11 +133,15 @@ impl transforms_server::Transforms for Service {
         &self,
         request: Request<v1::ListTransformsRequest>,
     ) -> Result<Response<v1::ListTransformsResponse>, Status> {
-        let transforms = if request.into_inner().local {
+        let mut transforms = if request.get_ref().local {
             self.runtime.local_list()
         } else {
             self.runtime.list().await
         };
+        transforms.retain(|t| {
+            let name = t.spec.as_ref().map_or("", |s| s.name.as_str());
+            may(&request, Op::Describe, Res::Transform, name)
+        });
         Ok(Response::new(v1::ListTransformsResponse { transforms }))
     }
 
@@ -87,6 +149,12 @@ impl transforms_server::Transforms for Service {
         &self,
         request: Request<v1::TransformName>,
     ) -> Result<Response<v1::TransformStatus>, Status> {
+        check(
+            &request,
+            Op::Describe,
+            Res::Transform,
+            &request.get_ref().name,
+        )?;
         Ok(Response::new(
             self.runtime
                 .status(&request.into_inner().name)
@@ -99,6 +167,7 @@ impl transforms_server::Transforms for Service {
         &self,
         request: Request<v1::TransformName>,
     ) -> Result<Response<v1::TransformStatus>, Status> {
+        check(&request, Op::Alter, Res::Transform, &request.get_ref().name)?;
         Ok(Response::new(
             self.runtime
                 .set_paused(&request.into_inner().name, true)
@@ -111,6 +180,7 @@ impl transforms_server::Transforms for Service {
         &self,
         request: Request<v1::TransformName>,
     ) -> Result<Response<v1::TransformStatus>, Status> {
+        check(&request, Op::Alter, Res::Transform, &request.get_ref().name)?;
         Ok(Response::new(
             self.runtime
                 .set_paused(&request.into_inner().name, false)
@@ -123,6 +193,12 @@ impl transforms_server::Transforms for Service {
         &self,
         request: Request<v1::RemoveTransformRequest>,
     ) -> Result<Response<v1::RemoveTransformResponse>, Status> {
+        check(
+            &request,
+            Op::Delete,
+            Res::Transform,
+            &request.get_ref().name,
+        )?;
         let request = request.into_inner();
         self.runtime
             .remove(&request.name, request.delete_state)
@@ -135,6 +211,7 @@ impl transforms_server::Transforms for Service {
         &self,
         request: Request<v1::StateQuery>,
     ) -> Result<Response<v1::StateEntries>, Status> {
+        check(&request, Op::Read, Res::Transform, &request.get_ref().name)?;
         let entries = self
             .runtime
             .query_state(request.into_inner())
@@ -147,6 +224,12 @@ impl transforms_server::Transforms for Service {
         &self,
         request: Request<v1::TransformLogsRequest>,
     ) -> Result<Response<v1::TransformLogs>, Status> {
+        check(
+            &request,
+            Op::Describe,
+            Res::Transform,
+            &request.get_ref().name,
+        )?;
         let request = request.into_inner();
         let lines = if request.local {
             self.runtime.local_logs(&request.name)

@@ -65,6 +65,8 @@ pub struct TransformFile {
     /// Brokers besides a task's own that keep its stores warm.
     #[serde(default)]
     pub standby_replicas: Option<u32>,
+    /// The principal the tasks act as (`User:NAME`).
+    pub principal: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -153,6 +155,7 @@ impl TransformFile {
             tables: file.tables.into_iter().collect(),
             allowed_lateness_ms: file.allowed_lateness_ms.unwrap_or(0),
             standby_replicas: file.standby_replicas.unwrap_or(0),
+            principal: file.principal.clone().unwrap_or_default(),
         };
         validate(&spec).with_context(|| format!("invalid deployment file {}", path.display()))?;
         Ok((spec, wasm))

@@ -11,6 +11,7 @@ mod idempotence;
 mod metrics;
 mod replication;
 mod runtimes;
+mod security;
 mod stateful;
 mod support;
 mod tls;

@@ -6,12 +6,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use runnel_proto::auth::{Conn, Credentials};
 use runnel_proto::v1::{
     BrokerHeartbeatRequest, MetadataImage as ImageMessage, ProposeRequest, WatchMetadataRequest,
     quorum_client::QuorumClient,
 };
 use tokio::sync::watch;
-use tonic::transport::Channel;
 
 use crate::quorum::ProposeError;
 use crate::state::{BrokerId, ClusterMetadata, Command, CommandResult};
@@ -38,8 +38,9 @@ pub struct ControllerClient {
     voters: BTreeMap<BrokerId, String>,
     local: Option<Arc<Quorum>>,
     leader: Mutex<Option<BrokerId>>,
-    channels: Mutex<HashMap<BrokerId, QuorumClient<Channel>>>,
+    channels: Mutex<HashMap<BrokerId, QuorumClient<Conn>>>,
     tls: Option<runnel_proto::tls::ClientTls>,
+    credentials: Option<Arc<Credentials>>,
 }
 
 enum Attempt<T> {
@@ -48,11 +49,13 @@ enum Attempt<T> {
 }
 
 impl ControllerClient {
-    /// `local` is this node's own voter, when it is one; `tls` how to reach the others.
+    /// `local` is this node's own voter, when it is one; `tls` and `credentials` how to
+    /// reach the others.
     pub fn new(
         voters: BTreeMap<BrokerId, String>,
         local: Option<Arc<Quorum>>,
         tls: Option<runnel_proto::tls::ClientTls>,
+        credentials: Option<Arc<Credentials>>,
     ) -> Self {
         ControllerClient {
             voters,
@@ -60,6 +63,7 @@ impl ControllerClient {
             leader: Mutex::new(None),
             channels: Mutex::new(HashMap::new()),
             tls,
+            credentials,
         }
     }
 
@@ -78,7 +82,7 @@ impl ControllerClient {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn channel(&self, id: BrokerId) -> Option<QuorumClient<Channel>> {
+    fn channel(&self, id: BrokerId) -> Option<QuorumClient<Conn>> {
         let mut channels = self
             .channels
             .lock()
@@ -87,8 +91,13 @@ impl ControllerClient {
             return Some(client.clone());
         }
         let address = self.voters.get(&id)?;
-        let channel =
-            crate::network::channel(address, Duration::from_secs(1), self.tls.as_ref()).ok()?;
+        let channel = crate::network::channel(
+            address,
+            Duration::from_secs(1),
+            self.tls.as_ref(),
+            self.credentials.as_ref(),
+        )
+        .ok()?;
         let client = QuorumClient::new(channel)
             .max_decoding_message_size(crate::MESSAGE_BYTES_MAX)
             .max_encoding_message_size(crate::MESSAGE_BYTES_MAX);

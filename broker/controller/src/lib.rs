@@ -13,6 +13,7 @@ pub mod client;
 mod network;
 mod quorum;
 mod raft_log;
+pub mod security;
 mod service;
 pub mod state;
 mod state_machine;

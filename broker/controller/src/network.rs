@@ -16,8 +16,9 @@ use openraft::raft::{
 };
 use runnel_proto::v1::{RaftMessage, quorum_client::QuorumClient};
 use serde::{Serialize, de::DeserializeOwned};
-use tonic::transport::Channel;
+use std::sync::Arc;
 
+use runnel_proto::auth::{Conn, Credentials};
 use runnel_proto::tls::ClientTls;
 
 use crate::{Node, NodeId, TypeConfig};
@@ -32,14 +33,16 @@ pub(crate) fn channel(
     address: &str,
     timeout: Duration,
     tls: Option<&ClientTls>,
-) -> Result<Channel, tonic::transport::Error> {
-    Ok(runnel_proto::tls::endpoint(address, tls)?
+    credentials: Option<&Arc<Credentials>>,
+) -> Result<Conn, tonic::transport::Error> {
+    let channel = runnel_proto::tls::endpoint(address, tls)?
         .connect_timeout(timeout)
         // A peer cut off without a reset (a network partition) is noticed within
         // seconds instead of at the TCP timeout: the channel then redials.
         .http2_keep_alive_interval(Duration::from_secs(1))
         .keep_alive_timeout(Duration::from_secs(2))
-        .connect_lazy())
+        .connect_lazy();
+    Ok(Conn::new(channel, credentials.cloned()))
 }
 
 #[derive(Clone)]
@@ -47,11 +50,13 @@ pub(crate) struct Network {
     pub(crate) rpc_timeout: Duration,
     /// TLS towards the other voters, when the cluster uses it.
     pub(crate) tls: Option<ClientTls>,
+    /// What this voter proves itself with to the others (the cluster secret).
+    pub(crate) credentials: Option<Arc<Credentials>>,
 }
 
 pub(crate) struct Peer {
     target: NodeId,
-    client: Option<QuorumClient<Channel>>,
+    client: Option<QuorumClient<Conn>>,
     rpc_timeout: Duration,
 }
 
@@ -59,9 +64,14 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: NodeId, node: &Node) -> Peer {
-        let client = channel(&node.addr, self.rpc_timeout, self.tls.as_ref())
-            .ok()
-            .map(QuorumClient::new);
+        let client = channel(
+            &node.addr,
+            self.rpc_timeout,
+            self.tls.as_ref(),
+            self.credentials.as_ref(),
+        )
+        .ok()
+        .map(QuorumClient::new);
         Peer {
             target,
             client,

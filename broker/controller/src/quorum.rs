@@ -46,6 +46,8 @@ pub struct QuorumConfig {
     pub leader_rebalance_interval: Option<Duration>,
     /// TLS towards the other voters; `None`: plaintext.
     pub tls: Option<runnel_proto::tls::ClientTls>,
+    /// What this voter proves itself with to the other voters.
+    pub credentials: Option<std::sync::Arc<runnel_proto::auth::Credentials>>,
 }
 
 impl QuorumConfig {
@@ -61,6 +63,7 @@ impl QuorumConfig {
             unclean_leader_election: false,
             leader_rebalance_interval: Some(Duration::from_secs(30)),
             tls: None,
+            credentials: None,
         }
     }
 }
@@ -133,6 +136,7 @@ impl Quorum {
         let network = Network {
             rpc_timeout: Duration::from_millis(heartbeat_ms.max(100) * 10),
             tls: config.tls.clone(),
+            credentials: config.credentials.clone(),
         };
         let raft = Raft::new(
             u64::from(config.node_id),
@@ -325,6 +329,7 @@ impl Quorum {
             self.config.voters.clone(),
             Some(this.clone()),
             self.config.tls.clone(),
+            self.config.credentials.clone(),
         );
         let command = Command::Bootstrap {
             cluster_id: new_id("runnel"),

@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::security::{AclFilter, AclRecord, CredentialRecord, UserRecord};
+
 /// A broker's id (`node.id`). Ids start at 1; 0 means "no broker" in a partition's leader.
 pub type BrokerId = u32;
 
@@ -99,6 +101,12 @@ pub struct ClusterMetadata {
     /// The first producer id not handed out yet.
     #[serde(default)]
     pub next_producer_id: i64,
+    /// SCRAM users, by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub users: BTreeMap<String, UserRecord>,
+    /// Sorted, without duplicates.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub acls: Vec<AclRecord>,
 }
 
 /// Most producer ids one `AllocateProducerIds` hands out.
@@ -205,6 +213,25 @@ pub enum Command {
     AllocateProducerIds {
         count: u32,
     },
+    /// Creates a user, or replaces its credential for one mechanism (its other
+    /// mechanisms' credentials stay). With `create_only`, refused when the user exists.
+    UpsertUser {
+        name: String,
+        mechanism: String,
+        credential: CredentialRecord,
+        create_only: bool,
+    },
+    DeleteUser {
+        name: String,
+    },
+    /// Adds ACLs; ones that exist already are left as they are.
+    CreateAcls {
+        acls: Vec<AclRecord>,
+    },
+    /// Removes every ACL the filter matches.
+    DeleteAcls {
+        filter: AclFilter,
+    },
 }
 
 /// What an applied command produced.
@@ -217,6 +244,8 @@ pub enum Outcome {
         first: i64,
         count: u32,
     },
+    /// The ACLs a `DeleteAcls` removed.
+    Acls(Vec<AclRecord>),
 }
 
 /// A command the metadata refused; the message says which rule was broken.
@@ -236,6 +265,12 @@ pub enum MetadataError {
     InvalidRequest { reason: String },
     #[error("stale partition state: {reason}")]
     StaleEpoch { reason: String },
+    #[error("unknown user {name:?}")]
+    UnknownUser { name: String },
+    #[error(
+        "user {name:?} already exists; change its password with `runnel user set-password {name}`"
+    )]
+    UserAlreadyExists { name: String },
 }
 
 /// The result of applying a command, as the proposer sees it.
@@ -580,6 +615,49 @@ impl ClusterMetadata {
                 let first = self.next_producer_id;
                 self.next_producer_id += i64::from(count);
                 Ok(Outcome::ProducerIds { first, count })
+            }
+            Command::UpsertUser {
+                name,
+                mechanism,
+                credential,
+                create_only,
+            } => {
+                runnel_proto::scram::validate_user_name(&name).map_err(|err| {
+                    MetadataError::InvalidRequest {
+                        reason: err.to_string(),
+                    }
+                })?;
+                if runnel_proto::scram::Mechanism::parse(&mechanism).is_none() {
+                    return Err(MetadataError::InvalidRequest {
+                        reason: format!("unknown SCRAM mechanism {mechanism:?}"),
+                    });
+                }
+                if create_only && self.users.contains_key(&name) {
+                    return Err(MetadataError::UserAlreadyExists { name });
+                }
+                self.users
+                    .entry(name)
+                    .or_default()
+                    .credentials
+                    .insert(mechanism, credential);
+                Ok(Outcome::Done)
+            }
+            Command::DeleteUser { name } => match self.users.remove(&name) {
+                Some(_) => Ok(Outcome::Done),
+                None => Err(MetadataError::UnknownUser { name }),
+            },
+            Command::CreateAcls { acls } => {
+                self.acls.extend(acls);
+                self.acls.sort();
+                self.acls.dedup();
+                Ok(Outcome::Done)
+            }
+            Command::DeleteAcls { filter } => {
+                let (removed, kept) = std::mem::take(&mut self.acls)
+                    .into_iter()
+                    .partition(|acl| filter.matches(acl));
+                self.acls = kept;
+                Ok(Outcome::Acls(removed))
             }
             Command::ElectPreferred { partitions } => {
                 for (topic, partition) in partitions {

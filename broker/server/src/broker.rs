@@ -74,11 +74,14 @@ pub struct Broker {
     pub(crate) replicas: crate::replica::ReplicaManager,
     pub(crate) txn_coordinator: Mutex<crate::txn_ops::TxnCoordinator>,
     /// Channels to other brokers (transaction coordinators and partition leaders).
-    pub(crate) peers: Mutex<HashMap<u32, (String, tonic::transport::Channel)>>,
+    pub(crate) peers: Mutex<HashMap<u32, (String, runnel_proto::auth::Conn)>>,
     /// What Prometheus scrapes (`metrics.rs`).
     pub metrics: crate::metrics::BrokerMetrics,
     /// How this broker reaches other brokers: over TLS when the cluster uses it.
     pub client_tls: Option<runnel_proto::tls::ClientTls>,
+    /// What this broker (and its streams and connect runtimes) proves itself with to
+    /// brokers and voters: the cluster secret, when auth is on.
+    pub internal_credentials: Option<Arc<runnel_proto::auth::Credentials>>,
 }
 
 fn partition_dir(data_dir: &Path, topic: &str, partition: u32) -> PathBuf {
@@ -95,6 +98,7 @@ impl Broker {
         advertised: String,
         controller: Arc<ControllerClient>,
         quorum: Option<Arc<Quorum>>,
+        internal_credentials: Option<Arc<runnel_proto::auth::Credentials>>,
     ) -> anyhow::Result<Self> {
         let log_defaults = config.log_defaults()?;
         let client_tls = config.client_tls()?;
@@ -122,8 +126,10 @@ impl Broker {
                 config.node_id,
                 crate::replica::ReplicationSettings::from_config(&config),
                 client_tls.clone(),
+                internal_credentials.clone(),
             ),
             client_tls,
+            internal_credentials,
             config,
         })
     }
@@ -1380,7 +1386,7 @@ impl Broker {
         };
         let topic = match self.propose(command).await? {
             Outcome::Topic(topic) => topic,
-            Outcome::Done | Outcome::ProducerIds { .. } => {
+            Outcome::Done | Outcome::ProducerIds { .. } | Outcome::Acls(_) => {
                 self.image().metadata.topic(&name)?.clone()
             }
         };
@@ -1557,7 +1563,7 @@ impl Broker {
             .await?
         {
             Outcome::Topic(topic) => topic,
-            Outcome::Done | Outcome::ProducerIds { .. } => {
+            Outcome::Done | Outcome::ProducerIds { .. } | Outcome::Acls(_) => {
                 self.image().metadata.topic(name)?.clone()
             }
         };

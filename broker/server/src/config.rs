@@ -22,6 +22,13 @@
 //! leader_imbalance_check_interval_ms = 30000
 //! metrics_listen = "0.0.0.0:9644"           # Prometheus /metrics; "off" to turn it off
 //!
+//! [auth]                    # unset: anyone may do anything
+//! require_authentication = true             # SCRAM users or client certificates
+//! authorization = true                      # check every call against the ACLs
+//! super_users = ["User:admin"]
+//! cluster_secret_file = "/etc/runnel/cluster.secret"  # the same on every broker
+//! open_listen = "127.0.0.1:7071"            # plaintext, no authentication asked
+//!
 //! [topic_defaults]          # defaults for every topic's configs
 //! "retention.ms" = "604800000"
 //! "flush.ms" = "1000"       # switch from fsync-per-append to interval flushing
@@ -103,6 +110,61 @@ pub struct BrokerConfig {
     /// TLS on the listener and towards the other brokers and voters; unset: plaintext.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Authentication and authorization; unset: anyone may do anything.
+    #[serde(default)]
+    pub auth: AuthConfig,
+}
+
+/// The `[auth]` table.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Whether callers of `listen` must authenticate (SCRAM, or a client certificate
+    /// under mutual TLS).
+    #[serde(default)]
+    pub require_authentication: bool,
+    /// Whether every call is checked against the ACLs (`runnel acl`).
+    #[serde(default)]
+    pub authorization: bool,
+    /// Principals (`User:NAME`) every check allows.
+    #[serde(default)]
+    pub super_users: Vec<String>,
+    /// The secret the brokers of a cluster authenticate each other with: a file whose
+    /// content is the same on every broker. Unset: a secret of this process, which
+    /// serves a broker alone.
+    #[serde(default)]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// A second, plaintext listener that does not require authentication (its callers
+    /// are `User:ANONYMOUS` unless they authenticate), for tools on the same host.
+    #[serde(default)]
+    pub open_listen: Option<SocketAddr>,
+    /// How long a SCRAM session token stays valid.
+    #[serde(default = "default_session_lifetime_ms")]
+    pub session_lifetime_ms: u64,
+}
+
+fn default_session_lifetime_ms() -> u64 {
+    3_600_000
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            require_authentication: false,
+            authorization: false,
+            super_users: Vec::new(),
+            cluster_secret_file: None,
+            open_listen: None,
+            session_lifetime_ms: default_session_lifetime_ms(),
+        }
+    }
+}
+
+impl AuthConfig {
+    /// Whether brokers must prove who they are to each other.
+    pub fn enabled(&self) -> bool {
+        self.require_authentication || self.authorization
+    }
 }
 
 /// The `[tls]` table: PEM files.
@@ -226,6 +288,7 @@ impl BrokerConfig {
             leader_imbalance_check_interval_ms: default_leader_imbalance_check_ms(),
             metrics_listen: None,
             tls: None,
+            auth: AuthConfig::default(),
         }
     }
 
@@ -247,6 +310,41 @@ impl BrokerConfig {
             Some(&tls.cert_file),
             Some(&tls.key_file),
         )?))
+    }
+
+    /// The secret brokers authenticate each other with (read from
+    /// `auth.cluster_secret_file`, or this process's own), and whether this broker sends
+    /// it on its calls to brokers and voters (and its runtimes' calls to it): when auth is
+    /// on, unless the brokers authenticate by their certificates instead.
+    ///
+    /// # Errors
+    /// An unreadable or short file; a cluster of several nodes with authentication or
+    /// authorization on and neither a shared secret nor mutual TLS.
+    pub fn cluster_secret(&self) -> anyhow::Result<(String, bool)> {
+        if let Some(path) = &self.auth.cluster_secret_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading auth.cluster_secret_file {}", path.display()))?;
+            let secret = text.trim();
+            if secret.len() < 16 || !secret.bytes().all(|b| b.is_ascii_graphic()) {
+                anyhow::bail!(
+                    "auth.cluster_secret_file {} must hold at least 16 printable ASCII characters (for example `openssl rand -hex 32`)",
+                    path.display()
+                );
+            }
+            return Ok((secret.to_string(), self.auth.enabled()));
+        }
+        let mutual_tls = self.tls.as_ref().is_some_and(|t| t.client_auth);
+        let alone = self.controller_quorum.is_none();
+        if self.auth.enabled() && !alone && !mutual_tls {
+            anyhow::bail!(
+                "with [auth] on, the brokers of a cluster must authenticate each other: set auth.cluster_secret_file (the same file on every broker), or use mutual TLS (tls.client_auth) with the brokers' certificate names in auth.super_users"
+            );
+        }
+        let own = runnel_proto::scram::random_bytes(24)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Ok((own, self.auth.enabled() && alone))
     }
 
     /// Where the metrics endpoint listens; `None` when it is off.

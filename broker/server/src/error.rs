@@ -67,6 +67,8 @@ pub enum BrokerError {
     },
     #[error("invalid request: {reason}")]
     InvalidRequest { reason: String },
+    #[error("unknown user {name:?}; `runnel user list` shows the users")]
+    UnknownUser { name: String },
     #[error("topic {topic:?} is being deleted")]
     TopicDeletionInProgress { topic: String },
     #[error(
@@ -210,6 +212,10 @@ impl From<runnel_controller::MetadataError> for BrokerError {
             M::InvalidRequest { reason } | M::StaleEpoch { reason } => {
                 BrokerError::InvalidRequest { reason }
             }
+            M::UnknownUser { name } => BrokerError::UnknownUser { name },
+            err @ M::UserAlreadyExists { .. } => BrokerError::InvalidRequest {
+                reason: err.to_string(),
+            },
         }
     }
 }
@@ -267,6 +273,7 @@ impl BrokerError {
             BrokerError::UnknownTransactionalId { .. } => ErrorCode::UnknownTransactionalId,
             BrokerError::UnstableOffsetCommit { .. } => ErrorCode::UnstableOffsetCommit,
             BrokerError::UnknownLeaderEpoch { .. } => ErrorCode::UnknownLeaderEpoch,
+            BrokerError::UnknownUser { .. } => ErrorCode::UnknownUser,
         }
     }
 
@@ -284,7 +291,8 @@ impl BrokerError {
             ErrorCode::UnknownTopic
             | ErrorCode::UnknownPartition
             | ErrorCode::UnknownGroup
-            | ErrorCode::UnknownTransactionalId => Code::NotFound,
+            | ErrorCode::UnknownTransactionalId
+            | ErrorCode::UnknownUser => Code::NotFound,
             ErrorCode::UnknownMemberId | ErrorCode::FencedMember | ErrorCode::GroupNotEmpty => {
                 Code::FailedPrecondition
             }

@@ -21,6 +21,7 @@ pub mod offsets;
 pub mod partition;
 mod records;
 pub mod replica;
+pub mod security;
 mod service;
 #[cfg(test)]
 mod simulation;
@@ -38,7 +39,7 @@ use runnel_controller::{ControllerClient, MetadataImage, Quorum, QuorumConfig};
 use runnel_proto::v1::{
     admin_server::AdminServer, consumer_server::ConsumerServer, groups_server::GroupsServer,
     producer_server::ProducerServer, replication_server::ReplicationServer,
-    transactions_server::TransactionsServer,
+    security_server::SecurityServer, transactions_server::TransactionsServer,
 };
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -86,12 +87,13 @@ pub struct RunningBroker {
 /// # Errors
 /// The address cannot be bound, the config is invalid, or a partition cannot be opened.
 pub async fn start(config: BrokerConfig) -> anyhow::Result<RunningBroker> {
-    start_with(config, |_, _, routes| routes).await
+    start_with(config, |_, _, _, routes| routes).await
 }
 
 /// Like [`start`], and `extend` may add services (the streams runtime's) to the server;
-/// it gets the bound address and the broker's in-process data path, so that those
-/// services can reach the broker as clients.
+/// it gets the bound address, the broker's in-process data path and the credentials
+/// the broker's own clients prove themselves with, so that those services can reach
+/// the broker as clients.
 ///
 /// # Errors
 /// As [`start`].
@@ -100,12 +102,30 @@ pub async fn start_with(
     extend: impl FnOnce(
         SocketAddr,
         Arc<dyn runnel_proto::local::LocalBroker>,
+        Option<Arc<runnel_proto::auth::Credentials>>,
         tonic::service::Routes,
     ) -> tonic::service::Routes,
 ) -> anyhow::Result<RunningBroker> {
     // TLS files are checked before anything else starts.
     let server_tls = config.tls.as_ref().map(tls::ServerTls::load).transpose()?;
     let client_tls = config.client_tls()?;
+    let (cluster_secret, send_secret) = config.cluster_secret()?;
+    let internal_credentials = if send_secret {
+        Some(
+            runnel_proto::auth::Credentials::cluster(&cluster_secret)
+                .map_err(anyhow::Error::msg)?,
+        )
+    } else {
+        None
+    };
+    let open_listener = match config.auth.open_listen {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("binding auth.open_listen {address}"))?,
+        ),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
@@ -131,6 +151,7 @@ pub async fn start_with(
             .auto_leader_rebalance_enable
             .then(|| Duration::from_millis(config.leader_imbalance_check_interval_ms.max(100)));
         quorum_config.tls = client_tls.clone();
+        quorum_config.credentials = internal_credentials.clone();
         Some(
             Quorum::start(quorum_config)
                 .await
@@ -139,7 +160,12 @@ pub async fn start_with(
     } else {
         None
     };
-    let controller = Arc::new(ControllerClient::new(voters, quorum.clone(), client_tls));
+    let controller = Arc::new(ControllerClient::new(
+        voters,
+        quorum.clone(),
+        client_tls,
+        internal_credentials.clone(),
+    ));
     let images = match &quorum {
         Some(quorum) => quorum.images(),
         None => {
@@ -153,9 +179,11 @@ pub async fn start_with(
         advertised,
         controller,
         quorum.clone(),
+        internal_credentials,
     )?);
 
-    let service = service::Service::new(broker.clone());
+    let security = security::Security::new(broker.clone(), cluster_secret);
+    let service = service::Service::new(broker.clone(), security.clone());
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<ProducerServer<service::Service>>()
@@ -195,6 +223,9 @@ pub async fn start_with(
     .add_service(AdminServer::new(service.clone()))
     .add_service(GroupsServer::new(service.clone()))
     .add_service(TransactionsServer::new(service.clone()))
+    .add_service(SecurityServer::new(security::SecurityService(
+        security.clone(),
+    )))
     .add_service(health_service)
     .add_service(reflection_v1)
     .add_service(reflection_v1alpha);
@@ -207,22 +238,51 @@ pub async fn start_with(
         Some(quorum) => routes.add_service(quorum.service()),
         None => routes,
     };
-    let routes = extend(local_addr, Arc::new(service.clone()), routes);
-    let router = tonic::transport::Server::builder()
-        .layer(metrics::MeasureLayer(broker.clone()))
-        .tcp_nodelay(true)
-        // HTTP/2's default 64 KiB windows would stall every large batch for window
-        // updates; these let many batches be in flight on one stream.
-        .initial_stream_window_size(HTTP2_STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW_BYTES)
-        .max_frame_size(HTTP2_FRAME_BYTES_MAX)
-        .add_routes(routes);
+    let routes = extend(
+        local_addr,
+        Arc::new(service.clone()),
+        broker.internal_credentials.clone(),
+        routes,
+    );
+    let server = |required: bool| {
+        tonic::transport::Server::builder()
+            .layer(metrics::MeasureLayer(broker.clone()))
+            .layer(security::AuthLayer {
+                security: security.clone(),
+                required,
+            })
+            .tcp_nodelay(true)
+            // HTTP/2's default 64 KiB windows would stall every large batch for window
+            // updates; these let many batches be in flight on one stream.
+            .initial_stream_window_size(HTTP2_STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(HTTP2_CONNECTION_WINDOW_BYTES)
+            .max_frame_size(HTTP2_FRAME_BYTES_MAX)
+    };
+    let router = server(config.auth.require_authentication).add_routes(routes.clone());
     // Nagle's algorithm would hold small answers (acks, a follower's next fetch) for the
     // peer's delayed ACK, 40 ms: the builder's `tcp_nodelay` covers only listeners it
     // binds itself.
-    let shutdown = async {
+    let (open_shutdown_tx, open_shutdown_rx) = watch::channel(false);
+    let shutdown = async move {
         let _ = shutdown_rx.await;
+        let _ = open_shutdown_tx.send(true);
     };
+    let mut tasks = Vec::new();
+    if let Some(listener) = open_listener {
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let mut stop = open_shutdown_rx;
+        let open = server(false)
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = stop.wait_for(|stopped| *stopped).await;
+            });
+        tasks.push(tokio::spawn(async move {
+            if let Err(err) = open.await {
+                tracing::error!(error = %err, "the open listener failed");
+            }
+        }));
+    }
     let server = match server_tls {
         Some(server_tls) => tokio::spawn(
             router.serve_with_incoming_shutdown(tls::incoming(listener, server_tls), shutdown),
@@ -254,10 +314,8 @@ pub async fn start_with(
             }
         }
     });
-    let mut tasks = vec![
-        housekeeping,
-        tokio::spawn(apply_images(broker.clone(), images)),
-    ];
+    tasks.push(housekeeping);
+    tasks.push(tokio::spawn(apply_images(broker.clone(), images)));
     if config.is_broker() {
         let resolver = broker.clone();
         tasks.push(tokio::spawn(async move {

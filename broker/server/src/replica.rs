@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use runnel_controller::MetadataImage;
 use runnel_controller::state::Command;
+use runnel_proto::auth::{Conn, Credentials};
 use runnel_proto::tls::ClientTls;
 use runnel_proto::v1;
 use runnel_proto::v1::replication_client::ReplicationClient;
@@ -83,16 +84,24 @@ pub struct ReplicaManager {
     fetchers: Mutex<HashMap<u32, Fetcher>>,
     /// TLS towards the leaders, when the cluster uses it.
     tls: Option<ClientTls>,
+    /// What this broker proves itself with to the leaders.
+    credentials: Option<Arc<Credentials>>,
 }
 
 impl ReplicaManager {
-    pub fn new(node_id: u32, settings: ReplicationSettings, tls: Option<ClientTls>) -> Self {
+    pub fn new(
+        node_id: u32,
+        settings: ReplicationSettings,
+        tls: Option<ClientTls>,
+        credentials: Option<Arc<Credentials>>,
+    ) -> Self {
         ReplicaManager {
             node_id,
             settings,
             runtime: tokio::runtime::Handle::try_current().ok(),
             fetchers: Mutex::new(HashMap::new()),
             tls,
+            credentials,
         }
     }
 
@@ -132,6 +141,7 @@ impl ReplicaManager {
                 images.subscribe(),
                 self.settings,
                 self.tls.clone(),
+                self.credentials.clone(),
             ));
             fetchers.insert(leader, Fetcher { followed: tx, task });
         }
@@ -158,6 +168,7 @@ async fn run_fetcher(
     images: watch::Receiver<Arc<MetadataImage>>,
     settings: ReplicationSettings,
     tls: Option<ClientTls>,
+    credentials: Option<Arc<Credentials>>,
 ) {
     let mut backoff: HashMap<(u64, u32), Instant> = HashMap::new();
     let mut failing = false;
@@ -176,6 +187,7 @@ async fn run_fetcher(
         let result = match address {
             Some(address) => match connect(&address, tls.as_ref()).await {
                 Ok(channel) => {
+                    let channel = Conn::new(channel, credentials.clone());
                     session(
                         leader,
                         me,
@@ -221,7 +233,7 @@ async fn connect(
 async fn session(
     leader: u32,
     me: u32,
-    channel: tonic::transport::Channel,
+    channel: Conn,
     followed: &mut watch::Receiver<Vec<Followed>>,
     backoff: &mut HashMap<(u64, u32), Instant>,
     settings: ReplicationSettings,

@@ -5,11 +5,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use futures::stream::{FuturesOrdered, StreamExt};
+use runnel_proto::auth::{Access, CLUSTER_RESOURCE, access, check, may};
 use runnel_proto::local::{LocalBroker, Requests};
 use runnel_proto::v1::{
     self, admin_server, consumer_server, groups_server, producer_server, replication_server,
     transactions_server,
 };
+use runnel_proto::v1::{AclOperation as Op, ResourceType as Res};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -26,6 +28,8 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 #[derive(Clone)]
 pub struct Service {
     broker: Arc<Broker>,
+    /// Checks the in-process runtimes' calls made for a principal.
+    security: Arc<crate::security::Security>,
     /// Fault injection for tests of retries: with `RUNNEL_FAULT_CUT_PRODUCE_STREAM_EVERY=N`
     /// in the environment, every Nth answer of a produce stream is replaced by the end of
     /// the stream, after its batch was appended (a connection cut at the worst moment).
@@ -34,7 +38,7 @@ pub struct Service {
 }
 
 impl Service {
-    pub fn new(broker: Arc<Broker>) -> Self {
+    pub fn new(broker: Arc<Broker>, security: Arc<crate::security::Security>) -> Self {
         let cut_produce_stream_every = std::env::var("RUNNEL_FAULT_CUT_PRODUCE_STREAM_EVERY")
             .ok()
             .and_then(|v| v.parse().ok())
@@ -47,6 +51,7 @@ impl Service {
         }
         Service {
             broker,
+            security,
             cut_produce_stream_every,
             produce_answers: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
@@ -58,6 +63,41 @@ impl Service {
             && (answers.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1)
                 .is_multiple_of(every)
     }
+}
+
+/// The checks of one produce request: WRITE on its topic (and transactional id).
+fn check_produce(access: &Access, request: &v1::ProduceRequest) -> Result<(), Status> {
+    access.check(Op::Write, Res::Topic, &request.topic)?;
+    if !request.transactional_id.is_empty() {
+        access.check(Op::Write, Res::TransactionalId, &request.transactional_id)?;
+    }
+    Ok(())
+}
+
+/// A refusal as the error of a produce answer.
+fn refused(request_id: u64, status: &Status) -> v1::ProduceResponse {
+    v1::ProduceResponse {
+        request_id,
+        error: Some(v1::Error {
+            code: runnel_proto::status_error_code(status).unwrap_or(v1::ErrorCode::InvalidRequest)
+                as i32,
+            message: status.message().to_string(),
+        }),
+        ..Default::default()
+    }
+}
+
+fn check_cluster<T>(request: &Request<T>, operation: Op) -> Result<(), Status> {
+    check(request, operation, Res::Cluster, CLUSTER_RESOURCE)
+}
+
+/// READ on every topic of a fetch.
+fn check_fetch<T>(request: &Request<T>, partitions: &[v1::FetchPartition]) -> Result<(), Status> {
+    let access = access(request)?;
+    for partition in partitions {
+        access.check(Op::Read, Res::Topic, &partition.topic)?;
+    }
+    Ok(())
 }
 
 fn require_topic(topic: &str) -> Result<(), Status> {
@@ -76,9 +116,13 @@ impl producer_server::Producer for Service {
         &self,
         request: Request<v1::ProduceRequest>,
     ) -> Result<Response<v1::ProduceResponse>, Status> {
+        let access = access(&request)?.clone();
         let request = request.into_inner();
         require_topic(&request.topic)?;
-        self.broker.auto_create(&request.topic).await;
+        check_produce(&access, &request)?;
+        if access.may(Op::Create, Res::Topic, &request.topic) {
+            self.broker.auto_create(&request.topic).await;
+        }
         Ok(Response::new(
             self.broker.produce_joining(request).await.await,
         ))
@@ -88,6 +132,14 @@ impl producer_server::Producer for Service {
         &self,
         request: Request<v1::InitProducerIdRequest>,
     ) -> Result<Response<v1::InitProducerIdResponse>, Status> {
+        if !request.get_ref().transactional_id.is_empty() {
+            check(
+                &request,
+                Op::Write,
+                Res::TransactionalId,
+                &request.get_ref().transactional_id,
+            )?;
+        }
         let request = request.into_inner();
         let answer = if request.transactional_id.is_empty() {
             self.broker.init_producer_id().await
@@ -108,16 +160,22 @@ impl producer_server::Producer for Service {
         &self,
         request: Request<Streaming<v1::ProduceRequest>>,
     ) -> Result<Response<Self::ProduceStreamStream>, Status> {
-        Ok(Response::new(self.produce_responses(request.into_inner())))
+        let access = access(&request)?.clone();
+        Ok(Response::new(
+            self.produce_responses(request.into_inner(), Some(access)),
+        ))
     }
 }
 
 impl Service {
     /// Appends the requests of a produce stream in order and answers each, up to
     /// [`PRODUCE_IN_FLIGHT_MAX`] waiting for their acknowledgement at once.
+    /// `access` is the caller's, whose rights each request is checked against; `None`
+    /// for the runtimes in the broker's own process.
     fn produce_responses(
         &self,
         mut incoming: impl Stream<Item = Result<v1::ProduceRequest, Status>> + Send + Unpin + 'static,
+        access: Option<Access>,
     ) -> BoxStream<v1::ProduceResponse> {
         let broker = self.broker.clone();
         let (every, answers) = (self.cut_produce_stream_every, self.produce_answers.clone());
@@ -129,17 +187,26 @@ impl Service {
                 tokio::select! {
                     next = incoming.next(), if open && in_flight.len() < PRODUCE_IN_FLIGHT_MAX => match next {
                         Some(Ok(request)) => {
+                            if let Some(access) = &access
+                                && let Err(status) = check_produce(access, &request)
+                            {
+                                let answer = refused(request.request_id, &status);
+                                in_flight.push_back(Box::pin(async move { answer }) as std::pin::Pin<Box<dyn std::future::Future<Output = v1::ProduceResponse> + Send>>);
+                                continue;
+                            }
                             let received = std::time::Instant::now();
                             broker.metrics.produce_in_flight.fetch_add(1, Ordering::Relaxed);
-                            broker.auto_create(&request.topic).await;
+                            if access.as_ref().is_none_or(|a| a.may(Op::Create, Res::Topic, &request.topic)) {
+                                broker.auto_create(&request.topic).await;
+                            }
                             let answer = broker.produce_joining(request).await;
                             let measured = broker.clone();
-                            in_flight.push_back(async move {
+                            in_flight.push_back(Box::pin(async move {
                                 let response = answer.await;
                                 measured.metrics.produce_latency.observe(received.elapsed());
                                 measured.metrics.produce_in_flight.fetch_sub(1, Ordering::Relaxed);
                                 response
-                            });
+                            }));
                         }
                         Some(Err(status)) => {
                             tracing::debug!(%status, "produce stream ended by the client");
@@ -213,11 +280,28 @@ impl LocalBroker for Service {
         self.broker.node_id()
     }
 
-    fn produce_stream(&self, requests: Requests) -> BoxStream<v1::ProduceResponse> {
-        self.produce_responses(requests.map(Ok))
+    fn produce_stream(
+        &self,
+        requests: Requests,
+        principal: Option<&str>,
+    ) -> BoxStream<v1::ProduceResponse> {
+        let access = principal.map(|p| self.security.access(p.to_string(), "cluster"));
+        self.produce_responses(requests.map(Ok), access)
     }
 
-    fn fetch_stream(&self, request: v1::FetchRequest) -> BoxStream<v1::FetchResponse> {
+    fn fetch_stream(
+        &self,
+        request: v1::FetchRequest,
+        principal: Option<&str>,
+    ) -> BoxStream<v1::FetchResponse> {
+        if let Some(principal) = principal {
+            let access = self.security.access(principal.to_string(), "cluster");
+            for partition in &request.partitions {
+                if let Err(status) = access.check(Op::Read, Res::Topic, &partition.topic) {
+                    return Box::pin(futures::stream::once(async move { Err(status) }));
+                }
+            }
+        }
         self.fetch_responses(request)
     }
 }
@@ -262,6 +346,12 @@ impl transactions_server::Transactions for Service {
         &self,
         request: Request<v1::FindTransactionCoordinatorRequest>,
     ) -> Result<Response<v1::FindCoordinatorResponse>, Status> {
+        check(
+            &request,
+            Op::Describe,
+            Res::TransactionalId,
+            &request.get_ref().transactional_id,
+        )?;
         Ok(Response::new(self.broker.find_txn_coordinator(
             &request.into_inner().transactional_id,
         )?))
@@ -271,6 +361,12 @@ impl transactions_server::Transactions for Service {
         &self,
         request: Request<v1::EndTransactionRequest>,
     ) -> Result<Response<v1::EndTransactionResponse>, Status> {
+        check(
+            &request,
+            Op::Write,
+            Res::TransactionalId,
+            &request.get_ref().transactional_id,
+        )?;
         Ok(Response::new(
             self.broker.end_transaction(request.into_inner()).await?,
         ))
@@ -280,6 +376,15 @@ impl transactions_server::Transactions for Service {
         &self,
         request: Request<v1::AddPartitionsToTransactionRequest>,
     ) -> Result<Response<v1::AddPartitionsToTransactionResponse>, Status> {
+        check(
+            &request,
+            Op::Write,
+            Res::TransactionalId,
+            &request.get_ref().transactional_id,
+        )?;
+        for partitions in &request.get_ref().partitions {
+            check(&request, Op::Write, Res::Topic, &partitions.topic)?;
+        }
         self.broker
             .add_partitions_to_txn(request.into_inner())
             .await?;
@@ -288,15 +393,30 @@ impl transactions_server::Transactions for Service {
 
     async fn list_transactions(
         &self,
-        _request: Request<v1::ListTransactionsRequest>,
+        request: Request<v1::ListTransactionsRequest>,
     ) -> Result<Response<v1::ListTransactionsResponse>, Status> {
-        Ok(Response::new(self.broker.list_transactions()))
+        let mut listed = self.broker.list_transactions();
+        listed.transactions.retain(|t| {
+            may(
+                &request,
+                Op::Describe,
+                Res::TransactionalId,
+                &t.transactional_id,
+            )
+        });
+        Ok(Response::new(listed))
     }
 
     async fn describe_transaction(
         &self,
         request: Request<v1::DescribeTransactionRequest>,
     ) -> Result<Response<v1::TransactionDescription>, Status> {
+        check(
+            &request,
+            Op::Describe,
+            Res::TransactionalId,
+            &request.get_ref().transactional_id,
+        )?;
         Ok(Response::new(self.broker.describe_transaction(
             &request.into_inner().transactional_id,
         )?))
@@ -306,6 +426,12 @@ impl transactions_server::Transactions for Service {
         &self,
         request: Request<v1::AbortTransactionRequest>,
     ) -> Result<Response<v1::TransactionDescription>, Status> {
+        check(
+            &request,
+            Op::Write,
+            Res::TransactionalId,
+            &request.get_ref().transactional_id,
+        )?;
         Ok(Response::new(
             self.broker
                 .abort_transaction(&request.into_inner().transactional_id)
@@ -317,6 +443,7 @@ impl transactions_server::Transactions for Service {
         &self,
         request: Request<v1::AbortPartitionTransactionRequest>,
     ) -> Result<Response<v1::AbortPartitionTransactionResponse>, Status> {
+        check(&request, Op::Write, Res::Topic, &request.get_ref().topic)?;
         Ok(Response::new(
             self.broker
                 .abort_partition_transaction(request.into_inner())
@@ -331,6 +458,7 @@ impl consumer_server::Consumer for Service {
         &self,
         request: Request<v1::FetchRequest>,
     ) -> Result<Response<v1::FetchResponse>, Status> {
+        check_fetch(&request, &request.get_ref().partitions)?;
         let request = request.into_inner();
         Ok(Response::new(self.broker.fetch(&request).await))
     }
@@ -341,6 +469,7 @@ impl consumer_server::Consumer for Service {
         &self,
         request: Request<v1::FetchRequest>,
     ) -> Result<Response<Self::FetchStreamStream>, Status> {
+        check_fetch(&request, &request.get_ref().partitions)?;
         Ok(Response::new(self.fetch_responses(request.into_inner())))
     }
 
@@ -348,6 +477,9 @@ impl consumer_server::Consumer for Service {
         &self,
         request: Request<v1::ListOffsetsRequest>,
     ) -> Result<Response<v1::ListOffsetsResponse>, Status> {
+        for query in &request.get_ref().queries {
+            check(&request, Op::Describe, Res::Topic, &query.topic)?;
+        }
         Ok(Response::new(
             self.broker.list_offsets(&request.into_inner()),
         ))
@@ -360,9 +492,28 @@ impl admin_server::Admin for Service {
         &self,
         request: Request<v1::MetadataRequest>,
     ) -> Result<Response<v1::MetadataResponse>, Status> {
-        Ok(Response::new(
-            self.broker.metadata(&request.into_inner()).await,
-        ))
+        let access = access(&request)?.clone();
+        let named = !request.get_ref().topics.is_empty();
+        let mut response = self.broker.metadata(&request.into_inner()).await;
+        // Named topics the caller may not describe are refused one by one; a listing of
+        // every topic leaves them out.
+        response.topics.retain_mut(|topic| {
+            if access.may(Op::Describe, Res::Topic, &topic.name) {
+                return true;
+            }
+            if named {
+                if let Err(status) = access.check(Op::Describe, Res::Topic, &topic.name) {
+                    topic.partitions.clear();
+                    topic.error = Some(v1::Error {
+                        code: v1::ErrorCode::TopicAuthorizationFailed as i32,
+                        message: status.message().to_string(),
+                    });
+                }
+                return true;
+            }
+            false
+        });
+        Ok(Response::new(response))
     }
 
     async fn cluster_info(
@@ -376,6 +527,9 @@ impl admin_server::Admin for Service {
         &self,
         request: Request<v1::CreateTopicRequest>,
     ) -> Result<Response<v1::CreateTopicResponse>, Status> {
+        if !may(&request, Op::Create, Res::Cluster, CLUSTER_RESOURCE) {
+            check(&request, Op::Create, Res::Topic, &request.get_ref().name)?;
+        }
         Ok(Response::new(
             self.broker.create_topic(request.into_inner()).await?,
         ))
@@ -385,6 +539,7 @@ impl admin_server::Admin for Service {
         &self,
         request: Request<v1::DeleteTopicRequest>,
     ) -> Result<Response<v1::DeleteTopicResponse>, Status> {
+        check(&request, Op::Delete, Res::Topic, &request.get_ref().name)?;
         self.broker.delete_topic(&request.into_inner().name).await?;
         Ok(Response::new(v1::DeleteTopicResponse {}))
     }
@@ -393,16 +548,18 @@ impl admin_server::Admin for Service {
         &self,
         request: Request<v1::ListTopicsRequest>,
     ) -> Result<Response<v1::ListTopicsResponse>, Status> {
-        Ok(Response::new(
-            self.broker
-                .list_topics(request.into_inner().include_internal),
-        ))
+        let mut listed = self.broker.list_topics(request.get_ref().include_internal);
+        listed
+            .topics
+            .retain(|t| may(&request, Op::Describe, Res::Topic, &t.name));
+        Ok(Response::new(listed))
     }
 
     async fn describe_topic(
         &self,
         request: Request<v1::DescribeTopicRequest>,
     ) -> Result<Response<v1::DescribeTopicResponse>, Status> {
+        check(&request, Op::Describe, Res::Topic, &request.get_ref().name)?;
         Ok(Response::new(
             self.broker.describe_topic(&request.into_inner().name)?,
         ))
@@ -412,6 +569,12 @@ impl admin_server::Admin for Service {
         &self,
         request: Request<v1::AlterTopicConfigRequest>,
     ) -> Result<Response<v1::AlterTopicConfigResponse>, Status> {
+        check(
+            &request,
+            Op::AlterConfigs,
+            Res::Topic,
+            &request.get_ref().name,
+        )?;
         Ok(Response::new(
             self.broker.alter_topic_config(request.into_inner()).await?,
         ))
@@ -421,6 +584,7 @@ impl admin_server::Admin for Service {
         &self,
         request: Request<v1::AddPartitionsRequest>,
     ) -> Result<Response<v1::AddPartitionsResponse>, Status> {
+        check(&request, Op::Alter, Res::Topic, &request.get_ref().name)?;
         let request = request.into_inner();
         Ok(Response::new(
             self.broker
@@ -433,6 +597,7 @@ impl admin_server::Admin for Service {
         &self,
         request: Request<v1::ReassignPartitionsRequest>,
     ) -> Result<Response<v1::ReassignPartitionsResponse>, Status> {
+        check_cluster(&request, Op::Alter)?;
         self.broker
             .reassign_partitions(request.into_inner())
             .await?;
@@ -443,6 +608,7 @@ impl admin_server::Admin for Service {
         &self,
         request: Request<v1::ElectLeadersRequest>,
     ) -> Result<Response<v1::ElectLeadersResponse>, Status> {
+        check_cluster(&request, Op::Alter)?;
         Ok(Response::new(
             self.broker
                 .elect_preferred_leaders(request.into_inner().topics)
@@ -454,6 +620,7 @@ impl admin_server::Admin for Service {
         &self,
         request: Request<v1::DeleteRecordsRequest>,
     ) -> Result<Response<v1::DeleteRecordsResponse>, Status> {
+        check(&request, Op::Delete, Res::Topic, &request.get_ref().topic)?;
         let request = request.into_inner();
         let log_start_offset =
             self.broker
@@ -470,6 +637,7 @@ impl groups_server::Groups for Service {
         &self,
         request: Request<v1::HeartbeatRequest>,
     ) -> Result<Response<v1::HeartbeatResponse>, Status> {
+        check(&request, Op::Read, Res::Group, &request.get_ref().group_id)?;
         let host = request
             .remote_addr()
             .map(|a| a.ip().to_string())
@@ -485,6 +653,12 @@ impl groups_server::Groups for Service {
         &self,
         request: Request<v1::FindCoordinatorRequest>,
     ) -> Result<Response<v1::FindCoordinatorResponse>, Status> {
+        check(
+            &request,
+            Op::Describe,
+            Res::Group,
+            &request.get_ref().group_id,
+        )?;
         Ok(Response::new(
             self.broker
                 .find_coordinator(&request.into_inner().group_id)?,
@@ -495,6 +669,10 @@ impl groups_server::Groups for Service {
         &self,
         request: Request<v1::CommitOffsetsRequest>,
     ) -> Result<Response<v1::CommitOffsetsResponse>, Status> {
+        check(&request, Op::Read, Res::Group, &request.get_ref().group_id)?;
+        for offset in &request.get_ref().offsets {
+            check(&request, Op::Read, Res::Topic, &offset.topic)?;
+        }
         self.broker.commit_offsets(request.into_inner()).await?;
         Ok(Response::new(v1::CommitOffsetsResponse {}))
     }
@@ -503,6 +681,15 @@ impl groups_server::Groups for Service {
         &self,
         request: Request<v1::FetchOffsetsRequest>,
     ) -> Result<Response<v1::FetchOffsetsResponse>, Status> {
+        check(
+            &request,
+            Op::Describe,
+            Res::Group,
+            &request.get_ref().group_id,
+        )?;
+        for topic in &request.get_ref().topics {
+            check(&request, Op::Describe, Res::Topic, topic)?;
+        }
         Ok(Response::new(
             self.broker.fetch_offsets(&request.into_inner())?,
         ))
@@ -510,15 +697,25 @@ impl groups_server::Groups for Service {
 
     async fn list_groups(
         &self,
-        _request: Request<v1::ListGroupsRequest>,
+        request: Request<v1::ListGroupsRequest>,
     ) -> Result<Response<v1::ListGroupsResponse>, Status> {
-        Ok(Response::new(self.broker.list_groups()))
+        let mut listed = self.broker.list_groups();
+        listed
+            .groups
+            .retain(|g| may(&request, Op::Describe, Res::Group, &g.group_id));
+        Ok(Response::new(listed))
     }
 
     async fn describe_group(
         &self,
         request: Request<v1::DescribeGroupRequest>,
     ) -> Result<Response<v1::DescribeGroupResponse>, Status> {
+        check(
+            &request,
+            Op::Describe,
+            Res::Group,
+            &request.get_ref().group_id,
+        )?;
         Ok(Response::new(
             self.broker.describe_group(&request.into_inner().group_id)?,
         ))
@@ -528,6 +725,8 @@ impl groups_server::Groups for Service {
         &self,
         request: Request<v1::ResetOffsetsRequest>,
     ) -> Result<Response<v1::ResetOffsetsResponse>, Status> {
+        check(&request, Op::Read, Res::Group, &request.get_ref().group_id)?;
+        check(&request, Op::Read, Res::Topic, &request.get_ref().topic)?;
         Ok(Response::new(
             self.broker.reset_offsets(request.into_inner()).await?,
         ))
@@ -537,6 +736,12 @@ impl groups_server::Groups for Service {
         &self,
         request: Request<v1::DeleteGroupRequest>,
     ) -> Result<Response<v1::DeleteGroupResponse>, Status> {
+        check(
+            &request,
+            Op::Delete,
+            Res::Group,
+            &request.get_ref().group_id,
+        )?;
         self.broker
             .delete_group(&request.into_inner().group_id)
             .await?;

@@ -22,10 +22,10 @@ use std::time::Duration;
 use runnel_batch::ControlType;
 use runnel_batch::Record;
 use runnel_controller::state::NO_LEADER;
+use runnel_proto::auth::Conn;
 use runnel_proto::v1;
 use runnel_proto::v1::replication_client::ReplicationClient;
 use runnel_proto::v1::transactions_client::TransactionsClient;
-use tonic::transport::Channel;
 
 use crate::broker::Broker;
 use crate::error::BrokerError;
@@ -115,7 +115,7 @@ impl Broker {
     }
 
     /// A client for broker `node` (one lazily connected channel per broker).
-    pub(crate) fn peer(&self, node: u32) -> Result<Channel, BrokerError> {
+    pub(crate) fn peer(&self, node: u32) -> Result<Conn, BrokerError> {
         let image = self.image();
         let address = image
             .metadata
@@ -144,6 +144,7 @@ impl Broker {
                 self.config.request_timeout_ms + 5_000,
             ))
             .connect_lazy();
+        let channel = Conn::new(channel, self.internal_credentials.clone());
         peers.insert(node, (address, channel.clone()));
         Ok(channel)
     }

@@ -4,7 +4,9 @@
 
 #![allow(clippy::all, clippy::pedantic, missing_docs)]
 
+pub mod auth;
 pub mod codec;
+pub mod scram;
 pub mod tls;
 
 /// Version 1 of the API.
@@ -59,10 +61,20 @@ pub mod local {
     pub trait LocalBroker: Send + Sync {
         /// The broker's node id, as metadata names partition leaders.
         fn node_id(&self) -> u32;
-        /// Answers `requests` in order, as the `ProduceStream` RPC does.
-        fn produce_stream(&self, requests: Requests) -> BoxStream<v1::ProduceResponse>;
+        /// Answers `requests` in order, as the `ProduceStream` RPC does; `principal`
+        /// is the one a transform or connector acts as, whose rights are checked as
+        /// over gRPC (`None`: the broker's own rights).
+        fn produce_stream(
+            &self,
+            requests: Requests,
+            principal: Option<&str>,
+        ) -> BoxStream<v1::ProduceResponse>;
         /// Answers `request` over and over from where the last answer ended, as the
         /// `FetchStream` RPC does.
-        fn fetch_stream(&self, request: v1::FetchRequest) -> BoxStream<v1::FetchResponse>;
+        fn fetch_stream(
+            &self,
+            request: v1::FetchRequest,
+            principal: Option<&str>,
+        ) -> BoxStream<v1::FetchResponse>;
     }
 }
