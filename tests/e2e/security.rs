@@ -674,6 +674,43 @@ fn a_transform_acts_as_its_principal() {
         "",
     ));
     assert_eq!(copied, "a\nb\n", "nothing written without the right");
+
+    // A hosted connector acts as the principal its file names, checked the same way.
+    let out_dir = dir.path().join("sink-out");
+    std::fs::create_dir_all(&out_dir).expect("mkdir");
+    let file = dir.path().join("archive.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "name: archive\nkind: sink\nconnector: file-sink\ntopic: in\nprincipal: User:etl\nconfig:\n  path: {out}/copy.log\ncapabilities:\n  dirs:\n    - {{ path: {out}, mode: read-write }}\n",
+            out = out_dir.display()
+        ),
+    )
+    .expect("write");
+    let create = ["connector", "create", &file.display().to_string()];
+    refused(
+        admin(&create, ""),
+        "User:etl may not READ group \"connect-archive\"",
+    );
+    ok(admin(
+        &[
+            "acl",
+            "add",
+            "--allow",
+            "User:etl",
+            "--operation",
+            "read",
+            "--group",
+            "connect-archive",
+        ],
+        "",
+    ));
+    ok(admin(&create, ""));
+    crate::support::wait_until(
+        "the sink to copy the input",
+        std::time::Duration::from_secs(30),
+        || std::fs::read_to_string(out_dir.join("copy.log")).is_ok_and(|t| t.lines().count() == 3),
+    );
 }
 
 #[test]
@@ -795,4 +832,65 @@ fn a_three_broker_cluster_with_auth_replicates_and_fails_over() {
         ],
     ));
     assert_eq!(consumed, format!("{first}last\n"));
+}
+
+#[test]
+fn a_client_certificate_authenticates_under_mutual_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = crate::tls::Pki::new(dir.path(), "auth");
+    let ca = dir.path().join("auth-ca.pem").display().to_string();
+    let (cert, key) = pki.issue("broker");
+    let config = dir.path().join("runnel.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"off\"\n[tls]\ncert_file = {:?}\nkey_file = {:?}\nca_file = {ca:?}\nclient_auth = true\n[auth]\nrequire_authentication = true\nauthorization = true\nsuper_users = [\"User:admin\"]\n",
+            dir.path().join("data").display().to_string(),
+            cert.display().to_string(),
+            key.display().to_string(),
+        ),
+    )
+    .expect("write");
+    let broker = Dev::spawn(&["broker", "start", "--config", &config.display().to_string()]);
+    let as_cert = |name: &str, args: &[&str], stdin: &str| {
+        let (cert, key) = pki.issue(name);
+        let (cert, key) = (cert.display().to_string(), key.display().to_string());
+        let tls = [
+            "--tls-ca",
+            ca.as_str(),
+            "--tls-cert",
+            cert.as_str(),
+            "--tls-key",
+            key.as_str(),
+        ];
+        runnel_at(&broker.addr, &[&tls[..], args].concat(), stdin)
+    };
+    // The certificate's common name is the principal; a super user by name.
+    let me = ok(as_cert("admin", &["user", "whoami"], ""));
+    assert_eq!(
+        me.trim(),
+        "User:admin (authenticated by certificate, super user)"
+    );
+    let me = ok(as_cert("carol", &["user", "whoami"], ""));
+    assert_eq!(me.trim(), "User:carol (authenticated by certificate)");
+    ok(as_cert("admin", &["topic", "create", "audit"], ""));
+    refused(
+        as_cert("carol", &["produce", "audit"], "x\n"),
+        "User:carol may not DESCRIBE topic \"audit\"",
+    );
+    ok(as_cert(
+        "admin",
+        &[
+            "acl",
+            "add",
+            "--allow",
+            "User:carol",
+            "--operation",
+            "write,describe",
+            "--topic",
+            "audit",
+        ],
+        "",
+    ));
+    ok(as_cert("carol", &["produce", "audit"], "x\n"));
 }

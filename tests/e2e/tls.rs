@@ -14,13 +14,13 @@ use crate::cluster::{Cluster, partition_rows};
 use crate::support::{Dev, runnel_at, wait_until};
 
 /// A CA and certificates it signed, written as PEM files under one directory.
-struct Pki {
+pub(crate) struct Pki {
     dir: PathBuf,
     ca: Issuer<'static, KeyPair>,
 }
 
 impl Pki {
-    fn new(dir: &Path, name: &str) -> Pki {
+    pub(crate) fn new(dir: &Path, name: &str) -> Pki {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params
@@ -36,7 +36,7 @@ impl Pki {
     }
 
     /// Writes `NAME.pem` and `NAME.key`: a certificate for localhost and 127.0.0.1.
-    fn issue(&self, name: &str) -> (PathBuf, PathBuf) {
+    pub(crate) fn issue(&self, name: &str) -> (PathBuf, PathBuf) {
         let mut params =
             CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
                 .expect("params");
