@@ -840,11 +840,12 @@ fn a_client_certificate_authenticates_under_mutual_tls() {
     let pki = crate::tls::Pki::new(dir.path(), "auth");
     let ca = dir.path().join("auth-ca.pem").display().to_string();
     let (cert, key) = pki.issue("broker");
+    let metrics_port = free_port();
     let config = dir.path().join("runnel.toml");
     std::fs::write(
         &config,
         format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"off\"\n[tls]\ncert_file = {:?}\nkey_file = {:?}\nca_file = {ca:?}\nclient_auth = true\n[auth]\nrequire_authentication = true\nauthorization = true\nsuper_users = [\"User:admin\"]\n",
+            "data_dir = {:?}\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n[tls]\ncert_file = {:?}\nkey_file = {:?}\nca_file = {ca:?}\nclient_auth = true\n[auth]\nrequire_authentication = true\nauthorization = true\nsuper_users = [\"User:admin\"]\n",
             dir.path().join("data").display().to_string(),
             cert.display().to_string(),
             key.display().to_string(),
@@ -893,4 +894,40 @@ fn a_client_certificate_authenticates_under_mutual_tls() {
         "",
     ));
     ok(as_cert("carol", &["produce", "audit"], "x\n"));
+
+    // The metrics endpoint is HTTPS with the same certificates: a scraper with a client
+    // certificate reads it; one without, or in plaintext, does not.
+    let (scraper_cert, scraper_key) = pki.issue("prometheus");
+    let scrape = |url: &str, with_cert: bool| {
+        let script = format!(
+            "import ssl, urllib.request\nctx = ssl.create_default_context(cafile={ca:?})\n{}print(urllib.request.urlopen({url:?}, context=ctx, timeout=10).read().decode())\n",
+            if with_cert {
+                format!(
+                    "ctx.load_cert_chain({:?}, {:?})\n",
+                    scraper_cert.display().to_string(),
+                    scraper_key.display().to_string()
+                )
+            } else {
+                String::new()
+            }
+        );
+        std::process::Command::new("python3")
+            .args(["-c", &script])
+            .output()
+            .expect("python3 runs")
+    };
+    let https = format!("https://127.0.0.1:{metrics_port}/metrics");
+    let scraped = scrape(&https, true);
+    assert!(scraped.status.success(), "{}", stderr(&scraped));
+    assert!(
+        stdout(&scraped).contains("runnel_grpc_requests_total{service=\"runnel.v1.Producer\""),
+        "{}",
+        stdout(&scraped)
+    );
+    assert!(!scrape(&https, false).status.success());
+    assert!(
+        !scrape(&format!("http://127.0.0.1:{metrics_port}/metrics"), true)
+            .status
+            .success()
+    );
 }

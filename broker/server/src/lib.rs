@@ -75,6 +75,8 @@ pub(crate) fn now_ms() -> i64 {
 /// A broker serving on a bound address until [`RunningBroker::shutdown`].
 pub struct RunningBroker {
     pub local_addr: SocketAddr,
+    /// The listener's TLS, which the metrics endpoint serves with too.
+    server_tls: Option<Arc<tls::ServerTls>>,
     pub broker: Arc<Broker>,
     shutdown: Option<oneshot::Sender<()>>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -283,7 +285,7 @@ pub async fn start_with(
             }
         }));
     }
-    let server = match server_tls {
+    let server = match server_tls.clone() {
         Some(server_tls) => tokio::spawn(
             router.serve_with_incoming_shutdown(tls::incoming(listener, server_tls), shutdown),
         ),
@@ -332,6 +334,7 @@ pub async fn start_with(
         )));
     }
     let running = RunningBroker {
+        server_tls,
         local_addr,
         broker: broker.clone(),
         shutdown: Some(shutdown_tx),
@@ -458,6 +461,7 @@ impl RunningBroker {
             listener,
             self.broker.clone(),
             collectors,
+            self.server_tls.clone(),
         )));
         Ok(Some(bound))
     }

@@ -413,10 +413,13 @@ pub type Collector = Arc<dyn Fn(&mut Exposition) + Send + Sync>;
 
 /// Serves `GET /metrics` on `listener` until the process ends: the broker's metrics,
 /// the process's and each of `collectors`'.
+/// Serves `/metrics` on `listener`: over HTTPS with the broker's certificate (and its
+/// client certificate check) when the broker has TLS.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     broker: Arc<Broker>,
     collectors: Vec<Collector>,
+    tls: Option<Arc<crate::tls::ServerTls>>,
 ) {
     let render = Arc::new(move || {
         let mut out = Exposition::new();
@@ -434,6 +437,7 @@ pub async fn serve(
             continue;
         };
         let render = render.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let service =
                 hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
@@ -456,11 +460,28 @@ pub async fn serve(
                         response.map_err(|err| std::io::Error::other(err.to_string()))
                     }
                 });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(err) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await
-            {
+            let served = match tls {
+                Some(tls) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(tls.http1_config());
+                    match acceptor.accept(stream).await {
+                        Ok(stream) => {
+                            hyper::server::conn::http1::Builder::new()
+                                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                                .await
+                        }
+                        Err(err) => {
+                            tracing::debug!(error = %err, "metrics TLS handshake refused");
+                            return;
+                        }
+                    }
+                }
+                None => {
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await
+                }
+            };
+            if let Err(err) = served {
                 tracing::debug!(error = %err, "metrics connection failed");
             }
         });

@@ -111,6 +111,14 @@ impl ServerTls {
         Self::paths(files).iter().map(|p| stamp(p)).collect()
     }
 
+    /// The current configuration for HTTP/1.1 (the metrics endpoint) instead of gRPC's
+    /// HTTP/2.
+    pub fn http1_config(&self) -> Arc<rustls::ServerConfig> {
+        let mut config = (*self.config()).clone();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(config)
+    }
+
     fn config(&self) -> Arc<rustls::ServerConfig> {
         self.current
             .read()

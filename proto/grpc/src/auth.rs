@@ -352,6 +352,13 @@ impl Session {
             .map(|(value, _)| value.clone())
     }
 
+    fn forget(&self) {
+        *self
+            .token
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+
     async fn token(&self, channel: &Channel) -> Result<http::HeaderValue, Status> {
         if let Some(token) = self.current() {
             return Ok(token);
@@ -472,7 +479,21 @@ impl tower_service::Service<http::Request<Body>> for Conn {
                 let spare = self.channel.clone();
                 Box::pin(async move {
                     credentials.apply(&spare, request.headers_mut()).await?;
-                    ready.call(request).await.map_err(Into::into)
+                    let response = ready.call(request).await?;
+                    // A token the broker no longer takes (it expired early, or the
+                    // password changed) is dropped: the next call authenticates again.
+                    if let Credentials::Scram(session) = &*credentials
+                        && response
+                            .headers()
+                            .get(crate::ERROR_CODE_METADATA_KEY)
+                            .is_some_and(|code| {
+                                code.as_bytes()
+                                    == ErrorCode::AuthenticationRequired.as_str_name().as_bytes()
+                            })
+                    {
+                        session.forget();
+                    }
+                    Ok(response)
                 })
             }
         }
