@@ -26,11 +26,22 @@ impl Drop for Node {
     }
 }
 
+/// A port for a server a test starts and restarts at a fixed address. Taken from below
+/// the kernel's ephemeral range (which starts at 32768 by default), so that no outgoing
+/// connection of a concurrent test holds it as its local port meanwhile, and handed out
+/// in turn within this process, so that two tests never get the same one.
 pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 12_000;
+    const COUNT: u32 = 20_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7_919) % COUNT;
+    loop {
+        let port = (FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % COUNT) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 fn spawn(node: &Node, quorum: &str, extra: &[String]) -> (Child, ChildStdout) {
