@@ -931,3 +931,83 @@ fn a_client_certificate_authenticates_under_mutual_tls() {
             .success()
     );
 }
+
+#[test]
+fn the_example_clients_authenticate_with_scram() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (broker, secret) = secure_broker(dir.path(), free_port());
+    let addr = broker.addr.clone();
+    let cluster = ["--cluster-secret-file", secret.as_str()];
+    ok(runnel_at(
+        &addr,
+        &[
+            &cluster[..],
+            &["user", "create", "app", "--new-password", "app-pw"],
+        ]
+        .concat(),
+        "",
+    ));
+    for (example, topic) in [
+        (crate::clients::Example::python(), "from-python"),
+        (crate::clients::Example::node(), "from-node"),
+    ] {
+        ok(runnel_at(
+            &addr,
+            &[
+                &cluster[..],
+                &[
+                    "acl",
+                    "add",
+                    "--allow",
+                    "User:app",
+                    "--operation",
+                    "all",
+                    "--topic",
+                    topic,
+                ],
+            ]
+            .concat(),
+            "",
+        ));
+        for mechanism in ["SCRAM-SHA-256", "SCRAM-SHA-512"] {
+            let login = [
+                "--user",
+                "app",
+                "--password",
+                "app-pw",
+                "--scram-mechanism",
+                mechanism,
+            ];
+            if mechanism == "SCRAM-SHA-256" {
+                example.ok(&addr, &[&login[..], &["create-topic", topic]].concat(), "");
+            }
+            example.ok(&addr, &[&login[..], &["produce", topic]].concat(), "a\nb\n");
+        }
+        let read = as_user(
+            &addr,
+            "app",
+            "app-pw",
+            &["consume", topic, "--from-beginning", "--max-messages", "4"],
+            "",
+        );
+        assert_eq!(stdout(&read), "a\nb\na\nb\n", "{topic}");
+        // A wrong password, and no login at all, are refused with the broker's words.
+        let wrong = example.run(
+            &addr,
+            &["--user", "app", "--password", "nope", "create-topic", "x"],
+            "",
+        );
+        assert!(!wrong.status.success(), "{topic}");
+        assert!(
+            stderr(&wrong).contains("authentication failed: unknown user or wrong password"),
+            "{topic}: {}",
+            stderr(&wrong)
+        );
+        let anonymous = example.run(&addr, &["create-topic", "x"], "");
+        assert!(
+            stderr(&anonymous).contains("AUTHENTICATION_REQUIRED"),
+            "{topic}: {}",
+            stderr(&anonymous)
+        );
+    }
+}

@@ -6,9 +6,13 @@
 //   node runnel_example.js --broker HOST:PORT group GROUP TOPIC [--max N]
 //   node runnel_example.js --broker HOST:PORT tail TOPIC
 //
+// Against brokers that require authentication, add --user USER --password PASSWORD
+// [--scram-mechanism SCRAM-SHA-512]; over TLS, --tls-ca [--tls-cert --tls-key].
+//
 // Run ./setup.sh first (npm packages); the stubs are built from proto/ at start.
 'use strict';
 
+const crypto = require('crypto');
 const fs = require('fs');
 const path = require('path');
 const grpc = require('@grpc/grpc-js');
@@ -55,6 +59,7 @@ class Runnel {
   constructor(address, tls = null) {
     this.address = address;
     this.stubs = new Map();
+    this.interceptors = [];
     this.credentials = tls && tls.ca
       ? grpc.credentials.createSsl(
         fs.readFileSync(tls.ca),
@@ -67,9 +72,50 @@ class Runnel {
   stub(service, address = this.address) {
     const key = `${service}@${address}`;
     if (!this.stubs.has(key)) {
-      this.stubs.set(key, new v1[service](address, this.credentials));
+      this.stubs.set(key, new v1[service](address, this.credentials, { interceptors: this.interceptors }));
     }
     return this.stubs.get(key);
+  }
+
+  // SCRAM (RFC 5802) over the Security service: the session token then goes with every
+  // call (it is valid on every broker for an hour). The password never leaves this
+  // process: only a proof derived from it does.
+  async login(user, password, mechanism = 'SCRAM-SHA-256') {
+    const digest = mechanism.toUpperCase().endsWith('512') ? 'sha512' : 'sha256';
+    const hmac = (key, data) => crypto.createHmac(digest, key).update(data).digest();
+    const nonce = crypto.randomBytes(18).toString('base64');
+    const firstBare = `n=${user},r=${nonce}`;
+    const security = this.stub('Security');
+    const started = await call(security, 'AuthenticateStart', {
+      mechanism: digest === 'sha512' ? 'SCRAM_SHA_512' : 'SCRAM_SHA_256',
+      client_first: `n,,${firstBare}`,
+    });
+    const attributes = Object.fromEntries(started.server_first.split(',').map((p) => [p[0], p.slice(2)]));
+    if (!attributes.r.startsWith(nonce)) throw new RunnelError('AUTHENTICATION_FAILED', "the broker's nonce does not extend ours");
+    const salted = crypto.pbkdf2Sync(password, Buffer.from(attributes.s, 'base64'), Number(attributes.i),
+      digest === 'sha512' ? 64 : 32, digest);
+    const clientKey = hmac(salted, 'Client Key');
+    const storedKey = crypto.createHash(digest).update(clientKey).digest();
+    const withoutProof = `c=biws,r=${attributes.r}`;
+    const authMessage = `${firstBare},${started.server_first},${withoutProof}`;
+    const signature = hmac(storedKey, authMessage);
+    const proof = Buffer.from(clientKey.map((b, i) => b ^ signature[i]));
+    const finished = await call(security, 'AuthenticateFinish', {
+      handshake_id: started.handshake_id,
+      client_final: `${withoutProof},p=${proof.toString('base64')}`,
+    });
+    const expected = hmac(hmac(salted, 'Server Key'), authMessage).toString('base64');
+    if (finished.server_final !== `v=${expected}`) {
+      throw new RunnelError('AUTHENTICATION_FAILED', "the broker does not know this user's credential");
+    }
+    const token = finished.token;
+    this.interceptors = [(options, nextCall) => new grpc.InterceptingCall(nextCall(options), {
+      start(metadata, listener, next) {
+        metadata.set('authorization', `Bearer ${token}`);
+        next(metadata, listener);
+      },
+    })];
+    this.stubs.clear();
   }
 
   async createTopic(name, partitions) {
@@ -287,8 +333,12 @@ async function main() {
   const positional = [];
   const headers = {};
   const tls = {};
+  const login = { user: process.env.RUNNEL_USER, password: process.env.RUNNEL_PASSWORD || '', mechanism: 'SCRAM-SHA-256' };
   for (let i = 0; i < args.length; i += 1) {
     if (args[i] === '--broker') broker = args[++i];
+    else if (args[i] === '--user') login.user = args[++i];
+    else if (args[i] === '--password') login.password = args[++i];
+    else if (args[i] === '--scram-mechanism') login.mechanism = args[++i];
     else if (args[i] === '--tls-ca') tls.ca = args[++i];
     else if (args[i] === '--tls-cert') tls.cert = args[++i];
     else if (args[i] === '--tls-key') tls.key = args[++i];
@@ -299,6 +349,7 @@ async function main() {
     else positional.push(args[i]);
   }
   const client = new Runnel(broker, tls);
+  if (login.user) await client.login(login.user, login.password, login.mechanism);
   const [command, ...rest] = positional;
   const max = options.max || Number.MAX_SAFE_INTEGER;
   switch (command) {

@@ -8,10 +8,18 @@
     python runnel_example.py --broker HOST:PORT bench-produce TOPIC --records N
     python runnel_example.py --broker HOST:PORT bench-consume TOPIC
 
+Against brokers that require authentication, add --user USER --password PASSWORD
+[--scram-mechanism SCRAM-SHA-512] (SCRAM with the Security service, then the session
+token on every call); over TLS, --tls-ca [--tls-cert --tls-key].
+
 Run ./setup.sh first: it makes .venv and generates the stubs into gen/.
 """
 
 import argparse
+import base64
+import collections
+import hashlib
+import hmac
 import os
 import sys
 import time
@@ -64,8 +72,84 @@ def read_file(path):
         return f.read()
 
 
+def scram_login(channel, user, password, mechanism):
+    """Authenticates with SCRAM (RFC 5802) over the Security service; returns the session
+    token. The password never leaves this process: only a proof derived from it does."""
+    digest = "sha512" if mechanism.upper().endswith("512") else "sha256"
+    nonce = base64.b64encode(os.urandom(18)).decode()
+    first_bare = f"n={user},r={nonce}"
+    security = rpc.SecurityStub(channel)
+    started = call(
+        security.AuthenticateStart,
+        pb.AuthenticateStartRequest(
+            mechanism=pb.SCRAM_SHA_512 if digest == "sha512" else pb.SCRAM_SHA_256,
+            client_first="n,," + first_bare,
+        ),
+    )
+    attributes = dict(part.split("=", 1) for part in started.server_first.split(","))
+    server_nonce = attributes["r"]
+    if not server_nonce.startswith(nonce):
+        raise RunnelError("AUTHENTICATION_FAILED", "the broker's nonce does not extend ours")
+    salted = hashlib.pbkdf2_hmac(digest, password.encode(), base64.b64decode(attributes["s"]), int(attributes["i"]))
+    client_key = hmac.new(salted, b"Client Key", digest).digest()
+    stored_key = hashlib.new(digest, client_key).digest()
+    without_proof = f"c=biws,r={server_nonce}"
+    auth_message = f"{first_bare},{started.server_first},{without_proof}".encode()
+    signature = hmac.new(stored_key, auth_message, digest).digest()
+    proof = bytes(a ^ b for a, b in zip(client_key, signature))
+    finished = call(
+        security.AuthenticateFinish,
+        pb.AuthenticateFinishRequest(
+            handshake_id=started.handshake_id,
+            client_final=f"{without_proof},p={base64.b64encode(proof).decode()}",
+        ),
+    )
+    server_key = hmac.new(salted, b"Server Key", digest).digest()
+    expected = base64.b64encode(hmac.new(server_key, auth_message, digest).digest()).decode()
+    if finished.server_final != "v=" + expected:
+        raise RunnelError("AUTHENTICATION_FAILED", "the broker does not know this user's credential")
+    return finished.token
+
+
+class _CallDetails(
+    collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class TokenInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds `authorization: Bearer TOKEN` to every call of a channel."""
+
+    def __init__(self, token):
+        self.header = ("authorization", "Bearer " + token)
+
+    def _with_token(self, details):
+        metadata = list(details.metadata or []) + [self.header]
+        return _CallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready, details.compression
+        )
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(self._with_token(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._with_token(details), requests)
+
+
 class Runnel:
-    def __init__(self, broker, tls_ca=None, tls_cert=None, tls_key=None):
+    def __init__(self, broker, tls_ca=None, tls_cert=None, tls_key=None, login=None):
         self.address = broker
         # Over TLS: trust the CA that signed the brokers' certificates, and present a
         # client certificate when the brokers require mutual TLS.
@@ -76,6 +160,12 @@ class Runnel:
                 private_key=read_file(tls_key) if tls_key else None,
                 certificate_chain=read_file(tls_cert) if tls_cert else None,
             )
+        # With a login, one SCRAM exchange gives a token every broker of the cluster
+        # takes (valid for an hour: a longer-lived client logs in again before).
+        self.token = None
+        if login is not None:
+            user, password, mechanism = login
+            self.token = scram_login(self.open_channel(broker), user, password, mechanism)
         self.channel = self.open_channel(broker)
         self.admin = rpc.AdminStub(self.channel)
         self.producer = rpc.ProducerStub(self.channel)
@@ -101,8 +191,12 @@ class Runnel:
 
     def open_channel(self, address):
         if self.credentials is None:
-            return grpc.insecure_channel(address)
-        return grpc.secure_channel(address, self.credentials)
+            channel = grpc.insecure_channel(address)
+        else:
+            channel = grpc.secure_channel(address, self.credentials)
+        if getattr(self, "token", None):
+            channel = grpc.intercept_channel(channel, TokenInterceptor(self.token))
+        return channel
 
     def stub_for(self, address, kind):
         key = (address, kind)
@@ -307,6 +401,9 @@ def main():
     parser.add_argument("--tls-ca", help="connect over TLS, trusting this CA (PEM)")
     parser.add_argument("--tls-cert", help="client certificate (PEM), for mutual TLS")
     parser.add_argument("--tls-key", help="key of --tls-cert (PEM)")
+    parser.add_argument("--user", default=os.environ.get("RUNNEL_USER"), help="SCRAM user (brokers that require authentication)")
+    parser.add_argument("--password", default=os.environ.get("RUNNEL_PASSWORD"))
+    parser.add_argument("--scram-mechanism", default="SCRAM-SHA-256", help="SCRAM-SHA-256 or SCRAM-SHA-512")
     sub = parser.add_subparsers(dest="command", required=True)
     create = sub.add_parser("create-topic")
     create.add_argument("name")
@@ -330,8 +427,9 @@ def main():
     bench.add_argument("--records", type=int, default=100000)
     bench.add_argument("--batch", type=int, default=1000)
     args = parser.parse_args()
-    client = Runnel(args.broker, args.tls_ca, args.tls_cert, args.tls_key)
+    login = (args.user, args.password or "", args.scram_mechanism) if args.user else None
     try:
+        client = Runnel(args.broker, args.tls_ca, args.tls_cert, args.tls_key, login)
         if args.command == "create-topic":
             topic = client.create_topic(args.name, args.partitions)
             print(f"created {topic.name} with {len(topic.partitions)} partitions")
