@@ -764,3 +764,52 @@ fn a_consume_transform_produce_loop_copies_each_record_once_across_a_crash() {
         everything.lines().count()
     );
 }
+
+#[test]
+fn the_broker_config_bounds_transaction_timeouts_and_forgets_idle_ids() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("runnel.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"off\"\ntransaction_max_timeout_ms = 5000\ntransactional_id_expiration_ms = 1500\n",
+            dir.path().join("data").display().to_string()
+        ),
+    )
+    .expect("write");
+    let dev = Dev::spawn(&["broker", "start", "--config", &config.display().to_string()]);
+    dev.ok(&["topic", "create", "ledger"], "");
+    let err = dev.fails(
+        &[
+            "produce",
+            "ledger",
+            "--transactional-id",
+            "long",
+            "--transaction-timeout-ms",
+            "10000",
+        ],
+        "x\n",
+    );
+    assert!(
+        err.contains("longer than the broker's maximum 5000 ms (transaction_max_timeout_ms)"),
+        "{err}"
+    );
+    dev.ok(
+        &[
+            "produce",
+            "ledger",
+            "--transactional-id",
+            "brief",
+            "--transaction-timeout-ms",
+            "4000",
+        ],
+        "x\n",
+    );
+    assert!(dev.ok(&["transaction", "list"], "").contains("brief"));
+    // Idle past transactional_id_expiration_ms, the id is forgotten.
+    wait_until("the idle id to expire", Duration::from_secs(20), || {
+        !dev.ok(&["transaction", "list"], "").contains("brief")
+    });
+    let describe = dev.fails(&["transaction", "describe", "brief"], "");
+    assert!(describe.contains("unknown transactional id"), "{describe}");
+}

@@ -17,6 +17,8 @@
 //! replica_fetch_wait_max_ms = 500
 //! replica_fetch_max_bytes = 8388608
 //! request_timeout_ms = 30000                 # longest an acks=all produce waits
+//! transaction_max_timeout_ms = 900000        # longest transaction timeout a producer may ask
+//! transactional_id_expiration_ms = 604800000 # an idle transactional id is forgotten after
 //! unclean_leader_election_enable = false
 //! auto_leader_rebalance_enable = true        # give leadership back to preferred replicas
 //! leader_imbalance_check_interval_ms = 30000
@@ -92,6 +94,14 @@ pub struct BrokerConfig {
     /// Longest an `acks=all` produce waits for the ISR when the request names no timeout.
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,
+    /// The longest transaction timeout a transactional producer may ask for (Kafka's
+    /// `transaction.max.timeout.ms`).
+    #[serde(default = "default_transaction_max_timeout_ms")]
+    pub transaction_max_timeout_ms: u32,
+    /// A transactional id with no transaction open for this long is forgotten, with its
+    /// producer id and epoch (Kafka's `transactional.id.expiration.ms`).
+    #[serde(default = "default_transactional_id_expiration_ms")]
+    pub transactional_id_expiration_ms: i64,
     /// Whether a partition whose whole ISR is down may be led by an out-of-sync replica
     /// (losing what it lacks), for topics that do not set `unclean.leader.election.enable`.
     #[serde(default)]
@@ -240,6 +250,14 @@ fn default_replica_fetch_bytes() -> u32 {
     8 * 1024 * 1024
 }
 
+fn default_transaction_max_timeout_ms() -> u32 {
+    crate::txn::MAX_TIMEOUT_MS
+}
+
+fn default_transactional_id_expiration_ms() -> i64 {
+    crate::txn::ID_EXPIRATION_MS
+}
+
 fn default_request_timeout_ms() -> u64 {
     30_000
 }
@@ -283,6 +301,8 @@ impl BrokerConfig {
             replica_fetch_wait_max_ms: default_replica_fetch_wait_ms(),
             replica_fetch_max_bytes: default_replica_fetch_bytes(),
             request_timeout_ms: default_request_timeout_ms(),
+            transaction_max_timeout_ms: default_transaction_max_timeout_ms(),
+            transactional_id_expiration_ms: default_transactional_id_expiration_ms(),
             unclean_leader_election_enable: false,
             auto_leader_rebalance_enable: true,
             leader_imbalance_check_interval_ms: default_leader_imbalance_check_ms(),

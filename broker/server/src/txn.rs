@@ -31,10 +31,12 @@ pub const TXN_TOPIC: &str = "__transaction_state";
 pub const TXN_TOPIC_PARTITIONS: u32 = 8;
 /// `transaction.timeout.ms` when the producer asks for none (Kafka's default).
 pub const DEFAULT_TIMEOUT_MS: u32 = 60_000;
-/// The longest timeout a producer may ask for (Kafka's `transaction.max.timeout.ms`).
+/// The default of `transaction_max_timeout_ms`: the longest timeout a producer may ask
+/// for (Kafka's `transaction.max.timeout.ms`).
 pub const MAX_TIMEOUT_MS: u32 = 900_000;
 
-/// A transactional id with no transaction open is forgotten after this long unused
+/// The default of `transactional_id_expiration_ms`: a transactional id with no
+/// transaction open is forgotten after this long unused
 /// (Kafka's `transactional.id.expiration.ms`, 7 days).
 pub const ID_EXPIRATION_MS: i64 = 7 * 24 * 3600 * 1000;
 
@@ -296,9 +298,9 @@ impl TxnMeta {
         self.producer_epoch >= i16::MAX - 3
     }
 
-    /// Whether the id has been unused for [`ID_EXPIRATION_MS`] with no transaction open.
-    pub fn expired(&self, now: i64) -> bool {
-        self.state.is_idle() && now.saturating_sub(self.update_ms) > ID_EXPIRATION_MS
+    /// Whether the id has been unused for `expiration_ms` with no transaction open.
+    pub fn expired(&self, now: i64, expiration_ms: i64) -> bool {
+        self.state.is_idle() && now.saturating_sub(self.update_ms) > expiration_ms
     }
 
     /// Whether the open transaction outlived its timeout at `now`.

@@ -32,8 +32,7 @@ use crate::error::BrokerError;
 use crate::now_ms;
 use crate::partition::Partition;
 use crate::txn::{
-    DEFAULT_TIMEOUT_MS, EndDecision, MAX_TIMEOUT_MS, TXN_TOPIC, TxnError, TxnMeta, TxnState,
-    partition_for_txn,
+    DEFAULT_TIMEOUT_MS, EndDecision, TXN_TOPIC, TxnError, TxnMeta, TxnState, partition_for_txn,
 };
 
 /// Longest transactional id accepted.
@@ -292,10 +291,11 @@ impl Broker {
     ) -> Result<v1::InitProducerIdResponse, BrokerError> {
         let timeout_ms = match timeout_ms {
             0 => DEFAULT_TIMEOUT_MS,
-            ms if ms > MAX_TIMEOUT_MS => {
+            ms if ms > self.config.transaction_max_timeout_ms => {
                 return Err(BrokerError::InvalidRequest {
                     reason: format!(
-                        "transaction timeout {ms} ms is longer than the broker's maximum {MAX_TIMEOUT_MS} ms"
+                        "transaction timeout {ms} ms is longer than the broker's maximum {} ms (transaction_max_timeout_ms)",
+                        self.config.transaction_max_timeout_ms
                     ),
                 });
             }
@@ -676,7 +676,9 @@ impl Broker {
                 .metas
                 .iter()
                 .filter(|(id, meta)| {
-                    (meta.timed_out(now) || meta.state.is_prepared() || meta.expired(now))
+                    (meta.timed_out(now)
+                        || meta.state.is_prepared()
+                        || meta.expired(now, self.config.transactional_id_expiration_ms))
                         && !txns.busy.contains(*id)
                 })
                 .map(|(id, _)| id.clone())
@@ -702,7 +704,7 @@ impl Broker {
         let Some(meta) = self.txn_meta(id) else {
             return Ok(());
         };
-        if meta.expired(now_ms()) {
+        if meta.expired(now_ms(), self.config.transactional_id_expiration_ms) {
             tracing::info!(
                 transactional_id = id,
                 "forgetting a transactional id unused for transactional.id.expiration.ms"
