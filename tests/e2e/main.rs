@@ -656,6 +656,39 @@ fn broker_start_reads_its_config_file_and_refuses_a_broken_one() {
         "{err}"
     );
 
+    // Auth settings that cannot work are refused at start, with the fix.
+    for (text, wanted) in [
+        (
+            "[auth]\nauthorization = true\nsuper_users = [\"admin\"]\n",
+            "auth.super_users: \"admin\" is not a principal; write User:NAME",
+        ),
+        (
+            "controller_quorum = \"1@127.0.0.1:1,2@127.0.0.1:2\"\n[auth]\nrequire_authentication = true\n",
+            "set auth.cluster_secret_file",
+        ),
+        (
+            "[auth]\nrequire_authentication = true\ncluster_secret_file = \"/nonexistent/secret\"\n",
+            "reading auth.cluster_secret_file /nonexistent/secret",
+        ),
+    ] {
+        let bad_auth = dir.path().join("bad-auth.toml");
+        std::fs::write(
+            &bad_auth,
+            format!(
+                "data_dir = {:?}\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"off\"\n{text}",
+                dir.path().join("auth-data").display().to_string()
+            ),
+        )
+        .expect("write");
+        let output = std::process::Command::new(support::RUNNEL)
+            .args(["broker", "start", "--config"])
+            .arg(&bad_auth)
+            .output()
+            .expect("runs");
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success() && err.contains(wanted), "{err}");
+    }
+
     let config = dir.path().join("runnel.toml");
     let data = dir.path().join("data");
     std::fs::write(

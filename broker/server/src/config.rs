@@ -338,9 +338,17 @@ impl BrokerConfig {
     /// on, unless the brokers authenticate by their certificates instead.
     ///
     /// # Errors
-    /// An unreadable or short file; a cluster of several nodes with authentication or
-    /// authorization on and neither a shared secret nor mutual TLS.
+    /// A super user that is not `User:NAME`; an unreadable or short file; a cluster of
+    /// several nodes with authentication or authorization on and neither a shared secret
+    /// nor mutual TLS.
     pub fn cluster_secret(&self) -> anyhow::Result<(String, bool)> {
+        for user in &self.auth.super_users {
+            if !user.starts_with("User:") || user.len() <= "User:".len() {
+                anyhow::bail!(
+                    "auth.super_users: {user:?} is not a principal; write User:NAME (User:admin, or User:CN for a certificate)"
+                );
+            }
+        }
         if let Some(path) = &self.auth.cluster_secret_file {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading auth.cluster_secret_file {}", path.display()))?;
