@@ -12,10 +12,18 @@
 //! `<data>/__deployments/wasm/SHA256.wasm` as they are read (content-addressed, so the
 //! copy is never stale).
 //!
+//! A component no definition has named for [`COMPONENT_GRACE`] is removed (a tombstone,
+//! and the local copies), so redeploys do not pile up old components.
+//!
 //! **Invariant:** a command is answered only after the broker that took it has read its
 //! own record back, so the next command on that broker sees it.
 //! **Invariant:** a definition is written only after every component it names, and both
 //! with acks=all.
+//! **Invariant:** a component a definition names stays: the collector writes a component
+//! back when, once its tombstone is read back, a definition names it; a definition's
+//! writer writes back a component it names that is gone once the definition is read
+//! back. The topic is one partition, so whichever of the two was written last sees the
+//! other.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -37,6 +45,10 @@ pub const TOPIC: &str = "__deployments";
 
 /// How long a write or a read-back may take before the command gives up.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a component no definition names stays (a deploy writes its component and
+/// then its definition within seconds). `RUNNEL_COMPONENT_GRACE_MS` overrides it, for
+/// tests.
+pub const COMPONENT_GRACE: Duration = Duration::from_secs(600);
 
 /// What a definition defines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -86,6 +98,14 @@ impl Snapshot {
         self.definitions.get(&(kind, name.to_string()))
     }
 
+    /// The components some definition names.
+    pub fn named_components(&self) -> BTreeSet<String> {
+        self.definitions
+            .values()
+            .flat_map(|d| d.components.iter().cloned())
+            .collect()
+    }
+
     /// The definitions of one kind, by name.
     pub fn of(&self, kind: Kind) -> impl Iterator<Item = (&String, &Definition)> {
         self.definitions
@@ -127,6 +147,10 @@ impl Store {
             .with_context(|| format!("creating {}", wasm_dir.display()))?;
         let (tx, rx) = watch::channel(Snapshot::default());
         let reader = tokio::spawn(read(client.clone(), wasm_dir.clone(), tx));
+        let grace = std::env::var("RUNNEL_COMPONENT_GRACE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(COMPONENT_GRACE, Duration::from_millis);
         let producer = Producer::new(
             client,
             ProducerConfig {
@@ -136,14 +160,104 @@ impl Store {
                 ..ProducerConfig::default()
             },
         );
-        Ok(Store {
+        let store = Store {
             inner: Arc::new(Inner {
                 producer: std::sync::Mutex::new(Some(Arc::new(producer))),
                 reader,
                 wasm_dir,
                 snapshot: rx,
             }),
-        })
+        };
+        let collector = store.clone();
+        tokio::spawn(async move {
+            let mut unnamed = BTreeMap::new();
+            let every = (grace / 2).clamp(Duration::from_millis(100), Duration::from_secs(60));
+            loop {
+                tokio::time::sleep(every).await;
+                if collector.is_closed() {
+                    return;
+                }
+                if let Err(err) = collector.collect_components(&mut unnamed, grace).await {
+                    tracing::warn!(error = %format!("{err:#}"), "collecting unused components failed; retrying");
+                }
+            }
+        });
+        Ok(store)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.inner
+            .producer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_none()
+    }
+
+    /// Removes the components no definition has named for `grace` (`unnamed` remembers
+    /// since when, between calls): a tombstone in the topic (written back if a definition
+    /// named it meanwhile), and the local copies nothing holds any more.
+    ///
+    /// # Errors
+    /// A write was not acknowledged or read back.
+    async fn collect_components(
+        &self,
+        unnamed: &mut BTreeMap<String, std::time::Instant>,
+        grace: Duration,
+    ) -> anyhow::Result<()> {
+        let snapshot = self.snapshot();
+        if !snapshot.caught_up {
+            return Ok(());
+        }
+        let named = snapshot.named_components();
+        unnamed.retain(|sha, _| snapshot.components.contains(sha) && !named.contains(sha));
+        for sha in snapshot.components.difference(&named) {
+            unnamed
+                .entry(sha.clone())
+                .or_insert_with(std::time::Instant::now);
+        }
+        let due: Vec<String> = unnamed
+            .iter()
+            .filter(|(_, since)| since.elapsed() >= grace)
+            .map(|(sha, _)| sha.clone())
+            .collect();
+        for sha in due {
+            unnamed.remove(&sha);
+            let bytes = self.component(&sha)?;
+            let after = self.write(format!("component/{sha}"), None).await?;
+            if after.named_components().contains(&sha) {
+                self.write(format!("component/{sha}"), Some(Bytes::from(bytes)))
+                    .await?;
+                continue;
+            }
+            tracing::info!(component = %sha, "removed a component no deployment uses");
+        }
+        // Local copies of components the topic no longer holds: old ones only, as a
+        // file is written before the reader counts its component in.
+        let snapshot = self.snapshot();
+        let named = snapshot.named_components();
+        let Ok(entries) = std::fs::read_dir(&self.inner.wasm_dir) else {
+            return Ok(());
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Some(sha) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".wasm"))
+            else {
+                continue;
+            };
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age >= grace);
+            if old && !snapshot.components.contains(sha) && !named.contains(sha) {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        Ok(())
     }
 
     /// Stops reading and writing (the broker is stopping: its streams must end).
@@ -210,7 +324,22 @@ impl Store {
             .map(serde_json::to_vec)
             .transpose()?
             .map(Bytes::from);
-        self.write(format!("{}{name}", kind.prefix()), value).await
+        let mut snapshot = self
+            .write(format!("{}{name}", kind.prefix()), value)
+            .await?;
+        // A component collected while this definition was being written comes back.
+        for sha in definition
+            .map(|d| d.components.as_slice())
+            .unwrap_or_default()
+        {
+            if !snapshot.components.contains(sha) {
+                let bytes = self.component(sha)?;
+                snapshot = self
+                    .write(format!("component/{sha}"), Some(Bytes::from(bytes)))
+                    .await?;
+            }
+        }
+        Ok(snapshot)
     }
 
     async fn write(&self, key: String, value: Option<Bytes>) -> anyhow::Result<Snapshot> {

@@ -640,3 +640,57 @@ fn a_component_of_megabytes_is_stored_in_the_cluster_and_read_back_after_a_resta
     dev.ok(&["produce", "src"], "two\n");
     assert_eq!(wait_for_lines(&dev, "dst", 2), ["one", "two"]);
 }
+
+/// The `.wasm` copies of components under a broker's data directory.
+fn component_copies(dir: &std::path::Path) -> usize {
+    fn walk(dir: &std::path::Path, found: &mut usize) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path, found);
+            } else if path.extension().is_some_and(|e| e == "wasm")
+                && path
+                    .parent()
+                    .is_some_and(|p| p.ends_with("__deployments/wasm"))
+            {
+                *found += 1;
+            }
+        }
+    }
+    let mut found = 0;
+    walk(dir, &mut found);
+    found
+}
+
+#[test]
+fn components_no_deployment_uses_are_removed_and_come_back_when_deployed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dev = Dev::start_with_env(dir.path(), &[("RUNNEL_COMPONENT_GRACE_MS", "1000")]);
+    for topic in ["in", "out"] {
+        dev.ok(&["topic", "create", topic], "");
+    }
+    let (identity, filter) = (wasm("identity"), wasm("filter"));
+    dev.ok(&deploy("a", "in", "out", &identity, &[]), "");
+    assert_eq!(component_copies(dir.path()), 1);
+    // Redeployed with another component: the first one is used by nothing.
+    dev.ok(
+        &deploy("a", "in", "out", &filter, &["--config", "min=1"]),
+        "",
+    );
+    assert_eq!(component_copies(dir.path()), 2);
+    crate::support::wait_until(
+        "the unused component to go",
+        Duration::from_secs(30),
+        || component_copies(dir.path()) == 1,
+    );
+    // Deployed again, it is stored again and runs.
+    dev.ok(&deploy("b", "in", "out", &identity, &[]), "");
+    assert_eq!(describe_field(&dev, "b", "State:"), "Running");
+    dev.ok(&["produce", "in"], "{\"amount\": 5}\n");
+    let lines = wait_for_lines(&dev, "out", 2);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    // A deployment's component is never collected while it is in use.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(component_copies(dir.path()), 2);
+    assert_eq!(describe_field(&dev, "a", "State:"), "Running");
+}
