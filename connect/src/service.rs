@@ -59,26 +59,11 @@ impl connectors_server::Connectors for Service {
         let spec = spec::parse(&request.file_name, &request.yaml)
             .map_err(|e| error_status(Code::InvalidArgument, ErrorCode::InvalidRequest, e.0))?;
         access.check(Op::Create, Res::Connector, &spec.name)?;
-        // The connector needs the rights it will use: its principal's (acting as
-        // another principal than one's own is an administrator's act), or without one
-        // the creator's (it then acts with the cluster's rights).
-        let runs_as = match &spec.principal {
-            None => access.clone(),
-            Some(principal) => {
-                if *principal != access.principal {
-                    access.check(
-                        Op::Alter,
-                        Res::Cluster,
-                        runnel_proto::auth::CLUSTER_RESOURCE,
-                    )?;
-                }
-                let runs_as = access.as_principal(principal);
-                if spec.kind == spec::Kind::Sink {
-                    runs_as.check(Op::Read, Res::Group, &crate::worker::group_name(&spec.name))?;
-                }
-                runs_as
-            }
-        };
+        // The connector needs the rights it will use.
+        let runs_as = access.acting_for(spec.principal.as_deref())?;
+        if spec.principal.is_some() && spec.kind == spec::Kind::Sink {
+            runs_as.check(Op::Read, Res::Group, &crate::worker::group_name(&spec.name))?;
+        }
         let operation = match spec.kind {
             spec::Kind::Source => Op::Write,
             spec::Kind::Sink => Op::Read,

@@ -59,27 +59,8 @@ impl transforms_server::Transforms for Service {
             .spec
             .ok_or_else(|| invalid("the deploy request has no spec"))?;
         access.check(Op::Create, Res::Transform, &spec.name)?;
-        // The transform needs the rights it will use: its principal's (acting as another
-        // principal than one's own is an administrator's act), or without one the
-        // deployer's (the tasks then act with the cluster's rights).
-        let runs_as = if spec.principal.is_empty() {
-            access.clone()
-        } else {
-            let principal = spec.principal.trim().to_string();
-            if !principal.starts_with("User:") || principal.len() <= "User:".len() {
-                return Err(invalid(format!(
-                    "principal {principal:?} is not of the form User:NAME"
-                )));
-            }
-            if principal != access.principal {
-                access.check(
-                    Op::Alter,
-                    Res::Cluster,
-                    runnel_proto::auth::CLUSTER_RESOURCE,
-                )?;
-            }
-            access.as_principal(&principal)
-        };
+        // The transform needs the rights it will use.
+        let runs_as = access.acting_for(Some(&spec.principal))?;
         runs_as.check(Op::Read, Res::Topic, &spec.input_topic)?;
         for output in spec
             .output_topics

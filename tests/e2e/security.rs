@@ -36,6 +36,15 @@ fn secure_broker(dir: &Path, open_port: u16) -> (Dev, String) {
     (dev, secret.display().to_string())
 }
 
+/// `runnel --cluster-secret-file SECRET args`: the operator acting as the cluster.
+fn as_cluster(addr: &str, secret: &str, args: &[&str]) -> Output {
+    runnel_at(
+        addr,
+        &[&["--cluster-secret-file", secret], args].concat(),
+        "",
+    )
+}
+
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).to_string()
 }
@@ -76,14 +85,7 @@ fn users_and_acls_decide_who_may_produce_consume_and_list() {
     let open_port = free_port();
     let (broker, secret) = secure_broker(dir.path(), open_port);
     let addr = broker.addr.clone();
-    let cluster = |args: &[&str]| {
-        let all: Vec<&str> = ["--cluster-secret-file", secret.as_str()]
-            .iter()
-            .chain(args)
-            .copied()
-            .collect();
-        runnel_at(&addr, &all, "")
-    };
+    let cluster = |args: &[&str]| as_cluster(&addr, &secret, args);
 
     // Anonymous callers are refused on the main listener, with what to give.
     refused(
@@ -387,21 +389,12 @@ fn every_rpc_refuses_a_user_without_acls() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (broker, secret) = secure_broker(dir.path(), free_port());
     let addr = broker.addr.clone();
-    let cluster = ["--cluster-secret-file", secret.as_str()];
-    ok(runnel_at(
+    ok(as_cluster(
         &addr,
-        &[
-            &cluster[..],
-            &["user", "create", "mallory", "--new-password", "pw"],
-        ]
-        .concat(),
-        "",
+        &secret,
+        &["user", "create", "mallory", "--new-password", "pw"],
     ));
-    ok(runnel_at(
-        &addr,
-        &[&cluster[..], &["topic", "create", "t"]].concat(),
-        "",
-    ));
+    ok(as_cluster(&addr, &secret, &["topic", "create", "t"]));
 
     runtime().block_on(async {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
@@ -539,11 +532,11 @@ fn every_rpc_refuses_a_user_without_acls() {
         assert!(admin.cluster_info(v1::ClusterInfoRequest {}).await.is_ok());
 
         // One ALLOW later, the same produce passes.
-        let granted = std::process::Command::new(crate::support::RUNNEL)
-            .args(["--brokers", &addr, "--cluster-secret-file", &secret])
-            .args(["acl", "add", "--allow", "User:mallory", "--operation", "write", "--topic", "t"])
-            .output()
-            .expect("runnel runs");
+        let granted = as_cluster(
+            &addr,
+            &secret,
+            &["acl", "add", "--allow", "User:mallory", "--operation", "write", "--topic", "t"],
+        );
         assert!(granted.status.success(), "{}", stderr(&granted));
         let answer = producer
             .produce(v1::ProduceRequest {
@@ -563,16 +556,11 @@ fn a_transform_acts_as_its_principal() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (broker, secret) = secure_broker(dir.path(), free_port());
     let addr = broker.addr.clone();
-    let cluster = ["--cluster-secret-file", secret.as_str()];
     for user in ["admin", "etl", "alice"] {
-        ok(runnel_at(
+        ok(as_cluster(
             &addr,
-            &[
-                &cluster[..],
-                &["user", "create", user, "--new-password", "pw"],
-            ]
-            .concat(),
-            "",
+            &secret,
+            &["user", "create", user, "--new-password", "pw"],
         ));
     }
     let admin = |args: &[&str], stdin: &str| as_user(&addr, "admin", "pw", args, stdin);
@@ -736,26 +724,20 @@ fn a_three_broker_cluster_with_auth_replicates_and_fails_over() {
         Cluster::start_with(dir.path(), 3, &["--config", &config.display().to_string()]);
     let addrs: Vec<String> = (1..=3).map(|id| cluster.node(id).addr.clone()).collect();
     let addr = |id: u32| addrs[id as usize - 1].clone();
-    let as_cluster = |id: u32, args: &[&str]| {
-        runnel_at(
-            &addr(id),
-            &[&["--cluster-secret-file", secret.as_str()], args].concat(),
-            "",
-        )
-    };
+    let cluster_at = |id: u32, args: &[&str]| as_cluster(&addr(id), &secret, args);
     // The brokers authenticate each other with the secret: they register, and the
     // controller quorum answers.
     wait_until("the brokers to register", Duration::from_secs(30), || {
-        stdout(&as_cluster(1, &["cluster", "info"]))
+        stdout(&cluster_at(1, &["cluster", "info"]))
             .matches("(alive)")
             .count()
             == 3
     });
-    ok(as_cluster(
+    ok(cluster_at(
         2,
         &["user", "create", "admin", "--new-password", "pw"],
     ));
-    ok(as_cluster(
+    ok(cluster_at(
         3,
         &["user", "create", "writer", "--new-password", "pw"],
     ));
@@ -937,37 +919,28 @@ fn the_example_clients_authenticate_with_scram() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (broker, secret) = secure_broker(dir.path(), free_port());
     let addr = broker.addr.clone();
-    let cluster = ["--cluster-secret-file", secret.as_str()];
-    ok(runnel_at(
+    ok(as_cluster(
         &addr,
-        &[
-            &cluster[..],
-            &["user", "create", "app", "--new-password", "app-pw"],
-        ]
-        .concat(),
-        "",
+        &secret,
+        &["user", "create", "app", "--new-password", "app-pw"],
     ));
     for (example, topic) in [
         (crate::clients::Example::python(), "from-python"),
         (crate::clients::Example::node(), "from-node"),
     ] {
-        ok(runnel_at(
+        ok(as_cluster(
             &addr,
+            &secret,
             &[
-                &cluster[..],
-                &[
-                    "acl",
-                    "add",
-                    "--allow",
-                    "User:app",
-                    "--operation",
-                    "all",
-                    "--topic",
-                    topic,
-                ],
-            ]
-            .concat(),
-            "",
+                "acl",
+                "add",
+                "--allow",
+                "User:app",
+                "--operation",
+                "all",
+                "--topic",
+                topic,
+            ],
         ));
         for mechanism in ["SCRAM-SHA-256", "SCRAM-SHA-512"] {
             let login = [

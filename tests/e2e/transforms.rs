@@ -690,7 +690,10 @@ fn components_no_deployment_uses_are_removed_and_come_back_when_deployed() {
     let lines = wait_for_lines(&dev, "out", 2);
     assert_eq!(lines.len(), 2, "{lines:?}");
     // A deployment's component is never collected while it is in use.
-    std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(component_copies(dir.path()), 2);
+    crate::support::holds_for(
+        "both components in use stay",
+        Duration::from_secs(3),
+        || component_copies(dir.path()) == 2,
+    );
     assert_eq!(describe_field(&dev, "a", "State:"), "Running");
 }

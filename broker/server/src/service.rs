@@ -498,20 +498,18 @@ impl admin_server::Admin for Service {
         // Named topics the caller may not describe are refused one by one; a listing of
         // every topic leaves them out.
         response.topics.retain_mut(|topic| {
-            if access.may(Op::Describe, Res::Topic, &topic.name) {
-                return true;
-            }
-            if named {
-                if let Err(status) = access.check(Op::Describe, Res::Topic, &topic.name) {
+            match access.check(Op::Describe, Res::Topic, &topic.name) {
+                Ok(()) => true,
+                Err(status) if named => {
                     topic.partitions.clear();
                     topic.error = Some(v1::Error {
                         code: v1::ErrorCode::TopicAuthorizationFailed as i32,
                         message: status.message().to_string(),
                     });
+                    true
                 }
-                return true;
+                Err(_) => false,
             }
-            false
         });
         Ok(Response::new(response))
     }

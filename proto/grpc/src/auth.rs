@@ -109,6 +109,30 @@ impl Access {
         }
     }
 
+    /// The rights a transform or connector this caller deploys will use: those of
+    /// `principal` when the deployment names one (acting as another principal than one's
+    /// own needs ALTER on the cluster), else the caller's own (the deployment then acts
+    /// with the cluster's rights, checked against the caller's at deploy time).
+    ///
+    /// # Errors
+    /// A principal that is not `User:NAME`, or no ALTER on the cluster.
+    pub fn acting_for(&self, principal: Option<&str>) -> Result<Access, Status> {
+        let Some(principal) = principal.map(str::trim).filter(|p| !p.is_empty()) else {
+            return Ok(self.clone());
+        };
+        if !principal.starts_with("User:") || principal.len() <= "User:".len() {
+            return Err(crate::error_status(
+                Code::InvalidArgument,
+                ErrorCode::InvalidRequest,
+                format!("principal {principal:?} is not of the form User:NAME"),
+            ));
+        }
+        if principal != self.principal {
+            self.check(AclOperation::Alter, ResourceType::Cluster, CLUSTER_RESOURCE)?;
+        }
+        Ok(self.as_principal(principal))
+    }
+
     /// Whether this caller may perform `operation` on the resource.
     pub fn may(&self, operation: AclOperation, resource: ResourceType, name: &str) -> bool {
         self.decide(operation, resource, name) == Decision::Allowed
