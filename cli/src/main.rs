@@ -22,6 +22,9 @@ use runnel_client::{Admin, Client, ClientTls, ConnectOptions, DEFAULT_BROKERS};
 
 /// mimalloc keeps freed memory for reuse: with the system allocator every large fetch or
 /// produce buffer was fresh pages, and page faults cost the consumer a third of its time.
+/// It is built without transparent huge pages (`no_thp`): with them, each 2 MiB region it
+/// touched afresh was zeroed whole, 7–14 % of all CPU in a transform pipeline, under 0.5 %
+/// without.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
