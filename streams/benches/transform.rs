@@ -7,6 +7,7 @@
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use runnel_flat::{FlatRecord, NO_HEADERS};
@@ -107,16 +108,19 @@ fn transforms(c: &mut Criterion) {
     group.finish();
 }
 
-/// Keyed records: `keys` distinct words over the batch.
-fn keyed_batch(keys: usize) -> Vec<u8> {
+/// Keyed records: batch `round` of a stream cycling through `keys` distinct words (each
+/// batch takes the next `BATCH_RECORDS` of the cycle, so `keys` above the batch size
+/// spread over several batches and no batch repeats a word).
+fn keyed_batch(keys: usize, round: usize) -> Vec<u8> {
     let mut buf = Vec::new();
     for i in 0..BATCH_RECORDS {
-        let key = format!("word-{}", (i * 7919) % keys);
+        let n = round * BATCH_RECORDS + i;
+        let key = format!("word-{}", (n % keys) * 7919 % keys);
         runnel_flat::write_input(
             &mut buf,
             &FlatRecord {
                 partition: 0,
-                offset: i as i64,
+                offset: n as i64,
                 timestamp_ms: 1_700_000_000_000,
                 key: Some(key.as_bytes()),
                 value: Some(key.as_bytes()),
@@ -127,6 +131,10 @@ fn keyed_batch(keys: usize) -> Vec<u8> {
     buf
 }
 
+/// The word-count example over `keys` distinct words, in batches of `BATCH_RECORDS`, each
+/// committed as the runtime commits a batch. Two figures: the guest's call (a get, a put
+/// and an emit per record, with the writes kept for the changelog), and the commit of the
+/// batch's writes into RocksDB.
 fn state(c: &mut Criterion) {
     let dir = components();
     let host = WasmHost::new().expect("host");
@@ -161,23 +169,38 @@ fn state(c: &mut Criterion) {
     let mut group = c.benchmark_group("state");
     group.sample_size(20);
     group.throughput(Throughput::Elements(BATCH_RECORDS as u64));
-    for keys in [1_000, 100_000] {
-        let input = keyed_batch(keys);
+    for keys in [1_000usize, 100_000] {
+        let inputs: Vec<Vec<u8>> = (0..keys.div_ceil(BATCH_RECORDS))
+            .map(|round| keyed_batch(keys, round))
+            .collect();
+        // Runs `iters` batches; returns the time spent in the guest call and in the commit.
+        let mut run = |iters: u64| {
+            let (mut call, mut commit) = (Duration::ZERO, Duration::ZERO);
+            for _ in 0..iters {
+                let input = &inputs[unit as usize % inputs.len()];
+                unit += 1;
+                let started = Instant::now();
+                instance.enter(task.take().expect("task"));
+                instance.process(input).expect("runs");
+                let mut state = instance.leave().expect("task back");
+                state.end_call(true, unit);
+                let called = Instant::now();
+                state
+                    .commit(unit, &std::collections::BTreeMap::new())
+                    .expect("commits");
+                commit += called.elapsed();
+                call += called - started;
+                task = Some(state);
+            }
+            (call, commit)
+        };
         group.bench_function(
-            format!("word-count get+put+emit/{keys} keys x {BATCH_RECORDS}"),
-            |b| {
-                b.iter(|| {
-                    instance.enter(task.take().expect("task"));
-                    instance.process(&input).expect("runs");
-                    let mut state = instance.leave().expect("task back");
-                    unit += 1;
-                    state.end_call(true, unit);
-                    state
-                        .commit(unit, &std::collections::BTreeMap::new())
-                        .expect("commits");
-                    task = Some(state);
-                });
-            },
+            format!("word-count get+put+emit in the guest/{keys} keys x {BATCH_RECORDS}"),
+            |b| b.iter_custom(|iters| run(iters).0),
+        );
+        group.bench_function(
+            format!("word-count commit into RocksDB/{keys} keys x {BATCH_RECORDS}"),
+            |b| b.iter_custom(|iters| run(iters).1),
         );
     }
     group.finish();

@@ -6,18 +6,24 @@
 //! `<deployment>-<store>-changelog` (partition = the task's partition). The changelog is
 //! the truth; RocksDB is a local copy of a prefix of it.
 //!
-//! Writes pass through three stages. A call into the guest writes into its *call layer*;
+//! Writes pass through four stages. A call into the guest writes into its *call layer*;
 //! when the call succeeds the layer joins the *pending* layer of its commit unit (a
 //! transaction, or an at-least-once batch) and its writes are sent to the changelogs;
-//! when the unit commits on the broker, its layer is written to RocksDB together with
-//! the changelog offsets it reached (the checkpoint), in one atomic write batch. Reads
-//! see the newest of call layer, pending layers and RocksDB.
+//! when the unit commits on the broker, its writes become *unflushed*: committed, held in
+//! memory with the changelog offsets they reached; a *flush* writes every unflushed
+//! write to RocksDB together with those offsets (the checkpoints), in one atomic write
+//! batch. A flush comes every [`FLUSH_INTERVAL`], when the task's cache of committed
+//! values is full, and when the task closes. Between flushes a key written by many units
+//! reaches RocksDB once, so a hot key costs one RocksDB write per flush, not one per
+//! commit. Reads see the newest of call layer, pending layers, unflushed writes and
+//! RocksDB.
 //!
 //! **Invariant:** RocksDB holds only writes whose changelog records are committed, and a
 //! store's checkpoint is never beyond the changelog offset of the last write it holds.
-//! So a task that reopens replays its changelogs from the checkpoints to their ends and
-//! has exactly the committed state; replaying a record twice is harmless because every
-//! changelog record is a whole value, never a delta.
+//! So a task that reopens (after a crash too, when its unflushed writes are lost)
+//! replays its changelogs from the checkpoints to their ends and has exactly the
+//! committed state; replaying a record twice is harmless because every changelog record
+//! is a whole value, never a delta.
 //! **Invariant:** a store whose checkpoint lies outside its changelog (before its start,
 //! or beyond its end: the topic was recreated) is wiped and restored from the start.
 
@@ -43,8 +49,10 @@ pub type Entry = (Vec<u8>, Vec<u8>);
 type RawEntry = (Box<[u8]>, Box<[u8]>);
 
 /// Committed entries a task keeps in memory (values read or written recently), over all
-/// its stores; past this the cache starts again empty.
+/// its stores; past this the task flushes and the cache starts again empty.
 const CACHE_ENTRIES_MAX: usize = 200_000;
+/// Longest a committed write waits for its flush: bounds what a crashed task replays.
+pub const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Column family of the checkpoints.
 const META_CF: &str = "default";
@@ -223,10 +231,18 @@ pub struct TaskState {
     pending: VecDeque<(u64, Layer)>,
     /// The running call's writes.
     call: Layer,
-    /// Committed values (`None`: absent) per store, as in RocksDB: a read that misses the
-    /// layers is answered from here when it can, since a RocksDB lookup searches a
-    /// memtable holding every version written since its last flush.
+    /// Committed values (`None`: absent) per store: every unflushed write, and values
+    /// read from RocksDB. A read that misses the layers is answered from here when it
+    /// can, since a RocksDB lookup searches a memtable holding every version written
+    /// since its last flush.
     cache: Vec<std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>>,
+    /// Keys per store whose committed value (in `cache`) is not in RocksDB yet.
+    unflushed: Vec<std::collections::BTreeSet<Vec<u8>>>,
+    /// Checkpoints of the unflushed writes: store → next changelog offset.
+    unflushed_checkpoints: BTreeMap<u32, i64>,
+    /// When the oldest unflushed write was committed.
+    unflushed_since: Option<std::time::Instant>,
+    flush_interval: std::time::Duration,
     /// Largest record timestamp seen, as committed or pending.
     max_timestamp_ms: i64,
 }
@@ -263,6 +279,10 @@ impl TaskState {
             partition,
             call: Layer::new(stores.len()),
             cache: vec![std::collections::HashMap::new(); stores.len()],
+            unflushed: vec![std::collections::BTreeSet::new(); stores.len()],
+            unflushed_checkpoints: BTreeMap::new(),
+            unflushed_since: None,
+            flush_interval: FLUSH_INTERVAL,
             stores,
             tables: layout.tables.clone(),
             db,
@@ -320,11 +340,15 @@ impl TaskState {
         }
     }
 
-    /// The next changelog offset store `store` has applied (0 when never written).
+    /// The next changelog offset store `store` has applied (0 when never written),
+    /// flushed or not.
     ///
     /// # Errors
     /// RocksDB failed.
     pub fn checkpoint(&self, store: u32) -> Result<i64, StateError> {
+        if let Some(next) = self.unflushed_checkpoints.get(&store) {
+            return Ok(*next);
+        }
         let name = self
             .stores
             .get(store as usize)
@@ -362,9 +386,14 @@ impl TaskState {
         Ok(value)
     }
 
-    /// Caches a committed value (see [`TaskState::read`]).
+    /// Caches a value read from RocksDB (see [`TaskState::read`]).
     fn remember(&mut self, store: usize, key: Vec<u8>, value: Option<Vec<u8>>) {
         if self.cache.iter().map(|c| c.len()).sum::<usize>() >= CACHE_ENTRIES_MAX {
+            // Unflushed values live in the cache: they go to RocksDB first. A flush that
+            // fails keeps them, and the next commit tries again.
+            if self.flush().is_err() {
+                return;
+            }
             self.forget_all();
         }
         if let Some(cache) = self.cache.get_mut(store) {
@@ -372,6 +401,7 @@ impl TaskState {
         }
     }
 
+    /// Empties the cache; only once nothing is unflushed (the cache holds those values).
     fn forget_all(&mut self) {
         for cache in &mut self.cache {
             cache.clear();
@@ -414,24 +444,34 @@ impl TaskState {
         limit: u32,
     ) -> Result<Vec<Entry>, StateError> {
         let store = self.guest_store(store)?;
-        self.scan(store, from, to, limit.min(RANGE_LIMIT_MAX) as usize)
+        self.scan(store, from, to, limit.min(RANGE_LIMIT_MAX) as usize, true)
     }
 
+    /// Entries of `store` in `[from, to)` from RocksDB under the unflushed writes, and
+    /// under the pending layers and the running call's `with_uncommitted`.
     fn scan(
         &self,
         store: u32,
         from: &[u8],
         to: Option<&[u8]>,
         limit: usize,
+        with_uncommitted: bool,
     ) -> Result<Vec<Entry>, StateError> {
         let upper = to.map_or(Bound::Unbounded, Bound::Excluded);
-        // The unwritten layers, newest winning, merged into one ordered view.
+        // The writes not in RocksDB, newest winning, merged into one ordered view.
         let mut overlay: BTreeMap<&[u8], Option<&Vec<u8>>> = BTreeMap::new();
+        let cache = &self.cache[store as usize];
+        for key in self.unflushed[store as usize].range::<[u8], _>((Bound::Included(from), upper)) {
+            if let Some(value) = cache.get(key) {
+                overlay.insert(key.as_slice(), value.as_ref());
+            }
+        }
         let layers = self
             .pending
             .iter()
             .map(|(_, l)| l)
-            .chain(std::iter::once(&self.call));
+            .chain(std::iter::once(&self.call))
+            .filter(|_| with_uncommitted);
         for layer in layers {
             for (key, value) in
                 layer.stores[store as usize].range::<[u8], _>((Bound::Included(from), upper))
@@ -539,7 +579,7 @@ impl TaskState {
             None => to = vec![TIMER_PREFIX, clock + 1],
         }
         Ok(self
-            .scan(self.internal_store(), &from, Some(&to), limit)?
+            .scan(self.internal_store(), &from, Some(&to), limit, true)?
             .into_iter()
             .filter_map(|(key, _)| Timer::decode(&key))
             .collect())
@@ -582,49 +622,100 @@ impl TaskState {
         !self.pending.is_empty()
     }
 
-    /// Writes the layers of units up to `unit` to RocksDB, with `checkpoints` (store →
-    /// next changelog offset those writes reached), atomically.
+    /// Makes the layers of units up to `unit` committed, with `checkpoints` (store → next
+    /// changelog offset those writes reached); flushes when one is due.
     ///
     /// # Errors
-    /// RocksDB failed; the task must then be reopened (and so restored).
+    /// A flush failed in RocksDB; the task must then be reopened (and so restored).
     pub fn commit(&mut self, unit: u64, checkpoints: &BTreeMap<u32, i64>) -> anyhow::Result<()> {
-        let mut batch = rocksdb::WriteBatch::default();
-        let mut any = false;
-        let mut written = Vec::new();
         while self.pending.front().is_some_and(|(u, _)| *u <= unit) {
             let Some((_, layer)) = self.pending.pop_front() else {
                 break;
             };
-            for (store, writes) in layer.stores.iter().enumerate() {
-                let cf = self.cf(store as u32)?;
-                for (key, value) in writes {
-                    any = true;
-                    match value {
-                        Some(value) => batch.put_cf(cf, key, value),
-                        None => batch.delete_cf(cf, key),
+            for (store, writes) in layer.stores.into_iter().enumerate() {
+                // In key order: merged into the unflushed keys in one pass.
+                let mut keys: std::collections::BTreeSet<Vec<u8>> =
+                    writes.keys().cloned().collect();
+                self.unflushed[store].append(&mut keys);
+                self.cache[store].extend(writes);
+            }
+        }
+        for (store, next) in checkpoints {
+            if (*store as usize) < self.stores.len() {
+                self.unflushed_checkpoints.insert(*store, *next);
+            }
+        }
+        if self.unflushed_checkpoints.is_empty() && self.unflushed.iter().all(|k| k.is_empty()) {
+            return Ok(());
+        }
+        let since = *self
+            .unflushed_since
+            .get_or_insert_with(std::time::Instant::now);
+        let cached: usize = self.cache.iter().map(|c| c.len()).sum();
+        if cached >= CACHE_ENTRIES_MAX {
+            self.flush()?;
+            self.forget_all();
+        } else if since.elapsed() >= self.flush_interval {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes every unflushed write to RocksDB with the checkpoints they reached, in one
+    /// atomic write batch.
+    ///
+    /// # Errors
+    /// RocksDB failed; the writes stay unflushed.
+    pub fn flush(&mut self) -> Result<(), StateError> {
+        if self.unflushed_checkpoints.is_empty() && self.unflushed.iter().all(|k| k.is_empty()) {
+            return Ok(());
+        }
+        let mut batch = rocksdb::WriteBatch::default();
+        for (store, keys) in self.unflushed.iter().enumerate() {
+            let cf = self.cf(store as u32)?;
+            for key in keys {
+                // The cache keeps every unflushed value until it is flushed.
+                match self.cache[store].get(key) {
+                    Some(Some(value)) => batch.put_cf(cf, key, value),
+                    Some(None) => batch.delete_cf(cf, key),
+                    None => {
+                        return Err(StateError::Storage(format!(
+                            "the committed value of a key of store {:?} is missing from memory",
+                            self.stores[store]
+                        )));
                     }
                 }
             }
-            written.push(layer);
         }
-        for (store, next) in checkpoints {
-            if let Some(name) = self.stores.get(*store as usize) {
-                any = true;
-                batch.put(checkpoint_key(name), next.to_be_bytes());
-            }
+        for (store, next) in &self.unflushed_checkpoints {
+            batch.put(
+                checkpoint_key(&self.stores[*store as usize]),
+                next.to_be_bytes(),
+            );
         }
-        if any && let Err(err) = self.db.write(batch) {
-            self.forget_all();
-            return Err(storage(err).into());
+        self.db.write(batch).map_err(storage)?;
+        for keys in &mut self.unflushed {
+            keys.clear();
         }
-        for layer in written {
-            for (store, writes) in layer.stores.into_iter().enumerate() {
-                for (key, value) in writes {
-                    self.remember(store, key, value);
-                }
-            }
-        }
+        self.unflushed_checkpoints.clear();
+        self.unflushed_since = None;
         Ok(())
+    }
+
+    /// Sets how long committed writes wait for their flush (for tests of what a crash
+    /// keeps).
+    #[cfg(test)]
+    fn flush_every(&mut self, interval: std::time::Duration) {
+        self.flush_interval = interval;
+    }
+
+    /// Closes the task as a crash would: its unflushed writes are lost.
+    #[cfg(test)]
+    fn crash(mut self) {
+        for keys in &mut self.unflushed {
+            keys.clear();
+        }
+        self.unflushed_checkpoints.clear();
     }
 
     /// Drops every write not committed (the transaction was aborted).
@@ -647,6 +738,12 @@ impl TaskState {
         records: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)>,
         next_offset: i64,
     ) -> anyhow::Result<()> {
+        // The restored records are newer than anything unflushed of the store.
+        if !self.unflushed[store as usize].is_empty()
+            || self.unflushed_checkpoints.contains_key(&store)
+        {
+            self.flush()?;
+        }
         let cf = self.cf(store)?;
         let mut batch = rocksdb::WriteBatch::default();
         for (key, value) in records {
@@ -659,7 +756,7 @@ impl TaskState {
             checkpoint_key(&self.stores[store as usize]),
             next_offset.to_be_bytes(),
         );
-        self.forget_all();
+        self.cache[store as usize].clear();
         self.db.write(batch).map_err(storage)?;
         if store == self.internal_store() {
             self.max_timestamp_ms = self.read_max_timestamp()?;
@@ -673,7 +770,10 @@ impl TaskState {
     /// RocksDB failed.
     pub fn wipe(&mut self, store: u32) -> anyhow::Result<()> {
         let name = cf_name(self.stores.get(store as usize).context("no such store")?);
-        self.forget_all();
+        // Its unflushed writes are in the changelog it is restored from.
+        self.unflushed[store as usize].clear();
+        self.unflushed_checkpoints.remove(&store);
+        self.cache[store as usize].clear();
         self.db.drop_cf(&name).map_err(storage)?;
         self.db
             .create_cf(&name, &rocksdb::Options::default())
@@ -707,19 +807,16 @@ impl TaskState {
                 store: u32::MAX,
                 declared: self.declared().to_vec(),
             })?;
-        let cf = self.cf(index as u32)?;
-        let mut out = Vec::new();
-        for entry in self.db.iterator_cf(
-            cf,
-            rocksdb::IteratorMode::From(from, rocksdb::Direction::Forward),
-        ) {
-            let (key, value) = entry.map_err(storage)?;
-            if to.is_some_and(|to| &*key >= to) || out.len() >= limit {
-                break;
-            }
-            out.push((key.into_vec(), value.into_vec()));
+        self.scan(index as u32, from, to, limit, false)
+    }
+}
+
+impl Drop for TaskState {
+    /// A task that closes flushes, so that reopening it replays nothing.
+    fn drop(&mut self) {
+        if let Err(err) = self.flush() {
+            tracing::warn!(partition = self.partition, error = %err, "flushing the state of a closing task failed; it replays its changelogs when it reopens");
         }
-        Ok(out)
     }
 }
 

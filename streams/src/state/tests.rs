@@ -15,7 +15,9 @@ enum Op {
     EndCall(bool),
     Commit,
     Abort,
+    Flush,
     Reopen,
+    Crash,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -25,17 +27,23 @@ fn op() -> impl Strategy<Value = Op> {
         3 => any::<bool>().prop_map(Op::EndCall),
         2 => Just(Op::Commit),
         1 => Just(Op::Abort),
+        1 => Just(Op::Flush),
         1 => Just(Op::Reopen),
+        1 => Just(Op::Crash),
     ]
 }
 
 /// Writes of the two stores: `None` deletes.
 type Writes = [BTreeMap<Vec<u8>, Option<Vec<u8>>>; 2];
 
-/// What the stores must hold: committed, pending (finished calls) and the running call.
+/// What the stores must hold: committed, pending (finished calls) and the running call;
+/// and what a crash keeps (the committed state of the last flush, with its checkpoint).
 #[derive(Default, Clone)]
 struct Model {
     committed: [BTreeMap<Vec<u8>, Vec<u8>>; 2],
+    checkpoint: i64,
+    flushed: [BTreeMap<Vec<u8>, Vec<u8>>; 2],
+    flushed_checkpoint: i64,
     pending: Vec<Writes>,
     call: Writes,
 }
@@ -59,11 +67,19 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
     /// Reads through the layers agree with a model through calls kept and dropped,
-    /// commits, aborts and reopens (which lose everything not committed).
+    /// commits, aborts, flushes, reopens (which lose everything not committed) and
+    /// crashes (which lose everything not flushed, and keep the checkpoint of what they
+    /// keep).
     #[test]
     fn stores_agree_with_a_model(ops in proptest::collection::vec(op(), 1..80)) {
         let dir = tempfile::tempdir().expect("ok");
-        let mut task = TaskState::open(dir.path(), 0, &stores()).expect("ok");
+        let open = || {
+            let mut task = TaskState::open(dir.path(), 0, &stores()).expect("ok");
+            // Only the test's flushes, reopens and closes flush.
+            task.flush_every(std::time::Duration::MAX);
+            task
+        };
+        let mut task = open();
         let mut model = Model::default();
         let mut unit = 0u64;
         for op in ops {
@@ -88,7 +104,8 @@ proptest! {
                     }
                 }
                 Op::Commit => {
-                    task.commit(unit, &BTreeMap::new()).expect("ok");
+                    task.commit(unit, &BTreeMap::from([(0, unit as i64 + 1)])).expect("ok");
+                    model.checkpoint = unit as i64 + 1;
                     for layer in std::mem::take(&mut model.pending) {
                         for (s, writes) in layer.into_iter().enumerate() {
                             for (k, v) in writes {
@@ -107,13 +124,31 @@ proptest! {
                     model.call = Default::default();
                     unit += 1;
                 }
+                Op::Flush => {
+                    task.flush().expect("ok");
+                    model.flushed = model.committed.clone();
+                    model.flushed_checkpoint = model.checkpoint;
+                }
                 Op::Reopen => {
                     drop(task);
-                    task = TaskState::open(dir.path(), 0, &stores()).expect("ok");
+                    task = open();
                     model.pending.clear();
                     model.call = Default::default();
+                    model.flushed = model.committed.clone();
+                    model.flushed_checkpoint = model.checkpoint;
+                }
+                Op::Crash => {
+                    task.crash();
+                    task = open();
+                    model.pending.clear();
+                    model.call = Default::default();
+                    model.committed = model.flushed.clone();
+                    model.checkpoint = model.flushed_checkpoint;
                 }
             }
+            prop_assert_eq!(task.checkpoint(0).expect("ok"), model.checkpoint);
+            let committed: Vec<(Vec<u8>, Vec<u8>)> = model.committed[1].clone().into_iter().collect();
+            prop_assert_eq!(task.committed_range("totals", &[], None, 100).expect("ok"), committed);
             for store in 0..2u32 {
                 let view = model.view(store as usize);
                 for k in 0u8..12 {
