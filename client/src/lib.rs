@@ -27,7 +27,7 @@ pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, StartFrom, next_off
 pub use error::ClientError;
 pub use group::{GroupConfig, GroupConsumer, GroupMetadata};
 pub use producer::{Acks, Delivery, Producer, ProducerConfig, ProducerRecord, RecordMetadata};
-pub use runnel_batch::{BatchBuilder, BatchOptions, Compression, Header, Record};
+pub use runnel_batch::{BatchBuilder, BatchOptions, Compression, Header, Record, RecordParts};
 pub use runnel_batch::{murmur2, partition_for_key};
 pub use runnel_proto::auth::{CLUSTER_RESOURCE, Conn, Credentials, Password};
 pub use runnel_proto::local::LocalBroker;

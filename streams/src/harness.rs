@@ -16,7 +16,7 @@ use std::sync::Arc;
 use runnel_proto::v1;
 
 use crate::host::{LogBuffer, WasmHost};
-use crate::runtime::{FROM_TIMER, Guest, Processed, Saved, process};
+use crate::runtime::{FROM_TIMER, Guest, GuestOutput, Processed, Saved, process};
 use crate::state::TaskState;
 use crate::tasks::{self, Tasks};
 
@@ -137,7 +137,7 @@ pub fn run(
     let mut lines = Vec::new();
     if !pre.is_stateful() {
         let processed = process(&guest, &mut instance, &records, None, 0)?;
-        report(&processed, &mut lines);
+        report(&processed, &guest.saved.output_topics, 0, &mut lines);
         return Ok(log.lines().into_iter().chain(lines).collect());
     }
     let dir = tempfile::tempdir().context("a temporary directory for the stores")?;
@@ -188,47 +188,44 @@ pub fn run(
     }
     for (unit, record) in records.iter().enumerate() {
         let unit = unit as u64;
-        let mut processed = process(
+        let processed = process(
             &guest,
             &mut instance,
             std::slice::from_ref(record),
             Some(&tasks),
             unit,
         )?;
-        for (index, _) in &mut processed.outputs {
-            if *index != FROM_TIMER {
-                *index = unit as u32;
-            }
-        }
-        for (index, _) in &mut processed.failures {
-            *index = unit as usize;
-        }
         tasks::lock(&tasks).commit(unit, &BTreeMap::new())?;
-        report(&processed, &mut lines);
+        // Each record was processed alone: its input number is the unit's.
+        report(
+            &processed,
+            &guest.saved.output_topics,
+            unit as usize,
+            &mut lines,
+        );
     }
     Ok(log.lines().into_iter().chain(lines).collect())
 }
 
-/// One JSON line per emitted record, refused record and dropped timer.
-fn report(processed: &Processed, lines: &mut Vec<String>) {
-    let text = |b: Option<&Bytes>| b.map(|b| String::from_utf8_lossy(b).into_owned());
-    for (index, record) in &processed.outputs {
-        let headers: BTreeMap<&str, Option<String>> = record
-            .headers
-            .iter()
-            .map(|h| (h.key.as_str(), text(h.value.as_ref())))
+/// One JSON line per emitted record, refused record and dropped timer; input numbers
+/// start at `first`.
+fn report(processed: &Processed, topics: &[String], first: usize, lines: &mut Vec<String>) {
+    let text = |b: Option<&[u8]>| b.map(|b| String::from_utf8_lossy(b).into_owned());
+    for (index, record) in processed.outputs.iter().flat_map(GuestOutput::records) {
+        let headers: BTreeMap<&str, Option<String>> = runnel_flat::headers(record.headers)
+            .map(|(k, v)| (k, text(v)))
             .collect();
-        let input = if *index == FROM_TIMER {
+        let input = if index == FROM_TIMER {
             serde_json::json!("timer")
         } else {
-            serde_json::json!(index)
+            serde_json::json!(first + index as usize)
         };
         lines.push(
             serde_json::json!({
                 "input": input,
-                "topic": record.topic,
-                "key": text(record.key.as_ref()),
-                "value": text(record.value.as_ref()),
+                "topic": topics.get(record.output_index as usize),
+                "key": text(record.key),
+                "value": text(record.value),
                 "headers": headers,
                 "timestamp": record.timestamp_ms,
             })
@@ -236,7 +233,7 @@ fn report(processed: &Processed, lines: &mut Vec<String>) {
         );
     }
     for (index, message) in &processed.failures {
-        lines.push(serde_json::json!({ "input": index, "error": message }).to_string());
+        lines.push(serde_json::json!({ "input": first + index, "error": message }).to_string());
     }
     for message in &processed.timer_failures {
         lines.push(serde_json::json!({ "input": "timer", "error": message }).to_string());

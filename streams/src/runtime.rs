@@ -26,7 +26,7 @@ use bytes::Bytes;
 use runnel_client::{
     Acks, Admin, BatchBuilder, BatchOptions, Client, ConnectOptions, ConsumerConfig,
     ConsumerRecord, Delivery, GroupConfig, GroupConsumer, Header, LazyClient, Producer,
-    ProducerConfig, ProducerRecord, Record, StartFrom, next_offsets, v1,
+    ProducerConfig, ProducerRecord, RecordParts, StartFrom, next_offsets, v1,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -89,7 +89,7 @@ enum State {
 pub(crate) struct Saved {
     name: String,
     input_topic: String,
-    output_topics: Vec<String>,
+    pub(crate) output_topics: Vec<String>,
     config: BTreeMap<String, String>,
     error_policy: i32,
     dead_letter_topic: String,
@@ -1174,7 +1174,7 @@ async fn run_until_stopped(runtime: &Runtime, task: &mut Task) {
 /// changelogs.
 #[derive(Default)]
 pub(crate) struct Processed {
-    pub(crate) outputs: Vec<(u32, ProducerRecord)>,
+    pub(crate) outputs: Vec<GuestOutput>,
     pub(crate) failures: Vec<(usize, String)>,
     /// (partition, write) of the calls that succeeded.
     pub(crate) changelog: Vec<(u32, ChangelogWrite)>,
@@ -1184,6 +1184,43 @@ pub(crate) struct Processed {
 
 /// The input index of a record a timer emitted.
 pub(crate) const FROM_TIMER: u32 = u32::MAX;
+
+/// What one successful guest call emitted: its flat output buffer, read again where the
+/// records are encoded into batches, with no record made of them in between.
+#[derive(Debug)]
+pub(crate) struct GuestOutput {
+    buf: Vec<u8>,
+    /// Input index of the call's first input; `None` for a call that fired timers.
+    base: Option<usize>,
+    /// Inputs the call was given.
+    count: usize,
+    /// The call's inputs (from 0) whose records are dropped: refused.
+    refused: BTreeSet<usize>,
+    /// Output topics the deployment declares.
+    outputs: usize,
+}
+
+impl GuestOutput {
+    /// The records to send, in the order emitted, with the input index each came from
+    /// ([`FROM_TIMER`] for a timer's): those of refused inputs, and any the call got
+    /// wrong (reported as failures by `collect`), are left out.
+    pub(crate) fn records(&self) -> impl Iterator<Item = (u32, runnel_flat::FlatOutput<'_>)> {
+        runnel_flat::read_outputs(&self.buf)
+            .map_while(Result::ok)
+            .filter(|o| {
+                let input = o.input_index as usize;
+                input < self.count
+                    && (o.output_index as usize) < self.outputs
+                    && !self.refused.contains(&input)
+            })
+            .map(|o| {
+                let input = self
+                    .base
+                    .map_or(FROM_TIMER, |base| (base + o.input_index as usize) as u32);
+                (input, o)
+            })
+    }
+}
 
 /// Work sent to the broker whose commit is outstanding: a batch (at-least-once) or a
 /// transaction (exactly-once).
@@ -1431,52 +1468,41 @@ struct OutputBatch {
 }
 
 /// Encodes a batch's output records into record batches per partition, in their order:
-/// a record's partition is its own, else its key's, else `sticky`'s.
+/// a record's partition is its key's, else `sticky`'s. `topics` are the deployment's
+/// output topics, in the order the guest numbers them.
 fn encode_outputs(
-    records: Vec<(u32, ProducerRecord)>,
+    outputs: &[GuestOutput],
     topics: &[OutputTopic],
     options: BatchOptions,
     sticky: u32,
 ) -> anyhow::Result<Vec<OutputBatch>> {
     let mut done: Vec<OutputBatch> = Vec::new();
     let mut open: BTreeMap<(usize, u32), BatchBuilder> = BTreeMap::new();
-    let mut last = 0;
-    for (_, record) in records {
-        // Runs of records go to one topic: the last one is tried first.
-        if topics.get(last).is_none_or(|t| t.name != record.topic) {
-            last = topics
-                .iter()
-                .position(|t| t.name == record.topic)
-                .with_context(|| format!("output to undeclared topic {:?}", record.topic))?;
-        }
-        let index = last;
-        let topic = &topics[index];
+    for (_, record) in outputs.iter().flat_map(GuestOutput::records) {
+        let index = record.output_index as usize;
+        let topic = topics
+            .get(index)
+            .with_context(|| format!("output to undeclared output #{index}"))?;
         let count = topic.partitions.max(1);
-        let partition = match (record.partition, &record.key) {
-            (Some(p), _) if p < count => p,
-            (Some(p), _) => anyhow::bail!(
-                "output topic {:?} has {count} partitions; partition {p} does not exist",
-                topic.name
-            ),
-            (None, Some(key)) => runnel_client::partition_for_key(key, count),
-            (None, None) => sticky % count,
+        let partition = match record.key {
+            Some(key) => runnel_client::partition_for_key(key, count),
+            None => sticky % count,
         };
-        let record = Record {
-            offset: 0,
-            timestamp_ms: record.timestamp_ms.unwrap_or_default(),
+        let parts = RecordParts {
+            timestamp_ms: record.timestamp_ms,
             key: record.key,
             value: record.value,
-            headers: record.headers,
+            headers: runnel_flat::headers(record.headers).map(|(k, v)| (k.as_bytes(), v)),
         };
         let builder = open
             .entry((index, partition))
             .or_insert_with(|| BatchBuilder::with_capacity(options, topic.batch_bytes_max));
-        if !builder.push_within(&record, topic.batch_bytes_max) {
+        if !builder.push_parts_within(&parts, topic.batch_bytes_max) {
             let full = std::mem::replace(
                 builder,
                 BatchBuilder::with_capacity(options, topic.batch_bytes_max),
             );
-            builder.push(&record);
+            builder.push_parts_within(&parts, usize::MAX);
             done.push(OutputBatch {
                 topic: topic.name.clone(),
                 partition,
@@ -1727,7 +1753,7 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
                         // Encoded here, beside the guest, so that the loop only hands
                         // batches on.
                         let outputs = std::mem::take(&mut processed.outputs);
-                        let batches = encode_outputs(outputs, &outputs_info, options, sticky)?;
+                        let batches = encode_outputs(&outputs, &outputs_info, options, sticky)?;
                         Ok((processed, batches))
                     });
                 if !records.is_empty() {
@@ -2155,7 +2181,7 @@ fn process_records(
     match guest.call(instance, task, Input::Records(&flat))? {
         Ok(result) => {
             end_call(task, true, unit, processed);
-            collect(&guest.saved, result, base, records.len(), processed);
+            collect(&guest.saved, result, Some(base), records.len(), processed);
         }
         Err(failure) => {
             end_call(task, false, unit, processed);
@@ -2168,7 +2194,7 @@ fn process_records(
                 match guest.call(instance, task, Input::Records(&flat))? {
                     Ok(result) => {
                         end_call(task, true, unit, processed);
-                        collect(&guest.saved, result, base + index, 1, processed);
+                        collect(&guest.saved, result, Some(base + index), 1, processed);
                     }
                     Err(failure) => {
                         end_call(task, false, unit, processed);
@@ -2225,10 +2251,8 @@ fn fire_timers(
             Ok(result) => {
                 end_call(task, true, unit, processed);
                 let mut fired = Processed::default();
-                collect(&guest.saved, result, 0, due.len(), &mut fired);
-                processed
-                    .outputs
-                    .extend(fired.outputs.into_iter().map(|(_, r)| (FROM_TIMER, r)));
+                collect(&guest.saved, result, None, due.len(), &mut fired);
+                processed.outputs.extend(fired.outputs);
                 processed
                     .timer_failures
                     .extend(fired.failures.into_iter().map(|(i, reason)| {
@@ -2257,69 +2281,58 @@ fn fire_timers(
     Ok(())
 }
 
-/// Turns a batch result for `count` inputs starting at `base` into output records and
-/// failures.
+/// Checks a batch result for `count` inputs starting at input `base` (`None`: timers,
+/// failures then numbered from 0): the inputs the guest refused, or whose output is
+/// wrong, become failures, and the output is kept for encoding without their records.
 fn collect(
     saved: &Saved,
     result: BatchResult,
-    base: usize,
+    base: Option<usize>,
     count: usize,
     processed: &mut Processed,
 ) {
     let mut refused: BTreeMap<usize, String> = BTreeMap::new();
     for (index, message) in result.errors {
         if index as usize >= count {
-            refused.insert(base, format!("guest reported a malformed batch: {message}"));
+            refused.insert(0, format!("guest reported a malformed batch: {message}"));
         } else {
-            refused.insert(base + index as usize, message);
+            refused.insert(index as usize, message);
         }
     }
-    let records = Bytes::from(result.records);
-    let mut emitted: Vec<(usize, ProducerRecord)> = Vec::with_capacity(count);
-    for output in runnel_flat::read_outputs(&records) {
+    for output in runnel_flat::read_outputs(&result.records) {
         let output = match output {
             Ok(output) => output,
             Err(err) => {
                 refused
-                    .entry(base)
+                    .entry(0)
                     .or_insert_with(|| format!("guest wrote {err}"));
                 break;
             }
         };
-        let input = base + output.input_index as usize;
         if output.input_index as usize >= count {
             refused
-                .entry(base)
+                .entry(0)
                 .or_insert_with(|| "guest emitted for an input that does not exist".into());
-            continue;
+        } else if saved.output_topics.len() <= output.output_index as usize {
+            refused
+                .entry(output.input_index as usize)
+                .or_insert_with(|| {
+                    format!(
+                        "emitted to undeclared output #{}; declared: {:?}",
+                        output.output_index, saved.output_topics
+                    )
+                });
         }
-        let Some(topic) = saved.output_topics.get(output.output_index as usize) else {
-            refused.entry(input).or_insert_with(|| {
-                format!(
-                    "emitted to undeclared output #{}; declared: {:?}",
-                    output.output_index, saved.output_topics
-                )
-            });
-            continue;
-        };
-        let mut record = ProducerRecord::new(topic.clone());
-        record.key = output.key.map(|k| records.slice_ref(k));
-        record.value = output.value.map(|v| records.slice_ref(v));
-        record.timestamp_ms = Some(output.timestamp_ms);
-        record.headers = runnel_flat::headers(output.headers)
-            .map(|(k, v)| Header {
-                key: k.to_string(),
-                value: v.map(|v| records.slice_ref(v)),
-            })
-            .collect();
-        emitted.push((input, record));
     }
-    processed.outputs.reserve(emitted.len());
-    processed.outputs.extend(
-        emitted
-            .into_iter()
-            .filter(|(i, _)| !refused.contains_key(i))
-            .map(|(i, r)| (i as u32, r)),
-    );
-    processed.failures.extend(refused);
+    let first = base.unwrap_or(0);
+    processed.outputs.push(GuestOutput {
+        buf: result.records,
+        base,
+        count,
+        refused: refused.keys().copied().collect(),
+        outputs: saved.output_topics.len(),
+    });
+    processed
+        .failures
+        .extend(refused.into_iter().map(|(i, reason)| (first + i, reason)));
 }

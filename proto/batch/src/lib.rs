@@ -172,6 +172,38 @@ pub struct Record {
     pub headers: Vec<Header>,
 }
 
+impl Record {
+    /// The record's fields as encoding reads them.
+    pub fn parts(&self) -> RecordParts<'_, impl HeaderParts<'_>> {
+        RecordParts {
+            timestamp_ms: self.timestamp_ms,
+            key: self.key.as_deref(),
+            value: self.value.as_deref(),
+            headers: self
+                .headers
+                .iter()
+                .map(|h| (h.key.as_bytes(), h.value.as_deref())),
+        }
+    }
+}
+
+/// A record's headers as encoding reads them, borrowed: (key, value) of each, in order.
+pub trait HeaderParts<'a>: Iterator<Item = (&'a [u8], Option<&'a [u8]>)> + Clone {}
+impl<'a, T: Iterator<Item = (&'a [u8], Option<&'a [u8]>)> + Clone> HeaderParts<'a> for T {}
+
+/// A record's fields as encoding reads them, borrowed: from a [`Record`], or from a
+/// buffer that holds records in another form (a transform's output), with no `Record`
+/// made of them.
+#[derive(Debug, Clone)]
+pub struct RecordParts<'a, H> {
+    /// Milliseconds since the Unix epoch.
+    pub timestamp_ms: i64,
+    pub key: Option<&'a [u8]>,
+    /// `None` is a tombstone.
+    pub value: Option<&'a [u8]>,
+    pub headers: H,
+}
+
 /// The fixed-size header of a batch, parsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchHeader {
@@ -686,14 +718,14 @@ impl BatchBuilder {
 
     /// Bytes `record` would add to the batch (uncompressed), its length prefix included.
     pub fn record_size_bytes(&self, record: &Record) -> usize {
-        let (_, body) = self.next_record_body(record, self.last_offset_delta + 1);
+        let (_, body) = self.next_record_body(&record.parts(), self.last_offset_delta + 1);
         varint::varint_bytes(body as i32) + body
     }
 
     /// Appends a record at the next dense offset.
     pub fn push(&mut self, record: &Record) {
         let delta = self.last_offset_delta + 1;
-        self.push_at(record, delta);
+        self.push_at(&record.parts(), delta);
     }
 
     /// Appends a record at the next dense offset unless the batch already holds records
@@ -701,6 +733,15 @@ impl BatchBuilder {
     /// record is always taken, so that a record larger than the limit still makes a batch
     /// (which the broker then refuses with a clear error).
     pub fn push_within(&mut self, record: &Record, size_bytes_max: usize) -> bool {
+        self.push_parts_within(&record.parts(), size_bytes_max)
+    }
+
+    /// [`BatchBuilder::push_within`] for a record given by its parts.
+    pub fn push_parts_within<'a>(
+        &mut self,
+        record: &RecordParts<'a, impl HeaderParts<'a>>,
+        size_bytes_max: usize,
+    ) -> bool {
         let delta = self.last_offset_delta + 1;
         let (timestamp_delta, body) = self.next_record_body(record, delta);
         let added = varint::varint_bytes(body as i32) + body;
@@ -718,7 +759,7 @@ impl BatchBuilder {
     pub fn push_keeping_offset(&mut self, record: &Record) {
         let delta = i32::try_from(record.offset - self.base_offset).expect("offset fits batch");
         assert!(delta > self.last_offset_delta, "offsets must increase");
-        self.push_at(record, delta);
+        self.push_at(&record.parts(), delta);
     }
 
     /// Makes the batch's last offset `base_offset + last_offset_delta` even when trailing
@@ -728,14 +769,18 @@ impl BatchBuilder {
         self.last_offset_delta = last_offset_delta;
     }
 
-    fn push_at(&mut self, record: &Record, offset_delta: i32) {
+    fn push_at<'a>(&mut self, record: &RecordParts<'a, impl HeaderParts<'a>>, offset_delta: i32) {
         let (timestamp_delta, body) = self.next_record_body(record, offset_delta);
         self.write_record(record, offset_delta, timestamp_delta, body);
     }
 
     /// The timestamp delta `record` gets in this batch and the bytes of its body (after
     /// the length prefix).
-    fn next_record_body(&self, record: &Record, offset_delta: i32) -> (i64, usize) {
+    fn next_record_body<'a>(
+        &self,
+        record: &RecordParts<'a, impl HeaderParts<'a>>,
+        offset_delta: i32,
+    ) -> (i64, usize) {
         let base_ts = self.base_timestamp_ms.unwrap_or(record.timestamp_ms);
         let timestamp_delta = record.timestamp_ms.wrapping_sub(base_ts);
         (
@@ -744,9 +789,9 @@ impl BatchBuilder {
         )
     }
 
-    fn write_record(
+    fn write_record<'a>(
         &mut self,
-        record: &Record,
+        record: &RecordParts<'a, impl HeaderParts<'a>>,
         offset_delta: i32,
         timestamp_delta: i64,
         body: usize,
@@ -759,12 +804,12 @@ impl BatchBuilder {
         out.put_u8(0);
         varint::put_varlong(out, timestamp_delta);
         varint::put_varint(out, offset_delta);
-        varint::put_nullable_bytes(out, record.key.as_deref());
-        varint::put_nullable_bytes(out, record.value.as_deref());
-        varint::put_varint(out, record.headers.len() as i32);
-        for header in &record.headers {
-            varint::put_nullable_bytes(out, Some(header.key.as_bytes()));
-            varint::put_nullable_bytes(out, header.value.as_deref());
+        varint::put_nullable_bytes(out, record.key);
+        varint::put_nullable_bytes(out, record.value);
+        varint::put_varint(out, record.headers.clone().count() as i32);
+        for (key, value) in record.headers.clone() {
+            varint::put_nullable_bytes(out, Some(key));
+            varint::put_nullable_bytes(out, value);
         }
         self.last_offset_delta = offset_delta;
         self.count += 1;
@@ -812,20 +857,25 @@ impl BatchBuilder {
 }
 
 /// Bytes of a record after its length prefix.
-fn record_body_bytes(record: &Record, timestamp_delta: i64, offset_delta: i32) -> usize {
-    let headers: usize = record
+fn record_body_bytes<'a>(
+    record: &RecordParts<'a, impl HeaderParts<'a>>,
+    timestamp_delta: i64,
+    offset_delta: i32,
+) -> usize {
+    let (count, headers) = record
         .headers
-        .iter()
-        .map(|h| {
-            varint::nullable_bytes_len(Some(h.key.as_bytes()))
-                + varint::nullable_bytes_len(h.value.as_deref())
-        })
-        .sum();
+        .clone()
+        .fold((0, 0), |(count, bytes), (key, value)| {
+            (
+                count + 1,
+                bytes + varint::nullable_bytes_len(Some(key)) + varint::nullable_bytes_len(value),
+            )
+        });
     1 + varint::varlong_bytes(timestamp_delta)
         + varint::varint_bytes(offset_delta)
-        + varint::nullable_bytes_len(record.key.as_deref())
-        + varint::nullable_bytes_len(record.value.as_deref())
-        + varint::varint_bytes(record.headers.len() as i32)
+        + varint::nullable_bytes_len(record.key)
+        + varint::nullable_bytes_len(record.value)
+        + varint::varint_bytes(count)
         + headers
 }
 

@@ -210,6 +210,40 @@ proptest! {
         prop_assert_eq!(decode_records(&batch).expect("decodes").len(), values.len());
     }
 
+    /// A batch built from records' parts (a transform's output) is the batch built from
+    /// the records, and decodes to them.
+    #[test]
+    fn records_pushed_as_parts_make_the_same_batch(values in proptest::collection::vec(
+        (proptest::option::of(proptest::collection::vec(any::<u8>(), 0..50)),
+         proptest::option::of(proptest::collection::vec(any::<u8>(), 0..500)),
+         0i64..1_000_000, 0usize..3), 1..20)) {
+        let records: Vec<Record> = values.iter().enumerate().map(|(i, (k, v, ts, headers))| Record {
+            offset: i as i64,
+            timestamp_ms: 1_700_000_000_000 + ts,
+            key: k.clone().map(Bytes::from),
+            value: v.clone().map(Bytes::from),
+            headers: (0..*headers).map(|h| Header {
+                key: format!("h{h}"),
+                value: (h != 1).then(|| Bytes::from(vec![7u8; h * 10])),
+            }).collect(),
+        }).collect();
+        let mut whole = BatchBuilder::new(BatchOptions::default());
+        let mut parts = BatchBuilder::new(BatchOptions::default());
+        for record in &records {
+            whole.push(record);
+            let borrowed = RecordParts {
+                timestamp_ms: record.timestamp_ms,
+                key: record.key.as_deref(),
+                value: record.value.as_deref(),
+                headers: record.headers.iter().map(|h| (h.key.as_bytes(), h.value.as_deref())),
+            };
+            prop_assert!(parts.push_parts_within(&borrowed, usize::MAX));
+        }
+        let batch = parts.build();
+        prop_assert_eq!(&batch, &whole.build());
+        prop_assert_eq!(decode_records(&batch).expect("decodes"), records);
+    }
+
     #[test]
     fn varint_sizes_match_the_encoder(value in any::<i64>()) {
         let mut out = BytesMut::new();

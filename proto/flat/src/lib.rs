@@ -40,6 +40,7 @@ impl std::fmt::Display for FlatError {
 
 impl std::error::Error for FlatError {}
 
+#[derive(Clone)]
 struct Reader<'a> {
     buf: &'a [u8],
 }
@@ -139,7 +140,7 @@ pub fn read_outputs(buf: &[u8]) -> impl Iterator<Item = Result<FlatOutput<'_>, F
 }
 
 /// Iterates over an encoded headers block: (key, value).
-pub fn headers(block: &[u8]) -> impl Iterator<Item = (&str, Option<&[u8]>)> {
+pub fn headers(block: &[u8]) -> impl Iterator<Item = (&str, Option<&[u8]>)> + Clone {
     let mut reader = Reader { buf: block };
     let mut remaining = reader.u32().unwrap_or(0);
     std::iter::from_fn(move || {
