@@ -6,20 +6,27 @@
 //! offset and its last offset delta, and the records keep their offsets, so the log simply
 //! has gaps. A tombstone (null value) that is the latest for its key is kept until its
 //! segment's largest timestamp is older than `delete.retention.ms`, so that consumers
-//! reading behind get to see the delete. Records without a key are kept; control batches
-//! (transaction markers) are copied as they are. A batch whose records all survive is
-//! copied without decoding.
+//! reading behind get to see the delete. Records without a key are kept. A batch whose
+//! records all survive is copied without decoding.
 //!
 //! Transactions: records of aborted transactions are removed and never count as the
 //! latest of their key (an aborted write must not shadow a committed one); records from
 //! the first unstable offset on (open transactions, and everything after them) are kept
-//! and do not count either, since their transaction may still abort.
+//! and do not count either, since their transaction may still abort. A transaction
+//! marker goes once no record of its transaction is left, under the tombstones' rule:
+//! when its segment is older than `delete.retention.ms` (as Kafka's cleaner does), so a
+//! consumer reading behind still sees the end of a transaction whose records it read.
+//! Without that, the markers of a changelog written exactly-once (one per commit, every
+//! 100 ms) would grow the compacted log, and each restore's reading of it, forever.
+//!
+//! **Invariant:** a marker outlives every record of its transaction: a transaction's
+//! records are never left without their marker, so none of them looks open.
 //!
 //! A rewritten segment is written to `<base>.log.cleaned`, fsynced, then its index files
 //! are removed and it is renamed over the live file; a crash at any point leaves either the
 //! old segment or the new one, and missing indexes are rebuilt on open.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::Write;
 
@@ -59,13 +66,16 @@ impl Log {
         let latest = self.latest_offset_per_key(&txns)?;
         let sealed: Vec<i64> = self.segments.keys().copied().collect();
         let sealed = &sealed[..sealed.len() - 1];
+        // Producers whose current transaction (in log order) keeps a record.
+        let mut kept_txns = HashSet::new();
         for &base in sealed {
             let Some(segment) = self.segments.get(&base) else {
                 continue;
             };
             let drop_tombstones =
                 now_ms.saturating_sub(segment.max_timestamp_ms()) > self.config.delete_retention_ms;
-            let (cleaned, removed) = rewrite(segment, &latest, &txns, drop_tombstones)?;
+            let (cleaned, removed) =
+                rewrite(segment, &latest, &txns, drop_tombstones, &mut kept_txns)?;
             stats.bytes_before += segment.size_bytes();
             if removed == 0 {
                 stats.bytes_after += segment.size_bytes();
@@ -165,13 +175,16 @@ impl Txns {
     }
 }
 
-/// The segment's bytes with superseded and aborted records removed, and how many were
-/// removed.
+/// The segment's bytes with superseded and aborted records removed, and markers whose
+/// transactions kept no record (with `drop_tombstones`), and how many records were
+/// removed. `kept_txns` carries, from segment to segment, the producers whose current
+/// transaction keeps a record.
 fn rewrite(
     segment: &Segment,
     latest: &HashMap<Bytes, i64>,
     txns: &Txns,
     drop_tombstones: bool,
+    kept_txns: &mut HashSet<i64>,
 ) -> Result<(Vec<u8>, u64), StorageError> {
     let mut out = Vec::with_capacity(segment.size_bytes() as usize);
     let mut removed = 0u64;
@@ -182,8 +195,17 @@ fn rewrite(
             reason,
         };
         let header = parse_header(bytes).map_err(|e| corrupt(e.to_string()))?;
-        if header.is_control() || header.base_offset >= txns.unstable_from {
+        if header.base_offset >= txns.unstable_from {
             out.extend_from_slice(bytes);
+            return Ok(());
+        }
+        if header.is_control() {
+            // The marker ends the producer's transaction: kept while a record of it is.
+            if kept_txns.remove(&header.producer_id) || !drop_tombstones {
+                out.extend_from_slice(bytes);
+            } else {
+                removed += u64::from(header.record_count);
+            }
             return Ok(());
         }
         if txns.is_aborted(&header) {
@@ -203,6 +225,9 @@ fn rewrite(
             })
             .collect();
         removed += (total - kept.len()) as u64;
+        if header.is_transactional() && !kept.is_empty() {
+            kept_txns.insert(header.producer_id);
+        }
         if kept.len() == total {
             out.extend_from_slice(bytes);
         } else if !kept.is_empty() {

@@ -984,6 +984,93 @@ fn compaction_drops_aborted_records_and_keeps_open_transactions() {
     assert!(kept.contains(&"after".to_string()), "{kept:?}");
 }
 
+/// The producer ids of the log's transaction markers, in order.
+fn markers(log: &Log) -> Vec<i64> {
+    let mut out = Vec::new();
+    let mut offset = log.log_start_offset();
+    let end = log.log_end_offset();
+    while offset < end {
+        let bytes = log.read(offset, 1 << 20, end).expect("read");
+        if bytes.is_empty() {
+            break;
+        }
+        for batch in batches(&bytes) {
+            let (header, _) = batch.expect("valid batch");
+            if header.is_control() && header.base_offset >= offset {
+                out.push(header.producer_id);
+            }
+            offset = header.next_offset();
+        }
+    }
+    out
+}
+
+#[test]
+fn compaction_drops_a_marker_once_its_transaction_kept_no_record_and_retention_passed() {
+    use runnel_batch::ControlType;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = LogConfig {
+        cleanup_policy: CleanupPolicy {
+            delete: false,
+            compact: true,
+        },
+        delete_retention_ms: 1000,
+        ..small_config()
+    };
+    let mut log = Log::open(dir.path(), config.clone(), 0).expect("open");
+    // Producer 1 commits a record a later write supersedes; producer 2 aborts; producer 3
+    // commits a record that stays the latest of its key.
+    for (id, key, end) in [
+        (1, "a", ControlType::Commit),
+        (2, "b", ControlType::Abort),
+        (3, "c", ControlType::Commit),
+    ] {
+        log.append(
+            &txn_batch(id, 0, 0, &[rec(Some(key), Some("txn"), 1)]),
+            0,
+            1,
+        )
+        .expect("append");
+        log.append_marker(end, id, 1, 0, 0, 1)
+            .expect("marker")
+            .expect("written");
+    }
+    append(&mut log, &[rec(Some("a"), Some("newer"), 1)], 1);
+    for i in 0..10 {
+        append(
+            &mut log,
+            &[rec(Some("filler"), Some(&format!("{i}")), 1)],
+            1,
+        );
+    }
+    log.roll().expect("roll");
+    assert_eq!(markers(&log), vec![1, 2, 3]);
+
+    // Within delete.retention.ms the markers stay, though two transactions lost their
+    // records: a consumer reading behind still sees them end.
+    log.compact(2).expect("compact");
+    assert_eq!(markers(&log), vec![1, 2, 3]);
+    assert_eq!(
+        values(&read_all(&log))
+            .iter()
+            .filter(|v| *v == "txn")
+            .count(),
+        1
+    );
+
+    // After it, only the marker of the transaction that kept a record stays.
+    let stats = log.compact(10_000).expect("compact");
+    assert!(stats.records_removed >= 2, "{stats:?}");
+    assert_eq!(markers(&log), vec![3]);
+    let kept = read_all(&log);
+    assert!(kept.iter().any(|r| r.key.as_deref() == Some(&b"c"[..])));
+    assert_eq!(log.first_unstable_offset(), None);
+    drop(log);
+    let log = Log::open(dir.path(), config, 0).expect("reopen");
+    assert_eq!(log.first_unstable_offset(), None);
+    assert_eq!(markers(&log), vec![3]);
+}
+
 #[derive(Debug, Clone)]
 enum TxnOp {
     /// A transactional batch of producer N (0..3).
