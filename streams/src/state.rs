@@ -49,8 +49,13 @@ pub type Entry = (Vec<u8>, Vec<u8>);
 type RawEntry = (Box<[u8]>, Box<[u8]>);
 
 /// Committed entries a task keeps in memory (values read or written recently), over all
-/// its stores; past this the task flushes and the cache starts again empty.
+/// its stores; past this, or past [`CACHE_BYTES_MAX`], the task flushes and the cache
+/// starts again empty.
 const CACHE_ENTRIES_MAX: usize = 200_000;
+/// Bytes of keys and values (and a share for the map) the cache of a task may hold.
+const CACHE_BYTES_MAX: usize = 32 * 1024 * 1024;
+/// What an entry of the cache takes besides its key and value bytes, roughly.
+const CACHE_ENTRY_OVERHEAD: usize = 64;
 /// Longest a committed write waits for its flush: bounds what a crashed task replays.
 pub const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -235,7 +240,7 @@ pub struct TaskState {
     /// read from RocksDB. A read that misses the layers is answered from here when it
     /// can, since a RocksDB lookup searches a memtable holding every version written
     /// since its last flush.
-    cache: Vec<std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>>,
+    cache: Cache,
     /// Keys per store whose committed value (in `cache`) is not in RocksDB yet.
     unflushed: Vec<std::collections::BTreeSet<Vec<u8>>>,
     /// Checkpoints of the unflushed writes: store → next changelog offset.
@@ -278,7 +283,7 @@ impl TaskState {
         let mut task = TaskState {
             partition,
             call: Layer::new(stores.len()),
-            cache: vec![std::collections::HashMap::new(); stores.len()],
+            cache: Cache::new(stores.len()),
             unflushed: vec![std::collections::BTreeSet::new(); stores.len()],
             unflushed_checkpoints: BTreeMap::new(),
             unflushed_since: None,
@@ -378,7 +383,7 @@ impl TaskState {
                 return Ok(value.clone());
             }
         }
-        if let Some(value) = self.cache.get(store as usize).and_then(|c| c.get(key)) {
+        if let Some(value) = self.cache.get(store as usize, key) {
             return Ok(value.clone());
         }
         let value = self.db.get_cf(self.cf(store)?, key).map_err(storage)?;
@@ -388,24 +393,15 @@ impl TaskState {
 
     /// Caches a value read from RocksDB (see [`TaskState::read`]).
     fn remember(&mut self, store: usize, key: Vec<u8>, value: Option<Vec<u8>>) {
-        if self.cache.iter().map(|c| c.len()).sum::<usize>() >= CACHE_ENTRIES_MAX {
+        if self.cache.is_full() {
             // Unflushed values live in the cache: they go to RocksDB first. A flush that
             // fails keeps them, and the next commit tries again.
             if self.flush().is_err() {
                 return;
             }
-            self.forget_all();
+            self.cache.clear();
         }
-        if let Some(cache) = self.cache.get_mut(store) {
-            cache.insert(key, value);
-        }
-    }
-
-    /// Empties the cache; only once nothing is unflushed (the cache holds those values).
-    fn forget_all(&mut self) {
-        for cache in &mut self.cache {
-            cache.clear();
-        }
+        self.cache.insert(store, key, value);
     }
 
     /// # Errors
@@ -460,9 +456,8 @@ impl TaskState {
         let upper = to.map_or(Bound::Unbounded, Bound::Excluded);
         // The writes not in RocksDB, newest winning, merged into one ordered view.
         let mut overlay: BTreeMap<&[u8], Option<&Vec<u8>>> = BTreeMap::new();
-        let cache = &self.cache[store as usize];
         for key in self.unflushed[store as usize].range::<[u8], _>((Bound::Included(from), upper)) {
-            if let Some(value) = cache.get(key) {
+            if let Some(value) = self.cache.get(store as usize, key) {
                 overlay.insert(key.as_slice(), value.as_ref());
             }
         }
@@ -637,7 +632,9 @@ impl TaskState {
                 let mut keys: std::collections::BTreeSet<Vec<u8>> =
                     writes.keys().cloned().collect();
                 self.unflushed[store].append(&mut keys);
-                self.cache[store].extend(writes);
+                for (key, value) in writes {
+                    self.cache.insert(store, key, value);
+                }
             }
         }
         for (store, next) in checkpoints {
@@ -651,10 +648,9 @@ impl TaskState {
         let since = *self
             .unflushed_since
             .get_or_insert_with(std::time::Instant::now);
-        let cached: usize = self.cache.iter().map(|c| c.len()).sum();
-        if cached >= CACHE_ENTRIES_MAX {
+        if self.cache.is_full() {
             self.flush()?;
-            self.forget_all();
+            self.cache.clear();
         } else if since.elapsed() >= self.flush_interval {
             self.flush()?;
         }
@@ -675,7 +671,7 @@ impl TaskState {
             let cf = self.cf(store as u32)?;
             for key in keys {
                 // The cache keeps every unflushed value until it is flushed.
-                match self.cache[store].get(key) {
+                match self.cache.get(store, key) {
                     Some(Some(value)) => batch.put_cf(cf, key, value),
                     Some(None) => batch.delete_cf(cf, key),
                     None => {
@@ -756,7 +752,7 @@ impl TaskState {
             checkpoint_key(&self.stores[store as usize]),
             next_offset.to_be_bytes(),
         );
-        self.cache[store as usize].clear();
+        self.cache.clear_store(store as usize);
         self.db.write(batch).map_err(storage)?;
         if store == self.internal_store() {
             self.max_timestamp_ms = self.read_max_timestamp()?;
@@ -773,7 +769,7 @@ impl TaskState {
         // Its unflushed writes are in the changelog it is restored from.
         self.unflushed[store as usize].clear();
         self.unflushed_checkpoints.remove(&store);
-        self.cache[store as usize].clear();
+        self.cache.clear_store(store as usize);
         self.db.drop_cf(&name).map_err(storage)?;
         self.db
             .create_cf(&name, &rocksdb::Options::default())
@@ -816,6 +812,65 @@ impl Drop for TaskState {
     fn drop(&mut self) {
         if let Err(err) = self.flush() {
             tracing::warn!(partition = self.partition, error = %err, "flushing the state of a closing task failed; it replays its changelogs when it reopens");
+        }
+    }
+}
+
+/// Committed values of a task's stores held in memory: every unflushed one, and values
+/// read from RocksDB; bounded by [`CACHE_ENTRIES_MAX`] and [`CACHE_BYTES_MAX`].
+struct Cache {
+    stores: Vec<std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>>,
+    entries: usize,
+    bytes: usize,
+}
+
+impl Cache {
+    fn new(stores: usize) -> Self {
+        Cache {
+            stores: vec![std::collections::HashMap::new(); stores],
+            entries: 0,
+            bytes: 0,
+        }
+    }
+
+    fn get(&self, store: usize, key: &[u8]) -> Option<&Option<Vec<u8>>> {
+        self.stores.get(store).and_then(|values| values.get(key))
+    }
+
+    fn insert(&mut self, store: usize, key: Vec<u8>, value: Option<Vec<u8>>) {
+        let Some(values) = self.stores.get_mut(store) else {
+            return;
+        };
+        let key_bytes = key.len() + CACHE_ENTRY_OVERHEAD;
+        self.bytes += key_bytes + value.as_ref().map_or(0, Vec::len);
+        match values.insert(key, value) {
+            Some(old) => self.bytes -= key_bytes + old.map_or(0, |v| v.len()),
+            None => self.entries += 1,
+        }
+    }
+
+    /// Whether the next flush should also empty it.
+    fn is_full(&self) -> bool {
+        self.entries >= CACHE_ENTRIES_MAX || self.bytes >= CACHE_BYTES_MAX
+    }
+
+    /// Empties it; only once nothing is unflushed (it holds those values).
+    fn clear(&mut self) {
+        for values in &mut self.stores {
+            values.clear();
+        }
+        self.entries = 0;
+        self.bytes = 0;
+    }
+
+    /// Forgets one store's values (RocksDB's were replaced, or its unflushed writes
+    /// dropped).
+    fn clear_store(&mut self, store: usize) {
+        if let Some(values) = self.stores.get_mut(store) {
+            for (key, value) in values.drain() {
+                self.entries -= 1;
+                self.bytes -= key.len() + CACHE_ENTRY_OVERHEAD + value.map_or(0, |v| v.len());
+            }
         }
     }
 }

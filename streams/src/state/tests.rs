@@ -283,3 +283,33 @@ fn timers_come_due_in_time_order_and_the_watermark_survives_a_reopen() {
     assert_eq!(task.max_timestamp_ms(), 90_000);
     assert_eq!(task.due_timers(1, 0, 10).expect("ok").len(), 1);
 }
+
+#[test]
+fn a_cache_past_its_byte_bound_flushes_and_starts_again_empty() {
+    let dir = tempfile::tempdir().expect("ok");
+    let mut task = TaskState::open(dir.path(), 0, &stores()).expect("ok");
+    task.flush_every(std::time::Duration::MAX);
+    let value = vec![7u8; VALUE_BYTES_MAX];
+    let values = CACHE_BYTES_MAX / VALUE_BYTES_MAX + 2;
+    for unit in 0..values {
+        task.put(0, unit.to_be_bytes().to_vec(), value.clone())
+            .expect("ok");
+        task.end_call(true, unit as u64);
+        task.commit(unit as u64, &BTreeMap::from([(0, unit as i64 + 1)]))
+            .expect("ok");
+        assert!(task.cache.bytes < CACHE_BYTES_MAX + 2 * VALUE_BYTES_MAX);
+    }
+    // The commit that filled it flushed: RocksDB holds what the cache let go.
+    assert!(task.cache.entries < values, "{}", task.cache.entries);
+    assert!(task.checkpoint(0).expect("ok") == values as i64);
+    task.crash();
+    let mut task = TaskState::open(dir.path(), 0, &stores()).expect("ok");
+    let flushed = task.checkpoint(0).expect("ok");
+    assert!(flushed > 0, "nothing was flushed");
+    for unit in 0..flushed as usize {
+        assert_eq!(
+            task.get(0, &unit.to_be_bytes()).expect("ok").map(|v| v.len()),
+            Some(VALUE_BYTES_MAX)
+        );
+    }
+}
