@@ -308,7 +308,9 @@ fn a_cache_past_its_byte_bound_flushes_and_starts_again_empty() {
     assert!(flushed > 0, "nothing was flushed");
     for unit in 0..flushed as usize {
         assert_eq!(
-            task.get(0, &unit.to_be_bytes()).expect("ok").map(|v| v.len()),
+            task.get(0, &unit.to_be_bytes())
+                .expect("ok")
+                .map(|v| v.len()),
             Some(VALUE_BYTES_MAX)
         );
     }
