@@ -1,5 +1,6 @@
 //! `runnel transform ...`: deploy and manage Wasm transforms, or test one offline.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -32,13 +33,17 @@ pub enum TransformCommand {
         name: String,
     },
     /// Stop and remove a deployment. Its committed position and (stateful) its state
-    /// stay, so a new deployment of the name continues; --delete-state deletes both.
+    /// stay, so a new deployment of the name continues; --delete-state deletes both. On
+    /// a terminal, removing a stateful deployment without either flag asks.
     Remove {
         name: String,
         /// Also delete the state: changelog topics, every broker's local stores, and
         /// the committed input offsets.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "keep_state")]
         delete_state: bool,
+        /// Keep the state and the committed input offsets without asking.
+        #[arg(long)]
+        keep_state: bool,
     },
     /// Read a stateful deployment's store (committed state): one key, or a key range.
     State(StateArgs),
@@ -444,7 +449,27 @@ pub async fn run(target: &crate::Target, command: TransformCommand) -> anyhow::R
             admin.pause_transform(&name, false).await?;
             println!("Resumed transform {name}.");
         }
-        TransformCommand::Remove { name, delete_state } => {
+        TransformCommand::Remove {
+            name,
+            delete_state,
+            keep_state,
+        } => {
+            let interactive = std::io::stdin().is_terminal() && std::io::stderr().is_terminal();
+            let delete_state = if delete_state || keep_state || !interactive {
+                delete_state
+            } else {
+                let spec = admin
+                    .describe_transform(&name)
+                    .await?
+                    .spec
+                    .unwrap_or_default();
+                !spec.stores.is_empty()
+                    && confirm(
+                        &state_question(&spec),
+                        std::io::stdin().lock(),
+                        std::io::stderr(),
+                    )?
+            };
             admin.remove_transform(&name, delete_state).await?;
             if delete_state {
                 println!("Removed transform {name} and deleted its state and committed offsets.");
@@ -489,4 +514,61 @@ pub async fn run(target: &crate::Target, command: TransformCommand) -> anyhow::R
         TransformCommand::Test(args) => return test(args),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What removing a stateful deployment asks on a terminal.
+fn state_question(spec: &v1::TransformSpec) -> String {
+    let changelogs: Vec<String> = spec
+        .stores
+        .iter()
+        .map(String::as_str)
+        .chain([runnel_streams::state::INTERNAL_STORE])
+        .map(|store| runnel_streams::state::changelog_topic(&spec.name, store))
+        .collect();
+    format!(
+        "Transform {} keeps state: stores {} (changelogs {}), its local stores on every broker and its committed input offsets.\nDelete them too? A new deployment of the name then starts from nothing. [y/N] ",
+        spec.name,
+        spec.stores.join(", "),
+        changelogs.join(", ")
+    )
+}
+
+/// Asks `question` on `output` and reads the answer from `input`: yes only for `y` or
+/// `yes` (any case); no for anything else, an empty line and the end of the input.
+fn confirm(
+    question: &str,
+    mut input: impl std::io::BufRead,
+    mut output: impl std::io::Write,
+) -> std::io::Result<bool> {
+    output.write_all(question.as_bytes())?;
+    output.flush()?;
+    let mut answer = String::new();
+    input.read_line(&mut answer)?;
+    Ok(matches!(
+        answer.trim().to_ascii_lowercase().as_str(),
+        "y" | "yes"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_yes_confirms() {
+        for (answer, yes) in [
+            ("y\n", true),
+            ("YES\n", true),
+            (" yes \n", true),
+            ("\n", false),
+            ("n\n", false),
+            ("sure\n", false),
+            ("", false),
+        ] {
+            let mut asked = Vec::new();
+            let confirmed = confirm("Delete? ", answer.as_bytes(), &mut asked).expect("io");
+            assert_eq!(confirmed, yes, "{answer:?}");
+            assert_eq!(asked, b"Delete? ");
+        }
+    }
 }

@@ -807,3 +807,108 @@ fn a_stream_table_join_reads_the_table_as_it_is_when_each_record_is_processed() 
     assert!(topics.contains("customers"), "{topics}");
     assert!(!topics.contains("join-__runnel-changelog"), "{topics}");
 }
+
+/// Runs `runnel --brokers ADDR ARGS` on a terminal (through `script`, which gives it a
+/// pseudo-terminal), answering `answer`; returns what the terminal showed.
+fn on_a_terminal(addr: &str, args: &[&str], answer: &str) -> String {
+    let command = std::iter::once(crate::support::RUNNEL)
+        .chain(["--brokers", addr])
+        .chain(args.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut child = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("script runs");
+    std::io::Write::write_all(child.stdin.as_mut().expect("piped"), answer.as_bytes())
+        .expect("answer");
+    let output = child.wait_with_output().expect("script finishes");
+    let shown = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "{shown}");
+    shown
+}
+
+#[test]
+fn removing_a_stateful_deployment_on_a_terminal_asks_whether_to_delete_its_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dev = crate::support::Dev::start(dir.path());
+    dev.ok(&["topic", "create", "words"], "");
+    dev.ok(&["topic", "create", "counts"], "");
+    let wasm = crate::transforms::components().join("word_count.wasm");
+    let wasm = wasm.display().to_string();
+    let deploy = || {
+        dev.ok(
+            &[
+                "transform",
+                "deploy",
+                "--name",
+                "wc",
+                "--input",
+                "words",
+                "--output",
+                "counts",
+                "--wasm",
+                &wasm,
+                "--store",
+                "counts",
+            ],
+            "",
+        );
+    };
+    let changelogs = || {
+        let topics = dev.ok(&["topic", "list"], "");
+        topics.contains("wc-counts-changelog") && topics.contains("wc-__runnel-changelog")
+    };
+    deploy();
+    assert!(changelogs());
+
+    // Answering no (or just Enter) keeps the state.
+    let shown = on_a_terminal(&dev.addr, &["transform", "remove", "wc"], "\n");
+    assert!(
+        shown.contains("Transform wc keeps state: stores counts (changelogs wc-counts-changelog, wc-__runnel-changelog)"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("state and committed offsets are kept"),
+        "{shown}"
+    );
+    assert!(changelogs());
+
+    // Answering yes deletes it.
+    deploy();
+    let shown = on_a_terminal(&dev.addr, &["transform", "remove", "wc"], "y\n");
+    assert!(shown.contains("[y/N]"), "{shown}");
+    assert!(shown.contains("deleted its state"), "{shown}");
+    wait_until(
+        "the changelogs are deleted",
+        Duration::from_secs(20),
+        || !changelogs(),
+    );
+
+    // --keep-state, and a command without a terminal, do not ask.
+    deploy();
+    let shown = on_a_terminal(
+        &dev.addr,
+        &["transform", "remove", "wc", "--keep-state"],
+        "",
+    );
+    assert!(!shown.contains("[y/N]"), "{shown}");
+    deploy();
+    let removed = dev.ok(&["transform", "remove", "wc"], "y\n");
+    assert!(removed.contains("are kept"), "{removed}");
+    assert!(changelogs());
+    let refused = dev.fails(
+        &[
+            "transform",
+            "remove",
+            "wc",
+            "--keep-state",
+            "--delete-state",
+        ],
+        "",
+    );
+    assert!(refused.contains("cannot be used with"), "{refused}");
+}
