@@ -20,6 +20,15 @@ fn example(dir: &str) -> PathBuf {
 
 /// Runs the example's `setup.sh` (a virtual environment or node_modules) once per run.
 fn setup(dir: &str) {
+    // Once per example and test process, and one at a time: a setup rewrites what a
+    // running example client loads (node_modules, the generated stubs).
+    static DONE: std::sync::Mutex<BTreeSet<String>> = std::sync::Mutex::new(BTreeSet::new());
+    let mut done = DONE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if done.contains(dir) {
+        return;
+    }
     let output = Command::new("bash")
         .arg(example(dir).join("setup.sh"))
         .output()
@@ -30,6 +39,7 @@ fn setup(dir: &str) {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+    done.insert(dir.to_string());
 }
 
 /// How to start one of the example clients.

@@ -20,13 +20,18 @@ const SECRET: &str = "0123456789abcdef0123456789abcdef";
 /// A broker requiring authentication, with authorization on, `User:admin` a super user,
 /// and an open (anonymous) listener on `open_port`; killed when dropped.
 fn secure_broker(dir: &Path, open_port: u16) -> (Dev, String) {
+    secure_broker_with(dir, open_port, "")
+}
+
+/// [`secure_broker`] with more `[auth]` settings (lines of TOML).
+fn secure_broker_with(dir: &Path, open_port: u16, auth: &str) -> (Dev, String) {
     let secret = dir.join("cluster.secret");
     std::fs::write(&secret, SECRET).expect("write");
     let config = dir.join("runnel.toml");
     std::fs::write(
         &config,
         format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"off\"\n[auth]\nrequire_authentication = true\nauthorization = true\nsuper_users = [\"User:admin\"]\ncluster_secret_file = {:?}\nopen_listen = \"127.0.0.1:{open_port}\"\n",
+            "data_dir = {:?}\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"off\"\n[auth]\nrequire_authentication = true\nauthorization = true\nsuper_users = [\"User:admin\"]\ncluster_secret_file = {:?}\nopen_listen = \"127.0.0.1:{open_port}\"\n{auth}",
             dir.join("data").display().to_string(),
             secret.display().to_string(),
         ),
@@ -982,5 +987,47 @@ fn the_example_clients_authenticate_with_scram() {
             "{topic}: {}",
             stderr(&anonymous)
         );
+    }
+}
+
+#[test]
+fn the_example_clients_log_in_again_before_their_session_ends() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Sessions of one second: the shortest a broker allows.
+    let (broker, secret) =
+        secure_broker_with(dir.path(), free_port(), "session_lifetime_ms = 1000\n");
+    let addr = broker.addr.clone();
+    for args in [
+        &["user", "create", "app", "--new-password", "app-pw"][..],
+        &[
+            "acl",
+            "add",
+            "--allow",
+            "User:app",
+            "--operation",
+            "all",
+            "--topic",
+            "renewed",
+        ],
+        &["topic", "create", "renewed"],
+    ] {
+        ok(as_cluster(&addr, &secret, args));
+    }
+    ok(as_user(
+        &addr,
+        "app",
+        "app-pw",
+        &["produce", "renewed"],
+        "hello\n",
+    ));
+    let login = ["--user", "app", "--password", "app-pw"];
+    for example in [
+        crate::clients::Example::python(),
+        crate::clients::Example::node(),
+    ] {
+        // `consume` reads the record, then polls until two seconds pass without one: its
+        // calls go on well past the second its first token lasts.
+        let read = example.ok(&addr, &[&login[..], &["consume", "renewed"]].concat(), "");
+        assert!(read.contains("hello"), "{read}");
     }
 }

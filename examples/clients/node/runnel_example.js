@@ -78,14 +78,16 @@ class Runnel {
   }
 
   // SCRAM (RFC 5802) over the Security service: the session token then goes with every
-  // call (it is valid on every broker for an hour). The password never leaves this
-  // process: only a proof derived from it does.
+  // call (it is valid on every broker, for an hour by default), and the client logs in
+  // again at half its lifetime. The password never leaves this process: only a proof
+  // derived from it does.
   async login(user, password, mechanism = 'SCRAM-SHA-256') {
     const digest = mechanism.toUpperCase().endsWith('512') ? 'sha512' : 'sha256';
     const hmac = (key, data) => crypto.createHmac(digest, key).update(data).digest();
     const nonce = crypto.randomBytes(18).toString('base64');
     const firstBare = `n=${user},r=${nonce}`;
-    const security = this.stub('Security');
+    // A stub of its own, without the token: logging in needs none.
+    const security = new v1.Security(this.address, this.credentials);
     const started = await call(security, 'AuthenticateStart', {
       mechanism: digest === 'sha512' ? 'SCRAM_SHA_512' : 'SCRAM_SHA_256',
       client_first: `n,,${firstBare}`,
@@ -108,14 +110,31 @@ class Runnel {
     if (finished.server_final !== `v=${expected}`) {
       throw new RunnelError('AUTHENTICATION_FAILED', "the broker does not know this user's credential");
     }
-    const token = finished.token;
-    this.interceptors = [(options, nextCall) => new grpc.InterceptingCall(nextCall(options), {
-      start(metadata, listener, next) {
-        metadata.set('authorization', `Bearer ${token}`);
-        next(metadata, listener);
-      },
-    })];
-    this.stubs.clear();
+    security.close();
+    this.token = finished.token;
+    if (this.interceptors.length === 0) {
+      this.interceptors = [(options, nextCall) => new grpc.InterceptingCall(nextCall(options), {
+        start: (metadata, listener, next) => {
+          metadata.set('authorization', `Bearer ${this.token}`);
+          next(metadata, listener);
+        },
+      })];
+      this.stubs.clear();
+    }
+    this.renewIn(Number(finished.expires_in_ms) / 2, user, password, mechanism);
+  }
+
+  // Logs in again after `ms` (a second after a failed attempt), without keeping the
+  // process alive for it.
+  renewIn(ms, user, password, mechanism) {
+    clearTimeout(this.renewal);
+    this.renewal = setTimeout(() => {
+      this.login(user, password, mechanism).catch((err) => {
+        console.error(`renewing the session failed: ${err.message}`);
+        this.renewIn(1000, user, password, mechanism);
+      });
+    }, ms);
+    this.renewal.unref();
   }
 
   async createTopic(name, partitions) {

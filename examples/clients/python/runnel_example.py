@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import os
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "gen"))
@@ -74,7 +75,8 @@ def read_file(path):
 
 def scram_login(channel, user, password, mechanism):
     """Authenticates with SCRAM (RFC 5802) over the Security service; returns the session
-    token. The password never leaves this process: only a proof derived from it does."""
+    token and how many milliseconds it stays valid. The password never leaves this
+    process: only a proof derived from it does."""
     digest = "sha512" if mechanism.upper().endswith("512") else "sha256"
     nonce = base64.b64encode(os.urandom(18)).decode()
     first_bare = f"n={user},r={nonce}"
@@ -108,7 +110,30 @@ def scram_login(channel, user, password, mechanism):
     expected = base64.b64encode(hmac.new(server_key, auth_message, digest).digest()).decode()
     if finished.server_final != "v=" + expected:
         raise RunnelError("AUTHENTICATION_FAILED", "the broker does not know this user's credential")
-    return finished.token
+    return finished.token, finished.expires_in_ms
+
+
+class Session:
+    """A SCRAM login that renews itself: once half of its token's lifetime has passed,
+    the next call logs in again, so a client that runs for hours keeps working."""
+
+    def __init__(self, open_channel, user, password, mechanism):
+        def login():
+            with open_channel() as channel:
+                return scram_login(channel, user, password, mechanism)
+
+        self.login = login
+        self.lock = threading.Lock()
+        self.token, self.renew_at = None, 0.0
+        self.header()
+
+    def header(self):
+        with self.lock:
+            if self.token is None or time.monotonic() >= self.renew_at:
+                token, expires_in_ms = self.login()
+                self.token = token
+                self.renew_at = time.monotonic() + expires_in_ms / 2000.0
+            return ("authorization", "Bearer " + self.token)
 
 
 class _CallDetails(
@@ -124,13 +149,13 @@ class TokenInterceptor(
     grpc.StreamUnaryClientInterceptor,
     grpc.StreamStreamClientInterceptor,
 ):
-    """Adds `authorization: Bearer TOKEN` to every call of a channel."""
+    """Adds `authorization: Bearer TOKEN` to every call of a channel, from a Session."""
 
-    def __init__(self, token):
-        self.header = ("authorization", "Bearer " + token)
+    def __init__(self, session):
+        self.session = session
 
     def _with_token(self, details):
-        metadata = list(details.metadata or []) + [self.header]
+        metadata = list(details.metadata or []) + [self.session.header()]
         return _CallDetails(
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready, details.compression
         )
@@ -161,11 +186,11 @@ class Runnel:
                 certificate_chain=read_file(tls_cert) if tls_cert else None,
             )
         # With a login, one SCRAM exchange gives a token every broker of the cluster
-        # takes (valid for an hour: a longer-lived client logs in again before).
-        self.token = None
+        # takes (valid for an hour by default); the session logs in again before it ends.
+        self.session = None
         if login is not None:
             user, password, mechanism = login
-            self.token = scram_login(self.open_channel(broker), user, password, mechanism)
+            self.session = Session(lambda: self.raw_channel(broker), user, password, mechanism)
         self.channel = self.open_channel(broker)
         self.admin = rpc.AdminStub(self.channel)
         self.producer = rpc.ProducerStub(self.channel)
@@ -189,13 +214,16 @@ class Runnel:
                 return [(p.partition, brokers.get(p.leader, self.address)) for p in t.partitions]
         raise RunnelError("UNKNOWN_TOPIC", f"no topic {topic!r}")
 
-    def open_channel(self, address):
+    def raw_channel(self, address):
+        """A channel without the session's token (logging in needs none)."""
         if self.credentials is None:
-            channel = grpc.insecure_channel(address)
-        else:
-            channel = grpc.secure_channel(address, self.credentials)
-        if getattr(self, "token", None):
-            channel = grpc.intercept_channel(channel, TokenInterceptor(self.token))
+            return grpc.insecure_channel(address)
+        return grpc.secure_channel(address, self.credentials)
+
+    def open_channel(self, address):
+        channel = self.raw_channel(address)
+        if self.session is not None:
+            channel = grpc.intercept_channel(channel, TokenInterceptor(self.session))
         return channel
 
     def stub_for(self, address, kind):
