@@ -27,9 +27,9 @@ fn append(log: &mut Log, records: &[Record], now_ms: i64) -> AppendInfo {
     log.append(&batch_of(records), 0, now_ms).expect("append")
 }
 
-/// Every record from the log start to the end, read batch by batch.
-fn read_all(log: &Log) -> Vec<Record> {
-    let mut out = Vec::new();
+/// Calls `f` with every batch from the log start to the end (header, bytes, and the
+/// offset the read asked for), read batch by batch.
+fn each_batch(log: &Log, mut f: impl FnMut(&runnel_batch::BatchHeader, &[u8], i64)) {
     let mut offset = log.log_start_offset();
     let end = log.log_end_offset();
     while offset < end {
@@ -39,14 +39,19 @@ fn read_all(log: &Log) -> Vec<Record> {
         }
         for batch in batches(&bytes) {
             let (header, raw) = batch.expect("valid batch");
-            for record in decode_records(raw).expect("decode") {
-                if record.offset >= offset {
-                    out.push(record);
-                }
-            }
+            f(&header, raw, offset);
             offset = header.next_offset();
         }
     }
+}
+
+/// Every record from the log start to the end.
+fn read_all(log: &Log) -> Vec<Record> {
+    let mut out = Vec::new();
+    each_batch(log, |_, raw, from| {
+        let records = decode_records(raw).expect("decode");
+        out.extend(records.into_iter().filter(|r| r.offset >= from));
+    });
     out
 }
 
@@ -987,21 +992,11 @@ fn compaction_drops_aborted_records_and_keeps_open_transactions() {
 /// The producer ids of the log's transaction markers, in order.
 fn markers(log: &Log) -> Vec<i64> {
     let mut out = Vec::new();
-    let mut offset = log.log_start_offset();
-    let end = log.log_end_offset();
-    while offset < end {
-        let bytes = log.read(offset, 1 << 20, end).expect("read");
-        if bytes.is_empty() {
-            break;
+    each_batch(log, |header, _, from| {
+        if header.is_control() && header.base_offset >= from {
+            out.push(header.producer_id);
         }
-        for batch in batches(&bytes) {
-            let (header, _) = batch.expect("valid batch");
-            if header.is_control() && header.base_offset >= offset {
-                out.push(header.producer_id);
-            }
-            offset = header.next_offset();
-        }
-    }
+    });
     out
 }
 
