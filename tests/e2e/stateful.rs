@@ -159,10 +159,10 @@ fn queried_count(cluster: &Cluster, on: u32, word: &str) -> u64 {
     answer.parse().expect("a count")
 }
 
-fn deploy_word_count(cluster: &Cluster, processing: &str, extra: &[&str]) {
+/// `transform deploy` of the word-count example as `wc`, from `words` to `counts`.
+fn word_count_deploy(processing: &str) -> Vec<String> {
     let wasm = crate::transforms::components().join("word_count.wasm");
-    let wasm = wasm.display().to_string();
-    let mut args = vec![
+    [
         "transform",
         "deploy",
         "--name",
@@ -172,12 +172,19 @@ fn deploy_word_count(cluster: &Cluster, processing: &str, extra: &[&str]) {
         "--output",
         "counts",
         "--wasm",
-        &wasm,
+        &wasm.display().to_string(),
         "--store",
         "counts",
         "--processing",
         processing,
-    ];
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn deploy_word_count(cluster: &Cluster, processing: &str, extra: &[&str]) {
+    let deploy = word_count_deploy(processing);
+    let mut args: Vec<&str> = deploy.iter().map(String::as_str).collect();
     args.extend(extra);
     let deployed = cluster.ok(1, &args, "");
     assert!(deployed.contains("on brokers 1,2,3"), "{deployed}");
@@ -837,26 +844,10 @@ fn removing_a_stateful_deployment_on_a_terminal_asks_whether_to_delete_its_state
     let dev = crate::support::Dev::start(dir.path());
     dev.ok(&["topic", "create", "words"], "");
     dev.ok(&["topic", "create", "counts"], "");
-    let wasm = crate::transforms::components().join("word_count.wasm");
-    let wasm = wasm.display().to_string();
+    let args = word_count_deploy("at-least-once");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let deploy = || {
-        dev.ok(
-            &[
-                "transform",
-                "deploy",
-                "--name",
-                "wc",
-                "--input",
-                "words",
-                "--output",
-                "counts",
-                "--wasm",
-                &wasm,
-                "--store",
-                "counts",
-            ],
-            "",
-        );
+        dev.ok(&args, "");
     };
     let changelogs = || {
         let topics = dev.ok(&["topic", "list"], "");
