@@ -642,7 +642,7 @@ impl TaskState {
                 self.unflushed_checkpoints.insert(*store, *next);
             }
         }
-        if self.unflushed_checkpoints.is_empty() && self.unflushed.iter().all(|k| k.is_empty()) {
+        if !self.has_unflushed() {
             return Ok(());
         }
         let since = *self
@@ -657,13 +657,18 @@ impl TaskState {
         Ok(())
     }
 
+    /// Whether committed writes or checkpoints wait for a flush.
+    fn has_unflushed(&self) -> bool {
+        !self.unflushed_checkpoints.is_empty() || self.unflushed.iter().any(|k| !k.is_empty())
+    }
+
     /// Writes every unflushed write to RocksDB with the checkpoints they reached, in one
     /// atomic write batch.
     ///
     /// # Errors
     /// RocksDB failed; the writes stay unflushed.
     pub fn flush(&mut self) -> Result<(), StateError> {
-        if self.unflushed_checkpoints.is_empty() && self.unflushed.iter().all(|k| k.is_empty()) {
+        if !self.has_unflushed() {
             return Ok(());
         }
         let mut batch = rocksdb::WriteBatch::default();
@@ -820,7 +825,7 @@ impl Drop for TaskState {
 /// read from RocksDB; bounded by [`CACHE_ENTRIES_MAX`] and [`CACHE_BYTES_MAX`].
 struct Cache {
     stores: Vec<std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>>,
-    entries: usize,
+    /// What the entries take, keys and values (and [`CACHE_ENTRY_OVERHEAD`] each).
     bytes: usize,
 }
 
@@ -828,7 +833,6 @@ impl Cache {
     fn new(stores: usize) -> Self {
         Cache {
             stores: vec![std::collections::HashMap::new(); stores],
-            entries: 0,
             bytes: 0,
         }
     }
@@ -843,15 +847,18 @@ impl Cache {
         };
         let key_bytes = key.len() + CACHE_ENTRY_OVERHEAD;
         self.bytes += key_bytes + value.as_ref().map_or(0, Vec::len);
-        match values.insert(key, value) {
-            Some(old) => self.bytes -= key_bytes + old.map_or(0, |v| v.len()),
-            None => self.entries += 1,
+        if let Some(old) = values.insert(key, value) {
+            self.bytes -= key_bytes + old.map_or(0, |v| v.len());
         }
     }
 
     /// Whether the next flush should also empty it.
     fn is_full(&self) -> bool {
-        self.entries >= CACHE_ENTRIES_MAX || self.bytes >= CACHE_BYTES_MAX
+        self.entries() >= CACHE_ENTRIES_MAX || self.bytes >= CACHE_BYTES_MAX
+    }
+
+    fn entries(&self) -> usize {
+        self.stores.iter().map(|values| values.len()).sum()
     }
 
     /// Empties it; only once nothing is unflushed (it holds those values).
@@ -859,7 +866,6 @@ impl Cache {
         for values in &mut self.stores {
             values.clear();
         }
-        self.entries = 0;
         self.bytes = 0;
     }
 
@@ -868,7 +874,6 @@ impl Cache {
     fn clear_store(&mut self, store: usize) {
         if let Some(values) = self.stores.get_mut(store) {
             for (key, value) in values.drain() {
-                self.entries -= 1;
                 self.bytes -= key.len() + CACHE_ENTRY_OVERHEAD + value.map_or(0, |v| v.len());
             }
         }

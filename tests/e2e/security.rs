@@ -154,16 +154,7 @@ fn users_and_acls_decide_who_may_produce_consume_and_list() {
     );
     // DESCRIBE but no WRITE: no produce.
     ok(admin(
-        &[
-            "acl",
-            "add",
-            "--allow",
-            "User:alice",
-            "--operation",
-            "describe",
-            "--topic",
-            "orders",
-        ],
+        &acl_add("--allow", "User:alice", "describe", &["--topic", "orders"]),
         "",
     ));
     refused(
@@ -173,31 +164,13 @@ fn users_and_acls_decide_who_may_produce_consume_and_list() {
     // Only a super user manages ACLs.
     refused(
         alice(
-            &[
-                "acl",
-                "add",
-                "--allow",
-                "User:alice",
-                "--operation",
-                "write",
-                "--topic",
-                "orders",
-            ],
+            &acl_add("--allow", "User:alice", "write", &["--topic", "orders"]),
             "",
         ),
         "User:alice may not ALTER the cluster",
     );
     ok(admin(
-        &[
-            "acl",
-            "add",
-            "--allow",
-            "User:alice",
-            "--operation",
-            "write",
-            "--topic",
-            "orders",
-        ],
+        &acl_add("--allow", "User:alice", "write", &["--topic", "orders"]),
         "",
     ));
     ok(alice(&["produce", "orders"], "one\ntwo\n"));
@@ -210,16 +183,7 @@ fn users_and_acls_decide_who_may_produce_consume_and_list() {
 
     // READ on the topic but not on the group: no consuming in the group.
     ok(admin(
-        &[
-            "acl",
-            "add",
-            "--allow",
-            "User:bob",
-            "--operation",
-            "read",
-            "--topic",
-            "orders",
-        ],
+        &acl_add("--allow", "User:bob", "read", &["--topic", "orders"]),
         "",
     ));
     let consume = [
@@ -237,17 +201,12 @@ fn users_and_acls_decide_who_may_produce_consume_and_list() {
     );
     // A prefixed group ACL covers it.
     ok(admin(
-        &[
-            "acl",
-            "add",
+        &acl_add(
             "--allow",
             "User:bob",
-            "--operation",
             "read",
-            "--group",
-            "bill",
-            "--prefixed",
-        ],
+            &["--group", "bill", "--prefixed"],
+        ),
         "",
     ));
     assert_eq!(ok(bob(&consume, "")), "one\ntwo\n");
@@ -268,16 +227,7 @@ fn users_and_acls_decide_who_may_produce_consume_and_list() {
 
     // A DENY beats the ALLOW, also for everyone (User:*).
     ok(admin(
-        &[
-            "acl",
-            "add",
-            "--deny",
-            "User:*",
-            "--operation",
-            "read",
-            "--topic",
-            "orders",
-        ],
+        &acl_add("--deny", "User:*", "read", &["--topic", "orders"]),
         "",
     ));
     refused(
@@ -540,7 +490,7 @@ fn every_rpc_refuses_a_user_without_acls() {
         let granted = as_cluster(
             &addr,
             &secret,
-            &["acl", "add", "--allow", "User:mallory", "--operation", "write", "--topic", "t"],
+            &acl_add("--allow", "User:mallory", "write", &["--topic", "t"]),
         );
         assert!(granted.status.success(), "{}", stderr(&granted));
         let answer = producer
@@ -593,16 +543,7 @@ fn a_transform_acts_as_its_principal() {
     refused(admin(&deploy, ""), "User:etl may not READ topic \"in\"");
     // Acting as someone else is an administrator's act.
     ok(admin(
-        &[
-            "acl",
-            "add",
-            "--allow",
-            "User:alice",
-            "--operation",
-            "create",
-            "--transform",
-            "copy",
-        ],
+        &acl_add("--allow", "User:alice", "create", &["--transform", "copy"]),
         "",
     ));
     refused(
@@ -615,16 +556,7 @@ fn a_transform_acts_as_its_principal() {
         ("read", "--group", "transform-copy"),
     ] {
         ok(admin(
-            &[
-                "acl",
-                "add",
-                "--allow",
-                "User:etl",
-                "--operation",
-                operation,
-                kind,
-                name,
-            ],
+            &acl_add("--allow", "User:etl", operation, &[kind, name]),
             "",
         ));
     }
@@ -686,16 +618,12 @@ fn a_transform_acts_as_its_principal() {
         "User:etl may not READ group \"connect-archive\"",
     );
     ok(admin(
-        &[
-            "acl",
-            "add",
+        &acl_add(
             "--allow",
             "User:etl",
-            "--operation",
             "read",
-            "--group",
-            "connect-archive",
-        ],
+            &["--group", "connect-archive"],
+        ),
         "",
     ));
     ok(admin(&create, ""));
@@ -761,16 +689,7 @@ fn a_three_broker_cluster_with_auth_replicates_and_fails_over() {
     ));
     ok(admin(
         3,
-        &[
-            "acl",
-            "add",
-            "--allow",
-            "User:writer",
-            "--operation",
-            "write",
-            "--topic",
-            "ledger",
-        ],
+        &acl_add("--allow", "User:writer", "write", &["--topic", "ledger"]),
     ));
     // Users and ACLs are cluster metadata: every broker knows them.
     let first: String = (0..100).map(|i| format!("entry-{i}\n")).collect();
@@ -868,16 +787,12 @@ fn a_client_certificate_authenticates_under_mutual_tls() {
     );
     ok(as_cert(
         "admin",
-        &[
-            "acl",
-            "add",
+        &acl_add(
             "--allow",
             "User:carol",
-            "--operation",
             "write,describe",
-            "--topic",
-            "audit",
-        ],
+            &["--topic", "audit"],
+        ),
         "",
     ));
     ok(as_cert("carol", &["produce", "audit"], "x\n"));
@@ -936,16 +851,7 @@ fn the_example_clients_authenticate_with_scram() {
         ok(as_cluster(
             &addr,
             &secret,
-            &[
-                "acl",
-                "add",
-                "--allow",
-                "User:app",
-                "--operation",
-                "all",
-                "--topic",
-                topic,
-            ],
+            &acl_add("--allow", "User:app", "all", &["--topic", topic]),
         ));
         for mechanism in ["SCRAM-SHA-256", "SCRAM-SHA-512"] {
             let login = [
@@ -999,16 +905,7 @@ fn the_example_clients_log_in_again_before_their_session_ends() {
     let addr = broker.addr.clone();
     for args in [
         &["user", "create", "app", "--new-password", "app-pw"][..],
-        &[
-            "acl",
-            "add",
-            "--allow",
-            "User:app",
-            "--operation",
-            "all",
-            "--topic",
-            "renewed",
-        ],
+        &acl_add("--allow", "User:app", "all", &["--topic", "renewed"]),
         &["topic", "create", "renewed"],
     ] {
         ok(as_cluster(&addr, &secret, args));
@@ -1030,4 +927,26 @@ fn the_example_clients_log_in_again_before_their_session_ends() {
         let read = example.ok(&addr, &[&login[..], &["consume", "renewed"]].concat(), "");
         assert!(read.contains("hello"), "{read}");
     }
+}
+
+/// The arguments of `acl add PERMISSION PRINCIPAL --operation OPERATIONS RESOURCE...`
+/// (`--allow` or `--deny`; the resource as flags: `--topic T`, `--group G --prefixed`).
+fn acl_add<'a>(
+    permission: &'a str,
+    principal: &'a str,
+    operations: &'a str,
+    resource: &[&'a str],
+) -> Vec<&'a str> {
+    [
+        &[
+            "acl",
+            "add",
+            permission,
+            principal,
+            "--operation",
+            operations,
+        ][..],
+        resource,
+    ]
+    .concat()
 }

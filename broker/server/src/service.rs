@@ -91,6 +91,43 @@ fn check_cluster<T>(request: &Request<T>, operation: Op) -> Result<(), Status> {
     check(request, operation, Res::Cluster, CLUSTER_RESOURCE)
 }
 
+/// A request that names a transactional id.
+trait NamesTransactionalId {
+    fn transactional_id(&self) -> &str;
+}
+
+macro_rules! names_transactional_id {
+    ($($message:ty),*) => {$(
+        impl NamesTransactionalId for $message {
+            fn transactional_id(&self) -> &str {
+                &self.transactional_id
+            }
+        }
+    )*};
+}
+
+names_transactional_id!(
+    v1::InitProducerIdRequest,
+    v1::FindTransactionCoordinatorRequest,
+    v1::EndTransactionRequest,
+    v1::AddPartitionsToTransactionRequest,
+    v1::DescribeTransactionRequest,
+    v1::AbortTransactionRequest
+);
+
+/// `operation` on the transactional id the request names.
+fn check_transactional_id<T: NamesTransactionalId>(
+    request: &Request<T>,
+    operation: Op,
+) -> Result<(), Status> {
+    check(
+        request,
+        operation,
+        Res::TransactionalId,
+        request.get_ref().transactional_id(),
+    )
+}
+
 /// READ on every topic of a fetch.
 fn check_fetch<T>(request: &Request<T>, partitions: &[v1::FetchPartition]) -> Result<(), Status> {
     let access = access(request)?;
@@ -133,12 +170,7 @@ impl producer_server::Producer for Service {
         request: Request<v1::InitProducerIdRequest>,
     ) -> Result<Response<v1::InitProducerIdResponse>, Status> {
         if !request.get_ref().transactional_id.is_empty() {
-            check(
-                &request,
-                Op::Write,
-                Res::TransactionalId,
-                &request.get_ref().transactional_id,
-            )?;
+            check_transactional_id(&request, Op::Write)?;
         }
         let request = request.into_inner();
         let answer = if request.transactional_id.is_empty() {
@@ -346,12 +378,7 @@ impl transactions_server::Transactions for Service {
         &self,
         request: Request<v1::FindTransactionCoordinatorRequest>,
     ) -> Result<Response<v1::FindCoordinatorResponse>, Status> {
-        check(
-            &request,
-            Op::Describe,
-            Res::TransactionalId,
-            &request.get_ref().transactional_id,
-        )?;
+        check_transactional_id(&request, Op::Describe)?;
         Ok(Response::new(self.broker.find_txn_coordinator(
             &request.into_inner().transactional_id,
         )?))
@@ -361,12 +388,7 @@ impl transactions_server::Transactions for Service {
         &self,
         request: Request<v1::EndTransactionRequest>,
     ) -> Result<Response<v1::EndTransactionResponse>, Status> {
-        check(
-            &request,
-            Op::Write,
-            Res::TransactionalId,
-            &request.get_ref().transactional_id,
-        )?;
+        check_transactional_id(&request, Op::Write)?;
         Ok(Response::new(
             self.broker.end_transaction(request.into_inner()).await?,
         ))
@@ -376,12 +398,7 @@ impl transactions_server::Transactions for Service {
         &self,
         request: Request<v1::AddPartitionsToTransactionRequest>,
     ) -> Result<Response<v1::AddPartitionsToTransactionResponse>, Status> {
-        check(
-            &request,
-            Op::Write,
-            Res::TransactionalId,
-            &request.get_ref().transactional_id,
-        )?;
+        check_transactional_id(&request, Op::Write)?;
         for partitions in &request.get_ref().partitions {
             check(&request, Op::Write, Res::Topic, &partitions.topic)?;
         }
@@ -411,12 +428,7 @@ impl transactions_server::Transactions for Service {
         &self,
         request: Request<v1::DescribeTransactionRequest>,
     ) -> Result<Response<v1::TransactionDescription>, Status> {
-        check(
-            &request,
-            Op::Describe,
-            Res::TransactionalId,
-            &request.get_ref().transactional_id,
-        )?;
+        check_transactional_id(&request, Op::Describe)?;
         Ok(Response::new(self.broker.describe_transaction(
             &request.into_inner().transactional_id,
         )?))
@@ -426,12 +438,7 @@ impl transactions_server::Transactions for Service {
         &self,
         request: Request<v1::AbortTransactionRequest>,
     ) -> Result<Response<v1::TransactionDescription>, Status> {
-        check(
-            &request,
-            Op::Write,
-            Res::TransactionalId,
-            &request.get_ref().transactional_id,
-        )?;
+        check_transactional_id(&request, Op::Write)?;
         Ok(Response::new(
             self.broker
                 .abort_transaction(&request.into_inner().transactional_id)

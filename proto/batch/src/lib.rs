@@ -632,6 +632,16 @@ impl Default for BatchOptions {
     }
 }
 
+/// What a record takes in a batch, worked out once before it is written.
+#[derive(Debug, Clone, Copy)]
+struct RecordBody {
+    timestamp_delta: i64,
+    /// How many headers it has.
+    headers: i32,
+    /// Bytes after the length prefix.
+    bytes: usize,
+}
+
 /// Builds one batch from records. Offsets are relative to `base_offset` (0 for a producer;
 /// the broker stamps the real one), taken from each record's `offset` when
 /// `keep_offsets` is set (compaction keeps gaps) and dense otherwise.
@@ -718,8 +728,8 @@ impl BatchBuilder {
 
     /// Bytes `record` would add to the batch (uncompressed), its length prefix included.
     pub fn record_size_bytes(&self, record: &Record) -> usize {
-        let (_, body) = self.next_record_body(&record.parts(), self.last_offset_delta + 1);
-        varint::varint_bytes(body as i32) + body
+        let body = self.next_record_body(&record.parts(), self.last_offset_delta + 1);
+        varint::varint_bytes(body.bytes as i32) + body.bytes
     }
 
     /// Appends a record at the next dense offset.
@@ -743,12 +753,12 @@ impl BatchBuilder {
         size_bytes_max: usize,
     ) -> bool {
         let delta = self.last_offset_delta + 1;
-        let (timestamp_delta, body) = self.next_record_body(record, delta);
-        let added = varint::varint_bytes(body as i32) + body;
+        let body = self.next_record_body(record, delta);
+        let added = varint::varint_bytes(body.bytes as i32) + body.bytes;
         if !self.is_empty() && self.buf.len() + added > size_bytes_max {
             return false;
         }
-        self.write_record(record, delta, timestamp_delta, body);
+        self.write_record(record, delta, &body);
         true
     }
 
@@ -770,32 +780,55 @@ impl BatchBuilder {
     }
 
     fn push_at<'a>(&mut self, record: &RecordParts<'a, impl HeaderParts<'a>>, offset_delta: i32) {
-        let (timestamp_delta, body) = self.next_record_body(record, offset_delta);
-        self.write_record(record, offset_delta, timestamp_delta, body);
+        let body = self.next_record_body(record, offset_delta);
+        self.write_record(record, offset_delta, &body);
     }
 
-    /// The timestamp delta `record` gets in this batch and the bytes of its body (after
-    /// the length prefix).
+    /// What `record` takes in this batch (its body, after the length prefix).
     fn next_record_body<'a>(
         &self,
         record: &RecordParts<'a, impl HeaderParts<'a>>,
         offset_delta: i32,
-    ) -> (i64, usize) {
+    ) -> RecordBody {
         let base_ts = self.base_timestamp_ms.unwrap_or(record.timestamp_ms);
         let timestamp_delta = record.timestamp_ms.wrapping_sub(base_ts);
-        (
+        let (headers, headers_bytes) =
+            record
+                .headers
+                .clone()
+                .fold((0, 0), |(count, bytes), (key, value)| {
+                    (
+                        count + 1,
+                        bytes
+                            + varint::nullable_bytes_len(Some(key))
+                            + varint::nullable_bytes_len(value),
+                    )
+                });
+        let bytes = 1
+            + varint::varlong_bytes(timestamp_delta)
+            + varint::varint_bytes(offset_delta)
+            + varint::nullable_bytes_len(record.key)
+            + varint::nullable_bytes_len(record.value)
+            + varint::varint_bytes(headers)
+            + headers_bytes;
+        RecordBody {
             timestamp_delta,
-            record_body_bytes(record, timestamp_delta, offset_delta),
-        )
+            headers,
+            bytes,
+        }
     }
 
     fn write_record<'a>(
         &mut self,
         record: &RecordParts<'a, impl HeaderParts<'a>>,
         offset_delta: i32,
-        timestamp_delta: i64,
-        body: usize,
+        body: &RecordBody,
     ) {
+        let RecordBody {
+            timestamp_delta,
+            headers,
+            bytes: body,
+        } = *body;
         self.base_timestamp_ms.get_or_insert(record.timestamp_ms);
         self.max_timestamp_ms = self.max_timestamp_ms.max(record.timestamp_ms);
         let out = &mut self.buf;
@@ -806,7 +839,7 @@ impl BatchBuilder {
         varint::put_varint(out, offset_delta);
         varint::put_nullable_bytes(out, record.key);
         varint::put_nullable_bytes(out, record.value);
-        varint::put_varint(out, record.headers.clone().count() as i32);
+        varint::put_varint(out, headers);
         for (key, value) in record.headers.clone() {
             varint::put_nullable_bytes(out, Some(key));
             varint::put_nullable_bytes(out, value);
@@ -857,28 +890,6 @@ impl BatchBuilder {
 }
 
 /// Bytes of a record after its length prefix.
-fn record_body_bytes<'a>(
-    record: &RecordParts<'a, impl HeaderParts<'a>>,
-    timestamp_delta: i64,
-    offset_delta: i32,
-) -> usize {
-    let (count, headers) = record
-        .headers
-        .clone()
-        .fold((0, 0), |(count, bytes), (key, value)| {
-            (
-                count + 1,
-                bytes + varint::nullable_bytes_len(Some(key)) + varint::nullable_bytes_len(value),
-            )
-        });
-    1 + varint::varlong_bytes(timestamp_delta)
-        + varint::varint_bytes(offset_delta)
-        + varint::nullable_bytes_len(record.key)
-        + varint::nullable_bytes_len(record.value)
-        + varint::varint_bytes(count)
-        + headers
-}
-
 fn lz4_compress(raw: &[u8]) -> Vec<u8> {
     use std::io::Write;
     let mut encoder = lz4_flex::frame::FrameEncoder::new(Vec::with_capacity(raw.len() / 2));

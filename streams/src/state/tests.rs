@@ -300,7 +300,7 @@ fn a_cache_past_its_byte_bound_flushes_and_starts_again_empty() {
         assert!(task.cache.bytes < CACHE_BYTES_MAX + 2 * VALUE_BYTES_MAX);
     }
     // The commit that filled it flushed: RocksDB holds what the cache let go.
-    assert!(task.cache.entries < values, "{}", task.cache.entries);
+    assert!(task.cache.entries() < values, "{}", task.cache.entries());
     assert!(task.checkpoint(0).expect("ok") == values as i64);
     task.crash();
     let mut task = TaskState::open(dir.path(), 0, &stores()).expect("ok");
