@@ -44,6 +44,11 @@ pub struct LogConfig {
     pub timestamp_type: TimestampType,
     /// `flush.messages` / `flush.ms`; see [`FlushPolicy`].
     pub flush: FlushPolicy,
+    /// `page.cache.bytes`: how much of the newest log data stays in the OS page cache once
+    /// it is on disk. Older data is dropped from the cache as the log grows, so that its
+    /// pages take the next writes instead of new memory; -1 leaves the cache to the OS
+    /// (Kafka's behaviour). Not in Kafka.
+    pub page_cache_bytes: i64,
 }
 
 impl Default for LogConfig {
@@ -62,6 +67,7 @@ impl Default for LogConfig {
             max_message_bytes: 1024 * 1024 + 12,
             timestamp_type: TimestampType::CreateTime,
             flush: FlushPolicy::EveryAppend,
+            page_cache_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -88,6 +94,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "index.interval.bytes",
     "max.message.bytes",
     "message.timestamp.type",
+    "page.cache.bytes",
     "retention.bytes",
     "retention.ms",
     "segment.bytes",
@@ -129,6 +136,7 @@ impl LogConfig {
             ),
             ("max.message.bytes", self.max_message_bytes.to_string()),
             ("message.timestamp.type", timestamp_type.to_string()),
+            ("page.cache.bytes", self.page_cache_bytes.to_string()),
             ("retention.bytes", self.retention_bytes.to_string()),
             ("retention.ms", self.retention_ms.to_string()),
             ("segment.bytes", self.segment_bytes.to_string()),
@@ -170,6 +178,10 @@ impl LogConfig {
                 self.retention_bytes = int(-1, "-1 (no limit) or a non-negative integer")?
             }
             "delete.retention.ms" => self.delete_retention_ms = int(0, "a non-negative integer")?,
+            "page.cache.bytes" => {
+                self.page_cache_bytes =
+                    int(-1, "-1 (leave it to the OS) or a non-negative integer")?
+            }
             "max.message.bytes" => {
                 let max = runnel_batch::BATCH_SIZE_BYTES_MAX as i64;
                 let v = int(0, "an integer between 0 and 67108864")?;

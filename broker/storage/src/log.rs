@@ -43,6 +43,9 @@ pub struct FlushHandle {
     path: PathBuf,
     end_offset: i64,
     records: u64,
+    /// The segment synced, and its size when the flush was prepared.
+    segment: i64,
+    bytes: u64,
 }
 
 impl FlushHandle {
@@ -619,6 +622,7 @@ impl Log {
     pub fn flush(&mut self) -> Result<(), StorageError> {
         self.active_mut().flush()?;
         self.unflushed_records = 0;
+        self.drop_behind();
         Ok(())
     }
 
@@ -630,12 +634,15 @@ impl Log {
         let end_offset = self.log_end_offset();
         let records = self.unflushed_records;
         let path = self.active().log_path();
-        let file = self.active_mut().prepare_flush()?;
+        let segment = self.active().base_offset;
+        let (file, bytes) = self.active_mut().prepare_flush()?;
         Ok(FlushHandle {
             file,
             path,
             end_offset,
             records,
+            segment,
+            bytes,
         })
     }
 
@@ -643,6 +650,35 @@ impl Log {
     pub fn complete_flush(&mut self, handle: &FlushHandle, now_ms: i64) {
         self.unflushed_records = self.unflushed_records.saturating_sub(handle.records);
         self.last_flush_ms = now_ms;
+        if let Some(segment) = self.segments.get_mut(&handle.segment) {
+            segment.flushed_to(handle.bytes);
+        }
+        self.drop_behind();
+    }
+
+    /// Drops log data that is on disk and more than `page.cache.bytes` behind the log end
+    /// from the OS page cache, a megabyte or more at a time. Freed pages are the first the
+    /// kernel hands to the next writes, so a log that streams through keeps reusing the
+    /// same memory; fresh memory costs much more than reused pages on a virtual machine
+    /// that returns free memory to its host. Readers of dropped data read it from disk.
+    fn drop_behind(&mut self) {
+        const STEP_BYTES: u64 = 1024 * 1024;
+        let Ok(window) = u64::try_from(self.config.page_cache_bytes) else {
+            return;
+        };
+        let mut newer = 0u64;
+        for segment in self.segments.values_mut().rev() {
+            let size = segment.size_bytes();
+            let keep = window.saturating_sub(newer);
+            newer = newer.saturating_add(size);
+            if keep >= size {
+                continue;
+            }
+            if keep == 0 && size > 0 && segment.all_dropped() {
+                break;
+            }
+            segment.drop_cached(size - keep, STEP_BYTES);
+        }
     }
 
     /// Whether the [`FlushPolicy`] says unflushed appends must be synced now.

@@ -27,6 +27,8 @@ use crate::StorageError;
 
 const OFFSET_ENTRY_BYTES: usize = 8;
 const TIME_ENTRY_BYTES: usize = 12;
+/// The page size that page-cache advice is rounded to.
+const PAGE_BYTES: u64 = 4096;
 /// Bytes read at once when scanning a segment from disk.
 const SCAN_CHUNK_BYTES: usize = 8 * 1024 * 1024;
 
@@ -95,6 +97,10 @@ pub(crate) struct Segment {
     index_interval_bytes: u64,
     /// The index files on disk do not match a prefix of the in-memory entries.
     index_files_stale: bool,
+    /// Bytes of the log file known to be on disk (fsynced, or there when it was opened).
+    flushed_bytes: u64,
+    /// The page cache was told to drop the log file's pages below this position.
+    dropped_bytes: u64,
 }
 
 impl Segment {
@@ -133,6 +139,8 @@ impl Segment {
             bytes_since_index: 0,
             index_interval_bytes,
             index_files_stale: false,
+            flushed_bytes: 0,
+            dropped_bytes: 0,
         }
     }
 
@@ -158,6 +166,7 @@ impl Segment {
             .len();
         let mut segment = Self::empty(dir, base_offset, file, index_interval_bytes);
         segment.size_bytes = size_bytes;
+        segment.flushed_bytes = size_bytes;
         match mode {
             OpenMode::Trusted => {
                 segment.open_trusted()?;
@@ -267,22 +276,65 @@ impl Segment {
         self.persist_indexes(false)?;
         self.file
             .sync_data()
-            .map_err(|source| self.io_error(source))
+            .map_err(|source| self.io_error(source))?;
+        self.flushed_bytes = self.size_bytes;
+        Ok(())
     }
 
     /// Writes pending index entries and returns a second handle on the log file, so that
-    /// the caller can fsync without holding the log.
-    pub(crate) fn prepare_flush(&mut self) -> Result<File, StorageError> {
+    /// the caller can fsync without holding the log, and the size that fsync will cover.
+    pub(crate) fn prepare_flush(&mut self) -> Result<(File, u64), StorageError> {
         self.persist_indexes(false)?;
-        self.file
+        let file = self
+            .file
             .try_clone()
-            .map_err(|source| self.io_error(source))
+            .map_err(|source| self.io_error(source))?;
+        Ok((file, self.size_bytes))
+    }
+
+    /// Records that the first `bytes` of the log file were fsynced by a prepared flush.
+    pub(crate) fn flushed_to(&mut self, bytes: u64) {
+        self.flushed_bytes = self.flushed_bytes.max(bytes.min(self.size_bytes));
     }
 
     /// Flushes and also fsyncs the index files: after this the segment opens `Trusted`.
     pub(crate) fn seal(&mut self) -> Result<(), StorageError> {
         self.persist_indexes(true)?;
-        self.file.sync_all().map_err(|source| self.io_error(source))
+        self.file
+            .sync_all()
+            .map_err(|source| self.io_error(source))?;
+        self.flushed_bytes = self.size_bytes;
+        Ok(())
+    }
+
+    /// Whether the page cache was told to drop all of the log file.
+    pub(crate) fn all_dropped(&self) -> bool {
+        self.dropped_bytes == self.size_bytes
+    }
+
+    /// Asks the kernel to drop the log file's cached pages below `to`, as far as they are
+    /// on disk, and only when at least `step` bytes (or the rest of the file) would go.
+    /// Advice only: a kernel that ignores or refuses it leaves the pages cached, which
+    /// costs memory, never data.
+    pub(crate) fn drop_cached(&mut self, to: u64, step: u64) {
+        let to = to.min(self.flushed_bytes);
+        let whole = to == self.size_bytes;
+        let to = if whole {
+            to
+        } else {
+            to / PAGE_BYTES * PAGE_BYTES
+        };
+        if to <= self.dropped_bytes || (to - self.dropped_bytes < step && !whole) {
+            return;
+        }
+        let from = self.dropped_bytes;
+        let _refused = rustix::fs::fadvise(
+            &self.file,
+            from,
+            std::num::NonZeroU64::new(to - from),
+            rustix::fs::Advice::DontNeed,
+        );
+        self.dropped_bytes = to;
     }
 
     fn persist_indexes(&mut self, sync: bool) -> Result<(), StorageError> {
@@ -564,6 +616,7 @@ impl Segment {
             .and_then(|()| self.file.sync_all())
             .map_err(|source| self.io_error(source))?;
         self.size_bytes = position;
+        self.flushed_bytes = position;
         Ok(Some(TruncatedTail {
             path: self.log_path(),
             position,
@@ -699,6 +752,8 @@ impl Segment {
             .set_len(position)
             .map_err(|source| self.io_error(source))?;
         self.size_bytes = position;
+        self.flushed_bytes = self.flushed_bytes.min(position);
+        self.dropped_bytes = self.dropped_bytes.min(position);
         self.rebuild_by_scan()?;
         self.persist_indexes(true)
     }

@@ -624,6 +624,94 @@ fn flush_policy_decides_when_to_fsync() {
     assert!(!every.maybe_flush(0).expect("nothing left"));
 }
 
+/// Bytes of `path` in the page cache, as `fincore` (util-linux) reports them.
+fn cached_bytes(path: &Path) -> u64 {
+    let out = std::process::Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--raw", "--output", "RES"])
+        .arg(path)
+        .output()
+        .expect("fincore runs (util-linux-extra; scripts/setup installs it)");
+    assert!(out.status.success(), "fincore: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("fincore prints a byte count")
+}
+
+#[test]
+fn flushed_data_behind_the_page_cache_window_leaves_the_cache() {
+    const MIB: u64 = 1024 * 1024;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = LogConfig {
+        segment_bytes: 3 * MIB,
+        retention_ms: -1,
+        flush: FlushPolicy::Interval {
+            messages: u64::MAX,
+            ms: i64::MAX,
+        },
+        page_cache_bytes: (2 * MIB) as i64,
+        ..LogConfig::default()
+    };
+    let mut log = Log::open(dir.path(), config.clone(), 0).expect("open");
+    let value = "v".repeat(256 * 1024);
+    let append_mib = |log: &mut Log, mib: u64| {
+        for _ in 0..4 * mib {
+            append(log, &[rec(None, Some(&value), 0)], 0);
+        }
+    };
+    let segment_files = |dir: &Path| {
+        let mut logs: Vec<_> = fs::read_dir(dir)
+            .expect("dir")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        logs.sort();
+        logs
+    };
+    // Written but not flushed: nothing may be dropped, whatever the window says.
+    append_mib(&mut log, 2);
+    let first = segment_files(dir.path())[0].clone();
+    assert!(cached_bytes(&first) >= 2 * MIB - 4096);
+    // Flushed and within the window: kept.
+    log.flush().expect("flush");
+    assert!(cached_bytes(&first) >= 2 * MIB - 4096);
+    // Five megabytes in two segments (eleven batches fill one): about the newest two
+    // stay cached, the rest is dropped from the cache.
+    append_mib(&mut log, 3);
+    log.flush().expect("flush");
+    let files = segment_files(dir.path());
+    assert_eq!(files.len(), 2, "{files:?}");
+    let cached: Vec<u64> = files.iter().map(|f| cached_bytes(f)).collect();
+    assert_eq!(cached[0], 0, "{cached:?}");
+    assert!(cached[1] >= 2 * MIB, "{cached:?}");
+    // Seven: the newest segment (six batches) and half a megabyte of the one before it.
+    append_mib(&mut log, 2);
+    log.flush().expect("flush");
+    let files = segment_files(dir.path());
+    assert_eq!(files.len(), 3, "{files:?}");
+    let cached: Vec<u64> = files.iter().map(|f| cached_bytes(f)).collect();
+    assert!(cached[1] <= MIB / 2 + 8192, "{cached:?}");
+    assert!(cached[1] + cached[2] >= 2 * MIB - 8192, "{cached:?}");
+    // What left the cache is still there on disk.
+    assert_eq!(read_all(&log).len(), 28);
+    // -1 leaves the cache alone.
+    drop(log);
+    let keep = LogConfig {
+        page_cache_bytes: -1,
+        ..config
+    };
+    let mut log = Log::open(dir.path(), keep, 0).expect("reopen");
+    let before = read_all(&log).len();
+    append_mib(&mut log, 3);
+    log.flush().expect("flush");
+    assert_eq!(read_all(&log).len(), before + 12);
+    let cached: u64 = segment_files(dir.path())
+        .iter()
+        .map(|f| cached_bytes(f))
+        .sum();
+    assert!(cached >= 10 * MIB, "everything stays cached: {cached}");
+}
+
 // ---------------------------------------------------------------------------------------
 // Model-based property test.
 
