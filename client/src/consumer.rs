@@ -68,6 +68,22 @@ pub struct ConsumerRecord {
     pub headers: Vec<Header>,
 }
 
+/// A record batch as the consumer fetched it, its records not decoded: for a reader that
+/// walks them in place (`runnel_batch::for_each_record`). Control batches and those of
+/// aborted transactions (under `ReadCommitted`) are left out, as by [`Consumer::poll`].
+#[derive(Debug, Clone)]
+pub struct FetchedBatch {
+    pub topic: Arc<str>,
+    pub partition: u32,
+    /// The whole batch, as the broker stored it.
+    pub bytes: Bytes,
+    /// The first offset not returned before: the batch's records below it are to be
+    /// skipped (a fetch may start inside a batch).
+    pub from_offset: i64,
+    /// The offset after the batch: what a consumer commits once it has handled it.
+    pub next_offset: i64,
+}
+
 type Positions = BTreeMap<(String, u32), i64>;
 
 /// The offset after each partition's last record in `records`: what a consumer commits
@@ -109,6 +125,8 @@ pub struct Consumer {
 /// The open fetch streams and the positions their next responses continue from.
 struct FetchSession {
     expected: Positions,
+    /// Whether the streams hand batches over undecoded ([`Consumer::poll_batches`]).
+    raw: bool,
     responses: mpsc::Receiver<Result<Vec<Fetched>, ClientError>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -119,16 +137,26 @@ enum Fetched {
     /// The broker answered the partition with an error.
     Failed(v1::FetchedPartition),
     Read {
-        topic: String,
+        topic: Arc<str>,
         partition: u32,
-        /// Each batch's records (none for a control batch or an aborted transaction's
-        /// batch), and the offset after the batch.
-        batches: Vec<(Vec<ConsumerRecord>, i64)>,
+        /// Each batch, and the offset after it.
+        batches: Vec<(Chunk, i64)>,
     },
 }
 
-/// Decodes a fetch response's records, leaving out what aborted transactions wrote.
-fn decode_response(response: v1::FetchResponse) -> Result<Vec<Fetched>, ClientError> {
+/// One fetched batch as a session hands it over.
+enum Chunk {
+    /// Its records (none for a control batch or an aborted transaction's batch).
+    Records(Vec<ConsumerRecord>),
+    /// Its bytes, undecoded.
+    Batch(Bytes),
+    /// A control batch or an aborted transaction's batch, when not decoding.
+    Skipped,
+}
+
+/// Decodes a fetch response's records (only splits it into batches when `raw`), leaving
+/// out what aborted transactions wrote.
+fn decode_response(response: v1::FetchResponse, raw: bool) -> Result<Vec<Fetched>, ClientError> {
     let mut decoded = Vec::with_capacity(response.partitions.len());
     for fetched in response.partitions {
         if fetched.error.is_some() {
@@ -145,11 +173,21 @@ fn decode_response(response: v1::FetchResponse) -> Result<Vec<Fetched>, ClientEr
         let mut batches = Vec::new();
         let mut at = 0usize;
         for batch in runnel_batch::batches(&fetched.records) {
-            let (header, raw) = batch.map_err(|err| ClientError::Corrupt(err.to_string()))?;
-            let shared = fetched.records.slice(at..at + raw.len());
-            at += raw.len();
-            if !aborted.keep(&header, raw) {
-                batches.push((Vec::new(), header.next_offset()));
+            let (header, batch_bytes) =
+                batch.map_err(|err| ClientError::Corrupt(err.to_string()))?;
+            let shared = fetched.records.slice(at..at + batch_bytes.len());
+            at += batch_bytes.len();
+            if !aborted.keep(&header, batch_bytes) {
+                let skipped = if raw {
+                    Chunk::Skipped
+                } else {
+                    Chunk::Records(Vec::new())
+                };
+                batches.push((skipped, header.next_offset()));
+                continue;
+            }
+            if raw {
+                batches.push((Chunk::Batch(shared), header.next_offset()));
                 continue;
             }
             let records = decode_records_shared(&shared)
@@ -165,10 +203,10 @@ fn decode_response(response: v1::FetchResponse) -> Result<Vec<Fetched>, ClientEr
                     headers: record.headers,
                 })
                 .collect();
-            batches.push((records, header.next_offset()));
+            batches.push((Chunk::Records(records), header.next_offset()));
         }
         decoded.push(Fetched::Read {
-            topic: fetched.topic,
+            topic,
             partition: fetched.partition,
             batches,
         });
@@ -190,6 +228,7 @@ impl FetchSession {
         client: &Client,
         config: &ConsumerConfig,
         positions: &Positions,
+        raw: bool,
     ) -> Result<Self, ClientError> {
         let mut by_leader: BTreeMap<u32, Vec<v1::FetchPartition>> = BTreeMap::new();
         for ((topic, partition), offset) in positions {
@@ -209,6 +248,7 @@ impl FetchSession {
         // Built first, so that streams already opened are closed if a later one fails.
         let mut session = FetchSession {
             expected: positions.clone(),
+            raw,
             responses,
             tasks: Vec::with_capacity(by_leader.len()),
         };
@@ -235,7 +275,7 @@ impl FetchSession {
             session.tasks.push(tokio::spawn(async move {
                 loop {
                     let item = match stream.next().await {
-                        Some(Ok(response)) => decode_response(response),
+                        Some(Ok(response)) => decode_response(response, raw),
                         None => Err(ClientError::Transport {
                             code: tonic::Code::Unavailable,
                             message: format!("broker {leader} ended the fetch stream"),
@@ -365,7 +405,32 @@ impl Consumer {
     /// when `auto_offset_reset` is `None`. Retriable failures (a leader moved, a broker
     /// went away) are not errors: the next poll looks the leaders up again.
     pub async fn poll(&mut self) -> Result<Vec<ConsumerRecord>, ClientError> {
-        match self.poll_once().await {
+        let mut records = Vec::new();
+        for fetched in self.poll_retrying(false).await? {
+            self.take(fetched, &mut records);
+        }
+        self.settle_session();
+        Ok(records)
+    }
+
+    /// Like [`Consumer::poll`], returning whole batches with their records undecoded:
+    /// for a reader that walks them in place, with no allocation per record.
+    ///
+    /// # Errors
+    /// As [`Consumer::poll`].
+    pub async fn poll_batches(&mut self) -> Result<Vec<FetchedBatch>, ClientError> {
+        let mut batches = Vec::new();
+        for fetched in self.poll_retrying(true).await? {
+            self.take_batches(fetched, &mut batches);
+        }
+        self.settle_session();
+        Ok(batches)
+    }
+
+    /// One poll; a retriable failure is not an error but an empty poll after a pause,
+    /// with the leaders to be looked up again.
+    async fn poll_retrying(&mut self, raw: bool) -> Result<Vec<Fetched>, ClientError> {
+        match self.poll_once(raw).await {
             Err(err) if err.is_retriable() => {
                 self.session = None;
                 for topic in self
@@ -384,7 +449,8 @@ impl Consumer {
         }
     }
 
-    async fn poll_once(&mut self) -> Result<Vec<ConsumerRecord>, ClientError> {
+    /// The partitions a response read, for the caller to take from and then settle.
+    async fn poll_once(&mut self, raw: bool) -> Result<Vec<Fetched>, ClientError> {
         if self.positions.is_empty() {
             return Err(ClientError::InvalidArgument(
                 "the consumer has no assigned partitions".into(),
@@ -393,11 +459,11 @@ impl Consumer {
         if self
             .session
             .as_ref()
-            .is_none_or(|s| s.expected != self.positions)
+            .is_none_or(|s| s.expected != self.positions || s.raw != raw)
         {
             self.session = None;
             self.session =
-                Some(FetchSession::open(&self.client, &self.config, &self.positions).await?);
+                Some(FetchSession::open(&self.client, &self.config, &self.positions, raw).await?);
         }
         let Some(session) = self.session.as_mut() else {
             return Ok(Vec::new());
@@ -431,14 +497,14 @@ impl Consumer {
             }
             return Ok(Vec::new());
         }
-        let mut records = Vec::new();
-        for partition in read {
-            self.take(partition, &mut records);
-        }
+        Ok(read)
+    }
+
+    /// After a poll took what it read: the open streams continue from the positions.
+    fn settle_session(&mut self) {
         if let Some(session) = self.session.as_mut() {
             session.expected.clone_from(&self.positions);
         }
-        Ok(records)
     }
 
     /// Handles a partition the broker answered with an error.
@@ -473,16 +539,47 @@ impl Consumer {
         else {
             return;
         };
-        let Some(position) = self.positions.get_mut(&(topic, partition)) else {
+        let Some(position) = self.positions.get_mut(&(topic.to_string(), partition)) else {
             return;
         };
-        for (records, next_offset) in batches {
-            if out.is_empty() && records.first().is_some_and(|r| r.offset >= *position) {
-                // The common case: the whole batch is new, and nothing came before it.
-                *out = records;
-            } else {
-                out.reserve(records.len());
-                out.extend(records.into_iter().filter(|r| r.offset >= *position));
+        for (chunk, next_offset) in batches {
+            if let Chunk::Records(records) = chunk {
+                if out.is_empty() && records.first().is_some_and(|r| r.offset >= *position) {
+                    // The common case: the whole batch is new, and nothing came before it.
+                    *out = records;
+                } else {
+                    out.reserve(records.len());
+                    out.extend(records.into_iter().filter(|r| r.offset >= *position));
+                }
+            }
+            *position = (*position).max(next_offset);
+        }
+    }
+
+    /// Takes a partition's batches that reach past its position, and advances it.
+    fn take_batches(&mut self, fetched: Fetched, out: &mut Vec<FetchedBatch>) {
+        let Fetched::Read {
+            topic,
+            partition,
+            batches,
+        } = fetched
+        else {
+            return;
+        };
+        let Some(position) = self.positions.get_mut(&(topic.to_string(), partition)) else {
+            return;
+        };
+        for (chunk, next_offset) in batches {
+            if let Chunk::Batch(bytes) = chunk
+                && next_offset > *position
+            {
+                out.push(FetchedBatch {
+                    topic: topic.clone(),
+                    partition,
+                    bytes,
+                    from_offset: *position,
+                    next_offset,
+                });
             }
             *position = (*position).max(next_offset);
         }

@@ -16,7 +16,7 @@ use runnel_proto::v1::{self, ErrorCode};
 use tokio::sync::Notify;
 
 use crate::client::Client;
-use crate::consumer::{Consumer, ConsumerConfig, ConsumerRecord, StartFrom};
+use crate::consumer::{Consumer, ConsumerConfig, ConsumerRecord, FetchedBatch, StartFrom};
 use crate::error::ClientError;
 
 type TopicPartition = (String, u32);
@@ -227,6 +227,27 @@ impl GroupConsumer {
     /// # Errors
     /// A broker or transport error.
     pub async fn poll(&mut self) -> Result<Vec<ConsumerRecord>, ClientError> {
+        if !self.ready_to_fetch().await? {
+            return Ok(Vec::new());
+        }
+        self.consumer.poll().await
+    }
+
+    /// Like [`GroupConsumer::poll`], returning whole batches with their records undecoded
+    /// ([`Consumer::poll_batches`]).
+    ///
+    /// # Errors
+    /// A broker or transport error.
+    pub async fn poll_batches(&mut self) -> Result<Vec<FetchedBatch>, ClientError> {
+        if !self.ready_to_fetch().await? {
+            return Ok(Vec::new());
+        }
+        self.consumer.poll_batches().await
+    }
+
+    /// Applies assignment changes and commits if due; false (after waiting `max_wait`)
+    /// when no partitions are owned.
+    async fn ready_to_fetch(&mut self) -> Result<bool, ClientError> {
         self.reconcile().await?;
         if let Some(interval) = self.config.auto_commit_interval
             && self.last_commit.elapsed() >= interval
@@ -241,9 +262,9 @@ impl GroupConsumer {
                     .min(Duration::from_millis(200)),
             )
             .await;
-            return Ok(Vec::new());
+            return Ok(false);
         }
-        self.consumer.poll().await
+        Ok(true)
     }
 
     async fn reconcile(&mut self) -> Result<(), ClientError> {

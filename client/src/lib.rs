@@ -23,7 +23,9 @@ mod producer;
 
 pub use admin::Admin;
 pub use client::{Client, ConnectOptions, DEFAULT_BROKERS, LazyClient};
-pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, StartFrom, next_offsets};
+pub use consumer::{
+    Consumer, ConsumerConfig, ConsumerRecord, FetchedBatch, StartFrom, next_offsets,
+};
 pub use error::ClientError;
 pub use group::{GroupConfig, GroupConsumer, GroupMetadata};
 pub use producer::{Acks, Delivery, Producer, ProducerConfig, ProducerRecord, RecordMetadata};

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use runnel_streams::host::{GuestFailure, Instance, Limits, LogBuffer, Setup, WasmHost};
-use runnel_streams::runtime::write_flat_input;
+use runnel_streams::input::Inputs;
 
 use crate::task::{Chained, Rec, Stop};
 
@@ -83,20 +83,19 @@ pub(crate) fn chain_blocking(
 }
 
 pub(crate) fn chain_input(records: &[Rec]) -> Vec<u8> {
-    let mut buf = Vec::new();
-    let mut scratch = Vec::new();
+    let mut inputs = Inputs::default();
     for (i, r) in records.iter().enumerate() {
         // The offset is the record's place in the batch: what a transform's errors name.
-        write_flat_input(
-            &mut buf,
-            &mut scratch,
+        inputs.push(
             (0, i as i64, r.timestamp_ms),
             r.key.as_deref(),
             r.value.as_deref(),
-            &r.headers,
+            r.headers
+                .iter()
+                .map(|h| (h.key.as_str(), h.value.as_deref())),
         );
     }
-    buf
+    inputs.into_flat()
 }
 
 pub(crate) fn collect_step(

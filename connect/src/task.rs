@@ -26,7 +26,7 @@ use runnel_client::{
     Producer, ProducerConfig, ProducerRecord, StartFrom, next_offsets,
 };
 use runnel_streams::host::LogBuffer;
-use runnel_streams::runtime::write_flat_input;
+use runnel_streams::input::Inputs;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use wasmtime::component::Component;
@@ -816,20 +816,19 @@ impl Task {
 /// The flat input a sink receives: each output with the partition and offset of the
 /// record it came from.
 pub(crate) fn sink_input(records: &[ConsumerRecord], outputs: &[Rec]) -> Vec<u8> {
-    let mut buf = Vec::new();
-    let mut scratch = Vec::new();
+    let mut inputs = Inputs::default();
     for rec in outputs {
         let from = &records[rec.origin];
-        write_flat_input(
-            &mut buf,
-            &mut scratch,
+        inputs.push(
             (from.partition, from.offset, rec.timestamp_ms),
             rec.key.as_deref(),
             rec.value.as_deref(),
-            &rec.headers,
+            rec.headers
+                .iter()
+                .map(|h| (h.key.as_str(), h.value.as_deref())),
         );
     }
-    buf
+    inputs.into_flat()
 }
 
 /// Decodes a source's batch (flat output format).

@@ -7,8 +7,6 @@
 use std::collections::BTreeMap;
 
 use anyhow::Context;
-use bytes::Bytes;
-use runnel_client::{ConsumerRecord, Header};
 use serde::Deserialize;
 
 use std::sync::Arc;
@@ -16,6 +14,7 @@ use std::sync::Arc;
 use runnel_proto::v1;
 
 use crate::host::{LogBuffer, WasmHost};
+use crate::input::Inputs;
 use crate::runtime::{FROM_TIMER, Guest, GuestOutput, Processed, Saved, process};
 use crate::state::TaskState;
 use crate::tasks::{self, Tasks};
@@ -75,31 +74,31 @@ pub fn run(
     outputs: &[String],
     state: &StateOptions,
 ) -> anyhow::Result<Vec<String>> {
-    let mut records = Vec::new();
+    let mut records: Vec<InputLine> = Vec::new();
     for (number, line) in input
         .lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
     {
-        let parsed: InputLine = serde_json::from_str(line)
+        let mut parsed: InputLine = serde_json::from_str(line)
             .with_context(|| format!("input line {} is not a record", number + 1))?;
-        records.push(ConsumerRecord {
-            topic: "input".into(),
-            partition: parsed.partition,
-            offset: parsed.offset.unwrap_or(records.len() as i64),
-            timestamp_ms: parsed.timestamp,
-            key: parsed.key.map(Bytes::from),
-            value: parsed.value.map(Bytes::from),
-            headers: parsed
-                .headers
-                .into_iter()
-                .map(|(key, value)| Header {
-                    key,
-                    value: Some(Bytes::from(value)),
-                })
-                .collect(),
-        });
+        parsed.offset.get_or_insert(records.len() as i64);
+        records.push(parsed);
     }
+    let inputs_of = |lines: &[InputLine]| {
+        let mut inputs = Inputs::default();
+        for line in lines {
+            inputs.push(
+                (line.partition, line.offset.unwrap_or(0), line.timestamp),
+                line.key.as_deref().map(str::as_bytes),
+                line.value.as_deref().map(str::as_bytes),
+                line.headers
+                    .iter()
+                    .map(|(key, value)| (key.as_str(), Some(value.as_bytes()))),
+            );
+        }
+        inputs
+    };
     let host = Arc::new(WasmHost::new()?);
     let pre = host
         .prepare("test", wasm)
@@ -136,7 +135,7 @@ pub fn run(
     let mut instance = None;
     let mut lines = Vec::new();
     if !pre.is_stateful() {
-        let processed = process(&guest, &mut instance, &records, None, 0)?;
+        let processed = process(&guest, &mut instance, &inputs_of(&records), None, 0)?;
         report(&processed, &guest.saved.output_topics, 0, &mut lines);
         return Ok(log.lines().into_iter().chain(lines).collect());
     }
@@ -191,7 +190,7 @@ pub fn run(
         let processed = process(
             &guest,
             &mut instance,
-            std::slice::from_ref(record),
+            &inputs_of(std::slice::from_ref(record)),
             Some(&tasks),
             unit,
         )?;

@@ -24,9 +24,9 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::Bytes;
 use runnel_client::{
-    Acks, Admin, BatchBuilder, BatchOptions, Client, ConnectOptions, ConsumerConfig,
-    ConsumerRecord, Delivery, GroupConfig, GroupConsumer, Header, LazyClient, Producer,
-    ProducerConfig, ProducerRecord, RecordParts, StartFrom, next_offsets, v1,
+    Acks, Admin, BatchBuilder, BatchOptions, Client, ConnectOptions, ConsumerConfig, Delivery,
+    GroupConfig, GroupConsumer, Header, LazyClient, Producer, ProducerConfig, ProducerRecord,
+    RecordParts, StartFrom, v1,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -36,6 +36,7 @@ use crate::host::{
     MEMORY_LIMIT_BYTES_DEFAULT, WasmHost,
 };
 use crate::host::{Prepared, Setup};
+use crate::input::Inputs;
 use crate::spec::{self, Start};
 use crate::standby::Standbys;
 use crate::state::{self, ChangelogWrite, TaskState, Timer};
@@ -1647,8 +1648,8 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
             }
             Control::Run => {}
         }
-        let records = tokio::select! {
-            records = member.poll() => records?,
+        let fetched = tokio::select! {
+            fetched = member.poll_batches() => fetched?,
             _ = task.control.changed() => continue,
         };
         if let Some(tasks) = &task.tasks {
@@ -1658,7 +1659,7 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
             }
             // Every assigned task restores before anything is processed, so that its
             // state can be queried and its timers fire even while its input is quiet.
-            let mut wanted: Vec<u32> = records.iter().map(|r| r.partition).collect();
+            let mut wanted: Vec<u32> = fetched.iter().map(|b| b.partition).collect();
             wanted.extend(&assigned);
             wanted.sort_unstable();
             wanted.dedup();
@@ -1701,7 +1702,8 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
                 }
             }
             if has_tables {
-                let mut with_records: Vec<u32> = records.iter().map(|r| r.partition).collect();
+                let mut with_records: Vec<u32> = fetched.iter().map(|b| b.partition).collect();
+                with_records.sort_unstable();
                 with_records.dedup();
                 for partition in with_records {
                     tasks::catch_up_tables(tasks, &client, partition)
@@ -1709,13 +1711,10 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
                         .with_context(|| format!("reading the tables of partition {partition}"))?;
                 }
             }
-        } else if records.is_empty() {
+        } else if fetched.is_empty() {
             commits.settle(&producer, &mut member, &task.stats).await?;
             continue;
         }
-        task.stats
-            .records_in
-            .fetch_add(records.len() as u64, Ordering::Relaxed);
         let unit = commits.unit_for_batch();
         let mut outputs_info = Vec::with_capacity(task.saved.output_topics.len());
         for topic in &task.saved.output_topics {
@@ -1730,7 +1729,7 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
         }
         let options = producer.batch_options();
         sticky = sticky.wrapping_add(1);
-        let (records, processed, batches) = {
+        let (inputs, processed, batches) = {
             let guest = Guest {
                 host: runtime.inner.host.clone(),
                 pre: task.pre.clone(),
@@ -1748,7 +1747,11 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
             let stats = task.stats.clone();
             let processing = tokio::task::spawn_blocking(move || {
                 let began = std::time::Instant::now();
-                let result = process(&guest, &mut current, &records, tasks.as_ref(), unit)
+                let inputs = Inputs::from_batches(&fetched);
+                let result = inputs
+                    .as_ref()
+                    .map_err(|err| anyhow::anyhow!("input batch: {err}"))
+                    .and_then(|inputs| process(&guest, &mut current, inputs, tasks.as_ref(), unit))
                     .and_then(|mut processed| {
                         // Encoded here, beside the guest, so that the loop only hands
                         // batches on.
@@ -1756,28 +1759,32 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
                         let batches = encode_outputs(&outputs, &outputs_info, options, sticky)?;
                         Ok((processed, batches))
                     });
-                if !records.is_empty() {
+                let inputs = inputs.unwrap_or_default();
+                if !inputs.is_empty() {
                     stats.batch_duration.observe(began.elapsed());
                 }
-                (current, records, result)
+                (current, inputs, result)
             });
             // The batch before the last finishes (acknowledgements, state, offsets)
             // while the guest works.
             let (processed, finished) =
                 tokio::join!(processing, commits.finish_due(&mut member, &task.stats));
-            let (current, records, result) = processed?;
+            let (current, inputs, result) = processed?;
             finished?;
             instance = current;
             let (processed, batches) = result?;
-            (records, processed, batches)
+            (inputs, processed, batches)
         };
         if policy == v1::ErrorPolicy::Fail {
             let failure = match (processed.failures.first(), processed.timer_failures.first()) {
                 (Some((index, reason)), _) => {
-                    let record = &records[*index];
+                    let (partition, offset) = inputs
+                        .records()
+                        .get(*index)
+                        .map_or((0, -1), |r| (r.partition, r.offset));
                     Some(format!(
-                        "transform {:?} failed on input {}-{}@{}: {reason}",
-                        task.saved.name, record.topic, record.partition, record.offset
+                        "transform {:?} failed on input {}-{partition}@{offset}: {reason}",
+                        task.saved.name, task.saved.input_topic
                     ))
                 }
                 (None, Some(reason)) => Some(format!(
@@ -1795,7 +1802,10 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
                 return Err(PolicyFailure(failure).into());
             }
         }
-        if records.is_empty() && batches.is_empty() && processed.changelog.is_empty() {
+        task.stats
+            .records_in
+            .fetch_add(inputs.len() as u64, Ordering::Relaxed);
+        if inputs.is_empty() && batches.is_empty() && processed.changelog.is_empty() {
             commits.settle(&producer, &mut member, &task.stats).await?;
             continue;
         }
@@ -1824,9 +1834,14 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
             task.log.push(format!("[runtime] dropped timers: {reason}"));
         }
         for (index, reason) in &processed.failures {
-            let record = &records[*index];
+            let record = inputs
+                .record(*index)
+                .context("a failure names no input record")?;
             task.stats.record_errors.fetch_add(1, Ordering::Relaxed);
-            let where_ = format!("{}-{}@{}", record.topic, record.partition, record.offset);
+            let where_ = format!(
+                "{}-{}@{}",
+                task.saved.input_topic, record.partition, record.offset
+            );
             if policy == v1::ErrorPolicy::DeadLetter {
                 task.log.push(format!(
                     "[runtime] dead-lettered input {where_} to {}: {reason}",
@@ -1834,7 +1849,7 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
                 ));
                 deliveries.push(
                     producer
-                        .send(dead_letter(&task.saved, record, reason))
+                        .send(dead_letter(&task.saved, &record, reason))
                         .await?,
                 );
             } else {
@@ -1845,7 +1860,7 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
         let batch = Pending {
             deliveries,
             changelog,
-            offsets: next_offsets(&records),
+            offsets: inputs.next_offsets(&task.saved.input_topic),
             emitted,
             unit,
         };
@@ -1943,16 +1958,25 @@ async fn create_changelogs(
     Ok(())
 }
 
-fn dead_letter(saved: &Saved, record: &ConsumerRecord, reason: &str) -> ProducerRecord {
+fn dead_letter(
+    saved: &Saved,
+    record: &runnel_flat::FlatRecord<'_>,
+    reason: &str,
+) -> ProducerRecord {
     let mut out = ProducerRecord::new(saved.dead_letter_topic.clone());
-    out.key = record.key.clone();
-    out.value = record.value.clone();
+    out.key = record.key.map(Bytes::copy_from_slice);
+    out.value = record.value.map(Bytes::copy_from_slice);
     out.timestamp_ms = Some(record.timestamp_ms);
-    out.headers = record.headers.clone();
+    out.headers = runnel_flat::headers(record.headers)
+        .map(|(key, value)| Header {
+            key: key.to_string(),
+            value: value.map(Bytes::copy_from_slice),
+        })
+        .collect();
     for (key, value) in [
         ("runnel.error", reason.to_string()),
         ("runnel.transform", saved.name.clone()),
-        ("runnel.source.topic", record.topic.to_string()),
+        ("runnel.source.topic", saved.input_topic.clone()),
         ("runnel.source.partition", record.partition.to_string()),
         ("runnel.source.offset", record.offset.to_string()),
     ] {
@@ -1962,68 +1986,6 @@ fn dead_letter(saved: &Saved, record: &ConsumerRecord, reason: &str) -> Producer
         });
     }
     out
-}
-
-/// Bytes of a flat input record besides its key, value and headers: partition, offset,
-/// timestamp, two lengths and the header count.
-const FLAT_RECORD_OVERHEAD: usize = 4 + 8 + 8 + 4 + 4 + 4;
-
-/// Encodes records in the flat input format.
-pub fn flat_input<'a>(records: impl Iterator<Item = &'a ConsumerRecord> + Clone) -> Vec<u8> {
-    // Sized up front: a batch's buffer grown by doubling is copied again and again.
-    let size: usize = records
-        .clone()
-        .map(|r| {
-            FLAT_RECORD_OVERHEAD
-                + r.key.as_ref().map_or(0, |k| k.len())
-                + r.value.as_ref().map_or(0, |v| v.len())
-                + r.headers
-                    .iter()
-                    .map(|h| 8 + h.key.len() + h.value.as_ref().map_or(0, |v| v.len()))
-                    .sum::<usize>()
-        })
-        .sum();
-    let mut buf = Vec::with_capacity(size);
-    let mut scratch = Vec::new();
-    for r in records {
-        write_flat_input(
-            &mut buf,
-            &mut scratch,
-            (r.partition, r.offset, r.timestamp_ms),
-            r.key.as_deref(),
-            r.value.as_deref(),
-            &r.headers,
-        );
-    }
-    buf
-}
-
-/// Appends one record in the flat input format: `at` is (partition, offset,
-/// timestamp); `scratch` is reused to encode the headers.
-pub fn write_flat_input(
-    buf: &mut Vec<u8>,
-    scratch: &mut Vec<u8>,
-    at: (u32, i64, i64),
-    key: Option<&[u8]>,
-    value: Option<&[u8]>,
-    headers: &[Header],
-) {
-    scratch.clear();
-    runnel_flat::write_headers(
-        scratch,
-        headers.iter().map(|h| (h.key.as_str(), h.value.as_deref())),
-    );
-    runnel_flat::write_input(
-        buf,
-        &runnel_flat::FlatRecord {
-            partition: at.0,
-            offset: at.1,
-            timestamp_ms: at.2,
-            key,
-            value,
-            headers: scratch,
-        },
-    );
 }
 
 /// What a guest call needs besides its input.
@@ -2092,20 +2054,26 @@ const TIMER_CALLS_MAX: usize = 10;
 pub(crate) fn process(
     guest: &Guest,
     instance: &mut Option<Instance>,
-    records: &[ConsumerRecord],
+    inputs: &Inputs,
     tasks: Option<&SharedTasks>,
     unit: u64,
 ) -> anyhow::Result<Processed> {
     let mut processed = Processed::default();
     let Some(tasks) = tasks else {
-        process_records(guest, instance, &mut None, records, 0, unit, &mut processed)?;
+        process_records(
+            guest,
+            instance,
+            &mut None,
+            inputs,
+            0..inputs.len(),
+            unit,
+            &mut processed,
+        )?;
         return Ok(processed);
     };
     let mut tasks = tasks::lock(tasks);
     let mut newest: BTreeMap<u32, i64> = BTreeMap::new();
-    let mut base = 0;
-    for chunk in records.chunk_by(|a, b| a.partition == b.partition) {
-        let partition = chunk[0].partition;
+    for (partition, range) in inputs.partition_runs() {
         let mut task = Some(
             tasks
                 .take(partition)
@@ -2115,8 +2083,8 @@ pub(crate) fn process(
             guest,
             instance,
             &mut task,
-            chunk,
-            base,
+            inputs,
+            range.clone(),
             unit,
             &mut processed,
         );
@@ -2124,14 +2092,13 @@ pub(crate) fn process(
             tasks.put_back(task);
         }
         result?;
-        let newest_here = chunk
+        let newest_here = inputs.records()[range]
             .iter()
             .map(|r| r.timestamp_ms)
             .max()
             .unwrap_or(i64::MIN);
         let entry = newest.entry(partition).or_insert(i64::MIN);
         *entry = (*entry).max(newest_here);
-        base += chunk.len();
     }
     for partition in tasks.open_partitions() {
         let mut task = tasks.take(partition);
@@ -2162,26 +2129,26 @@ fn end_call(task: &mut Option<TaskState>, keep: bool, unit: u64, processed: &mut
     }
 }
 
-/// Runs the guest over `records` (input indexes from `base`); on a trap, runs them one by
-/// one in fresh instances to find the records that trap. State writes of a call that
-/// trapped vanish.
+/// Runs the guest over the inputs in `range` (input indexes from its start); on a trap,
+/// runs them one by one in fresh instances to find the records that trap. State writes
+/// of a call that trapped vanish.
 fn process_records(
     guest: &Guest,
     instance: &mut Option<Instance>,
     task: &mut Option<TaskState>,
-    records: &[ConsumerRecord],
-    base: usize,
+    inputs: &Inputs,
+    range: std::ops::Range<usize>,
     unit: u64,
     processed: &mut Processed,
 ) -> anyhow::Result<()> {
-    if records.is_empty() {
+    if range.is_empty() {
         return Ok(());
     }
-    let flat = flat_input(records.iter());
-    match guest.call(instance, task, Input::Records(&flat))? {
+    let base = range.start;
+    match guest.call(instance, task, Input::Records(inputs.flat(range.clone())))? {
         Ok(result) => {
             end_call(task, true, unit, processed);
-            collect(&guest.saved, result, Some(base), records.len(), processed);
+            collect(&guest.saved, result, Some(base), range.len(), processed);
         }
         Err(failure) => {
             end_call(task, false, unit, processed);
@@ -2189,18 +2156,21 @@ fn process_records(
                 "[runtime] guest {}; isolating the record",
                 failure.0
             ));
-            for (index, record) in records.iter().enumerate() {
-                let flat = flat_input(std::iter::once(record));
-                match guest.call(instance, task, Input::Records(&flat))? {
+            for index in range {
+                match guest.call(
+                    instance,
+                    task,
+                    Input::Records(inputs.flat(index..index + 1)),
+                )? {
                     Ok(result) => {
                         end_call(task, true, unit, processed);
-                        collect(&guest.saved, result, Some(base + index), 1, processed);
+                        collect(&guest.saved, result, Some(index), 1, processed);
                     }
                     Err(failure) => {
                         end_call(task, false, unit, processed);
                         processed
                             .failures
-                            .push((base + index, format!("guest {}", failure.0)));
+                            .push((index, format!("guest {}", failure.0)));
                     }
                 }
             }

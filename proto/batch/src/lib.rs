@@ -503,14 +503,72 @@ pub fn decode_records_shared(batch: &Bytes) -> Result<Vec<Record>, BatchError> {
     decode_with(batch, Some(batch))
 }
 
-fn decode_with(batch: &[u8], shared: Option<&Bytes>) -> Result<Vec<Record>, BatchError> {
+/// One record of a batch, borrowed from the batch (or from its decompressed body).
+/// Offsets and timestamps are absolute, as in [`decode_records`].
+#[derive(Debug, Clone, Copy)]
+pub struct RecordView<'a, 'h> {
+    pub offset: i64,
+    pub timestamp_ms: i64,
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+    /// Header keys and values in order; header keys are checked to be UTF-8.
+    pub headers: &'h [(&'a str, Option<&'a [u8]>)],
+}
+
+/// Calls `visit` with every record of one validated batch, in order, copying nothing but
+/// the body of a compressed batch (decompressed once).
+///
+/// # Errors
+/// A malformed header or record, or an unsupported compression codec.
+pub fn for_each_record(
+    batch: &[u8],
+    mut visit: impl FnMut(&RecordView<'_, '_>),
+) -> Result<(), BatchError> {
     let header = parse_header(batch)?;
-    let body = batch
+    let body = batch_body(batch, &header)?;
+    match header.compression()? {
+        Compression::None => walk_records(body, &header, |view| visit(view)),
+        Compression::Lz4 => {
+            let decompressed = lz4_decompress(body)?;
+            walk_records(&decompressed, &header, |view| visit(view))
+        }
+    }
+}
+
+/// The records section of a batch (after the header), whole.
+fn batch_body<'a>(batch: &'a [u8], header: &BatchHeader) -> Result<&'a [u8], BatchError> {
+    batch
         .get(BATCH_HEADER_BYTES..header.size_bytes())
         .ok_or(BatchError::Truncated {
             needed_bytes: header.size_bytes(),
             available_bytes: batch.len(),
-        })?;
+        })
+}
+
+/// Parses `header.record_count` records from an uncompressed records section.
+fn walk_records<'a>(
+    body: &'a [u8],
+    header: &BatchHeader,
+    mut visit: impl FnMut(&RecordView<'a, '_>),
+) -> Result<(), BatchError> {
+    let mut cursor = varint::Cursor::new(body);
+    let mut headers = Vec::new();
+    for index in 0..header.record_count as usize {
+        let view = parse_record(&mut cursor, header, &mut headers)
+            .map_err(|reason| BatchError::InvalidRecord { index, reason })?;
+        visit(&view);
+    }
+    if !cursor.is_empty() {
+        return Err(BatchError::InvalidHeader {
+            reason: "bytes left after the last record",
+        });
+    }
+    Ok(())
+}
+
+fn decode_with(batch: &[u8], shared: Option<&Bytes>) -> Result<Vec<Record>, BatchError> {
+    let header = parse_header(batch)?;
+    let body = batch_body(batch, &header)?;
     let decompressed;
     let (body, owner) = match header.compression()? {
         Compression::None => (body, shared.cloned()),
@@ -523,27 +581,32 @@ fn decode_with(batch: &[u8], shared: Option<&Bytes>) -> Result<Vec<Record>, Batc
         Some(owner) => owner.slice_ref(slice),
         None => Bytes::copy_from_slice(slice),
     };
-    let count = header.record_count as usize;
-    let mut records = Vec::with_capacity(count);
-    let mut cursor = varint::Cursor::new(body);
-    for index in 0..count {
-        let record = decode_record(&mut cursor, &header, &to_bytes)
-            .map_err(|reason| BatchError::InvalidRecord { index, reason })?;
-        records.push(record);
-    }
-    if !cursor.is_empty() {
-        return Err(BatchError::InvalidHeader {
-            reason: "bytes left after the last record",
+    let mut records = Vec::with_capacity(header.record_count as usize);
+    walk_records(body, &header, |view| {
+        records.push(Record {
+            offset: view.offset,
+            timestamp_ms: view.timestamp_ms,
+            key: view.key.map(to_bytes),
+            value: view.value.map(to_bytes),
+            headers: view
+                .headers
+                .iter()
+                .map(|(key, value)| Header {
+                    key: (*key).to_string(),
+                    value: value.map(to_bytes),
+                })
+                .collect(),
         });
-    }
+    })?;
     Ok(records)
 }
 
-fn decode_record(
-    cursor: &mut varint::Cursor<'_>,
+/// Parses one record at `cursor`; its headers go to `headers` (cleared first).
+fn parse_record<'a, 'h>(
+    cursor: &mut varint::Cursor<'a>,
     header: &BatchHeader,
-    to_bytes: &impl Fn(&[u8]) -> Bytes,
-) -> Result<Record, String> {
+    headers: &'h mut Vec<(&'a str, Option<&'a [u8]>)>,
+) -> Result<RecordView<'a, 'h>, String> {
     let length = cursor.read_varint()?;
     let length = usize::try_from(length).map_err(|_| "negative record length".to_string())?;
     let mut rec = varint::Cursor::new(cursor.take(length)?);
@@ -556,23 +619,20 @@ fn decode_record(
             header.last_offset_delta
         ));
     }
-    let key = rec.read_nullable_bytes()?.map(to_bytes);
-    let value = rec.read_nullable_bytes()?.map(to_bytes);
+    let key = rec.read_nullable_bytes()?;
+    let value = rec.read_nullable_bytes()?;
     let header_count = rec.read_varint()?;
     let header_count = usize::try_from(header_count)
         .ok()
         .filter(|n| *n <= RECORD_HEADERS_MAX)
         .ok_or_else(|| format!("header count {header_count} is negative or too large"))?;
-    let mut headers = Vec::with_capacity(header_count);
+    headers.clear();
     for _ in 0..header_count {
         let key = rec
             .read_nullable_bytes()?
             .ok_or_else(|| "header key is null".to_string())?;
-        let key = std::str::from_utf8(key)
-            .map_err(|_| "header key is not UTF-8")?
-            .to_string();
-        let value = rec.read_nullable_bytes()?.map(to_bytes);
-        headers.push(Header { key, value });
+        let key = std::str::from_utf8(key).map_err(|_| "header key is not UTF-8")?;
+        headers.push((key, rec.read_nullable_bytes()?));
     }
     if !rec.is_empty() {
         return Err("bytes left after the record's headers".to_string());
@@ -581,7 +641,7 @@ fn decode_record(
         TimestampType::LogAppendTime => header.max_timestamp_ms,
         TimestampType::CreateTime => header.base_timestamp_ms.wrapping_add(timestamp_delta),
     };
-    Ok(Record {
+    Ok(RecordView {
         offset: header.base_offset + i64::from(offset_delta),
         timestamp_ms,
         key,
