@@ -1,7 +1,8 @@
 //! Transform throughput inside the runtime: flat batches of 100-byte JSON records through
 //! the identity and filter example components, the cost of one host-to-guest call, and
 //! the word-count example's state get and put per record (RocksDB stores in a temporary
-//! directory, committed after each batch as the runtime commits them).
+//! directory, committed after each batch as the runtime commits them), and the guest's
+//! flat input built from fetched record batches.
 //!
 //! Run with `cargo bench -p runnel-streams`; it builds the example components first.
 
@@ -206,5 +207,61 @@ fn state(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, transforms, state);
+/// The guest's input from ten 1,000-record batches of 100-byte values: walked in place
+/// (what the runtime does), against decoding each batch into records first.
+fn input(c: &mut Criterion) {
+    use bytes::Bytes;
+    use runnel_client::FetchedBatch;
+    use runnel_streams::input::Inputs;
+    let value = vec![b'x'; 100];
+    let batches: Vec<FetchedBatch> = (0..10)
+        .map(|b| {
+            let records: Vec<runnel_batch::Record> = (0..1_000)
+                .map(|i| runnel_batch::Record {
+                    offset: i,
+                    timestamp_ms: 1_700_000_000_000,
+                    key: Some(Bytes::from(format!("key-{i}"))),
+                    value: Some(Bytes::from(value.clone())),
+                    headers: Vec::new(),
+                })
+                .collect();
+            let mut bytes =
+                runnel_batch::encode(&records, runnel_batch::BatchOptions::default()).to_vec();
+            runnel_batch::set_base_offset(&mut bytes, b * 1_000);
+            FetchedBatch {
+                topic: "in".into(),
+                partition: 0,
+                bytes: Bytes::from(bytes),
+                from_offset: 0,
+                next_offset: (b + 1) * 1_000,
+            }
+        })
+        .collect();
+    let mut group = c.benchmark_group("input");
+    group.throughput(Throughput::Elements(10_000));
+    group.bench_function("walked in place", |b| {
+        b.iter(|| Inputs::from_batches(&batches).expect("parses").len())
+    });
+    group.bench_function("decoded into records first", |b| {
+        b.iter(|| {
+            let mut inputs = Inputs::default();
+            for batch in &batches {
+                for r in runnel_batch::decode_records_shared(&batch.bytes).expect("decodes") {
+                    inputs.push(
+                        (batch.partition, r.offset, r.timestamp_ms),
+                        r.key.as_deref(),
+                        r.value.as_deref(),
+                        r.headers
+                            .iter()
+                            .map(|h| (h.key.as_str(), h.value.as_deref())),
+                    );
+                }
+            }
+            inputs.len()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, transforms, state, input);
 criterion_main!(benches);

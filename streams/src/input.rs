@@ -59,7 +59,7 @@ impl Inputs {
         for batch in batches {
             runnel_batch::for_each_record(&batch.bytes, |record| {
                 if record.offset >= batch.from_offset {
-                    inputs.push(
+                    inputs.write(
                         (batch.partition, record.offset, record.timestamp_ms),
                         record.key,
                         record.value,
@@ -78,6 +78,20 @@ impl Inputs {
 
     /// Appends one record: `at` is (partition, offset, timestamp).
     pub fn push<'a>(
+        &mut self,
+        at: (u32, i64, i64),
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: impl ExactSizeIterator<Item = (&'a str, Option<&'a [u8]>)>,
+    ) {
+        self.write(at, key, value, headers);
+        let (partition, offset, _) = at;
+        let next = self.next_offsets.entry(partition).or_insert(offset + 1);
+        *next = (*next).max(offset + 1);
+    }
+
+    /// Appends one record without moving the commit point (a batch moves it once).
+    fn write<'a>(
         &mut self,
         at: (u32, i64, i64),
         key: Option<&[u8]>,
@@ -106,8 +120,6 @@ impl Inputs {
             start,
             end: self.flat.len(),
         });
-        let next = self.next_offsets.entry(partition).or_insert(offset + 1);
-        *next = (*next).max(offset + 1);
     }
 
     /// The flat buffer of all the records.

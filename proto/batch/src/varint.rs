@@ -77,7 +77,15 @@ impl<'a> Cursor<'a> {
         Ok(head)
     }
 
+    #[inline]
     fn read_unsigned(&mut self, max_bytes: usize) -> Result<u64, String> {
+        // Most varints in a record (attributes, deltas, short lengths) take one byte.
+        if let Some((&first, rest)) = self.buf.split_first()
+            && first < 0x80
+        {
+            self.buf = rest;
+            return Ok(u64::from(first));
+        }
         let mut value = 0u64;
         for (i, byte) in self.buf.iter().take(max_bytes).enumerate() {
             value |= u64::from(byte & 0x7f) << (7 * i);
@@ -93,6 +101,7 @@ impl<'a> Cursor<'a> {
         }
     }
 
+    #[inline]
     pub(crate) fn read_varint(&mut self) -> Result<i32, String> {
         let raw = self.read_unsigned(5)?;
         let raw = u32::try_from(raw).map_err(|_| "varint overflows 32 bits".to_string())?;
@@ -104,6 +113,7 @@ impl<'a> Cursor<'a> {
         Ok(((raw >> 1) as i64) ^ -((raw & 1) as i64))
     }
 
+    #[inline]
     pub(crate) fn read_nullable_bytes(&mut self) -> Result<Option<&'a [u8]>, String> {
         let len = self.read_varint()?;
         if len == -1 {
