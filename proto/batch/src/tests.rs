@@ -159,17 +159,24 @@ proptest! {
 
     #[test]
     fn round_trip_any_records(values in proptest::collection::vec(
-        (proptest::option::of(proptest::collection::vec(any::<u8>(), 0..20)),
-         proptest::option::of(proptest::collection::vec(any::<u8>(), 0..50)),
-         any::<i32>()), 1..20)) {
-        let records: Vec<Record> = values.iter().map(|(k, v, ts)| Record {
+        (proptest::option::of(proptest::collection::vec(any::<u8>(), 0..200)),
+         proptest::option::of(proptest::collection::vec(any::<u8>(), 0..300)),
+         any::<i32>(), 0usize..3), 1..20), lz4 in any::<bool>()) {
+        let records: Vec<Record> = values.iter().map(|(k, v, ts, headers)| Record {
             offset: 0,
             timestamp_ms: i64::from(*ts),
             key: k.clone().map(Bytes::from),
             value: v.clone().map(Bytes::from),
-            headers: vec![],
+            headers: (0..*headers).map(|i| Header {
+                key: format!("h{i}"),
+                value: (i > 0).then(|| Bytes::from(vec![b'v'; i * 70])),
+            }).collect(),
         }).collect();
-        let batch = encode(&records, BatchOptions::default());
+        let options = BatchOptions {
+            compression: if lz4 { Compression::Lz4 } else { Compression::None },
+            ..BatchOptions::default()
+        };
+        let batch = encode(&records, options);
         let decoded = decode_records(&batch).expect("decodes");
         prop_assert_eq!(decoded.len(), records.len());
         for (i, (got, want)) in decoded.iter().zip(&records).enumerate() {
@@ -177,7 +184,21 @@ proptest! {
             prop_assert_eq!(&got.key, &want.key);
             prop_assert_eq!(&got.value, &want.value);
             prop_assert_eq!(got.timestamp_ms, want.timestamp_ms);
+            prop_assert_eq!(&got.headers, &want.headers);
         }
+        // Walking the batch in place sees the same records.
+        let mut walked = Vec::new();
+        for_each_record(&batch, |r| walked.push(Record {
+            offset: r.offset,
+            timestamp_ms: r.timestamp_ms,
+            key: r.key.map(Bytes::copy_from_slice),
+            value: r.value.map(Bytes::copy_from_slice),
+            headers: r.headers.iter().map(|(k, v)| Header {
+                key: (*k).to_string(),
+                value: v.map(Bytes::copy_from_slice),
+            }).collect(),
+        })).expect("walks");
+        prop_assert_eq!(walked, decoded);
     }
 }
 
