@@ -146,11 +146,11 @@ enum Fetched {
 
 /// One fetched batch as a session hands it over.
 enum Chunk {
-    /// Its records (none for a control batch or an aborted transaction's batch).
+    /// Its records.
     Records(Vec<ConsumerRecord>),
     /// Its bytes, undecoded.
     Batch(Bytes),
-    /// A control batch or an aborted transaction's batch, when not decoding.
+    /// A control batch or an aborted transaction's batch: nothing for the application.
     Skipped,
 }
 
@@ -178,12 +178,7 @@ fn decode_response(response: v1::FetchResponse, raw: bool) -> Result<Vec<Fetched
             let shared = fetched.records.slice(at..at + batch_bytes.len());
             at += batch_bytes.len();
             if !aborted.keep(&header, batch_bytes) {
-                let skipped = if raw {
-                    Chunk::Skipped
-                } else {
-                    Chunk::Records(Vec::new())
-                };
-                batches.push((skipped, header.next_offset()));
+                batches.push((Chunk::Skipped, header.next_offset()));
                 continue;
             }
             if raw {
