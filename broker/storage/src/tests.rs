@@ -641,7 +641,12 @@ fn cached_bytes(path: &Path) -> u64 {
 #[test]
 fn flushed_data_behind_the_page_cache_window_leaves_the_cache() {
     const MIB: u64 = 1024 * 1024;
-    let dir = tempfile::tempdir().expect("tempdir");
+    // Beside the sources rather than in /tmp: on tmpfs, where /tmp often is, pages cannot
+    // be dropped.
+    let dir = tempfile::Builder::new()
+        .prefix(".page-cache-test-")
+        .tempdir_in(env!("CARGO_MANIFEST_DIR"))
+        .expect("tempdir");
     let config = LogConfig {
         segment_bytes: 3 * MIB,
         retention_ms: -1,
