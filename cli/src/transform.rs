@@ -89,7 +89,8 @@ pub struct DeployArgs {
     /// `--isolation read_committed`).
     #[arg(long, default_value = "at-least-once")]
     processing: String,
-    /// With exactly-once: how often the open transaction commits (default 100 ms).
+    /// How often the open transaction commits (exactly-once), or the input offsets of
+    /// acknowledged output (at-least-once); default 100 ms.
     #[arg(long)]
     commit_interval_ms: Option<u32>,
     /// A state store of a stateful (runnel:transform@0.2.0) component; repeatable, in
@@ -228,16 +229,18 @@ fn print_status(s: &v1::TransformStatus) {
     println!("Errors:      {}{dlq}", spec::policy_name(policy));
     let processing =
         v1::Processing::try_from(spec.processing).unwrap_or(v1::Processing::AtLeastOnce);
+    let interval = if spec.commit_interval_ms == 0 {
+        100
+    } else {
+        spec.commit_interval_ms
+    };
     match processing {
-        v1::Processing::ExactlyOnce => println!(
-            "Processing:  exactly-once (commit every {} ms)",
-            if spec.commit_interval_ms == 0 {
-                100
-            } else {
-                spec.commit_interval_ms
-            }
-        ),
-        v1::Processing::AtLeastOnce => println!("Processing:  at-least-once"),
+        v1::Processing::ExactlyOnce => {
+            println!("Processing:  exactly-once (commit every {interval} ms)")
+        }
+        v1::Processing::AtLeastOnce => {
+            println!("Processing:  at-least-once (commit every {interval} ms)")
+        }
     }
     println!("Start:       {}", spec.start);
     let mut config: Vec<String> = spec

@@ -1109,8 +1109,9 @@ impl Runtime {
     }
 }
 
-/// How often an exactly-once deployment commits when its spec says 0 (Kafka Streams'
-/// `commit.interval.ms` under exactly-once).
+/// How often a deployment commits when its spec says 0: the transaction under
+/// exactly-once (Kafka Streams' `commit.interval.ms` under exactly-once), the input offsets
+/// of acknowledged batches under at-least-once.
 const COMMIT_INTERVAL_MS_DEFAULT: u64 = 100;
 
 pub fn group_name(transform: &str) -> String {
@@ -1275,8 +1276,14 @@ impl Pending {
 
 /// How a deployment commits what it processed.
 struct Commits {
-    /// Exactly-once: the commit interval.
-    exactly_once: Option<Duration>,
+    exactly_once: bool,
+    /// Exactly-once: how often the transaction commits. At-least-once: how often the
+    /// input offsets of acknowledged batches are committed.
+    interval: Duration,
+    /// At-least-once: input offsets of acknowledged batches not committed yet, and when
+    /// offsets were last committed.
+    acknowledged: BTreeMap<(String, u32), i64>,
+    committed_at: std::time::Instant,
     /// At-least-once: the batch sent last. Exactly-once: the open transaction, with the
     /// batches of a commit interval and their input offsets.
     pending: Option<Pending>,
@@ -1293,7 +1300,7 @@ struct Commits {
 impl Commits {
     /// The commit unit of a batch about to be processed.
     fn unit_for_batch(&mut self) -> u64 {
-        if self.exactly_once.is_none() {
+        if !self.exactly_once {
             self.unit += 1;
         }
         self.unit
@@ -1301,7 +1308,7 @@ impl Commits {
 
     /// Before a batch's output is sent: opens a transaction if none is.
     fn begin(&mut self, producer: &Producer) -> anyhow::Result<()> {
-        if self.exactly_once.is_some() && self.pending.is_none() {
+        if self.exactly_once && self.pending.is_none() {
             producer.begin_transaction()?;
             self.pending = Some(Pending::empty(self.unit));
             self.opened = Some(std::time::Instant::now());
@@ -1317,23 +1324,22 @@ impl Commits {
         member: &mut GroupConsumer,
         stats: &Stats,
     ) -> anyhow::Result<()> {
-        match self.exactly_once {
-            None => {
-                // Batches finish in order: one still due finishes first.
-                self.finish_due(member, stats).await?;
-                self.due = self.pending.replace(batch);
-                Ok(())
-            }
-            Some(interval) => {
-                if let Some(txn) = self.pending.as_mut() {
-                    txn.absorb(batch);
-                }
-                if self.opened.is_some_and(|since| since.elapsed() >= interval) {
-                    self.settle(producer, member, stats).await?;
-                }
-                Ok(())
-            }
+        if !self.exactly_once {
+            // Batches finish in order: one still due finishes first.
+            self.finish_due(member, stats).await?;
+            self.due = self.pending.replace(batch);
+            return Ok(());
         }
+        if let Some(txn) = self.pending.as_mut() {
+            txn.absorb(batch);
+        }
+        if self
+            .opened
+            .is_some_and(|since| since.elapsed() >= self.interval)
+        {
+            self.settle(producer, member, stats).await?;
+        }
+        Ok(())
     }
 
     /// At-least-once: finishes the batch sent before the last, if it is not yet; the
@@ -1349,8 +1355,8 @@ impl Commits {
         }
     }
 
-    /// At-least-once: once batch `done` is acknowledged, writes its state and commits
-    /// its input offsets.
+    /// At-least-once: once batch `done` is acknowledged, writes its state, and commits
+    /// its input offsets with those of the batches before it once the interval passed.
     async fn finish(
         &mut self,
         mut done: Pending,
@@ -1362,11 +1368,23 @@ impl Commits {
         if let Some(tasks) = &self.tasks {
             tasks::lock(tasks).commit(done.unit, &checkpoints)?;
         }
+        for (partition, next) in done.offsets {
+            let offset = self.acknowledged.entry(partition).or_insert(next);
+            *offset = (*offset).max(next);
+        }
+        if self.committed_at.elapsed() >= self.interval {
+            self.commit_acknowledged(member).await?;
+        }
+        Ok(())
+    }
+
+    /// At-least-once: commits the input offsets of every acknowledged batch.
+    async fn commit_acknowledged(&mut self, member: &mut GroupConsumer) -> anyhow::Result<()> {
+        self.committed_at = std::time::Instant::now();
         // A partition revoked meanwhile is re-read by its new owner instead.
         let owned: std::collections::BTreeSet<(String, u32)> =
             member.assignment().into_iter().collect();
-        let offsets: BTreeMap<(String, u32), i64> = done
-            .offsets
+        let offsets: BTreeMap<(String, u32), i64> = std::mem::take(&mut self.acknowledged)
             .into_iter()
             .filter(|(tp, _)| owned.contains(tp))
             .collect();
@@ -1387,12 +1405,15 @@ impl Commits {
         stats: &Stats,
     ) -> anyhow::Result<()> {
         self.finish_due(member, stats).await?;
+        if !self.exactly_once {
+            if let Some(done) = self.pending.take() {
+                self.finish(done, member, stats).await?;
+            }
+            return self.commit_acknowledged(member).await;
+        }
         let Some(mut txn) = self.pending.take() else {
             return Ok(());
         };
-        if self.exactly_once.is_none() {
-            return self.finish(txn, member, stats).await;
-        }
         self.opened = None;
         let unit = self.unit;
         self.unit += 1;
@@ -1436,7 +1457,7 @@ impl Commits {
         member: &mut GroupConsumer,
         stats: &Stats,
     ) -> anyhow::Result<()> {
-        if self.exactly_once.is_none() {
+        if !self.exactly_once {
             // The batches before it were good: they are committed.
             self.settle(producer, member, stats).await?;
         } else if self.pending.take().is_some() {
@@ -1604,7 +1625,13 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
         },
     );
     let mut commits = Commits {
-        exactly_once: None,
+        exactly_once,
+        interval: Duration::from_millis(match task.saved.commit_interval_ms {
+            0 => COMMIT_INTERVAL_MS_DEFAULT,
+            ms => u64::from(ms),
+        }),
+        acknowledged: BTreeMap::new(),
+        committed_at: std::time::Instant::now(),
         pending: None,
         due: None,
         opened: None,
@@ -1616,10 +1643,6 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
             .init_transactions()
             .await
             .context("initialising the transactional producer")?;
-        commits.exactly_once = Some(Duration::from_millis(match task.saved.commit_interval_ms {
-            0 => COMMIT_INTERVAL_MS_DEFAULT,
-            ms => u64::from(ms),
-        }));
     }
     let changelogs = task.saved.layout().topics(&task.saved.name);
     let has_tables = !task.saved.tables.is_empty();

@@ -377,10 +377,19 @@ fn redeploys_and_restarts_continue_from_the_committed_position() {
             "dst",
             "--wasm",
             &wasm("split_words"),
+            // Offsets commit a minute apart while input flows, and whenever it is quiet
+            // or the task stops: nothing below is read twice.
+            "--commit-interval-ms",
+            "60000",
         ],
         "",
     );
     assert!(out.contains("version 2"), "{out}");
+    let described = dev.ok(&["transform", "describe", "pass"], "");
+    assert!(
+        described.contains("Processing:  at-least-once (commit every 60000 ms)"),
+        "{described}"
+    );
     dev.ok(&["produce", "src"], "Second Version\n");
     let lines = wait_for_lines(&dev, "dst", 12);
     assert_eq!(lines.len(), 12, "no committed record re-emitted: {lines:?}");
