@@ -27,6 +27,7 @@ use runnel_client::{
 };
 use runnel_streams::host::LogBuffer;
 use runnel_streams::input::Inputs;
+use runnel_streams::offsets::AckedOffsets;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use wasmtime::component::Component;
@@ -638,7 +639,15 @@ impl Task {
             member.leave().await;
             return Ok(stop);
         }
+        // Only what the outside system acknowledged is committed, every commit interval
+        // and whenever the input is quiet or the task pauses or stops.
+        let mut acknowledged = AckedOffsets::new(Duration::from_millis(
+            runnel_streams::runtime::COMMIT_INTERVAL_MS_DEFAULT,
+        ));
         let result = loop {
+            if *self.control.borrow() != Control::Run {
+                acknowledged.commit(&mut member).await?;
+            }
             if !self.keep_going().await {
                 break Ok(Stop::Done);
             }
@@ -647,6 +656,7 @@ impl Task {
                 _ = self.control.changed() => continue,
             };
             if records.is_empty() {
+                acknowledged.commit(&mut member).await?;
                 continue;
             }
             let mut by_topic: BTreeMap<Arc<str>, Vec<usize>> = BTreeMap::new();
@@ -702,15 +712,14 @@ impl Task {
             self.stats
                 .records
                 .fetch_add(records.len() as u64, Ordering::Relaxed);
-            // Only what the outside system acknowledged is committed.
-            let owned: std::collections::BTreeSet<(String, u32)> =
-                member.assignment().into_iter().collect();
-            let offsets = next_offsets(&records)
-                .into_iter()
-                .filter(|(tp, _)| owned.contains(tp))
-                .collect();
-            member.commit_offsets(offsets).await?;
+            acknowledged
+                .add(next_offsets(&records), &mut member)
+                .await?;
         };
+        // What was written before a stop is committed; a failed batch is not added.
+        if let Err(err) = acknowledged.commit(&mut member).await {
+            tracing::warn!(connector = %self.spec.name, error = %err, "committing the sink's last offsets failed; the next owner writes those records again");
+        }
         member.leave().await;
         result
     }

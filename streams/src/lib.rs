@@ -7,6 +7,7 @@
 pub mod harness;
 pub mod host;
 pub mod input;
+pub mod offsets;
 pub mod runtime;
 pub mod service;
 pub mod spec;

@@ -37,6 +37,7 @@ use crate::host::{
 };
 use crate::host::{Prepared, Setup};
 use crate::input::Inputs;
+use crate::offsets::AckedOffsets;
 use crate::spec::{self, Start};
 use crate::standby::Standbys;
 use crate::state::{self, ChangelogWrite, TaskState, Timer};
@@ -1111,8 +1112,8 @@ impl Runtime {
 
 /// How often a deployment commits when its spec says 0: the transaction under
 /// exactly-once (Kafka Streams' `commit.interval.ms` under exactly-once), the input offsets
-/// of acknowledged batches under at-least-once.
-const COMMIT_INTERVAL_MS_DEFAULT: u64 = 100;
+/// of acknowledged batches under at-least-once. Sink connectors commit as often.
+pub const COMMIT_INTERVAL_MS_DEFAULT: u64 = 100;
 
 pub fn group_name(transform: &str) -> String {
     format!("transform-{transform}")
@@ -1277,13 +1278,10 @@ impl Pending {
 /// How a deployment commits what it processed.
 struct Commits {
     exactly_once: bool,
-    /// Exactly-once: how often the transaction commits. At-least-once: how often the
-    /// input offsets of acknowledged batches are committed.
+    /// Exactly-once: how often the transaction commits.
     interval: Duration,
-    /// At-least-once: input offsets of acknowledged batches not committed yet, and when
-    /// offsets were last committed.
-    acknowledged: BTreeMap<(String, u32), i64>,
-    committed_at: std::time::Instant,
+    /// At-least-once: input offsets of acknowledged batches, committed every interval.
+    acknowledged: AckedOffsets,
     /// At-least-once: the batch sent last. Exactly-once: the open transaction, with the
     /// batches of a commit interval and their input offsets.
     pending: Option<Pending>,
@@ -1368,31 +1366,8 @@ impl Commits {
         if let Some(tasks) = &self.tasks {
             tasks::lock(tasks).commit(done.unit, &checkpoints)?;
         }
-        for (partition, next) in done.offsets {
-            let offset = self.acknowledged.entry(partition).or_insert(next);
-            *offset = (*offset).max(next);
-        }
-        if self.committed_at.elapsed() >= self.interval {
-            self.commit_acknowledged(member).await?;
-        }
-        Ok(())
-    }
-
-    /// At-least-once: commits the input offsets of every acknowledged batch.
-    async fn commit_acknowledged(&mut self, member: &mut GroupConsumer) -> anyhow::Result<()> {
-        self.committed_at = std::time::Instant::now();
-        // A partition revoked meanwhile is re-read by its new owner instead.
-        let owned: std::collections::BTreeSet<(String, u32)> =
-            member.assignment().into_iter().collect();
-        let offsets: BTreeMap<(String, u32), i64> = std::mem::take(&mut self.acknowledged)
-            .into_iter()
-            .filter(|(tp, _)| owned.contains(tp))
-            .collect();
-        if offsets.is_empty() {
-            return Ok(());
-        }
-        member
-            .commit_offsets(offsets)
+        self.acknowledged
+            .add(done.offsets, member)
             .await
             .context("committing input offsets")
     }
@@ -1409,7 +1384,11 @@ impl Commits {
             if let Some(done) = self.pending.take() {
                 self.finish(done, member, stats).await?;
             }
-            return self.commit_acknowledged(member).await;
+            return self
+                .acknowledged
+                .commit(member)
+                .await
+                .context("committing input offsets");
         }
         let Some(mut txn) = self.pending.take() else {
             return Ok(());
@@ -1624,14 +1603,14 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
             ..ProducerConfig::default()
         },
     );
+    let interval = Duration::from_millis(match task.saved.commit_interval_ms {
+        0 => COMMIT_INTERVAL_MS_DEFAULT,
+        ms => u64::from(ms),
+    });
     let mut commits = Commits {
         exactly_once,
-        interval: Duration::from_millis(match task.saved.commit_interval_ms {
-            0 => COMMIT_INTERVAL_MS_DEFAULT,
-            ms => u64::from(ms),
-        }),
-        acknowledged: BTreeMap::new(),
-        committed_at: std::time::Instant::now(),
+        interval,
+        acknowledged: AckedOffsets::new(interval),
         pending: None,
         due: None,
         opened: None,
