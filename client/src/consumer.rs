@@ -400,12 +400,7 @@ impl Consumer {
     /// when `auto_offset_reset` is `None`. Retriable failures (a leader moved, a broker
     /// went away) are not errors: the next poll looks the leaders up again.
     pub async fn poll(&mut self) -> Result<Vec<ConsumerRecord>, ClientError> {
-        let mut records = Vec::new();
-        for fetched in self.poll_retrying(false).await? {
-            self.take(fetched, &mut records);
-        }
-        self.settle_session();
-        Ok(records)
+        self.poll_into(false, Self::take).await
     }
 
     /// Like [`Consumer::poll`], returning whole batches with their records undecoded:
@@ -414,12 +409,24 @@ impl Consumer {
     /// # Errors
     /// As [`Consumer::poll`].
     pub async fn poll_batches(&mut self) -> Result<Vec<FetchedBatch>, ClientError> {
-        let mut batches = Vec::new();
-        for fetched in self.poll_retrying(true).await? {
-            self.take_batches(fetched, &mut batches);
+        self.poll_into(true, Self::take_batches).await
+    }
+
+    /// One poll of a session that decodes records (or, `raw`, only splits batches), each
+    /// partition read handed to `take`; then the open streams continue from the positions.
+    async fn poll_into<T>(
+        &mut self,
+        raw: bool,
+        take: fn(&mut Self, Fetched, &mut Vec<T>),
+    ) -> Result<Vec<T>, ClientError> {
+        let mut out = Vec::new();
+        for fetched in self.poll_retrying(raw).await? {
+            take(self, fetched, &mut out);
         }
-        self.settle_session();
-        Ok(batches)
+        if let Some(session) = self.session.as_mut() {
+            session.expected.clone_from(&self.positions);
+        }
+        Ok(out)
     }
 
     /// One poll; a retriable failure is not an error but an empty poll after a pause,
@@ -444,7 +451,7 @@ impl Consumer {
         }
     }
 
-    /// The partitions a response read, for the caller to take from and then settle.
+    /// The partitions a response read, for the caller to take from.
     async fn poll_once(&mut self, raw: bool) -> Result<Vec<Fetched>, ClientError> {
         if self.positions.is_empty() {
             return Err(ClientError::InvalidArgument(
@@ -493,13 +500,6 @@ impl Consumer {
             return Ok(Vec::new());
         }
         Ok(read)
-    }
-
-    /// After a poll took what it read: the open streams continue from the positions.
-    fn settle_session(&mut self) {
-        if let Some(session) = self.session.as_mut() {
-            session.expected.clone_from(&self.positions);
-        }
     }
 
     /// Handles a partition the broker answered with an error.

@@ -90,9 +90,7 @@ pub(crate) fn chain_input(records: &[Rec]) -> Vec<u8> {
             (0, i as i64, r.timestamp_ms),
             r.key.as_deref(),
             r.value.as_deref(),
-            r.headers
-                .iter()
-                .map(|h| (h.key.as_str(), h.value.as_deref())),
+            runnel_client::Header::pairs(&r.headers),
         );
     }
     inputs.into_flat()

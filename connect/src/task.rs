@@ -832,9 +832,7 @@ pub(crate) fn sink_input(records: &[ConsumerRecord], outputs: &[Rec]) -> Vec<u8>
             (from.partition, from.offset, rec.timestamp_ms),
             rec.key.as_deref(),
             rec.value.as_deref(),
-            rec.headers
-                .iter()
-                .map(|h| (h.key.as_str(), h.value.as_deref())),
+            runnel_client::Header::pairs(&rec.headers),
         );
     }
     inputs.into_flat()

@@ -251,9 +251,7 @@ fn input(c: &mut Criterion) {
                         (batch.partition, r.offset, r.timestamp_ms),
                         r.key.as_deref(),
                         r.value.as_deref(),
-                        r.headers
-                            .iter()
-                            .map(|h| (h.key.as_str(), h.value.as_deref())),
+                        runnel_batch::Header::pairs(&r.headers),
                     );
                 }
             }

@@ -30,8 +30,8 @@ pub struct InputRecord {
 pub struct Inputs {
     flat: Vec<u8>,
     records: Vec<InputRecord>,
-    /// Per input partition, the offset after the last record or batch read from it: what
-    /// is committed once the records are handled.
+    /// Per input partition, the offset after the last batch read from it
+    /// ([`Inputs::from_batches`]): what is committed once the records are handled.
     next_offsets: BTreeMap<u32, i64>,
     /// Reused to encode each record's headers.
     scratch: Vec<u8>,
@@ -59,7 +59,7 @@ impl Inputs {
         for batch in batches {
             runnel_batch::for_each_record(&batch.bytes, |record| {
                 if record.offset >= batch.from_offset {
-                    inputs.write(
+                    inputs.push(
                         (batch.partition, record.offset, record.timestamp_ms),
                         record.key,
                         record.value,
@@ -78,20 +78,6 @@ impl Inputs {
 
     /// Appends one record: `at` is (partition, offset, timestamp).
     pub fn push<'a>(
-        &mut self,
-        at: (u32, i64, i64),
-        key: Option<&[u8]>,
-        value: Option<&[u8]>,
-        headers: impl ExactSizeIterator<Item = (&'a str, Option<&'a [u8]>)>,
-    ) {
-        self.write(at, key, value, headers);
-        let (partition, offset, _) = at;
-        let next = self.next_offsets.entry(partition).or_insert(offset + 1);
-        *next = (*next).max(offset + 1);
-    }
-
-    /// Appends one record without moving the commit point (a batch moves it once).
-    fn write<'a>(
         &mut self,
         at: (u32, i64, i64),
         key: Option<&[u8]>,
@@ -172,16 +158,8 @@ impl Inputs {
         runs
     }
 
-    /// The partitions that have records, in order, once each.
-    pub fn partitions(&self) -> Vec<u32> {
-        let mut partitions: Vec<u32> = self.records.iter().map(|r| r.partition).collect();
-        partitions.sort_unstable();
-        partitions.dedup();
-        partitions
-    }
-
     /// What to commit for `topic` once these records are handled: the offset after each
-    /// partition's last record or batch.
+    /// partition's last batch.
     pub fn next_offsets(&self, topic: &str) -> BTreeMap<(String, u32), i64> {
         self.next_offsets
             .iter()
@@ -244,9 +222,7 @@ mod tests {
                 (partition, offset, r.timestamp_ms),
                 r.key.as_deref(),
                 r.value.as_deref(),
-                r.headers
-                    .iter()
-                    .map(|h| (h.key.as_str(), h.value.as_deref())),
+                Header::pairs(&r.headers),
             );
         }
         assert_eq!(inputs.flat(0..3), expected.flat(0..3));

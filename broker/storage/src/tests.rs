@@ -71,14 +71,30 @@ fn values(records: &[Record]) -> Vec<String> {
         .collect()
 }
 
-fn active_log_file(dir: &Path) -> std::path::PathBuf {
+/// The log's segment files, oldest first.
+fn segment_files(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut logs: Vec<_> = fs::read_dir(dir)
         .expect("dir")
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "log"))
         .collect();
     logs.sort();
-    logs.pop().expect("a log file")
+    logs
+}
+
+fn active_log_file(dir: &Path) -> std::path::PathBuf {
+    segment_files(dir).pop().expect("a log file")
+}
+
+/// [`small_config`] with compaction and no deletion.
+fn compacted() -> LogConfig {
+    LogConfig {
+        cleanup_policy: CleanupPolicy {
+            delete: false,
+            compact: true,
+        },
+        ..small_config()
+    }
 }
 
 #[test]
@@ -293,12 +309,8 @@ fn delete_records_moves_log_start_and_survives_reopen() {
 fn compaction_keeps_latest_per_key_and_expires_tombstones() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = LogConfig {
-        cleanup_policy: CleanupPolicy {
-            delete: false,
-            compact: true,
-        },
         delete_retention_ms: 1000,
-        ..small_config()
+        ..compacted()
     };
     let mut log = Log::open(dir.path(), config, 0).expect("open");
     for i in 0..30 {
@@ -571,15 +583,7 @@ fn interior_damage_fails_closed_naming_file_and_position() {
         append(&mut log, &[rec(None, Some(&format!("value-{i:02}")), i)], i);
     }
     log.close().expect("close");
-    let first_segment = {
-        let mut logs: Vec<_> = fs::read_dir(dir.path())
-            .expect("dir")
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "log"))
-            .collect();
-        logs.sort();
-        logs.remove(0)
-    };
+    let first_segment = segment_files(dir.path()).remove(0);
     let mut bytes = fs::read(&first_segment).expect("read");
     let first_len = batches(&bytes).next().expect("one").expect("ok").1.len();
     bytes[first_len + 30] ^= 0x01;
@@ -663,15 +667,6 @@ fn flushed_data_behind_the_page_cache_window_leaves_the_cache() {
         for _ in 0..4 * mib {
             append(log, &[rec(None, Some(&value), 0)], 0);
         }
-    };
-    let segment_files = |dir: &Path| {
-        let mut logs: Vec<_> = fs::read_dir(dir)
-            .expect("dir")
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "log"))
-            .collect();
-        logs.sort();
-        logs
     };
     // Written but not flushed: nothing may be dropped, whatever the window says.
     append_mib(&mut log, 2);
@@ -1040,13 +1035,7 @@ fn transactions_hold_the_stable_offset_and_aborts_are_indexed_across_a_crash() {
 fn compaction_drops_aborted_records_and_keeps_open_transactions() {
     use runnel_batch::ControlType;
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = LogConfig {
-        cleanup_policy: CleanupPolicy {
-            delete: false,
-            compact: true,
-        },
-        ..small_config()
-    };
+    let config = compacted();
     let mut log = Log::open(dir.path(), config, 0).expect("open");
     append(&mut log, &[rec(Some("k"), Some("committed"), 1)], 1);
     log.append(
@@ -1098,12 +1087,8 @@ fn compaction_drops_a_marker_once_its_transaction_kept_no_record_and_retention_p
     use runnel_batch::ControlType;
     let dir = tempfile::tempdir().expect("tempdir");
     let config = LogConfig {
-        cleanup_policy: CleanupPolicy {
-            delete: false,
-            compact: true,
-        },
         delete_retention_ms: 1000,
-        ..small_config()
+        ..compacted()
     };
     let mut log = Log::open(dir.path(), config.clone(), 0).expect("open");
     // Producer 1 commits a record a later write supersedes; producer 2 aborts; producer 3

@@ -159,6 +159,15 @@ pub struct Header {
     pub value: Option<Bytes>,
 }
 
+impl Header {
+    /// Each header's (key, value), borrowed, in order.
+    pub fn pairs(
+        headers: &[Header],
+    ) -> impl ExactSizeIterator<Item = (&str, Option<&[u8]>)> + Clone {
+        headers.iter().map(|h| (h.key.as_str(), h.value.as_deref()))
+    }
+}
+
 /// A record as a producer hands it over and a consumer receives it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Record {
