@@ -155,8 +155,13 @@ enum Chunk {
 }
 
 /// Decodes a fetch response's records (only splits it into batches when `raw`), leaving
-/// out what aborted transactions wrote.
-fn decode_response(response: v1::FetchResponse, raw: bool) -> Result<Vec<Fetched>, ClientError> {
+/// out what aborted transactions wrote. `local`: the response came from the broker in
+/// this process, whose log reads verified every batch's CRC already.
+fn decode_response(
+    response: v1::FetchResponse,
+    raw: bool,
+    local: bool,
+) -> Result<Vec<Fetched>, ClientError> {
     let mut decoded = Vec::with_capacity(response.partitions.len());
     for fetched in response.partitions {
         if fetched.error.is_some() {
@@ -172,7 +177,12 @@ fn decode_response(response: v1::FetchResponse, raw: bool) -> Result<Vec<Fetched
         );
         let mut batches = Vec::new();
         let mut at = 0usize;
-        for batch in runnel_batch::batches(&fetched.records) {
+        let split = if local {
+            runnel_batch::batches_verified(&fetched.records)
+        } else {
+            runnel_batch::batches(&fetched.records)
+        };
+        for batch in split {
             let (header, batch_bytes) =
                 batch.map_err(|err| ClientError::Corrupt(err.to_string()))?;
             let shared = fetched.records.slice(at..at + batch_bytes.len());
@@ -256,7 +266,9 @@ impl FetchSession {
                 format: v1::RecordFormat::Batches as i32,
                 isolation: config.isolation as i32,
             };
-            let mut stream: BoxStream<v1::FetchResponse> = match client.local(leader) {
+            let local = client.local(leader);
+            let in_process = local.is_some();
+            let mut stream: BoxStream<v1::FetchResponse> = match local {
                 Some(local) => local.fetch_stream(request, client.acting_as()),
                 None => Box::pin(
                     client
@@ -270,7 +282,7 @@ impl FetchSession {
             session.tasks.push(tokio::spawn(async move {
                 loop {
                     let item = match stream.next().await {
-                        Some(Ok(response)) => decode_response(response, raw),
+                        Some(Ok(response)) => decode_response(response, raw, in_process),
                         None => Err(ClientError::Transport {
                             code: tonic::Code::Unavailable,
                             message: format!("broker {leader} ended the fetch stream"),

@@ -116,9 +116,7 @@ impl Broker {
             reassignment_throttle: crate::throttle::Throttle::default(),
             keyless_partition: std::sync::atomic::AtomicU32::new(0),
             producer_ids: tokio::sync::Mutex::new((0, 0)),
-            read_buffers: ReadBuffers::new(
-                std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
-            ),
+            read_buffers: ReadBuffers::new(crate::partition::READ_BUFFERS),
             txn_coordinator: Mutex::new(crate::txn_ops::TxnCoordinator::default()),
             peers: Mutex::new(HashMap::new()),
             metrics: crate::metrics::BrokerMetrics::default(),

@@ -38,20 +38,26 @@ pub struct Appended {
 }
 
 /// Buffers that log reads land in, reused from read to read: each read takes the next
-/// free stretch of a large buffer and hands it out as `Bytes`, and a buffer whose reads
-/// have all been dropped is used again from its start. Memory the process already has is
+/// free stretch of a buffer and hands it out as `Bytes`, and a buffer whose reads have
+/// all been dropped is used again from its start. Memory the process already has is
 /// cheaper than fresh pages, which must be faulted in and zeroed (on some machines at a
-/// fraction of memcpy speed).
+/// fraction of memcpy speed). Reads move on to the next buffer when one is full, so that
+/// the reads still held (by fetch streams running ahead, by a transform's batch) are in
+/// the latest buffers and the earlier ones are free again by the time reads come back.
 #[derive(Debug)]
 pub struct ReadBuffers {
     buffers: Vec<Mutex<BytesMut>>,
 }
 
 /// Size of each read buffer; a read larger than this gets a buffer of its own size.
-const READ_BUFFER_BYTES: usize = 16 * 1024 * 1024;
+const READ_BUFFER_BYTES: usize = 8 * 1024 * 1024;
+/// Room a buffer must have left to take a read without growing.
+const READ_ROOM_BYTES: usize = 4 * 1024 * 1024;
+/// Read buffers a broker keeps: room for the reads its fetch streams hold at once.
+pub const READ_BUFFERS: usize = 8;
 
 impl ReadBuffers {
-    /// `count` buffers, so that that many reads run at once without waiting.
+    /// `count` buffers, so that that many reads run at once without new memory.
     pub fn new(count: usize) -> Self {
         ReadBuffers {
             buffers: (0..count.max(1))
@@ -60,28 +66,44 @@ impl ReadBuffers {
         }
     }
 
-    /// Runs `read` on a free buffer (or a new one when all are busy) and returns what it
-    /// appended.
+    /// Runs `read` on a free buffer and returns what it appended. A buffer with room, or
+    /// one whose earlier reads are all gone, is taken before one that would need new
+    /// memory; when every buffer is busy the read gets one of its own. Room means room
+    /// for a read near the log end, which is small: a larger read (a consumer catching up)
+    /// grows the buffer as it goes.
     fn read<E>(
         &self,
         max_bytes: usize,
         read: impl FnOnce(&mut BytesMut) -> Result<usize, E>,
     ) -> Result<Bytes, E> {
+        let room = max_bytes.min(READ_ROOM_BYTES);
         let fill = |buffer: &mut BytesMut| {
-            if buffer.capacity() - buffer.len() < max_bytes {
-                // Reuses the allocation when every earlier read from it is gone.
-                buffer.reserve(max_bytes.max(READ_BUFFER_BYTES));
+            if buffer.capacity() - buffer.len() < room {
+                buffer.reserve(READ_BUFFER_BYTES);
             }
             let result = read(buffer);
             let bytes = buffer.split().freeze();
             result.map(|_| bytes)
         };
+        // Where new memory goes when no buffer can take the read: a buffer never used,
+        // else the first free one (whose memory stays with the reads still holding it).
+        let mut fallback: Option<MutexGuard<'_, BytesMut>> = None;
         for buffer in &self.buffers {
-            if let Ok(mut buffer) = buffer.try_lock() {
+            let Ok(mut buffer) = buffer.try_lock() else {
+                continue;
+            };
+            if buffer.capacity() - buffer.len() >= room || buffer.try_reclaim(READ_BUFFER_BYTES) {
                 return fill(&mut buffer);
             }
+            let unused = buffer.capacity() == 0;
+            if fallback.as_ref().is_none_or(|f| unused && f.capacity() > 0) {
+                fallback = Some(buffer);
+            }
         }
-        fill(&mut BytesMut::new())
+        match fallback {
+            Some(mut buffer) => fill(&mut buffer),
+            None => fill(&mut BytesMut::new()),
+        }
     }
 }
 
@@ -1326,6 +1348,40 @@ mod tests {
             partition_epoch: epoch,
             target: Vec::new(),
         }
+    }
+
+    /// Fills `n` bytes of `byte` through `buffers`.
+    fn read_of(buffers: &ReadBuffers, n: usize, byte: u8) -> Bytes {
+        buffers
+            .read::<()>(n, |out| {
+                out.extend_from_slice(&vec![byte; n]);
+                Ok(n)
+            })
+            .expect("read")
+    }
+
+    #[test]
+    fn read_buffers_reuse_memory_whose_reads_are_gone_and_never_touch_held_reads() {
+        let buffers = ReadBuffers::new(2);
+        let first = read_of(&buffers, 1000, 1);
+        let start = first.as_ptr();
+        // Reads share a buffer while it has room.
+        let second = read_of(&buffers, READ_BUFFER_BYTES - READ_ROOM_BYTES, 2);
+        assert_eq!(second.as_ptr(), start.wrapping_add(1000));
+        // Too little room is left for the next read: it goes to the other buffer, and
+        // the held reads keep their bytes.
+        let third = read_of(&buffers, READ_ROOM_BYTES, 3);
+        let third_at = third.as_ptr() as usize;
+        let first_buffer = start as usize..start as usize + READ_BUFFER_BYTES;
+        assert!(!first_buffer.contains(&third_at));
+        assert!(first.iter().all(|b| *b == 1) && second.iter().all(|b| *b == 2));
+        // Once the first buffer's reads are gone, its memory is used again from its
+        // start rather than new memory.
+        drop((first, second));
+        let after = read_of(&buffers, READ_ROOM_BYTES, 4);
+        assert_eq!(after.as_ptr(), start);
+        assert!(third.iter().all(|b| *b == 3));
+        assert!(after.iter().all(|b| *b == 4));
     }
 
     fn batch(value: &str) -> Vec<u8> {

@@ -108,6 +108,27 @@ fn flipped_byte_fails_crc() {
 }
 
 #[test]
+fn verified_batches_split_without_the_crc_and_still_reject_short_ones() {
+    let one = encode(&[record(Some("k"), Some("v"), 5)], BatchOptions::default()).to_vec();
+    let two = encode(&[record(None, Some("w"), 6)], BatchOptions::default()).to_vec();
+    let mut both = one.clone();
+    both.extend_from_slice(&two);
+    let sizes =
+        |it: Batches<'_>| -> Vec<usize> { it.map(|b| b.expect("whole batch").1.len()).collect() };
+    assert_eq!(sizes(batches_verified(&both)), vec![one.len(), two.len()]);
+    // A flipped byte is the checked split's to find, not the verified one's.
+    let last = both.len() - 1;
+    both[last] ^= 0xff;
+    assert!(batches(&both).any(|b| matches!(b, Err(BatchError::CrcMismatch { .. }))));
+    assert_eq!(sizes(batches_verified(&both)), vec![one.len(), two.len()]);
+    let cut = &both[..both.len() - 1];
+    assert!(matches!(
+        batches_verified(cut).nth(1),
+        Some(Err(BatchError::Truncated { .. }))
+    ));
+}
+
+#[test]
 fn short_and_bogus_buffers_are_errors() {
     let batch = encode(&[record(Some("k"), Some("v"), 5)], BatchOptions::default());
     for cut in 0..batch.len() {

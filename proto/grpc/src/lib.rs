@@ -70,7 +70,8 @@ pub mod local {
             principal: Option<&str>,
         ) -> BoxStream<v1::ProduceResponse>;
         /// Answers `request` over and over from where the last answer ended, as the
-        /// `FetchStream` RPC does.
+        /// `FetchStream` RPC does. Every batch in the answers has had its CRC verified
+        /// by the log read, so the client does not compute it again.
         fn fetch_stream(
             &self,
             request: v1::FetchRequest,
