@@ -138,7 +138,8 @@ pub enum ReplicaRead {
 /// Where a follower stands, as its leader knows it.
 #[derive(Debug, Clone, Copy)]
 struct FollowerState {
-    /// Its log end offset at its last fetch; `None` until it fetches under this epoch.
+    /// Its log end offset at its last fetch; `None` until it fetches under this epoch,
+    /// and again once the controller takes it out of the ISR, until it fetches again.
     log_end: Option<i64>,
     /// The last time it held everything the leader had (Kafka's lastCaughtUpTime).
     last_caught_up_ms: i64,
@@ -426,6 +427,21 @@ impl Partition {
                     .followers
                     .entry(*replica)
                     .or_insert(FollowerState::new(now));
+            }
+            // A follower the controller took out of the ISR (its storage failed, its
+            // broker went away) rejoins only on a fetch made since: where it stood at
+            // its last fetch says nothing of whether it still can follow, and adding it
+            // back on that would hold every acks=all write until it lags out again.
+            let removed: Vec<u32> = state
+                .isr
+                .iter()
+                .copied()
+                .filter(|r| !record.isr.contains(r))
+                .collect();
+            for replica in removed {
+                if let Some(follower) = state.followers.get_mut(&replica) {
+                    follower.log_end = None;
+                }
             }
         }
         state.catching_up = record.catching_up();
@@ -1492,6 +1508,34 @@ mod tests {
             Some(1),
             "the follower learned the new epoch from the batch it copied"
         );
+    }
+
+    #[tokio::test]
+    async fn a_follower_taken_out_of_the_isr_rejoins_only_on_a_new_fetch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let one = Partition::open(dir.path(), "t", 0, LogConfig::default()).expect("open");
+        let buffers = ReadBuffers::new(1);
+        one.set_replication(1, &record(1, 0, &[1, 2]));
+        write(&one, "a").await;
+        one.replica_read(2, 1, 0, 0, 1 << 20, &buffers)
+            .expect("read");
+        assert_eq!(one.high_watermark(), 1, "the follower holds everything");
+        // Its storage fails and the controller takes it out of the ISR, same leader.
+        let mut out = record(1, 0, &[1]);
+        out.partition_epoch = 1;
+        one.set_replication(1, &out);
+        assert_eq!(
+            one.wanted_isr_change(now_ms(), 30_000).map(|c| c.isr),
+            None,
+            "where it stood before says nothing of whether it still follows"
+        );
+        write(&one, "b").await;
+        assert_eq!(one.high_watermark(), 2, "acks=all no longer waits for it");
+        // Once it fetches again and holds the high watermark, it rejoins.
+        one.replica_read(2, 2, 0, 1, 1 << 20, &buffers)
+            .expect("read");
+        let change = one.wanted_isr_change(now_ms(), 30_000).expect("expand");
+        assert_eq!(change.isr, vec![1, 2]);
     }
 
     #[tokio::test]
