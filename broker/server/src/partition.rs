@@ -779,8 +779,10 @@ impl Partition {
     }
 
     /// Where a follower fetches from: its log end offset, the epoch of its last batch,
-    /// and its high watermark.
+    /// and its high watermark. A fenced replica (its storage failed) has none: it cannot
+    /// write what it would fetch, and fetching would tell the leader it still follows.
     pub fn fetch_position(&self) -> Result<(i64, i32, i64), BrokerError> {
+        self.check_fenced()?;
         let high_watermark = self.high_watermark();
         self.with_log(|log| (log.log_end_offset(), log.latest_epoch(), high_watermark))
     }
