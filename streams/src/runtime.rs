@@ -1478,7 +1478,10 @@ fn encode_outputs(
     sticky: u32,
 ) -> anyhow::Result<Vec<OutputBatch>> {
     let mut done: Vec<OutputBatch> = Vec::new();
-    let mut open: BTreeMap<(usize, u32), BatchBuilder> = BTreeMap::new();
+    // The open batch of each (output, partition), in the order first written to; most
+    // outputs go to one, so the last one used is tried first.
+    let mut open: Vec<((usize, u32), BatchBuilder)> = Vec::new();
+    let mut last = 0usize;
     for (_, record) in outputs.iter().flat_map(GuestOutput::records) {
         let index = record.output_index as usize;
         let topic = topics
@@ -1495,9 +1498,18 @@ fn encode_outputs(
             value: record.value,
             headers: runnel_flat::headers(record.headers).map(|(k, v)| (k.as_bytes(), v)),
         };
-        let builder = open
-            .entry((index, partition))
-            .or_insert_with(|| BatchBuilder::with_capacity(options, topic.batch_bytes_max));
+        let at = (index, partition);
+        if open.get(last).is_none_or(|(key, _)| *key != at) {
+            last = match open.iter().position(|(key, _)| *key == at) {
+                Some(found) => found,
+                None => {
+                    let builder = BatchBuilder::with_capacity(options, topic.batch_bytes_max);
+                    open.push((at, builder));
+                    open.len() - 1
+                }
+            };
+        }
+        let builder = &mut open[last].1;
         if !builder.push_parts_within(&parts, topic.batch_bytes_max) {
             let full = std::mem::replace(
                 builder,
@@ -2307,4 +2319,99 @@ fn collect(
     processed
         .failures
         .extend(refused.into_iter().map(|(i, reason)| (first + i, reason)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn output(input: u32, output: u32, key: Option<&str>, value: &str) -> Vec<u8> {
+        let mut buf = Vec::new();
+        runnel_flat::write_output(
+            &mut buf,
+            &runnel_flat::FlatOutput {
+                input_index: input,
+                output_index: output,
+                timestamp_ms: 1_000,
+                key: key.map(str::as_bytes),
+                value: Some(value.as_bytes()),
+                headers: runnel_flat::NO_HEADERS,
+            },
+        );
+        buf
+    }
+
+    #[test]
+    fn outputs_are_encoded_per_topic_and_partition_in_order_and_split_when_full() {
+        let topics = [
+            OutputTopic {
+                name: "a".into(),
+                partitions: 2,
+                batch_bytes_max: 200,
+            },
+            OutputTopic {
+                name: "b".into(),
+                partitions: 3,
+                batch_bytes_max: 1 << 20,
+            },
+        ];
+        let mut buf = Vec::new();
+        let mut expected: BTreeMap<(String, u32), Vec<String>> = BTreeMap::new();
+        for i in 0..40u32 {
+            let (topic, key) = match i % 4 {
+                0 | 1 => (0, Some(format!("key-{}", i % 3))),
+                2 => (1, None),
+                _ => (1, Some("key-9".to_string())),
+            };
+            let value = format!("value-{i}");
+            buf.extend(output(i, topic, key.as_deref(), &value));
+            // Input 5 is refused: nothing of it is sent.
+            if i == 5 {
+                continue;
+            }
+            let partition = match &key {
+                Some(key) => runnel_client::partition_for_key(
+                    key.as_bytes(),
+                    topics[topic as usize].partitions,
+                ),
+                None => 7 % topics[topic as usize].partitions,
+            };
+            expected
+                .entry((topics[topic as usize].name.clone(), partition))
+                .or_default()
+                .push(value);
+        }
+        let outputs = [GuestOutput {
+            buf,
+            base: Some(0),
+            count: 40,
+            refused: BTreeSet::from([5]),
+            outputs: 2,
+        }];
+        let batches =
+            encode_outputs(&outputs, &topics, BatchOptions::default(), 7).expect("encodes");
+        let mut got: BTreeMap<(String, u32), Vec<String>> = BTreeMap::new();
+        let mut batches_of_a: BTreeMap<u32, usize> = BTreeMap::new();
+        for batch in batches {
+            let bytes = batch.builder.build();
+            assert!(
+                batch.topic != "a" || bytes.len() <= 200,
+                "a batch outgrew its topic's limit: {} bytes",
+                bytes.len()
+            );
+            if batch.topic == "a" {
+                *batches_of_a.entry(batch.partition).or_default() += 1;
+            }
+            let values = got.entry((batch.topic, batch.partition)).or_default();
+            for record in runnel_batch::decode_records(&bytes).expect("decodes") {
+                values
+                    .push(String::from_utf8(record.value.expect("value").to_vec()).expect("utf-8"));
+            }
+        }
+        assert_eq!(got, expected);
+        assert!(
+            batches_of_a.values().any(|n| *n > 1),
+            "a full batch of topic a was split: {batches_of_a:?}"
+        );
+    }
 }
