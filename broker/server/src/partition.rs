@@ -49,7 +49,7 @@ pub struct ReadBuffers {
     buffers: Vec<Mutex<BytesMut>>,
 }
 
-/// Size of each read buffer; a read larger than this gets a buffer of its own size.
+/// Size of each read buffer.
 const READ_BUFFER_BYTES: usize = 8 * 1024 * 1024;
 /// Room a buffer must have left to take a read without growing.
 const READ_ROOM_BYTES: usize = 4 * 1024 * 1024;
@@ -102,7 +102,8 @@ impl ReadBuffers {
         }
         match fallback {
             Some(mut buffer) => fill(&mut buffer),
-            None => fill(&mut BytesMut::new()),
+            // Every buffer is busy: memory for this read alone.
+            None => fill(&mut BytesMut::with_capacity(room)),
         }
     }
 }
