@@ -229,10 +229,9 @@ fn print_status(s: &v1::TransformStatus) {
     println!("Errors:      {}{dlq}", spec::policy_name(policy));
     let processing =
         v1::Processing::try_from(spec.processing).unwrap_or(v1::Processing::AtLeastOnce);
-    let interval = if spec.commit_interval_ms == 0 {
-        100
-    } else {
-        spec.commit_interval_ms
+    let interval = match spec.commit_interval_ms {
+        0 => runnel_streams::runtime::COMMIT_INTERVAL_MS_DEFAULT,
+        ms => u64::from(ms),
     };
     match processing {
         v1::Processing::ExactlyOnce => {

@@ -538,56 +538,52 @@ impl Consumer {
 
     /// Takes a partition's records from its position on and advances the position.
     fn take(&mut self, fetched: Fetched, out: &mut Vec<ConsumerRecord>) {
-        let Fetched::Read {
-            topic,
-            partition,
-            batches,
-        } = fetched
-        else {
-            return;
-        };
-        let Some(position) = self.positions.get_mut(&(topic.to_string(), partition)) else {
-            return;
-        };
-        for (chunk, next_offset) in batches {
+        self.advance(fetched, |_, _, chunk, position, _| {
             if let Chunk::Records(records) = chunk {
-                if out.is_empty() && records.first().is_some_and(|r| r.offset >= *position) {
+                if out.is_empty() && records.first().is_some_and(|r| r.offset >= position) {
                     // The common case: the whole batch is new, and nothing came before it.
                     *out = records;
                 } else {
                     out.reserve(records.len());
-                    out.extend(records.into_iter().filter(|r| r.offset >= *position));
+                    out.extend(records.into_iter().filter(|r| r.offset >= position));
                 }
             }
-            *position = (*position).max(next_offset);
-        }
+        });
     }
 
     /// Takes a partition's batches that reach past its position, and advances it.
     fn take_batches(&mut self, fetched: Fetched, out: &mut Vec<FetchedBatch>) {
-        let Fetched::Read {
-            topic,
-            partition,
-            batches,
-        } = fetched
-        else {
-            return;
-        };
-        let Some(position) = self.positions.get_mut(&(topic.to_string(), partition)) else {
-            return;
-        };
-        for (chunk, next_offset) in batches {
+        self.advance(fetched, |topic, partition, chunk, position, next_offset| {
             if let Chunk::Batch(bytes) = chunk
-                && next_offset > *position
+                && next_offset > position
             {
                 out.push(FetchedBatch {
                     topic: topic.clone(),
                     partition,
                     bytes,
-                    from_offset: *position,
+                    from_offset: position,
                     next_offset,
                 });
             }
+        });
+    }
+
+    /// Hands each batch of a partition read to `each` (topic, partition, the batch, the
+    /// position before it, the offset after it) and moves the position past it.
+    fn advance(&mut self, fetched: Fetched, mut each: impl FnMut(&Arc<str>, u32, Chunk, i64, i64)) {
+        let Fetched::Read {
+            topic,
+            partition,
+            batches,
+        } = fetched
+        else {
+            return;
+        };
+        let Some(position) = self.positions.get_mut(&(topic.to_string(), partition)) else {
+            return;
+        };
+        for (chunk, next_offset) in batches {
+            each(&topic, partition, chunk, *position, next_offset);
             *position = (*position).max(next_offset);
         }
     }

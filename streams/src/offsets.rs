@@ -28,6 +28,11 @@ impl AckedOffsets {
         }
     }
 
+    /// How often offsets are committed.
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
     /// Adds the offsets after records whose output was acknowledged, and commits
     /// everything added once the interval has passed since the last commit.
     ///

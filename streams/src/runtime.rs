@@ -1278,9 +1278,8 @@ impl Pending {
 /// How a deployment commits what it processed.
 struct Commits {
     exactly_once: bool,
-    /// Exactly-once: how often the transaction commits.
-    interval: Duration,
     /// At-least-once: input offsets of acknowledged batches, committed every interval.
+    /// Its interval is also how often an exactly-once transaction commits.
     acknowledged: AckedOffsets,
     /// At-least-once: the batch sent last. Exactly-once: the open transaction, with the
     /// batches of a commit interval and their input offsets.
@@ -1333,7 +1332,7 @@ impl Commits {
         }
         if self
             .opened
-            .is_some_and(|since| since.elapsed() >= self.interval)
+            .is_some_and(|since| since.elapsed() >= self.acknowledged.interval())
         {
             self.settle(producer, member, stats).await?;
         }
@@ -1621,7 +1620,6 @@ async fn run_inner(runtime: &Runtime, task: &mut Task) -> anyhow::Result<()> {
     });
     let mut commits = Commits {
         exactly_once,
-        interval,
         acknowledged: AckedOffsets::new(interval),
         pending: None,
         due: None,
