@@ -3,6 +3,8 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 
@@ -87,6 +89,45 @@ pub struct Log {
     unflushed_records: u64,
     last_flush_ms: i64,
     recovered_tails: Vec<TruncatedTail>,
+    read_mark: ReadMark,
+}
+
+/// How long a read keeps the data from its offset to the log end in the page cache: at
+/// least one of these, and until the drop after the next one.
+const READ_MARK_PERIOD: Duration = Duration::from_millis(100);
+
+/// The lowest offset readers asked for lately: in the current [`READ_MARK_PERIOD`] and
+/// the one before. A reader that is catching up reads often, so its position shows here
+/// and the data it is about to read is not dropped from the page cache under it.
+#[derive(Debug)]
+struct ReadMark {
+    current: AtomicI64,
+    previous: i64,
+    started: Instant,
+}
+
+impl ReadMark {
+    fn new() -> Self {
+        ReadMark {
+            current: AtomicI64::new(i64::MAX),
+            previous: i64::MAX,
+            started: Instant::now(),
+        }
+    }
+
+    fn note(&self, offset: i64) {
+        self.current.fetch_min(offset, Ordering::Relaxed);
+    }
+
+    /// The lowest offset read in the last one to two periods, if any.
+    fn floor(&mut self) -> Option<i64> {
+        if self.started.elapsed() >= READ_MARK_PERIOD {
+            self.previous = self.current.swap(i64::MAX, Ordering::Relaxed);
+            self.started = Instant::now();
+        }
+        let low = self.current.load(Ordering::Relaxed).min(self.previous);
+        (low != i64::MAX).then_some(low)
+    }
 }
 
 impl Log {
@@ -162,6 +203,7 @@ impl Log {
             unflushed_records: 0,
             last_flush_ms: now_ms,
             recovered_tails,
+            read_mark: ReadMark::new(),
         };
         let first_base = log.first_segment().base_offset;
         log.log_start_offset = saved_start
@@ -211,7 +253,7 @@ impl Log {
         let mut buf = BytesMut::new();
         while offset < end {
             buf.clear();
-            match self.read_into(offset, 4 * 1024 * 1024, end, &mut buf) {
+            match self.read_unmarked(offset, 4 * 1024 * 1024, end, &mut buf) {
                 Ok(0) => break,
                 Ok(_) => {}
                 Err(ReadError::Storage(err)) => return Err(err),
@@ -657,17 +699,25 @@ impl Log {
     }
 
     /// Drops log data that is on disk and more than `page.cache.bytes` behind the log end
-    /// from the OS page cache, a megabyte or more at a time. Freed pages are the first the
-    /// kernel hands to the next writes, so a log that streams through keeps reusing the
-    /// same memory; fresh memory costs much more than reused pages on a virtual machine
-    /// that returns free memory to its host. Readers of dropped data read it from disk.
+    /// from the OS page cache, a megabyte or more at a time, except what readers are still
+    /// reading: data from the lowest offset read in the last [`READ_MARK_PERIOD`] or two
+    /// on stays. Freed pages are the first the kernel hands to the next writes, so a log
+    /// that streams through keeps reusing the same memory; fresh memory costs much more
+    /// than reused pages on a virtual machine that returns free memory to its host.
+    /// Readers of dropped data read it from disk.
     fn drop_behind(&mut self) {
         const STEP_BYTES: u64 = 1024 * 1024;
         let Ok(window) = u64::try_from(self.config.page_cache_bytes) else {
             return;
         };
+        // Where the slowest recent reader stands: its segment and a position at or
+        // before its batch.
+        let read = self.read_mark.floor().and_then(|offset| {
+            let (base, segment) = self.segments.range(..=offset).next_back()?;
+            Some((*base, segment.indexed_position(offset)))
+        });
         let mut newer = 0u64;
-        for segment in self.segments.values_mut().rev() {
+        for (base, segment) in self.segments.iter_mut().rev() {
             let size = segment.size_bytes();
             let keep = window.saturating_sub(newer);
             newer = newer.saturating_add(size);
@@ -677,7 +727,12 @@ impl Log {
             if keep == 0 && size > 0 && segment.all_dropped() {
                 break;
             }
-            segment.drop_cached(size - keep, STEP_BYTES);
+            let to = match read {
+                Some((read_base, _)) if *base > read_base => continue,
+                Some((read_base, position)) if *base == read_base => (size - keep).min(position),
+                _ => size - keep,
+            };
+            segment.drop_cached(to, STEP_BYTES);
         }
     }
 
@@ -743,6 +798,18 @@ impl Log {
     /// # Errors
     /// As [`Log::read`].
     pub fn read_into(
+        &self,
+        offset: i64,
+        max_bytes: usize,
+        upper_bound: i64,
+        out: &mut BytesMut,
+    ) -> Result<usize, ReadError> {
+        self.read_mark.note(offset);
+        self.read_unmarked(offset, max_bytes, upper_bound, out)
+    }
+
+    /// [`Log::read_into`] for the log's own reads, which keep nothing in the page cache.
+    fn read_unmarked(
         &self,
         offset: i64,
         max_bytes: usize,

@@ -651,13 +651,7 @@ impl Segment {
 
     /// Position of the first batch whose last offset is `>= offset`, if any.
     pub(crate) fn find(&self, offset: i64) -> Result<Option<(u64, BatchHeader)>, StorageError> {
-        let relative = (offset - self.base_offset).clamp(0, i64::from(u32::MAX)) as u32;
-        let floor = self
-            .offsets
-            .partition_point(|e| e.relative_offset <= relative);
-        let mut position = floor
-            .checked_sub(1)
-            .map_or(0, |i| u64::from(self.offsets[i].position));
+        let mut position = self.indexed_position(offset);
         while position < self.size_bytes {
             let header = self.read_header_at(position)?;
             if header.last_offset() >= offset {
@@ -666,6 +660,18 @@ impl Segment {
             position += header.size_bytes() as u64;
         }
         Ok(None)
+    }
+
+    /// The position of the last indexed batch at or below `offset`: at or before the
+    /// batch holding it, found without reading the file.
+    pub(crate) fn indexed_position(&self, offset: i64) -> u64 {
+        let relative = (offset - self.base_offset).clamp(0, i64::from(u32::MAX)) as u32;
+        let floor = self
+            .offsets
+            .partition_point(|e| e.relative_offset <= relative);
+        floor
+            .checked_sub(1)
+            .map_or(0, |i| u64::from(self.offsets[i].position))
     }
 
     /// Whole batches starting with the one that holds `offset` (or the first after it),

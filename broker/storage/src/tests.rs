@@ -712,6 +712,82 @@ fn flushed_data_behind_the_page_cache_window_leaves_the_cache() {
     assert!(cached >= 10 * MIB, "everything stays cached: {cached}");
 }
 
+#[test]
+fn data_a_reader_is_still_reading_stays_in_the_page_cache() {
+    const MIB: u64 = 1024 * 1024;
+    let dir = tempfile::Builder::new()
+        .prefix(".page-cache-test-")
+        .tempdir_in(env!("CARGO_MANIFEST_DIR"))
+        .expect("tempdir");
+    let config = LogConfig {
+        segment_bytes: 64 * MIB,
+        retention_ms: -1,
+        flush: FlushPolicy::Interval {
+            messages: u64::MAX,
+            ms: i64::MAX,
+        },
+        page_cache_bytes: MIB as i64,
+        ..LogConfig::default()
+    };
+    let mut log = Log::open(dir.path(), config, 0).expect("open");
+    let value = "v".repeat(256 * 1024);
+    let append_mib = |log: &mut Log, mib: u64| {
+        for _ in 0..4 * mib {
+            append(log, &[rec(None, Some(&value), 0)], 0);
+        }
+    };
+    let file = || segment_files(dir.path())[0].clone();
+    // Nobody reads: only the window stays.
+    append_mib(&mut log, 8);
+    log.flush().expect("flush");
+    assert!(
+        cached_bytes(&file()) <= 2 * MIB,
+        "{}",
+        cached_bytes(&file())
+    );
+    // A reader at offset 32 (8 MiB in) keeps everything from there cached while the log
+    // grows 8 MiB past it.
+    assert!(log.read(32, 1, i64::MAX).expect("read").is_empty());
+    append_mib(&mut log, 8);
+    log.flush().expect("flush");
+    assert!(
+        cached_bytes(&file()) >= 8 * MIB - 4096,
+        "{}",
+        cached_bytes(&file())
+    );
+    // The reader moves on to offset 48 (12 MiB in): what it has read leaves the cache,
+    // what it has not stays.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        assert!(!log.read(48, 1, i64::MAX).expect("read").is_empty());
+        log.flush().expect("flush");
+        let cached = cached_bytes(&file());
+        assert!(cached >= 4 * MIB - 4096, "{cached}");
+        if cached <= 5 * MIB {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still cached: {cached}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Once it stops reading, the window alone decides again.
+    loop {
+        log.flush().expect("flush");
+        let cached = cached_bytes(&file());
+        if cached <= 2 * MIB {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still cached: {cached}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(read_all(&log).len(), 64);
+}
+
 // ---------------------------------------------------------------------------------------
 // Model-based property test.
 
