@@ -869,12 +869,13 @@ fn a_full_disk_moves_leadership_away_and_the_replica_recovers_without_a_restart(
     );
     let row = partition0(&cluster, 1, "full");
     assert!(row.high_watermark >= 20_000, "{row:?}");
-    // Space comes back: the replica opens its log again, catches up and rejoins.
+    // Space comes back: the replica opens its log again (at its next try, which backs
+    // off up to 30 s while the disk stays full), catches up and rejoins.
     disk.grow("64m");
     let leader = row.leader;
     wait_until(
         "broker 3 to catch up and rejoin the ISR",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         || {
             let lead = partition0(&cluster, leader, "full");
             let own = partition0(&cluster, 3, "full");

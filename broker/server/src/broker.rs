@@ -30,8 +30,6 @@ pub const BROKER_TOPIC_KEYS: &[&str] = &[
 const CONTROLLER_TIMEOUT: Duration = Duration::from_secs(15);
 /// The file in a partition's directory naming the topic id it belongs to.
 const TOPIC_ID_FILE: &str = "topic.id";
-/// How often a replica whose storage failed tries to open its log again.
-const REOPEN_INTERVAL_MS: i64 = 2_000;
 /// Replicas of each internal topic partition, when as many brokers are live.
 const INTERNAL_REPLICATION_FACTOR: u32 =
     runnel_controller::state::INTERNAL_REPLICATION_FACTOR as u32;
@@ -614,7 +612,7 @@ impl Broker {
     /// Every hosted partition, for housekeeping and shutdown.
     /// Replicas whose storage failed while serving (a full disk, an I/O error): each is
     /// reported once to the controller, so that a healthy ISR member leads it, and its
-    /// log is reopened every [`REOPEN_INTERVAL_MS`]; once it opens, the replica serves
+    /// log is reopened after [`Partition::reopen_delay_ms`]; once it opens, the replica serves
     /// again: as a follower it catches up and rejoins the ISR, as the only copy it leads
     /// again. Nothing unwritten was acknowledged, and the reopen truncates a torn tail.
     pub(crate) async fn recover_failed_replicas(self: &Arc<Self>) {
@@ -639,6 +637,7 @@ impl Broker {
                 tracing::warn!(
                     topic,
                     partition = partition.index,
+                    reopen_in_ms = partition.reopen_delay_ms(),
                     "the replica's storage failed; asking the controller to let an in-sync replica lead"
                 );
                 let command = Command::ReplicaOffline {
@@ -650,7 +649,7 @@ impl Broker {
                     tracing::warn!(topic, partition = partition.index, error = %err, "could not report the failed replica");
                 }
             }
-            if !partition.reopen_due(now_ms(), REOPEN_INTERVAL_MS) {
+            if !partition.reopen_due(now_ms()) {
                 continue;
             }
             let broker = self.clone();
@@ -697,6 +696,7 @@ impl Broker {
         if !Arc::ptr_eq(slot, failed) {
             return false;
         }
+        opened.follows_failed(failed);
         failed.retire();
         *slot = Arc::new(opened);
         tracing::info!(

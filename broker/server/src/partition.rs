@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
@@ -55,6 +55,12 @@ const READ_BUFFER_BYTES: usize = 8 * 1024 * 1024;
 const READ_ROOM_BYTES: usize = 4 * 1024 * 1024;
 /// Read buffers a broker keeps: room for the reads its fetch streams hold at once.
 pub const READ_BUFFERS: usize = 8;
+/// The wait before a replica whose storage failed first tries to open its log again.
+pub const REOPEN_DELAY_MS: i64 = 2_000;
+/// The longest wait between attempts to reopen a failed log.
+pub const REOPEN_DELAY_MAX_MS: i64 = 30_000;
+/// A reopened log that fails again sooner than this after opening doubles the next wait.
+const REOPEN_STREAK_MS: i64 = 60_000;
 
 impl ReadBuffers {
     /// `count` buffers, so that that many reads run at once without new memory.
@@ -217,6 +223,13 @@ pub struct Partition {
     failure_reported: AtomicBool,
     /// When the log was last reopened after a storage failure (ms).
     reopened_at_ms: AtomicI64,
+    /// When this log was opened (ms).
+    opened_at_ms: i64,
+    /// When the partition was fenced (ms), `i64::MIN` while it is not.
+    fenced_at_ms: AtomicI64,
+    /// How many logs of this replica in a row failed again within
+    /// [`REOPEN_STREAK_MS`] of being reopened: each doubles the wait before the next.
+    reopen_streak: AtomicU32,
     replication: Mutex<ReplicaState>,
     /// What went in and out since this broker opened the partition (metrics).
     pub traffic: Traffic,
@@ -267,6 +280,9 @@ impl Partition {
             retired: AtomicBool::new(false),
             failure_reported: AtomicBool::new(false),
             reopened_at_ms: AtomicI64::new(0),
+            opened_at_ms: now_ms(),
+            fenced_at_ms: AtomicI64::new(i64::MIN),
+            reopen_streak: AtomicU32::new(0),
             replication: Mutex::new(ReplicaState::default()),
             traffic: Traffic::default(),
         })
@@ -290,6 +306,9 @@ impl Partition {
             retired: AtomicBool::new(false),
             failure_reported: AtomicBool::new(false),
             reopened_at_ms: AtomicI64::new(0),
+            opened_at_ms: now_ms(),
+            fenced_at_ms: AtomicI64::new(now_ms()),
+            reopen_streak: AtomicU32::new(0),
             replication: Mutex::new(ReplicaState::default()),
             traffic: Traffic::default(),
         }
@@ -514,14 +533,46 @@ impl Partition {
         !self.failure_reported.swap(true, Ordering::AcqRel)
     }
 
-    /// Whether to try reopening the failed log now: at most every `every_ms`.
-    pub fn reopen_due(&self, now: i64, every_ms: i64) -> bool {
+    /// Whether to try reopening the failed log now: [`Partition::reopen_delay_ms`] after
+    /// the failure and after the last attempt.
+    pub fn reopen_due(&self, now: i64) -> bool {
         let last = self.reopened_at_ms.load(Ordering::Acquire);
-        now - last >= every_ms
+        let since = last.max(self.fenced_at_ms.load(Ordering::Acquire));
+        now.saturating_sub(since) >= self.reopen_delay_ms()
             && self
                 .reopened_at_ms
                 .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
+    }
+
+    /// The wait between attempts to reopen this failed log: [`REOPEN_DELAY_MS`], doubled
+    /// for every reopened log before it that failed again soon, up to
+    /// [`REOPEN_DELAY_MAX_MS`]. A disk that stays full then costs the ISR a rejoin and a
+    /// failure every half minute, not every two seconds.
+    pub fn reopen_delay_ms(&self) -> i64 {
+        let streak = self.reopen_streak.load(Ordering::Acquire).min(16);
+        REOPEN_DELAY_MS
+            .saturating_mul(1 << streak)
+            .min(REOPEN_DELAY_MAX_MS)
+    }
+
+    /// Takes over the retry history of `failed`, the log this one reopens: the streak
+    /// grows when `failed` failed within [`REOPEN_STREAK_MS`] of opening, and ends
+    /// otherwise.
+    pub fn follows_failed(&self, failed: &Partition) {
+        let served = failed
+            .fenced_at_ms
+            .load(Ordering::Acquire)
+            .saturating_sub(failed.opened_at_ms);
+        let streak = if served < REOPEN_STREAK_MS {
+            failed
+                .reopen_streak
+                .load(Ordering::Acquire)
+                .saturating_add(1)
+        } else {
+            0
+        };
+        self.reopen_streak.store(streak, Ordering::Release);
     }
 
     /// Whether the log opened (a partition whose log failed to open has none).
@@ -919,6 +970,12 @@ impl Partition {
             return self.moved_away();
         }
         tracing::error!(topic = %self.topic, partition = self.index, error = %err, "fencing partition");
+        let _first = self.fenced_at_ms.compare_exchange(
+            i64::MIN,
+            now_ms(),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
         *self
             .fenced
             .lock()
@@ -1377,6 +1434,50 @@ mod tests {
                 Ok(n)
             })
             .expect("read")
+    }
+
+    #[test]
+    fn a_log_that_fails_again_soon_after_reopening_waits_longer_before_the_next_try() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let open = |n: usize| {
+            Partition::open(
+                &dir.path().join(n.to_string()),
+                "t",
+                0,
+                LogConfig::default(),
+            )
+            .expect("open")
+        };
+        let full = || StorageError::io(dir.path(), std::io::Error::other("no space left"));
+        let first = open(0);
+        let _ = first.fence(&full());
+        let fenced = first.fenced_at_ms.load(Ordering::Acquire);
+        assert!(!first.reopen_due(fenced + REOPEN_DELAY_MS - 1));
+        assert!(first.reopen_due(fenced + REOPEN_DELAY_MS));
+        // Tried just now: not again before another wait.
+        assert!(!first.reopen_due(fenced + REOPEN_DELAY_MS + 1));
+        assert!(first.reopen_due(fenced + 2 * REOPEN_DELAY_MS));
+        // Each reopened log that fails at once doubles the wait, up to the cap.
+        let mut failed = first;
+        for streak in 1..=6 {
+            let reopened = open(streak);
+            reopened.follows_failed(&failed);
+            let _ = reopened.fence(&full());
+            let at = reopened.fenced_at_ms.load(Ordering::Acquire);
+            let wait = (REOPEN_DELAY_MS << streak).min(REOPEN_DELAY_MAX_MS);
+            assert_eq!(reopened.reopen_delay_ms(), wait, "streak {streak}");
+            assert!(!reopened.reopen_due(at + wait - 1), "streak {streak}");
+            assert!(reopened.reopen_due(at + wait), "streak {streak}");
+            failed = reopened;
+        }
+        assert_eq!(failed.reopen_delay_ms(), REOPEN_DELAY_MAX_MS);
+        // A reopened log that served for a while before failing ends the streak.
+        failed
+            .fenced_at_ms
+            .store(failed.opened_at_ms + REOPEN_STREAK_MS, Ordering::Release);
+        let lasting = open(7);
+        lasting.follows_failed(&failed);
+        assert_eq!(lasting.reopen_delay_ms(), REOPEN_DELAY_MS);
     }
 
     #[test]
