@@ -56,9 +56,12 @@ impl connectors_server::Connectors for Service {
     ) -> Result<Response<v1::ConnectorStatus>, Status> {
         let access = access(&request)?.clone();
         let request = request.into_inner();
-        let spec = spec::parse(&request.file_name, &request.yaml)
+        let mut spec = spec::parse(&request.file_name, &request.yaml)
             .map_err(|e| error_status(Code::InvalidArgument, ErrorCode::InvalidRequest, e.0))?;
         access.check(Op::Create, Res::Connector, &spec.name)?;
+        if spec.principal.is_none() {
+            spec.principal = access.deployment_principal().map(str::to_string);
+        }
         // The connector needs the rights it will use.
         let runs_as = access.acting_for(spec.principal.as_deref())?;
         if spec.principal.is_some() && spec.kind == spec::Kind::Sink {

@@ -171,6 +171,9 @@ struct Saved {
     #[serde(default)]
     connector_sha256: Option<String>,
     transform_sha256: Vec<String>,
+    /// The principal it acts as when its file names none: its creator's.
+    #[serde(default)]
+    principal: Option<String>,
 }
 
 /// A connector saved on one broker's disk before definitions were stored cluster-wide.
@@ -266,6 +269,7 @@ impl Worker {
             yaml: yaml.to_string(),
             connector_sha256: connector_sha256.clone(),
             transform_sha256: transform_sha256.clone(),
+            principal: spec.principal.clone(),
         };
         let definition = Definition {
             spec: serde_json::to_value(&saved)?,
@@ -290,7 +294,10 @@ impl Worker {
     ) -> anyhow::Result<(ConnectorSpec, String, Components)> {
         let saved: Saved = serde_json::from_value(definition.spec.clone())
             .context("the stored connector is unreadable")?;
-        let spec = spec::parse(&saved.file, &saved.yaml)?;
+        let mut spec = spec::parse(&saved.file, &saved.yaml)?;
+        if spec.principal.is_none() {
+            spec.principal = saved.principal;
+        }
         let connector =
             match (&spec.component, &saved.connector_sha256) {
                 (spec::Component::Builtin(name), _) => crate::builtin::component(name)

@@ -55,10 +55,15 @@ impl transforms_server::Transforms for Service {
     ) -> Result<Response<v1::DeployTransformResponse>, Status> {
         let access = access(&request)?.clone();
         let request = request.into_inner();
-        let spec = request
+        let mut spec = request
             .spec
             .ok_or_else(|| invalid("the deploy request has no spec"))?;
         access.check(Op::Create, Res::Transform, &spec.name)?;
+        if spec.principal.trim().is_empty()
+            && let Some(own) = access.deployment_principal()
+        {
+            spec.principal = own.to_string();
+        }
         // The transform needs the rights it will use.
         let runs_as = access.acting_for(Some(&spec.principal))?;
         runs_as.check(Op::Read, Res::Topic, &spec.input_topic)?;

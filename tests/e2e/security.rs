@@ -506,6 +506,23 @@ fn every_rpc_refuses_a_user_without_acls() {
     });
 }
 
+/// Writes the file of a file-sink connector `name` copying topic `in` to `path` (whose
+/// directory it may write), acting as `principal` if given; returns the file.
+fn file_sink(dir: &Path, name: &str, principal: Option<&str>, path: &Path) -> std::path::PathBuf {
+    let out = path.parent().expect("a directory").display();
+    let principal = principal.map_or(String::new(), |p| format!("principal: {p}\n"));
+    let file = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &file,
+        format!(
+            "name: {name}\nkind: sink\nconnector: file-sink\ntopic: in\n{principal}config:\n  path: {path}\ncapabilities:\n  dirs:\n    - {{ path: {out}, mode: read-write }}\n",
+            path = path.display()
+        ),
+    )
+    .expect("write");
+    file
+}
+
 #[test]
 fn a_transform_acts_as_its_principal() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -519,6 +536,14 @@ fn a_transform_acts_as_its_principal() {
         ));
     }
     let admin = |args: &[&str], stdin: &str| as_user(&addr, "admin", "pw", args, stdin);
+    let allow = |principal: &str, rights: &[(&str, &str, &str)]| {
+        for (operation, kind, name) in rights {
+            ok(admin(
+                &acl_add("--allow", principal, operation, &[kind, name]),
+                "",
+            ));
+        }
+    };
     ok(admin(&["topic", "create", "in"], ""));
     ok(admin(&["topic", "create", "out"], ""));
     let wasm = crate::transforms::components()
@@ -550,16 +575,14 @@ fn a_transform_acts_as_its_principal() {
         as_user(&addr, "alice", "pw", &deploy, ""),
         "User:alice may not ALTER the cluster",
     );
-    for (operation, kind, name) in [
-        ("read", "--topic", "in"),
-        ("write", "--topic", "out"),
-        ("read", "--group", "transform-copy"),
-    ] {
-        ok(admin(
-            &acl_add("--allow", "User:etl", operation, &[kind, name]),
-            "",
-        ));
-    }
+    allow(
+        "User:etl",
+        &[
+            ("read", "--topic", "in"),
+            ("write", "--topic", "out"),
+            ("read", "--group", "transform-copy"),
+        ],
+    );
     ok(admin(&deploy, ""));
     let described = ok(admin(&["transform", "describe", "copy"], ""));
     assert!(described.contains("Principal:   User:etl"), "{described}");
@@ -603,15 +626,12 @@ fn a_transform_acts_as_its_principal() {
     // A hosted connector acts as the principal its file names, checked the same way.
     let out_dir = dir.path().join("sink-out");
     std::fs::create_dir_all(&out_dir).expect("mkdir");
-    let file = dir.path().join("archive.yaml");
-    std::fs::write(
-        &file,
-        format!(
-            "name: archive\nkind: sink\nconnector: file-sink\ntopic: in\nprincipal: User:etl\nconfig:\n  path: {out}/copy.log\ncapabilities:\n  dirs:\n    - {{ path: {out}, mode: read-write }}\n",
-            out = out_dir.display()
-        ),
-    )
-    .expect("write");
+    let file = file_sink(
+        dir.path(),
+        "archive",
+        Some("User:etl"),
+        &out_dir.join("copy.log"),
+    );
     let create = ["connector", "create", &file.display().to_string()];
     refused(
         admin(&create, ""),
@@ -631,6 +651,90 @@ fn a_transform_acts_as_its_principal() {
         "the sink to copy the input",
         std::time::Duration::from_secs(30),
         || std::fs::read_to_string(out_dir.join("copy.log")).is_ok_and(|t| t.lines().count() == 3),
+    );
+
+    // Without a principal, a deployment acts as whoever deployed it: it needs the
+    // deployer's rights to everything it will use, and has no more.
+    let mine = [
+        "transform",
+        "deploy",
+        "--name",
+        "mine",
+        "--input",
+        "in",
+        "--output",
+        "out",
+        "--wasm",
+        &wasm,
+    ];
+    allow(
+        "User:alice",
+        &[
+            ("create", "--transform", "mine"),
+            ("read", "--topic", "in"),
+            ("write", "--topic", "out"),
+        ],
+    );
+    refused(
+        as_user(&addr, "alice", "pw", &mine, ""),
+        "User:alice may not READ group \"transform-mine\"",
+    );
+    ok(admin(
+        &acl_add(
+            "--allow",
+            "User:alice",
+            "read",
+            &["--group", "transform-mine"],
+        ),
+        "",
+    ));
+    ok(as_user(&addr, "alice", "pw", &mine, ""));
+    let described = ok(admin(&["transform", "describe", "mine"], ""));
+    assert!(described.contains("Principal:   User:alice"), "{described}");
+    crate::support::wait_until(
+        "alice's transform to copy the input",
+        std::time::Duration::from_secs(30),
+        || {
+            let copied = stdout(&admin(
+                &["consume", "out", "--from-beginning", "--timeout-ms", "1000"],
+                "",
+            ));
+            copied.lines().count() == 5
+        },
+    );
+    // The same for a connector whose file names no principal.
+    let file = file_sink(dir.path(), "alices", None, &out_dir.join("alices.log"));
+    ok(admin(
+        &acl_add(
+            "--allow",
+            "User:alice",
+            "create",
+            &["--connector", "alices"],
+        ),
+        "",
+    ));
+    let create = ["connector", "create", &file.display().to_string()];
+    refused(
+        as_user(&addr, "alice", "pw", &create, ""),
+        "User:alice may not READ group \"connect-alices\"",
+    );
+    ok(admin(
+        &acl_add(
+            "--allow",
+            "User:alice",
+            "read",
+            &["--group", "connect-alices"],
+        ),
+        "",
+    ));
+    ok(as_user(&addr, "alice", "pw", &create, ""));
+    crate::support::wait_until(
+        "alice's sink to copy the input",
+        std::time::Duration::from_secs(30),
+        || {
+            std::fs::read_to_string(out_dir.join("alices.log"))
+                .is_ok_and(|t| t.lines().count() == 3)
+        },
     );
 }
 

@@ -109,10 +109,20 @@ impl Access {
         }
     }
 
+    /// The principal a transform or connector this caller deploys without naming one
+    /// acts as: the caller's own while authorization is on, so that a deployment never
+    /// holds more rights than whoever deployed it, and keeps to the deployer's ACLs as
+    /// they change. `None` with authorization off, or for another broker.
+    pub fn deployment_principal(&self) -> Option<&str> {
+        (self.authorizer.is_some() && self.principal != CLUSTER_PRINCIPAL)
+            .then_some(self.principal.as_str())
+    }
+
     /// The rights a transform or connector this caller deploys will use: those of
     /// `principal` when the deployment names one (acting as another principal than one's
-    /// own needs ALTER on the cluster), else the caller's own (the deployment then acts
-    /// with the cluster's rights, checked against the caller's at deploy time).
+    /// own needs ALTER on the cluster), else the caller's own (a deployment without a
+    /// principal acts with the cluster's rights: only with authorization off, or when
+    /// another broker deploys; see [`Access::deployment_principal`]).
     ///
     /// # Errors
     /// A principal that is not `User:NAME`, or no ALTER on the cluster.
