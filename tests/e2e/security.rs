@@ -739,6 +739,77 @@ fn a_transform_acts_as_its_principal() {
 }
 
 #[test]
+fn a_connector_keeps_acting_as_its_creator_after_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (broker, secret) = secure_broker(dir.path(), free_port());
+    for user in ["admin", "alice"] {
+        ok(as_cluster(
+            &broker.addr,
+            &secret,
+            &["user", "create", user, "--new-password", "pw"],
+        ));
+    }
+    let admin = |addr: &str, args: &[&str], stdin: &str| as_user(addr, "admin", "pw", args, stdin);
+    ok(admin(&broker.addr, &["topic", "create", "in"], ""));
+    for (operation, kind, name) in [
+        ("create", "--connector", "alices"),
+        ("read", "--topic", "in"),
+        ("read", "--group", "connect-alices"),
+    ] {
+        ok(admin(
+            &broker.addr,
+            &acl_add("--allow", "User:alice", operation, &[kind, name]),
+            "",
+        ));
+    }
+    let out_dir = dir.path().join("sink-out");
+    std::fs::create_dir_all(&out_dir).expect("mkdir");
+    let copy = out_dir.join("alices.log");
+    let file = file_sink(dir.path(), "alices", None, &copy);
+    ok(as_user(
+        &broker.addr,
+        "alice",
+        "pw",
+        &["connector", "create", &file.display().to_string()],
+        "",
+    ));
+    ok(admin(&broker.addr, &["produce", "in"], "a\n"));
+    let lines = || std::fs::read_to_string(&copy).map_or(0, |t| t.lines().count());
+    crate::support::wait_until(
+        "the sink to copy the first line",
+        std::time::Duration::from_secs(30),
+        || lines() == 1,
+    );
+    // After a restart the stored connector still acts as alice: once her right to read
+    // the topic goes, it is refused (its status log says why) instead of copying on.
+    drop(broker);
+    let (broker, _) = secure_broker(dir.path(), free_port());
+    ok(admin(
+        &broker.addr,
+        &[
+            "acl",
+            "remove",
+            "--principal",
+            "User:alice",
+            "--topic",
+            "in",
+        ],
+        "",
+    ));
+    ok(admin(&broker.addr, &["produce", "in"], "b\n"));
+    crate::support::wait_until(
+        "the connector to report the refusal",
+        std::time::Duration::from_secs(30),
+        || {
+            stdout(&admin(&broker.addr, &["connector", "status", "alices"], ""))
+                .contains("User:alice may not DESCRIBE topic \"in\"")
+        },
+    );
+    let status = stdout(&admin(&broker.addr, &["connector", "status", "alices"], ""));
+    assert_eq!(lines(), 1, "nothing copied without the right: {status}");
+}
+
+#[test]
 fn a_three_broker_cluster_with_auth_replicates_and_fails_over() {
     use crate::cluster::{Cluster, partition_rows};
     use crate::support::wait_until;
