@@ -11,7 +11,9 @@
 //! after `write` returned ok, that is after the outside system acknowledged it.
 //!
 //! Transient failures (the connector's `retry`, an outside system that is down) are
-//! retried with exponential backoff while the state says `Retrying` and why; records the
+//! retried with exponential backoff while the state says `Retrying` and why; a failed
+//! call to the cluster (a broker that is down, a right the principal lacks) restarts the
+//! task a second later, `Retrying` with the reason until the cluster answers; records the
 //! connector or a transform refuses go to the error policy; a fatal failure stops the
 //! connector in state `Failed` with the message. Other connectors are not affected.
 
@@ -170,6 +172,7 @@ impl Task {
                     self.log.push(format!(
                         "[runtime] interrupted, restarting in 1 s: {reason}"
                     ));
+                    self.set_state(State::Retrying(reason));
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     if *self.control.borrow() == Control::Stop {
                         *lock(&self.state) = State::Stopped;
@@ -182,6 +185,15 @@ impl Task {
 
     fn set_state(&self, state: State) {
         *lock(&self.state) = state;
+    }
+
+    /// After a restart: the cluster answers again (the connector's group joined or its
+    /// position read), so it is no longer `Retrying`.
+    fn running_again(&self) {
+        let mut state = lock(&self.state);
+        if matches!(*state, State::Retrying(_)) {
+            *state = State::Running;
+        }
     }
 
     /// Waits while paused; `false` when asked to stop.
@@ -328,6 +340,7 @@ impl Task {
         let client = self.client().await?;
         let topic = self.spec.topics[0].clone();
         let position = read_position(&client, &self.spec.name).await?;
+        self.running_again();
         if let Some((p, records)) = &position {
             *lock(&self.stats.position) = String::from_utf8_lossy(p).into_owned();
             self.log.push(format!(
@@ -626,6 +639,7 @@ impl Task {
             },
         )
         .await?;
+        self.running_again();
         let (producer, mut steps, opener) = match self.prepare(&client) {
             Ok(prepared) => prepared,
             Err(stop) => {

@@ -801,8 +801,9 @@ fn a_connector_keeps_acting_as_its_creator_after_a_restart() {
         "the connector to report the refusal",
         std::time::Duration::from_secs(30),
         || {
-            stdout(&admin(&broker.addr, &["connector", "status", "alices"], ""))
-                .contains("User:alice may not DESCRIBE topic \"in\"")
+            let status = stdout(&admin(&broker.addr, &["connector", "status", "alices"], ""));
+            status.contains("State:      Retrying")
+                && status.contains("User:alice may not DESCRIBE topic \"in\"")
         },
     );
     let status = stdout(&admin(&broker.addr, &["connector", "status", "alices"], ""));
