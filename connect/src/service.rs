@@ -59,11 +59,9 @@ impl connectors_server::Connectors for Service {
         let mut spec = spec::parse(&request.file_name, &request.yaml)
             .map_err(|e| error_status(Code::InvalidArgument, ErrorCode::InvalidRequest, e.0))?;
         access.check(Op::Create, Res::Connector, &spec.name)?;
-        if spec.principal.is_none() {
-            spec.principal = access.deployment_principal().map(str::to_string);
-        }
         // The connector needs the rights it will use.
-        let runs_as = access.acting_for(spec.principal.as_deref())?;
+        let (principal, runs_as) = access.acting_for(spec.principal.as_deref())?;
+        spec.principal = principal;
         if spec.principal.is_some() && spec.kind == spec::Kind::Sink {
             runs_as.check(Op::Read, Res::Group, &crate::worker::group_name(&spec.name))?;
         }

@@ -59,13 +59,9 @@ impl transforms_server::Transforms for Service {
             .spec
             .ok_or_else(|| invalid("the deploy request has no spec"))?;
         access.check(Op::Create, Res::Transform, &spec.name)?;
-        if spec.principal.trim().is_empty()
-            && let Some(own) = access.deployment_principal()
-        {
-            spec.principal = own.to_string();
-        }
         // The transform needs the rights it will use.
-        let runs_as = access.acting_for(Some(&spec.principal))?;
+        let (principal, runs_as) = access.acting_for(Some(&spec.principal))?;
+        spec.principal = principal.unwrap_or_default();
         runs_as.check(Op::Read, Res::Topic, &spec.input_topic)?;
         for output in spec
             .output_topics

@@ -55,12 +55,6 @@ const READ_BUFFER_BYTES: usize = 8 * 1024 * 1024;
 const READ_ROOM_BYTES: usize = 4 * 1024 * 1024;
 /// Read buffers a broker keeps: room for the reads its fetch streams hold at once.
 pub const READ_BUFFERS: usize = 8;
-/// The wait before a replica whose storage failed first tries to open its log again.
-pub const REOPEN_DELAY_MS: i64 = 2_000;
-/// The longest wait between attempts to reopen a failed log.
-pub const REOPEN_DELAY_MAX_MS: i64 = 30_000;
-/// A reopened log that fails again sooner than this after opening doubles the next wait.
-const REOPEN_STREAK_MS: i64 = 60_000;
 
 impl ReadBuffers {
     /// `count` buffers, so that that many reads run at once without new memory.
@@ -197,6 +191,13 @@ pub struct IsrChange {
     pub partition_epoch: i32,
     pub isr: Vec<u32>,
 }
+
+/// The wait before a replica whose storage failed first tries to open its log again.
+pub const REOPEN_DELAY_MS: i64 = 2_000;
+/// The longest wait between attempts to reopen a failed log.
+pub const REOPEN_DELAY_MAX_MS: i64 = 30_000;
+/// A reopened log that fails again sooner than this after opening doubles the next wait.
+const REOPEN_STREAK_MS: i64 = 60_000;
 
 #[derive(Debug)]
 pub struct Partition {

@@ -642,32 +642,41 @@ fn cached_bytes(path: &Path) -> u64 {
         .expect("fincore prints a byte count")
 }
 
-#[test]
-fn flushed_data_behind_the_page_cache_window_leaves_the_cache() {
-    const MIB: u64 = 1024 * 1024;
-    // Beside the sources rather than in /tmp: on tmpfs, where /tmp often is, pages cannot
-    // be dropped.
+const MIB: u64 = 1024 * 1024;
+
+/// A directory for a page-cache test, beside the sources rather than in /tmp (on tmpfs,
+/// where /tmp often is, pages cannot be dropped), and a config with segments of
+/// `segment_bytes` that keeps `window` bytes cached and flushes only when told to.
+fn page_cache_log(segment_bytes: u64, window: u64) -> (tempfile::TempDir, LogConfig) {
     let dir = tempfile::Builder::new()
         .prefix(".page-cache-test-")
         .tempdir_in(env!("CARGO_MANIFEST_DIR"))
         .expect("tempdir");
     let config = LogConfig {
-        segment_bytes: 3 * MIB,
+        segment_bytes,
         retention_ms: -1,
         flush: FlushPolicy::Interval {
             messages: u64::MAX,
             ms: i64::MAX,
         },
-        page_cache_bytes: (2 * MIB) as i64,
+        page_cache_bytes: window as i64,
         ..LogConfig::default()
     };
-    let mut log = Log::open(dir.path(), config.clone(), 0).expect("open");
+    (dir, config)
+}
+
+/// Appends `mib` megabytes as batches of one 256 KiB record.
+fn append_mib(log: &mut Log, mib: u64) {
     let value = "v".repeat(256 * 1024);
-    let append_mib = |log: &mut Log, mib: u64| {
-        for _ in 0..4 * mib {
-            append(log, &[rec(None, Some(&value), 0)], 0);
-        }
-    };
+    for _ in 0..4 * mib {
+        append(log, &[rec(None, Some(&value), 0)], 0);
+    }
+}
+
+#[test]
+fn flushed_data_behind_the_page_cache_window_leaves_the_cache() {
+    let (dir, config) = page_cache_log(3 * MIB, 2 * MIB);
+    let mut log = Log::open(dir.path(), config.clone(), 0).expect("open");
     // Written but not flushed: nothing may be dropped, whatever the window says.
     append_mib(&mut log, 2);
     let first = segment_files(dir.path())[0].clone();
@@ -714,28 +723,8 @@ fn flushed_data_behind_the_page_cache_window_leaves_the_cache() {
 
 #[test]
 fn data_a_reader_is_still_reading_stays_in_the_page_cache() {
-    const MIB: u64 = 1024 * 1024;
-    let dir = tempfile::Builder::new()
-        .prefix(".page-cache-test-")
-        .tempdir_in(env!("CARGO_MANIFEST_DIR"))
-        .expect("tempdir");
-    let config = LogConfig {
-        segment_bytes: 64 * MIB,
-        retention_ms: -1,
-        flush: FlushPolicy::Interval {
-            messages: u64::MAX,
-            ms: i64::MAX,
-        },
-        page_cache_bytes: MIB as i64,
-        ..LogConfig::default()
-    };
+    let (dir, config) = page_cache_log(64 * MIB, MIB);
     let mut log = Log::open(dir.path(), config, 0).expect("open");
-    let value = "v".repeat(256 * 1024);
-    let append_mib = |log: &mut Log, mib: u64| {
-        for _ in 0..4 * mib {
-            append(log, &[rec(None, Some(&value), 0)], 0);
-        }
-    };
     let file = || segment_files(dir.path())[0].clone();
     // Nobody reads: only the window stays.
     append_mib(&mut log, 8);

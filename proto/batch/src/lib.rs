@@ -361,12 +361,7 @@ pub fn parse_header(buf: &[u8]) -> Result<BatchHeader, BatchError> {
 /// # Errors
 /// Anything [`parse_header`] rejects, a short buffer or a CRC mismatch.
 pub fn validate(buf: &[u8]) -> Result<BatchHeader, BatchError> {
-    let header = parse_header(buf)?;
-    let size = header.size_bytes();
-    let batch = buf.get(..size).ok_or(BatchError::Truncated {
-        needed_bytes: size,
-        available_bytes: buf.len(),
-    })?;
+    let (header, batch) = framed(buf)?;
     let computed = crc32c::crc32c(&batch[ATTRIBUTES_POS..]);
     if computed != header.crc {
         return Err(BatchError::CrcMismatch {
@@ -375,6 +370,18 @@ pub fn validate(buf: &[u8]) -> Result<BatchHeader, BatchError> {
         });
     }
     Ok(header)
+}
+
+/// The header of the batch at the start of `buf` and its bytes, once `buf` holds all of
+/// them; the CRC is not checked.
+fn framed(buf: &[u8]) -> Result<(BatchHeader, &[u8]), BatchError> {
+    let header = parse_header(buf)?;
+    let size = header.size_bytes();
+    let batch = buf.get(..size).ok_or(BatchError::Truncated {
+        needed_bytes: size,
+        available_bytes: buf.len(),
+    })?;
+    Ok((header, batch))
 }
 
 /// Iterates over the consecutive, CRC-checked batches in `buf`, which must hold whole
@@ -411,24 +418,14 @@ impl<'a> Iterator for Batches<'a> {
     fn next(&mut self) -> Option<Self::Item> {
         let rest = self.buf.get(self.pos..).filter(|rest| !rest.is_empty())?;
         let checked = if self.check_crc {
-            validate(rest)
+            validate(rest).map(|header| (header, &rest[..header.size_bytes()]))
         } else {
-            parse_header(rest).and_then(|header| {
-                let size = header.size_bytes();
-                if rest.len() < size {
-                    return Err(BatchError::Truncated {
-                        needed_bytes: size,
-                        available_bytes: rest.len(),
-                    });
-                }
-                Ok(header)
-            })
+            framed(rest)
         };
         match checked {
-            Ok(header) => {
-                let size = header.size_bytes();
-                self.pos += size;
-                Some(Ok((header, &rest[..size])))
+            Ok((header, batch)) => {
+                self.pos += batch.len();
+                Some(Ok((header, batch)))
             }
             Err(err) => {
                 self.pos = self.buf.len();

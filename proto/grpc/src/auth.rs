@@ -109,26 +109,21 @@ impl Access {
         }
     }
 
-    /// The principal a transform or connector this caller deploys without naming one
-    /// acts as: the caller's own while authorization is on, so that a deployment never
-    /// holds more rights than whoever deployed it, and keeps to the deployer's ACLs as
-    /// they change. `None` with authorization off, or for another broker.
-    pub fn deployment_principal(&self) -> Option<&str> {
-        (self.authorizer.is_some() && self.principal != CLUSTER_PRINCIPAL)
-            .then_some(self.principal.as_str())
-    }
-
-    /// The rights a transform or connector this caller deploys will use: those of
-    /// `principal` when the deployment names one (acting as another principal than one's
-    /// own needs ALTER on the cluster), else the caller's own (a deployment without a
-    /// principal acts with the cluster's rights: only with authorization off, or when
-    /// another broker deploys; see [`Access::deployment_principal`]).
+    /// Whom a transform or connector this caller deploys acts as, to record in the
+    /// deployment, and the rights it will use: `named` when the deployment names a
+    /// principal (acting as another than one's own needs ALTER on the cluster); else,
+    /// while authorization is on, the caller itself, so that a deployment never holds
+    /// more rights than whoever deployed it and keeps to the deployer's ACLs as they
+    /// change. `None`, the cluster's rights (checked against the caller's here), only with
+    /// authorization off or when another broker deploys.
     ///
     /// # Errors
     /// A principal that is not `User:NAME`, or no ALTER on the cluster.
-    pub fn acting_for(&self, principal: Option<&str>) -> Result<Access, Status> {
-        let Some(principal) = principal.map(str::trim).filter(|p| !p.is_empty()) else {
-            return Ok(self.clone());
+    pub fn acting_for(&self, named: Option<&str>) -> Result<(Option<String>, Access), Status> {
+        let own = (self.authorizer.is_some() && self.principal != CLUSTER_PRINCIPAL)
+            .then_some(self.principal.as_str());
+        let Some(principal) = named.map(str::trim).filter(|p| !p.is_empty()).or(own) else {
+            return Ok((None, self.clone()));
         };
         if !principal.starts_with("User:") || principal.len() <= "User:".len() {
             return Err(crate::error_status(
@@ -140,7 +135,7 @@ impl Access {
         if principal != self.principal {
             self.check(AclOperation::Alter, ResourceType::Cluster, CLUSTER_RESOURCE)?;
         }
-        Ok(self.as_principal(principal))
+        Ok((Some(principal.to_string()), self.as_principal(principal)))
     }
 
     /// Whether this caller may perform `operation` on the resource.
